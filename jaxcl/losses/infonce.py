@@ -1,0 +1,182 @@
+"""InfoNCE and the SimCLR family (NT-Xent, DCL, DCLW): softmax losses with positives on a diagonal."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxcl import _checks
+from jaxcl import ops
+from jaxcl.losses import _common
+
+
+def infonce(
+    query: jax.Array,
+    key: jax.Array,
+    *,
+    temperature: float | jax.Array = 0.1,
+    negatives: jax.Array | None = None,
+    in_batch_negatives: bool = True,
+    normalize: bool = True,
+    impl: str = "auto",
+) -> jax.Array:
+  r"""InfoNCE, one direction: each query's positive is the key in the same row.
+
+  "Representation Learning with Contrastive Predictive Coding" (van den Oord et al., 2018); with a
+  queue of negatives and `in_batch_negatives=False` it is the MoCo loss ("Momentum Contrast for
+  Unsupervised Visual Representation Learning", He et al., 2020).
+
+      s_ij = <q_i, k_j> / τ
+      loss = mean_i [ −s_ii + log( Σ_{j ∈ batch} exp s_ij + Σ_{n ∈ N(i)} exp <q_i, n>/τ ) ]
+
+  where the batch sum is present when `in_batch_negatives` (else only the positive s_ii) and N(i) is
+  `negatives`: shared (K, D) negatives (a MoCo queue, mined hard negatives) or per-row (B, H, D).
+
+  Args:
+    query: (B, D) anchors. key: (B, D) positives, row-aligned with `query`.
+    temperature: τ > 0 (scalar, may be a traced learnable value).
+    negatives: None, (K, D) shared or (B, H, D) per-row extra negatives.
+    in_batch_negatives: use the other keys of the batch as negatives.
+    normalize: L2-normalise query, key and negatives first.
+    impl: similarity engine, see `jaxcl.ops.available_impls()`.
+  Returns:
+    Scalar float32 mean loss.
+
+  >>> import jax.numpy as jnp
+  >>> x = jnp.eye(4)
+  >>> round(float(infonce(x, x, temperature=1.0)), 4)  # log(e + 3) - 1
+  0.7437
+  """
+  query = _checks.check_array("query", query, ndim=2)
+  key = _checks.check_array("key", key, ndim=2)
+  _checks.check_same_shape("query", query, "key", key)
+  if not in_batch_negatives and negatives is None:
+    raise ValueError("`in_batch_negatives=False` needs `negatives` (K, D) or (B, H, D), got None.")
+  if in_batch_negatives and negatives is None:
+    _checks.check_min_batch("query", query, 2, why="the in-batch negatives need B >= 2")
+  inv_t = _common.inverse_temperature(temperature)
+  q = _common.maybe_normalize(query, normalize)
+  k = _common.maybe_normalize(key, normalize)
+  positive = inv_t * _common.rowwise_dot(q, k)
+
+  terms = [ops.logsumexp(q, k, scale=inv_t, impl=impl).rows] if in_batch_negatives else [positive]
+  if negatives is not None:
+    negatives = _checks.check_array("negatives", negatives, ndim=(2, 3))
+    if negatives.shape[-1] != q.shape[1]:
+      raise ValueError(
+          f"`negatives` must have feature size {q.shape[1]} like `query`, got shape {negatives.shape}."
+      )
+    if negatives.ndim == 3 and negatives.shape[0] != q.shape[0]:
+      raise ValueError(
+          f"per-row `negatives` must have shape ({q.shape[0]}, H, {q.shape[1]}), got {negatives.shape}."
+      )
+    n = _common.maybe_normalize(negatives, normalize)
+    if n.ndim == 2:
+      terms.append(ops.logsumexp(q, n, scale=inv_t, impl=impl).rows)
+    else:
+      s = jnp.einsum("bd,bhd->bh", q, n, preferred_element_type=jnp.float32)
+      terms.append(jax.nn.logsumexp(inv_t * s, axis=1))
+  lse = terms[0] if len(terms) == 1 else jnp.logaddexp(*terms)
+  return jnp.mean(lse - positive)
+
+
+def _two_views(z1, z2, normalize):
+  """Validates the two views and stacks them into the 2B anchors [z1; z2]."""
+  a, b = _common.pair("z1", z1, "z2", z2, normalize=normalize)
+  return jnp.concatenate([a, b], axis=0)
+
+
+def _partner_dot(z: jax.Array) -> jax.Array:
+  """<z_i, z_{i±B}>: each of the 2B views against its other view."""
+  return _common.rowwise_dot(z, jnp.roll(z, z.shape[0] // 2, axis=0))
+
+
+def nt_xent(
+    z1: jax.Array,
+    z2: jax.Array,
+    *,
+    temperature: float | jax.Array = 0.5,
+    normalize: bool = True,
+    impl: str = "auto",
+) -> jax.Array:
+  r"""NT-Xent, the SimCLR loss over 2B views.
+
+  "A Simple Framework for Contrastive Learning of Visual Representations" (Chen et al., 2020).
+  With z = [z1; z2] (2B rows) and p(i) the other view of row i:
+
+      loss = mean_{i < 2B} [ −s_{i,p(i)} + log Σ_{j ≠ i} exp s_ij ],   s_ij = <z_i, z_j> / τ
+
+  Identical views give log(2B − 1).
+
+  >>> import jax.numpy as jnp
+  >>> x = jnp.eye(3)
+  >>> round(float(nt_xent(x, x, temperature=1.0)), 4)  # log(e + 4) - 1
+  0.9048
+  """
+  z = _two_views(z1, z2, normalize)
+  inv_t = _common.inverse_temperature(temperature)
+  lse = ops.logsumexp(z, z, scale=inv_t, exclude=ops.diagonal(z.shape[0]), impl=impl).rows
+  return jnp.mean(lse - inv_t * _partner_dot(z))
+
+
+def _decoupled_lse(z: jax.Array, inv_t, impl: str) -> jax.Array:
+  """log Σ_{j ∉ {i, p(i)}} exp s_ij: both views of an instance share the id i mod B."""
+  instance = jnp.tile(jnp.arange(z.shape[0] // 2, dtype=jnp.int32), 2)
+  return ops.logsumexp(z, z, scale=inv_t, exclude=(instance, instance), impl=impl).rows
+
+
+def dcl(
+    z1: jax.Array,
+    z2: jax.Array,
+    *,
+    temperature: float | jax.Array = 0.1,
+    normalize: bool = True,
+    impl: str = "auto",
+) -> jax.Array:
+  r"""Decoupled contrastive loss: NT-Xent with the positive removed from the denominator.
+
+  "Decoupled Contrastive Learning" (Yeh et al., ECCV 2022). With z = [z1; z2] and p(i) the other view:
+
+      loss = mean_{i < 2B} [ −s_{i,p(i)} + log Σ_{j ∉ {i, p(i)}} exp s_ij ],   s_ij = <z_i, z_j> / τ
+
+  Always <= `nt_xent` at the same temperature.
+
+  >>> import jax.numpy as jnp
+  >>> x = jnp.eye(3)
+  >>> round(float(dcl(x, x, temperature=1.0)), 4)  # log 4 - 1
+  0.3863
+  """
+  z = _two_views(z1, z2, normalize)
+  inv_t = _common.inverse_temperature(temperature)
+  return jnp.mean(_decoupled_lse(z, inv_t, impl) - inv_t * _partner_dot(z))
+
+
+def dclw(
+    z1: jax.Array,
+    z2: jax.Array,
+    *,
+    temperature: float | jax.Array = 0.1,
+    sigma: float = 0.5,
+    normalize: bool = True,
+    impl: str = "auto",
+) -> jax.Array:
+  r"""Weighted decoupled contrastive loss (DCLW), "Decoupled Contrastive Learning" (Yeh et al., 2022).
+
+      w_i = 2 − B · softmax_i(<z1_i, z2_i> / σ)     (over the batch; a constant: no gradient)
+      loss = mean_{i < 2B} [ −w_i s_{i,p(i)} + log Σ_{j ∉ {i, p(i)}} exp s_ij ]
+
+  Pairs that are already well aligned get less weight. With σ → ∞, w → 1 and DCLW → DCL.
+
+  >>> import jax.numpy as jnp
+  >>> x = jnp.eye(3)
+  >>> round(float(dclw(x, x, temperature=1.0)), 4)  # equal positives: w = 1, the DCL value
+  0.3863
+  """
+  z = _two_views(z1, z2, normalize)
+  inv_t = _common.inverse_temperature(temperature)
+  _checks.check_positive("sigma", sigma)
+  b = z.shape[0] // 2
+  pos = _partner_dot(z)
+  weight = 2.0 - b * jax.nn.softmax(pos[:b] / jnp.asarray(sigma, jnp.float32))
+  weight = jax.lax.stop_gradient(jnp.tile(weight, 2))
+  return jnp.mean(_decoupled_lse(z, inv_t, impl) - weight * inv_t * pos)

@@ -1,0 +1,23 @@
+"""Similarity engines: the reductions over S = scale · q kᵀ that every loss is built on."""
+
+from jaxcl.ops.masks import diagonal
+from jaxcl.ops.reductions import (
+    DENSE_MAX_ELEMENTS,
+    LogSumExp,
+    available_impls,
+    logsumexp,
+    register_engine,
+    resolve_impl,
+    sigmoid_sum,
+)
+
+__all__ = [
+    "DENSE_MAX_ELEMENTS",
+    "LogSumExp",
+    "available_impls",
+    "diagonal",
+    "logsumexp",
+    "register_engine",
+    "resolve_impl",
+    "sigmoid_sum",
+]

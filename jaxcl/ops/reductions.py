@@ -1,0 +1,146 @@
+"""The similarity reductions every loss is written against, and the engine dispatch.
+
+With S_ij = scale_i · <q_i, k_j> (scale a scalar or one value per row) and a validity mask V given by
+ids (`jaxcl.ops.masks`):
+
+    logsumexp:    row_i = log Σ_{j: V_ij} exp S_ij          col_j = log Σ_{i: V_ij} exp S_ij
+    sigmoid_sum:  out_i = Σ_j softplus(−z_ij · (S_ij + b)),  z_ij = +1 on positive pairs, −1 elsewhere
+
+Terms linear in S (the positive logits Σ_j T_ij S_ij) never need S: the losses compute them from the
+embeddings directly. Each engine (`impl`) computes these reductions with the same numerics and is
+differentiable in q, k, scale (and b).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxcl import _checks
+from jaxcl.ops import dense
+from jaxcl.ops import masks as masks_lib
+
+# Engine registry: name -> module-level functions `logsumexp(...)` and `sigmoid_sum(...)`.
+_ENGINES: dict[str, dict[str, Callable]] = {
+    "dense": {"logsumexp": dense.logsumexp, "sigmoid_sum": dense.sigmoid_sum},
+}
+
+
+def register_engine(name: str, *, logsumexp: Callable, sigmoid_sum: Callable) -> None:
+  """Makes an engine available as `impl=name` to every loss."""
+  _ENGINES[name] = {"logsumexp": logsumexp, "sigmoid_sum": sigmoid_sum}
+
+
+def available_impls() -> tuple[str, ...]:
+  """Engine names accepted by `impl=` (plus "auto")."""
+  return tuple(_ENGINES)
+
+
+def resolve_impl(impl: str, n_rows: int, n_cols: int) -> str:
+  """The engine `impl="auto"` picks for an (n_rows, n_cols) similarity matrix.
+
+  Rule: the dense engine while the matrix is small (n_rows·n_cols <= 4096², 64 MiB of float32); above
+  that the fused `pallas` engine on GPU/TPU and `blockwise` elsewhere, where available.
+  """
+  if impl != "auto":
+    _checks.check_choice("impl", impl, ("auto",) + available_impls())
+    return impl
+  if n_rows * n_cols <= DENSE_MAX_ELEMENTS:
+    return "dense"
+  if jax.default_backend() in ("gpu", "tpu") and "pallas" in _ENGINES:
+    return "pallas"
+  if "blockwise" in _ENGINES:
+    return "blockwise"
+  return "dense"
+
+
+DENSE_MAX_ELEMENTS = 4096 * 4096
+
+
+class LogSumExp(NamedTuple):
+  rows: jax.Array | None
+  cols: jax.Array | None
+
+
+def _check_qk(q, k):
+  q = _checks.check_array("q", q, ndim=2)
+  k = _checks.check_array("k", k, ndim=2)
+  if q.shape[1] != k.shape[1]:
+    raise ValueError(f"`q` and `k` must have the same feature size, got {q.shape} and {k.shape}.")
+  return q, k
+
+
+def logsumexp(
+    q: jax.Array,
+    k: jax.Array,
+    *,
+    scale: jax.Array | float,
+    rows: bool = True,
+    cols: bool = False,
+    exclude: masks_lib.IdPair | None = None,
+    include: masks_lib.IdPair | None = None,
+    impl: str = "auto",
+) -> LogSumExp:
+  """Row and/or column log-sum-exp of the masked similarity matrix S = scale · q kᵀ.
+
+  Args:
+    q: (Bq, D) rows. k: (Bk, D) columns. Any float dtype; the result is float32.
+    scale: scalar or (Bq,) multiplier (1/temperature, a logit scale).
+    rows, cols: which reductions to return (both in one pass over S).
+    exclude: (row_ids, col_ids): pairs with equal ids are left out.
+    include: (row_ids, col_ids): only pairs with equal ids are kept.
+    impl: engine name or "auto".
+  Returns:
+    LogSumExp(rows=(Bq,) or None, cols=(Bk,) or None); -inf where no entry is valid.
+
+  >>> import jax.numpy as jnp
+  >>> q = jnp.eye(2)
+  >>> out = logsumexp(q, q, scale=1.0, cols=True)
+  >>> [round(float(v), 4) for v in out.rows]  # log(e + 1)
+  [1.3133, 1.3133]
+  """
+  q, k = _check_qk(q, k)
+  scale = _checks.check_scalar_or_vector("scale", scale, q.shape[0])
+  exclude = masks_lib.check_id_pair("exclude", exclude, q.shape[0], k.shape[0])
+  include = masks_lib.check_id_pair("include", include, q.shape[0], k.shape[0])
+  if not (rows or cols):
+    raise ValueError("`rows` and `cols` are both False: nothing to compute.")
+  engine = _ENGINES[resolve_impl(impl, q.shape[0], k.shape[0])]
+  row, col = engine["logsumexp"](
+      q, k, scale=scale, rows=rows, cols=cols, exclude=exclude, include=include
+  )
+  return LogSumExp(row, col)
+
+
+def sigmoid_sum(
+    q: jax.Array,
+    k: jax.Array,
+    *,
+    scale: jax.Array | float,
+    bias: jax.Array | float = 0.0,
+    positives: masks_lib.IdPair | None = None,
+    impl: str = "auto",
+) -> jax.Array:
+  """Per row Σ_j softplus(−z_ij (S_ij + bias)) = −Σ_j log σ(z_ij (S_ij + bias)), float32 (Bq,).
+
+  `positives=(row_ids, col_ids)` makes pairs with equal ids positive (z = +1); None means the diagonal.
+
+  >>> import jax.numpy as jnp
+  >>> round(float(sigmoid_sum(jnp.eye(2), jnp.eye(2), scale=1.0)[0]), 4)  # softplus(-1) + softplus(0)
+  1.0064
+  """
+  q, k = _check_qk(q, k)
+  scale = _checks.check_scalar_or_vector("scale", scale, q.shape[0])
+  bias = jnp.asarray(bias)
+  if bias.shape != ():
+    raise ValueError(f"`bias` must be a scalar, got shape {bias.shape}.")
+  if positives is None and q.shape[0] != k.shape[0]:
+    raise ValueError(
+        f"`positives=None` means the diagonal, which needs as many rows as columns; got {q.shape[0]} "
+        f"rows and {k.shape[0]} columns."
+    )
+  positives = masks_lib.check_id_pair("positives", positives, q.shape[0], k.shape[0])
+  engine = _ENGINES[resolve_impl(impl, q.shape[0], k.shape[0])]
+  return engine["sigmoid_sum"](q, k, scale=scale, bias=bias, positives=positives)

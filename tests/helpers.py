@@ -1,0 +1,35 @@
+"""Shared test helpers: random inputs and comparison against the float64 references."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tests import reference
+
+
+def randn(seed: int, *shape, dtype=np.float32) -> np.ndarray:
+  return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def assert_value_and_grads(jax_loss, np_loss, args, *, rtol=2e-5, grad_rtol=1e-4, grad_atol=1e-6):
+  """Checks jax_loss(*args) against np_loss(*args) and d/d(each array arg) against finite differences."""
+  got = jax_loss(*[jnp.asarray(a) for a in args])
+  want = np_loss(*[np.asarray(a, np.float64) for a in args])
+  np.testing.assert_allclose(float(got), want, rtol=rtol, atol=1e-6)
+  grads = jax.grad(lambda *xs: jax_loss(*xs), argnums=tuple(range(len(args))))(
+      *[jnp.asarray(a) for a in args]
+  )
+  for n, (g, a) in enumerate(zip(grads, args)):
+    def f(x, n=n):
+      xs = [np.asarray(v, np.float64) for v in args]
+      xs[n] = x
+      return np_loss(*xs)
+
+    want_g = reference.numerical_grad(f, np.asarray(a, np.float64))
+    scale = np.max(np.abs(want_g)) + 1e-12
+    np.testing.assert_allclose(
+        np.asarray(g, np.float64) / scale, want_g / scale, rtol=grad_rtol, atol=grad_rtol,
+        err_msg=f"gradient of argument {n}",
+    )

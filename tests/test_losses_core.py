@@ -1,0 +1,244 @@
+"""InfoNCE, NT-Xent, DCL, DCLW, CLIP, SigLIP against float64 NumPy references."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxcl
+from jaxcl import losses
+from tests import reference
+from tests.helpers import assert_value_and_grads, randn
+
+SHAPES = [(2, 3), (5, 4), (8, 16)]
+
+
+@pytest.mark.parametrize("b,d", SHAPES)
+@pytest.mark.parametrize("temperature", [0.1, 0.7])
+def test_infonce_matches_reference(b, d, temperature):
+  assert_value_and_grads(
+      functools.partial(losses.infonce, temperature=temperature),
+      functools.partial(reference.infonce, temperature=temperature),
+      [randn(1, b, d), randn(2, b, d)],
+  )
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_infonce_with_negatives_matches_reference(shared, in_batch):
+  b, d, h = 4, 5, 3
+  neg = randn(3, 7, d) if shared else randn(3, b, h, d)
+  assert_value_and_grads(
+      lambda q, k, n: losses.infonce(q, k, temperature=0.2, negatives=n, in_batch_negatives=in_batch),
+      lambda q, k, n: reference.infonce(q, k, 0.2, negatives=n, in_batch_negatives=in_batch),
+      [randn(1, b, d), randn(2, b, d), neg],
+  )
+
+
+@pytest.mark.parametrize("b,d", SHAPES)
+def test_nt_xent_matches_reference(b, d):
+  assert_value_and_grads(
+      functools.partial(losses.nt_xent, temperature=0.5),
+      functools.partial(reference.nt_xent, temperature=0.5),
+      [randn(3, b, d), randn(4, b, d)],
+  )
+
+
+@pytest.mark.parametrize("b,d", SHAPES)
+def test_dcl_matches_reference(b, d):
+  assert_value_and_grads(
+      functools.partial(losses.dcl, temperature=0.3),
+      functools.partial(reference.dcl, temperature=0.3),
+      [randn(5, b, d), randn(6, b, d)],
+  )
+
+
+@pytest.mark.parametrize("b,d", SHAPES)
+def test_dclw_matches_reference(b, d):
+  # The DCLW weight is a constant: the reference is differentiated with the weight held fixed.
+  z1, z2 = randn(7, b, d), randn(8, b, d)
+  got = losses.dclw(z1, z2, temperature=0.3, sigma=0.5)
+  np.testing.assert_allclose(float(got), reference.dclw(z1, z2, 0.3, 0.5), rtol=2e-5)
+  a, c = reference.normalize(z1), reference.normalize(z2)
+  pos = np.sum(a * c, 1) / 0.5
+  w = 2.0 - b * np.exp(pos - pos.max()) / np.exp(pos - pos.max()).sum()
+  grad = jax.grad(lambda x: losses.dclw(x, z2, temperature=0.3, sigma=0.5))(z1)
+  want = reference.numerical_grad(lambda x: reference.dcl(x, z2, 0.3, weights=w), z1)
+  np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("b,d", SHAPES)
+@pytest.mark.parametrize("scale", [1.0, 1 / 0.07])
+def test_clip_matches_reference(b, d, scale):
+  assert_value_and_grads(
+      functools.partial(losses.clip, logit_scale=scale),
+      functools.partial(reference.clip, logit_scale=scale),
+      [randn(9, b, d), randn(10, b, d)],
+  )
+
+
+@pytest.mark.parametrize("b,d", SHAPES)
+def test_siglip_matches_reference(b, d):
+  assert_value_and_grads(
+      functools.partial(losses.siglip, logit_scale=10.0, logit_bias=-10.0),
+      functools.partial(reference.siglip, logit_scale=10.0, logit_bias=-10.0),
+      [randn(11, b, d), randn(12, b, d)],
+  )
+
+
+def test_learnable_scale_and_bias_gradients():
+  image, text = randn(13, 6, 4), randn(14, 6, 4)
+  g_scale, g_bias = jax.grad(
+      lambda s, bias: losses.siglip(image, text, logit_scale=s, logit_bias=bias), argnums=(0, 1)
+  )(3.0, -2.0)
+  want_s = reference.numerical_grad(lambda s: reference.siglip(image, text, s[()], -2.0), np.array(3.0))
+  want_b = reference.numerical_grad(lambda b: reference.siglip(image, text, 3.0, b[()]), np.array(-2.0))
+  np.testing.assert_allclose([g_scale, g_bias], [want_s, want_b], rtol=1e-4)
+  g_t = jax.grad(lambda t: losses.clip(image, text, logit_scale=1.0 / t))(0.1)
+  want_t = reference.numerical_grad(lambda t: reference.clip(image, text, 1.0 / t[()]), np.array(0.1))
+  np.testing.assert_allclose(g_t, want_t, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------- identities
+@pytest.mark.parametrize("b", [2, 3, 16])
+def test_nt_xent_identical_views_is_log_2b_minus_1(b):
+  # All 2B embeddings identical: every similarity is equal, so each anchor's softmax is uniform over
+  # its 2B − 1 candidates and the loss is log(2B − 1) at any temperature.
+  z = jnp.ones((b, 5))
+  np.testing.assert_allclose(float(losses.nt_xent(z, z)), np.log(2 * b - 1), rtol=1e-6)
+
+
+def test_dcl_is_below_nt_xent():
+  for seed in range(5):
+    z1, z2 = randn(seed, 8, 6), randn(seed + 100, 8, 6)
+    assert float(losses.dcl(z1, z2, temperature=0.5)) <= float(losses.nt_xent(z1, z2, temperature=0.5))
+
+
+def test_dclw_with_huge_sigma_is_dcl():
+  z1, z2 = randn(20, 6, 4), randn(21, 6, 4)
+  np.testing.assert_allclose(
+      float(losses.dclw(z1, z2, sigma=1e6)), float(losses.dcl(z1, z2)), rtol=1e-5
+  )
+
+
+def test_clip_is_mean_of_two_infonce_directions():
+  i, t = randn(22, 7, 5), randn(23, 7, 5)
+  both = 0.5 * (losses.infonce(i, t, temperature=0.1) + losses.infonce(t, i, temperature=0.1))
+  np.testing.assert_allclose(float(losses.clip(i, t, logit_scale=10.0)), float(both), rtol=1e-6)
+
+
+def test_infonce_queue_form_is_cross_entropy_over_positive_and_queue():
+  q, k, queue = randn(24, 4, 3), randn(25, 4, 3), randn(26, 9, 3)
+  moco = losses.infonce(q, k, temperature=0.2, negatives=queue, in_batch_negatives=False)
+  qn, kn, nn = (np.asarray(losses.l2_normalize(jnp.asarray(x))) for x in (q, k, queue))
+  logits = np.concatenate([np.sum(qn * kn, 1, keepdims=True), qn @ nn.T], axis=1) / 0.2
+  ce = np.mean(reference.logsumexp(logits, 1) - logits[:, 0])
+  np.testing.assert_allclose(float(moco), ce, rtol=1e-5)
+
+
+def test_normalize_false_uses_raw_dot_products():
+  q, k = randn(27, 4, 3), randn(28, 4, 3)
+  s = q.astype(np.float64) @ k.T.astype(np.float64)
+  want = np.mean(reference.logsumexp(s, 1) - np.diag(s))
+  np.testing.assert_allclose(float(losses.infonce(q, k, temperature=1.0, normalize=False)), want, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- transforms, dtypes, extremes
+ALL_PAIR_LOSSES = {
+    "infonce": functools.partial(losses.infonce, temperature=0.1),
+    "nt_xent": functools.partial(losses.nt_xent, temperature=0.5),
+    "dcl": functools.partial(losses.dcl, temperature=0.1),
+    "dclw": functools.partial(losses.dclw, temperature=0.1),
+    "clip": functools.partial(losses.clip, logit_scale=1 / 0.07),
+    "siglip": functools.partial(losses.siglip, logit_scale=10.0, logit_bias=-10.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALL_PAIR_LOSSES))
+def test_jit_grad_vmap(name):
+  fn = ALL_PAIR_LOSSES[name]
+  a, b = randn(30, 3, 6, 4), randn(31, 3, 6, 4)
+  eager = np.array([float(fn(a[i], b[i])) for i in range(3)])
+  np.testing.assert_allclose(np.asarray(jax.jit(jax.vmap(fn))(a, b)), eager, rtol=1e-5)
+  g = jax.jit(jax.grad(fn))(a[0], b[0])
+  assert g.shape == a[0].shape and np.all(np.isfinite(g))
+
+
+@pytest.mark.parametrize("name", sorted(ALL_PAIR_LOSSES))
+def test_bf16_inputs_close_to_fp32(name):
+  fn = ALL_PAIR_LOSSES[name]
+  a, b = randn(32, 16, 32), randn(33, 16, 32)
+  lo = fn(jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16))
+  hi = fn(jnp.asarray(a), jnp.asarray(b))
+  assert lo.dtype == jnp.float32
+  np.testing.assert_allclose(float(lo), float(hi), rtol=3e-2)
+  g = jax.grad(fn)(jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16))
+  assert g.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g, np.float32)))
+
+
+@pytest.mark.parametrize("name", sorted(ALL_PAIR_LOSSES))
+def test_extremes_are_finite(name):
+  fn = ALL_PAIR_LOSSES[name]
+  a = randn(34, 8, 4)
+  cases = [(a, a), (a * 1e-12, a), (np.zeros_like(a), a), (a * 1e6, -a)]
+  for x, y in cases:
+    value, grads = jax.value_and_grad(fn, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(y))
+    assert np.isfinite(float(value)), (name, x.max())
+    assert all(np.all(np.isfinite(g)) for g in grads), name
+
+
+def test_low_temperature_and_high_scale_are_finite():
+  a, b = randn(35, 8, 4), randn(36, 8, 4)
+  for value in [
+      losses.infonce(a, b, temperature=0.01),
+      losses.nt_xent(a, b, temperature=0.01),
+      losses.dcl(a, b, temperature=0.01),
+      losses.clip(a, b, logit_scale=100.0),
+      losses.siglip(a, b, logit_scale=100.0, logit_bias=-10.0),
+  ]:
+    assert np.isfinite(float(value))
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: losses.infonce(np.ones((4, 3)), np.ones((5, 3))), r"`query` and `key` must have the same shape"),
+        (lambda: losses.infonce(np.ones((4,)), np.ones((4,))), r"`query` must have rank 2, got shape \(4,\)"),
+        (lambda: losses.infonce(np.ones((4, 3)), np.ones((4, 3)), temperature=0.0), r"`temperature` must be positive"),
+        (lambda: losses.infonce(np.ones((1, 3)), np.ones((1, 3))), r"`query` needs at least 2 examples"),
+        (lambda: losses.infonce(np.ones((4, 3)), np.ones((4, 3)), in_batch_negatives=False), r"needs `negatives`"),
+        (lambda: losses.infonce(np.ones((4, 3)), np.ones((4, 3)), negatives=np.ones((2, 4))), r"`negatives` must have feature size 3"),
+        (lambda: losses.infonce(np.ones((4, 3)), np.ones((4, 3)), negatives=np.ones((3, 2, 3))), r"per-row `negatives` must have shape \(4, H, 3\)"),
+        (lambda: losses.nt_xent(np.ones((1, 3)), np.ones((1, 3))), r"`z1` needs at least 2 examples"),
+        (lambda: losses.nt_xent(np.ones((4, 3)), np.ones((4, 2))), r"`z1` and `z2` must have the same shape"),
+        (lambda: losses.dcl(np.ones((4, 3)), np.ones((4, 3)), temperature=-1.0), r"`temperature` must be positive"),
+        (lambda: losses.dclw(np.ones((4, 3)), np.ones((4, 3)), sigma=0.0), r"`sigma` must be positive"),
+        (lambda: losses.clip(np.ones((4, 3)), np.ones((4, 3)), logit_scale=0.0), r"`logit_scale` must be positive"),
+        (lambda: losses.siglip(np.ones((4, 3)), np.ones((4, 3)), logit_scale=1.0, logit_bias=np.inf), r"`logit_bias` must be finite"),
+        (lambda: losses.clip(np.ones((4, 3), np.int32), np.ones((4, 3)), logit_scale=1.0), r"`image` must be a floating-point array"),
+        (lambda: losses.clip(np.ones((4, 3)), np.ones((4, 3)), logit_scale=1.0, impl="nope"), r"`impl` must be one of"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(call, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    call()
+
+
+def test_errors_are_raised_at_trace_time_under_jit():
+  with pytest.raises(ValueError, match="same shape"):
+    jax.jit(losses.clip, static_argnames="logit_scale")(jnp.ones((4, 3)), jnp.ones((3, 3)), logit_scale=2.0)
+
+
+def test_traced_temperature_is_accepted():
+  a, b = randn(40, 5, 3), randn(41, 5, 3)
+  f = jax.jit(lambda t: losses.nt_xent(a, b, temperature=t))
+  np.testing.assert_allclose(float(f(0.5)), reference.nt_xent(a, b, 0.5), rtol=1e-5)
+
+
+def test_package_exports():
+  assert jaxcl.losses.infonce is losses.infonce
+  for name in losses.__all__:
+    assert callable(getattr(losses, name))
