@@ -191,14 +191,17 @@ def test_extremes_are_finite(name):
 
 def test_low_temperature_and_high_scale_are_finite():
   a, b = randn(35, 8, 4), randn(36, 8, 4)
-  for value in [
-      losses.infonce(a, b, temperature=0.01),
-      losses.nt_xent(a, b, temperature=0.01),
-      losses.dcl(a, b, temperature=0.01),
-      losses.clip(a, b, logit_scale=100.0),
-      losses.siglip(a, b, logit_scale=100.0, logit_bias=-10.0),
+  for fn in [
+      lambda x, y: losses.infonce(x, y, temperature=0.01),
+      lambda x, y: losses.nt_xent(x, y, temperature=0.01),
+      lambda x, y: losses.dcl(x, y, temperature=0.01),
+      lambda x, y: losses.dclw(x, y, temperature=0.01),
+      lambda x, y: losses.clip(x, y, logit_scale=100.0),
+      lambda x, y: losses.siglip(x, y, logit_scale=100.0, logit_bias=-10.0),
   ]:
+    value, grads = jax.value_and_grad(fn, argnums=(0, 1))(a, b)
     assert np.isfinite(float(value))
+    assert all(np.all(np.isfinite(g)) for g in grads)
 
 
 # ------------------------------------------------------------------------------------------ bad inputs

@@ -25,7 +25,9 @@ def masked_logsumexp(x: jax.Array, valid: jax.Array | None, axis: int) -> jax.Ar
     return jax.nn.logsumexp(x, axis=axis)
   m = jnp.max(jnp.where(valid, x, -jnp.inf), axis=axis, keepdims=True)
   m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-  total = jnp.sum(jnp.where(valid, jnp.exp(x - m), 0.0), axis=axis)
+  # Masked entries go to exp(−inf) = 0 *before* the exp: exp of an excluded large logit would overflow
+  # and turn the backward pass into 0·inf = NaN.
+  total = jnp.sum(jnp.exp(jnp.where(valid, x - m, -jnp.inf)), axis=axis)
   nonempty = total > 0
   lse = jnp.log(jnp.where(nonempty, total, 1.0)) + jnp.squeeze(m, axis)
   return jnp.where(nonempty, lse, -jnp.inf)

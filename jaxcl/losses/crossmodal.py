@@ -1,0 +1,147 @@
+"""Cross-modal softmax losses beyond CLIP: CWCL (soft intra-modal targets) and Symile (M modalities)."""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcl import _checks
+from jaxcl import ops
+from jaxcl.losses import _common
+
+
+def _check_weights(weights, b: int) -> jax.Array:
+  """An explicit (B, B) target matrix: finite, non-negative, every row with a positive sum."""
+  weights = _checks.check_array("weights", weights, ndim=2)
+  if weights.shape != (b, b):
+    raise ValueError(f"`weights` must have shape ({b}, {b}) like the batch, got {weights.shape}.")
+  w = _checks.concrete_value(weights)
+  if w is not None:
+    w = w.astype(np.float64)
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+      raise ValueError("`weights` must be finite and non-negative, got an entry outside [0, inf).")
+    if np.any(w.sum(axis=1) <= 0):
+      raise ValueError(f"every row of `weights` must have a positive sum, got row sums {w.sum(axis=1)}.")
+  return weights.astype(jnp.float32)
+
+
+def cwcl(
+    frozen: jax.Array,
+    trained: jax.Array,
+    *,
+    temperature: float | jax.Array = 0.1,
+    weights: jax.Array | None = None,
+    normalize: bool = True,
+    impl: str = "auto",
+) -> jax.Array:
+  r"""CWCL: contrastive loss with continuous targets from the frozen modality's own similarities.
+
+  "CWCL: Cross-Modal Transfer with Continuously Weighted Contrastive Loss" (Srinivasa et al., NeurIPS
+  2023). `frozen` f comes from the pre-trained (locked) encoder, `trained` t from the one being aligned
+  to it. With S_ij = <f_i, t_j> / τ and the soft targets of anchor i
+
+      w_ij = (1 + <f̂_i, f̂_j>) / 2  ∈ [0, 1]       (f̂ = f / ‖f‖: cosine similarity in the frozen space)
+
+      L_f→t = mean_i −(1/Σ_j w_ij) Σ_j w_ij log softmax_j(S_i·)    (rows: f_i against every t_j)
+      L_t→f = mean_i −(1/Σ_j w_ij) Σ_j w_ij log softmax_j(S_·i)    (columns: t_i against every f_j)
+      loss = ½ (L_f→t + L_t→f)
+
+  The two directions are averaged as in CLIP (the paper adds them: twice this value), so with
+  `weights = I` the loss is `clip(frozen, trained, logit_scale=1/τ)`. The weights are targets computed
+  from the frozen side: no gradient flows through them. An explicit (B, B) `weights` is used as given,
+  weights[i, j] being the target weight of sample j for anchor i in both directions.
+
+  Σ_j w_ij S_ij is linear in S and never needs it: with F̂ the normalised frozen batch it is
+  ½ <f_i, Σ_j t_j> + ½ f̂_iᵀ (F̂ᵀ T) f_i, all D×D products (B·B·D with explicit weights).
+
+  Args:
+    frozen: (B, D) embeddings of the pre-trained modality. trained: (B, D), row-aligned.
+    temperature: τ > 0 (scalar, may be traced).
+    weights: None (the paper's intra-modal weights) or an explicit non-negative (B, B) array.
+    normalize: L2-normalise both batches first (the weights always use cosine similarity).
+    impl: similarity engine, see `jaxcl.ops.available_impls()`.
+  Returns:
+    Scalar float32 mean loss.
+
+  >>> import jax.numpy as jnp
+  >>> x = jnp.eye(2)  # w = [[1, ½], [½, 1]]
+  >>> round(float(cwcl(x, x, temperature=1.0)), 4)  # log(e + 1) - 2/3
+  0.6466
+  """
+  f, t = _common.pair("frozen", frozen, "trained", trained, normalize=normalize)
+  inv_t = _common.inverse_temperature(temperature)
+  b = f.shape[0]
+  lse = ops.logsumexp(f, t, scale=inv_t, rows=True, cols=True, impl=impl)
+  f32, t32 = f.astype(jnp.float32), t.astype(jnp.float32)
+  if weights is None:
+    fh = jax.lax.stop_gradient(_common.l2_normalize(frozen.astype(jnp.float32)))
+    # Σ_j w_ij <f_i, t_j> and Σ_j w_ij <f_j, t_i> through D×D matrices F̂ᵀT and F̂ᵀF.
+    row_target = 0.5 * (f32 @ jnp.sum(t32, axis=0)) + 0.5 * _common.rowwise_dot(fh @ (fh.T @ t32), f32)
+    col_target = 0.5 * (t32 @ jnp.sum(f32, axis=0)) + 0.5 * _common.rowwise_dot(fh @ (fh.T @ f32), t32)
+    total = 0.5 * b + 0.5 * (fh @ jnp.sum(fh, axis=0))
+  else:
+    w = _check_weights(weights, b)
+    row_target = _common.rowwise_dot(f32, w @ t32)
+    col_target = _common.rowwise_dot(t32, w @ f32)
+    total = jnp.sum(w, axis=1)
+  rows = lse.rows - inv_t * row_target / total
+  cols = lse.cols - inv_t * col_target / total
+  return 0.5 * (jnp.mean(rows) + jnp.mean(cols))
+
+
+def symile(
+    *modalities: jax.Array,
+    logit_scale: float | jax.Array,
+    normalize: bool = True,
+    impl: str = "auto",
+) -> jax.Array:
+  r"""Symile: contrastive loss over M >= 2 modalities with the multilinear inner product.
+
+  "Contrasting with Symile: Simple Model-Agnostic Representation Learning for Unlimited Modalities"
+  (Saporta et al., NeurIPS 2024). With MIP(a, b, c, ...) = Σ_d a_d b_d c_d ... and each modality m in
+  turn the target, row i's other modalities form the context c_i^m = ⊙_{m' ≠ m} x_i^{m'} and the
+  candidates are the m-embeddings of every sample j (the O(N) negative sampling of the paper):
+
+      logits^m_ij = logit_scale · <c_i^m, x_j^m> = logit_scale · MIP(x_i^1, ..., x_j^m, ..., x_i^M)
+      loss = (1/M) Σ_m mean_i [ −logits^m_ii + log Σ_j exp logits^m_ij ]
+
+  One `jaxcl.ops.logsumexp` per modality; the positive logit logit_scale · MIP(x_i^1, ..., x_i^M) is the
+  same for every m. With M = 2 this is `clip`.
+
+  Args:
+    *modalities: M >= 2 arrays of shape (N, D), row i of each describing sample i.
+    logit_scale: the multiplier (> 0, may be traced; learnable in the paper).
+    normalize: L2-normalise each modality first.
+    impl: similarity engine, see `jaxcl.ops.available_impls()`.
+  Returns:
+    Scalar float32 mean loss.
+
+  >>> import jax.numpy as jnp
+  >>> x = jnp.eye(2)
+  >>> round(float(symile(x, x, x, logit_scale=1.0)), 4)  # log(e + 1) - 1
+  0.3133
+  """
+  if len(modalities) < 2:
+    raise ValueError(
+        f"`modalities` needs at least 2 arrays of shape (N, D) (a target and a context), got "
+        f"{len(modalities)}."
+    )
+  xs = [_checks.check_array(f"modalities[{k}]", x, ndim=2) for k, x in enumerate(modalities)]
+  for k, x in enumerate(xs[1:], start=1):
+    _checks.check_same_shape("modalities[0]", xs[0], f"modalities[{k}]", x)
+  _checks.check_min_batch("modalities[0]", xs[0], 2, why="a contrastive loss needs a negative")
+  scale = _common.logit_scale(logit_scale)
+  xs = [_common.maybe_normalize(x, normalize) for x in xs]
+  dtype = jnp.result_type(*xs)
+  x32 = [x.astype(jnp.float32) for x in xs]
+  positive = scale * jnp.sum(functools.reduce(operator.mul, x32), axis=-1)
+  losses = []
+  for m, target in enumerate(xs):
+    context = functools.reduce(operator.mul, [x for k, x in enumerate(x32) if k != m]).astype(dtype)
+    lse = ops.logsumexp(context, target, scale=scale, impl=impl).rows
+    losses.append(jnp.mean(lse - positive))
+  return sum(losses) / len(losses)

@@ -1,0 +1,97 @@
+"""Supervised contrastive learning (SupCon): every same-label view is a positive."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcl import _checks
+from jaxcl import ops
+from jaxcl.losses import _common
+
+
+def _class_ids(labels: jax.Array) -> jax.Array:
+  """Compact ids in [0, n): the position of each label's first occurrence among the sorted labels.
+
+  Equal labels get equal ids and different labels different ids, whatever the label values (negative,
+  large, sparse), with static shapes so it works under `jit`.
+  """
+  return jnp.searchsorted(jnp.sort(labels), labels, side="left").astype(jnp.int32)
+
+
+def supcon(
+    features: jax.Array,
+    labels: jax.Array,
+    *,
+    temperature: float | jax.Array = 0.1,
+    base_temperature: float | jax.Array | None = None,
+    normalize: bool = True,
+    impl: str = "auto",
+) -> jax.Array:
+  r"""Supervised contrastive loss L_out, every view an anchor (contrast_mode "all").
+
+  "Supervised Contrastive Learning" (Khosla et al., NeurIPS 2020), eq. (2). The N·V views z_a (views of
+  a sample share its label) are all anchors; P(a) = {p ≠ a : y_p = y_a} are the positives of a and
+  A = {a' : |P(a')| > 0} the anchors that have one:
+
+      s_ab = <z_a, z_b> / τ
+      loss = (τ / τ_base) · mean_{a ∈ A} [ −(1/|P(a)|) Σ_{p ∈ P(a)} s_ap + log Σ_{b ≠ a} exp s_ab ]
+
+  The positive term is linear in S and never needs it: Σ_{p ∈ P(a)} <z_a, z_p> is
+  <z_a, Σ_{b: y_b = y_a} z_b> − <z_a, z_a>, a segment sum over the labels. Anchors without a positive
+  are left out of the mean (the reference PyTorch code counts them as zeros instead); when no anchor has
+  one the loss is undefined: an error if `labels` is concrete, 0 under `jit`.
+
+  Args:
+    features: (N, D) embeddings, or (N, V, D) with V views per sample.
+    labels: (N,) integer class labels (any values; only equality matters).
+    temperature: τ > 0 (scalar, may be traced).
+    base_temperature: τ_base > 0; None means τ (no rescaling). The paper's code uses 0.07.
+    normalize: L2-normalise the features first.
+    impl: similarity engine, see `jaxcl.ops.available_impls()`.
+  Returns:
+    Scalar float32 mean loss.
+
+  >>> import jax.numpy as jnp
+  >>> x = jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+  >>> round(float(supcon(x, jnp.array([0, 0, 1, 1]), temperature=1.0)), 4)  # log(e + 2) - 1
+  0.5514
+  """
+  features = _checks.check_array("features", features, ndim=(2, 3))
+  n = features.shape[0]
+  _checks.check_min_batch("features", features, 2, why="a contrastive loss needs a negative")
+  labels = _checks.check_labels("labels", labels, n)
+  inv_t = _common.inverse_temperature(temperature)
+  factor = 1.0
+  if base_temperature is not None:
+    _checks.check_positive("base_temperature", base_temperature)
+    factor = jnp.asarray(temperature, jnp.float32) / jnp.asarray(base_temperature, jnp.float32)
+
+  views = 1 if features.ndim == 2 else features.shape[1]
+  concrete = _checks.concrete_value(labels)
+  if views == 1 and concrete is not None and np.unique(concrete).size == n:
+    raise ValueError(
+        "`labels` are all distinct and `features` has one view per sample, so no anchor has a "
+        f"positive: SupCon needs a repeated label or V >= 2 views, got labels {concrete} and features "
+        f"of shape {features.shape}."
+    )
+
+  # Anchors in view-major order: row v·N + i is view v of sample i.
+  z = jnp.reshape(jnp.swapaxes(features, 0, 1), (-1, features.shape[-1])) if views > 1 else features
+  z = _common.maybe_normalize(z, normalize)
+  m = z.shape[0]
+  ids = jnp.tile(_class_ids(labels), views)
+
+  z32 = z.astype(jnp.float32)
+  class_sum = jax.ops.segment_sum(z32, ids, num_segments=m)[ids]
+  class_size = jax.ops.segment_sum(jnp.ones((m,), jnp.float32), ids, num_segments=m)[ids]
+  n_pos = class_size - 1.0
+  pos_sum = _common.rowwise_dot(z32, class_sum) - _common.rowwise_dot(z32, z32)
+  has_pos = n_pos > 0
+  mean_pos = inv_t * pos_sum / jnp.maximum(n_pos, 1.0)
+
+  lse = ops.logsumexp(z, z, scale=inv_t, exclude=ops.diagonal(m), impl=impl).rows
+  per_anchor = jnp.where(has_pos, lse - mean_pos, 0.0)
+  count = jnp.sum(has_pos.astype(jnp.float32))
+  return factor * jnp.sum(per_anchor) / jnp.maximum(count, 1.0)
