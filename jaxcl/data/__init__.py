@@ -1,0 +1,29 @@
+"""Data: grain pipelines over the bundled digits, prepared tfds datasets and local image folders,
+and on-device augmentations (dm-pix)."""
+
+from jaxcl.data.augment import augment_batch, default_aug_config, make_views
+from jaxcl.data.digits import CAPTION_TEMPLATES, CLASS_NAMES, Digits, captions_for_labels
+from jaxcl.data.pipeline import (
+    iterator_checkpoint_args,
+    make_train_loader,
+    restore_iterator_state,
+    save_iterator_state,
+)
+from jaxcl.data.sources import build_source, default_data_config, load_arrays
+
+__all__ = [
+    "CAPTION_TEMPLATES",
+    "CLASS_NAMES",
+    "Digits",
+    "augment_batch",
+    "build_source",
+    "captions_for_labels",
+    "default_aug_config",
+    "default_data_config",
+    "iterator_checkpoint_args",
+    "load_arrays",
+    "make_train_loader",
+    "make_views",
+    "restore_iterator_state",
+    "save_iterator_state",
+]
