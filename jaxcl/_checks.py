@@ -100,3 +100,12 @@ def check_scalar_or_vector(name: str, value: Any, n: int) -> jax.Array:
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
   if value not in choices:
     raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
+
+
+def check_non_negative(name: str, value: Any) -> None:
+  """Raises if a concrete `value` is negative or not finite (traced values pass)."""
+  check_finite(name, value)
+  v = concrete_value(value)
+  if v is not None and v.dtype.kind in "fiu" and v.size and v.min() < 0:
+    shown = v.item() if v.size == 1 else v
+    raise ValueError(f"`{name}` must be >= 0, got {shown}.")
