@@ -21,3 +21,6 @@ __all__ = [
     "resolve_impl",
     "sigmoid_sum",
 ]
+
+# Importing an engine module registers it for `impl=`.
+from jaxcl.ops import pallas as _pallas  # noqa: E402,F401  (fused kernels; interpret mode on CPU)

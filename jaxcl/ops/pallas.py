@@ -1,0 +1,565 @@
+"""The `pallas` engine: fused similarity kernels for TPU (Mosaic) and GPU (Triton), forward and backward.
+
+With S_ij = scale_i · <q_i, k_j> and a validity mask V given by ids (`jaxcl.ops.masks`), the kernels
+compute the reductions of `jaxcl.ops.reductions` without ever holding S in memory:
+
+    row_i = log Σ_{j: V_ij} exp S_ij        col_j = log Σ_{i: V_ij} exp S_ij
+    sig_i = Σ_j softplus(−z_ij (S_ij + b))
+
+Forward: a grid of (row blocks × column blocks); each step computes one tile of S on the MXU / tensor
+cores and folds it into online (max, sum-exp) accumulators, as in "FlashAttention: Fast and
+Memory-Efficient Exact Attention with IO-Awareness" (Dao et al., 2022); only the log-sum-exp vectors
+are saved. Backward: a dq kernel (grid over row blocks, loop over column blocks) and a dk kernel (the
+same kernel with the roles of q and k swapped) recompute each tile and use
+
+    dS_ij = V_ij · ( g_row_i · exp(S_ij − row_i) + g_col_j · exp(S_ij − col_j) )    (softmax family)
+    dS_ij = −g_i z_ij σ(−z_ij (S_ij + b))                                              (sigmoid family)
+
+    dq_i = scale_i Σ_j dS_ij k_j,   dk_j = Σ_i scale_i dS_ij q_i,   dscale_i = <q_i, Σ_j dS_ij k_j>,
+    db = Σ_ij dS_ij
+
+so memory is O(B·D) and the gradient of the (per-row) scale costs no extra matmul. This is the tiling
+of "Breaking the Memory Barrier: Near Infinite Batch Size Scaling for Contrastive Loss" (Cheng et al.,
+2024) on a single device; `docs/pallas.md` describes the kernels, the block-shape rules and the matmul
+count.
+
+Kernel flavour and interpret mode are module settings (`configure`, `using`) initialised from the
+environment variables JAXCL_PALLAS_FLAVOUR ("auto" | "tpu" | "gpu"), JAXCL_PALLAS_INTERPRET ("auto" |
+"0" | "1" | "tpu"), JAXCL_PALLAS_BLOCK_ROWS and JAXCL_PALLAS_BLOCK_COLS. "auto" runs the Mosaic kernels on
+a TPU backend, the Triton kernels on a GPU backend and the Mosaic kernels in Pallas interpret mode
+elsewhere (CPU). Settings are read when a function is traced: change them before `jax.jit` traces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import operator
+import os
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+
+from jaxcl.ops import reductions
+
+FLAVOURS = ("auto", "tpu", "gpu")
+INTERPRET_MODES = ("auto", True, False, "tpu")
+
+
+# ------------------------------------------------------------------------------------------- settings
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """How the `pallas` engine runs.
+
+  Attributes:
+    flavour: "auto" (by backend), "tpu" (Mosaic kernels) or "gpu" (Triton kernels).
+    interpret: "auto" (interpret when the backend is not the flavour's hardware), True (Pallas interpret
+      mode), False (compile for the hardware) or "tpu" (TPU interpret mode, `pltpu.InterpretParams()`:
+      checks TPU semantics on CPU, about 100x slower).
+    block_rows, block_cols: tile sizes along q and k (None: per-flavour defaults). TPU: multiples of 128
+      or at least the batch; GPU: powers of two >= 16.
+    num_warps, num_stages: Triton compiler parameters (None: 4 warps, 8 for tiles >= 128×128).
+    max_fused_cols: TPU only; row and column log-sum-exp share one pass over S while the padded column
+      count is at most this (the column accumulators live in VMEM: 64 bytes per column), else the column
+      pass is a second call with q and k swapped.
+  """
+
+  flavour: str = "auto"
+  interpret: bool | str = "auto"
+  block_rows: int | None = None
+  block_cols: int | None = None
+  num_warps: int | None = None
+  num_stages: int = 2
+  max_fused_cols: int = 32768
+
+  def __post_init__(self):
+    if self.flavour not in FLAVOURS:
+      raise ValueError(f"`flavour` must be one of {FLAVOURS}, got {self.flavour!r}.")
+    if not (self.interpret is True or self.interpret is False or self.interpret in ("auto", "tpu")):
+      raise ValueError(f"`interpret` must be one of {INTERPRET_MODES}, got {self.interpret!r}.")
+    for name in ("block_rows", "block_cols", "num_warps"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or value <= 0):
+        raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
+    for name in ("num_stages", "max_fused_cols"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
+
+
+def _settings_from_env(env=os.environ) -> Settings:
+  interpret = env.get("JAXCL_PALLAS_INTERPRET", "auto").strip().lower()
+  interpret = {"1": True, "true": True, "0": False, "false": False}.get(interpret, interpret)
+  blocks = {}
+  for name in ("block_rows", "block_cols"):
+    value = env.get(f"JAXCL_PALLAS_{name.upper()}")
+    if value:
+      try:
+        blocks[name] = int(value)
+      except ValueError:
+        raise ValueError(f"JAXCL_PALLAS_{name.upper()} must be an integer, got {value!r}.") from None
+  return Settings(flavour=env.get("JAXCL_PALLAS_FLAVOUR", "auto").strip().lower(), interpret=interpret,
+                  **blocks)
+
+
+_SETTINGS = _settings_from_env()
+
+
+def settings() -> Settings:
+  """The current engine settings.
+
+  >>> settings().num_stages
+  2
+  """
+  return _SETTINGS
+
+
+def configure(**changes: Any) -> Settings:
+  """Changes the engine settings for the rest of the process; returns the previous ones.
+
+  >>> old = configure(flavour="gpu", interpret=True)
+  >>> settings().flavour
+  'gpu'
+  >>> _ = configure(**dataclasses.asdict(old))
+  """
+  global _SETTINGS
+  old = _SETTINGS
+  _SETTINGS = dataclasses.replace(old, **changes)
+  return old
+
+
+@contextlib.contextmanager
+def using(**changes: Any) -> Iterator[Settings]:
+  """Context manager: the engine settings with `changes` inside the block.
+
+  >>> import jax.numpy as jnp
+  >>> with using(flavour="gpu", interpret=True):
+  ...   out = logsumexp(jnp.eye(2), jnp.eye(2), scale=jnp.ones(()), rows=True, cols=False,
+  ...                   exclude=None, include=None)
+  >>> [round(float(v), 4) for v in out[0]]  # log(e + 1)
+  [1.3133, 1.3133]
+  """
+  old = configure(**changes)
+  try:
+    yield _SETTINGS
+  finally:
+    configure(**dataclasses.asdict(old))
+
+
+# ------------------------------------------------------------------------------------------ the plan
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """Static tiling of one kernel call: rows `a` (n_a valid of padded N_a) against columns `b`.
+
+  >>> t = Tiles(128, 256, n_a=200, n_b=300, padded_a=256, padded_b=512, interpret=True, num_warps=None,
+  ...           num_stages=2)
+  >>> t.grid, t.swapped().grid
+  ((2, 2), (2, 2))
+  """
+
+  block_a: int
+  block_b: int
+  n_a: int
+  n_b: int
+  padded_a: int
+  padded_b: int
+  interpret: Any
+  num_warps: int | None
+  num_stages: int
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return self.padded_a // self.block_a, self.padded_b // self.block_b
+
+  @property
+  def pad_a(self) -> bool:
+    return self.padded_a != self.n_a
+
+  @property
+  def pad_b(self) -> bool:
+    return self.padded_b != self.n_b
+
+  def swapped(self) -> Tiles:
+    return dataclasses.replace(
+        self, block_a=self.block_b, block_b=self.block_a, n_a=self.n_b, n_b=self.n_a,
+        padded_a=self.padded_b, padded_b=self.padded_a,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  flavour: str
+  tiles: Tiles
+  padded_d: int
+  kinds: tuple[str, ...] = ()
+  rows: bool = True
+  cols: bool = False
+  fuse_cols: bool = False
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def _tpu_block(name: str, n: int, requested: int | None, default: int) -> int:
+  """A Mosaic block along a batch axis: the whole (16-padded) axis, or a multiple of 128.
+
+  Either role must be legal: as rows (sublane dim, multiple of 8, 16 for bf16) and as columns of the
+  (1, N) id/scale vectors (lane dim, multiple of 128 unless the block is the whole array).
+  """
+  whole = _round_up(n, 16)
+  block = default if requested is None else requested
+  if block >= whole:
+    return whole
+  if block % 128:
+    raise ValueError(
+        f"`{name}` must be a multiple of 128 for the TPU kernels (or at least the batch size {n}), "
+        f"got {block}."
+    )
+  return block
+
+
+def _gpu_block(name: str, n: int, requested: int | None, default: int) -> int:
+  """A Triton block: a power of two >= 16 (tensor-core dots), at most the next power of two of n."""
+  block = default if requested is None else requested
+  if block < 16 or block & (block - 1):
+    raise ValueError(f"`{name}` must be a power of two >= 16 for the GPU kernels, got {block}.")
+  return min(block, max(16, _next_pow2(n)))
+
+
+def _resolve_flavour(s: Settings) -> tuple[str, Any]:
+  backend = jax.default_backend()
+  flavour = s.flavour
+  if flavour == "auto":
+    flavour = "gpu" if backend == "gpu" else "tpu"
+  interpret = s.interpret
+  if interpret == "auto":
+    interpret = backend != flavour
+  if interpret == "tpu":
+    if flavour != "tpu":
+      raise ValueError(
+          f"`interpret='tpu'` emulates TPU kernels; it needs `flavour='tpu'`, got {flavour!r}."
+      )
+    from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+
+    interpret = pltpu.InterpretParams()
+  return flavour, interpret
+
+
+def _make_plan(n_q: int, n_k: int, d: int, **flags) -> _Plan:
+  s = _SETTINGS
+  flavour, interpret = _resolve_flavour(s)
+  if flavour == "tpu":
+    bq = _tpu_block("block_rows", n_q, s.block_rows, 256)
+    bk = _tpu_block("block_cols", n_k, s.block_cols, 512)
+    padded_d = _round_up(d, 128)
+  else:
+    padded_d = max(16, _next_pow2(d))
+    default = 64 if padded_d <= 128 else 32 if padded_d <= 512 else 16
+    bq = _gpu_block("block_rows", n_q, s.block_rows, default)
+    bk = _gpu_block("block_cols", n_k, s.block_cols, default)
+  tiles = Tiles(
+      block_a=bq, block_b=bk, n_a=n_q, n_b=n_k, padded_a=_round_up(n_q, bq),
+      padded_b=_round_up(n_k, bk), interpret=interpret, num_warps=s.num_warps,
+      num_stages=s.num_stages,
+  )
+  fuse_cols = (
+      flavour == "tpu" and flags.get("rows", False) and flags.get("cols", False)
+      and tiles.padded_b <= s.max_fused_cols
+  )
+  return _Plan(flavour=flavour, tiles=tiles, padded_d=padded_d, fuse_cols=fuse_cols, **flags)
+
+
+def _kernels(flavour: str):
+  if flavour == "tpu":
+    from jaxcl.ops import pallas_tpu  # pylint: disable=g-import-not-at-top
+
+    return pallas_tpu
+  from jaxcl.ops import pallas_gpu  # pylint: disable=g-import-not-at-top
+
+  return pallas_gpu
+
+
+def _pad(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  widths = [(0, n - m) for n, m in zip(shape, x.shape)]
+  return jnp.pad(x, widths) if any(w for _, w in widths) else x
+
+
+# ---------------------------------------------------------------------- tile math shared by flavours
+def tile_valid(row_pos, col_pos, tiles: Tiles, kinds: tuple[str, ...], id_tiles) -> jax.Array | None:
+  """Validity of one tile, or None when every entry is valid.
+
+  `row_pos`/`col_pos`: global indices of the tile's rows/columns (broadcastable to the tile);
+  `id_tiles`: one (row_ids, col_ids) pair per entry of `kinds` ("exclude" drops equal ids, "include"
+  keeps only equal ids). Padded rows and columns are invalid.
+
+  >>> import jax.numpy as jnp
+  >>> t = Tiles(2, 3, n_a=2, n_b=2, padded_a=2, padded_b=3, interpret=True, num_warps=None, num_stages=2)
+  >>> ids = jnp.arange(3)
+  >>> tile_valid(ids[:2, None], ids[None, :], t, ("exclude",), [(ids[:2, None], ids[None, :])]).tolist()
+  [[False, True, False], [True, False, False]]
+  """
+  conds = []
+  if tiles.pad_a:
+    conds.append(row_pos < tiles.n_a)
+  if tiles.pad_b:
+    conds.append(col_pos < tiles.n_b)
+  for kind, (r, c) in zip(kinds, id_tiles):
+    conds.append(r != c if kind == "exclude" else r == c)
+  return functools.reduce(operator.and_, conds) if conds else None
+
+
+def online_update(m_prev, l_prev, s, axis: int, keepdims: bool):
+  """Folds a tile `s` (invalid entries −inf) into running (max, sum exp(s − max)) along `axis`.
+
+      m' = max(m, max s),   l' = l · exp(m − m') + Σ exp(s − m')
+
+  the online softmax of "FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness"
+  (Dao et al., 2022); m' = −inf (nothing valid yet) is replaced by 0 so that no inf − inf occurs.
+
+  >>> import jax.numpy as jnp
+  >>> m, l = jnp.full((1,), -jnp.inf), jnp.zeros((1,))
+  >>> for tile in (jnp.array([[0.0, -jnp.inf]]), jnp.array([[1.0, 2.0]])):
+  ...   m, l = online_update(m, l, tile, axis=1, keepdims=False)
+  >>> round(float(finalize_lse(m, l)[0]), 4)  # log(e^0 + e^1 + e^2)
+  2.4076
+  """
+  expand = (lambda v: v) if keepdims else (lambda v: jnp.expand_dims(v, axis))
+  m_new = jnp.maximum(m_prev, jnp.max(s, axis=axis, keepdims=keepdims))
+  m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+  total = jnp.sum(jnp.exp(s - expand(m_safe)), axis=axis, keepdims=keepdims)
+  return m_new, l_prev * jnp.exp(m_prev - m_safe) + total
+
+
+def finalize_lse(m, l):
+  """log-sum-exp from (max, sum): m + log l, −inf where nothing was valid (l = 0).
+
+  >>> import jax.numpy as jnp
+  >>> finalize_lse(jnp.array([-jnp.inf, 1.0]), jnp.array([0.0, 1.0])).tolist()
+  [-inf, 1.0]
+  """
+  nonempty = l > 0
+  return jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, l, 1.0)), -jnp.inf)
+
+
+def softmax_grad_tile(s, valid, row_lse, g_row, col_lse, g_col):
+  """dS for log-sum-exp outputs: g_row·exp(S − row) + g_col·exp(S − col) on valid entries, else 0.
+
+  >>> import jax.numpy as jnp
+  >>> s = jnp.log(jnp.array([[1.0, 3.0]]))  # row lse = log 4: softmax (1/4, 3/4)
+  >>> softmax_grad_tile(s, None, jnp.log(4.0), 2.0, None, None).tolist()
+  [[0.5, 1.5]]
+  """
+  out = 0.0
+  for lse, g in ((row_lse, g_row), (col_lse, g_col)):
+    if lse is None:
+      continue
+    x = s - lse
+    if valid is not None:
+      x = jnp.where(valid, x, -jnp.inf)
+    out = out + g * jnp.exp(x)
+  return out
+
+
+def softplus(x):
+  """log(1 + exp(x)) = max(x, 0) + log1p(exp(−|x|)), stable for large |x|.
+
+  >>> import jax.numpy as jnp
+  >>> [round(float(v), 4) for v in softplus(jnp.array([-1e4, 0.0, 1e4]))]
+  [0.0, 0.6931, 10000.0]
+  """
+  return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def sigmoid(x):
+  """σ(x) = 1 / (1 + exp(−x)); exp overflow gives exactly 0.
+
+  >>> import jax.numpy as jnp
+  >>> sigmoid(jnp.array([-1e4, 0.0, 1e4])).tolist()
+  [0.0, 0.5, 1.0]
+  """
+  return 1.0 / (1.0 + jnp.exp(-x))
+
+
+def sigmoid_value_tile(logits, positive, valid):
+  """softplus(−z · logits), z = +1 on positives and −1 elsewhere, 0 on invalid entries.
+
+  >>> import jax.numpy as jnp
+  >>> out = sigmoid_value_tile(jnp.array([1.0, 1.0]), jnp.array([True, False]), None)
+  >>> [round(v, 4) for v in out.tolist()]  # softplus(-1), softplus(1)
+  [0.3133, 1.3133]
+  """
+  z = jnp.where(positive, 1.0, -1.0)
+  val = softplus(-z * logits)
+  return val if valid is None else jnp.where(valid, val, 0.0)
+
+
+def sigmoid_grad_tile(logits, positive, valid, g):
+  """d/dlogits of g · softplus(−z · logits) = −g z σ(−z · logits), 0 on invalid entries.
+
+  >>> import jax.numpy as jnp
+  >>> sigmoid_grad_tile(jnp.zeros(2), jnp.array([True, False]), None, 1.0).tolist()
+  [-0.5, 0.5]
+  """
+  z = jnp.where(positive, 1.0, -1.0)
+  out = -(g * z) * sigmoid(-z * logits)
+  return out if valid is None else jnp.where(valid, out, 0.0)
+
+
+# ---------------------------------------------------------------------------------- log-sum-exp
+def _lse_forward(plan: _Plan, q, k, scale, ids):
+  kernels = _kernels(plan.flavour)
+  tiles = plan.tiles
+  row = col = None
+  if plan.rows:
+    row, col = kernels.lse_forward(
+        q, k, scale, ids, kinds=plan.kinds, scale_on="rows", with_cols=plan.fuse_cols, tiles=tiles
+    )
+  if plan.cols and col is None:
+    col, _ = kernels.lse_forward(
+        k, q, scale, _swap(ids), kinds=plan.kinds, scale_on="cols", with_cols=False,
+        tiles=tiles.swapped(),
+    )
+  return row, col
+
+
+def _swap(ids):
+  return tuple((c, r) for r, c in ids)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lse(plan: _Plan, q, k, scale, ids):
+  row, col = _lse_forward(plan, q, k, scale, ids)
+  return tuple(x for x in (row, col) if x is not None)
+
+
+def _lse_fwd(plan, q, k, scale, ids):
+  row, col = _lse_forward(plan, q, k, scale, ids)
+  return tuple(x for x in (row, col) if x is not None), (q, k, scale, ids, row, col)
+
+
+def _lse_bwd(plan, res, g):
+  q, k, scale, ids, row, col = res
+  g = list(g)
+  g_row = g.pop(0) if plan.rows else None
+  g_col = g.pop(0) if plan.cols else None
+  row = row if plan.rows else None
+  col = col if plan.cols else None
+  kernels = _kernels(plan.flavour)
+  dq_raw = kernels.lse_backward(
+      q, k, scale, ids, row, g_row, col, g_col, kinds=plan.kinds, scale_on="rows", tiles=plan.tiles
+  )
+  dk = kernels.lse_backward(
+      k, q, scale, _swap(ids), col, g_col, row, g_row, kinds=plan.kinds, scale_on="cols",
+      tiles=plan.tiles.swapped(),
+  )
+  dscale = jnp.einsum("id,id->i", q.astype(jnp.float32), dq_raw)
+  dq = scale[:, None] * dq_raw
+  return dq.astype(q.dtype), dk.astype(k.dtype), dscale, jax.tree.map(lambda _: None, ids)
+
+
+_lse.defvjp(_lse_fwd, _lse_bwd)
+
+
+def _prepare(q, k, scale, plan: _Plan):
+  dtype = jnp.result_type(q.dtype, k.dtype)
+  t = plan.tiles
+  qp = _pad(q.astype(dtype), (t.padded_a, plan.padded_d))
+  kp = _pad(k.astype(dtype), (t.padded_b, plan.padded_d))
+  scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (q.shape[0],))
+  return qp, kp, _pad(scale, (t.padded_a,))
+
+
+def _pad_ids(pair, plan: _Plan):
+  r, c = pair
+  t = plan.tiles
+  return _pad(r.astype(jnp.int32), (t.padded_a,)), _pad(c.astype(jnp.int32), (t.padded_b,))
+
+
+def logsumexp(q, k, *, scale, rows, cols, exclude, include):
+  """Row and/or column log-sum-exp of the masked S = scale · q kᵀ by fused Pallas kernels.
+
+      row_i = log Σ_{j: V_ij} exp S_ij,   col_j = log Σ_{i: V_ij} exp S_ij,   −inf if nothing is valid
+
+  The engine behind `impl="pallas"` (see `jaxcl.ops.logsumexp`): float32 results, float32 accumulation
+  for bf16 inputs, differentiable in q, k and scale (scalar or (Bq,)) by backward kernels. The online
+  (max, sum-exp) recurrence is the one of "FlashAttention: Fast and Memory-Efficient Exact Attention
+  with IO-Awareness" (Dao et al., 2022).
+
+  >>> import jax.numpy as jnp
+  >>> row, col = logsumexp(jnp.eye(2), jnp.eye(2), scale=jnp.ones(()), rows=True, cols=True,
+  ...                      exclude=None, include=None)
+  >>> [round(float(v), 4) for v in col]  # log(e + 1)
+  [1.3133, 1.3133]
+  """
+  kinds, pairs = [], []
+  for kind, pair in (("exclude", exclude), ("include", include)):
+    if pair is not None:
+      kinds.append(kind)
+      pairs.append(pair)
+  plan = _make_plan(q.shape[0], k.shape[0], q.shape[1], kinds=tuple(kinds), rows=bool(rows),
+                    cols=bool(cols))
+  qp, kp, sp = _prepare(q, k, scale, plan)
+  ids = tuple(_pad_ids(p, plan) for p in pairs)
+  outs = list(_lse(plan, qp, kp, sp, ids))
+  row = outs.pop(0)[: q.shape[0]] if rows else None
+  col = outs.pop(0)[: k.shape[0]] if cols else None
+  return row, col
+
+
+# ------------------------------------------------------------------------------------------ sigmoid
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sig(plan: _Plan, q, k, scale, bias, positives):
+  return _kernels(plan.flavour).sigmoid_forward(q, k, scale, bias, positives, tiles=plan.tiles)
+
+
+def _sig_fwd(plan, q, k, scale, bias, positives):
+  out = _kernels(plan.flavour).sigmoid_forward(q, k, scale, bias, positives, tiles=plan.tiles)
+  return out, (q, k, scale, bias, positives)
+
+
+def _sig_bwd(plan, res, g):
+  q, k, scale, bias, positives = res
+  kernels = _kernels(plan.flavour)
+  dq_raw, dbias = kernels.sigmoid_backward(
+      q, k, scale, bias, positives, g, vec_on="rows", tiles=plan.tiles
+  )
+  dk, _ = kernels.sigmoid_backward(
+      k, q, scale, bias, _swap((positives,))[0], g, vec_on="cols", tiles=plan.tiles.swapped()
+  )
+  dscale = jnp.einsum("id,id->i", q.astype(jnp.float32), dq_raw)
+  dq = scale[:, None] * dq_raw
+  return dq.astype(q.dtype), dk.astype(k.dtype), dscale, dbias, (None, None)
+
+
+_sig.defvjp(_sig_fwd, _sig_bwd)
+
+
+def sigmoid_sum(q, k, *, scale, bias, positives):
+  """Per row Σ_j softplus(−z_ij (S_ij + b)) by fused Pallas kernels, float32 (Bq,).
+
+  The engine behind `impl="pallas"` (see `jaxcl.ops.sigmoid_sum`) for "Sigmoid Loss for Language Image
+  Pre-Training" (Zhai et al., 2023): z_ij = +1 where the `positives` ids agree (None: the diagonal),
+  −1 elsewhere. Differentiable in q, k, scale and bias.
+
+  >>> import jax.numpy as jnp
+  >>> out = sigmoid_sum(jnp.eye(2), jnp.eye(2), scale=jnp.ones(()), bias=jnp.zeros(()), positives=None)
+  >>> round(float(out[0]), 4)  # softplus(-1) + softplus(0)
+  1.0064
+  """
+  if positives is None:
+    positives = (jnp.arange(q.shape[0], dtype=jnp.int32), jnp.arange(k.shape[0], dtype=jnp.int32))
+  plan = _make_plan(q.shape[0], k.shape[0], q.shape[1])
+  qp, kp, sp = _prepare(q, k, scale, plan)
+  bias = jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (q.shape[0],))
+  out = _sig(plan, qp, kp, sp, _pad(bias, (plan.tiles.padded_a,)), _pad_ids(positives, plan))
+  return out[: q.shape[0]]
+
+
+reductions.register_engine("pallas", logsumexp=logsumexp, sigmoid_sum=sigmoid_sum)

@@ -1,0 +1,297 @@
+"""Triton (GPU) kernels of the `pallas` engine.
+
+One program per row block (grid (n_row_blocks,)): it keeps its (block, D) slice of `a` and its row
+vectors in registers/shared memory and walks the column blocks of `b` with a `fori_loop`, loading
+(block, D) tiles of the whole `b` (kept in global memory, read through L2) and the matching slices of
+the column vectors. Block sizes are powers of two >= 16 (Triton tensor shapes and tensor-core dots) and
+D is zero-padded to a power of two; compiler parameters `num_warps` and `num_stages` (software
+pipelining of the column loop) come from the engine settings. Dots accumulate in float32; f32 inputs
+use IEEE precision (no TF32).
+
+The same four kernels as the TPU flavour (`jaxcl.ops.pallas_tpu`): `lse_forward` (row log-sum-exp; the
+column log-sum-exp is the same kernel with a and b swapped, since programs of a Triton grid cannot
+share column accumulators), `lse_backward`, `sigmoid_forward`, `sigmoid_backward`.
+
+Called by `jaxcl.ops.pallas` (which pads, dispatches and defines the custom VJP); see docs/pallas.md.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxcl.ops import pallas as engine
+
+_NT = (((1,), (1,)), ((), ()))  # a (m, d) · b (n, d)ᵀ
+
+
+class _Call:
+  """Collects the inputs of a pallas_call over the row-block grid with their block specs."""
+
+  def __init__(self, tiles: engine.Tiles):
+    self.tiles = tiles
+    self.inputs: list[jax.Array] = []
+    self.specs: list[pl.BlockSpec] = []
+
+  def add(self, x: jax.Array, side: str):
+    """Rows: this program's block of x; columns: all of x (the kernel slices one block per step)."""
+    self.inputs.append(x)
+    if side == "rows":
+      block = (self.tiles.block_a,) + x.shape[1:]
+      self.specs.append(pl.BlockSpec(block, lambda i: (i,) + (0,) * (x.ndim - 1)))
+    else:
+      self.specs.append(pl.BlockSpec(x.shape, lambda i: (0,) * x.ndim))
+
+  def __call__(self, kernel, name, out_shape, out_specs):
+    t = self.tiles
+    num_warps = t.num_warps or (8 if t.block_a * t.block_b >= 128 * 128 else 4)
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(t.grid[0],),
+        in_specs=self.specs,
+        out_specs=out_specs,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=t.num_stages),
+        interpret=t.interpret,
+        name=name,
+    )(*self.inputs)
+
+
+def _row_out(tiles: engine.Tiles, width: int | None = None):
+  shape = (tiles.padded_a,) if width is None else (tiles.padded_a, width)
+  block = (tiles.block_a,) if width is None else (tiles.block_a, width)
+  index = lambda i: (i,) + (0,) * (len(shape) - 1)
+  return jax.ShapeDtypeStruct(shape, jnp.float32), pl.BlockSpec(block, index)
+
+
+class _Tile:
+  """Loads what one step of the column loop needs: the b tile, S = a bᵀ · scale and its validity."""
+
+  def __init__(self, tiles, kinds, a_ref, b_ref, scale_ref, scale_on, id_refs):
+    self.tiles, self.kinds, self.b_ref = tiles, kinds, b_ref
+    self.scale_ref, self.scale_on, self.id_refs = scale_ref, scale_on, id_refs
+    self.a = a_ref[...]
+    self.row_scale = scale_ref[...][:, None] if scale_on == "rows" else None
+    self.row_ids = [r[...][:, None] for r, _ in id_refs]
+    self.row_pos = (pl.program_id(0) * tiles.block_a + jnp.arange(tiles.block_a))[:, None]
+
+  def cols(self, j):
+    return pl.ds(pl.multiple_of(j * self.tiles.block_b, self.tiles.block_b), self.tiles.block_b)
+
+  def col_vector(self, ref, j):
+    return ref[self.cols(j)][None, :]
+
+  def __call__(self, j):
+    """(b tile, scores, validity or None) for column block j."""
+    b = self.b_ref[self.cols(j), :]
+    s = jax.lax.dot_general(self.a, b, _NT, preferred_element_type=jnp.float32)
+    s = s * (self.row_scale if self.scale_on == "rows" else self.col_vector(self.scale_ref, j))
+    col_pos = (j * self.tiles.block_b + jnp.arange(self.tiles.block_b))[None, :]
+    id_tiles = [(r, self.col_vector(c, j)) for r, (_, c) in zip(self.row_ids, self.id_refs)]
+    return b, s, engine.tile_valid(self.row_pos, col_pos, self.tiles, self.kinds, id_tiles)
+
+
+# ------------------------------------------------------------------------------------- log-sum-exp
+def _lse_fwd_kernel(*refs, tiles, kinds, scale_on):
+  a_ref, b_ref, scale_ref, *id_flat, out_ref = refs
+  id_refs = list(zip(id_flat[::2], id_flat[1::2]))
+  tile = _Tile(tiles, kinds, a_ref, b_ref, scale_ref, scale_on, id_refs)
+
+  def body(j, carry):
+    _, s, valid = tile(j)
+    if valid is not None:
+      s = jnp.where(valid, s, -jnp.inf)
+    return engine.online_update(*carry, s, axis=1, keepdims=False)
+
+  init = (jnp.full((tiles.block_a,), -jnp.inf, jnp.float32), jnp.zeros((tiles.block_a,), jnp.float32))
+  m, l = jax.lax.fori_loop(0, tiles.grid[1], body, init)
+  out_ref[...] = engine.finalize_lse(m, l)
+
+
+def lse_forward(a, b, scale, ids, *, kinds, scale_on, with_cols, tiles):
+  """(row (N_a,), None): log-sum-exp over valid entries of S = scale · a bᵀ along rows.
+
+  >>> import jax.numpy as jnp
+  >>> from jaxcl.ops.pallas import Tiles
+  >>> t = Tiles(16, 16, n_a=2, n_b=2, padded_a=16, padded_b=16, interpret=True, num_warps=None,
+  ...           num_stages=2)
+  >>> x = jnp.zeros((16, 16)).at[:2, :2].set(jnp.eye(2))  # two padded unit vectors
+  >>> row, _ = lse_forward(x, x, jnp.ones(16), (), kinds=(), scale_on="rows", with_cols=False, tiles=t)
+  >>> [round(float(v), 4) for v in row[:2]]  # log(e + 1)
+  [1.3133, 1.3133]
+  """
+  if with_cols:
+    raise ValueError("the GPU kernels compute the column log-sum-exp with a second, swapped call.")
+  call = _Call(tiles)
+  call.add(a, "rows")
+  call.add(b, "cols")
+  call.add(scale, scale_on)
+  for r, c in ids:
+    call.add(r, "rows")
+    call.add(c, "cols")
+  out_shape, out_spec = _row_out(tiles)
+  kernel = functools.partial(_lse_fwd_kernel, tiles=tiles, kinds=kinds, scale_on=scale_on)
+  return call(kernel, "jaxcl_lse_fwd", out_shape, out_spec), None
+
+
+def _lse_bwd_kernel(*refs, tiles, kinds, scale_on, with_rows, with_cols):
+  it = iter(refs)
+  a_ref, b_ref, scale_ref = next(it), next(it), next(it)
+  id_refs = [(next(it), next(it)) for _ in kinds]
+  row_lse, g_row = (next(it)[...][:, None], next(it)[...][:, None]) if with_rows else (None, None)
+  col_refs = (next(it), next(it)) if with_cols else None
+  acc_ref = next(it)
+  tile = _Tile(tiles, kinds, a_ref, b_ref, scale_ref, scale_on, id_refs)
+
+  def body(j, acc):
+    b, s, valid = tile(j)
+    col_lse, g_col = (tile.col_vector(r, j) for r in col_refs) if with_cols else (None, None)
+    ds = engine.softmax_grad_tile(s, valid, row_lse, g_row, col_lse, g_col)
+    if scale_on == "cols":
+      ds = ds * tile.col_vector(scale_ref, j)
+    return acc + jax.lax.dot(ds.astype(b.dtype), b, preferred_element_type=jnp.float32)
+
+  acc_ref[...] = jax.lax.fori_loop(0, tiles.grid[1], body, jnp.zeros(acc_ref.shape, jnp.float32))
+
+
+def lse_backward(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, scale_on, tiles):
+  """Σ_j dS_ij b_j (float32 (N_a, D)), dS = g_row e^{S − row} + g_col e^{S − col} on valid entries.
+
+  With the scale along rows the factor scale_i is left out (the caller applies it and reuses the sum
+  for the scale's gradient); along columns scale_j is inside the sum (the dk orientation).
+
+  >>> import jax.numpy as jnp
+  >>> from jaxcl.ops.pallas import Tiles
+  >>> t = Tiles(16, 16, n_a=2, n_b=2, padded_a=16, padded_b=16, interpret=True, num_warps=None,
+  ...           num_stages=2)
+  >>> x = jnp.zeros((16, 16)).at[:2, :2].set(jnp.eye(2))  # two padded unit vectors
+  >>> lse = jnp.full(16, jnp.log(jnp.e + 1.0))
+  >>> out = lse_backward(x, x, jnp.ones(16), (), lse, jnp.ones(16), None, None, kinds=(),
+  ...                    scale_on="rows", tiles=t)
+  >>> [round(float(v), 4) for v in out[0, :2]]  # softmax of row 0: (e, 1) / (e + 1)
+  [0.7311, 0.2689]
+  """
+  call = _Call(tiles)
+  call.add(a, "rows")
+  call.add(b, "cols")
+  call.add(scale, scale_on)
+  for r, c in ids:
+    call.add(r, "rows")
+    call.add(c, "cols")
+  with_rows, with_cols = g_row is not None, g_col is not None
+  if with_rows:
+    call.add(row_lse, "rows")
+    call.add(g_row, "rows")
+  if with_cols:
+    call.add(col_lse, "cols")
+    call.add(g_col, "cols")
+  out_shape, out_spec = _row_out(tiles, a.shape[1])
+  kernel = functools.partial(
+      _lse_bwd_kernel, tiles=tiles, kinds=kinds, scale_on=scale_on, with_rows=with_rows,
+      with_cols=with_cols,
+  )
+  return call(kernel, "jaxcl_lse_bwd", out_shape, out_spec)
+
+
+# ------------------------------------------------------------------------------------------ sigmoid
+def _sig_fwd_kernel(a_ref, b_ref, scale_ref, bias_ref, pr_ref, pc_ref, out_ref, *, tiles):
+  tile = _Tile(tiles, (), a_ref, b_ref, scale_ref, "rows", ())
+  bias, row_ids = bias_ref[...][:, None], pr_ref[...][:, None]
+
+  def body(j, total):
+    _, s, valid = tile(j)
+    val = engine.sigmoid_value_tile(s + bias, row_ids == tile.col_vector(pc_ref, j), valid)
+    return total + jnp.sum(val, axis=1)
+
+  out_ref[...] = jax.lax.fori_loop(0, tiles.grid[1], body, jnp.zeros((tiles.block_a,), jnp.float32))
+
+
+def sigmoid_forward(a, b, scale, bias, positives, *, tiles):
+  """Σ_j softplus(−z_ij (S_ij + bias_i)) per row, float32 (N_a,).
+
+  >>> import jax.numpy as jnp
+  >>> from jaxcl.ops.pallas import Tiles
+  >>> t = Tiles(16, 16, n_a=2, n_b=2, padded_a=16, padded_b=16, interpret=True, num_warps=None,
+  ...           num_stages=2)
+  >>> x = jnp.zeros((16, 16)).at[:2, :2].set(jnp.eye(2))  # two padded unit vectors
+  >>> ids = jnp.arange(16)
+  >>> out = sigmoid_forward(x, x, jnp.ones(16), jnp.zeros(16), (ids, ids), tiles=t)
+  >>> round(float(out[0]), 4)  # softplus(-1) + softplus(0)
+  1.0064
+  """
+  call = _Call(tiles)
+  call.add(a, "rows")
+  call.add(b, "cols")
+  call.add(scale, "rows")
+  call.add(bias, "rows")
+  call.add(positives[0], "rows")
+  call.add(positives[1], "cols")
+  out_shape, out_spec = _row_out(tiles)
+  return call(functools.partial(_sig_fwd_kernel, tiles=tiles), "jaxcl_sigmoid_fwd", out_shape, out_spec)
+
+
+def _sig_bwd_kernel(a_ref, b_ref, scale_ref, bias_ref, g_ref, pr_ref, pc_ref, acc_ref, *sum_ref, tiles,
+                    vec_on):
+  tile = _Tile(tiles, (), a_ref, b_ref, scale_ref, vec_on, ())
+  row_ids = pr_ref[...][:, None]
+  if vec_on == "rows":
+    bias, g = bias_ref[...][:, None], g_ref[...][:, None]
+
+  def body(j, carry):
+    acc, total = carry
+    b, s, valid = tile(j)
+    if vec_on == "rows":
+      bias_j, g_j = bias, g
+    else:
+      bias_j, g_j = tile.col_vector(bias_ref, j), tile.col_vector(g_ref, j)
+    ds = engine.sigmoid_grad_tile(s + bias_j, row_ids == tile.col_vector(pc_ref, j), valid, g_j)
+    if sum_ref:
+      total = total + jnp.sum(ds, axis=1)
+    if vec_on == "cols":
+      ds = ds * tile.col_vector(scale_ref, j)
+    return acc + jax.lax.dot(ds.astype(b.dtype), b, preferred_element_type=jnp.float32), total
+
+  init = (jnp.zeros(acc_ref.shape, jnp.float32), jnp.zeros((tiles.block_a,), jnp.float32))
+  acc, total = jax.lax.fori_loop(0, tiles.grid[1], body, init)
+  acc_ref[...] = acc
+  for ref in sum_ref:
+    ref[...] = total
+
+
+def sigmoid_backward(a, b, scale, bias, positives, g, *, vec_on, tiles):
+  """(Σ_j dS_ij b_j float32 (N_a, D), Σ_j dS_ij (N_a,) or None) for the sigmoid sum.
+
+  dS_ij = −g z_ij σ(−z_ij (S_ij + bias)); scale, bias and g lie along `vec_on` ("rows": the dq
+  orientation, which also returns the row sums for the bias gradient; "cols": the dk orientation).
+
+  >>> import jax.numpy as jnp
+  >>> from jaxcl.ops.pallas import Tiles
+  >>> t = Tiles(16, 16, n_a=2, n_b=2, padded_a=16, padded_b=16, interpret=True, num_warps=None,
+  ...           num_stages=2)
+  >>> x = jnp.zeros((16, 16)).at[:2, :2].set(jnp.eye(2))  # two padded unit vectors
+  >>> ids = jnp.arange(16)
+  >>> acc, total = sigmoid_backward(x, x, jnp.ones(16), jnp.zeros(16), (ids, ids), jnp.ones(16),
+  ...                               vec_on="rows", tiles=t)
+  >>> round(float(total[0]), 4)  # -σ(-1) + σ(0)
+  0.2311
+  """
+  call = _Call(tiles)
+  call.add(a, "rows")
+  call.add(b, "cols")
+  for v in (scale, bias, g):
+    call.add(v, vec_on)
+  call.add(positives[0], "rows")
+  call.add(positives[1], "cols")
+  acc_shape, acc_spec = _row_out(tiles, a.shape[1])
+  out_shape, out_specs = [acc_shape], [acc_spec]
+  if vec_on == "rows":
+    sum_shape, sum_spec = _row_out(tiles)
+    out_shape.append(sum_shape)
+    out_specs.append(sum_spec)
+  outs = call(functools.partial(_sig_bwd_kernel, tiles=tiles, vec_on=vec_on), "jaxcl_sigmoid_bwd",
+              out_shape, out_specs)
+  return outs[0], (outs[1] if vec_on == "rows" else None)

@@ -1,0 +1,483 @@
+"""The `pallas` engine: Mosaic (TPU) and Triton (GPU) kernels against the dense engine and float64 NumPy.
+
+On CPU the kernels run in Pallas interpret mode (both flavours), a few cases in TPU interpret mode
+(`pltpu.InterpretParams()`: TPU memory semantics, uninitialised buffers filled with NaN), and the
+gradients are lowered for real TPUs (Mosaic) and GPUs (Triton) with `jax.export`, which enforces the
+block-shape rules and the kernels' lowerability without the hardware.
+"""
+
+import functools
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxcl.ops.pallas as engine
+from jaxcl import losses
+from jaxcl import ops
+from jaxcl.ops import dense
+from tests import reference
+from tests.helpers import assert_value_and_grads, randn
+
+FLAVOURS = ["tpu", "gpu"]
+
+# (Bq, Bk, D, block_rows, block_cols) per flavour: one block; several blocks with padding on both axes
+# (B not a multiple of the block, Bq != Bk); several blocks with one axis exact.
+SHAPES = {
+    "tpu": [(8, 8, 4, None, None), (200, 130, 20, 128, 128), (136, 256, 8, 128, 128)],
+    "gpu": [(8, 8, 4, None, None), (50, 37, 20, 16, 32), (64, 48, 24, 32, 16)],
+}
+CASES = [(f, *shape) for f in FLAVOURS for shape in SHAPES[f]]
+CASE_IDS = [f"{f}-{bq}x{bk}x{d}-b{br}x{bc}" for f, bq, bk, d, br, bc in CASES]
+
+# (rows, cols, exclude, include, per-row scale): every code path of the log-sum-exp kernels, all of
+# them on the multi-block shape with padding on both axes, the most general one on a single block.
+LSE_MODES = {
+    "rows": (True, False, False, False, False),
+    "both-exclude-perrow": (True, True, True, False, True),
+    "cols-include": (False, True, False, True, False),
+    "both-exclude-include-perrow": (True, True, True, True, True),
+}
+_LSE_PER_SHAPE = [("both-exclude-include-perrow",), tuple(LSE_MODES),
+                  ("cols-include", "both-exclude-perrow")]
+LSE_CASES = [
+    pytest.param(*case, LSE_MODES[mode], id=f"{case_id}-{mode}")
+    for n, (case, case_id) in enumerate(zip(CASES, CASE_IDS))
+    for mode in _LSE_PER_SHAPE[n % 3]
+]
+# (per-row scale, positives on the diagonal) for the sigmoid kernels, spread the same way.
+SIG_MODES = {"scalar-diag": (False, True), "perrow-ids": (True, False)}
+_SIG_PER_SHAPE = [("scalar-diag",), ("perrow-ids",), ("scalar-diag",)]
+SIG_CASES = [
+    pytest.param(*case, *SIG_MODES[mode], id=f"{case_id}-{mode}")
+    for n, (case, case_id) in enumerate(zip(CASES, CASE_IDS))
+    for mode in _SIG_PER_SHAPE[n % 3]
+]
+
+
+def _settings(flavour, block_rows=None, block_cols=None, **extra):
+  return engine.using(flavour=flavour, interpret=True, block_rows=block_rows, block_cols=block_cols,
+                      **extra)
+
+
+def _masks(bq, bk, exclude, include):
+  ex = (jnp.arange(bq) % 5, jnp.arange(bk) % 5) if exclude else None
+  inc = (jnp.arange(bq) % 3, jnp.arange(bk) % 3) if include else None
+  return ex, inc
+
+
+def _lse_objective(impl, bq, bk, rows, cols, exclude, include):
+  """Σ_i w_i row_i + Σ_j u_j col_j (uneven weights, so every upstream gradient entry differs)."""
+  w, u = jnp.linspace(0.5, 1.5, bq), jnp.linspace(1.5, -0.5, bk)
+
+  def objective(q, k, scale):
+    row, col = impl(q, k, scale=scale, rows=rows, cols=cols, exclude=exclude, include=include)
+    total = 0.0
+    if rows:
+      total += jnp.sum(w * jnp.where(jnp.isfinite(row), row, 0.0))
+    if cols:
+      total += jnp.sum(u * jnp.where(jnp.isfinite(col), col, 0.0))
+    return total, (row, col)
+
+  return objective
+
+
+def _np_lse(q, k, scale, exclude, include, axis):
+  s = np.reshape(np.asarray(scale, np.float64), (-1, 1)) * (np.float64(q) @ np.float64(k).T)
+  valid = np.ones(s.shape, bool)
+  if exclude is not None:
+    valid &= np.asarray(exclude[0])[:, None] != np.asarray(exclude[1])[None, :]
+  if include is not None:
+    valid &= np.asarray(include[0])[:, None] == np.asarray(include[1])[None, :]
+  s = np.where(valid, s, -np.inf)
+  m = np.max(s, axis=axis, keepdims=True)
+  m = np.where(np.isfinite(m), m, 0.0)
+  total = np.sum(np.exp(s - m), axis=axis)
+  with np.errstate(divide="ignore"):
+    return np.log(total) + np.squeeze(m, axis)
+
+
+def _assert_grads_close(got, want, rtol=1e-4):
+  for n, (g, w) in enumerate(zip(got, want)):
+    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+    scale = np.max(np.abs(w)) + 1e-12
+    np.testing.assert_allclose(g / scale, w / scale, rtol=rtol, atol=rtol, err_msg=f"gradient {n}")
+
+
+def _run(fn, *args):
+  return _compiled(jax.value_and_grad(fn, argnums=tuple(range(len(args))), has_aux=True), *args)(*args)
+
+
+def _compiled(fn, *args):
+  # The interpret-mode kernels run in milliseconds; XLA's CPU optimisations would cost most of the test
+  # time, so compile without them.
+  return jax.jit(fn).lower(*args).compile(compiler_options={"xla_backend_optimization_level": 0})
+
+
+# ------------------------------------------------------------------------------------- log-sum-exp
+@pytest.mark.parametrize("flavour,bq,bk,d,block_rows,block_cols,mode", LSE_CASES)
+def test_logsumexp_matches_dense_and_numpy(flavour, bq, bk, d, block_rows, block_cols, mode):
+  rows, cols, use_exclude, use_include, per_row = mode
+  q, k = randn(1, bq, d), randn(2, bk, d)
+  scale = np.random.default_rng(3).uniform(0.5, 2.0, bq).astype(np.float32) if per_row else np.float32(1.7)
+  exclude, include = _masks(bq, bk, use_exclude, use_include)
+  with _settings(flavour, block_rows, block_cols):
+    (_, (row, col)), grads = _run(_lse_objective(engine.logsumexp, bq, bk, rows, cols, exclude, include),
+                                  q, k, scale)
+  (_, (d_row, d_col)), d_grads = _run(_lse_objective(dense.logsumexp, bq, bk, rows, cols, exclude, include),
+                                      q, k, scale)
+  for got, want, axis, on in ((row, d_row, 1, rows), (col, d_col, 0, cols)):
+    if not on:
+      assert got is None
+      continue
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, _np_lse(q, k, scale, exclude, include, axis), rtol=1e-5, atol=1e-5)
+  _assert_grads_close(grads, d_grads)
+  assert grads[2].shape == np.shape(scale)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_logsumexp_gradients_match_finite_differences(flavour):
+  # Independent of the dense engine: float64 NumPy with central differences in q, k and the scale.
+  bq, bk = 5, 3
+  exclude = (jnp.arange(bq) % 3, jnp.arange(bk))
+  w, u = np.linspace(0.5, 1.5, bq), np.linspace(1.5, -0.5, bk)
+
+  def jax_loss(q, k, scale):
+    row, col = engine.logsumexp(q, k, scale=scale, rows=True, cols=True, exclude=exclude, include=None)
+    return jnp.sum(w * row) + jnp.sum(u * col)
+
+  def np_loss(q, k, scale):
+    return (w @ _np_lse(q, k, scale, exclude, None, 1)) + (u @ _np_lse(q, k, scale, exclude, None, 0))
+
+  with _settings(flavour):
+    assert_value_and_grads(
+        jax_loss, np_loss, [randn(4, bq, 3), randn(5, bk, 3), np.float32([0.7, 1.1, 1.9, 0.4, 1.3])]
+    )
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_rows_with_nothing_valid_are_minus_inf_with_zero_gradient(flavour):
+  # include ids: rows 0 and 3 (id 7) match no column; column 2 (id 9) matches no row.
+  bq, bk = 6, 5
+  include = (jnp.array([7, 0, 1, 7, 1, 0]), jnp.array([0, 1, 9, 1, 0]))
+  q, k = randn(6, bq, 4), randn(7, bk, 4)
+  with _settings(flavour):
+    (_, (row, col)), grads = _run(_lse_objective(engine.logsumexp, bq, bk, True, True, None, include),
+                                  q, k, np.float32(2.0))
+  (_, (d_row, d_col)), d_grads = _run(_lse_objective(dense.logsumexp, bq, bk, True, True, None, include),
+                                      q, k, np.float32(2.0))
+  assert np.all(np.isneginf(row[np.array([0, 3])])) and np.isneginf(col[2])
+  np.testing.assert_allclose(row, d_row, rtol=1e-5)
+  np.testing.assert_allclose(col, d_col, rtol=1e-5)
+  assert np.all(grads[0][np.array([0, 3])] == 0) and np.all(grads[1][2] == 0)
+  assert all(np.all(np.isfinite(g)) for g in grads)
+  _assert_grads_close(grads, d_grads)
+
+
+def test_unfused_column_pass_matches_fused():
+  # max_fused_cols=0 forces the TPU column log-sum-exp into a second, swapped call (the GPU path).
+  bq, bk, d = 200, 130, 8
+  q, k = randn(8, bq, d), randn(9, bk, d)
+  exclude, _ = _masks(bq, bk, True, False)
+  objective = _lse_objective(engine.logsumexp, bq, bk, True, True, exclude, None)
+  with _settings("tpu", 128, 128, max_fused_cols=0):
+    (_, unfused), g_unfused = _run(objective, q, k, np.float32(3.0))
+  with _settings("tpu", 128, 128):
+    (_, fused), g_fused = _run(objective, q, k, np.float32(3.0))
+  for a, b in zip(unfused, fused):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  _assert_grads_close(g_unfused, g_fused, rtol=1e-5)
+  # The forward really is one kernel call when fused and two otherwise.
+  for max_fused_cols, calls in ((0, 2), (10**6, 1)):
+    with _settings("tpu", 128, 128, max_fused_cols=max_fused_cols):
+      jaxpr = jax.make_jaxpr(lambda q, k: objective(q, k, 3.0)[0])(q, k)
+    assert str(jaxpr).count("pallas_call[") == calls
+
+
+# ------------------------------------------------------------------------------------------ sigmoid
+def _sig_objective(impl, bq, positives):
+  w = jnp.linspace(1.5, 0.5, bq)
+
+  def objective(q, k, scale, bias):
+    out = impl(q, k, scale=scale, bias=bias, positives=positives)
+    return jnp.sum(w * out), out
+
+  return objective
+
+
+@pytest.mark.parametrize("flavour,bq,bk,d,block_rows,block_cols,per_row,diagonal", SIG_CASES)
+def test_sigmoid_sum_matches_dense(flavour, bq, bk, d, block_rows, block_cols, per_row, diagonal):
+  if diagonal and bq != bk:
+    bk = bq  # the diagonal needs a square matrix
+  q, k = randn(10, bq, d), randn(11, bk, d)
+  scale = np.random.default_rng(12).uniform(0.5, 3.0, bq).astype(np.float32) if per_row else np.float32(2.5)
+  positives = None if diagonal else (jnp.arange(bq) % 4, jnp.arange(bk) % 4)
+  args = (q, k, scale, np.float32(-1.5))
+  with _settings(flavour, block_rows, block_cols):
+    (_, out), grads = _run(_sig_objective(engine.sigmoid_sum, bq, positives), *args)
+  (_, want), d_grads = _run(_sig_objective(dense.sigmoid_sum, bq, positives), *args)
+  assert out.shape == (bq,) and out.dtype == jnp.float32
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  _assert_grads_close(grads, d_grads)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_sigmoid_sum_gradients_match_finite_differences(flavour):
+  bq, bk = 4, 6
+  positives = (jnp.array([0, 1, 2, 0]), jnp.array([0, 0, 1, 3, 2, 2]))
+  w = np.linspace(1.5, 0.5, bq)
+
+  def jax_loss(q, k, scale, bias):
+    return jnp.sum(w * engine.sigmoid_sum(q, k, scale=scale, bias=bias, positives=positives))
+
+  def np_loss(q, k, scale, bias):
+    s = np.reshape(scale, (-1, 1)) * (q @ k.T) + bias
+    z = np.where(np.asarray(positives[0])[:, None] == np.asarray(positives[1])[None, :], 1.0, -1.0)
+    return w @ np.sum(reference.softplus(-z * s), axis=1)
+
+  with _settings(flavour):
+    assert_value_and_grads(
+        jax_loss, np_loss,
+        [randn(13, bq, 3), randn(14, bk, 3), np.float32([0.5, 2.0, 1.0, 3.0]), np.float32(-0.7)],
+    )
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_extreme_logits_are_finite(flavour):
+  # Huge scale: S ~ ±1e4, far beyond exp's float32 range, in both families; q = k with the diagonal
+  # excluded, so the largest logits of every row are the masked ones (exp would overflow if evaluated).
+  q = randn(15, 20, 4)
+  diagonal = (jnp.arange(20), jnp.arange(20))
+  lse = lambda impl: _lse_objective(impl, 20, 20, True, True, diagonal, None)
+  with _settings(flavour):
+    (_, (row, col)), g_lse = _run(lse(engine.logsumexp), q, q, np.float32(3e3))
+    (_, sig), g_sig = _run(_sig_objective(engine.sigmoid_sum, 20, None), q, q, np.float32(3e3),
+                           np.float32(-10.0))
+  (_, (d_row, _)), d_grads = _run(lse(dense.logsumexp), q, q, np.float32(3e3))
+  np.testing.assert_allclose(row, d_row, rtol=1e-5)
+  for x in (row, col, sig, *g_lse, *g_sig):
+    assert np.all(np.isfinite(np.asarray(x)))
+  _assert_grads_close(g_lse, d_grads)
+
+
+# --------------------------------------------------------------------------------------------- bf16
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_bf16_inputs_accumulate_in_float32(flavour):
+  bq, bk, d = 40, 24, 32
+  q32, k32 = randn(17, bq, d), randn(18, bk, d)
+  q16, k16 = jnp.asarray(q32, jnp.bfloat16), jnp.asarray(k32, jnp.bfloat16)
+  exclude, _ = _masks(bq, bk, True, False)
+  lse = _lse_objective(engine.logsumexp, bq, bk, True, True, exclude, None)
+  lse_dense = _lse_objective(dense.logsumexp, bq, bk, True, True, exclude, None)
+  sig = _sig_objective(engine.sigmoid_sum, bq, (jnp.arange(bq) % 4, jnp.arange(bk) % 4))
+  sig_dense = _sig_objective(dense.sigmoid_sum, bq, (jnp.arange(bq) % 4, jnp.arange(bk) % 4))
+  with _settings(flavour, 16, 16) if flavour == "gpu" else _settings(flavour):
+    (_, (row, col)), g_lse = _run(lse, q16, k16, np.float32(5.0))
+    (_, out), g_sig = _run(sig, q16, k16, np.float32(5.0), np.float32(-2.0))
+  (_, (row16, col16)), g_lse16 = _run(lse_dense, q16, k16, np.float32(5.0))
+  (_, (row32, _)), _ = _run(lse_dense, q32, k32, np.float32(5.0))
+  (_, out16), g_sig16 = _run(sig_dense, q16, k16, np.float32(5.0), np.float32(-2.0))
+  assert row.dtype == col.dtype == out.dtype == jnp.float32
+  # Same products, float32 accumulation: the dense bf16 engine to float32 rounding; float32 inputs to
+  # the bf16 rounding of the inputs.
+  np.testing.assert_allclose(row, row16, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(col, col16, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out, out16, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(row, row32, rtol=3e-2)
+  assert g_lse[0].dtype == g_lse[1].dtype == g_sig[1].dtype == jnp.bfloat16
+  assert g_lse[2].dtype == g_sig[2].dtype == g_sig[3].dtype == jnp.float32
+  # The backward kernels feed dS to the MXU in bf16 (as flash attention does): bf16-level agreement.
+  _assert_grads_close(g_lse, g_lse16, rtol=2e-2)
+  _assert_grads_close(g_sig, g_sig16, rtol=2e-2)
+
+
+# ------------------------------------------------------------------------------ through the losses
+LOSSES = {
+    "clip": lambda a, b, t, impl: losses.clip(a, b, logit_scale=1.0 / t, impl=impl),
+    "siglip": lambda a, b, t, impl: losses.siglip(a, b, logit_scale=1.0 / t, logit_bias=-3.0, impl=impl),
+    "nt_xent": lambda a, b, t, impl: losses.nt_xent(a, b, temperature=t, impl=impl),
+    "infonce_queue": lambda a, b, t, impl: losses.infonce(
+        a, b, temperature=t, negatives=jnp.asarray(randn(19, 70, a.shape[1])), impl=impl
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_losses_with_impl_pallas_match_dense(flavour, name):
+  # B = 150 > 128: several blocks with padding in both flavours; the temperature is differentiated too.
+  fn = LOSSES[name]
+  a, b = randn(20, 150, 12), randn(21, 150, 12)
+  args = (a, b, np.float32(0.2))
+  grad = lambda impl: _compiled(jax.value_and_grad(functools.partial(fn, impl=impl), argnums=(0, 1, 2)),
+                                *args)(*args)
+  blocks = (128, 128) if flavour == "tpu" else (32, 64)
+  with _settings(flavour, *blocks):
+    value, grads = grad("pallas")
+  want, want_grads = grad("dense")
+  np.testing.assert_allclose(value, want, rtol=1e-5)
+  _assert_grads_close(grads, want_grads)
+
+
+def test_engine_is_registered_and_reachable_through_ops():
+  assert "pallas" in ops.available_impls()
+  q, k = randn(22, 9, 5), randn(23, 7, 5)
+  with _settings("tpu"):
+    got = ops.logsumexp(q, k, scale=2.0, cols=True, impl="pallas")
+    sig = ops.sigmoid_sum(q, k, scale=2.0, bias=1.0, positives=(jnp.arange(9) % 2, jnp.arange(7) % 2),
+                          impl="pallas")
+  want = ops.logsumexp(q, k, scale=2.0, cols=True, impl="dense")
+  np.testing.assert_allclose(got.rows, want.rows, rtol=1e-5)
+  np.testing.assert_allclose(got.cols, want.cols, rtol=1e-5)
+  np.testing.assert_allclose(
+      sig, ops.sigmoid_sum(q, k, scale=2.0, bias=1.0, positives=(jnp.arange(9) % 2, jnp.arange(7) % 2),
+                           impl="dense"), rtol=1e-5)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_jit_of_vmap(flavour):
+  a, b = randn(24, 3, 20, 8), randn(25, 3, 20, 8)
+  def fn(impl):
+    loss = lambda x, y: losses.clip(x, y, logit_scale=10.0, impl=impl)
+    return _compiled(jax.vmap(jax.value_and_grad(loss)), a, b)
+
+  with _settings(flavour, *((16, 16) if flavour == "gpu" else (None, None))):
+    value, grad = fn("pallas")(a, b)
+  want, want_grad = fn("dense")(a, b)
+  np.testing.assert_allclose(value, want, rtol=1e-5)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_no_batch_by_batch_array_outside_the_kernels():
+  # Memory O(B·D): no (Bq, Bk)-sized value anywhere in the traced forward + backward (kernel tiles are
+  # 128 × 128 here, smaller than the 384 × 320 matrix).
+  bq, bk = 384, 320
+
+  def loss(q, k, s):
+    row, col = engine.logsumexp(q, k, scale=s, rows=True, cols=True, exclude=_masks(bq, bk, True, False)[0],
+                                include=None)
+    sig = engine.sigmoid_sum(q, k, scale=s, bias=0.5, positives=(jnp.arange(bq) % 7, jnp.arange(bk) % 7))
+    return jnp.sum(row) + jnp.sum(col) + jnp.sum(sig)
+
+  def shapes(jaxpr):
+    for eqn in jaxpr.eqns:
+      for v in eqn.outvars:
+        yield getattr(v.aval, "shape", ())
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        yield from shapes(sub)
+
+  for flavour in FLAVOURS:
+    with _settings(flavour, 128, 128):
+      jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(
+          jnp.zeros((bq, 8)), jnp.zeros((bk, 8)), jnp.float32(1.0))
+    big = [s for s in shapes(jaxpr.jaxpr) if len(s) >= 2 and sorted(s)[-2] >= 256]
+    assert not big, (flavour, big)
+  # The check itself can fail: the dense engine does build the matrix.
+  dense_loss = lambda q, k: jnp.sum(
+      dense.logsumexp(q, k, scale=1.0, rows=True, cols=False, exclude=None, include=None)[0]
+  )
+  jaxpr = jax.make_jaxpr(jax.grad(dense_loss))(jnp.zeros((bq, 8)), jnp.zeros((bk, 8)))
+  assert any(len(s) >= 2 and sorted(s)[-2] >= 256 for s in shapes(jaxpr.jaxpr))
+
+
+# ------------------------------------------------------------------------- TPU semantics on CPU
+def test_tpu_interpret_mode_logsumexp_fused_rows_and_columns():
+  # TPU interpret mode: Mosaic block rules, VMEM scratch carried across the grid, uninitialised
+  # buffers full of NaN. 2 × 2 grid of 128 × 128 tiles with padding on both axes.
+  bq, bk = 136, 130
+  q, k = randn(26, bq, 6), randn(27, bk, 6)
+  scale = np.random.default_rng(28).uniform(0.5, 2.0, bq).astype(np.float32)
+  exclude, include = _masks(bq, bk, True, True)
+  with engine.using(flavour="tpu", interpret="tpu", block_rows=128, block_cols=128):
+    (_, (row, col)), grads = _run(_lse_objective(engine.logsumexp, bq, bk, True, True, exclude, include),
+                                  q, k, scale)
+  (_, (d_row, d_col)), d_grads = _run(_lse_objective(dense.logsumexp, bq, bk, True, True, exclude, include),
+                                      q, k, scale)
+  np.testing.assert_allclose(row, d_row, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(col, d_col, rtol=1e-5, atol=1e-5)
+  _assert_grads_close(grads, d_grads)
+
+
+def test_tpu_interpret_mode_sigmoid_bf16():
+  # bf16 rows pack 16 to a vreg: blocks of 144 rows (a multiple of 16) and 16-padded single blocks.
+  bq = bk = 140
+  q, k = (jnp.asarray(randn(s, bq, 16), jnp.bfloat16) for s in (29, 30))
+  args = (q, k, np.float32(4.0), np.float32(-2.0))
+  with engine.using(flavour="tpu", interpret="tpu", block_rows=None, block_cols=None):
+    (_, out), grads = _run(_sig_objective(engine.sigmoid_sum, bq, None), *args)
+  (_, want), want_grads = _run(_sig_objective(dense.sigmoid_sum, bq, None), *args)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-4)
+  _assert_grads_close(grads, want_grads, rtol=2e-2)
+
+
+# --------------------------------------------------------------------------- lowering for hardware
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("flavour,platform,target,calls,extra", [
+    ("tpu", "tpu", "tpu_custom_call", 5, {}),
+    ("tpu", "tpu", "tpu_custom_call", 6, {"max_fused_cols": 0}),
+    ("gpu", "cuda", "__gpu$xla.gpu.triton", 6, {}),
+], ids=["mosaic", "mosaic-unfused", "triton"])
+def test_gradients_lower_for_the_hardware(flavour, platform, target, calls, extra, dtype):
+  # jax.export lowers for a platform this machine lacks: the Mosaic lowering checks the (8, 128) block
+  # rules, the Triton lowering the power-of-two shapes and every op used in the kernels.
+  def loss(q, k, s, b):
+    diagonal = (jnp.arange(300), jnp.arange(300))
+    row, col = engine.logsumexp(q, k, scale=s, rows=True, cols=True, exclude=diagonal, include=None)
+    return jnp.sum(row) + jnp.sum(col) + jnp.sum(engine.sigmoid_sum(q, k, scale=s, bias=b, positives=None))
+
+  args = (jax.ShapeDtypeStruct((300, 96), dtype), jax.ShapeDtypeStruct((300, 96), dtype),
+          jax.ShapeDtypeStruct((300,), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32))
+  with engine.using(flavour=flavour, interpret=False, block_rows=128, block_cols=128, **extra):
+    exported = jax.export.export(
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), platforms=[platform],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)],
+    )(*args)
+  # TPU: fused forward (rows + columns), dq and dk for each family; GPU and unfused TPU: the column
+  # pass is a second call. The sigmoid forward is dead code in a gradient.
+  assert exported.mlir_module().count(f"@{target}") == calls
+
+
+# --------------------------------------------------------------------------------------- settings
+def test_settings_from_environment_and_validation():
+  env = {"JAXCL_PALLAS_FLAVOUR": "GPU", "JAXCL_PALLAS_INTERPRET": "tpu", "JAXCL_PALLAS_BLOCK_ROWS": "256"}
+  s = engine._settings_from_env(env)
+  assert (s.flavour, s.interpret, s.block_rows, s.block_cols) == ("gpu", "tpu", 256, None)
+  assert engine._settings_from_env({"JAXCL_PALLAS_INTERPRET": "0"}).interpret is False
+  assert engine._settings_from_env({}).flavour == "auto"
+  with pytest.raises(ValueError, match="JAXCL_PALLAS_BLOCK_COLS must be an integer, got 'x'"):
+    engine._settings_from_env({"JAXCL_PALLAS_BLOCK_COLS": "x"})
+  with pytest.raises(ValueError, match=r"`flavour` must be one of .*got 'cuda'"):
+    engine.Settings(flavour="cuda")
+  with pytest.raises(ValueError, match=r"`interpret` must be one of .*got 'yes'"):
+    engine.Settings(interpret="yes")
+  with pytest.raises(ValueError, match="`block_rows` must be a positive integer or None, got 0"):
+    engine.Settings(block_rows=0)
+  # On this CPU machine "auto" runs the TPU kernels in interpret mode.
+  assert engine._resolve_flavour(engine.Settings()) == ("tpu", True)
+
+
+def test_bad_block_sizes_and_modes_raise_at_trace_time():
+  q = jnp.zeros((300, 8))
+  call = lambda: engine.logsumexp(q, q, scale=1.0, rows=True, cols=False, exclude=None, include=None)
+  with engine.using(flavour="tpu", interpret=True, block_rows=100):
+    with pytest.raises(ValueError, match=r"`block_rows` must be a multiple of 128 .*300\), got 100"):
+      call()
+  with engine.using(flavour="gpu", interpret=True, block_cols=48):
+    with pytest.raises(ValueError, match="`block_cols` must be a power of two >= 16 .* got 48"):
+      call()
+  with engine.using(flavour="gpu", interpret="tpu"):
+    with pytest.raises(ValueError, match="needs `flavour='tpu'`, got 'gpu'"):
+      call()
+  before = engine.settings()
+  with pytest.raises(RuntimeError):
+    with engine.using(flavour="gpu"):
+      raise RuntimeError
+  assert engine.settings() == before
+  # A block at least as large as the batch is one (16-padded) block, legal in both flavours.
+  with engine.using(flavour="tpu", interpret=True, block_rows=1000):
+    row, _ = call()
+  np.testing.assert_allclose(row, np.full(300, np.log(300.0)), rtol=1e-5)
