@@ -32,7 +32,9 @@ class DualEncoder(nn.Module):
 
   Attributes:
     image_encoder: module called as `image_encoder(x, train=train)` → (B, F_i).
-    text_encoder: module called as `text_encoder(tokens, train=train)` → (B, F_t).
+    text_encoder: module called as `text_encoder(tokens, train=train)` → (B, F_t); or None for a
+      locked text tower whose embeddings arrive precomputed (LiT): the text input is then the (B, E)
+      embedding itself, used as is (no projection), and the image side maps into its space.
     embed_dim: E, the shared embedding size.
     logit_scale_init: t₀, the initial *log* of the logit scale.
     logit_bias_init: b₀, or None for no bias parameter.
@@ -52,7 +54,7 @@ class DualEncoder(nn.Module):
   """
 
   image_encoder: nn.Module
-  text_encoder: nn.Module
+  text_encoder: nn.Module | None
   embed_dim: int
   logit_scale_init: float = CLIP_LOGIT_SCALE_INIT
   logit_bias_init: float | None = None
@@ -70,7 +72,8 @@ class DualEncoder(nn.Module):
         self.embed_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name
     )
     self.image_projection = dense("image_projection")
-    self.text_projection = dense("text_projection")
+    if self.text_encoder is not None:
+      self.text_projection = dense("text_projection")
     self.logit_scale = self.param(
         "logit_scale", nn.initializers.constant(self.logit_scale_init), (), jnp.float32
     )
@@ -83,8 +86,20 @@ class DualEncoder(nn.Module):
     """(B, E) image embeddings (unnormalised)."""
     return self.image_projection(self.image_encoder(images, train=train))
 
+  def encode_image_features(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    """dict(features=(B, F_i) tower output before the projection, embedding=(B, E))."""
+    features = self.image_encoder(images, train=train)
+    return {"features": features, "embedding": self.image_projection(features)}
+
   def encode_text(self, tokens: jax.Array, train: bool = False) -> jax.Array:
-    """(B, E) text embeddings (unnormalised)."""
+    """(B, E) text embeddings (unnormalised); the input itself for a locked tower (text_encoder=None)."""
+    if self.text_encoder is None:
+      if tokens.ndim != 2 or tokens.shape[-1] != self.embed_dim:
+        raise ValueError(
+            f"with `text_encoder=None` the text input must be (B, {self.embed_dim}) embeddings, got shape "
+            f"{tokens.shape}."
+        )
+      return tokens.astype(jnp.float32)
     return self.text_projection(self.text_encoder(tokens, train=train))
 
   def scale_and_bias(self) -> tuple[jax.Array, jax.Array | None]:

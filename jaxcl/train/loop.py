@@ -1,0 +1,462 @@
+"""The one training loop of every method: sharded jit step, checkpoints, logging, evaluation.
+
+`train_and_evaluate(config, workdir)` trains `config.total_steps` steps (resuming from the latest
+checkpoint in `workdir/checkpoints` together with the data iterator), evaluates on the held-out split,
+and writes `results.json`, `metrics.jsonl`, TensorBoard events and PNG plots.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import flax
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxcl import eval as eval_lib
+from jaxcl.data import augment, pipeline, sources
+from jaxcl.train import methods, optim
+from jaxcl.train import metrics as metrics_lib
+from jaxcl.train import text as text_lib
+
+log = logging.getLogger(__name__)
+BATCH_AXES = ("data", "fsdp")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  target_params: Any  # EMA target network (moco, byol); {} otherwise
+  target_batch_stats: Any
+  queue: Any  # MoCo v2 negatives (Q, E); {} otherwise
+  queue_ptr: jax.Array
+
+
+class NonFiniteError(FloatingPointError):
+  """Raised when a step produced a non-finite loss or gradient and `on_nonfinite == "stop"`."""
+
+
+# ----------------------------------------------------------------------------------------- validation
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Every check that can fail before compute starts."""
+  methods.check_method(config)
+  n = jax.device_count()
+  if config.batch_size <= 0 or config.batch_size % n:
+    raise ValueError(
+        f"`config.batch_size` must be a positive multiple of the device count {n}, got {config.batch_size}."
+    )
+  if config.batch_size % jax.process_count():
+    raise ValueError(
+        f"`config.batch_size` must divide evenly over {jax.process_count()} processes, got {config.batch_size}."
+    )
+  for key in ("total_steps", "checkpoint_every", "eval_every", "log_every"):
+    if int(config[key]) <= 0:
+      raise ValueError(f"`config.{key}` must be a positive integer, got {config[key]}.")
+  if config.on_nonfinite not in ("stop", "skip"):
+    raise ValueError(f"`config.on_nonfinite` must be 'stop' or 'skip', got {config.on_nonfinite!r}.")
+  q = config.momentum.queue_size
+  if q and (config.method != "moco" or q % config.batch_size):
+    raise ValueError(
+        f"`config.momentum.queue_size` ({q}) is for method 'moco' and must be a multiple of the batch "
+        f"size {config.batch_size}."
+    )
+
+
+# ------------------------------------------------------------------------------------------- sharding
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  n, fsdp = jax.device_count(), int(config.mesh.fsdp)
+  data = int(config.mesh.data) if config.mesh.data > 0 else n // fsdp
+  if data * fsdp != n:
+    raise ValueError(f"`config.mesh` data × fsdp = {data} × {fsdp} must equal the device count {n}.")
+  auto = jax.sharding.AxisType.Auto
+  return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(auto, auto))
+
+
+def param_sharding(mesh: jax.sharding.Mesh, x: Any) -> NamedSharding:
+  """Replicated, or (FSDP) sharded along the largest axis the `fsdp` mesh axis divides."""
+  fsdp = mesh.shape["fsdp"]
+  shape = getattr(x, "shape", ())
+  if fsdp > 1 and len(shape) >= 1:
+    order = sorted(range(len(shape)), key=lambda a: -shape[a])
+    for axis in order:
+      if shape[axis] % fsdp == 0 and shape[axis] >= fsdp:
+        spec = [None] * len(shape)
+        spec[axis] = "fsdp"
+        return NamedSharding(mesh, P(*spec))
+  return NamedSharding(mesh, P())
+
+
+def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  """Per-process NumPy batch → global jax.Arrays sharded along the batch axis."""
+  sharding = NamedSharding(mesh, P(BATCH_AXES))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------- model/state
+class Setup(flax.struct.PyTreeNode):
+  """What the loop builds once from the config (static: not part of the checkpoint)."""
+
+  model: Any = flax.struct.field(pytree_node=False)
+  tx: Any = flax.struct.field(pytree_node=False)
+  text: Any = flax.struct.field(pytree_node=False)
+  aug: Any = flax.struct.field(pytree_node=False)
+  info: Any = flax.struct.field(pytree_node=False)
+
+
+def build_setup(config: ml_collections.ConfigDict) -> Setup:
+  _, info = sources.build_source(config.data, config.data.train_split)
+  text = text_lib.build_text_side(config, info)
+  model = methods.build_model(config, text)
+  return Setup(model=model, tx=optim.make_optimizer(config), text=text,
+               aug=augment.default_aug_config(config.augment.strength), info=info)
+
+
+def sample_inputs(config, setup: Setup, batch: int) -> tuple:
+  image = jnp.zeros((batch,) + tuple(setup.info["image_shape"]), jnp.float32)
+  if config.method in methods.IMAGE_TEXT:
+    return image, setup.text.dummy(batch)
+  return (image,)
+
+
+def init_state(config, setup: Setup, key: jax.Array) -> TrainState:
+  variables = setup.model.init({"params": key}, *sample_inputs(config, setup, 2), train=False)
+  params = variables["params"]
+  batch_stats = variables.get("batch_stats", {})
+  has_target = config.method in methods.WITH_TARGET_NETWORK
+  embed = config.model.projection_dims[-1]
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=setup.tx.init(params),
+      target_params=jax.tree.map(jnp.copy, params) if has_target else {},
+      target_batch_stats=jax.tree.map(jnp.copy, batch_stats) if has_target else {},
+      queue=_init_queue(key, config.momentum.queue_size, embed),
+      queue_ptr=jnp.zeros((), jnp.int32),
+  )
+
+
+def _init_queue(key, size: int, dim: int) -> jax.Array:
+  if not size:
+    return {}
+  q = jax.random.normal(jax.random.fold_in(key, 7), (size, dim), jnp.float32)
+  return q / jnp.linalg.norm(q, axis=1, keepdims=True).clip(1e-6)
+
+
+def state_shardings(config, setup: Setup, mesh):
+  abstract = jax.eval_shape(functools.partial(init_state, config, setup), jax.random.key(0))
+  return abstract, jax.tree.map(lambda x: param_sharding(mesh, x), abstract)
+
+
+# ----------------------------------------------------------------------------------------- train step
+def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  """One optimisation step (jit-compiled by the loop). Non-finite steps leave the state unchanged."""
+  model = setup.model
+  key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+  images = batch["image"]
+  b = images.shape[0]
+  v = config.num_views
+  self_supervised = config.method in methods.SELF_SUPERVISED
+  if self_supervised:
+    views = augment.make_views(key, images, v, setup.aug)
+    inputs = (views.reshape((v * b,) + views.shape[2:]),)
+  else:
+    inputs = (augment.augment_batch(key, images, setup.aug), batch["text"])
+
+  def apply(params, batch_stats, *xs):
+    return model.apply({"params": params, "batch_stats": batch_stats}, *xs, train=True,
+                       mutable=["batch_stats"])
+
+  def loss_fn(params):
+    out, mutated = apply(params, state.batch_stats, *inputs)
+    aux = {"batch_stats": mutated.get("batch_stats", {}), "target_batch_stats": state.target_batch_stats}
+    if not self_supervised:
+      aux["logit_scale"] = out["logit_scale"]
+      return methods.image_text_loss(config, out), aux
+    by_view = lambda x: x.reshape((v, b) + x.shape[1:])
+    online = {k: by_view(out[k]) for k in ("projection", "prediction") if k in out}
+    target = None
+    if config.method in methods.WITH_TARGET_NETWORK:
+      t_out, t_mut = apply(state.target_params, state.target_batch_stats, *inputs)
+      target = {"projection": jax.lax.stop_gradient(by_view(t_out["projection"]))}
+      aux["target_batch_stats"] = t_mut.get("batch_stats", {})
+      aux["keys"] = target["projection"][1]
+    return methods.self_supervised_loss(config, online, target, batch["label"], state.queue), aux
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new = state.replace(params=params, opt_state=opt_state, batch_stats=aux["batch_stats"],
+                      target_batch_stats=aux["target_batch_stats"])
+  if config.method in methods.WITH_TARGET_NETWORK:
+    new = new.replace(target_params=methods.ema(state.target_params, params, config.momentum.ema))
+  if config.momentum.queue_size:
+    keys = aux["keys"] / jnp.linalg.norm(aux["keys"], axis=1, keepdims=True).clip(1e-6)
+    new = new.replace(
+        queue=jax.lax.dynamic_update_slice(state.queue, keys.astype(state.queue.dtype), (state.queue_ptr, 0)),
+        queue_ptr=(state.queue_ptr + b) % config.momentum.queue_size,
+    )
+  new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+  new = new.replace(step=state.step + 1)
+  metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+             "learning_rate": optim.learning_rate_schedule(config)(state.step)}
+  if "logit_scale" in aux:
+    metrics["logit_scale"] = aux["logit_scale"]
+  return new, metrics
+
+
+# ------------------------------------------------------------------------------------------ checkpoint
+def checkpoint_manager(config, workdir: str) -> ocp.CheckpointManager:
+  import grain
+
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=int(config.keep_checkpoints), create=True, enable_async_checkpointing=True,
+  )
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
+  )
+
+
+def save_checkpoint(manager, step: int, state: TrainState, data_iter) -> None:
+  import grain
+
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)))
+
+
+def restore_checkpoint(manager, abstract_state, shardings, data_iter) -> tuple[TrainState | None, int]:
+  """Restores the newest readable checkpoint (falling back to older ones); (None, 0) if none."""
+  import grain
+
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iter)))
+      return restored["state"], step
+    except Exception as e:  # pylint: disable=broad-except
+      log.warning("checkpoint at step %d is unreadable (%s); trying an older one", step, e)
+      print(f"warning: checkpoint at step {step} is unreadable ({type(e).__name__}: {e}); trying an older one")
+  return None, 0
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def embed_images(config, setup: Setup, variables, images: np.ndarray, chunk: int = 256) -> dict[str, np.ndarray]:
+  """Backbone features (and joint-space embeddings for image-text models) of `images`, in chunks."""
+  image_text = config.method in methods.IMAGE_TEXT
+
+  @jax.jit
+  def f(x):
+    if image_text:
+      return setup.model.apply(variables, x, train=False, method="encode_image_features")
+    return {"features": setup.model.apply(variables, x, train=False)["features"]}
+
+  outs = []
+  for start in range(0, len(images), chunk):
+    x = images[start:start + chunk]
+    n = len(x)
+    if n < chunk:  # pad to one compiled shape
+      x = np.concatenate([x, np.zeros((chunk - n,) + x.shape[1:], x.dtype)])
+    outs.append(jax.tree.map(lambda a: np.asarray(a[:n]), f(jnp.asarray(x))))
+  return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+def evaluate(config, setup: Setup, variables, train: dict, test: dict) -> dict[str, float]:
+  num_classes = setup.info["num_classes"]
+  tr = embed_images(config, setup, variables, train["image"])
+  te = embed_images(config, setup, variables, test["image"])
+  result = eval_lib.evaluate_embeddings(
+      tr["features"], train["label"], te["features"], test["label"], num_classes=num_classes,
+      knn_k=config.eval.knn_k, knn_temperature=config.eval.knn_temperature, linear_probe=config.eval.linear_probe,
+  )
+  if config.method in methods.IMAGE_TEXT:
+    encode = functools.partial(setup.text.encode_for_eval, setup.model, variables)
+    class_emb = eval_lib.class_embeddings(encode, setup.info["class_names"], setup.text.templates)
+    result["zero_shot_accuracy"] = float(eval_lib.zero_shot_accuracy(te["embedding"], class_emb, test["label"]))
+  result = {k: float(v) for k, v in result.items()}
+  result["_projection"] = te["features"]
+  return result
+
+
+def raw_pixel_baseline(config, setup: Setup, train: dict, test: dict) -> dict[str, float]:
+  flat = lambda a: a.reshape(len(a), -1)
+  r = eval_lib.evaluate_embeddings(
+      flat(train["image"]), train["label"], flat(test["image"]), test["label"],
+      num_classes=setup.info["num_classes"], knn_k=config.eval.knn_k, knn_temperature=config.eval.knn_temperature,
+      linear_probe=config.eval.linear_probe)
+  return {k: float(v) for k, v in r.items()}
+
+
+def _variables(state: TrainState) -> dict:
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _fmt_table(results: dict) -> str:
+  keys = [k for k in ("knn_accuracy", "linear_probe_accuracy", "zero_shot_accuracy") if k in results]
+  rows = [("trained", results)] + list(results.get("baselines", {}).items())
+  lines = ["| encoder | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+  for name, r in rows:
+    cells = [f"{r[k]:.4f}" if r.get(k) is not None else "n/a" for k in keys]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- the loop
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, stop_at: int | None = None
+) -> dict:
+  """Trains to `config.total_steps` (resuming from `workdir`), evaluates, writes the run's outputs.
+
+  `stop_at` ends this invocation after that step with a checkpoint and no evaluation, as a preemption
+  would (SIGTERM does the same at the next step boundary); running again resumes. Returns the results
+  dict, or {"step": s, "stopped": True} when the run stopped early.
+  """
+  validate_config(config)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  lead = jax.process_index() == 0
+  mesh = make_mesh(config)
+  setup = build_setup(config)
+  loader = pipeline.make_train_loader(
+      config.data, split=config.data.train_split, global_batch_size=config.batch_size, seed=config.seed)
+  data_iter = iter(loader)
+
+  abstract, shardings = state_shardings(config, setup, mesh)
+  manager = checkpoint_manager(config, workdir)
+  state, start = restore_checkpoint(manager, abstract, shardings, data_iter)
+  if state is None:
+    state = jax.jit(functools.partial(init_state, config, setup), out_shardings=shardings)(
+        jax.random.key(config.seed))
+  else:
+    print(f"Resumed from checkpoint at step {start} in {workdir}")
+
+  step_fn = jax.jit(functools.partial(train_step, config, setup), donate_argnums=(0,),
+                    out_shardings=(shardings, None))
+  writer = metrics_lib.MetricsWriter(workdir, enabled=lead)
+  eval_data = None
+  total = int(config.total_steps)
+  bar = _progress(progress and lead, start, total)
+  window_start, window_examples = time.perf_counter(), 0
+  step = start
+  end = total if stop_at is None else min(total, int(stop_at))
+  preempted = _PreemptionFlag()
+  try:
+    while step < end and not preempted.is_set():
+      host = next(data_iter)
+      batch = to_global(setup.text.prepare(config, host, step), mesh)
+      state, m = step_fn(state, batch)
+      step += 1
+      window_examples += config.batch_size
+      if not bool(m["finite"]):
+        msg = (f"step {step}: non-finite loss ({float(m['loss'])}) or gradient norm "
+               f"({float(m['grad_norm'])}); the update was not applied")
+        if config.on_nonfinite == "stop":
+          raise NonFiniteError(msg + f"; stopping. The last good checkpoint is kept in {workdir}/checkpoints.")
+        print("warning: " + msg + "; skipping.")
+      if step % config.log_every == 0 or step == total:
+        elapsed = time.perf_counter() - window_start
+        record = {k: float(v) for k, v in m.items() if k != "finite"}
+        record["examples_per_sec"] = window_examples / max(elapsed, 1e-9)
+        writer.write(step, record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_sec']:.0f}")
+        window_start, window_examples = time.perf_counter(), 0
+      if step % config.checkpoint_every == 0 or step == total:
+        save_checkpoint(manager, step, state, data_iter)
+      if step % config.eval_every == 0 and step != total:
+        eval_data = eval_data or _eval_data(config)
+        r = evaluate(config, setup, _variables(state), *eval_data)
+        writer.write(step, {f"eval/{k}": v for k, v in r.items() if not k.startswith("_")})
+      bar.update(1)
+    if step < total:  # stopped early (stop_at or SIGTERM): keep everything, skip the evaluation
+      if manager.latest_step() != step:
+        save_checkpoint(manager, step, state, data_iter)
+      print(f"Stopped at step {step}; a checkpoint is in {workdir}/checkpoints, run again to resume.")
+  finally:
+    preempted.restore()
+    bar.close()
+    manager.wait_until_finished()
+  if step < total:
+    writer.close()
+    manager.close()
+    return {"step": step, "stopped": True}
+
+  eval_data = eval_data or _eval_data(config)
+  results = evaluate(config, setup, _variables(state), *eval_data)
+  projection = results.pop("_projection")
+  writer.write(step, {f"eval/{k}": v for k, v in results.items()})
+  if config.eval.baselines:
+    init = jax.jit(functools.partial(init_state, config, setup))(jax.random.key(config.seed))
+    random_init = evaluate(config, setup, _variables(init), *eval_data)
+    random_init.pop("_projection")
+    results["baselines"] = {"random_init": random_init, "raw_pixels": raw_pixel_baseline(config, setup, *eval_data)}
+  results["step"] = step
+  if lead:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    metrics_lib.write_plots(workdir, metrics_lib.pca_2d(projection), eval_data[1]["label"])
+    print(_fmt_table(results))
+  writer.close()
+  manager.close()
+  return results
+
+
+def _eval_data(config):
+  return (sources.load_arrays(config.data, config.data.train_split),
+          sources.load_arrays(config.data, config.data.eval_split))
+
+
+class _PreemptionFlag:
+  """Set by SIGTERM (how preemptible TPU VMs are stopped) so the loop can checkpoint and exit cleanly."""
+
+  def __init__(self):
+    import signal
+    import threading
+
+    self._set = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self._set = True
+
+  def is_set(self) -> bool:
+    return self._set
+
+  def restore(self) -> None:
+    import signal
+
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class _NoBar:
+  def update(self, n): ...
+  def set_postfix(self, **kw): ...
+  def close(self): ...
+
+
+def _progress(enabled: bool, start: int, total: int):
+  if not enabled:
+    return _NoBar()
+  from tqdm import tqdm
+
+  return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)

@@ -1,0 +1,145 @@
+"""Methods as configuration: which views, which model outputs and which loss.
+
+A method is not a trainer. Each one is a loss over the outputs of one of two model shapes:
+- `ImageModel` (encoder → projection → optional predictor): simclr, dcl, supcon, multiview (views of the
+  same image), moco and byol (with an EMA target network), simsiam (stop-gradient);
+- `jaxcl.models.DualEncoder` (image tower + text tower, learnable logit scale/bias): clip, siglip, and lit
+  (the text tower is the locked pretrained MiniLM encoder whose embeddings arrive precomputed).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxcl import losses
+from jaxcl import models
+
+SELF_SUPERVISED = ("simclr", "dcl", "supcon", "multiview", "moco", "byol", "simsiam")
+IMAGE_TEXT = ("clip", "siglip", "lit")
+METHODS = SELF_SUPERVISED + IMAGE_TEXT
+WITH_TARGET_NETWORK = ("moco", "byol")
+
+
+class ImageModel(nn.Module):
+  """encoder → projection head → (optional) prediction head."""
+
+  encoder: nn.Module
+  projection_dims: tuple[int, ...]
+  predictor_dim: int = 0
+  norm: str = "batch"
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    h = self.encoder(x, train=train)
+    z = models.ProjectionHead(
+        hidden_dims=tuple(self.projection_dims[:-1]), out_dim=self.projection_dims[-1], norm=self.norm
+    )(h, train=train)
+    out = {"features": h, "projection": z}
+    if self.predictor_dim:
+      out["prediction"] = models.PredictionHead(
+          hidden_dim=self.predictor_dim, out_dim=self.projection_dims[-1]
+      )(z, train=train)
+    return out
+
+
+def check_method(config: ml_collections.ConfigDict) -> None:
+  if config.method not in METHODS:
+    raise ValueError(f"`config.method` must be one of {METHODS}, got {config.method!r}.")
+  if config.method in ("simclr", "dcl", "supcon", "moco", "byol", "simsiam") and config.num_views != 2:
+    raise ValueError(f"`config.num_views` must be 2 for method {config.method!r}, got {config.num_views}.")
+  if config.method == "multiview" and config.num_views < 2:
+    raise ValueError(f"`config.num_views` must be >= 2 for 'multiview', got {config.num_views}.")
+  if config.method in ("byol", "simsiam") and not config.model.predictor_dim:
+    raise ValueError(f"method {config.method!r} needs `config.model.predictor_dim` > 0 (a predictor).")
+
+
+def build_model(config: ml_collections.ConfigDict, text_side: Any = None) -> nn.Module:
+  """The model of `config.method`; image–text methods need the text side (vocabulary or locked tower)."""
+  m = config.model
+  dtype = jnp.dtype(m.dtype)
+  options = {"dtype": dtype}
+  if m.encoder.startswith("resnet"):
+    options.update(width=m.width, small_image=m.small_image, norm=m.norm)
+  encoder = models.build_model(m.encoder, **options)
+  if config.method in SELF_SUPERVISED:
+    return ImageModel(encoder, tuple(m.projection_dims), m.predictor_dim, norm=m.norm)
+  bias = config.loss.logit_bias_init if config.loss.name == "siglip" else None
+  scale_init = math.log(config.loss.logit_scale_init)  # the model learns log(scale), CLIP-style
+  if config.method == "lit":
+    return models.DualEncoder(encoder, None, text_side.embed_dim, scale_init, bias, max_logit_scale=100.0)
+  text = models.build_model(
+      m.text_encoder, vocab_size=text_side.vocab_size, width=m.text_width, depth=m.text_depth,
+      heads=m.text_heads, max_len=m.text_max_len, dtype=dtype,
+  )
+  return models.DualEncoder(encoder, text, m.embed_dim, scale_init, bias, max_logit_scale=100.0)
+
+
+def self_supervised_loss(config, online: dict, target: dict | None, labels, queue) -> jax.Array:
+  """The loss of a multi-view method. `online`/`target` hold (V, B, E) projections (and predictions)."""
+  name, t, impl = config.loss.name, config.loss.temperature, config.loss.impl
+  z = online["projection"]
+  method = config.method
+  if method in ("simclr", "dcl"):
+    table = {
+        "nt_xent": lambda a, b: losses.nt_xent(a, b, temperature=t, impl=impl),
+        "dcl": lambda a, b: losses.dcl(a, b, temperature=t, impl=impl),
+        "dclw": lambda a, b: losses.dclw(a, b, temperature=t, sigma=config.loss.sigma, impl=impl),
+    }
+    if name not in table:
+      raise ValueError(f"`config.loss.name` for {method!r} must be one of {tuple(table)}, got {name!r}.")
+    return table[name](z[0], z[1])
+  if method == "supcon":
+    return losses.supcon(jnp.swapaxes(z, 0, 1), labels, temperature=t, impl=impl)
+  if method == "multiview":
+    table = {"multiview_infonce": losses.multiview_infonce, "mv_dhel": losses.mv_dhel}
+    if name == "pairwise_nt_xent":  # average of NT-Xent over all view pairs
+      v = z.shape[0]
+      pairs = [(i, j) for i in range(v) for j in range(i + 1, v)]
+      return sum(losses.nt_xent(z[i], z[j], temperature=t, impl=impl) for i, j in pairs) / len(pairs)
+    if name not in table:
+      raise ValueError(
+          f"`config.loss.name` for 'multiview' must be one of {tuple(table) + ('pairwise_nt_xent',)}, got {name!r}."
+      )
+    return table[name](z, temperature=t, impl=impl)
+  if method == "moco":
+    q = online.get("prediction", z)
+    k = jax.lax.stop_gradient(target["projection"])
+    if config.momentum.queue_size:  # MoCo v2: the queue holds the negatives
+      neg = jax.lax.stop_gradient(queue)
+      return 0.5 * (
+          losses.infonce(q[0], k[1], temperature=t, negatives=neg, in_batch_negatives=False, impl=impl)
+          + losses.infonce(q[1], k[0], temperature=t, negatives=neg, in_batch_negatives=False, impl=impl)
+      )
+    return 0.5 * (  # MoCo v3: symmetric, in-batch negatives
+        losses.infonce(q[0], k[1], temperature=t, impl=impl)
+        + losses.infonce(q[1], k[0], temperature=t, impl=impl)
+    )
+  if method == "byol":
+    p, k = online["prediction"], target["projection"]
+    return losses.negative_cosine(p[0], k[1]) + losses.negative_cosine(p[1], k[0])
+  if method == "simsiam":
+    p = online["prediction"]
+    return 0.5 * (losses.negative_cosine(p[0], z[1]) + losses.negative_cosine(p[1], z[0]))
+  raise ValueError(f"not a multi-view method: {method!r}")
+
+
+def image_text_loss(config, out: dict) -> jax.Array:
+  name, impl = config.loss.name, config.loss.impl
+  if name == "clip":
+    return losses.clip(out["image"], out["text"], logit_scale=out["logit_scale"], impl=impl)
+  if name == "siglip":
+    return losses.siglip(
+        out["image"], out["text"], logit_scale=out["logit_scale"], logit_bias=out["logit_bias"], impl=impl
+    )
+  raise ValueError(f"`config.loss.name` for {config.method!r} must be 'clip' or 'siglip', got {name!r}.")
+
+
+def ema(target: Any, online: Any, decay: float) -> Any:
+  """target ← decay · target + (1 − decay) · online."""
+  return jax.tree.map(lambda t, o: decay * t + (1.0 - decay) * o, target, online)

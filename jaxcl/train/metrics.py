@@ -1,0 +1,106 @@
+"""Run outputs: metrics.jsonl, TensorBoard scalars and PNG plots in the workdir."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to `metrics.jsonl` and mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter  # event files TensorBoard reads, without TensorFlow
+
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step)}
+    record.update({k: _plain(v) for k, v in metrics.items()})
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for k, v in record.items():
+      if k != "step" and isinstance(v, (int, float)):
+        self._tb.add_scalar(k, v, int(step))
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _plain(v: Any) -> Any:
+  if isinstance(v, (np.generic, np.ndarray)) or hasattr(v, "dtype"):
+    v = np.asarray(v)
+    return v.item() if v.size == 1 else v.tolist()
+  return v
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def write_plots(workdir: str, projection: np.ndarray | None = None, labels: np.ndarray | None = None) -> list[str]:
+  """loss.png, eval.png and (given a 2-D projection of test embeddings) embedding.png."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  records = read_metrics(workdir)
+  written = []
+  train = [r for r in records if "loss" in r]
+  if train:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train])
+    ax.set(xlabel="step", ylabel="training loss", title="Training loss")
+    written.append(_save(fig, workdir, "loss.png"))
+  evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+  if evals:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    keys = sorted({k for r in evals for k in r if k.startswith("eval/") and "accuracy" in k})
+    for k in keys:
+      pts = [(r["step"], r[k]) for r in evals if k in r]
+      ax.plot(*zip(*pts), marker="o", label=k[5:])
+    ax.set(xlabel="step", ylabel="accuracy", title="Evaluation")
+    ax.legend()
+    written.append(_save(fig, workdir, "eval.png"))
+  if projection is not None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    sc = ax.scatter(projection[:, 0], projection[:, 1], c=labels, cmap="tab10", s=8)
+    if labels is not None:
+      fig.colorbar(sc, ax=ax, label="label")
+    ax.set(title="Test embeddings (PCA, 2-D)")
+    written.append(_save(fig, workdir, "embedding.png"))
+  return written
+
+
+def _save(fig, workdir: str, name: str) -> str:
+  import matplotlib.pyplot as plt
+
+  path = os.path.join(workdir, name)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def pca_2d(x: np.ndarray) -> np.ndarray:
+  """Projection of the rows of x onto their first two principal components."""
+  x = np.asarray(x, np.float64)
+  x = x - x.mean(axis=0)
+  _, _, vt = np.linalg.svd(x, full_matrices=False)
+  return x @ vt[:2].T

@@ -1,0 +1,100 @@
+"""The text side of image–text methods: captions → token ids (clip, siglip) or locked embeddings (lit).
+
+Captions come from the batch when the data has them, else from the label with a random caption template
+(`jaxcl.data.digits.CAPTION_TEMPLATES`, drawn deterministically from the seed and the step).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcl.data import digits
+from jaxcl.train import methods
+
+NUMERIC_KEYS = ("image", "label", "index")
+
+
+def _captions(config, host: dict, step: int, class_names) -> list[str]:
+  if "caption" in host:
+    return [str(c) for c in host["caption"]]
+  rng = np.random.default_rng([config.seed, step])
+  return digits.captions_for_labels(host["label"], rng, class_names=class_names)
+
+
+class NoText:
+  """Self-supervised methods: only the numeric fields of the batch go to the device."""
+
+  templates = ()
+
+  def prepare(self, config, host: dict, step: int) -> dict:
+    return {k: np.asarray(host[k]) for k in NUMERIC_KEYS if k in host}
+
+
+class TokenText(NoText):
+  """A trained text tower on token ids from an offline tokenizer."""
+
+  def __init__(self, config, class_names):
+    from jaxcl import models
+
+    self.class_names = list(class_names)
+    self.templates = tuple(digits.CAPTION_TEMPLATES)
+    corpus = [t.format(c) for t in self.templates for c in self.class_names]
+    self.tokenizer = models.SimpleTokenizer.from_texts(corpus)
+    self.max_len = int(config.model.text_max_len)
+    self.vocab_size = self.tokenizer.vocab_size
+
+  def tokens(self, texts) -> np.ndarray:
+    return np.asarray(self.tokenizer.encode(list(texts), self.max_len), np.int32)
+
+  def dummy(self, batch: int):
+    return jnp.zeros((batch, self.max_len), jnp.int32)
+
+  def prepare(self, config, host: dict, step: int) -> dict:
+    out = super().prepare(config, host, step)
+    out["text"] = self.tokens(_captions(config, host, step, self.class_names))
+    return out
+
+  def encode_for_eval(self, model, variables, texts):
+    return model.apply(variables, jnp.asarray(self.tokens(texts)), train=False, method="encode_text")
+
+
+class LockedText(NoText):
+  """LiT: the pretrained MiniLM sentence encoder, locked; embeddings are cached per caption."""
+
+  def __init__(self, config, class_names):
+    from jaxcl.models import minilm
+
+    self.class_names = list(class_names)
+    self.templates = tuple(digits.CAPTION_TEMPLATES)
+    self.encoder = minilm.load_minilm()
+    self.embed_dim = int(self.encode(["a"]).shape[1])
+    self._cache: dict[str, np.ndarray] = {}
+
+  def encode(self, texts) -> np.ndarray:
+    return np.asarray(self.encoder.encode(list(texts)), np.float32)
+
+  def embeddings(self, texts) -> np.ndarray:
+    missing = sorted({t for t in texts if t not in self._cache})
+    if missing:
+      self._cache.update(zip(missing, self.encode(missing)))
+    return np.stack([self._cache[t] for t in texts])
+
+  def dummy(self, batch: int):
+    return jnp.zeros((batch, self.embed_dim), jnp.float32)
+
+  def prepare(self, config, host: dict, step: int) -> dict:
+    out = super().prepare(config, host, step)
+    out["text"] = self.embeddings(_captions(config, host, step, self.class_names))
+    return out
+
+  def encode_for_eval(self, model, variables, texts):
+    return jnp.asarray(self.embeddings(list(texts)))
+
+
+def build_text_side(config, info: dict):
+  if config.method not in methods.IMAGE_TEXT:
+    return NoText()
+  if config.method == "lit":
+    return LockedText(config, info["class_names"])
+  return TokenText(config, info["class_names"])
