@@ -24,3 +24,4 @@ __all__ = [
 
 # Importing an engine module registers it for `impl=`.
 from jaxcl.ops import pallas as _pallas  # noqa: E402,F401  (fused kernels; interpret mode on CPU)
+from jaxcl.ops import blockwise as _blockwise  # noqa: E402,F401  (pure-JAX tiles, custom VJP)
