@@ -137,3 +137,17 @@ def test_command_line_rejects_unknown_key(tmp_path):
   )
   assert proc.returncode != 0
   assert "batchsize" in proc.stderr
+
+
+def test_fsdp_mesh_and_gradient_accumulation(data_dir, tmp_path):
+  config = tiny(load_recipe("simclr_digits"), data_dir, steps=2)
+  config.mesh.fsdp = 2  # 4 data × 2 fsdp over the 8 test devices
+  config.grad_accum_steps = 2
+  mesh = loop.make_mesh(config)
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
+  setup = loop.build_setup(config)
+  _, shardings = loop.state_shardings(config, setup, mesh)
+  specs = [s.spec for s in jax.tree.leaves(shardings.params, is_leaf=lambda x: hasattr(x, "spec"))]
+  assert any("fsdp" in tuple(spec) for spec in specs)  # some parameters really are sharded
+  results = loop.train_and_evaluate(config, str(tmp_path), progress=False)
+  assert results["step"] == 2 and np.isfinite(results["knn_accuracy"])
