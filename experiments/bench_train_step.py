@@ -77,7 +77,8 @@ def main() -> None:
   header = ("| model | input | batch | params | median s/step | range s | examples/s | compile s |\n"
             "|---|---|---|---|---|---|---|---|")
   device = f"{jax.device_count()}x {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-  text = (f"# SimCLR train-step throughput\n\nDevice: {device}; jax {jax.__version__}; "
+  load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+  text = (f"# SimCLR train-step throughput\n\nDevice: {device}; jax {jax.__version__}; load average {load}; "
           f"{args.repeats} timed steps after compile + 1 warm-up; loss {float(m['loss']):.4f}.\n\n"
           f"{header}\n{row}\n\nReproduce: `python experiments/bench_train_step.py --batch {args.batch} "
           f"--width {args.width} --repeats {args.repeats}`\n")
