@@ -22,8 +22,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _maybe_initialize_distributed() -> None:
   import jax
 
-  multi = os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")
-  if multi:
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):  # explicit cluster: coordinator, process count and id
+    num = os.environ.get("JAX_NUM_PROCESSES")
+    pid = os.environ.get("JAX_PROCESS_ID")
+    jax.distributed.initialize(
+        num_processes=int(num) if num else None, process_id=int(pid) if pid else None)
+  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","):  # a TPU pod slice: auto-detected
     jax.distributed.initialize()
 
 

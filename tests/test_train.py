@@ -151,3 +151,38 @@ def test_fsdp_mesh_and_gradient_accumulation(data_dir, tmp_path):
   assert any("fsdp" in tuple(spec) for spec in specs)  # some parameters really are sharded
   results = loop.train_and_evaluate(config, str(tmp_path), progress=False)
   assert results["step"] == 2 and np.isfinite(results["knn_accuracy"])
+
+
+def test_learning_rate_schedule_counts_optimizer_updates():
+  from jaxcl.train import optim
+
+  config = load_recipe("simclr_digits")
+  config.total_steps, config.warmup_steps, config.learning_rate = 100, 10, 1.0
+  plain = [float(optim.learning_rate_at(config, s)) for s in (5, 10, 99)]
+  config.grad_accum_steps = 2  # 50 optimizer updates: warmup 5 updates, decay to ~0 by step 99
+  accum = [float(optim.learning_rate_at(config, s)) for s in (5, 10, 99)]
+  np.testing.assert_allclose(plain[:2], [0.5, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(accum[:2], [0.4, 1.0], rtol=1e-6)  # update 2 of a 5-update warmup
+  assert accum[2] < 0.01 and plain[2] < 0.01
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_path, capsys):
+  config = tiny(load_recipe("simclr_digits"), data_dir, steps=6)
+  loop.train_and_evaluate(config, str(tmp_path), progress=False, stop_at=4)
+  ckpt = tmp_path / "checkpoints"
+  assert sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) == [2, 4]
+  for f in (ckpt / "4" / "state").rglob("*"):  # truncate every file of the latest state
+    if f.is_file():
+      f.write_bytes(b"")
+  results = loop.train_and_evaluate(config, str(tmp_path), progress=False)
+  assert "checkpoint at step 4 is unreadable" in capsys.readouterr().out
+  assert results["step"] == 6
+  assert sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) == [2, 4, 6]
+
+
+def test_checkpoints_of_another_config_are_an_error(data_dir, tmp_path):
+  config = tiny(load_recipe("simclr_digits"), data_dir, steps=2)
+  loop.train_and_evaluate(config, str(tmp_path), progress=False)
+  config.model.width = 16  # parameters of another shape
+  with pytest.raises(RuntimeError, match="can be restored into this config"):
+    loop.train_and_evaluate(config, str(tmp_path), progress=False)

@@ -215,7 +215,7 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
   new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
   new = new.replace(step=state.step + 1)
   metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
-             "learning_rate": optim.learning_rate_schedule(config)(state.step)}
+             "learning_rate": optim.learning_rate_at(config, state.step)}
   if "logit_scale" in aux:
     metrics["logit_scale"] = aux["logit_scale"]
   return new, metrics
@@ -237,8 +237,10 @@ def checkpoint_manager(config, workdir: str) -> ocp.CheckpointManager:
 def save_checkpoint(manager, step: int, state: TrainState, data_iter) -> None:
   import grain
 
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)))
+  saved = manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+  if not saved:
+    raise RuntimeError(f"orbax did not save the checkpoint of step {step} in {manager.directory}.")
 
 
 def restore_checkpoint(manager, abstract_state, shardings, data_iter) -> tuple[TrainState | None, int]:
@@ -246,36 +248,52 @@ def restore_checkpoint(manager, abstract_state, shardings, data_iter) -> tuple[T
   import grain
 
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-  for step in sorted(manager.all_steps(), reverse=True):
+  steps = sorted(manager.all_steps(), reverse=True)
+  errors = []
+  for step in steps:
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iter)))
-      return restored["state"], step
     except Exception as e:  # pylint: disable=broad-except
-      log.warning("checkpoint at step %d is unreadable (%s); trying an older one", step, e)
+      errors.append(f"step {step}: {type(e).__name__}: {e}")
       print(f"warning: checkpoint at step {step} is unreadable ({type(e).__name__}: {e}); trying an older one")
+      continue
+    for newer in steps:  # orbax never saves at or below its latest step: drop the unreadable ones
+      if newer > step:
+        manager.delete(newer)
+    return restored["state"], step
+  if steps:
+    raise RuntimeError(
+        f"none of the checkpoints {sorted(steps)} in {manager.directory} can be restored into this "
+        "config (a changed model or optimizer setting?). Use another --workdir or remove them.\n"
+        + "\n".join(errors))
   return None, 0
 
 
 # ------------------------------------------------------------------------------------------ evaluation
 def embed_images(config, setup: Setup, variables, images: np.ndarray, chunk: int = 256) -> dict[str, np.ndarray]:
   """Backbone features (and joint-space embeddings for image-text models) of `images`, in chunks."""
-  image_text = config.method in methods.IMAGE_TEXT
-
-  @jax.jit
-  def f(x):
-    if image_text:
-      return setup.model.apply(variables, x, train=False, method="encode_image_features")
-    return {"features": setup.model.apply(variables, x, train=False)["features"]}
-
+  f = _embed_fn(setup.model, config.method in methods.IMAGE_TEXT)
   outs = []
   for start in range(0, len(images), chunk):
     x = images[start:start + chunk]
     n = len(x)
     if n < chunk:  # pad to one compiled shape
       x = np.concatenate([x, np.zeros((chunk - n,) + x.shape[1:], x.dtype)])
-    outs.append(jax.tree.map(lambda a: np.asarray(a[:n]), f(jnp.asarray(x))))
+    outs.append(jax.tree.map(lambda a: np.asarray(a[:n]), f(variables, jnp.asarray(x))))
   return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+@functools.lru_cache(maxsize=8)
+def _embed_fn(model, image_text: bool):
+  """A jitted (variables, images) → embeddings function; variables are arguments, never baked in."""
+
+  def f(variables, x):
+    if image_text:
+      return model.apply(variables, x, train=False, method="encode_image_features")
+    return {"features": model.apply(variables, x, train=False)["features"]}
+
+  return jax.jit(f)
 
 
 def evaluate(config, setup: Setup, variables, train: dict, test: dict) -> dict[str, float]:
@@ -358,7 +376,7 @@ def train_and_evaluate(
   end = total if stop_at is None else min(total, int(stop_at))
   preempted = _PreemptionFlag()
   try:
-    while step < end and not preempted.is_set():
+    while step < end and not preempted.is_set(manager, step):
       host = next(data_iter)
       batch = to_global(setup.text.prepare(config, host, step), mesh)
       state, m = step_fn(state, batch)
@@ -438,7 +456,11 @@ class _PreemptionFlag:
     del signum, frame
     self._set = True
 
-  def is_set(self) -> bool:
+  def is_set(self, manager, step: int) -> bool:
+    """Single process: the local flag. Several: JAX's preemption sync point via orbax, so that every
+    process stops (and saves) at the same step."""
+    if jax.process_count() > 1:
+      return self._set or bool(manager.reached_preemption(step))
     return self._set
 
   def restore(self) -> None:

@@ -55,6 +55,11 @@ def check_method(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"`config.num_views` must be 2 for method {config.method!r}, got {config.num_views}.")
   if config.method == "multiview" and config.num_views < 2:
     raise ValueError(f"`config.num_views` must be >= 2 for 'multiview', got {config.num_views}.")
+  expected = {"supcon": "supcon", "moco": "infonce", "byol": "negative_cosine", "simsiam": "negative_cosine"}
+  if config.method in expected and config.loss.name != expected[config.method]:
+    raise ValueError(
+        f"`config.loss.name` for method {config.method!r} must be {expected[config.method]!r}, got "
+        f"{config.loss.name!r}.")
   if config.method in ("byol", "simsiam") and not config.model.predictor_dim:
     raise ValueError(f"method {config.method!r} needs `config.model.predictor_dim` > 0 (a predictor).")
 

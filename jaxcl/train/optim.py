@@ -11,15 +11,26 @@ import optax
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup over `warmup_steps` to `learning_rate`, cosine decay to 0 at `total_steps`."""
-  warmup = min(int(config.warmup_steps), max(int(config.total_steps) - 1, 0))
+  """Linear warmup over `warmup_steps` to `learning_rate`, cosine decay to 0 at `total_steps`.
+
+  Counted in optimizer updates: with `grad_accum_steps = k` the optimizer updates once every k steps
+  (optax.MultiSteps), so warmup and decay are divided by k.
+  """
+  k = max(int(config.grad_accum_steps), 1)
+  total = max(int(config.total_steps) // k, 1)
+  warmup = min(int(config.warmup_steps) // k, max(total - 1, 0))
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0,
       peak_value=float(config.learning_rate),
       warmup_steps=warmup,
-      decay_steps=max(int(config.total_steps), warmup + 1),
+      decay_steps=max(total, warmup + 1),
       end_value=0.0,
   )
+
+
+def learning_rate_at(config: ml_collections.ConfigDict, step):
+  """The learning rate applied at training step `step` (micro-steps under gradient accumulation)."""
+  return learning_rate_schedule(config)(step // max(int(config.grad_accum_steps), 1))
 
 
 def _decay_mask(params):
