@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxcl import eval as eval_lib
+from jaxcl import losses
 from jaxcl.data import augment, pipeline, sources
 from jaxcl.train import methods, optim
 from jaxcl.train import metrics as metrics_lib
@@ -207,7 +208,7 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
   if config.method in methods.WITH_TARGET_NETWORK:
     new = new.replace(target_params=methods.ema(state.target_params, params, config.momentum.ema))
   if config.momentum.queue_size:
-    keys = aux["keys"] / jnp.linalg.norm(aux["keys"], axis=1, keepdims=True).clip(1e-6)
+    keys = losses.l2_normalize(aux["keys"])
     new = new.replace(
         queue=jax.lax.dynamic_update_slice(state.queue, keys.astype(state.queue.dtype), (state.queue_ptr, 0)),
         queue_ptr=(state.queue_ptr + b) % config.momentum.queue_size,
