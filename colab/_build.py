@@ -158,7 +158,7 @@ LOSS_TOUR = [
         "gram": (losses.gram, lambda a, b: losses.gram(a, b, z3)),
         "hn_nce": (losses.hn_nce, lambda a, b: losses.hn_nce(a, b)),
         "isogclr": (losses.isogclr, lambda a, b: losses.isogclr(
-            a, b, jnp.arange(BATCH), losses.isogclr_state(BATCH))[0]),
+            a, b, jnp.arange(BATCH), losses.isogclr_state(BATCH)).loss),
         "m3co": (losses.m3co, lambda a, b: losses.m3co(
             0.7 * a + 0.3 * a[mix], b, mix_index=mix, mix_weight=0.7)),
         "macl": (losses.macl, lambda a, b: losses.macl(a, b)),
@@ -197,7 +197,7 @@ LOSS_TOUR = [
     covered = {getattr(fn, "__name__", "") for fn, _ in tour.values()}
     helpers = {"l2_normalize", "AMCLTemperature", "IsogclrState", "STARBUCKS_PAIRS", "filip_similarity",
                "gram_volume", "half_aperture", "exterior_angle", "isogclr_state", "lorentz_distance",
-               "lorentz_expmap0", "mcl_cluster_ids", "snr_distance", "subclass_kmeans"}
+               "lorentz_expmap0", "mcl_cluster_ids", "snr_distance", "subclass_kmeans", "IsogclrOutput"}
     missing = [n for n in losses.__all__ if n not in covered | helpers]
     print("\\nhelpers (not losses):", ", ".join(sorted(helpers & set(losses.__all__))))
     print("losses in jaxcl.losses not in this tour:", missing or "none")

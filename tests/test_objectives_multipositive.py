@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxcl.losses.clip import clip
+from jaxcl.losses.infonce import nt_xent
 from jaxcl.losses.multipositive import one_to_k_clip, poly_view
 from tests import helpers
 from tests.helpers import randn
@@ -32,18 +33,26 @@ def ref_one_to_k(image, texts, scale):
 
 
 def ref_poly_view(views, critic, tau):
-  """Shidani et al. (2024) one-vs-rest InfoNCE with the geometric or arithmetic critic, loops."""
+  """Shidani et al. (2024), the pseudo-code with loops: for each anchor (i, α) and positive β ≠ α one
+  softmax over the candidates (i, β) and every view of every other sample; the M − 1 cross-entropies
+  are aggregated by the geometric mean (mean of the losses) or the arithmetic mean of the likelihoods."""
   x = normalize(views)
   m, b, _ = x.shape
-
-  def crit(a, i, j):
-    sims = [x[a, i] @ x[be, j] / tau for be in range(m) if be != a]
-    return np.mean(sims) if critic == "geometric" else logsumexp(np.array(sims)) - np.log(m - 1)
-
   total = 0.0
   for a in range(m):
     for i in range(b):
-      total += -(crit(a, i, i) - logsumexp(np.array([crit(a, i, j) for j in range(b)]))) / (m * b)
+      losses = []
+      for be in range(m):
+        if be == a:
+          continue
+        candidates = [(i, be)] + [(j, g) for j in range(b) if j != i for g in range(m)]
+        logits = np.array([x[a, i] @ x[g, j] / tau for j, g in candidates])
+        losses.append(logsumexp(logits) - logits[0])
+      losses = np.array(losses)
+      if critic == "geometric":
+        total += np.mean(losses) / (m * b)
+      else:
+        total += -np.log(np.mean(np.exp(-losses))) / (m * b)
   return total
 
 
@@ -63,7 +72,7 @@ def test_one_to_k_clip_with_one_language_is_clip():
 
 
 @pytest.mark.parametrize("critic", ["geometric", "arithmetic"])
-@pytest.mark.parametrize("m", [3, 4])
+@pytest.mark.parametrize("m", [2, 3, 4])
 def test_poly_view_matches_reference(critic, m):
   assert_value_and_grads(
       lambda v: poly_view(v, critic=critic, temperature=0.3),
@@ -72,19 +81,31 @@ def test_poly_view_matches_reference(critic, m):
   )
 
 
-def test_poly_view_two_views_is_clip_for_both_critics():
+def test_poly_view_two_views_is_nt_xent_for_both_critics():
+  # The paper: with M = 2 poly-view contrastive learning is SimCLR (other samples' same-view embeddings
+  # are negatives, unlike CLIP).
   views = randn(10, 2, 6, 4)
   f = jax.jit(lambda v: (poly_view(v, critic="geometric", temperature=0.2),
                          poly_view(v, critic="arithmetic", temperature=0.2),
+                         nt_xent(v[0], v[1], temperature=0.2),
                          clip(v[0], v[1], logit_scale=5.0)))
-  geo, ari, want = f(views)
+  geo, ari, want, two_way = f(views)
   np.testing.assert_allclose([float(geo), float(ari)], [float(want)] * 2, rtol=1e-5)
+  assert abs(float(want) - float(two_way)) > 0.1  # the identity tells NT-Xent from CLIP here
 
 
-def test_poly_view_critics_differ_with_more_views():
+def test_poly_view_three_views_by_hand():
+  # 3 identical views of 2 orthogonal unit samples, τ = 1: each positive (f = 1) competes with the 3
+  # views of the other sample (f = 0), so ℓ = log(e + 3) − 1 for every (i, α, β), whatever the critic.
+  v = jnp.stack([jnp.eye(2)] * 3)
+  for critic in ("geometric", "arithmetic"):
+    np.testing.assert_allclose(float(poly_view(v, critic=critic, temperature=1.0)), np.log(np.e + 3) - 1, rtol=1e-6)
+
+
+def test_poly_view_arithmetic_is_at_most_geometric_and_differs_with_more_views():
   views = randn(11, 4, 5, 4)
   geo, ari = (float(poly_view(views, critic=c, temperature=0.2)) for c in ("geometric", "arithmetic"))
-  assert abs(geo - ari) > 1e-3
+  assert ari < geo - 1e-3  # AM–GM on the likelihoods e^{−ℓ}
 
 
 def test_every_engine_agrees_with_dense():

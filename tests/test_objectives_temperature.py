@@ -17,6 +17,7 @@ from jaxcl.losses.clip import clip
 from jaxcl.losses.infonce import dcl, nt_xent
 from jaxcl.losses.temperature import (
     AMCLTemperature,
+    IsogclrOutput,
     IsogclrState,
     amcl,
     focal_clip,
@@ -148,7 +149,7 @@ def ref_isogclr_step(z1, z2, ids, state, gamma, rho, eta, beta, tau_min, tau_max
     gt = (grad_views[i] + grad_views[i + b]) / 2
     new_tg[ids[i]] = (1 - beta) * tg_all[ids[i]] + beta * gt
     new_tau[ids[i]] = np.clip(tau_all[ids[i]] - eta * new_tg[ids[i]], tau_min, tau_max)
-  return loss / b, weights, (new_u, new_tau, new_tg)
+  return loss / (2 * b), weights, (new_u, new_tau, new_tg)  # mean over the 2B anchors
 
 
 def ref_isogclr_surrogate(z1, z2, weights):
@@ -159,7 +160,7 @@ def ref_isogclr_surrogate(z1, z2, weights):
   for a in range(2 * b):
     w = weights[a]
     total += -(z[a] @ z[(a + b) % (2 * b)]) + sum(w[j] * (z[a] @ z[j]) for j in w) / (2 * (b - 1))
-  return total / b
+  return total / (2 * b)
 
 
 ISO = dict(gamma=0.9, rho=0.3, eta=0.01, beta=0.9, tau_min=0.05, tau_max=0.7)
@@ -195,16 +196,49 @@ def test_isogclr_matches_reference_loss_gradient_and_state(seed):
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=1e-6, err_msg=name)
 
 
-def test_isogclr_first_step_gradient_is_dcl_gradient_times_two_tau():
+def test_isogclr_first_step_gradient_is_dcl_gradient_times_tau():
   # With u = g (first visit) and one τ for every example, the estimator is the exact gradient of
-  # τ·Σ_views [log mean_j e^{c_aj/τ} − c_pos/τ], i.e. 2τ ∇ dcl(temperature=τ).
+  # τ·mean_anchors [log mean_j e^{c_aj/τ} − c_pos/τ], i.e. τ ∇ dcl(temperature=τ): both are means over
+  # the 2B anchors.
   x, y = randn(40, 5, 4), randn(41, 5, 4)
   state = isogclr_state(8, tau_init=0.3)
   ids = jnp.array([0, 2, 4, 6, 7])
   g_iso = jax.jit(jax.grad(lambda a, b: isogclr(a, b, ids, state)[0], argnums=(0, 1)))(x, y)
   g_dcl = jax.jit(jax.grad(lambda a, b: dcl(a, b, temperature=0.3), argnums=(0, 1)))(x, y)
   for gi, gd in zip(g_iso, g_dcl):
-    np.testing.assert_allclose(gi, 2 * 0.3 * np.asarray(gd), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(gi, 0.3 * np.asarray(gd), rtol=1e-4, atol=1e-6)
+
+
+def test_isogclr_returns_a_named_output_whose_first_field_is_the_loss():
+  x, y = randn(44, 4, 3), randn(45, 4, 3)
+  out = isogclr(x, y, jnp.arange(4), isogclr_state(4))
+  assert isinstance(out, IsogclrOutput) and IsogclrOutput._fields[0] == "loss"
+  loss, state = out  # still unpacks like a pair
+  assert out.loss is loss and out.state is state and isinstance(state, IsogclrState)
+  assert out.loss.shape == () and out.loss.dtype == jnp.float32
+
+
+def test_isogclr_accepts_a_float64_state_with_x64_enabled():
+  # A state restored from a float64 checkpoint: it is read in float32 and keeps its dtype; loss and
+  # state equal those of the float32 state (before the fix: a ValueError from jax.vjp).
+  x, y = randn(46, 4, 3), randn(47, 4, 3)
+  ids = np.array([4, 0, 7, 1], np.int32)
+  state32 = _state(7)
+  want_loss, want_state = jax.jit(lambda s: isogclr(x, y, ids, s, **ISO))(state32)
+  previous = jax.config.jax_enable_x64
+  jax.config.update("jax_enable_x64", True)
+  try:
+    state64 = IsogclrState(*(jnp.asarray(np.asarray(a), jnp.float64) for a in state32))
+    assert state64.tau.dtype == jnp.float64
+    loss, state = jax.jit(lambda s: isogclr(x, y, ids, s, **ISO))(state64)
+    grads = jax.grad(lambda a: isogclr(a, y, ids, state64, **ISO).loss)(jnp.asarray(x))
+    assert loss.dtype == jnp.float32 and grads.dtype == jnp.float32
+    assert all(a.dtype == jnp.float64 for a in state)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+    for got, want, name in zip(state, want_state, IsogclrState._fields):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7, err_msg=name)
+  finally:
+    jax.config.update("jax_enable_x64", previous)
 
 
 def test_isogclr_state_updates_only_the_batch_and_stays_in_bounds():

@@ -74,6 +74,7 @@ from jaxcl.losses.sparse_coding import (
 from jaxcl.losses.supcon import supcon
 from jaxcl.losses.temperature import (
     AMCLTemperature,
+    IsogclrOutput,
     IsogclrState,
     amcl,
     focal_clip,
@@ -85,6 +86,7 @@ from jaxcl.losses.temperature import (
 __all__ = [
     "AMCLTemperature",
     "CSROutput",
+    "IsogclrOutput",
     "IsogclrState",
     "STARBUCKS_PAIRS",
     "albef_itc",

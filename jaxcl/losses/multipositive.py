@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -90,29 +92,37 @@ def poly_view(
     normalize: bool = True,
     impl: str = "auto",
 ) -> jax.Array:
-  r"""Poly-view contrastive loss with the geometric or arithmetic one-vs-rest critic.
+  r"""Poly-view contrastive loss (PVC) with the geometric or arithmetic aggregation over positives.
 
   "Poly-View Contrastive Learning" (Shidani et al., ICLR 2024). Each of B samples has M >= 2 views
-  x_{i,1..M}; view α of sample i is contrasted against the *set* of its other views X_{i,\α}, with a
-  one-vs-rest critic built from the two-view critic f(x, y) = <x, y>/τ:
+  x_{i,1..M}, f(x, y) = <x, y>/τ. For every anchor view α of sample i and every other view β ≠ α of
+  the same sample, one softmax runs over the candidates (i, β) and all M views of every other sample
+  (their view α included; the other views of sample i are left out):
 
-      geometric:   F(x, X_{j,\α}) = (1/(M−1)) Σ_{β≠α} f(x, x_{jβ}) = <x, mean_{β≠α} x_{jβ}> / τ
-      arithmetic:  F(x, X_{j,\α}) = log (1/(M−1)) Σ_{β≠α} exp f(x, x_{jβ})
+      ℓ_{iαβ} = −f(x_iα, x_iβ) + log [ e^{f(x_iα, x_iβ)} + Σ_{j≠i} Σ_{γ=1..M} e^{f(x_iα, x_jγ)} ]
 
-      loss = (1/M) Σ_α mean_i [ −F(x_iα, X_{i,\α}) + log Σ_j exp F(x_iα, X_{j,\α}) ]
+  and the M − 1 positives of each anchor are aggregated by the geometric or arithmetic mean of their
+  likelihoods e^{−ℓ}:
 
-  the one-vs-rest InfoNCE over the B samples (the positive set of sample i competes with the view sets
-  of every sample j). Choices where the text leaves a detail open: the 1/(M−1) normalisations cancel
-  between numerator and denominator and are dropped; the geometric critic uses the plain mean of the
-  other views' (normalised) embeddings, not re-normalised.
+      geometric:   L_iα = (1/(M−1)) Σ_{β≠α} ℓ_{iαβ}                   (−log of the geometric mean)
+      arithmetic:  L_iα = −log (1/(M−1)) Σ_{β≠α} e^{−ℓ_{iαβ}}          (−log of the arithmetic mean)
+      loss = mean_{i, α} L_iα
 
-  With M = 2 both critics are the two-view one and the loss is `clip(views[0], views[1],
-  logit_scale=1/τ)` (InfoNCE in both directions, no same-view negatives).
+  By the AM–GM inequality arithmetic <= geometric. With M = 2 both are SimCLR's NT-Xent:
+  `poly_view(jnp.stack([z1, z2]), temperature=τ) == nt_xent(z1, z2, temperature=τ)`.
 
-  Engines: geometric — M passes of a (B, B) log-sum-exp of x_α against the means m_{j,\α} = (Σ_β x_jβ −
-  x_jα)/(M−1); arithmetic — one (MB)² log-sum-exp per row with the same-view pairs excluded
-  (`exclude` on view ids: Σ_j Σ_{β≠α} exp f). Every engine applies; the numerators need only the
-  per-sample M×M Gram matrices.
+  Sources read: the paper's pseudo-code as ported in `PVCLoss` (pakoromilas/Multi-View-CL,
+  `models/losses.py`; a second port in another public repository is identical): the candidate set
+  above (its mask drops (i, γ) for γ ≠ β), a cross-entropy per (α, β), the mean over β (geometric),
+  then the mean over α and samples. Choice where the sources disagree: for the arithmetic aggregation
+  the ported pseudo-code computes logsumexp_β(ℓ_{iαβ}) − log K (K the batch size), which is neither
+  the arithmetic mean of the likelihoods nor equal to SimCLR at M = 2; this function uses the
+  arithmetic mean −log mean_β e^{−ℓ} above, the aggregation the arithmetic critic names and the one
+  for which both critics reduce to SimCLR at M = 2, as the paper states.
+
+  Engines: one (MB)² log-sum-exp over all views with the anchor's own sample left out (`exclude` on
+  sample ids) gives N_iα = log Σ_{j≠i, γ} e^{f}; then ℓ_{iαβ} = softplus(N_iα − f(x_iα, x_iβ)) from the
+  per-sample M×M Gram matrices. Every engine applies.
 
   Args:
     views: (M, B, D), views[α, i] the α-th view of sample i.
@@ -121,30 +131,26 @@ def poly_view(
     normalize: L2-normalise every view first.
     impl: similarity engine.
   Returns:
-    Scalar float32 mean loss.
+    Scalar float32 mean loss over the M·B anchors.
 
   >>> import jax.numpy as jnp
   >>> v = jnp.stack([jnp.eye(2)] * 3)  # 3 identical views of 2 orthogonal samples
-  >>> round(float(poly_view(v, temperature=1.0)), 4)  # log(e + 1) - 1
-  0.3133
+  >>> round(float(poly_view(v, temperature=1.0)), 4)  # log(e + 3) − 1: the positive against 3 views
+  0.7437
   """
   _checks.check_choice("critic", critic, ("geometric", "arithmetic"))
   x = _views(views, normalize)
   inv_t = _common.inverse_temperature(temperature)
   m, b, d = x.shape
-  x32 = x.astype(jnp.float32)
-  if critic == "geometric":
-    total = jnp.sum(x32, axis=0)
-    terms = []
-    for a in range(m):
-      rest = (total - x32[a]) / (m - 1)  # (B, D) mean of the other views of every sample
-      lse = ops.logsumexp(x[a], rest, scale=inv_t, impl=impl).rows
-      terms.append(jnp.mean(lse - inv_t * _common.rowwise_dot(x32[a], rest)))
-    return jnp.mean(jnp.stack(terms))
+  sample = jnp.tile(jnp.arange(b, dtype=jnp.int32), m)
   z = jnp.reshape(x, (m * b, d))
-  view = jnp.repeat(jnp.arange(m, dtype=jnp.int32), b)
-  lse = ops.logsumexp(z, z, scale=inv_t, exclude=(view, view), impl=impl).rows  # (M·B,)
-  gram = jnp.einsum("aid,bid->iab", x32, x32)  # per-sample M×M
-  off = ~jnp.eye(m, dtype=bool)
-  positive = jax.nn.logsumexp(inv_t * gram, axis=2, where=off[None])  # (B, M): log Σ_{β≠α} e^{f}
-  return jnp.mean(jnp.reshape(lse, (m, b)) - positive.T)
+  others = ops.logsumexp(z, z, scale=inv_t, exclude=(sample, sample), impl=impl).rows  # (M·B,): N_iα
+  x32 = x.astype(jnp.float32)
+  pos = inv_t * jnp.einsum("aid,cid->iac", x32, x32)  # (B, M, M): f(x_iα, x_iβ)
+  nll = jax.nn.softplus(jnp.reshape(others, (m, b)).T[:, :, None] - pos)  # (B, M, M): ℓ_{iαβ}
+  off = ~jnp.eye(m, dtype=bool)[None]  # β ≠ α
+  if critic == "geometric":
+    per_anchor = jnp.sum(jnp.where(off, nll, 0.0), axis=2) / (m - 1)
+  else:
+    per_anchor = math.log(m - 1) - jax.nn.logsumexp(-nll, axis=2, where=off)
+  return jnp.mean(per_anchor)

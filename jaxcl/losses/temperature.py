@@ -158,7 +158,9 @@ class IsogclrState(NamedTuple):
 
   u: moving average of each anchor's negative-pair term g_i (0 = never seen).
   tau: the individual temperature τ_i. tau_grad: moving average of its gradient.
-  All three are (N,) float32 arrays: shard them along the example axis (e.g.
+  All three are (N,) float arrays (float32 from `isogclr_state`; a float64 state, e.g. restored from a
+  float64 checkpoint with x64 enabled, is read in float32 and keeps its dtype): shard them along the
+  example axis (e.g.
   `NamedSharding(mesh, P("data"))`); a step reads them with `x[ids]` and writes them with
   `x.at[ids].set(...)`, which XLA lowers to a gather/scatter on the shards that hold those ids.
   """
@@ -166,6 +168,13 @@ class IsogclrState(NamedTuple):
   u: jax.Array
   tau: jax.Array
   tau_grad: jax.Array
+
+
+class IsogclrOutput(NamedTuple):
+  """What `isogclr` returns: the scalar float32 loss and the updated state (`loss, state = out` unpacks)."""
+
+  loss: jax.Array
+  state: IsogclrState
 
 
 def isogclr_state(num_examples: int, *, tau_init: float = 0.1) -> IsogclrState:
@@ -195,7 +204,7 @@ def isogclr(
     tau_max: float = 0.7,
     normalize: bool = True,
     impl: str = "auto",
-) -> tuple[jax.Array, IsogclrState]:
+) -> IsogclrOutput:
   r"""iSogCLR: global contrastive loss with individual learned temperatures (unimodal, two views).
 
   "Not All Semantics are Created Equal: Contrastive Self-supervised Learning with Automatic Temperature
@@ -208,7 +217,7 @@ def isogclr(
 
       g_a   = (1/2(B−1)) Σ_{j ∈ neg(a)} exp(c_aj / τ)                       c = cosine similarity
       u_a   = (1 − γ) u[id] + γ g_a          (u_a = g_a where u[id] = 0: the first visit)
-      loss  = mean_i Σ_{a ∈ views of i} [ −c_{a,p(a)} + (1/2(B−1)) Σ_j sg(exp(c_aj/τ) / u_a) c_aj ]
+      loss  = mean_{a < 2B} [ −c_{a,p(a)} + (1/2(B−1)) Σ_j sg(exp(c_aj/τ) / u_a) c_aj ]
       ∇_τ   = log u_a + ρ − (1/2(B−1)) Σ_j sg(exp(c_aj/τ)/u_a) c_aj / τ      (averaged over the 2 views)
       new u[id] = (u_view1 + u_view2) / 2
       new tau_grad[id] = (1 − β) tau_grad[id] + β ∇_τ
@@ -220,7 +229,9 @@ def isogclr(
   initialised per example at its first visit (LibAUC tests the whole batch at once); the temperature
   update uses its own optimiser (momentum β, step η, projection on [τ_min, τ_max]) inside this function,
   so the caller only differentiates the loss w.r.t. the network. Defaults are LibAUC's for unimodal
-  tasks (τ₀ = 0.1, γ = 0.9, ρ = 0.3, η = 0.01, β = 0.9, τ ∈ [0.05, 0.7]).
+  tasks (τ₀ = 0.1, γ = 0.9, ρ = 0.3, η = 0.01, β = 0.9, τ ∈ [0.05, 0.7]). The loss is the mean over the
+  2B anchors, like every loss of this library (LibAUC's value is the sum over both views divided by
+  B, twice this; the gradient scales the same way, the temperature update does not depend on it).
 
   Engines: the negative sums are one masked log-sum-exp with a per-row scale 1/τ_a (the DCL mask), so
   every engine applies. The softmax-weighted similarity Σ_j softmax_j c_aj, needed for the loss value
@@ -238,13 +249,14 @@ def isogclr(
     normalize: L2-normalise first.
     impl: similarity engine.
   Returns:
-    (loss, new_state): scalar float32 loss and the updated `IsogclrState` (no gradient flows into it).
+    `IsogclrOutput(loss, state)`: the scalar float32 mean loss over the 2B anchors and the updated
+    `IsogclrState` (no gradient flows into it), in the dtype of the given state.
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(3)
   >>> loss, state = isogclr(x, x, jnp.array([0, 1, 2]), isogclr_state(5, tau_init=1.0))
-  >>> round(float(loss), 4)  # each anchor: −1 + Σ_j (e^0/u) · 0 / 4 = −1, two views per example
-  -2.0
+  >>> round(float(loss), 4)  # each anchor: −1 + Σ_j (e^0/u) · 0 / 4 = −1
+  -1.0
   >>> state.u.tolist()  # g = 1 for the three seen ids (u was 0: first visit), untouched elsewhere
   [1.0, 1.0, 1.0, 0.0, 0.0]
   """
@@ -272,7 +284,8 @@ def isogclr(
     raise ValueError(f"`tau_max` must be >= `tau_min`, got {tau_max} < {tau_min}.")
 
   z = jnp.concatenate([a, b], axis=0)
-  tau = jnp.tile(sg(state.tau[ids]), 2)
+  old = IsogclrState(*(sg(arr[ids]).astype(jnp.float32) for arr in state))  # the batch's slots, float32
+  tau = jnp.tile(old.tau, 2)
   scale = 1.0 / tau
   inst = _instance_ids(bsz)
   exclude = (inst, inst)
@@ -280,10 +293,10 @@ def isogclr(
   lse = ops.logsumexp(z, z, scale=scale, exclude=exclude, impl=impl).rows
   zs = sg(z)
   _, pullback = jax.vjp(lambda s: ops.logsumexp(zs, zs, scale=s, exclude=exclude, impl=impl).rows, scale)
-  mean_sim = sg(pullback(jnp.ones_like(scale))[0])  # Σ_j softmax_j c_aj per anchor
+  mean_sim = sg(pullback(jnp.ones_like(lse))[0])  # Σ_j softmax_j c_aj per anchor
 
   g = sg(jnp.exp(lse - log_n))
-  u_old = jnp.tile(state.u[ids], 2)
+  u_old = jnp.tile(old.u, 2)
   u = jnp.where(u_old == 0, g, (1.0 - gamma) * u_old + gamma * g)
   pos = _common.rowwise_dot(z, jnp.roll(z, bsz, axis=0))
   # Value of Σ_j w_j c_aj / n (w = e^{c/τ}/u) is (g/u)·mean_sim; its gradient (w fixed) is that of
@@ -291,19 +304,17 @@ def isogclr(
   weighted = (g / u) * mean_sim
   surrogate = sg(tau / u) * jnp.exp(lse - log_n)
   per_anchor = -pos + sg(weighted) + surrogate - sg(surrogate)
-  loss = jnp.sum(per_anchor) / bsz
+  loss = jnp.mean(per_anchor)
 
   grad_tau = jnp.log(u) + rho - (g / u) * mean_sim / tau
   grad_tau = 0.5 * (grad_tau[:bsz] + grad_tau[bsz:])
   new_u = 0.5 * (u[:bsz] + u[bsz:])
-  tau_grad = (1.0 - beta) * state.tau_grad[ids] + beta * grad_tau
-  new_tau = jnp.clip(state.tau[ids] - eta * tau_grad, tau_min, tau_max)
-  new_state = IsogclrState(
-      u=state.u.at[ids].set(sg(new_u)),
-      tau=state.tau.at[ids].set(sg(new_tau)),
-      tau_grad=state.tau_grad.at[ids].set(sg(tau_grad)),
-  )
-  return loss, new_state
+  tau_grad = (1.0 - beta) * old.tau_grad + beta * grad_tau
+  new_tau = jnp.clip(old.tau - eta * tau_grad, tau_min, tau_max)
+  new_state = IsogclrState(*(
+      arr.at[ids].set(sg(new).astype(arr.dtype)) for arr, new in zip(state, (new_u, new_tau, tau_grad))
+  ))
+  return IsogclrOutput(loss, new_state)
 
 
 # ------------------------------------------------------------------------------------------------ AMCL

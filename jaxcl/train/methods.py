@@ -219,9 +219,10 @@ def stateful_loss(config, online: dict, ids, state, *, mesh=None) -> tuple[jax.A
     raise ValueError(f"`config.loss.name` {config.loss.name!r} has no per-example state.")
   z = online["projection"]
   c = config.loss
-  return losses.isogclr(
+  out = losses.isogclr(
       z[0], z[1], ids, state, gamma=c.isogclr_gamma, rho=c.isogclr_rho, eta=c.isogclr_eta,
       beta=c.isogclr_beta, tau_min=c.isogclr_tau_min, tau_max=c.isogclr_tau_max, impl=c.impl)
+  return out.loss, out.state
 
 
 def image_text_loss(config, out: dict, *, mesh=None) -> jax.Array:
