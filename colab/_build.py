@@ -419,12 +419,8 @@ SIMCLR = [
     """),
     code("""
     results = loop.train_and_evaluate(config, WORKDIR)
-    %matplotlib inline
     """),
     md("""
-    (The `%matplotlib inline` line restores inline plots: the trainer writes its PNGs with the Agg
-    backend.)
-
     ## kNN and linear probe against the baselines
     """),
     code("""
@@ -617,11 +613,8 @@ LIT = [
     """),
     code("""
     results = loop.train_and_evaluate(config, WORKDIR)  # prints the kNN / linear-probe / zero-shot table
-    %matplotlib inline
     """),
     md("""
-    (`%matplotlib inline` restores inline plots: the trainer writes its PNGs with the Agg backend.)
-
     ## Zero-shot classification from prompts
 
     Restore the trained image tower, embed the held-out digits into the joint space, and classify each by

@@ -116,5 +116,9 @@ def test_notebook_runs(name, tmp_path):
   assert not errors, errors
   plots = _outputs(nb, "image/png")
   assert plots, f"{name} showed no plot"
+  # Every plot is shown, also after the trainer drew its PNGs (jaxcl leaves the inline backend alone).
+  for n, cell in enumerate(nb.cells):
+    if cell.cell_type == "code" and "plt.show()" in cell.source:
+      assert any("image/png" in o.get("data", {}) for o in cell.outputs), f"{name}: code cell {n} showed no plot"
   text = "".join(o.get("text", "") for o in _outputs(nb, "stream"))
   assert "jaxcl 0." in text  # the install cell found the checkout instead of installing
