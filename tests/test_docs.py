@@ -86,3 +86,31 @@ def test_tpu_guide_names_real_config_keys_and_environment_variables():
     assert var in text and var in main, var
   recipes = set(re.findall(r"configs/(\w+)\.py", text))
   assert recipes and all(os.path.exists(os.path.join(ROOT, "configs", f"{r}.py")) for r in recipes), recipes
+
+
+def _fenced_blocks(name: str) -> list[tuple[str, str]]:
+  """(language, code) of every fenced block of the document `name`, in order."""
+  return re.findall(r"^```(\S*)\n(.*?)^```\s*$", _read(name), flags=re.S | re.M)
+
+
+def test_tpu_guide_installs_the_python_it_calls():
+  """A shell block that calls a versioned `python3.X` installs it in the same block (or command) first:
+  a fresh TPU VM image does not have it."""
+  for language, block in _fenced_blocks("docs/tpu.md"):
+    if language != "bash":
+      continue
+    for version in set(re.findall(r"\bpython(3\.\d+)\b", block)):
+      install = re.search(rf"apt-get install -y python{re.escape(version)} python{re.escape(version)}-venv", block)
+      first_use = re.search(rf"\bpython{re.escape(version)} -m venv", block)
+      assert install and first_use and install.start() < first_use.start(), (
+          f"docs/tpu.md calls python{version} without installing it first:\n{block}")
+
+
+def test_tpu_guide_states_the_checkpointing_default():
+  """The guide says checkpoints are synchronous unless `async_checkpointing` is set, as the config does."""
+  text = _read("docs", "tpu.md")
+  assert base_config().async_checkpointing is False
+  assert "orbax, async" not in text
+  assert "synchronous by\n  default" in text or "synchronous by default" in text
+  row = re.search(r"^\| `async_checkpointing` \| (\w+) \|", text, flags=re.M)
+  assert row and row.group(1) == str(base_config().async_checkpointing).lower()
