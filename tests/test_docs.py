@@ -170,3 +170,25 @@ def test_tpu_guide_states_the_checkpointing_default():
   assert "synchronous by\n  default" in text or "synchronous by default" in text
   row = re.search(r"^\| `async_checkpointing` \| (\w+) \|", text, flags=re.M)
   assert row and row.group(1) == str(base_config().async_checkpointing).lower()
+
+
+def test_cited_documents_are_in_the_repository():
+  """Every document a README, guide or experiment cites (`docs/X.md`, `DESIGN.md`, a relative markdown
+  link) is a file of the repository, and the design document is docs/design.md."""
+  cited_by = ["README.md", "CHANGELOG.md", "colab/README.md", "experiments/README.md"]
+  cited_by += [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md"))]
+  cited_by += [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "experiments", "*.py"))]
+  missing = []
+  for name in cited_by:
+    text = _read(name)
+    assert "DESIGN.md" not in text, f"{name} cites a DESIGN.md: the design document is docs/design.md"
+    paths = {os.path.join(ROOT, p) for p in re.findall(r"\bdocs/\w+\.md", text)}
+    for link in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):  # markdown links, anchors dropped
+      if "://" not in link:
+        paths.add(os.path.normpath(os.path.join(ROOT, os.path.dirname(name), link)))
+    missing += [f"{name} -> {os.path.relpath(p, ROOT)}" for p in sorted(paths) if not os.path.exists(p)]
+  assert not missing, missing
+  design = _read("docs", "design.md")
+  for section in ("## Loss = math × engine", "## The engines", "## The sharded engines", "## The training system",
+                  "## Performance protocol"):
+    assert section in design, section
