@@ -89,7 +89,16 @@ def test_code_blocks_are_python_shell_or_text(name):
   assert languages <= {"python", "bash", "text"}, f"{name}: code blocks tagged {sorted(languages)}"
 
 
-@pytest.mark.parametrize("name", [n for n in DOCUMENTS if n != "docs/new_loss.md"])  # (its own test below)
+def _has_python(name: str) -> bool:
+  return any(language == "python" for language, _ in _fenced_blocks(name))
+
+
+def test_documents_with_python_blocks():
+  assert [n for n in DOCUMENTS if _has_python(n)] == [
+      "README.md", "docs/distributed.md", "docs/new_loss.md", "docs/pallas.md"]
+
+
+@pytest.mark.parametrize("name", [n for n in DOCUMENTS if _has_python(n) and n != "docs/new_loss.md"])  # (below)
 def test_python_blocks_run(name):
   """Every ```python block of the document runs, in order, in one namespace (the test session's 8 CPU
   devices serve the sharded examples)."""
