@@ -17,13 +17,20 @@ import textwrap
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 INSTALL = '''\
-# Installs jaxcl when it is not importable yet (Colab); skipped when it is (a local checkout, the tests).
-JAXCL_SOURCE = "git+https://github.com/jaxcl/jaxcl"  # the jaxcl repository: point it at your copy
+# jaxcl must be installed (locally: `pip install -e .` in your clone). On Colab, install it first, in a
+# cell above, from your own copy of the repository:
+#   your clone (on Google Drive, or cloned into /content):  !pip install -q /path/to/jaxcl
+#   or a wheel: `python -m build` in your clone, upload dist/jaxcl-*.whl, then  !pip install -q /content/jaxcl-*.whl
 try:
   import jaxcl
-except ImportError:
-  !pip install -q "jaxcl @ {JAXCL_SOURCE}"
-  import jaxcl
+except ImportError as error:
+  raise ImportError(
+      "jaxcl is not installed. Install it from your copy of the repository in a cell above, then rerun:\\n"
+      "  your clone:  !pip install -q /path/to/jaxcl   (pip install -e for an editable install,\\n"
+      "               then Runtime > Restart session)\\n"
+      "  a wheel:     run `python -m build` in your clone, upload dist/jaxcl-*.whl to Colab, then\\n"
+      "               !pip install -q /content/jaxcl-*.whl"
+  ) from error
 print("jaxcl", jaxcl.__version__)
 '''
 
@@ -419,12 +426,8 @@ SIMCLR = [
     """),
     code("""
     results = loop.train_and_evaluate(config, WORKDIR)
-    %matplotlib inline
     """),
     md("""
-    (The `%matplotlib inline` line restores inline plots: the trainer writes its PNGs with the Agg
-    backend.)
-
     ## kNN and linear probe against the baselines
     """),
     code("""
@@ -617,11 +620,8 @@ LIT = [
     """),
     code("""
     results = loop.train_and_evaluate(config, WORKDIR)  # prints the kNN / linear-probe / zero-shot table
-    %matplotlib inline
     """),
     md("""
-    (`%matplotlib inline` restores inline plots: the trainer writes its PNGs with the Agg backend.)
-
     ## Zero-shot classification from prompts
 
     Restore the trained image tower, embed the held-out digits into the joint space, and classify each by

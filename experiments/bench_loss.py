@@ -1,6 +1,6 @@
 """Speed and memory of the CLIP loss (forward + backward) per similarity engine, B = 1k .. 64k.
 
-The performance protocol of DESIGN.md, measured on whatever backend JAX runs on:
+The performance protocol of docs/design.md, measured on whatever backend JAX runs on:
 
 - time: `jax.jit(jax.value_and_grad(clip, argnums=(0, 1)))`, compiled and warmed up, then the median of
   repeated calls, each ended by `block_until_ready` (the spread min..max is printed, and the process CPU

@@ -1,7 +1,7 @@
 """Throughput of the SimCLR train step: examples/s of ResNet-18 (small-image stem) at 32x32, batch 256.
 
-Measured as the benchmark protocol says (DESIGN.md): one process, compile + warm-up first, then the
-median of repeated timed steps, each ended by `block_until_ready`. The step is the full jaxcl train step
+Measured as the performance protocol of docs/design.md says: one process, compile + warm-up first,
+then the median of repeated timed steps, each ended by `block_until_ready`. The step is the full jaxcl train step
 (on-device augmentation of two views, forward and backward through encoder and projection head, NT-Xent,
 LARS update, batch-norm statistics) on synthetic 32x32x3 images.
 

@@ -56,12 +56,33 @@ def test_notebook_is_generated_and_clean(name):
   nbformat.validate(nb)
   code = [c for c in nb.cells if c.cell_type == "code"]
   assert all(not c.outputs and c.execution_count is None for c in code), "outputs must not be committed"
-  # The first code cell installs jaxcl only when it is missing; every setting has an env override.
-  first = code[0].source
-  assert "JAXCL_SOURCE" in first and "except ImportError" in first and "pip install" in first
+  # The first code cell checks that jaxcl is importable (test_install_cell_*); every setting has an env
+  # override.
+  assert code[0].source == BUILD.INSTALL.rstrip("\n")
   params = next(c.source for c in code if "JAXCL_NB_" in c.source)
   for var in TINY[name]:
     assert var in params, f"{var} is not read by the parameter cell of {name}"
+
+
+def test_install_cell_points_at_no_url_and_stops_with_instructions(monkeypatch):
+  """Without jaxcl, the first cell (plain Python: no `!` or `%` line) raises an ImportError that says how
+  to install it from the user's own copy; it installs nothing and names no repository URL."""
+  source = BUILD.INSTALL
+  for marker in ("://", "git+", "github", "JAXCL_SOURCE"):
+    assert marker not in source, marker
+  monkeypatch.setitem(sys.modules, "jaxcl", None)  # `import jaxcl` raises ImportError
+  with pytest.raises(ImportError) as error:
+    exec(compile(source, "install cell", "exec"), {})  # pylint: disable=exec-used
+  message = str(error.value)
+  assert "jaxcl is not installed" in message
+  assert "pip install -q /path/to/jaxcl" in message and "python -m build" in message and ".whl" in message
+
+
+def test_install_cell_passes_when_jaxcl_is_importable(capsys):
+  import jaxcl
+
+  exec(compile(BUILD.INSTALL, "install cell", "exec"), {})  # pylint: disable=exec-used
+  assert capsys.readouterr().out == f"jaxcl {jaxcl.__version__}\n"
 
 
 def _kernel_manager():
@@ -116,5 +137,9 @@ def test_notebook_runs(name, tmp_path):
   assert not errors, errors
   plots = _outputs(nb, "image/png")
   assert plots, f"{name} showed no plot"
+  # Every plot is shown, also after the trainer drew its PNGs (jaxcl leaves the inline backend alone).
+  for n, cell in enumerate(nb.cells):
+    if cell.cell_type == "code" and "plt.show()" in cell.source:
+      assert any("image/png" in o.get("data", {}) for o in cell.outputs), f"{name}: code cell {n} showed no plot"
   text = "".join(o.get("text", "") for o in _outputs(nb, "stream"))
   assert "jaxcl 0." in text  # the install cell found the checkout instead of installing

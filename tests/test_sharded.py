@@ -124,6 +124,19 @@ def test_ambient_mesh_with_explicit_sharded_arrays():
 
 
 @pytest.mark.parametrize("impl", SHARDED)
+def test_mesh_with_explicit_axes_takes_unsharded_arrays(impl):
+  """`jax.make_mesh`'s default axes are Explicit: `mesh=` of such a mesh with plain (unsharded) arrays,
+  eagerly and under jit, gives the unsharded loss and its gradients."""
+  batch, dim = 16, 8
+  a, b = jnp.asarray(randn(9, batch, dim)), jnp.asarray(randn(10, batch, dim))
+  mesh = _mesh(4, jax.sharding.AxisType.Explicit)
+  loss = lambda a, b, s, **kw: losses.clip(a, b, logit_scale=s, **kw)
+  want = _value_and_grads(functools.partial(loss, impl="dense"), a, b, 10.0)
+  _assert_close(_value_and_grads(functools.partial(loss, impl=impl, mesh=mesh), a, b, 10.0), want)
+  np.testing.assert_allclose(float(loss(a, b, 10.0, impl=impl, mesh=mesh)), float(want[0]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", SHARDED)
 def test_bf16_inputs(impl):
   batch, dim = 24, 16
   a = jnp.asarray(randn(7, batch, dim), jnp.bfloat16)

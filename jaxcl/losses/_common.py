@@ -180,4 +180,10 @@ def _under_shard_map(loss, a: dict, batch_args: tuple[str, ...]):
   def local(*local_values):
     return loss(**static, **dict(zip(names, local_values)))
 
+  if jax.sharding.AxisType.Explicit in mesh.axis_types:
+    # (`jax.make_mesh`'s default) shard_map takes Explicit-axis arrays as they are sharded: put each
+    # on its spec first (a no-op for an array already sharded so).
+    values = [jax.sharding.reshard(v, spec if isinstance(mesh, jax.sharding.AbstractMesh)
+                                   else jax.sharding.NamedSharding(mesh, spec))
+              for v, spec in zip(values, specs)]
   return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=PartitionSpec())(*values)

@@ -88,23 +88,22 @@ def rewind(workdir: str, step: int) -> int:
 
 
 def write_plots(workdir: str, projection: np.ndarray | None = None, labels: np.ndarray | None = None) -> list[str]:
-  """loss.png, eval.png and (given a 2-D projection of test embeddings) embedding.png."""
-  import matplotlib
+  """loss.png, eval.png and (given a 2-D projection of test embeddings) embedding.png.
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  Drawn on `matplotlib.figure.Figure`s with the Agg canvas, without pyplot: the caller's matplotlib
+  backend (a notebook's inline one) is left as it was.
+  """
   records = read_metrics(workdir)
   written = []
   train = [r for r in records if "loss" in r]
   if train:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure(6, 4)
     ax.plot([r["step"] for r in train], [r["loss"] for r in train])
     ax.set(xlabel="step", ylabel="training loss", title="Training loss")
     written.append(_save(fig, workdir, "loss.png"))
   evals = [r for r in records if any(k.startswith("eval/") for k in r)]
   if evals:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure(6, 4)
     keys = sorted({k for r in evals for k in r if k.startswith("eval/") and "accuracy" in k})
     for k in keys:
       pts = [(r["step"], r[k]) for r in evals if k in r]
@@ -113,7 +112,7 @@ def write_plots(workdir: str, projection: np.ndarray | None = None, labels: np.n
     ax.legend()
     written.append(_save(fig, workdir, "eval.png"))
   if projection is not None:
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = _figure(5, 5)
     sc = ax.scatter(projection[:, 0], projection[:, 1], c=labels, cmap="tab10", s=8)
     if labels is not None:
       fig.colorbar(sc, ax=ax, label="label")
@@ -122,13 +121,20 @@ def write_plots(workdir: str, projection: np.ndarray | None = None, labels: np.n
   return written
 
 
-def _save(fig, workdir: str, name: str) -> str:
-  import matplotlib.pyplot as plt
+def _figure(width: float, height: float):
+  """A figure (inches) with one axes, on its own Agg canvas: no pyplot, no global backend."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
 
+  fig = Figure(figsize=(width, height))
+  FigureCanvasAgg(fig)
+  return fig, fig.subplots()
+
+
+def _save(fig, workdir: str, name: str) -> str:
   path = os.path.join(workdir, name)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
   return path
 
 
