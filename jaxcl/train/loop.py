@@ -31,6 +31,7 @@ from jaxcl.train import config as config_lib
 from jaxcl.train import mcl, methods, optim
 from jaxcl.train import metrics as metrics_lib
 from jaxcl.train import text as text_lib
+from jaxcl.train import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 BATCH_AXES = ("data", "fsdp")
@@ -482,10 +483,19 @@ def train_and_evaluate(
   `stop_at` ends this invocation after that step with a checkpoint and no evaluation, as a preemption
   would (SIGTERM does the same at the next step boundary); running again resumes. Returns the results
   dict, or {"step": s, "stopped": True} when the run stopped early.
+
+  Before anything is created the config is validated and the workdir checked to be writable; the run
+  then holds the workdir's lock and checks the config against the one recorded there
+  (`jaxcl.train.workdir`).
   """
   infos = validate_config(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.check_writable(workdir)
+  with workdir_lib.claim(config, workdir):
+    return _train_and_evaluate(config, workdir, infos, progress=progress, stop_at=stop_at)
+
+
+def _train_and_evaluate(config, workdir: str, infos: dict, *, progress: bool, stop_at: int | None) -> dict:
   lead = jax.process_index() == 0
   mesh = make_mesh(config)
   setup = build_setup(config, infos[config.data.train_split], mesh)
