@@ -389,6 +389,28 @@ def test_batch_size_not_divisible_by_the_devices(data_dir, no_compute, tmp_path)
                r"`config.batch_size` must be a positive multiple of the device count 8, got 20")
 
 
+def test_loss_name_logit_scale_and_encoder_are_checked_before_any_folder(data_dir, no_compute, tmp_path):
+  workdir = tmp_path / "run"
+  for changes, message in [
+      ({"loss__name": "ntxent"}, r"`config.loss.name` for method 'simclr' must be one of \('nt_xent', 'dcl', "
+                                 r"'dclw', 'macl', 'hn_nce', 'positive_aware_infonce', 'isogclr', "
+                                 r"'mcl_nt_xent'\), got 'ntxent'"),
+      ({"method": "multiview", "num_views": 3, "loss__name": "nt_xent"},
+       r"`config.loss.name` for method 'multiview' must be one of \('multiview_infonce', 'mv_dhel', "
+       r"'pairwise_nt_xent'\), got 'nt_xent'"),
+      ({"method": "clip", "loss__name": "clip", "loss__logit_scale_init": 0.0},
+       r"`config.loss.logit_scale_init` must be a finite number > 0 \(the model learns its logarithm\), got 0.0"),
+      ({"method": "clip", "loss__name": "siglip", "loss__logit_scale_init": -10.0},
+       r"`config.loss.logit_scale_init` must be a finite number > 0 .*got -10.0"),
+      ({"model__encoder": "resnet19"}, r"`config.model.encoder` must be one of \('resnet18', .*'mlp'\) \(an "
+                                       r"image encoder of jaxcl.models.build_model\), got 'resnet19'"),
+      ({"model__encoder": "text_transformer"}, r"`config.model.encoder` must be one of .*got 'text_transformer'"),
+  ]:
+    with pytest.raises(ValueError, match=message):
+      loop.train_and_evaluate(tiny_config(data_dir, **changes), str(workdir), progress=False)
+    assert not workdir.exists()  # checked before the workdir was created
+
+
 def write_images(folder: pathlib.Path, names, size=(8, 8)):
   from PIL import Image  # pylint: disable=import-outside-toplevel
 

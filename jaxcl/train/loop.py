@@ -84,6 +84,10 @@ def validate_config(config: ml_collections.ConfigDict, *, data: bool = True) -> 
   for key in ("learning_rate", "weight_decay", "grad_clip_norm", "warmup_steps"):
     if not config[key] >= 0 or not np.isfinite(config[key]):
       raise ValueError(f"`config.{key}` must be a finite number >= 0, got {config[key]}.")
+  scale = config.loss.logit_scale_init
+  if config.method in methods.IMAGE_TEXT and not (scale > 0 and np.isfinite(scale)):
+    raise ValueError(f"`config.loss.logit_scale_init` must be a finite number > 0 (the model learns its "
+                     f"logarithm), got {scale}.")
   if not 0 <= config.seed < 2**32:
     raise ValueError(f"`config.seed` must be an integer in [0, 2**32), got {config.seed}.")
   choices = {"on_nonfinite": ("stop", "skip"), "optimizer": ("lars", "adamw", "sgd"),
