@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from jaxcl.main import PREEMPTED_EXIT_STATUS
 from jaxcl.train import config as config_lib
 from jaxcl.train import loop
 from jaxcl.train import metrics as metrics_lib
@@ -183,13 +184,14 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes_bit_identically(data_dir,
   run = Run(workdir, data_dir, "first")
   assert wait_until(lambda: len(logged_steps(workdir)) >= 8, run), run.output()[-3000:]
   run.kill(signal.SIGTERM)
-  assert run.wait() == 0, run.output()[-3000:]
+  assert run.wait() == PREEMPTED_EXIT_STATUS, run.output()[-3000:]  # 75: a scheduler restarts it
   steps = logged_steps(workdir)
   stopped = steps[-1]
   assert stopped < TOTAL_STEPS, "the run ended before the signal: make it longer"
   assert f"Stopped at step {stopped}" in run.output()
   assert checkpoint_steps(workdir)[-1] == stopped  # the interrupted step itself was saved
   assert not (workdir / "results.json").exists()  # no evaluation of a half-trained model
+  assert not (workdir / "jaxcl.lock").exists()  # the lock was released
 
   again = Run(workdir, data_dir, "second")
   assert again.wait() == 0, again.output()[-3000:]
@@ -516,7 +518,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(data_dir, t
   first[1].kill(signal.SIGTERM)
   codes = [r.wait() for r in first]
   outputs = [r.output() for r in first]
-  assert codes == [0, 0], outputs[1][-3000:]
+  assert codes == [PREEMPTED_EXIT_STATUS] * 2, outputs[1][-3000:]
   stopped = [[l for l in o.splitlines() if l.startswith("Stopped at step ")] for o in outputs]
   assert len(stopped[0]) == 1 and stopped[0] == stopped[1], stopped  # the same step on both processes
   step = int(stopped[0][0].split()[3].rstrip(";"))

@@ -526,6 +526,8 @@ def _train_and_evaluate(config, workdir: str, infos: dict, *, progress: bool, st
   writer = metrics_lib.MetricsWriter(workdir, enabled=lead, purge_step=start + 1 if start else None)
   if lead:  # steps after the checkpoint were lost (kill -9) and run again: log them once
     metrics_lib.rewind(workdir, start)
+    if start == int(config.total_steps):  # a finished run evaluates again: one row per evaluation
+      metrics_lib.forget_evaluation(workdir, start)
   total = int(config.total_steps)
   bar = _progress(progress and lead, start, total)
   window_start, window_examples = time.perf_counter(), 0
