@@ -137,6 +137,9 @@ def test_safe_keys_exist():
     for part in key.split("."):
       node = node[part]
   assert "total_steps" not in workdir_lib.SAFE_TO_CHANGE
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  listed = readme.split("Only these keys may change on a resume")[1].split("SAFE_TO_CHANGE")[0]
+  assert [k for k in workdir_lib.SAFE_TO_CHANGE if f"`{k}`" not in listed] == []  # documented
 
 
 def test_resume_with_another_config_is_refused_listing_the_keys(data_dir, tmp_path, monkeypatch, capsys):
