@@ -15,6 +15,7 @@ runs it again; any other non-zero status is an error.
 from __future__ import annotations
 
 import os
+import signal
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -57,10 +58,21 @@ def exit_status(results: dict) -> int:
   return PREEMPTED_EXIT_STATUS if results.get("stopped") else 0
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+  """SIGTERM outside the training loop (which installs its own handler and checkpoints first): exit with
+  `PREEMPTED_EXIT_STATUS` through Python, so the workdir's lock is released on the way out."""
+  del signum, frame
+  raise SystemExit(PREEMPTED_EXIT_STATUS)
+
+
 def main(argv) -> int:
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax/tfds info logs would bury the progress bar
   _maybe_initialize_distributed()
+  import jax
+
+  if jax.process_count() == 1:  # with several processes JAX's preemption service owns SIGTERM
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
   from jaxcl.train import loop  # after distributed init
 
   return exit_status(loop.train_and_evaluate(_CONFIG.value, FLAGS.value))

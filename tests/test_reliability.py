@@ -201,6 +201,15 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes_bit_identically(data_dir,
   assert_bit_identical(final_params(workdir, data_dir), straight)
 
 
+def test_sigterm_before_the_training_loop_exits_75_and_releases_the_lock(data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  run = Run(workdir, data_dir, "early")
+  assert wait_until(lambda: (workdir / "jaxcl.lock").exists(), run, poll=0.001), run.output()[-3000:]
+  run.kill(signal.SIGTERM)  # while the run compiles, before the loop's own handler is installed
+  assert run.wait() == PREEMPTED_EXIT_STATUS, run.output()[-3000:]
+  assert not (workdir / "jaxcl.lock").exists()
+
+
 # ------------------------------------------------------------------------------------------ kill -9
 def tmp_checkpoints(workdir: pathlib.Path) -> list[str]:
   d = workdir / "checkpoints"

@@ -95,9 +95,14 @@ def test_stale_lock_of_a_dead_pid_is_recovered_and_another_hosts_lock_is_not(tmp
                      "be checked from here.*delete"):
     workdir_lib.acquire_lock(str(tmp_path))
   os.remove(tmp_path / workdir_lib.LOCK_FILE)
-  (tmp_path / workdir_lib.LOCK_FILE).write_text("")  # a holder that crashed before writing its record
+  (tmp_path / workdir_lib.LOCK_FILE).write_text("")  # being written by its creator right now...
   with pytest.raises(workdir_lib.WorkdirLockedError, match="a process whose lock file cannot be read"):
     workdir_lib.acquire_lock(str(tmp_path))
+  old = os.path.getmtime(tmp_path / workdir_lib.LOCK_FILE) - workdir_lib.UNREADABLE_LOCK_STALE_S - 1
+  os.utime(tmp_path / workdir_lib.LOCK_FILE, (old, old))  # ...or a minute ago: its creator died
+  path = workdir_lib.acquire_lock(str(tmp_path))
+  assert "recovered the stale lock" in capsys.readouterr().out
+  workdir_lib.release_lock(path)
 
 
 def test_train_and_evaluate_refuses_a_locked_workdir_before_compute(data_dir, no_compute, tmp_path):

@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import socket
+import time
 from typing import Any
 
 import jax
@@ -92,16 +93,23 @@ def acquire_lock(workdir: str) -> str:
       fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
       holder = read_lock(path)
-      if holder is None or not _stale(holder):
+      if holder is None and _abandoned(path):
+        holder = {}
+      elif holder is None or not _stale(holder):
         raise WorkdirLockedError(_held_message(workdir, path, holder)) from None
       if _remove_if_unchanged(path, holder):
-        print(f"warning: recovered the stale lock {path}: {_describe(holder)} no longer runs "
-              "(it ended without releasing the workdir: killed or crashed).")
+        who = _describe(holder) if holder else "its holder (whose record is empty or unreadable)"
+        print(f"warning: recovered the stale lock {path}: {who} no longer runs (it ended without "
+              "releasing the workdir: killed or crashed).")
       continue
-    with os.fdopen(fd, "w") as f:
-      json.dump(_this_holder(), f)
-      f.flush()
-      os.fsync(f.fileno())
+    try:
+      with os.fdopen(fd, "w") as f:
+        json.dump(_this_holder(), f)
+        f.flush()
+        os.fsync(f.fileno())
+    except BaseException:  # e.g. SIGTERM right now: leave no lock without a holder behind
+      os.remove(path)
+      raise
     return path
   raise WorkdirLockedError(_held_message(workdir, path, read_lock(path)))
 
@@ -148,6 +156,18 @@ def _stale(holder: dict) -> bool:
   return False
 
 
+UNREADABLE_LOCK_STALE_S = 60.0
+
+
+def _abandoned(path: str) -> bool:
+  """Whether an unreadable lock file has been so for `UNREADABLE_LOCK_STALE_S` seconds: its creator
+  writes the record right after creating it, so it died in between (a `kill -9`)."""
+  try:
+    return time.time() - os.path.getmtime(path) > UNREADABLE_LOCK_STALE_S
+  except OSError:
+    return False
+
+
 def _remove_if_unchanged(path: str, holder: dict) -> bool:
   """Moves the lock aside and deletes it if it still holds `holder`; puts it back if another process
   replaced it in between (then the next creation attempt reports that process)."""
@@ -156,7 +176,7 @@ def _remove_if_unchanged(path: str, holder: dict) -> bool:
     os.rename(path, aside)
   except FileNotFoundError:  # another process recovered it first
     return False
-  if read_lock(aside) == holder:
+  if (read_lock(aside) or {}) == holder:
     os.remove(aside)
     return True
   try:
@@ -267,20 +287,19 @@ def claim(config, workdir: str):
   the `with` block; the lock is released when the block ends, by a return, an exception or a
   preemption. With several processes the others wait for process 0's verdict and fail with it."""
   os.makedirs(workdir, exist_ok=True)
-  lock, error = None, None
-  if jax.process_index() == 0:
-    try:
-      lock = acquire_lock(workdir)
-      check_config_record(config, workdir)
-    except Exception as e:  # pylint: disable=broad-except
-      error = e
-  if not _every_process(error is None):
-    if lock is not None:
-      release_lock(lock)
-    if error is not None:
-      raise error
-    raise RuntimeError(f"process 0 could not start the run in {workdir} (its output says why).")
+  lock = None
   try:
+    error = None
+    if jax.process_index() == 0:
+      try:
+        lock = acquire_lock(workdir)
+        check_config_record(config, workdir)
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+    if not _every_process(error is None):
+      if error is not None:
+        raise error
+      raise RuntimeError(f"process 0 could not start the run in {workdir} (its output says why).")
     yield
   finally:
     if lock is not None:
