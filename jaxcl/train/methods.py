@@ -90,7 +90,7 @@ def loss_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The values `config.loss.name` may take with `config.method`: the losses the method's loss function
   (`self_supervised_loss`, `stateful_loss`, `image_text_loss`) dispatches to."""
   method = config.method
-  stateful = tuple(name for name, methods in STATEFUL_LOSSES.items() if method in methods)
+  stateful = tuple(name for name, accepted in STATEFUL_LOSSES.items() if method in accepted)
   if method in ("simclr", "dcl"):
     return tuple(_pairwise_losses(config)) + stateful
   if method == "multiview":
