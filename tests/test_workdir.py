@@ -41,7 +41,7 @@ def dead_pid() -> int:
 
 
 # ---------------------------------------------------------------------------------------------- lock
-def test_lock_records_the_holder_and_is_released(tmp_path):
+def test_lock_records_the_holder_and_is_released(tmp_path, capsys):
   path = workdir_lib.acquire_lock(str(tmp_path))
   holder = json.load(open(path))
   assert holder["host"] == socket.gethostname() and holder["pid"] == os.getpid() and holder["since"]
@@ -49,6 +49,12 @@ def test_lock_records_the_holder_and_is_released(tmp_path):
     workdir_lib.acquire_lock(str(tmp_path))  # held, even by this process: one run per workdir
   workdir_lib.release_lock(path)
   assert not os.path.exists(path)
+  # this pid in a lock this process did not take: a former process with the same pid (a restarted
+  # container's main process), which no longer runs
+  write_lock(tmp_path, socket.gethostname(), os.getpid())
+  path = workdir_lib.acquire_lock(str(tmp_path))
+  assert f"recovered the stale lock {path}: process {os.getpid()}" in capsys.readouterr().out
+  workdir_lib.release_lock(path)
 
 
 def test_a_second_process_fails_at_once_naming_the_holder_and_a_killed_holder_is_recovered(tmp_path, capsys):

@@ -95,7 +95,7 @@ def acquire_lock(workdir: str) -> str:
       holder = read_lock(path)
       if holder is None and _abandoned(path):
         holder = {}
-      elif holder is None or not _stale(holder):
+      elif holder is None or not _stale(holder, path):
         raise WorkdirLockedError(_held_message(workdir, path, holder)) from None
       if _remove_if_unchanged(path, holder):
         who = _describe(holder) if holder else "its holder (whose record is empty or unreadable)"
@@ -110,6 +110,7 @@ def acquire_lock(workdir: str) -> str:
     except BaseException:  # e.g. SIGTERM right now: leave no lock without a holder behind
       os.remove(path)
       raise
+    _HELD.add(path)
     return path
   raise WorkdirLockedError(_held_message(workdir, path, read_lock(path)))
 
@@ -119,6 +120,7 @@ def release_lock(path: str) -> None:
   holder = read_lock(path)
   if holder is not None and _is_this_process(holder):
     os.remove(path)
+  _HELD.discard(path)
 
 
 def read_lock(path: str) -> dict | None:
@@ -142,11 +144,17 @@ def _is_this_process(holder: dict) -> bool:
   return holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid()
 
 
-def _stale(holder: dict) -> bool:
+_HELD: set[str] = set()  # the lock files this process holds
+
+
+def _stale(holder: dict, path: str) -> bool:
   """Whether the holder ran on this host and its process no longer exists (another host's process
-  cannot be checked from here: its lock is never stale)."""
+  cannot be checked from here: its lock is never stale). A holder with this process's pid that this
+  process did not lock is a former process with the same pid (a restarted container)."""
   if holder.get("host") != socket.gethostname():
     return False
+  if holder["pid"] == os.getpid():
+    return path not in _HELD
   try:
     os.kill(holder["pid"], 0)  # signal 0: only asks whether the process exists
   except (ProcessLookupError, OverflowError):  # no such process (OverflowError: beyond any pid)
