@@ -93,6 +93,8 @@ def acquire_lock(workdir: str) -> str:
       fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
       holder = read_lock(path)
+      if holder is None and not os.path.exists(path):  # released meanwhile
+        continue
       if holder is None and _abandoned(path):
         holder = {}
       elif holder is None or not _stale(holder, path):
@@ -189,7 +191,7 @@ def _remove_if_unchanged(path: str, holder: dict) -> bool:
     return True
   try:
     os.link(aside, path)  # fails if a third process has created a lock meanwhile
-  except FileExistsError:
+  except OSError:
     pass
   os.remove(aside)
   return False
