@@ -6,11 +6,16 @@ Runs on one host or many: on a Cloud TPU VM (one host or every worker of a pod s
 through the TPU metadata) or with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set,
 `jax.distributed.initialize()` connects the processes first. Running again on the same DIR resumes from
 the latest checkpoint.
+
+Exit status: 0 when the run finished (trained `total_steps` and evaluated), `PREEMPTED_EXIT_STATUS` (75)
+when a preemption (SIGTERM) stopped it early with a checkpoint, so that a scheduler or a restart loop
+runs it again; any other non-zero status is an error.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -42,13 +47,35 @@ def _maybe_initialize_distributed() -> None:
     jax.distributed.initialize()  # a Cloud TPU VM or pod slice (GCE or GKE): auto-detected
 
 
-def main(argv) -> None:
+# EX_TEMPFAIL of sysexits.h ("a temporary failure; the user is invited to retry"): the run stopped early,
+# a checkpoint of the stopped step is in the workdir, and running the same command again resumes it.
+PREEMPTED_EXIT_STATUS = 75
+
+
+def exit_status(results: dict) -> int:
+  """The process's exit status for `train_and_evaluate`'s result: 0 for a finished run,
+  `PREEMPTED_EXIT_STATUS` for one that stopped early ({"step": s, "stopped": True})."""
+  return PREEMPTED_EXIT_STATUS if results.get("stopped") else 0
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+  """SIGTERM outside the training loop (which installs its own handler and checkpoints first): exit with
+  `PREEMPTED_EXIT_STATUS` through Python, so the workdir's lock is released on the way out."""
+  del signum, frame
+  raise SystemExit(PREEMPTED_EXIT_STATUS)
+
+
+def main(argv) -> int:
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax/tfds info logs would bury the progress bar
   _maybe_initialize_distributed()
+  import jax
+
+  if jax.process_count() == 1:  # with several processes JAX's preemption service owns SIGTERM
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
   from jaxcl.train import loop  # after distributed init
 
-  loop.train_and_evaluate(_CONFIG.value, FLAGS.value)
+  return exit_status(loop.train_and_evaluate(_CONFIG.value, FLAGS.value))
 
 
 if __name__ == "__main__":

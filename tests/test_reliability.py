@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from jaxcl.main import PREEMPTED_EXIT_STATUS
 from jaxcl.train import config as config_lib
 from jaxcl.train import loop
 from jaxcl.train import metrics as metrics_lib
@@ -183,13 +184,14 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes_bit_identically(data_dir,
   run = Run(workdir, data_dir, "first")
   assert wait_until(lambda: len(logged_steps(workdir)) >= 8, run), run.output()[-3000:]
   run.kill(signal.SIGTERM)
-  assert run.wait() == 0, run.output()[-3000:]
+  assert run.wait() == PREEMPTED_EXIT_STATUS, run.output()[-3000:]  # 75: a scheduler restarts it
   steps = logged_steps(workdir)
   stopped = steps[-1]
   assert stopped < TOTAL_STEPS, "the run ended before the signal: make it longer"
   assert f"Stopped at step {stopped}" in run.output()
   assert checkpoint_steps(workdir)[-1] == stopped  # the interrupted step itself was saved
   assert not (workdir / "results.json").exists()  # no evaluation of a half-trained model
+  assert not (workdir / "jaxcl.lock").exists()  # the lock was released
 
   again = Run(workdir, data_dir, "second")
   assert again.wait() == 0, again.output()[-3000:]
@@ -197,6 +199,15 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes_bit_identically(data_dir,
   assert logged_steps(workdir) == list(range(1, TOTAL_STEPS + 1))  # every step logged exactly once
   assert json.loads((workdir / "results.json").read_text())["step"] == TOTAL_STEPS
   assert_bit_identical(final_params(workdir, data_dir), straight)
+
+
+def test_sigterm_before_the_training_loop_exits_75_and_releases_the_lock(data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  run = Run(workdir, data_dir, "early")
+  assert wait_until(lambda: (workdir / "jaxcl.lock").exists(), run, poll=0.001), run.output()[-3000:]
+  run.kill(signal.SIGTERM)  # while the run compiles, before the loop's own handler is installed
+  assert run.wait() == PREEMPTED_EXIT_STATUS, run.output()[-3000:]
+  assert not (workdir / "jaxcl.lock").exists()
 
 
 # ------------------------------------------------------------------------------------------ kill -9
@@ -389,6 +400,28 @@ def test_batch_size_not_divisible_by_the_devices(data_dir, no_compute, tmp_path)
                r"`config.batch_size` must be a positive multiple of the device count 8, got 20")
 
 
+def test_loss_name_logit_scale_and_encoder_are_checked_before_any_folder(data_dir, no_compute, tmp_path):
+  workdir = tmp_path / "run"
+  for changes, message in [
+      ({"loss__name": "ntxent"}, r"`config.loss.name` for method 'simclr' must be one of \('nt_xent', 'dcl', "
+                                 r"'dclw', 'macl', 'hn_nce', 'positive_aware_infonce', 'isogclr', "
+                                 r"'mcl_nt_xent'\), got 'ntxent'"),
+      ({"method": "multiview", "num_views": 3, "loss__name": "nt_xent"},
+       r"`config.loss.name` for method 'multiview' must be one of \('multiview_infonce', 'mv_dhel', "
+       r"'pairwise_nt_xent'\), got 'nt_xent'"),
+      ({"method": "clip", "loss__name": "clip", "loss__logit_scale_init": 0.0},
+       r"`config.loss.logit_scale_init` must be a finite number > 0 \(the model learns its logarithm\), got 0.0"),
+      ({"method": "clip", "loss__name": "siglip", "loss__logit_scale_init": -10.0},
+       r"`config.loss.logit_scale_init` must be a finite number > 0 .*got -10.0"),
+      ({"model__encoder": "resnet19"}, r"`config.model.encoder` must be one of \('resnet18', .*'mlp'\) \(an "
+                                       r"image encoder of jaxcl.models.build_model\), got 'resnet19'"),
+      ({"model__encoder": "text_transformer"}, r"`config.model.encoder` must be one of .*got 'text_transformer'"),
+  ]:
+    with pytest.raises(ValueError, match=message):
+      loop.train_and_evaluate(tiny_config(data_dir, **changes), str(workdir), progress=False)
+    assert not workdir.exists()  # checked before the workdir was created
+
+
 def write_images(folder: pathlib.Path, names, size=(8, 8)):
   from PIL import Image  # pylint: disable=import-outside-toplevel
 
@@ -494,7 +527,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(data_dir, t
   first[1].kill(signal.SIGTERM)
   codes = [r.wait() for r in first]
   outputs = [r.output() for r in first]
-  assert codes == [0, 0], outputs[1][-3000:]
+  assert codes == [PREEMPTED_EXIT_STATUS] * 2, outputs[1][-3000:]
   stopped = [[l for l in o.splitlines() if l.startswith("Stopped at step ")] for o in outputs]
   assert len(stopped[0]) == 1 and stopped[0] == stopped[1], stopped  # the same step on both processes
   step = int(stopped[0][0].split()[3].rstrip(";"))

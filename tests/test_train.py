@@ -126,6 +126,24 @@ def test_outputs_of_a_run(data_dir, tmp_path):
   assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [2, 4]
 
 
+def test_rerunning_a_finished_run_keeps_one_evaluation_row_and_exit_statuses(data_dir, tmp_path):
+  from jaxcl import main
+  from jaxcl.train import metrics
+
+  config = tiny(load_recipe("simclr_digits"), data_dir, steps=4)
+  stopped = loop.train_and_evaluate(config, str(tmp_path), progress=False, stop_at=2)  # as a preemption
+  assert main.exit_status(stopped) == main.PREEMPTED_EXIT_STATUS == 75
+  finished = loop.train_and_evaluate(config, str(tmp_path), progress=False)
+  assert main.exit_status(finished) == 0
+  again = loop.train_and_evaluate(config, str(tmp_path), progress=False)  # finds step 4: evaluates again
+  assert main.exit_status(again) == 0 and again["knn_accuracy"] == finished["knn_accuracy"]
+  records = metrics.read_metrics(str(tmp_path))
+  evaluations = [r for r in records if "eval/knn_accuracy" in r]
+  assert [r["step"] for r in evaluations] == [4]  # one row, not one per run
+  assert evaluations[0]["eval/knn_accuracy"] == again["knn_accuracy"]
+  assert [r["step"] for r in records if "loss" in r] == [2, 4]
+
+
 def test_bad_config_fails_before_compute(data_dir, tmp_path):
   config = tiny(load_recipe("simclr_digits"), data_dir)
   config.batch_size = 12  # not a multiple of the 8 test devices
@@ -216,6 +234,7 @@ def test_checkpoints_of_another_config_are_an_error(data_dir, tmp_path):
   config = tiny(load_recipe("simclr_digits"), data_dir, steps=2)
   loop.train_and_evaluate(config, str(tmp_path), progress=False)
   config.model.projection_dims = (32, 8)  # parameters of another shape
+  os.remove(tmp_path / "config.json")  # no config record (as from an older jaxcl): the restore itself fails
   with pytest.raises(RuntimeError, match="can be restored into this config"):
     loop.train_and_evaluate(config, str(tmp_path), progress=False)
 

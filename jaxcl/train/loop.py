@@ -31,6 +31,7 @@ from jaxcl.train import config as config_lib
 from jaxcl.train import mcl, methods, optim
 from jaxcl.train import metrics as metrics_lib
 from jaxcl.train import text as text_lib
+from jaxcl.train import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 BATCH_AXES = ("data", "fsdp")
@@ -83,6 +84,10 @@ def validate_config(config: ml_collections.ConfigDict, *, data: bool = True) -> 
   for key in ("learning_rate", "weight_decay", "grad_clip_norm", "warmup_steps"):
     if not config[key] >= 0 or not np.isfinite(config[key]):
       raise ValueError(f"`config.{key}` must be a finite number >= 0, got {config[key]}.")
+  scale = config.loss.logit_scale_init
+  if config.method in methods.IMAGE_TEXT and not (scale > 0 and np.isfinite(scale)):
+    raise ValueError(f"`config.loss.logit_scale_init` must be a finite number > 0 (the model learns its "
+                     f"logarithm), got {scale}.")
   if not 0 <= config.seed < 2**32:
     raise ValueError(f"`config.seed` must be an integer in [0, 2**32), got {config.seed}.")
   choices = {"on_nonfinite": ("stop", "skip"), "optimizer": ("lars", "adamw", "sgd"),
@@ -482,10 +487,19 @@ def train_and_evaluate(
   `stop_at` ends this invocation after that step with a checkpoint and no evaluation, as a preemption
   would (SIGTERM does the same at the next step boundary); running again resumes. Returns the results
   dict, or {"step": s, "stopped": True} when the run stopped early.
+
+  Before anything is created the config is validated and the workdir checked to be writable; the run
+  then holds the workdir's lock and checks the config against the one recorded there
+  (`jaxcl.train.workdir`).
   """
   infos = validate_config(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.check_writable(workdir)
+  with workdir_lib.claim(config, workdir):
+    return _train_and_evaluate(config, workdir, infos, progress=progress, stop_at=stop_at)
+
+
+def _train_and_evaluate(config, workdir: str, infos: dict, *, progress: bool, stop_at: int | None) -> dict:
   lead = jax.process_index() == 0
   mesh = make_mesh(config)
   setup = build_setup(config, infos[config.data.train_split], mesh)
@@ -512,6 +526,8 @@ def train_and_evaluate(
   writer = metrics_lib.MetricsWriter(workdir, enabled=lead, purge_step=start + 1 if start else None)
   if lead:  # steps after the checkpoint were lost (kill -9) and run again: log them once
     metrics_lib.rewind(workdir, start)
+    if start == int(config.total_steps):  # a finished run evaluates again: one row per evaluation
+      metrics_lib.forget_evaluation(workdir, start)
   total = int(config.total_steps)
   bar = _progress(progress and lead, start, total)
   window_start, window_examples = time.perf_counter(), 0

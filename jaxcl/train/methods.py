@@ -69,12 +69,12 @@ def check_method(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"`config.loss.name={config.loss.name!r}` works with the methods {STATEFUL_LOSSES[config.loss.name]}, "
         f"not {config.method!r}.")
-  expected = {"supcon": "supcon", "moco": "infonce", "byol": "negative_cosine", "simsiam": "negative_cosine"}
-  if config.method in expected and config.loss.name != expected[config.method]:
-    raise ValueError(
-        f"`config.loss.name` for method {config.method!r} must be {expected[config.method]!r}, got "
-        f"{config.loss.name!r}.")
+  names = loss_names(config)
+  if config.loss.name not in names:
+    raise ValueError(f"`config.loss.name` for method {config.method!r} must be one of {names}, got "
+                     f"{config.loss.name!r}.")
   mcl.check_config(config)
+  check_encoder(config)
   if config.method in ("byol", "simsiam") and not config.model.predictor_dim:
     raise ValueError(f"method {config.method!r} needs `config.model.predictor_dim` > 0 (a predictor).")
   impls = ("auto",) + ops.available_impls() + SHARDED_IMPLS
@@ -84,6 +84,33 @@ def check_method(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"`config.loss.impl={config.loss.impl!r}` (a sharded engine) works with the losses "
         f"{SHARDABLE_LOSSES}, not {config.loss.name!r}; use 'auto' (GSPMD partitions it).")
+
+
+def loss_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The values `config.loss.name` may take with `config.method`: the losses the method's loss function
+  (`self_supervised_loss`, `stateful_loss`, `image_text_loss`) dispatches to."""
+  method = config.method
+  stateful = tuple(name for name, accepted in STATEFUL_LOSSES.items() if method in accepted)
+  if method in ("simclr", "dcl"):
+    return tuple(_pairwise_losses(config)) + stateful
+  if method == "multiview":
+    return tuple(MULTIVIEW_LOSSES) + ("pairwise_nt_xent",)
+  if method in IMAGE_TEXT:
+    return IMAGE_TEXT_LOSSES
+  return {"supcon": ("supcon",), "moco": ("infonce",), "byol": ("negative_cosine",),
+          "simsiam": ("negative_cosine",)}[method]
+
+
+def check_encoder(config: ml_collections.ConfigDict) -> None:
+  """`config.model.encoder` names an image encoder of `jaxcl.models.build_model`."""
+  names = tuple(n for n in models.model_names() if n != "text_transformer")
+  try:
+    encoder = models.build_model(config.model.encoder) if isinstance(config.model.encoder, str) else None
+  except (ValueError, TypeError):  # an unknown name; the text tower (it needs a vocabulary)
+    encoder = None
+  if encoder is None or isinstance(encoder, models.TextTransformer):
+    raise ValueError(f"`config.model.encoder` must be one of {names} (an image encoder of "
+                     f"jaxcl.models.build_model), got {config.model.encoder!r}.")
 
 
 def build_model(config: ml_collections.ConfigDict, text_side: Any = None) -> nn.Module:
@@ -133,6 +160,9 @@ def _pairwise_losses(config) -> dict:
   }
 
 
+MULTIVIEW_LOSSES = {"multiview_infonce": losses.multiview_infonce, "mv_dhel": losses.mv_dhel}  # + pairwise_nt_xent
+IMAGE_TEXT_LOSSES = ("clip", "siglip")
+
 SHARDABLE_LOSSES = ("nt_xent", "dcl", "dclw", "supcon", "infonce", "clip", "siglip", "macl", "hn_nce",
                     mcl.LOSS_NAME)
 
@@ -153,7 +183,7 @@ def self_supervised_loss(config, online: dict, target: dict | None, labels, queu
   if method == "supcon":
     return losses.supcon(jnp.swapaxes(z, 0, 1), labels, temperature=t, **engine)
   if method == "multiview":
-    table = {"multiview_infonce": losses.multiview_infonce, "mv_dhel": losses.mv_dhel}
+    table = MULTIVIEW_LOSSES
     if name == "pairwise_nt_xent":  # average of NT-Xent over all view pairs
       v = z.shape[0]
       pairs = [(i, j) for i in range(v) for j in range(i + 1, v)]

@@ -67,6 +67,22 @@ def rewind(workdir: str, step: int) -> int:
   A run resumed from the checkpoint at `step` runs the later steps again (a killed process lost them),
   so they would otherwise be logged twice. The file is replaced atomically.
   """
+  return _keep_records(workdir, lambda r: r["step"] <= step)
+
+
+def forget_evaluation(workdir: str, step: int) -> int:
+  """Drops the evaluation records (those with "eval/..." keys) of `step` from `metrics.jsonl`; returns
+  how many.
+
+  A finished run that runs again evaluates its last step again: its new record replaces the old one
+  instead of adding a second row for the same step. The file is replaced atomically.
+  """
+  return _keep_records(workdir, lambda r: r["step"] != step or not any(k.startswith("eval/") for k in r))
+
+
+def _keep_records(workdir: str, keep_record) -> int:
+  """Rewrites `metrics.jsonl` (atomically) with the records for which `keep_record(record)` is true,
+  without cut-short lines; returns how many lines were dropped."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return 0
@@ -75,7 +91,7 @@ def rewind(workdir: str, step: int) -> int:
   keep = []
   for line in lines:
     try:
-      if json.loads(line)["step"] <= step:
+      if keep_record(json.loads(line)):
         keep.append(line if line.endswith("\n") else line + "\n")
     except (ValueError, KeyError, TypeError):
       continue
