@@ -3,7 +3,8 @@
 "Learning the Unlearned: Mitigating Feature Suppression in Contrastive Learning" (Zhang et al., ECCV
 2024). Every stage is the SimCLR recipe; stage t > 1 restricts each anchor's negatives to its cluster in
 the k-means clusterings of the earlier stages' features, so it learns what they suppressed, and is
-evaluated on the concatenation of all stages' features (jaxcl/train/mcl.py):
+evaluated on the concatenation of all stages' features (jaxcl/train/mcl.py). An earlier stage must have
+finished (its results.json is of its newest checkpoint):
 
     python -m jaxcl.main --config=configs/simclr_digits.py --workdir=runs/mcl1
     python -m jaxcl.main --config=configs/mcl_digits.py --workdir=runs/mcl2 \\

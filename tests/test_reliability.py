@@ -1,5 +1,5 @@
-"""Reliability of training runs: preemption (SIGTERM), kill -9, corrupted checkpoints, non-finite steps,
-config and data validation before any compute.
+"""Reliability of training runs: preemption (SIGTERM), kill -9, corrupted checkpoints, non-finite steps
+and updates, checkpoints holding NaN/inf, config and data validation before any compute.
 
 The preemption tests run the real command line (`python -m jaxcl.main`) in a subprocess with a tiny
 SimCLR config on 2 CPU devices, interrupt it, run it again on the same workdir and compare the final
@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,12 +22,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from jaxcl.main import PREEMPTED_EXIT_STATUS
 from jaxcl.train import config as config_lib
 from jaxcl.train import loop
 from jaxcl.train import metrics as metrics_lib
+from jaxcl.train import optim
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -280,21 +283,28 @@ def poison_step(monkeypatch, bad_step: int) -> None:
   monkeypatch.setattr(loop, "train_step", poisoned)
 
 
-def restore_state(workdir, config, step):
+def restore_full_state(workdir, config, step, target=None):
+  """The whole state of checkpoint `step` in `workdir`, read by orbax alone (no check of its values);
+  `target`: the restore target (ShapeDtypeStructs with shardings), built from `config` when None."""
   from jaxcl.data import pipeline  # pylint: disable=import-outside-toplevel
 
-  setup = loop.build_setup(config)
-  abstract, shardings = loop.state_shardings(config, setup, loop.make_mesh(config))
+  if target is None:
+    setup = loop.build_setup(config)
+    abstract, shardings = loop.state_shardings(config, setup, loop.make_mesh(config))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   manager = loop.checkpoint_manager(config, str(workdir))
   try:
     # Restore exactly `step`: the manager restores the newest, so hide the newer ones from it.
     it = iter(pipeline.make_train_loader(config.data, split="train", global_batch_size=16, seed=0))
-    state = manager.restore(step, args=loop.ocp.args.Composite(
-        state=loop.ocp.args.StandardRestore(
-            jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)),
+    return manager.restore(step, args=loop.ocp.args.Composite(
+        state=loop.ocp.args.StandardRestore(target),
         data=__import__("grain").checkpoint.CheckpointRestore(it)))["state"]
   finally:
     manager.close()
+
+
+def restore_state(workdir, config, step):
+  state = restore_full_state(workdir, config, step)
   return [np.asarray(x) for x in jax.tree.leaves(state.params)], int(state.step)
 
 
@@ -334,12 +344,102 @@ def test_nonfinite_step_is_skipped_when_configured(data_dir, monkeypatch, tmp_pa
   assert np.isnan(losses[4]) and np.isfinite([losses[s] for s in (1, 2, 3, 5, 6)]).all()
 
 
+def poison_update(monkeypatch, bad_step: int) -> None:
+  """Makes the optimizer's update of step `bad_step` (1-based) infinite: its loss and gradients stay
+  finite, the parameters it would give do not (inf, or NaN where the update is 0)."""
+  original = optim.make_optimizer
+
+  def poisoned(config):
+    blow_up = optax.scale_by_schedule(lambda count: jnp.where(count == bad_step - 1, jnp.inf, 1.0))
+    return optax.chain(original(config), blow_up)
+
+  monkeypatch.setattr(optim, "make_optimizer", poisoned)
+
+
+def test_an_update_that_would_make_the_state_nonfinite_is_not_applied(data_dir, monkeypatch, tmp_path):
+  config = tiny_config(data_dir, total_steps=6, checkpoint_every=2)
+  poison_update(monkeypatch, 4)  # a checkpoint step: its (bad) state must not be saved
+  with pytest.raises(loop.NonFiniteError) as e:
+    loop.train_and_evaluate(config, str(tmp_path), progress=False)
+  assert str(e.value) == (
+      "step 4: non-finite values: the updated state would hold them in params; the update was not "
+      "applied; stopping (config.on_nonfinite='stop'). The last good checkpoint (step 2) is kept in "
+      f"{tmp_path}/checkpoints.")
+  assert checkpoint_steps(tmp_path) == [2]
+  params, step = restore_state(tmp_path, config, 2)  # (the poisoned optimizer's state structure)
+  assert step == 2 and all(np.isfinite(p).all() for p in params)
+
+
 def test_nonfinite_message_names_the_gradient():
   grads_ok = {"params": {"encoder": {"kernel": True, "bias": True}, "head": {"kernel": False}}}
   m = {"loss": np.float32(1.5), "grad_norm": np.float32(np.inf), "grad_finite": grads_ok}
   assert loop.nonfinite_message(7, m) == (
       "step 7: non-finite values: the gradient of 1 parameter array(s) is not finite "
       "(params/head/kernel; gradient norm inf)")
+
+
+# ---------------------------------------------------------------------- checkpoints with bad values
+def flip_until_nonfinite(workdir: pathlib.Path, config, step: int, scratch: pathlib.Path) -> list[str]:
+  """Flips (XOR 0xff) 4 KB of the largest data file of checkpoint `step` in `workdir`, at the first
+  4 KB-aligned offset where orbax still reads the checkpoint but some values come back NaN or inf
+  (found on copies in `scratch`, checked with numpy on the host). Returns the paths of those arrays.
+
+  The arrays are zstd-compressed without a checksum: a flip inside a block's data decodes silently to
+  other numbers; one in the framing makes orbax raise, the unreadable case (tests/test_train.py).
+  """
+  (data,) = sorted((f for f in (workdir / "checkpoints" / str(step) / "state").rglob("*") if f.is_file()),
+                   key=lambda f: f.stat().st_size)[-1:]
+  relative = data.relative_to(workdir)
+  original = data.read_bytes()
+  setup = loop.build_setup(config)
+  abstract, shardings = loop.state_shardings(config, setup, loop.make_mesh(config))
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  for offset in range(0, len(original) - 4096, 4096):
+    flipped = bytearray(original)
+    flipped[offset:offset + 4096] = bytes(b ^ 0xFF for b in original[offset:offset + 4096])
+    copy = scratch / str(offset)  # a fresh path each time: nothing cached from an earlier read
+    (copy / "checkpoints").mkdir(parents=True)
+    shutil.copytree(workdir / "checkpoints" / str(step), copy / "checkpoints" / str(step))
+    (copy / relative).write_bytes(bytes(flipped))
+    try:
+      state = restore_full_state(copy, config, step, target)
+    except Exception:  # pylint: disable=broad-except
+      continue
+    bad = [jax.tree_util.keystr(p, simple=True, separator="/") for p, x in jax.tree_util.tree_leaves_with_path(state)
+           if np.issubdtype(x.dtype, np.floating) and not np.isfinite(np.asarray(x)).all()]
+    if bad:
+      data.write_bytes(bytes(flipped))
+      return bad
+  pytest.fail(f"no 4 KB flip in {data} gives a readable checkpoint with non-finite values")
+
+
+def test_a_checkpoint_with_flipped_bytes_is_moved_aside_and_the_previous_one_restored(data_dir, tmp_path, capsys):
+  config = tiny_config(data_dir, total_steps=6, checkpoint_every=2)
+  workdir = tmp_path / "run"
+  assert loop.train_and_evaluate(config, str(workdir), progress=False, stop_at=4)["stopped"]
+  assert checkpoint_steps(workdir) == [2, 4]
+  bad = flip_until_nonfinite(workdir, config, 4, tmp_path / "scan")
+  capsys.readouterr()
+  results = loop.train_and_evaluate(config, str(workdir), progress=False)
+  out = capsys.readouterr().out
+  shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+  assert (f"warning: checkpoint at step 4 holds non-finite values (NaN or inf in {len(bad)} array(s): "
+          f"{shown}); trying an older one") in out
+  (moved,) = (workdir / "checkpoints_quarantine").iterdir()
+  assert moved.name.startswith("4-") and (moved / "state").is_dir()
+  assert f"warning: moved the checkpoint of step 4, which holds non-finite values" in out
+  assert f"to {moved}; resuming from step 2" in out and "Resumed from checkpoint at step 2" in out
+  assert results["step"] == 6 and checkpoint_steps(workdir) == [2, 4, 6]
+  state = restore_full_state(workdir, config, 6)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state)
+             if np.issubdtype(x.dtype, np.floating))
+
+
+def test_nonfinite_leaves_names_the_arrays():
+  tree = {"params": {"a": jnp.ones((3,)), "b": jnp.array([1.0, jnp.inf])},
+          "opt_state": (jnp.zeros((2, 2)).at[1, 0].set(jnp.nan), jnp.int32(3)), "step": jnp.int32(1)}
+  assert loop.nonfinite_leaves(tree) == ["opt_state/0", "params/b"]
+  assert loop.nonfinite_leaves({"a": jnp.ones((2,), jnp.bfloat16), "i": jnp.int32(0)}) == []
 
 
 # --------------------------------------------------------------------- validation before any compute

@@ -216,18 +216,61 @@ def test_learning_rate_schedule_counts_optimizer_updates():
   assert accum[2] < 0.01 and plain[2] < 0.01
 
 
+def _steps(folder):
+  return sorted(int(s) for s in os.listdir(folder) if s.isdigit())
+
+
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_path, capsys):
   config = tiny(load_recipe("simclr_digits"), data_dir, steps=6)
+  config.keep_checkpoints = 2
   loop.train_and_evaluate(config, str(tmp_path), progress=False, stop_at=4)
   ckpt = tmp_path / "checkpoints"
-  assert sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) == [2, 4]
+  assert _steps(ckpt) == [2, 4]
   for f in (ckpt / "4" / "state").rglob("*"):  # truncate every file of the latest state
     if f.is_file():
       f.write_bytes(b"")
   results = loop.train_and_evaluate(config, str(tmp_path), progress=False)
-  assert "checkpoint at step 4 is unreadable" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "checkpoint at step 4 is unreadable" in out
+  # moved aside, not deleted, into a folder the message names; orbax no longer counts it
+  (moved,) = (tmp_path / "checkpoints_quarantine").iterdir()
+  assert moved.name.startswith("4-") and (moved / "state" / "_METADATA").is_file()
+  assert "warning: moved the checkpoint of step 4, which is unreadable (" in out
+  assert f"to {moved}; resuming from step 2" in out
   assert results["step"] == 6
-  assert sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) == [2, 4, 6]
+  assert _steps(ckpt) == [4, 6]  # keep_checkpoints=2 over the steps saved after the fallback
+
+
+def test_a_transient_read_error_moves_the_checkpoint_aside_intact(data_dir, tmp_path, capsys, monkeypatch):
+  from jaxcl.data import pipeline
+
+  config = tiny(load_recipe("simclr_digits"), data_dir, steps=4)
+  loop.train_and_evaluate(config, str(tmp_path), progress=False)
+  ckpt = tmp_path / "checkpoints"
+  assert _steps(ckpt) == [2, 4]
+  setup = loop.build_setup(config)
+  abstract, shardings = loop.state_shardings(config, setup, loop.make_mesh(config))
+  manager = loop.checkpoint_manager(config, str(tmp_path))
+  restore = manager.restore
+
+  def flaky(step, *args, **kwargs):  # a network file system that fails once on step 4
+    if step == 4:
+      raise OSError("transient: connection reset by peer")
+    return restore(step, *args, **kwargs)
+
+  monkeypatch.setattr(manager, "restore", flaky)
+  it = iter(pipeline.make_train_loader(config.data, split="train", global_batch_size=16, seed=0))
+  capsys.readouterr()
+  state, step = loop.restore_checkpoint(manager, abstract, shardings, it)
+  assert step == 2 and int(state.step) == 2
+  assert manager.all_steps() == [2] and manager.latest_step() == 2  # the manager does not see step 4
+  manager.close()
+  (moved,) = (tmp_path / "checkpoints_quarantine").iterdir()
+  assert capsys.readouterr().out.splitlines()[-1] == (
+      "warning: moved the checkpoint of step 4, which is unreadable (OSError: transient: connection reset "
+      f"by peer), to {moved}; resuming from step 2")
+  os.rename(moved, ckpt / "4")  # the checkpoint is intact: put back, it restores
+  assert int(final_state(config, str(tmp_path), 4).step) == 4
 
 
 def test_checkpoints_of_another_config_are_an_error(data_dir, tmp_path):

@@ -6,6 +6,8 @@ the anchor's cluster, and is evaluated on the concatenation of every stage's fea
 """
 
 import json
+import os
+import re
 
 import jax
 import numpy as np
@@ -59,6 +61,28 @@ def test_mcl_config_errors(data_dir, stage_one, tmp_path):
   other_model.model.projection_dims = (32, 8)
   with pytest.raises(ValueError, match=r"every MCL stage must use the same `config.model`"):
     loop.train_and_evaluate(other_model, str(tmp_path / "bad"), progress=False)
+
+
+def test_an_unfinished_earlier_stage_is_an_error(data_dir, tmp_path):
+  first = tiny(load_recipe("simclr_digits"), data_dir, steps=4)
+  stage = str(tmp_path / "stage1")
+  assert loop.train_and_evaluate(first, stage, progress=False, stop_at=2)["stopped"]  # 2 of 4 steps
+  config = _stage_two(data_dir, stage, 4)
+  with pytest.raises(ValueError, match=re.escape(
+      f"`config.loss.mcl_previous_stages` names '{stage}', which has not finished: its newest checkpoint "
+      "is step 2, and it has no results.json (a run writes it when it reaches its `total_steps`, the step "
+      "expected).")):
+    loop.train_and_evaluate(config, str(tmp_path / "stage2"), progress=False)
+  assert not (tmp_path / "stage2").exists()  # refused before anything was made
+  loop.train_and_evaluate(first, stage, progress=False)  # the stage finishes
+  assert mcl.stage_final_step(stage) == 4
+  loop.validate_config(config, data=False)
+  # its final checkpoint moved away (e.g. quarantined as unreadable): the newest is step 2 again
+  os.rename(f"{stage}/checkpoints/4", tmp_path / "aside")
+  with pytest.raises(ValueError, match=re.escape(
+      f"names '{stage}', which has not finished: its newest checkpoint is step 2, expected step 4 (the "
+      "final step of its results.json)")):
+    loop.validate_config(config, data=False)
 
 
 def test_one_cluster_ring_stage_trains_like_nt_xent_and_resumes(data_dir, stage_one, tmp_path):

@@ -26,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.async_checkpointing = False
   c.eval_every = 500
   c.log_every = 50
-  c.on_nonfinite = "stop"  # stop | skip
+  c.on_nonfinite = "stop"  # stop | skip a step whose loss, gradient or updated state is not finite
 
   c.method = "simclr"  # simclr | dcl | supcon | multiview | moco | byol | simsiam | clip | siglip | lit
   c.loss = ml_collections.ConfigDict()

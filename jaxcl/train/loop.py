@@ -7,6 +7,7 @@ and writes `results.json`, `metrics.jsonl`, TensorBoard events and PNG plots.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -54,7 +55,7 @@ class TrainState:
 
 
 class NonFiniteError(FloatingPointError):
-  """Raised when a step produced a non-finite loss or gradient and `on_nonfinite == "stop"`."""
+  """Raised when a step produced a non-finite loss, gradient or updated state and `on_nonfinite == "stop"`."""
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -246,7 +247,9 @@ def state_shardings(config, setup: Setup, mesh):
 
 # ----------------------------------------------------------------------------------------- train step
 def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-  """One optimisation step (jit-compiled by the loop). Non-finite steps leave the state unchanged."""
+  """One optimisation step (jit-compiled by the loop). Non-finite steps leave the state unchanged: a
+  non-finite loss or gradient norm, or an update that would put a NaN or inf anywhere into the state
+  (parameters, optimizer state, batch statistics, ...; `finite_parts`)."""
   model = setup.model
   key = jax.random.fold_in(jax.random.key(config.seed), state.step)
   images = batch["image"]
@@ -306,13 +309,48 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
         queue=jax.lax.dynamic_update_slice(state.queue, keys.astype(state.queue.dtype), (state.queue_ptr, 0)),
         queue_ptr=(state.queue_ptr + b) % config.momentum.queue_size,
     )
+  state_finite = finite_parts(new)  # the update itself: no non-finite value enters the state
+  finite = finite & jnp.all(jnp.stack(list(state_finite.values())))
   new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
   new = new.replace(step=state.step + 1)
   metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "grad_finite": grad_finite,
-             "learning_rate": optim.learning_rate_at(config, state.step)}
+             "state_finite": state_finite, "learning_rate": optim.learning_rate_at(config, state.step)}
   if "logit_scale" in aux:
     metrics["logit_scale"] = aux["logit_scale"]
   return new, metrics
+
+
+def _floating_leaves(tree) -> list[tuple[str, jax.Array]]:
+  """(path, array) of the floating-point leaves of `tree` (the ones that can hold NaN or ±inf)."""
+  return [(jax.tree_util.keystr(path, simple=True, separator="/"), x)
+          for path, x in jax.tree_util.tree_leaves_with_path(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+
+
+def finite_parts(state: TrainState) -> dict[str, jax.Array]:
+  """{field: all(isfinite(x)) over every floating leaf x of that field of `state`} (traced in the step)."""
+  parts = {}
+  for field in dataclasses.fields(state):
+    leaves = [x for _, x in _floating_leaves(getattr(state, field.name))]
+    if leaves:
+      parts[field.name] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+  return parts
+
+
+def nonfinite_leaves(tree) -> list[str]:
+  """The paths ("params/encoder/dense0/kernel") of the floating leaves of `tree` holding a NaN or ±inf;
+  [] when all are finite.
+
+  One jitted computation on the devices, all(isfinite(x)) of every leaf stacked into one (L,) vector
+  (replicated), and one transfer of those L booleans; no host loop over the arrays.
+  """
+  named = _floating_leaves(tree)
+  if not named:
+    return []
+  names, leaves = zip(*named)
+  sharding = getattr(leaves[0], "sharding", None)
+  out = NamedSharding(sharding.mesh, P()) if isinstance(sharding, NamedSharding) else None
+  ok = jax.jit(lambda xs: jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]), out_shardings=out)(list(leaves))
+  return [name for name, good in zip(names, np.asarray(ok)) if not good]
 
 
 # ------------------------------------------------------------------------------------------ checkpoint
@@ -343,30 +381,69 @@ def save_checkpoint(manager, step: int, state: TrainState, data_iter) -> None:
 
 
 def restore_checkpoint(manager, abstract_state, shardings, data_iter) -> tuple[TrainState | None, int]:
-  """Restores the newest readable checkpoint (falling back to older ones); (None, 0) if none."""
+  """Restores the newest good checkpoint, falling back to older ones; (None, 0) if there is none.
+
+  Good: orbax reads it into this config's state, and every floating leaf of the state is finite
+  (`nonfinite_leaves`; the parameters, the optimizer state, ...). The unreadable or non-finite newer
+  checkpoints are moved to workdir/checkpoints_quarantine (`quarantine_checkpoint`), never deleted: a
+  transient read error must not destroy a good checkpoint. When none is good nothing is moved and a
+  RuntimeError lists why each failed.
+  """
   import grain
 
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
   steps = sorted(manager.all_steps(), reverse=True)
-  errors = []
+  errors = {}
   for step in steps:
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iter)))
     except Exception as e:  # pylint: disable=broad-except
-      errors.append(f"step {step}: {type(e).__name__}: {e}")
-      print(f"warning: checkpoint at step {step} is unreadable ({type(e).__name__}: {e}); trying an older one")
+      errors[step] = f"is unreadable ({type(e).__name__}: {e})"
+      print(f"warning: checkpoint at step {step} {errors[step]}; trying an older one")
       continue
-    for newer in steps:  # orbax never saves at or below its latest step: drop the unreadable ones
+    bad = nonfinite_leaves(restored["state"])
+    if bad:
+      shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+      errors[step] = f"holds non-finite values (NaN or inf in {len(bad)} array(s): {shown})"
+      print(f"warning: checkpoint at step {step} {errors[step]}; trying an older one")
+      continue
+    for newer in steps:  # orbax never saves at or below its latest step: move the bad ones aside
       if newer > step:
-        manager.delete(newer)
+        moved = quarantine_checkpoint(manager, newer)
+        print(f"warning: moved the checkpoint of step {newer}, which {errors[newer]}, to {moved}; "
+              f"resuming from step {step}")
     return restored["state"], step
   if steps:
     raise RuntimeError(
         f"none of the checkpoints {sorted(steps)} in {manager.directory} can be restored into this "
         "config (a changed model or optimizer setting?). Use another --workdir or remove them.\n"
-        + "\n".join(errors))
+        + "\n".join(f"step {s} {why}" for s, why in errors.items()))
   return None, 0
+
+
+def quarantine_checkpoint(manager, step: int) -> str:
+  """Moves the checkpoint of `step` out of `manager`'s folder (workdir/checkpoints) to
+  workdir/checkpoints_quarantine/<step>-<UTC time>, and returns that path.
+
+  The manager is reloaded, so the step leaves its step list (and `keep_checkpoints` counts only the
+  steps still there). Several processes: the first moves it, all wait for the move, then reload.
+  """
+  source = os.path.join(str(manager.directory), str(step))
+  folder = os.path.join(os.path.dirname(str(manager.directory)), "checkpoints_quarantine")
+  moved = os.path.join(folder, f"{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+  if jax.process_index() == 0:
+    os.makedirs(folder, exist_ok=True)
+    suffix, base = 1, moved
+    while os.path.exists(moved):  # the same step quarantined twice within one second
+      moved, suffix = f"{base}.{suffix}", suffix + 1
+    os.rename(source, moved)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+    multihost_utils.sync_global_devices(f"jaxcl quarantine checkpoint {step}")
+  manager.reload()
+  return moved
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -441,8 +518,8 @@ def raw_pixel_baseline(config, setup: Setup, train: dict, test: dict) -> dict[st
 
 
 def final_variables(workdirs, abstract: TrainState, shardings: TrainState) -> tuple:
-  """The variables ({"params", "batch_stats"}) of the newest checkpoint in each of `workdirs`, restored
-  with this run's model structure and shardings (`mcl.load_stage_variables`)."""
+  """The variables ({"params", "batch_stats"}) of the final checkpoint of each of `workdirs` (finished
+  runs), restored with this run's model structure and shardings (`mcl.load_stage_variables`)."""
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         _variables(abstract), _variables(shardings))
   return tuple(mcl.load_stage_variables(w, target) for w in workdirs)
@@ -510,6 +587,7 @@ def _train_and_evaluate(config, workdir: str, infos: dict, *, progress: bool, st
   abstract, shardings = state_shardings(config, setup, mesh)
   manager = checkpoint_manager(config, workdir)
   state, start = restore_checkpoint(manager, abstract, shardings, data_iter)
+  good = start if state is not None else None  # the newest checkpoint verified finite (restored or saved)
   earlier = mcl_earlier_stages(config, abstract, shardings)
   eval_data = None  # (train, test) arrays, loaded once when first needed
   if state is None:
@@ -544,20 +622,20 @@ def _train_and_evaluate(config, workdir: str, infos: dict, *, progress: bool, st
       if not bool(m["finite"]):
         msg = nonfinite_message(step, m) + "; the update was not applied"
         if config.on_nonfinite == "stop":
-          last = manager.latest_step()
-          kept = f"step {last}" if last is not None else "none yet"
+          kept = f"step {good}" if good is not None else "none yet"
           raise NonFiniteError(msg + f"; stopping (config.on_nonfinite='stop'). The last good checkpoint "
                                f"({kept}) is kept in {workdir}/checkpoints.")
         print("warning: " + msg + "; skipping it (config.on_nonfinite='skip').")
       if step % config.log_every == 0 or step == total:
         elapsed = time.perf_counter() - window_start
-        record = {k: float(v) for k, v in m.items() if k not in ("finite", "grad_finite")}
+        record = {k: float(v) for k, v in m.items() if k not in ("finite", "grad_finite", "state_finite")}
         record["examples_per_sec"] = window_examples / max(elapsed, 1e-9)
         writer.write(step, record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_sec']:.0f}")
         window_start, window_examples = time.perf_counter(), 0
       if step % config.checkpoint_every == 0 or step == total:
         save_checkpoint(manager, step, state, data_iter)
+        good = step  # every step's guard covered the whole state (`train_step`)
       if step % config.eval_every == 0 and step != total:
         eval_data = eval_data or _eval_data(config)
         r = evaluate(config, setup, _variables(state), *eval_data, earlier=earlier)
@@ -597,7 +675,8 @@ def _train_and_evaluate(config, workdir: str, infos: dict, *, progress: bool, st
 
 
 def nonfinite_message(step: int, m: dict) -> str:
-  """Names the step and what was not finite: the loss, and/or the gradients of which parameters."""
+  """Names the step and what was not finite: the loss, the gradients of which parameters, and which
+  fields of the updated state (`m["state_finite"]`, e.g. "params, opt_state")."""
   loss = float(m["loss"])
   parts = []
   if not np.isfinite(loss):
@@ -610,6 +689,9 @@ def nonfinite_message(step: int, m: dict) -> str:
                  f"{float(m['grad_norm'])})")
   elif not np.isfinite(float(m["grad_norm"])):
     parts.append(f"the gradient norm is {float(m['grad_norm'])}")
+  bad_state = [field for field, ok in m.get("state_finite", {}).items() if not bool(ok)]
+  if bad_state:
+    parts.append(f"the updated state would hold them in {', '.join(bad_state)}")
   return f"step {step}: non-finite values: " + "; ".join(parts or ["(unknown quantity)"])
 
 

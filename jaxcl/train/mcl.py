@@ -7,6 +7,7 @@ with `config.loss.name = "mcl_nt_xent"` and `config.loss.mcl_previous_stages = "
 work directories of the earlier stages (same `config.model`). When stage t starts from scratch:
 
 1. every earlier stage's final model embeds the train split (backbone features, in example-id order);
+   an earlier stage must have finished (`stage_final_step`: its results.json is of its newest checkpoint);
 2. each stage's features are clustered by k-means into `config.loss.mcl_num_clusters` clusters
    (spherical: cosine similarity, `losses.subclass_kmeans` with one class; `config.loss.mcl_kmeans_iters`
    Lloyd steps, Forgy init from `config.seed`);
@@ -25,6 +26,7 @@ features (not the projections), Forgy initialisation, ids of examples outside th
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable
 
@@ -62,23 +64,49 @@ def check_config(config) -> None:
       raise ValueError(
           f"`config.loss.mcl_previous_stages` names {workdir!r}, which has no checkpoints/ folder (train "
           "that stage first).")
+    stage_final_step(workdir)
   if int(config.loss.mcl_num_clusters) < 1:
     raise ValueError(f"`config.loss.mcl_num_clusters` must be >= 1, got {config.loss.mcl_num_clusters}.")
   if int(config.loss.mcl_kmeans_iters) < 0:
     raise ValueError(f"`config.loss.mcl_kmeans_iters` must be >= 0, got {config.loss.mcl_kmeans_iters}.")
 
 
+def stage_final_step(workdir: str) -> int:
+  """The final step of the earlier stage in `workdir`, which must have finished.
+
+  Finished: the run wrote results.json (at its end, with "step" = its `config.total_steps`) and that
+  step is its newest checkpoint. A ValueError names the workdir, the step found (the newest checkpoint)
+  and the step expected otherwise: a stage stopped early (preempted, `stop_at`) is not used.
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(name) for name in os.listdir(directory) if name.isdigit()) if os.path.isdir(directory) else []
+  found = f"step {steps[-1]}" if steps else "none"
+  results = os.path.join(workdir, "results.json")
+  if not os.path.exists(results):
+    raise ValueError(
+        f"`config.loss.mcl_previous_stages` names {workdir!r}, which has not finished: its newest checkpoint "
+        f"is {found}, and it has no results.json (a run writes it when it reaches its `total_steps`, the "
+        "step expected). Run that stage to the end first (the same command resumes it).")
+  with open(results) as f:
+    expected = int(json.load(f)["step"])
+  if not steps or steps[-1] != expected:
+    raise ValueError(
+        f"`config.loss.mcl_previous_stages` names {workdir!r}, which has not finished: its newest checkpoint "
+        f"is {found}, expected step {expected} (the final step of its results.json). Run that stage to "
+        "the end first.")
+  return expected
+
+
 def load_stage_variables(workdir: str, target: dict) -> dict:
-  """{"params", "batch_stats"} of the newest checkpoint in `workdir` (only those are read).
+  """{"params", "batch_stats"} of the final checkpoint of the finished stage in `workdir`
+  (`stage_final_step`; only those are read).
 
   `target` gives their structure as `jax.ShapeDtypeStruct`s with shardings (this run's model: the stages
   share `config.model`).
   """
   directory = os.path.join(workdir, "checkpoints")
+  step = stage_final_step(workdir)
   manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
-  step = manager.latest_step()
-  if step is None:
-    raise ValueError(f"the earlier MCL stage {workdir!r} has no finished checkpoint in {directory}.")
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
   try:
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
