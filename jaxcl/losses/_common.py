@@ -21,16 +21,25 @@ NORM_EPS = 1e-6
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = NORM_EPS) -> jax.Array:
   """x / max(‖x‖₂, eps), computed in float32 and returned in x's dtype (gradients flow through).
 
-  The norm is taken of x / m, m = max_i |x_i| (‖x‖ = m ‖x/m‖), so squaring cannot overflow even for norms
-  near the float32 maximum: x / max(‖x‖, eps) = x · (1/m) / max(‖x/m‖, eps/m). Only a (B, 1) factor
-  multiplies x, which keeps the backward pass as light as the naive formula.
+  With m = max_i |x_i|, s = √m and u = (x / s) / s (so |u_i| <= 1 and ‖u‖ is in [1, √D]: squaring
+  cannot overflow or underflow, for any row up to float32's maximum):
+
+      x / max(‖x‖, eps) = u / ‖u‖        if s² ‖u‖ >= eps
+                        = u · s² / eps   otherwise (a row shorter than eps is scaled by 1/eps)
+
+  Dividing twice by s, not once by m, keeps every reciprocal a normal float32 number (1/m is subnormal,
+  flushed to 0, beyond m ≈ 1e38, and XLA divides by multiplying with the reciprocal). Only (B, 1)
+  factors multiply the rows. A zero row stays zero with a finite gradient; rows of subnormal numbers
+  are zero where the hardware flushes subnormals to zero (XLA on CPU, GPU and TPU).
   """
   x32 = x.astype(jnp.float32)
-  m = jnp.max(jnp.abs(x32), axis=axis, keepdims=True)
-  m = jax.lax.stop_gradient(jnp.where(m > 0, m, 1.0))  # the result does not depend on m
-  sq = jnp.sum(jnp.square(x32 / m), axis=axis, keepdims=True)  # >= 1 unless x = 0
-  norm = jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)  # finite gradient at x = 0
-  return (x32 * ((1.0 / m) / jnp.maximum(norm, eps / m))).astype(x.dtype)
+  m = jax.lax.stop_gradient(jnp.max(jnp.abs(x32), axis=axis, keepdims=True, initial=0.0))
+  s = jax.lax.stop_gradient(jnp.sqrt(jnp.where(m > 0, m, 1.0)))  # the result does not depend on s
+  u = x32 / s / s
+  sq = jnp.sum(jnp.square(u), axis=axis, keepdims=True)  # about 1 or more unless x = 0
+  norm_u = jnp.sqrt(jnp.where(sq > 0, sq, 1.0))  # finite gradient at x = 0
+  factor = jnp.where(m * norm_u >= eps, 1.0 / norm_u, s * s / eps)  # x = 0: s = 1, factor 1/eps
+  return (u * factor).astype(x.dtype)
 
 
 def maybe_normalize(x: jax.Array, normalize: bool) -> jax.Array:
