@@ -64,19 +64,64 @@ def pair(name_a: str, a, name_b: str, b, *, normalize: bool = True, why: str = "
 
 
 def inverse_temperature(temperature, name: str = "temperature") -> jax.Array:
-  """1 / temperature as float32, after checking that a concrete temperature is positive."""
-  _checks.check_positive(name, temperature)
-  return 1.0 / jnp.asarray(temperature, jnp.float32)
+  """1 / temperature as a float32 scalar, after checking the shape (() or (1,)) and that a concrete
+  temperature is positive with 1/temperature <= `_checks.MAX_SCALE`."""
+  _checks.check_temperature(name, temperature)
+  return 1.0 / _checks.check_scalar(name, temperature)
 
 
 def logit_scale(value, name: str = "logit_scale") -> jax.Array:
-  _checks.check_positive(name, value)
-  return jnp.asarray(value, jnp.float32)
+  """A multiplier of cosines as a float32 scalar, after checking the shape (() or (1,)) and that a
+  concrete value is positive and <= `_checks.MAX_SCALE`."""
+  _checks.check_scale(name, value)
+  return _checks.check_scalar(name, value)
+
+
+def logit_bias(value, name: str = "logit_bias") -> jax.Array:
+  """An additive logit bias as a float32 scalar, after checking the shape (() or (1,)) and that a
+  concrete value is finite with |value| <= `_checks.MAX_SCALE`."""
+  _checks.check_bias(name, value)
+  return _checks.check_scalar(name, value)
 
 
 def rowwise_dot(a: jax.Array, b: jax.Array) -> jax.Array:
   """<a_i, b_i> per row, float32 accumulation."""
   return jnp.einsum("id,id->i", a, b, preferred_element_type=jnp.float32)
+
+
+def _shown_argument(value) -> str:
+  if isinstance(value, (bool, int, float, str)) or value is None:
+    return repr(value)
+  return f"<{type(value).__name__} of shape {tuple(jnp.shape(value))}>"
+
+
+def keyword_only(loss):
+  """Turns a call with too many positional arguments, e.g. `clip(a, b, 10.)`, into a TypeError that
+  names the loss and the keyword: "clip() takes 2 positional arguments (image, text); pass
+  logit_scale=10.0 by keyword" (the extra values are matched to the keyword-only parameters in order).
+  Put it above every other decorator of a public loss."""
+  params = inspect.signature(loss).parameters.values()
+  positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  keywords = [p.name for p in params if p.kind == p.KEYWORD_ONLY]
+  if any(p.kind == p.VAR_POSITIONAL for p in params):
+    return loss  # takes any number of positional arguments
+
+  @functools.wraps(loss)
+  def wrapper(*args, **kwargs):
+    if len(args) > len(positional):
+      extra = args[len(positional):]
+      if len(extra) <= len(keywords):
+        hint = ", ".join(f"{k}={_shown_argument(v)}" for k, v in zip(keywords, extra))
+        hint = f"; pass {hint} by keyword"
+      else:
+        hint = f"; the others are keyword-only ({', '.join(keywords)})" if keywords else ""
+      raise TypeError(
+          f"{loss.__name__}() takes {len(positional)} positional arguments ({', '.join(positional)}), "
+          f"got {len(args)}{hint}."
+      )
+    return loss(*args, **kwargs)
+
+  return wrapper
 
 
 # --------------------------------------------------------------------------- batches split over devices
