@@ -24,7 +24,7 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = NORM_EPS) -> jax.Arr
   With m = max_i |x_i|, s = √m and u = (x / s) / s (so |u_i| <= 1 and ‖u‖ is in [1, √D]: squaring
   cannot overflow or underflow, for any row up to float32's maximum):
 
-      x / max(‖x‖, eps) = u / ‖u‖        if s² ‖u‖ >= eps
+      x / max(‖x‖, eps) = u / ‖u‖        if m ‖u‖ >= eps (that is ‖x‖ >= eps)
                         = u · s² / eps   otherwise (a row shorter than eps is scaled by 1/eps)
 
   Dividing twice by s, not once by m, keeps every reciprocal a normal float32 number (1/m is subnormal,
