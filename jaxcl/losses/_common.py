@@ -21,16 +21,25 @@ NORM_EPS = 1e-6
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = NORM_EPS) -> jax.Array:
   """x / max(‖x‖₂, eps), computed in float32 and returned in x's dtype (gradients flow through).
 
-  The norm is taken of x / m, m = max_i |x_i| (‖x‖ = m ‖x/m‖), so squaring cannot overflow even for norms
-  near the float32 maximum: x / max(‖x‖, eps) = x · (1/m) / max(‖x/m‖, eps/m). Only a (B, 1) factor
-  multiplies x, which keeps the backward pass as light as the naive formula.
+  With m = max_i |x_i|, s = √m and u = (x / s) / s (so |u_i| <= 1 and ‖u‖ is in [1, √D]: squaring
+  cannot overflow or underflow, for any row up to float32's maximum):
+
+      x / max(‖x‖, eps) = u / ‖u‖        if m ‖u‖ >= eps (that is ‖x‖ >= eps)
+                        = u · s² / eps   otherwise (a row shorter than eps is scaled by 1/eps)
+
+  Dividing twice by s, not once by m, keeps every reciprocal a normal float32 number (1/m is subnormal,
+  flushed to 0, beyond m ≈ 1e38, and XLA divides by multiplying with the reciprocal). Only (B, 1)
+  factors multiply the rows. A zero row stays zero with a finite gradient; rows of subnormal numbers
+  are zero where the hardware flushes subnormals to zero (XLA on CPU, GPU and TPU).
   """
   x32 = x.astype(jnp.float32)
-  m = jnp.max(jnp.abs(x32), axis=axis, keepdims=True)
-  m = jax.lax.stop_gradient(jnp.where(m > 0, m, 1.0))  # the result does not depend on m
-  sq = jnp.sum(jnp.square(x32 / m), axis=axis, keepdims=True)  # >= 1 unless x = 0
-  norm = jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)  # finite gradient at x = 0
-  return (x32 * ((1.0 / m) / jnp.maximum(norm, eps / m))).astype(x.dtype)
+  m = jax.lax.stop_gradient(jnp.max(jnp.abs(x32), axis=axis, keepdims=True, initial=0.0))
+  s = jax.lax.stop_gradient(jnp.sqrt(jnp.where(m > 0, m, 1.0)))  # the result does not depend on s
+  u = x32 / s / s
+  sq = jnp.sum(jnp.square(u), axis=axis, keepdims=True)  # about 1 or more unless x = 0
+  norm_u = jnp.sqrt(jnp.where(sq > 0, sq, 1.0))  # finite gradient at x = 0
+  factor = jnp.where(m * norm_u >= eps, 1.0 / norm_u, s * s / eps)  # x = 0: s = 1, factor 1/eps
+  return (u * factor).astype(x.dtype)
 
 
 def maybe_normalize(x: jax.Array, normalize: bool) -> jax.Array:
@@ -55,19 +64,64 @@ def pair(name_a: str, a, name_b: str, b, *, normalize: bool = True, why: str = "
 
 
 def inverse_temperature(temperature, name: str = "temperature") -> jax.Array:
-  """1 / temperature as float32, after checking that a concrete temperature is positive."""
-  _checks.check_positive(name, temperature)
-  return 1.0 / jnp.asarray(temperature, jnp.float32)
+  """1 / temperature as a float32 scalar, after checking the shape (() or (1,)) and that a concrete
+  temperature is positive with 1/temperature <= `_checks.MAX_SCALE`."""
+  _checks.check_temperature(name, temperature)
+  return 1.0 / _checks.check_scalar(name, temperature)
 
 
 def logit_scale(value, name: str = "logit_scale") -> jax.Array:
-  _checks.check_positive(name, value)
-  return jnp.asarray(value, jnp.float32)
+  """A multiplier of cosines as a float32 scalar, after checking the shape (() or (1,)) and that a
+  concrete value is positive and <= `_checks.MAX_SCALE`."""
+  _checks.check_scale(name, value)
+  return _checks.check_scalar(name, value)
+
+
+def logit_bias(value, name: str = "logit_bias") -> jax.Array:
+  """An additive logit bias as a float32 scalar, after checking the shape (() or (1,)) and that a
+  concrete value is finite with |value| <= `_checks.MAX_SCALE`."""
+  _checks.check_bias(name, value)
+  return _checks.check_scalar(name, value)
 
 
 def rowwise_dot(a: jax.Array, b: jax.Array) -> jax.Array:
   """<a_i, b_i> per row, float32 accumulation."""
   return jnp.einsum("id,id->i", a, b, preferred_element_type=jnp.float32)
+
+
+def _shown_argument(value) -> str:
+  if isinstance(value, (bool, int, float, str)) or value is None:
+    return repr(value)
+  return f"<{type(value).__name__} of shape {tuple(jnp.shape(value))}>"
+
+
+def keyword_only(loss):
+  """Turns a call with too many positional arguments, e.g. `clip(a, b, 10.)`, into a TypeError that
+  names the loss and the keyword: "clip() takes 2 positional arguments (image, text); pass
+  logit_scale=10.0 by keyword" (the extra values are matched to the keyword-only parameters in order).
+  Put it above every other decorator of a public loss."""
+  params = inspect.signature(loss).parameters.values()
+  positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  keywords = [p.name for p in params if p.kind == p.KEYWORD_ONLY]
+  if any(p.kind == p.VAR_POSITIONAL for p in params):
+    return loss  # takes any number of positional arguments
+
+  @functools.wraps(loss)
+  def wrapper(*args, **kwargs):
+    if len(args) > len(positional):
+      extra = args[len(positional):]
+      if len(extra) <= len(keywords):
+        hint = ", ".join(f"{k}={_shown_argument(v)}" for k, v in zip(keywords, extra))
+        hint = f"; pass {hint} by keyword"
+      else:
+        hint = f"; the others are keyword-only ({', '.join(keywords)})" if keywords else ""
+      raise TypeError(
+          f"{loss.__name__}() takes {len(positional)} positional arguments ({', '.join(positional)}), "
+          f"got {len(args)}{hint}."
+      )
+    return loss(*args, **kwargs)
+
+  return wrapper
 
 
 # --------------------------------------------------------------------------- batches split over devices

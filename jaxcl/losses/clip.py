@@ -10,6 +10,7 @@ from jaxcl import ops
 from jaxcl.losses import _common
 
 
+@_common.keyword_only
 @_common.shardable("image", "text")
 def clip(
     image: jax.Array,
@@ -46,6 +47,7 @@ def clip(
   return 0.5 * _common.batch_mean(lse.rows + lse.cols - 2.0 * positive, axis_name)
 
 
+@_common.keyword_only
 @_common.shardable("image", "text")
 def siglip(
     image: jax.Array,
@@ -77,10 +79,7 @@ def siglip(
   del mesh  # handled by @shardable
   i, t = _common.pair("image", image, "text", text, normalize=normalize)
   scale = _common.logit_scale(logit_scale)
-  _checks.check_finite("logit_bias", logit_bias)
-  bias = jnp.asarray(logit_bias, jnp.float32)
-  if bias.shape != ():
-    raise ValueError(f"`logit_bias` must be a scalar, got shape {bias.shape}.")
+  bias = _common.logit_bias(logit_bias)
   return _common.batch_mean(
       ops.sigmoid_sum(i, t, scale=scale, bias=bias, impl=impl, axis_name=axis_name), axis_name
   )

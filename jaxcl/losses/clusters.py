@@ -47,6 +47,7 @@ def _segment_stats(z32: jax.Array, ids: jax.Array):
 
 
 # ------------------------------------------------------------------------------------------ k-means
+@_common.keyword_only
 def subclass_kmeans(
     features: jax.Array,
     labels: jax.Array,
@@ -138,6 +139,7 @@ def subclass_kmeans(
 
 
 # --------------------------------------------------------------------------------------------- SBCL
+@_common.keyword_only
 def sbcl(
     features: jax.Array,
     labels: jax.Array,
@@ -229,7 +231,7 @@ def sbcl(
     inv_t2 = inv_t1
   else:
     tau2 = jnp.asarray(class_temperature)
-    _checks.check_positive("class_temperature", tau2)
+    _checks.check_temperature("class_temperature", tau2)
     if tau2.ndim == 0:
       inv_t2 = 1.0 / tau2.astype(jnp.float32)
     elif tau2.ndim == 1:
@@ -279,6 +281,7 @@ def sbcl(
 
 
 # ------------------------------------------------------------------------------------- focal SupCon
+@_common.keyword_only
 def focal_supcon(
     features: jax.Array,
     labels: jax.Array,
@@ -363,6 +366,7 @@ def _tiled_is_dense(impl: str, n: int, n_cols: int | None = None) -> bool:
 
 
 # ------------------------------------------------------------------------------ gated arbitrary pairs
+@_common.keyword_only
 def gated_pair_infonce(
     query: jax.Array,
     key: jax.Array,
@@ -512,6 +516,7 @@ def gated_pair_infonce(
 
 
 # --------------------------------------------------------------------------------------------- MLCD
+@_common.keyword_only
 def mlcd(
     features: jax.Array,
     centers: jax.Array,
@@ -573,6 +578,7 @@ def mlcd(
         f"`features` and `centers` must have the same feature size, got {f.shape} and {c.shape}."
     )
   _checks.check_min_batch("features", f, 1, why="the mean needs a sample")
+  _checks.check_int32("positives", positives)
   positives = jnp.asarray(positives)
   if positives.ndim != 2 or positives.shape[0] != f.shape[0]:
     raise ValueError(f"`positives` must have shape ({f.shape[0]}, k), got {positives.shape}.")

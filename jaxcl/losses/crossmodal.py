@@ -29,6 +29,7 @@ def _check_weights(weights, b: int) -> jax.Array:
   return weights.astype(jnp.float32)
 
 
+@_common.keyword_only
 def cwcl(
     frozen: jax.Array,
     trained: jax.Array,
@@ -93,6 +94,7 @@ def cwcl(
   return 0.5 * (jnp.mean(rows) + jnp.mean(cols))
 
 
+@_common.keyword_only
 def symile(
     *modalities: jax.Array,
     logit_scale: float | jax.Array,

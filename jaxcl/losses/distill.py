@@ -39,6 +39,7 @@ def _candidates(name: str, x, image: jax.Array) -> jax.Array:
   return x
 
 
+@_common.keyword_only
 def albef_itc(
     image: jax.Array,
     text: jax.Array,
@@ -157,6 +158,7 @@ def albef_itc(
   return 0.5 * (direction(i, mi, tc) + direction(t, mt, ic))
 
 
+@_common.keyword_only
 def similarity_distillation(
     student: jax.Array,
     teacher: jax.Array,
@@ -258,6 +260,7 @@ def similarity_distillation(
   return jnp.mean(kl)
 
 
+@_common.keyword_only
 def m3co(
     mixed: jax.Array,
     other: jax.Array,
@@ -339,6 +342,7 @@ def m3co(
   return 0.5 * (row + col)
 
 
+@_common.keyword_only
 def softclip(
     image: jax.Array,
     text: jax.Array,

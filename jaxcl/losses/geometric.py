@@ -44,6 +44,7 @@ def _softmax_mean_similarity(q, k, scale, exclude, impl):
   return jax.grad(row_lse)(scales)
 
 
+@_common.keyword_only
 def cacr(
     views: jax.Array,
     *,
@@ -137,6 +138,7 @@ def _cross_uniformity(x, y, t, impl):
   return jax.nn.logsumexp(rows) - 2.0 * t - math.log(b * (b - 1))
 
 
+@_common.keyword_only
 def contrastive_gap(
     image: jax.Array,
     text: jax.Array,
@@ -252,6 +254,7 @@ def _volumes(a: jax.Array, others: list[jax.Array]) -> jax.Array:
   return jnp.sqrt(jnp.maximum(jnp.abs(det), 1e-12))
 
 
+@_common.keyword_only
 def gram_volume(anchor: jax.Array, *others: jax.Array, normalize: bool = True) -> jax.Array:
   r"""Volume of the parallelotope spanned by anchor_i and the other modalities of sample j, (Na, Nb).
 
@@ -273,6 +276,7 @@ def gram_volume(anchor: jax.Array, *others: jax.Array, normalize: bool = True) -
   return _volumes(a, xs)
 
 
+@_common.keyword_only
 def gram(
     anchor: jax.Array,
     *others: jax.Array,

@@ -12,6 +12,7 @@ from jaxcl import ops
 from jaxcl.losses import _common
 
 
+@_common.keyword_only
 def alignment(
     x: jax.Array,
     y: jax.Array,
@@ -55,6 +56,7 @@ def alignment(
   return jnp.mean(powered)
 
 
+@_common.keyword_only
 def uniformity(
     x: jax.Array,
     *,

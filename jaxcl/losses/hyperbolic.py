@@ -39,6 +39,7 @@ def _time(x: jax.Array, c: jax.Array) -> jax.Array:
 _MAX_SINH_ARG = float(np.arcsinh(2.0**15))
 
 
+@_common.keyword_only
 def lorentz_expmap0(v: jax.Array, *, curvature: float | jax.Array = 1.0) -> jax.Array:
   r"""Exponential map at the hyperboloid's origin: tangent vector v (D,) -> space components (D,).
 
@@ -62,6 +63,7 @@ def lorentz_expmap0(v: jax.Array, *, curvature: float | jax.Array = 1.0) -> jax.
   return jnp.sinh(jnp.minimum(r, _MAX_SINH_ARG)) / r * v
 
 
+@_common.keyword_only
 def lorentz_distance(x: jax.Array, y: jax.Array, *, curvature: float | jax.Array = 1.0) -> jax.Array:
   r"""Pairwise geodesic distances between hyperboloid points given by space components, (N, M) float32.
 
@@ -87,6 +89,7 @@ def lorentz_distance(x: jax.Array, y: jax.Array, *, curvature: float | jax.Array
   return jnp.arccosh(jnp.where(arg > 1.0 + _EPS, arg, 1.0 + _EPS)) / jnp.sqrt(c)
 
 
+@_common.keyword_only
 def half_aperture(x: jax.Array, *, curvature: float | jax.Array = 1.0, min_radius: float = 0.1):
   r"""Half-aperture of the entailment cone rooted at x (space components), in (0, π/2), float32.
 
@@ -109,6 +112,7 @@ def half_aperture(x: jax.Array, *, curvature: float | jax.Array = 1.0, min_radiu
   return jnp.arcsin(jnp.clip(ratio, -1.0 + _EPS, 1.0 - _EPS))
 
 
+@_common.keyword_only
 def exterior_angle(x: jax.Array, y: jax.Array, *, curvature: float | jax.Array = 1.0) -> jax.Array:
   r"""Exterior angle at x of the hyperbolic triangle (origin, x, y), row by row, in (0, π), float32.
 
@@ -133,6 +137,7 @@ def exterior_angle(x: jax.Array, y: jax.Array, *, curvature: float | jax.Array =
   return jnp.arccos(jnp.clip((yt + c_inner * xt) / denominator, -1.0 + _EPS, 1.0 - _EPS))
 
 
+@_common.keyword_only
 def entailment_cone(
     general: jax.Array,
     specific: jax.Array,
@@ -158,6 +163,7 @@ def entailment_cone(
   return jnp.mean(jax.nn.relu(angle - aperture))
 
 
+@_common.keyword_only
 def meru(
     image: jax.Array,
     text: jax.Array,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcl import _checks
 from jaxcl import ops
 from jaxcl.losses import _common
 
 
+@_common.keyword_only
 @_common.shardable("query", "key", "negatives")
 def infonce(
     query: jax.Array,
@@ -56,8 +58,11 @@ def infonce(
   query = _checks.check_array("query", query, ndim=2)
   key = _checks.check_array("key", key, ndim=2)
   _checks.check_same_shape("query", query, "key", key)
-  if not in_batch_negatives and negatives is None:
-    raise ValueError("`in_batch_negatives=False` needs `negatives` (K, D) or (B, H, D), got None.")
+  if not in_batch_negatives and (negatives is None or 0 in np.shape(negatives)[:-1]):
+    given = "None" if negatives is None else f"shape {np.shape(negatives)}"
+    raise ValueError(
+        f"`in_batch_negatives=False` needs `negatives` (K, D) or (B, H, D) with K, H >= 1, got {given}."
+    )
   if in_batch_negatives and negatives is None:
     _checks.check_min_batch("query", query, 2, why="the in-batch negatives need B >= 2")
   inv_t = _common.inverse_temperature(temperature)
@@ -105,6 +110,7 @@ def _partner_dot(z: jax.Array) -> jax.Array:
   return _common.rowwise_dot(z, jnp.roll(z, z.shape[0] // 2, axis=0))
 
 
+@_common.keyword_only
 @_common.shardable("z1", "z2")
 def nt_xent(
     z1: jax.Array,
@@ -147,6 +153,7 @@ def _decoupled_lse(z: jax.Array, inv_t, impl: str, axis_name) -> jax.Array:
   return ops.logsumexp(z, z, scale=inv_t, exclude=(instance, instance), impl=impl, axis_name=axis_name).rows
 
 
+@_common.keyword_only
 @_common.shardable("z1", "z2")
 def dcl(
     z1: jax.Array,
@@ -180,6 +187,7 @@ def dcl(
   return _common.batch_mean(_decoupled_lse(z, inv_t, impl, axis_name) - inv_t * _partner_dot(z), axis_name)
 
 
+@_common.keyword_only
 @_common.shardable("z1", "z2")
 def dclw(
     z1: jax.Array,

@@ -93,6 +93,7 @@ def _blocks(y, ym, tile):
   return y, ym, valid
 
 
+@_common.keyword_only
 def filip_similarity(
     image_tokens: jax.Array,
     text_tokens: jax.Array,
@@ -167,6 +168,7 @@ def _filip_lse_blockwise(x, xm, y, ym, inv_t, tile):
   return rows, cols.reshape(-1)[:b]
 
 
+@_common.keyword_only
 def filip(
     image_tokens: jax.Array,
     text_tokens: jax.Array,

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl import _checks
+from jaxcl.losses import _common
 
 
 def _check_dims(dims: Any) -> tuple[int, ...]:
@@ -64,6 +65,7 @@ def _argument_names(loss_fn: Callable, args: tuple) -> list[str]:
   return [f"argument {i}" for i in range(len(args))]
 
 
+@_common.keyword_only
 def matryoshka(
     loss_fn: Callable[..., jax.Array],
     dims: Sequence[int],

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl import _checks
+from jaxcl.losses import _common
 from jaxcl.losses.matryoshka import _argument_names, _check_dims, _check_weights
 
 # Starbucks' (layer, dimension) schedule for 12-layer, 768-wide BERT-base encoders.
@@ -47,6 +48,7 @@ def _check_pairs(pairs: Any) -> tuple[tuple[int, int], ...]:
   return tuple(out)
 
 
+@_common.keyword_only
 def layer_kl(shallow: jax.Array, final: jax.Array, *, temperature: float | jax.Array = 0.3) -> jax.Array:
   r"""The self-distillation term of 2DMSE / Starbucks: a shallow layer's embedding distribution pulled
   towards the final layer's, averaged over the embeddings.
@@ -131,6 +133,7 @@ def _nested_2d(loss_fn: Callable, pairs: tuple[tuple[int, int], ...], weights, k
   return nested_loss
 
 
+@_common.keyword_only
 def matryoshka_2d(
     loss_fn: Callable[..., jax.Array],
     layers: Sequence[int],
@@ -184,6 +187,7 @@ def matryoshka_2d(
   return _nested_2d(loss_fn, pairs, _check_weights(weights, len(pairs)), kl_weight, kl_temperature)
 
 
+@_common.keyword_only
 def starbucks(
     loss_fn: Callable[..., jax.Array],
     pairs: Sequence[tuple[int, int]] = STARBUCKS_PAIRS,

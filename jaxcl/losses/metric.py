@@ -22,6 +22,7 @@ def _distance(a: jax.Array, b: jax.Array, squared: bool) -> jax.Array:
   return sq if squared else _safe_sqrt(sq)
 
 
+@_common.keyword_only
 def triplet(
     anchor: jax.Array,
     positive: jax.Array,
@@ -66,6 +67,7 @@ def triplet(
   return jnp.mean(jax.nn.relu(gap + jnp.asarray(margin, jnp.float32)))
 
 
+@_common.keyword_only
 def batch_hard_triplet(
     embeddings: jax.Array,
     labels: jax.Array,

@@ -18,6 +18,7 @@ def _centred_sq(x: jax.Array) -> jax.Array:
   return jnp.sum(c * c, axis=-1)
 
 
+@_common.keyword_only
 def snr_distance(anchor: jax.Array, other: jax.Array) -> jax.Array:
   r"""The signal-to-noise-ratio distance between row-aligned embeddings, (B,) float32.
 
@@ -44,6 +45,7 @@ def snr_distance(anchor: jax.Array, other: jax.Array) -> jax.Array:
   return _centred_sq(diff) / jnp.maximum(_centred_sq(anchor), _VAR_EPS)
 
 
+@_common.keyword_only
 def snr_triplet(
     anchor: jax.Array,
     positive: jax.Array,
@@ -106,6 +108,7 @@ def _z_from_moments(target, total, total_sq, k: int, eps: float):
   return (target - mean) * jax.lax.rsqrt(var + eps)
 
 
+@_common.keyword_only
 def spherical_z_loss(
     logits: jax.Array,
     labels: jax.Array,
@@ -159,6 +162,7 @@ def spherical_z_loss(
   return jnp.mean(jax.nn.softplus(a * (jnp.asarray(b, jnp.float32) - z)) / a)
 
 
+@_common.keyword_only
 def spherical_z_contrastive(
     query: jax.Array,
     key: jax.Array,

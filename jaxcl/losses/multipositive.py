@@ -20,6 +20,7 @@ from jaxcl import ops
 from jaxcl.losses import _common
 
 
+@_common.keyword_only
 def one_to_k_clip(
     image: jax.Array,
     texts: jax.Array,
@@ -84,6 +85,7 @@ def _views(views, normalize):
   return _common.maybe_normalize(views, normalize)
 
 
+@_common.keyword_only
 def poly_view(
     views: jax.Array,
     *,

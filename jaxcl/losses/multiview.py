@@ -47,6 +47,7 @@ def _view_ids(v: int, b: int) -> jax.Array:
   return jnp.repeat(jnp.arange(v, dtype=jnp.int32), b)
 
 
+@_common.keyword_only
 def multiview_infonce(
     views: jax.Array,
     *,
@@ -98,6 +99,7 @@ def multiview_infonce(
   return jnp.mean(energy - _alignment(views, inv_t))
 
 
+@_common.keyword_only
 def mv_dhel(
     views: jax.Array,
     *,

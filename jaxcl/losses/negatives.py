@@ -37,6 +37,7 @@ def _hn_log_negatives(lse_hard: jax.Array, lse_weight: jax.Array, n_neg: int) ->
   return math.log(n_neg) + lse_hard - lse_weight
 
 
+@_common.keyword_only
 @_common.shardable("image", "text")
 def hn_nce(
     image: jax.Array,
@@ -111,6 +112,7 @@ def hn_nce(
 
 
 # ------------------------------------------------------------------------------------ decoupled softmax
+@_common.keyword_only
 def decoupled_softmax(
     query: jax.Array,
     key: jax.Array,
@@ -163,6 +165,8 @@ def decoupled_softmax(
   if positives is None or isinstance(positives, (tuple, list)):
     exclude = ops.diagonal(b) if positives is None else positives
     if positives is not None:
+      _checks.check_int32("positives[0]", positives[0])
+      _checks.check_int32("positives[1]", positives[1])
       r = _checks.concrete_value(positives[0])
       c = _checks.concrete_value(positives[1])
       if r is not None and c is not None and np.shape(r) == np.shape(c) == (b,) and np.any(r != c):
@@ -192,6 +196,7 @@ def decoupled_softmax(
 
 
 # ------------------------------------------------------------------------- positive-aware hard negatives
+@_common.keyword_only
 def positive_aware_infonce(
     query: jax.Array,
     key: jax.Array,
@@ -258,8 +263,11 @@ def positive_aware_infonce(
   _checks.check_finite("margin", margin)
   inv_t = _common.inverse_temperature(temperature)
   b, d = q.shape
-  if not in_batch_negatives and hard_negatives is None:
-    raise ValueError("`in_batch_negatives=False` needs `hard_negatives` (B, H, D), got None.")
+  if not in_batch_negatives and (hard_negatives is None or 0 in np.shape(hard_negatives)[:-1]):
+    given = "None" if hard_negatives is None else f"shape {np.shape(hard_negatives)}"
+    raise ValueError(
+        f"`in_batch_negatives=False` needs `hard_negatives` (B, H, D) with H >= 1, got {given}."
+    )
   qn, kn = _common.l2_normalize(q.astype(jnp.float32)), _common.l2_normalize(k.astype(jnp.float32))
   qq, kk = (qn, kn) if normalize else (q.astype(jnp.float32), k.astype(jnp.float32))
   cos_pos = _common.rowwise_dot(qn, kn)
@@ -293,6 +301,7 @@ def positive_aware_infonce(
 
 
 # --------------------------------------------------------------------- cluster-restricted negatives (MCL)
+@_common.keyword_only
 def mcl_cluster_ids(stage_cluster_ids) -> jax.Array:
   r"""Joint cluster ids over several stages: equal iff the cluster agrees in *every* given stage.
 
@@ -310,6 +319,7 @@ def mcl_cluster_ids(stage_cluster_ids) -> jax.Array:
   >>> mcl_cluster_ids(jnp.array([[0, 0, 1, 1], [5, 6, 5, 5]])).tolist()
   [0, 1, 2, 2]
   """
+  _checks.check_int32("stage_cluster_ids", stage_cluster_ids)
   ids = jnp.asarray(stage_cluster_ids)
   if ids.ndim == 1:
     ids = ids[None]
@@ -330,6 +340,7 @@ def mcl_cluster_ids(stage_cluster_ids) -> jax.Array:
   return joint
 
 
+@_common.keyword_only
 @_common.shardable("z1", "z2", "cluster_ids")
 def mcl_nt_xent(
     z1: jax.Array,
@@ -394,6 +405,7 @@ class CeClipOutput(NamedTuple):
   cmr: jax.Array
 
 
+@_common.keyword_only
 def ce_clip(
     image: jax.Array,
     text: jax.Array,
@@ -454,6 +466,8 @@ def ce_clip(
   i, t = _common.pair("image", image, "text", text, normalize=normalize)
   b, d = i.shape
   n = _checks.check_array("hard_negatives", hard_negatives, ndim=3)
+  _checks.check_min_batch("hard_negatives", n, 1, axis=1, why="the hard-negative terms need one per row")
+  _checks.check_min_batch("hard_negatives", n, 1, axis=1, why="the hard-negative terms need one per row")
   if n.shape[0] != b or n.shape[2] != d:
     raise ValueError(f"`hard_negatives` must have shape ({b}, H, {d}), got {n.shape}.")
   h = n.shape[1]
@@ -502,6 +516,7 @@ def ce_clip(
 
 
 # ------------------------------------------------------------------------------- MoCo: dual view, top-k
+@_common.keyword_only
 def dual_view_moco(
     query: jax.Array,
     key: jax.Array,
@@ -550,6 +565,7 @@ def dual_view_moco(
   """
   q, k = _common.pair("query", query, "key", key, normalize=False, why="MoCo needs a batch of pairs")
   n = _checks.check_array("queue", queue, ndim=2)
+  _checks.check_min_batch("queue", n, 1, why="the queue holds the negatives")
   if n.shape[1] != q.shape[1]:
     raise ValueError(f"`queue` must have feature size {q.shape[1]} like `query`, got shape {n.shape}.")
   inv_t = _common.inverse_temperature(temperature)

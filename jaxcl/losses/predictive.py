@@ -9,6 +9,7 @@ from jaxcl import _checks
 from jaxcl.losses import _common
 
 
+@_common.keyword_only
 def negative_cosine(p: jax.Array, z: jax.Array) -> jax.Array:
   r"""Negative cosine similarity between predictions and stop-gradient targets (SimSiam / BYOL).
 

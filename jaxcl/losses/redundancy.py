@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl import _checks
+from jaxcl.losses import _common
 
 
 def _two_views(z1, z2, why: str):
@@ -30,6 +31,7 @@ def _off_diagonal_sq_sum(c: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(jnp.eye(c.shape[0], dtype=bool), 0.0, c * c))
 
 
+@_common.keyword_only
 def barlow_twins(
     z1: jax.Array,
     z2: jax.Array,
@@ -76,6 +78,7 @@ def barlow_twins(
   return on_diagonal + jnp.asarray(lambda_, jnp.float32) * _off_diagonal_sq_sum(c)
 
 
+@_common.keyword_only
 def vicreg(
     z1: jax.Array,
     z2: jax.Array,

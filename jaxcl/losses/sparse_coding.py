@@ -97,6 +97,7 @@ def _check_params(params: Any, d: int | None = None) -> tuple[jax.Array, jax.Arr
 
 
 # ------------------------------------------------------------------------------------ the autoencoder
+@_common.keyword_only
 def topk_mask(pre: jax.Array, k: int, *, valid: jax.Array | None = None) -> jax.Array:
   """Boolean (..., H) mask of the k largest entries of each row (among the `valid` ones).
 
@@ -118,6 +119,7 @@ def topk_mask(pre: jax.Array, k: int, *, valid: jax.Array | None = None) -> jax.
   return mask if valid is None else mask & valid
 
 
+@_common.keyword_only
 def topk_activation(pre: jax.Array, k: int, *, valid: jax.Array | None = None) -> jax.Array:
   r"""The CSR / TopK-SAE activation: z = ReLU(TopK_k(pre)), row by row.
 
@@ -134,6 +136,7 @@ def topk_activation(pre: jax.Array, k: int, *, valid: jax.Array | None = None) -
   return jnp.where(topk_mask(pre, k, valid=valid), jax.nn.relu(pre), jnp.zeros((), pre.dtype))
 
 
+@_common.keyword_only
 def sae_pre_activation(x: jax.Array, params: Mapping[str, jax.Array]) -> jax.Array:
   r"""Encoder pre-activations (x − b_pre) W_enc + b_enc, float32 (B, H) (float32 accumulation).
 
@@ -148,6 +151,7 @@ def sae_pre_activation(x: jax.Array, params: Mapping[str, jax.Array]) -> jax.Arr
   return jnp.einsum("bd,dh->bh", x32, w.astype(jnp.float32)) + b_enc.astype(jnp.float32)
 
 
+@_common.keyword_only
 def sae_encode(x: jax.Array, params: Mapping[str, jax.Array], *, k: int) -> jax.Array:
   r"""The sparse code z_k(x) = ReLU(TopK_k((x − b_pre) W_enc + b_enc)), float32 (B, H).
 
@@ -161,6 +165,7 @@ def sae_encode(x: jax.Array, params: Mapping[str, jax.Array], *, k: int) -> jax.
   return topk_activation(sae_pre_activation(x, params), k)
 
 
+@_common.keyword_only
 def sae_decode(codes: jax.Array, params: Mapping[str, jax.Array]) -> jax.Array:
   r"""The reconstruction x̂ = z W_dec + b_pre, float32 (B, D); W_dec = W_encᵀ when `params` has no
   "decoder" (tied weights, as in the authors' code).
@@ -180,6 +185,7 @@ def sae_decode(codes: jax.Array, params: Mapping[str, jax.Array]) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------ the contrastive term
+@_common.keyword_only
 def csr_contrastive(
     z1: jax.Array,
     z2: jax.Array,
@@ -229,6 +235,7 @@ def _normalized_mse(recon: jax.Array, target: jax.Array) -> jax.Array:
   return jnp.where(ok, _mse(recon, target) / jnp.where(ok, den, 1.0), 0.0)
 
 
+@_common.keyword_only
 def csr(
     x: jax.Array,
     params: Mapping[str, jax.Array],

@@ -20,6 +20,7 @@ def _class_ids(labels: jax.Array) -> jax.Array:
   return jnp.searchsorted(jnp.sort(labels), labels, side="left").astype(jnp.int32)
 
 
+@_common.keyword_only
 @_common.shardable("features", "labels")
 def supcon(
     features: jax.Array,

@@ -31,6 +31,7 @@ def _instance_ids(b: int) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------------------- MACL
+@_common.keyword_only
 @_common.shardable("z1", "z2")
 def macl(
     z1: jax.Array,
@@ -86,7 +87,7 @@ def macl(
   """
   del mesh  # handled by @shardable
   a, b = _common.pair("z1", z1, "z2", z2, normalize=normalize)
-  _checks.check_positive("temperature", temperature)
+  _checks.check_temperature("temperature", temperature)
   _checks.check_non_negative("alpha", alpha)
   _checks.check_finite("a0", a0)
   if alpha * (1.0 + abs(a0)) > 1.0:
@@ -109,6 +110,7 @@ def macl(
 
 
 # ---------------------------------------------------------------------------------------------- focal
+@_common.keyword_only
 def focal_clip(
     image: jax.Array,
     text: jax.Array,
@@ -177,6 +179,7 @@ class IsogclrOutput(NamedTuple):
   state: IsogclrState
 
 
+@_common.keyword_only
 def isogclr_state(num_examples: int, *, tau_init: float = 0.1) -> IsogclrState:
   """The initial iSogCLR state for a data set of `num_examples` examples: u = 0, τ = tau_init.
 
@@ -190,6 +193,7 @@ def isogclr_state(num_examples: int, *, tau_init: float = 0.1) -> IsogclrState:
   return IsogclrState(u=zeros, tau=jnp.full((num_examples,), tau_init, jnp.float32), tau_grad=zeros)
 
 
+@_common.keyword_only
 def isogclr(
     z1: jax.Array,
     z2: jax.Array,
@@ -356,6 +360,7 @@ class AMCLTemperature(nn.Module):
     return self.tau_min + (self.tau_max - self.tau_min) * jax.nn.sigmoid(-scores)
 
 
+@_common.keyword_only
 def amcl(
     z1: jax.Array,
     z2: jax.Array,

@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxcl import _checks
+
 IdPair = tuple[jax.Array, jax.Array]
 
 
@@ -27,6 +29,8 @@ def check_id_pair(name: str, pair: IdPair | None, n_rows: int, n_cols: int) -> I
     return None
   if not isinstance(pair, (tuple, list)) or len(pair) != 2:
     raise TypeError(f"`{name}` must be a pair (row_ids, col_ids) of integer arrays, got {type(pair).__name__}.")
+  _checks.check_int32(f"{name}[0]", pair[0])
+  _checks.check_int32(f"{name}[1]", pair[1])
   r, c = (jnp.asarray(p) for p in pair)
   if r.shape != (n_rows,) or c.shape != (n_cols,):
     raise ValueError(
