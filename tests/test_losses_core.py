@@ -10,7 +10,7 @@ import pytest
 import jaxcl
 from jaxcl import losses
 from tests import reference
-from tests.helpers import assert_value_and_grads, randn
+from tests.helpers import assert_padded_equals_unpadded, assert_reductions_agree, assert_value_and_grads, randn
 
 SHAPES = [(2, 3), (5, 4), (8, 16)]
 
@@ -202,6 +202,56 @@ def test_low_temperature_and_high_scale_are_finite():
     value, grads = jax.value_and_grad(fn, argnums=(0, 1))(a, b)
     assert np.isfinite(float(value))
     assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+# --------------------------------------------------------------------------------- reduction and mask
+# name -> (loss(a, b, **kw), anchors per sample)
+MASKED_LOSSES = {
+    "infonce": (functools.partial(losses.infonce, temperature=0.1), 1),
+    "infonce_queue": (lambda a, b, **kw: losses.infonce(a, b, temperature=0.2, negatives=randn(70, 7, 4), **kw), 1),
+    "moco": (lambda a, b, **kw: losses.infonce(a, b, temperature=0.2, negatives=randn(71, 7, 4),
+                                               in_batch_negatives=False, **kw), 1),
+    "nt_xent": (functools.partial(losses.nt_xent, temperature=0.5), 2),
+    "dcl": (functools.partial(losses.dcl, temperature=0.1), 2),
+    "dclw": (functools.partial(losses.dclw, temperature=0.1), 2),
+    "clip": (functools.partial(losses.clip, logit_scale=1 / 0.07), 2),
+    "clip_smoothed": (functools.partial(losses.clip, logit_scale=1 / 0.07, label_smoothing=0.1), 2),
+    "siglip": (functools.partial(losses.siglip, logit_scale=10.0, logit_bias=-10.0), 1),
+}
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise", "pallas"])
+@pytest.mark.parametrize("name", sorted(MASKED_LOSSES))
+def test_padded_batch_with_mask_equals_unpadded_batch(name, impl, monkeypatch):
+  monkeypatch.setattr(jaxcl.ops.blockwise, "DEFAULT_TILE", 3)
+  loss, _ = MASKED_LOSSES[name]
+  assert_padded_equals_unpadded(functools.partial(loss, impl=impl), [randn(80, 5, 4), randn(81, 5, 4)])
+
+
+@pytest.mark.parametrize("name", sorted(MASKED_LOSSES))
+def test_reduction_none_and_sum(name):
+  loss, per_sample = MASKED_LOSSES[name]
+  a, b = randn(82, 6, 4), randn(83, 6, 4)
+  assert_reductions_agree(loss, [a, b], per_sample * 6)
+  assert_reductions_agree(loss, [a, b], per_sample * 6, mask=np.array([1, 0, 1, 1, 0, 1], bool))
+
+
+def test_fully_masked_batch_is_zero_with_zero_gradients():
+  a, b = randn(84, 4, 4), randn(85, 4, 4)
+  for loss, _ in MASKED_LOSSES.values():
+    value, grads = jax.value_and_grad(lambda a, b: loss(a, b, mask=jnp.zeros(4, bool)), argnums=(0, 1))(a, b)
+    assert float(value) == 0.0 and all(np.all(np.asarray(g) == 0) for g in grads)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_PAIR_LOSSES))
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"reduction": "avg"}, ValueError, r"`reduction` must be one of \('mean', 'sum', 'none'\), got 'avg'"),
+    ({"mask": np.ones(3, bool)}, ValueError, r"`mask` must have shape \(4,\)"),
+    ({"mask": np.ones(4, np.int32)}, TypeError, r"`mask` must be a boolean array"),
+])
+def test_bad_reduction_and_mask_raise(name, kwargs, error, match):
+  with pytest.raises(error, match=match):
+    ALL_PAIR_LOSSES[name](np.ones((4, 3)), randn(86, 4, 3), **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ bad inputs

@@ -12,6 +12,7 @@ from jaxcl.losses.crossmodal import cwcl, symile
 from jaxcl.losses.infonce import nt_xent
 from jaxcl.losses.multiview import multiview_infonce, mv_dhel
 from jaxcl.losses.supcon import supcon
+from jaxcl.ops import blockwise
 from tests import reference
 from tests import reference_more as ref
 from tests import helpers
@@ -505,3 +506,26 @@ def test_errors_are_raised_at_trace_time_under_jit():
   with pytest.raises(ValueError, match=r"`weights` must have shape"):
     jax.jit(lambda f, t, w: cwcl(f, t, weights=w))(jnp.ones((4, 3)), jnp.ones((4, 3)), jnp.ones((3, 3)))
 
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise", "pallas"])
+@pytest.mark.parametrize("views", [1, 2])
+def test_supcon_padded_batch_with_mask_equals_unpadded_batch(impl, views, monkeypatch):
+  monkeypatch.setattr(blockwise, "DEFAULT_TILE", 3)
+  features = randn(90, 6, 4) if views == 1 else randn(90, 6, views, 4)
+  labels = np.array([0, 1, 0, 1, 2, 3], np.int32)  # label 3 has no positive with one view
+  loss = lambda f, y, **kw: supcon(f, y, temperature=0.1, base_temperature=0.07, impl=impl, **kw)
+  helpers.assert_padded_equals_unpadded(loss, [features, labels], n_diff=1)
+
+
+def test_supcon_reduction_none_and_sum():
+  features, labels = jnp.asarray(randn(91, 5, 2, 4)), jnp.array([0, 1, 0, 2, 2])
+  mask = jnp.array([True, True, False, True, True])
+  for kw in ({}, {"mask": mask}):
+    per = np.asarray(supcon(features, labels, reduction="none", **kw), np.float64)
+    assert per.shape == (10,)
+    valid = np.ones(10, bool) if not kw else np.tile(np.asarray(mask), 2)
+    assert np.all(per[~valid] == 0)
+    # two views: every valid anchor has a positive, so the mean runs over all valid anchors
+    np.testing.assert_allclose(per.sum() / valid.sum(), float(supcon(features, labels, **kw)), rtol=1e-6)
+    np.testing.assert_allclose(float(supcon(features, labels, reduction="sum", **kw)), per.sum(), rtol=1e-6)

@@ -86,6 +86,11 @@ def sample_mask(mask, n: int, name: str = "mask") -> jax.Array | None:
   return masks.check_validity(name, mask, n)
 
 
+def zero_invalid(x: jax.Array, valid: jax.Array | None) -> jax.Array:
+  """x where valid, else 0: a masked row's -inf (nothing to contrast) never enters arithmetic."""
+  return x if valid is None else jnp.where(valid, x, 0.0)
+
+
 def reduce_loss(per_anchor: jax.Array, reduction: str, valid: jax.Array | None = None, axis_name=None):
   """Reduces the per-anchor losses ℓ_a over the anchors a that are `valid` (all when None):
 
@@ -96,7 +101,7 @@ def reduce_loss(per_anchor: jax.Array, reduction: str, valid: jax.Array | None =
   ℓ_a of an invalid anchor may be ±inf (a row with nothing to contrast): it is replaced by 0 before
   any arithmetic, so neither the value nor the gradients see it.
   """
-  x = per_anchor if valid is None else jnp.where(valid, per_anchor, 0.0)
+  x = zero_invalid(per_anchor, valid)
   if reduction == "none":
     return x
   total = batch_sum(x, axis_name)
