@@ -80,6 +80,22 @@ def test_clip_matches_reference(b, d, scale):
 
 
 @pytest.mark.parametrize("b,d", SHAPES)
+@pytest.mark.parametrize("eps", [0.1, 0.5])
+def test_clip_label_smoothing_matches_reference(b, d, eps):
+  assert_value_and_grads(
+      lambda i, t, s: losses.clip(i, t, logit_scale=s, label_smoothing=eps),
+      lambda i, t, s: reference.clip_label_smoothing(i, t, s, eps),
+      [randn(90, b, d), randn(91, b, d), np.float32(5.0)],
+  )
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, np.nan, "0.1"])
+def test_clip_label_smoothing_out_of_range_raises(value):
+  with pytest.raises(ValueError, match=r"`label_smoothing` must be a number in \[0, 1\)"):
+    losses.clip(randn(92, 4, 3), randn(93, 4, 3), logit_scale=1.0, label_smoothing=value)
+
+
+@pytest.mark.parametrize("b,d", SHAPES)
 def test_siglip_matches_reference(b, d):
   assert_value_and_grads(
       functools.partial(losses.siglip, logit_scale=10.0, logit_bias=-10.0),
