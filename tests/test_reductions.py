@@ -142,3 +142,46 @@ def test_bad_validity_raises(reduction, kwargs, error, match):
   x = jnp.ones((4, 2))
   with pytest.raises(error, match=match):
     reduction(x, x, scale=1.0, **kwargs)
+
+
+def _top1_reference(q, k, valid):
+  """float64 NumPy: hit iff the positive beats every other valid candidate (argmax with a unique max)."""
+  s = np.asarray(q, np.float64) @ np.asarray(k, np.float64).T
+  s = np.where(valid[:, None] & valid[None, :], s, -np.inf)
+  rows = [valid[i] and np.argmax(s[i]) == i and np.sum(s[i] == s[i, i]) == 1 for i in range(len(s))]
+  cols = [valid[j] and np.argmax(s[:, j]) == j and np.sum(s[:, j] == s[j, j]) == 1 for j in range(len(s))]
+  return np.array(rows), np.array(cols)
+
+
+def _top1_inputs(seed, b, d, noise=1.0):
+  q = randn(seed, b, d)
+  return jnp.asarray(q), jnp.asarray(q + noise * randn(seed + 1, b, d))
+
+
+@pytest.mark.parametrize("b,tile", [(7, 3), (40, 16), (64, 64)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_top1_matches_numpy_argmax(b, tile, masked):
+  from jaxcl.ops import dense  # noqa: PLC0415
+
+  q, k = _top1_inputs(30 + b, b, 5)
+  valid = np.random.default_rng(b).random(b) < 0.7 if masked else np.ones(b, bool)
+  want_rows, want_cols = _top1_reference(q, k, valid)
+  assert 0 < want_rows.sum() < valid.sum()  # neither trivial
+  got = ops.top1(q, k, row_valid=jnp.asarray(valid) if masked else None,
+                 col_valid=jnp.asarray(valid) if masked else None)
+  np.testing.assert_array_equal(np.asarray(got.rows), want_rows)
+  np.testing.assert_array_equal(np.asarray(got.cols), want_cols)
+  ids = jnp.where(jnp.asarray(valid), jnp.arange(b), masks.INVALID_ROW_ID), jnp.where(
+      jnp.asarray(valid), jnp.arange(b), masks.INVALID_COL_ID)
+  include = masks.with_validity(None, jnp.asarray(valid), jnp.asarray(valid), b, b)
+  tiled = blockwise.top1_scores(q, k, positives=ids, include=include, tile=tile)
+  full = dense.top1_scores(q, k, positives=ids, include=include)
+  for x, y in zip(tiled, full):  # the tiles' matmuls may round differently from the full one
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
+
+
+def test_top1_ties_are_misses():
+  q = jnp.ones((4, 3))
+  got = ops.top1(q, q)
+  assert not np.any(np.asarray(got.rows)) and not np.any(np.asarray(got.cols))
+  assert np.all(np.asarray(ops.top1(jnp.eye(3), jnp.eye(3)).rows))

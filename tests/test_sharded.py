@@ -259,6 +259,28 @@ def test_one_row_per_device_is_a_global_batch(impl):
                   in_specs=(P("data"), P("data")), out_specs=P())(a[:1], b[:1])
 
 
+@pytest.mark.parametrize("impl", SHARDED)
+def test_retrieval_accuracy_over_the_global_batch(impl, monkeypatch):
+  """In-batch top-1 accuracy on 4 devices (each row's positive and best negatives on other devices)
+  against float64 NumPy argmax, with and without a mask; rows per device not a multiple of the tile."""
+  monkeypatch.setattr(blockwise, "DEFAULT_TILE", 3)
+  rng = np.random.default_rng(5)
+  a = randn(30, 20, 6)
+  b = a + 1.2 * randn(31, 20, 6)
+  valid = rng.random(20) < 0.75
+  norm = lambda x: x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+  s = np.where(valid[:, None] & valid[None, :], norm(a) @ norm(b).T, -np.inf)
+  for mask in (None, valid):
+    keep = np.ones(20, bool) if mask is None else mask
+    s_m = norm(a) @ norm(b).T if mask is None else s
+    rows = np.mean([np.argmax(s_m[i]) == i for i in np.flatnonzero(keep)])
+    cols = np.mean([np.argmax(s_m[:, j]) == j for j in np.flatnonzero(keep)])
+    assert 0 < rows < 1 and 0 < cols < 1
+    got = losses.retrieval_accuracy(jnp.asarray(a), jnp.asarray(b), impl=impl, mesh=_mesh(4),
+                                    mask=None if mask is None else jnp.asarray(mask))
+    np.testing.assert_allclose([float(got.a_to_b), float(got.b_to_a)], [rows, cols], rtol=1e-6)
+
+
 def test_ring_memory_does_not_grow_with_the_global_batch():
   """Per-device compiled temporaries of the ring clip loss at B/n fixed: flat as devices are added
   (B grows), and far below the allgather engine, which holds all B keys."""

@@ -115,3 +115,12 @@ def dense_signs(positives: IdPair | None, n_rows: int, n_cols: int) -> jax.Array
   if positives is None:
     positives = (jnp.arange(n_rows), jnp.arange(n_cols))
   return signs(positives[0][:, None] == positives[1][None, :])
+
+
+def split_max(s: jax.Array, positive: jax.Array, valid: jax.Array | None):
+  """For a tile of scores s: the max over positive and over negative valid entries, along each axis:
+  (row_pos, row_neg, col_pos, col_neg), −inf where there is none."""
+  pos = positive if valid is None else positive & valid
+  neg = ~positive if valid is None else ~positive & valid
+  top = lambda m, axis: jnp.max(jnp.where(m, s, -jnp.inf), axis=axis)
+  return top(pos, 1), top(neg, 1), top(pos, 0), top(neg, 0)

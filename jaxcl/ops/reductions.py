@@ -229,3 +229,63 @@ def _sigmoid_sum(q, k, scale, bias, positives, impl, axis_name):
     )
   engine = _ENGINES[_local_impl(impl, q.shape[0], k.shape[0])]
   return engine["sigmoid_sum"](q, k, scale=scale, bias=bias, positives=positives)
+
+
+class Top1(NamedTuple):
+  rows: jax.Array
+  cols: jax.Array
+
+
+def top1(
+    q: jax.Array,
+    k: jax.Array,
+    *,
+    row_valid: jax.Array | None = None,
+    col_valid: jax.Array | None = None,
+    impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
+) -> Top1:
+  """In-batch top-1 retrieval hits with positives on the diagonal, without the (B, B) matrix.
+
+      rows_i = <q_i, k_i> > max_{j ≠ i, valid} <q_i, k_j>      (query i retrieves its own key)
+      cols_j = <q_j, k_j> > max_{i ≠ j, valid} <q_i, k_j>      (key j retrieves its own query)
+
+  A tie with a negative counts as a miss, so a collapsed encoder (all scores equal) scores 0, not 1; a
+  row with no valid negative is a hit. Both directions come from one pass over column tiles: the
+  positive score is taken from the same tile as the negatives (same rounding). The local engine is
+  dense while Bq·Bk <= DENSE_MAX_ELEMENTS, else `blockwise`'s tile loop (whatever `impl` names: a max
+  needs no fused kernel); under `axis_name`, "allgather" or "ring" ("auto": as for the losses), with
+  global ids. Invalid rows and columns (`row_valid` / `col_valid`) are neither queried nor retrieved
+  and are misses. No gradient.
+
+  Args:
+    q: (B, D) queries. k: (B, D) keys, row-aligned.
+  Returns:
+    Top1(rows=(B,) bool, cols=(B,) bool): this device's rows and columns under `axis_name`.
+
+  >>> import jax.numpy as jnp
+  >>> q = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+  >>> top1(q, q).rows.tolist()  # rows 0 and 2 tie
+  [False, True, False]
+  """
+  q, k = _check_qk(q, k)
+  if q.shape[0] != k.shape[0]:
+    raise ValueError(f"`q` and `k` must have the same batch size (positives on the diagonal), got "
+                     f"{q.shape} and {k.shape}.")
+  row_valid = masks_lib.check_validity("row_valid", row_valid, q.shape[0])
+  col_valid = masks_lib.check_validity("col_valid", col_valid, k.shape[0])
+  n = q.shape[0]
+  positives = masks_lib.with_validity((_positions(n, axis_name),) * 2, row_valid, col_valid, n, n)
+  include = masks_lib.with_validity(None, row_valid, col_valid, n, n)
+  q, k = _zeroed(q, row_valid), _zeroed(k, col_valid)
+  if axis_name is not None:
+    from jaxcl.ops import sharded  # noqa: PLC0415
+
+    scores = sharded.top1_scores(q, k, positives=positives, include=include, axis_name=axis_name, impl=impl)
+  else:
+    from jaxcl.ops import blockwise  # noqa: PLC0415
+
+    engine = dense if n * n <= DENSE_MAX_ELEMENTS else blockwise
+    scores = engine.top1_scores(q, k, positives=positives, include=include)
+  row_pos, row_neg, col_pos, col_neg = scores
+  return Top1(row_pos > row_neg, col_pos > col_neg)
