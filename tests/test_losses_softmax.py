@@ -529,3 +529,14 @@ def test_supcon_reduction_none_and_sum():
     # two views: every valid anchor has a positive, so the mean runs over all valid anchors
     np.testing.assert_allclose(per.sum() / valid.sum(), float(supcon(features, labels, **kw)), rtol=1e-6)
     np.testing.assert_allclose(float(supcon(features, labels, reduction="sum", **kw)), per.sum(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise"])
+@pytest.mark.parametrize("fn", [multiview_infonce, mv_dhel], ids=["multiview_infonce", "mv_dhel"])
+def test_multiview_padded_batch_with_mask_equals_unpadded_batch(fn, impl, monkeypatch):
+  monkeypatch.setattr(blockwise, "DEFAULT_TILE", 4)
+  by_instance = randn(120, 5, 3, 4)  # (B, V, D): the helper pads along the instances
+  loss = lambda x, **kw: fn(jnp.swapaxes(x, 0, 1), temperature=0.2, impl=impl, **kw)
+  helpers.assert_padded_equals_unpadded(loss, [by_instance], rtol=2e-6)
+  helpers.assert_reductions_agree(loss, [by_instance], 5)
+  helpers.assert_reductions_agree(loss, [by_instance], 5, mask=np.array([1, 0, 1, 1, 1], bool))

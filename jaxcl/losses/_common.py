@@ -77,8 +77,14 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def check_reduction(reduction: str, *, per_anchor: bool = True) -> None:
-  """`reduction` is "mean", "sum" or "none" ("none" only for losses with per-anchor terms)."""
-  _checks.check_choice("reduction", reduction, REDUCTIONS if per_anchor else REDUCTIONS[:2])
+  """`reduction` is "mean", "sum" or "none"; only "mean" for a loss without per-anchor terms (a log of
+  a mean over pairs, a loss on batch statistics)."""
+  if per_anchor:
+    _checks.check_choice("reduction", reduction, REDUCTIONS)
+  elif reduction != "mean":
+    raise ValueError(
+        f"`reduction` must be 'mean' for this loss (it has no per-sample decomposition), got {reduction!r}."
+    )
 
 
 def sample_mask(mask, n: int, name: str = "mask") -> jax.Array | None:
