@@ -540,3 +540,25 @@ def test_multiview_padded_batch_with_mask_equals_unpadded_batch(fn, impl, monkey
   helpers.assert_padded_equals_unpadded(loss, [by_instance], rtol=2e-6)
   helpers.assert_reductions_agree(loss, [by_instance], 5)
   helpers.assert_reductions_agree(loss, [by_instance], 5, mask=np.array([1, 0, 1, 1, 1], bool))
+
+
+@pytest.mark.parametrize("name", ["cwcl", "cwcl_weights", "symile3"])
+def test_crossmodal_padded_batch_with_mask_equals_unpadded_batch(name):
+  a, b, c = randn(130, 5, 4), randn(131, 5, 4), randn(132, 5, 4)
+  w = np.abs(randn(133, 5, 5)) + 0.1
+  if name == "cwcl":
+    arrays, loss, anchors = [a, b], lambda a, b, **kw: cwcl(a, b, temperature=0.2, **kw), 10
+  elif name == "cwcl_weights":  # explicit (B, B) weights: padded with garbage, masked by the loss
+    wp = np.full((8, 8), 7.0, np.float32)
+    _, mask = helpers.pad_batch(0, [a], 3)
+    wp[np.ix_(mask, mask)] = w
+    arrays, anchors = [a, b], 10
+
+    def loss(a, b, **kw):
+      return cwcl(a, b, temperature=0.2, weights=wp if "mask" in kw else w, **kw)
+  else:
+    arrays, loss, anchors = [a, b, c], lambda *xs, **kw: symile(*xs, logit_scale=3.0, **kw), 15
+  helpers.assert_padded_equals_unpadded(loss, arrays, rtol=2e-6)
+  if name != "cwcl_weights":
+    helpers.assert_reductions_agree(loss, arrays, anchors)
+    helpers.assert_reductions_agree(loss, arrays, anchors, mask=np.array([1, 1, 0, 1, 1], bool))
