@@ -10,7 +10,7 @@ import pytest
 import jaxcl
 from jaxcl import losses
 from tests import reference
-from tests.helpers import assert_value_and_grads, randn
+from tests.helpers import assert_padded_equals_unpadded, assert_reductions_agree, assert_value_and_grads, randn
 
 SHAPES = [(2, 3), (5, 4), (8, 16)]
 
@@ -77,6 +77,22 @@ def test_clip_matches_reference(b, d, scale):
       functools.partial(reference.clip, logit_scale=scale),
       [randn(9, b, d), randn(10, b, d)],
   )
+
+
+@pytest.mark.parametrize("b,d", SHAPES)
+@pytest.mark.parametrize("eps", [0.1, 0.5])
+def test_clip_label_smoothing_matches_reference(b, d, eps):
+  assert_value_and_grads(
+      lambda i, t, s: losses.clip(i, t, logit_scale=s, label_smoothing=eps),
+      lambda i, t, s: reference.clip_label_smoothing(i, t, s, eps),
+      [randn(90, b, d), randn(91, b, d), np.float32(5.0)],
+  )
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, np.nan, "0.1"])
+def test_clip_label_smoothing_out_of_range_raises(value):
+  with pytest.raises(ValueError, match=r"`label_smoothing` must be a number in \[0, 1\)"):
+    losses.clip(randn(92, 4, 3), randn(93, 4, 3), logit_scale=1.0, label_smoothing=value)
 
 
 @pytest.mark.parametrize("b,d", SHAPES)
@@ -204,6 +220,56 @@ def test_low_temperature_and_high_scale_are_finite():
     assert all(np.all(np.isfinite(g)) for g in grads)
 
 
+# --------------------------------------------------------------------------------- reduction and mask
+# name -> (loss(a, b, **kw), anchors per sample)
+MASKED_LOSSES = {
+    "infonce": (functools.partial(losses.infonce, temperature=0.1), 1),
+    "infonce_queue": (lambda a, b, **kw: losses.infonce(a, b, temperature=0.2, negatives=randn(70, 7, 4), **kw), 1),
+    "moco": (lambda a, b, **kw: losses.infonce(a, b, temperature=0.2, negatives=randn(71, 7, 4),
+                                               in_batch_negatives=False, **kw), 1),
+    "nt_xent": (functools.partial(losses.nt_xent, temperature=0.5), 2),
+    "dcl": (functools.partial(losses.dcl, temperature=0.1), 2),
+    "dclw": (functools.partial(losses.dclw, temperature=0.1), 2),
+    "clip": (functools.partial(losses.clip, logit_scale=1 / 0.07), 2),
+    "clip_smoothed": (functools.partial(losses.clip, logit_scale=1 / 0.07, label_smoothing=0.1), 2),
+    "siglip": (functools.partial(losses.siglip, logit_scale=10.0, logit_bias=-10.0), 1),
+}
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise", "pallas"])
+@pytest.mark.parametrize("name", sorted(MASKED_LOSSES))
+def test_padded_batch_with_mask_equals_unpadded_batch(name, impl, monkeypatch):
+  monkeypatch.setattr(jaxcl.ops.blockwise, "DEFAULT_TILE", 3)
+  loss, _ = MASKED_LOSSES[name]
+  assert_padded_equals_unpadded(functools.partial(loss, impl=impl), [randn(80, 5, 4), randn(81, 5, 4)])
+
+
+@pytest.mark.parametrize("name", sorted(MASKED_LOSSES))
+def test_reduction_none_and_sum(name):
+  loss, per_sample = MASKED_LOSSES[name]
+  a, b = randn(82, 6, 4), randn(83, 6, 4)
+  assert_reductions_agree(loss, [a, b], per_sample * 6)
+  assert_reductions_agree(loss, [a, b], per_sample * 6, mask=np.array([1, 0, 1, 1, 0, 1], bool))
+
+
+def test_fully_masked_batch_is_zero_with_zero_gradients():
+  a, b = randn(84, 4, 4), randn(85, 4, 4)
+  for loss, _ in MASKED_LOSSES.values():
+    value, grads = jax.value_and_grad(lambda a, b: loss(a, b, mask=jnp.zeros(4, bool)), argnums=(0, 1))(a, b)
+    assert float(value) == 0.0 and all(np.all(np.asarray(g) == 0) for g in grads)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_PAIR_LOSSES))
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"reduction": "avg"}, ValueError, r"`reduction` must be one of \('mean', 'sum', 'none'\), got 'avg'"),
+    ({"mask": np.ones(3, bool)}, ValueError, r"`mask` must have shape \(4,\)"),
+    ({"mask": np.ones(4, np.int32)}, TypeError, r"`mask` must be a boolean array"),
+])
+def test_bad_reduction_and_mask_raise(name, kwargs, error, match):
+  with pytest.raises(error, match=match):
+    ALL_PAIR_LOSSES[name](np.ones((4, 3)), randn(86, 4, 3), **kwargs)
+
+
 # ------------------------------------------------------------------------------------------ bad inputs
 @pytest.mark.parametrize(
     "call,match",
@@ -299,3 +365,19 @@ def test_l2_normalize_zero_subnormal_and_empty_rows():
   assert np.all(np.abs(np.asarray(y)) <= 1e-33)  # x / eps, or 0 where subnormals are flushed
   np.testing.assert_allclose(np.asarray(g), t / 1e-6, rtol=1e-6)
   assert losses.l2_normalize(jnp.zeros((3, 0))).shape == (3, 0)
+
+
+def test_retrieval_accuracy_matches_numpy_argmax():
+  a = randn(95, 30, 5)
+  b = a + randn(96, 30, 5)
+  valid = np.random.default_rng(97).random(30) < 0.6
+  norm = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  s = norm(a.astype(np.float64)) @ norm(b.astype(np.float64)).T
+  for mask in (None, valid):
+    keep = np.ones(30, bool) if mask is None else mask
+    sub = s[np.ix_(keep, keep)]
+    want = [np.mean(np.argmax(sub, 1) == np.arange(len(sub))), np.mean(np.argmax(sub, 0) == np.arange(len(sub)))]
+    got = losses.retrieval_accuracy(a, b, mask=mask)
+    np.testing.assert_allclose([float(got.a_to_b), float(got.b_to_a)], want, rtol=1e-6)
+  with pytest.raises(ValueError, match=r"`mask` must have shape \(30,\)"):
+    losses.retrieval_accuracy(a, b, mask=np.ones(3, bool))

@@ -450,3 +450,45 @@ def test_traced_hyperparameters_are_accepted():
   np.testing.assert_allclose(float(g(1.5)), reference_other.uniformity(a, 1.5), rtol=1e-5)
   h = jax.jit(lambda lam: barlow_twins(a, p, lambda_=lam))
   np.testing.assert_allclose(float(h(0.1)), reference_other.barlow_twins(a, p, 0.1), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------- reduction and mask
+# name -> (loss(*arrays, **kw), arrays, number of differentiable arrays, per-sample (reduction="none"))
+_LABELS = np.array([0, 1, 0, 1, 2, 2], np.int32)
+MASKED = {
+    "triplet": (triplet, [randn(100, 6, 4), randn(101, 6, 4), randn(102, 6, 4)], 3, True),
+    "batch_hard_triplet": (batch_hard_triplet, [randn(103, 6, 4), _LABELS], 1, True),
+    "alignment": (alignment, [randn(104, 6, 4), randn(105, 6, 4)], 2, True),
+    "alignment_alpha1": (functools.partial(alignment, alpha=1), [randn(104, 6, 4), randn(105, 6, 4)], 2, True),
+    "negative_cosine": (negative_cosine, [randn(106, 6, 4), randn(107, 6, 4)], 1, True),
+    "uniformity": (uniformity, [randn(108, 6, 4)], 1, False),
+    "uniformity_raw": (functools.partial(uniformity, normalize=False), [randn(108, 6, 4)], 1, False),
+    "barlow_twins": (barlow_twins, [randn(109, 6, 4), randn(110, 6, 4)], 2, False),
+    "vicreg": (vicreg, [randn(111, 6, 4), randn(112, 6, 4)], 2, False),
+    "matryoshka_clip": (lambda a, b, **kw: matryoshka(clip, dims=(2, 4))(a, b, logit_scale=5.0, **kw),
+                        [randn(113, 6, 4), randn(114, 6, 4)], 2, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MASKED))
+def test_padded_batch_with_mask_equals_unpadded_batch(name):
+  from tests.helpers import assert_padded_equals_unpadded  # noqa: PLC0415
+
+  loss, arrays, n_diff, _ = MASKED[name]
+  assert_padded_equals_unpadded(loss, arrays, n_diff=n_diff, rtol=2e-6)
+
+
+@pytest.mark.parametrize("name", sorted(MASKED))
+def test_reduction_none_and_sum_or_mean_only(name):
+  from tests.helpers import assert_reductions_agree  # noqa: PLC0415
+
+  loss, arrays, _, per_sample = MASKED[name]
+  if not per_sample:
+    with pytest.raises(ValueError, match=r"`reduction` must be 'mean' for this loss"):
+      loss(*arrays, reduction="none")
+    return
+  mask = np.array([1, 1, 0, 1, 1, 1], bool)
+  if name == "batch_hard_triplet":  # every anchor (of the kept ones) has a positive and a negative
+    arrays = [arrays[0], np.array([0, 1, 0, 1, 0, 1], np.int32)]
+  assert_reductions_agree(loss, arrays, 2 * 6 if name.startswith("matryoshka") else 6)
+  assert_reductions_agree(loss, arrays, 2 * 6 if name.startswith("matryoshka") else 6, mask=mask)

@@ -12,6 +12,7 @@ from jaxcl.losses.crossmodal import cwcl, symile
 from jaxcl.losses.infonce import nt_xent
 from jaxcl.losses.multiview import multiview_infonce, mv_dhel
 from jaxcl.losses.supcon import supcon
+from jaxcl.ops import blockwise
 from tests import reference
 from tests import reference_more as ref
 from tests import helpers
@@ -505,3 +506,59 @@ def test_errors_are_raised_at_trace_time_under_jit():
   with pytest.raises(ValueError, match=r"`weights` must have shape"):
     jax.jit(lambda f, t, w: cwcl(f, t, weights=w))(jnp.ones((4, 3)), jnp.ones((4, 3)), jnp.ones((3, 3)))
 
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise", "pallas"])
+@pytest.mark.parametrize("views", [1, 2])
+def test_supcon_padded_batch_with_mask_equals_unpadded_batch(impl, views, monkeypatch):
+  monkeypatch.setattr(blockwise, "DEFAULT_TILE", 3)
+  features = randn(90, 6, 4) if views == 1 else randn(90, 6, views, 4)
+  labels = np.array([0, 1, 0, 1, 2, 3], np.int32)  # label 3 has no positive with one view
+  loss = lambda f, y, **kw: supcon(f, y, temperature=0.1, base_temperature=0.07, impl=impl, **kw)
+  helpers.assert_padded_equals_unpadded(loss, [features, labels], n_diff=1)
+
+
+def test_supcon_reduction_none_and_sum():
+  features, labels = jnp.asarray(randn(91, 5, 2, 4)), jnp.array([0, 1, 0, 2, 2])
+  mask = jnp.array([True, True, False, True, True])
+  for kw in ({}, {"mask": mask}):
+    per = np.asarray(supcon(features, labels, reduction="none", **kw), np.float64)
+    assert per.shape == (10,)
+    valid = np.ones(10, bool) if not kw else np.tile(np.asarray(mask), 2)
+    assert np.all(per[~valid] == 0)
+    # two views: every valid anchor has a positive, so the mean runs over all valid anchors
+    np.testing.assert_allclose(per.sum() / valid.sum(), float(supcon(features, labels, **kw)), rtol=1e-6)
+    np.testing.assert_allclose(float(supcon(features, labels, reduction="sum", **kw)), per.sum(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise"])
+@pytest.mark.parametrize("fn", [multiview_infonce, mv_dhel], ids=["multiview_infonce", "mv_dhel"])
+def test_multiview_padded_batch_with_mask_equals_unpadded_batch(fn, impl, monkeypatch):
+  monkeypatch.setattr(blockwise, "DEFAULT_TILE", 4)
+  by_instance = randn(120, 5, 3, 4)  # (B, V, D): the helper pads along the instances
+  loss = lambda x, **kw: fn(jnp.swapaxes(x, 0, 1), temperature=0.2, impl=impl, **kw)
+  helpers.assert_padded_equals_unpadded(loss, [by_instance], rtol=2e-6)
+  helpers.assert_reductions_agree(loss, [by_instance], 5)
+  helpers.assert_reductions_agree(loss, [by_instance], 5, mask=np.array([1, 0, 1, 1, 1], bool))
+
+
+@pytest.mark.parametrize("name", ["cwcl", "cwcl_weights", "symile3"])
+def test_crossmodal_padded_batch_with_mask_equals_unpadded_batch(name):
+  a, b, c = randn(130, 5, 4), randn(131, 5, 4), randn(132, 5, 4)
+  w = np.abs(randn(133, 5, 5)) + 0.1
+  if name == "cwcl":
+    arrays, loss, anchors = [a, b], lambda a, b, **kw: cwcl(a, b, temperature=0.2, **kw), 10
+  elif name == "cwcl_weights":  # explicit (B, B) weights: padded with garbage, masked by the loss
+    wp = np.full((8, 8), 7.0, np.float32)
+    _, mask = helpers.pad_batch(0, [a], 3)
+    wp[np.ix_(mask, mask)] = w
+    arrays, anchors = [a, b], 10
+
+    def loss(a, b, **kw):
+      return cwcl(a, b, temperature=0.2, weights=wp if "mask" in kw else w, **kw)
+  else:
+    arrays, loss, anchors = [a, b, c], lambda *xs, **kw: symile(*xs, logit_scale=3.0, **kw), 15
+  helpers.assert_padded_equals_unpadded(loss, arrays, rtol=2e-6)
+  if name != "cwcl_weights":
+    helpers.assert_reductions_agree(loss, arrays, anchors)
+    helpers.assert_reductions_agree(loss, arrays, anchors, mask=np.array([1, 1, 0, 1, 1], bool))

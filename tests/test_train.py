@@ -91,6 +91,17 @@ def test_every_recipe_trains_a_few_steps(name, data_dir, tmp_path):
   assert len(losses_logged) == 2 and all(np.isfinite(losses_logged))
   if name in ("clip_digits", "siglip_digits", "lit_digits"):
     assert 0.0 <= results["zero_shot_accuracy"] <= 1.0
+  # in-batch top-1 retrieval next to the loss: a count of hits over the 16 pairs of the batch
+  directions = {"image_to_text", "text_to_image"} if name in ("clip_digits", "siglip_digits", "lit_digits") \
+      else {"view1_to_view2", "view2_to_view1"}
+  with_accuracy = name in ("clip_digits", "siglip_digits", "lit_digits", "simclr_digits", "dcl_digits",
+                           "isogclr_digits", "moco_digits", "mocov3_digits")
+  logged = [r for r in records if "loss" in r]
+  assert {k[len("accuracy_"):] for k in logged[0] if k.startswith("accuracy_")} == (directions if with_accuracy else set())
+  for record in logged if with_accuracy else []:
+    for d in directions:
+      hits = 16 * record[f"accuracy_{d}"]
+      assert 0 <= hits <= 16 and abs(hits - round(hits)) < 1e-4, record
 
 
 def test_resume_gives_identical_parameters(data_dir, tmp_path):

@@ -12,6 +12,7 @@ takes `impl=` to choose the engine.
 | geometry | alignment, uniformity |
 | non-contrastive | negative_cosine, barlow_twins, vicreg |
 | wrappers | matryoshka |
+| metric (no gradient) | retrieval_accuracy (in-batch top-1, both directions) |
 
 Sharded batches. clip, siglip, infonce (with a MoCo queue too), nt_xent, dcl, dclw and supcon take
 `axis_name=` and `mesh=` to compute the loss of a batch split over devices, against every negative of
@@ -28,6 +29,7 @@ holds a (B/n, B) block of S per device. Ids in masks are global; see docs/distri
 """
 
 from jaxcl.losses._common import l2_normalize
+from jaxcl.losses.accuracy import RetrievalAccuracy, retrieval_accuracy
 from jaxcl.losses.clip import clip, siglip
 from jaxcl.losses.clusters import focal_supcon, gated_pair_infonce, mlcd, sbcl, subclass_kmeans
 from jaxcl.losses.crossmodal import cwcl, symile
@@ -88,6 +90,7 @@ __all__ = [
     "CSROutput",
     "IsogclrOutput",
     "IsogclrState",
+    "RetrievalAccuracy",
     "STARBUCKS_PAIRS",
     "albef_itc",
     "alignment",
@@ -138,6 +141,7 @@ __all__ = [
     "one_to_k_clip",
     "poly_view",
     "positive_aware_infonce",
+    "retrieval_accuracy",
     "sae_decode",
     "sae_encode",
     "sae_pre_activation",

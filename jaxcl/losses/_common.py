@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from jaxcl import _checks
+from jaxcl.ops import masks
 from jaxcl.ops import sharded
 from jaxcl.ops.reductions import SHARDED_IMPLS
 
@@ -54,12 +55,13 @@ def embeddings(name: str, x, *, normalize: bool = True, min_batch: int = 2, why:
   return maybe_normalize(x, normalize)
 
 
-def pair(name_a: str, a, name_b: str, b, *, normalize: bool = True, why: str = ""):
-  """Validates two (B, D) batches of the same shape and L2-normalises them if asked."""
+def pair(name_a: str, a, name_b: str, b, *, normalize: bool = True, why: str = "", axis_name=None):
+  """Validates two (B, D) batches of the same shape and L2-normalises them if asked. Under `axis_name`
+  they are one device's shards and the GLOBAL batch needs two examples."""
   a = _checks.check_array(name_a, a, ndim=2)
   b = _checks.check_array(name_b, b, ndim=2)
   _checks.check_same_shape(name_a, a, name_b, b)
-  _checks.check_min_batch(name_a, a, 2, why=why or "a contrastive loss needs a negative")
+  check_global_batch(name_a, a, 2, axis_name, why=why or "a contrastive loss needs a negative")
   return maybe_normalize(a, normalize), maybe_normalize(b, normalize)
 
 
@@ -124,7 +126,68 @@ def keyword_only(loss):
   return wrapper
 
 
+# ------------------------------------------------------------------------------ reduction and mask
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_reduction(reduction: str, *, per_anchor: bool = True) -> None:
+  """`reduction` is "mean", "sum" or "none"; only "mean" for a loss without per-anchor terms (a log of
+  a mean over pairs, a loss on batch statistics)."""
+  if per_anchor:
+    _checks.check_choice("reduction", reduction, REDUCTIONS)
+  elif reduction != "mean":
+    raise ValueError(
+        f"`reduction` must be 'mean' for this loss (it has no per-sample decomposition), got {reduction!r}."
+    )
+
+
+def sample_mask(mask, n: int, name: str = "mask") -> jax.Array | None:
+  """None, or the bool (n,) per-sample mask of a padded batch (True: a real sample)."""
+  return masks.check_validity(name, mask, n)
+
+
+def zero_invalid(x: jax.Array, valid: jax.Array | None) -> jax.Array:
+  """x where valid, else 0: a masked row's -inf (nothing to contrast) never enters arithmetic."""
+  return x if valid is None else jnp.where(valid, x, 0.0)
+
+
+def reduce_loss(per_anchor: jax.Array, reduction: str, valid: jax.Array | None = None, axis_name=None):
+  """Reduces the per-anchor losses ℓ_a over the anchors a that are `valid` (all when None):
+
+      "none": ℓ_a, 0 where not valid (this device's anchors under `axis_name`)
+      "sum":  Σ_{a valid} ℓ_a                       (over the global batch)
+      "mean": Σ_{a valid} ℓ_a / #{a valid}          (0 when no anchor is valid)
+
+  ℓ_a of an invalid anchor may be ±inf (a row with nothing to contrast): it is replaced by 0 before
+  any arithmetic, so neither the value nor the gradients see it.
+  """
+  x = zero_invalid(per_anchor, valid)
+  if reduction == "none":
+    return x
+  total = batch_sum(x, axis_name)
+  if reduction == "sum":
+    return total
+  if valid is None:
+    return total / global_size(x.size, axis_name)
+  return total / jnp.maximum(batch_sum(valid.astype(jnp.float32), axis_name), 1.0)
+
+
 # --------------------------------------------------------------------------- batches split over devices
+def check_global_batch(name: str, x: jax.Array, minimum: int, axis_name, why: str = "") -> None:
+  """At least `minimum` examples along axis 0 of x, counted over the global batch under `axis_name`
+  (x is then one device's shard: one row per device is enough on two devices)."""
+  if axis_name is None:
+    _checks.check_min_batch(name, x, minimum, why=why)
+    return
+  n_devices = sharded.axis_size(axis_name)
+  if x.shape[0] * n_devices < minimum:
+    reason = f" ({why})" if why else ""
+    raise ValueError(
+        f"`{name}` needs at least {minimum} examples in the global batch{reason}, got {x.shape[0]} per "
+        f"device on {n_devices} devices along `axis_name={axis_name!r}` (local shape {x.shape})."
+    )
+
+
 def batch_ids(n_local: int, axis_name) -> jax.Array:
   """Global positions of the local rows: arange(n) on one device, axis_index · n + arange(n) under an
   axis name (so id masks compare rows of different devices correctly)."""
@@ -175,6 +238,8 @@ def shardable(*batch_args: str):
   `batch_args` are taken as global arrays whose leading (batch) axis is split over the mesh axis
   `axis_name` (default "data") of `mesh` (default: the mesh set by `jax.set_mesh`), and the loss runs
   under `jax.shard_map` over that axis; other array arguments (a learnable temperature) are replicated.
+  With `reduction="none"` the per-anchor losses come back split like the batch (each device's anchors
+  in turn: for a two-view loss [z1; z2] of device 0, then of device 1, ...).
   """
 
   def wrap(loss):
@@ -240,4 +305,6 @@ def _under_shard_map(loss, a: dict, batch_args: tuple[str, ...]):
     values = [jax.sharding.reshard(v, spec if isinstance(mesh, jax.sharding.AbstractMesh)
                                    else jax.sharding.NamedSharding(mesh, spec))
               for v, spec in zip(values, specs)]
-  return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=PartitionSpec())(*values)
+  # reduction="none": each device returns its own anchors' losses, concatenated along the batch axis.
+  out_spec = PartitionSpec(axis_name) if a.get("reduction") == "none" else PartitionSpec()
+  return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=out_spec)(*values)

@@ -11,13 +11,16 @@ from jaxcl.losses import _common
 
 
 @_common.keyword_only
-@_common.shardable("image", "text")
+@_common.shardable("image", "text", "mask")
 def clip(
     image: jax.Array,
     text: jax.Array,
     *,
     logit_scale: float | jax.Array,
     normalize: bool = True,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
     mesh: jax.sharding.Mesh | None = None,
@@ -31,6 +34,19 @@ def clip(
 
   Both directions come from one pass over S (row and column log-sum-exp together).
 
+  `label_smoothing` ε ∈ [0, 1) replaces each one-hot target by (1 − ε) one-hot + ε/B uniform, as
+  torch's `CrossEntropyLoss(label_smoothing=ε)` does:
+
+      ℓ_i(image) = log Σ_j exp S_ij − (1 − ε) S_ii − (ε/B) Σ_j S_ij,   (ε/B) Σ_j S_ij = ε · <x_i, t̄> · scale
+
+  with t̄ the mean text embedding (the mean image for the text direction): the uniform term is linear in
+  S and never needs it.
+
+  `reduction`: "mean", "sum" or "none": the (2B,) per-anchor ℓ (B image anchors, then B text
+  anchors; this device's under `axis_name`), whose mean is the loss above. `mask`: None or bool (B,);
+  False marks padding pairs (image i and text i), which are neither anchors nor negatives; B is then
+  the number of valid pairs.
+
   `impl="allgather" | "ring"` with `axis_name` / `mesh`: the batch split over devices ("Sharded batches" in
   `jaxcl.losses`).
 
@@ -40,15 +56,45 @@ def clip(
   0.7437
   """
   del mesh  # handled by @shardable
-  i, t = _common.pair("image", image, "text", text, normalize=normalize)
+  i, t = _common.pair("image", image, "text", text, normalize=normalize, axis_name=axis_name)
   scale = _common.logit_scale(logit_scale)
-  lse = ops.logsumexp(i, t, scale=scale, rows=True, cols=True, impl=impl, axis_name=axis_name)
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, i.shape[0])
+  _check_label_smoothing(label_smoothing)
+  lse = ops.logsumexp(i, t, scale=scale, rows=True, cols=True, row_valid=mask, col_valid=mask, impl=impl,
+                      axis_name=axis_name)
   positive = scale * _common.rowwise_dot(i, t)
-  return 0.5 * _common.batch_mean(lse.rows + lse.cols - 2.0 * positive, axis_name)
+  rows = _common.zero_invalid(lse.rows, mask) - positive
+  cols = _common.zero_invalid(lse.cols, mask) - positive
+  if label_smoothing:
+    eps = jnp.asarray(label_smoothing, jnp.float32)
+    rows = rows + eps * (positive - scale * _uniform_target_dot(i, t, mask, axis_name))
+    cols = cols + eps * (positive - scale * _uniform_target_dot(t, i, mask, axis_name))
+  valid = None if mask is None else jnp.concatenate([mask, mask])
+  return _common.reduce_loss(jnp.concatenate([rows, cols]), reduction, valid, axis_name)
+
+
+def _check_label_smoothing(value) -> None:
+  v = _checks.concrete_value(value)
+  if v is None or v.shape != () or v.dtype.kind not in "fiu" or not 0.0 <= float(v) < 1.0:
+    raise ValueError(f"`label_smoothing` must be a number in [0, 1), got {value!r}.")
+
+
+def _uniform_target_dot(a: jax.Array, b: jax.Array, mask, axis_name) -> jax.Array:
+  """<a_i, b̄>, b̄ the mean of the (valid) rows of b over the global batch: (1/B) Σ_j <a_i, b_j>."""
+  b32 = _common.zero_invalid(b.astype(jnp.float32), None if mask is None else mask[:, None])
+  total = jnp.sum(b32, axis=0)
+  if axis_name is not None:
+    total = jax.lax.psum(total, axis_name)
+  if mask is None:
+    count = jnp.float32(_common.global_size(b.shape[0], axis_name))
+  else:
+    count = _common.batch_sum(mask.astype(jnp.float32), axis_name)
+  return jnp.einsum("id,d->i", a, total / jnp.maximum(count, 1.0), preferred_element_type=jnp.float32)
 
 
 @_common.keyword_only
-@_common.shardable("image", "text")
+@_common.shardable("image", "text", "mask")
 def siglip(
     image: jax.Array,
     text: jax.Array,
@@ -56,6 +102,8 @@ def siglip(
     logit_scale: float | jax.Array,
     logit_bias: float | jax.Array,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
     mesh: jax.sharding.Mesh | None = None,
@@ -65,7 +113,11 @@ def siglip(
   "Sigmoid Loss for Language Image Pre-Training" (Zhai et al., 2023). With z_ij = +1 on the diagonal and
   −1 elsewhere, t = logit_scale (SigLIP initialises t = 10, b = −10):
 
-      loss = mean_i Σ_j −log σ( z_ij (t <x_i, y_j> + b) )
+      ℓ_i = Σ_j −log σ( z_ij (t <x_i, y_j> + b) ),   loss = mean_i ℓ_i
+
+  `reduction`: "mean", "sum" or "none" (the (B,) per-image ℓ_i; this device's under `axis_name`).
+  `mask`: None or bool (B,); False marks padding pairs, which are neither anchors nor negatives (the
+  sums run over the valid texts, the mean over the valid images).
 
   Sharded, each device holds a chunk of images and the text chunks pass by (SigLIP §3.3).
   `impl="allgather" | "ring"` with `axis_name` / `mesh`: the batch split over devices ("Sharded batches" in
@@ -77,9 +129,11 @@ def siglip(
   1.0064
   """
   del mesh  # handled by @shardable
-  i, t = _common.pair("image", image, "text", text, normalize=normalize)
+  i, t = _common.pair("image", image, "text", text, normalize=normalize, axis_name=axis_name)
   scale = _common.logit_scale(logit_scale)
   bias = _common.logit_bias(logit_bias)
-  return _common.batch_mean(
-      ops.sigmoid_sum(i, t, scale=scale, bias=bias, impl=impl, axis_name=axis_name), axis_name
-  )
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, i.shape[0])
+  per_image = ops.sigmoid_sum(i, t, scale=scale, bias=bias, row_valid=mask, col_valid=mask, impl=impl,
+                              axis_name=axis_name)
+  return _common.reduce_loss(per_image, reduction, mask, axis_name)

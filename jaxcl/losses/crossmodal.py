@@ -37,6 +37,8 @@ def cwcl(
     temperature: float | jax.Array = 0.1,
     weights: jax.Array | None = None,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""CWCL: contrastive loss with continuous targets from the frozen modality's own similarities.
@@ -64,9 +66,13 @@ def cwcl(
     temperature: τ > 0 (scalar, may be traced).
     weights: None (the paper's intra-modal weights) or an explicit non-negative (B, B) array.
     normalize: L2-normalise both batches first (the weights always use cosine similarity).
+    reduction: "mean", "sum" or "none": the (2B,) per-anchor terms (B `frozen` anchors, then B
+      `trained` anchors), whose mean is the loss.
+    mask: None or bool (B,): False marks padding pairs, which are neither anchors nor candidates (the
+      target weights of padding columns are 0).
     impl: similarity engine, see `jaxcl.ops.available_impls()`.
   Returns:
-    Scalar float32 mean loss.
+    Scalar float32 loss, or (2B,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(2)  # w = [[1, ½], [½, 1]]
@@ -76,22 +82,30 @@ def cwcl(
   f, t = _common.pair("frozen", frozen, "trained", trained, normalize=normalize)
   inv_t = _common.inverse_temperature(temperature)
   b = f.shape[0]
-  lse = ops.logsumexp(f, t, scale=inv_t, rows=True, cols=True, impl=impl)
-  f32, t32 = f.astype(jnp.float32), t.astype(jnp.float32)
-  if weights is None:
-    fh = jax.lax.stop_gradient(_common.l2_normalize(frozen.astype(jnp.float32)))
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, b)
+  w = None if weights is None else _check_weights(weights, b)
+  lse = ops.logsumexp(f, t, scale=inv_t, rows=True, cols=True, row_valid=mask, col_valid=mask, impl=impl)
+  # Padding rows are zeroed, so every sum over candidates j below runs over the real samples only.
+  keep = lambda x: _common.zero_invalid(x, None if mask is None else mask[:, None])
+  f32, t32 = keep(f.astype(jnp.float32)), keep(t.astype(jnp.float32))
+  if w is None:
+    fh = keep(jax.lax.stop_gradient(_common.l2_normalize(frozen.astype(jnp.float32))))
+    n = b if mask is None else jnp.sum(mask, dtype=jnp.float32)
     # Σ_j w_ij <f_i, t_j> and Σ_j w_ij <f_j, t_i> through D×D matrices F̂ᵀT and F̂ᵀF.
     row_target = 0.5 * (f32 @ jnp.sum(t32, axis=0)) + 0.5 * _common.rowwise_dot(fh @ (fh.T @ t32), f32)
     col_target = 0.5 * (t32 @ jnp.sum(f32, axis=0)) + 0.5 * _common.rowwise_dot(fh @ (fh.T @ f32), t32)
-    total = 0.5 * b + 0.5 * (fh @ jnp.sum(fh, axis=0))
+    total = 0.5 * n + 0.5 * (fh @ jnp.sum(fh, axis=0))
   else:
-    w = _check_weights(weights, b)
+    w = w if mask is None else jnp.where(mask[None, :], w, 0.0)
     row_target = _common.rowwise_dot(f32, w @ t32)
     col_target = _common.rowwise_dot(t32, w @ f32)
     total = jnp.sum(w, axis=1)
-  rows = lse.rows - inv_t * row_target / total
-  cols = lse.cols - inv_t * col_target / total
-  return 0.5 * (jnp.mean(rows) + jnp.mean(cols))
+  total = _common.zero_invalid(total, mask) + (0.0 if mask is None else (~mask).astype(jnp.float32))
+  rows = _common.zero_invalid(lse.rows, mask) - inv_t * row_target / total
+  cols = _common.zero_invalid(lse.cols, mask) - inv_t * col_target / total
+  valid = None if mask is None else jnp.concatenate([mask, mask])
+  return _common.reduce_loss(jnp.concatenate([rows, cols]), reduction, valid)
 
 
 @_common.keyword_only
@@ -99,6 +113,8 @@ def symile(
     *modalities: jax.Array,
     logit_scale: float | jax.Array,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""Symile: contrastive loss over M >= 2 modalities with the multilinear inner product.
@@ -118,9 +134,12 @@ def symile(
     *modalities: M >= 2 arrays of shape (N, D), row i of each describing sample i.
     logit_scale: the multiplier (> 0, may be traced; learnable in the paper).
     normalize: L2-normalise each modality first.
+    reduction: "mean", "sum" or "none": the (M·N,) per-anchor terms, modality-major (row m·N + i:
+      modality m as the target of sample i), whose mean is the loss.
+    mask: None or bool (N,): False marks padding samples, which are neither anchors nor candidates.
     impl: similarity engine, see `jaxcl.ops.available_impls()`.
   Returns:
-    Scalar float32 mean loss.
+    Scalar float32 loss, or (M·N,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(2)
@@ -137,6 +156,8 @@ def symile(
     _checks.check_same_shape("modalities[0]", xs[0], f"modalities[{k}]", x)
   _checks.check_min_batch("modalities[0]", xs[0], 2, why="a contrastive loss needs a negative")
   scale = _common.logit_scale(logit_scale)
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, xs[0].shape[0])
   xs = [_common.maybe_normalize(x, normalize) for x in xs]
   dtype = jnp.result_type(*xs)
   x32 = [x.astype(jnp.float32) for x in xs]
@@ -144,6 +165,7 @@ def symile(
   losses = []
   for m, target in enumerate(xs):
     context = functools.reduce(operator.mul, [x for k, x in enumerate(x32) if k != m]).astype(dtype)
-    lse = ops.logsumexp(context, target, scale=scale, impl=impl).rows
-    losses.append(jnp.mean(lse - positive))
-  return sum(losses) / len(losses)
+    lse = ops.logsumexp(context, target, scale=scale, row_valid=mask, col_valid=mask, impl=impl).rows
+    losses.append(_common.zero_invalid(lse, mask) - positive)
+  valid = None if mask is None else jnp.tile(mask, len(losses))
+  return _common.reduce_loss(jnp.concatenate(losses), reduction, valid)

@@ -19,6 +19,8 @@ def alignment(
     *,
     alpha: float | jax.Array = 2,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
 ) -> jax.Array:
   r"""Alignment of positive pairs: the mean distance between the two views, to the power α.
 
@@ -34,8 +36,10 @@ def alignment(
     x, y: (B, D) embeddings of the two views, row-aligned.
     alpha: α > 0.
     normalize: L2-normalise x and y first.
+    reduction: "mean", "sum" or "none" (the (B,) ‖x_i − y_i‖^α).
+    mask: None or bool (B,): False marks padding pairs, left out.
   Returns:
-    Scalar float32 mean.
+    Scalar float32 mean, or (B,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(2)
@@ -47,13 +51,15 @@ def alignment(
   _checks.check_same_shape("x", x, "y", y)
   _checks.check_min_batch("x", x, 1, why="the mean needs a pair")
   _checks.check_positive("alpha", alpha)
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, x.shape[0])
   a = _common.maybe_normalize(x, normalize).astype(jnp.float32)
   b = _common.maybe_normalize(y, normalize).astype(jnp.float32)
   sq = jnp.sum((a - b) ** 2, axis=-1)
   half_alpha = jnp.asarray(alpha, jnp.float32) / 2.0
   positive = sq > 0
   powered = jnp.where(positive, jnp.power(jnp.where(positive, sq, 1.0), half_alpha), 0.0)
-  return jnp.mean(powered)
+  return _common.reduce_loss(powered, reduction, mask)
 
 
 @_common.keyword_only
@@ -62,6 +68,8 @@ def uniformity(
     *,
     t: float | jax.Array = 2,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""Uniformity: log of the mean Gaussian potential between distinct embeddings.
@@ -85,6 +93,9 @@ def uniformity(
     x: (B, D) embeddings, B >= 2.
     t: t > 0.
     normalize: L2-normalise x first.
+    reduction: "mean" only: the log of a mean over pairs has no per-sample decomposition.
+    mask: None or bool (B,): False marks padding rows, left out of every pair (B is then the number of
+      valid rows; 0 when fewer than two are valid).
     impl: similarity engine, see `jaxcl.ops.available_impls()`.
   Returns:
     Scalar float32.
@@ -96,16 +107,36 @@ def uniformity(
   x = _checks.check_array("x", x, ndim=2)
   _checks.check_min_batch("x", x, 2, why="uniformity averages over pairs i != j")
   _checks.check_positive("t", t)
+  _common.check_reduction(reduction, per_anchor=False)
   b = x.shape[0]
+  mask = _common.sample_mask(mask, b)
   t = jnp.asarray(t, jnp.float32)
-  log_pairs = math.log(b * (b - 1))
+  if mask is None:
+    log_pairs = math.log(b * (b - 1))
+  else:  # fewer than two valid rows: no pair, the loss is 0
+    n = jnp.sum(mask, dtype=jnp.float32)
+    enough = n >= 2
+    log_pairs = jnp.log(jnp.where(enough, n * (n - 1.0), 1.0))
   if normalize:
     z = _common.l2_normalize(x)
-    rows = ops.logsumexp(z, z, scale=2.0 * t, exclude=ops.diagonal(b), impl=impl).rows
-    return jax.nn.logsumexp(rows) - 2.0 * t - log_pairs
-  ops.resolve_impl(impl, b, b)  # validates `impl`; the explicit-distance form is dense
-  gram = jnp.einsum("id,jd->ij", x, x, preferred_element_type=jnp.float32)
-  norms = jnp.diagonal(gram)
-  sq = jnp.maximum(norms[:, None] + norms[None, :] - 2.0 * gram, 0.0)
-  logits = jnp.where(jnp.eye(b, dtype=bool), -jnp.inf, -t * sq)
-  return jax.nn.logsumexp(logits) - log_pairs
+    rows = ops.logsumexp(z, z, scale=2.0 * t, exclude=ops.diagonal(b), row_valid=mask, col_valid=mask,
+                         impl=impl).rows
+    value = _masked_logsumexp(rows, mask) - 2.0 * t - log_pairs
+  else:
+    ops.resolve_impl(impl, b, b)  # validates `impl`; the explicit-distance form is dense
+    gram = jnp.einsum("id,jd->ij", x, x, preferred_element_type=jnp.float32)
+    norms = jnp.diagonal(gram)
+    sq = jnp.maximum(norms[:, None] + norms[None, :] - 2.0 * gram, 0.0)
+    drop = jnp.eye(b, dtype=bool) if mask is None else jnp.eye(b, dtype=bool) | ~(mask[:, None] & mask[None, :])
+    value = _masked_logsumexp(jnp.where(drop, -jnp.inf, -t * sq).ravel(), None) - log_pairs
+  return value if mask is None else jnp.where(enough, value, 0.0)
+
+
+def _masked_logsumexp(x: jax.Array, valid: jax.Array | None) -> jax.Array:
+  """log Σ exp x over the valid finite entries; 0 (not -inf, and no NaN gradient) when there is none."""
+  keep = jnp.isfinite(x) if valid is None else valid & jnp.isfinite(x)
+  safe = jnp.where(keep, x, 0.0)
+  m = jax.lax.stop_gradient(jnp.max(jnp.where(keep, safe, -jnp.inf), initial=-jnp.inf))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  total = jnp.sum(jnp.where(keep, jnp.exp(safe - m), 0.0))
+  return jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + m, 0.0)

@@ -81,7 +81,8 @@ def matryoshka(
   The returned function has `loss_fn`'s signature. Every floating array argument of rank >= 2
   (positional or keyword) is sliced to its first m features; everything else (labels, temperatures,
   a learnable logit scale) is passed through unchanged. Each prefix goes through `loss_fn` on its
-  own, so a loss that L2-normalises renormalises each prefix, as MRL does.
+  own, so a loss that L2-normalises renormalises each prefix, as MRL does. `reduction=` and `mask=`
+  pass through to `loss_fn`: with `reduction="none"` the result is Σ_m c_m · (per-anchor losses of m).
 
   Args:
     loss_fn: any jaxcl loss (or a `functools.partial` of one) returning a scalar.

@@ -31,6 +31,8 @@ def triplet(
     margin: float | jax.Array = 0.2,
     squared: bool = False,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
 ) -> jax.Array:
   r"""Triplet margin loss on given (anchor, positive, negative) triples.
 
@@ -47,8 +49,10 @@ def triplet(
     margin: α >= 0.
     squared: use ‖a − b‖² instead of ‖a − b‖.
     normalize: L2-normalise the three inputs first.
+    reduction: "mean", "sum" or "none" (the (B,) per-triple losses).
+    mask: None or bool (B,): False marks padding triples, left out of the mean.
   Returns:
-    Scalar float32 mean loss.
+    Scalar float32 loss, or (B,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> a = jnp.array([[1.0, 0.0]])
@@ -62,9 +66,11 @@ def triplet(
   _checks.check_same_shape("anchor", anchor, "negative", negative)
   _checks.check_min_batch("anchor", anchor, 1, why="the mean needs a triple")
   _checks.check_non_negative("margin", margin)
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, anchor.shape[0])
   a, p, n = (_common.maybe_normalize(x, normalize) for x in (anchor, positive, negative))
   gap = _distance(a, p, squared) - _distance(a, n, squared)
-  return jnp.mean(jax.nn.relu(gap + jnp.asarray(margin, jnp.float32)))
+  return _common.reduce_loss(jax.nn.relu(gap + jnp.asarray(margin, jnp.float32)), reduction, mask)
 
 
 @_common.keyword_only
@@ -75,6 +81,8 @@ def batch_hard_triplet(
     margin: float | jax.Array = 0.2,
     squared: bool = False,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
 ) -> jax.Array:
   r"""Batch-hard triplet loss: each anchor against its hardest positive and hardest negative.
 
@@ -96,8 +104,12 @@ def batch_hard_triplet(
     margin: α >= 0.
     squared: use ‖a − b‖² instead of ‖a − b‖.
     normalize: L2-normalise the embeddings first.
+    reduction: "mean" (over the anchors with a positive and a negative), "sum" or "none" (the (B,)
+      loss_i, 0 for the anchors left out).
+    mask: None or bool (B,): False marks padding rows, which are neither anchors, positives nor
+      negatives.
   Returns:
-    Scalar float32 mean loss.
+    Scalar float32 loss, or (B,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
@@ -110,6 +122,8 @@ def batch_hard_triplet(
   b = embeddings.shape[0]
   labels = _checks.check_labels("labels", labels, b)
   _checks.check_non_negative("margin", margin)
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, b)
   x = _common.maybe_normalize(embeddings, normalize)
 
   # Mining (no gradient): squared distances ‖x_i‖² + ‖x_j‖² − 2<x_i, x_j> from the Gram matrix.
@@ -121,11 +135,13 @@ def batch_hard_triplet(
   not_self = ~jnp.eye(b, dtype=bool)
   is_pos = same & not_self
   is_neg = ~same
+  if mask is not None:  # padding rows are neither anchors nor candidates
+    both = mask[:, None] & mask[None, :]
+    is_pos, is_neg = is_pos & both, is_neg & both
   hardest_pos = jnp.argmax(jnp.where(is_pos, sq, -1.0), axis=1)
   hardest_neg = jnp.argmin(jnp.where(is_neg, sq, jnp.inf), axis=1)
   valid = jnp.any(is_pos, axis=1) & jnp.any(is_neg, axis=1)
 
   gap = _distance(x, x[hardest_pos], squared) - _distance(x, x[hardest_neg], squared)
   per_anchor = jax.nn.relu(gap + jnp.asarray(margin, jnp.float32))
-  count = jnp.sum(valid.astype(jnp.float32))
-  return jnp.sum(jnp.where(valid, per_anchor, 0.0)) / jnp.maximum(count, 1.0)
+  return _common.reduce_loss(per_anchor, reduction, valid)

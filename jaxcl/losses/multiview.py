@@ -34,6 +34,13 @@ def _check_views(views, normalize: bool) -> jax.Array:
   return _common.maybe_normalize(views, normalize)
 
 
+def _check_reduction_and_mask(reduction, mask, shape):
+  """The per-instance mask (B,) and the validity of the flattened (V·B,) rows [view 0; view 1; ...]."""
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, shape[1])
+  return mask, None if mask is None else jnp.tile(mask, shape[0])
+
+
 def _alignment(views: jax.Array, inv_t) -> jax.Array:
   """pos_i = log Σ_l Σ_{m≠l} exp(<u_il, u_im>/τ) per instance, float32 (B,), from the V×V Gram only."""
   v = views.shape[0]
@@ -53,6 +60,8 @@ def multiview_infonce(
     *,
     temperature: float | jax.Array = 0.1,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""MV-InfoNCE: InfoNCE over all V views of an instance in one term per instance.
@@ -81,9 +90,12 @@ def multiview_infonce(
     views: (V, B, D) embeddings, V >= 2 views of B >= 2 instances (views[l, i] is view l of i).
     temperature: τ > 0 (scalar, may be traced).
     normalize: L2-normalise each embedding first.
+    reduction: "mean", "sum" or "none" (the (B,) per-instance terms).
+    mask: None or bool (B,): False marks padding instances, whose views are neither anchors nor
+      negatives.
     impl: similarity engine for the (VB)² denominator, see `jaxcl.ops.available_impls()`.
   Returns:
-    Scalar float32 mean loss (>= 0).
+    Scalar float32 loss (>= 0), or (B,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> v = jnp.stack([jnp.eye(2)] * 3)  # 3 identical views of 2 orthogonal instances
@@ -92,11 +104,13 @@ def multiview_infonce(
   """
   views = _check_views(views, normalize)
   inv_t = _common.inverse_temperature(temperature)
+  mask, valid = _check_reduction_and_mask(reduction, mask, views.shape)
   v, b, d = views.shape
   z = jnp.reshape(views, (v * b, d))
-  lse = ops.logsumexp(z, z, scale=inv_t, exclude=ops.diagonal(v * b), impl=impl).rows
-  energy = jax.nn.logsumexp(jnp.reshape(lse, (v, b)), axis=0)
-  return jnp.mean(energy - _alignment(views, inv_t))
+  lse = ops.logsumexp(z, z, scale=inv_t, exclude=ops.diagonal(v * b), row_valid=valid, col_valid=valid,
+                      impl=impl).rows
+  energy = jax.nn.logsumexp(jnp.reshape(_common.zero_invalid(lse, valid), (v, b)), axis=0)
+  return _common.reduce_loss(energy - _alignment(views, inv_t), reduction, mask)
 
 
 @_common.keyword_only
@@ -105,6 +119,8 @@ def mv_dhel(
     *,
     temperature: float | jax.Array = 0.1,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""MV-DHEL: multi-view decoupled hyperspherical energy loss.
@@ -129,10 +145,13 @@ def mv_dhel(
     views: (V, B, D) embeddings, V >= 2 views of B >= 2 instances (views[l, i] is view l of i).
     temperature: τ > 0 (scalar, may be traced).
     normalize: L2-normalise each embedding first.
+    reduction: "mean", "sum" or "none" (the (B,) per-instance terms).
+    mask: None or bool (B,): False marks padding instances, whose views are neither anchors nor
+      negatives.
     impl: similarity engine, see `jaxcl.ops.available_impls()`. The same-view restriction is an
       `include=` mask on view ids over the (VB)² matrix.
   Returns:
-    Scalar float32 mean loss.
+    Scalar float32 loss, or (B,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> v = jnp.stack([jnp.eye(2)] * 3)  # 3 identical views of 2 orthogonal instances
@@ -141,11 +160,13 @@ def mv_dhel(
   """
   views = _check_views(views, normalize)
   inv_t = _common.inverse_temperature(temperature)
+  mask, valid = _check_reduction_and_mask(reduction, mask, views.shape)
   v, b, d = views.shape
   z = jnp.reshape(views, (v * b, d))
   view = _view_ids(v, b)
   lse = ops.logsumexp(
-      z, z, scale=inv_t, exclude=ops.diagonal(v * b), include=(view, view), impl=impl
+      z, z, scale=inv_t, exclude=ops.diagonal(v * b), include=(view, view), row_valid=valid,
+      col_valid=valid, impl=impl
   ).rows
-  uniformity = jnp.sum(jnp.reshape(lse, (v, b)), axis=0)
-  return jnp.mean(uniformity - _alignment(views, inv_t))
+  uniformity = jnp.sum(jnp.reshape(_common.zero_invalid(lse, valid), (v, b)), axis=0)
+  return _common.reduce_loss(uniformity - _alignment(views, inv_t), reduction, mask)

@@ -10,7 +10,9 @@ from jaxcl.losses import _common
 
 
 @_common.keyword_only
-def negative_cosine(p: jax.Array, z: jax.Array) -> jax.Array:
+def negative_cosine(
+    p: jax.Array, z: jax.Array, *, reduction: str = "mean", mask: jax.Array | None = None
+) -> jax.Array:
   r"""Negative cosine similarity between predictions and stop-gradient targets (SimSiam / BYOL).
 
   "Exploring Simple Siamese Representation Learning" (Chen & He, CVPR 2021):
@@ -25,8 +27,10 @@ def negative_cosine(p: jax.Array, z: jax.Array) -> jax.Array:
   Args:
     p: (B, D) predictor outputs.
     z: (B, D) targets, row-aligned with `p`.
+    reduction: "mean", "sum" or "none" (the (B,) −cosines).
+    mask: None or bool (B,): False marks padding pairs, left out.
   Returns:
-    Scalar float32 mean in [−1, 1].
+    Scalar float32 mean in [−1, 1], or (B,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> p = jnp.eye(2)
@@ -37,6 +41,8 @@ def negative_cosine(p: jax.Array, z: jax.Array) -> jax.Array:
   z = _checks.check_array("z", z, ndim=2)
   _checks.check_same_shape("p", p, "z", z)
   _checks.check_min_batch("p", p, 1, why="the mean needs a pair")
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, p.shape[0])
   p = _common.l2_normalize(p.astype(jnp.float32))
   z = _common.l2_normalize(jax.lax.stop_gradient(z).astype(jnp.float32))
-  return -jnp.mean(_common.rowwise_dot(p, z))
+  return _common.reduce_loss(-_common.rowwise_dot(p, z), reduction, mask)

@@ -22,6 +22,23 @@ def _two_views(z1, z2, why: str):
   return z1, z2, jnp.result_type(z1.dtype, z2.dtype)
 
 
+def _rows(mask, reduction, n: int):
+  """(w, N): w (N, 1) float32 weights of the rows (1 for real samples, 0 for padding; None without a
+  mask) and the number N of real samples (a Python int without a mask)."""
+  _common.check_reduction(reduction, per_anchor=False)
+  mask = _common.sample_mask(mask, n)
+  if mask is None:
+    return None, n
+  return mask.astype(jnp.float32)[:, None], jnp.sum(mask, dtype=jnp.float32)
+
+
+def _centered(z: jax.Array, w, n) -> jax.Array:
+  """z − mean over the real samples, 0 on the padding rows."""
+  if w is None:
+    return z - jnp.mean(z, axis=0)
+  return w * (z - jnp.sum(w * z, axis=0) / jnp.maximum(n, 1.0))
+
+
 def _feature_products(a: jax.Array, b: jax.Array, dtype) -> jax.Array:
   """aᵀ b, (D, D), in `dtype` with float32 accumulation."""
   return jnp.einsum("ni,nj->ij", a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
@@ -38,6 +55,8 @@ def barlow_twins(
     *,
     lambda_: float | jax.Array = 5e-3,
     eps: float = 1e-5,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
 ) -> jax.Array:
   r"""Barlow Twins: push the cross-correlation matrix of the two views towards the identity.
 
@@ -56,6 +75,9 @@ def barlow_twins(
     z1, z2: (N, D) projector outputs of the two views, N >= 2.
     lambda_: λ >= 0, the weight of the redundancy-reduction (off-diagonal) term.
     eps: ε > 0 added to the variance.
+    reduction: "mean" only: a loss on batch statistics has no per-sample decomposition.
+    mask: None or bool (N,): False marks padding rows, left out of every batch statistic (N is then
+      the number of real samples).
   Returns:
     Scalar float32.
 
@@ -67,13 +89,13 @@ def barlow_twins(
   z1, z2, dtype = _two_views(z1, z2, "batch statistics need N >= 2")
   _checks.check_non_negative("lambda_", lambda_)
   _checks.check_positive("eps", eps)
+  w, n = _rows(mask, reduction, z1.shape[0])
 
   def standardize(z):
-    z = z.astype(jnp.float32)
-    centered = z - jnp.mean(z, axis=0)
-    return centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=0) + eps)
+    centered = _centered(z.astype(jnp.float32), w, n)
+    return centered * jax.lax.rsqrt(jnp.sum(centered * centered, axis=0) / n + eps)
 
-  c = _feature_products(standardize(z1), standardize(z2), dtype) / z1.shape[0]
+  c = _feature_products(standardize(z1), standardize(z2), dtype) / n
   on_diagonal = jnp.sum((1.0 - jnp.diagonal(c)) ** 2)
   return on_diagonal + jnp.asarray(lambda_, jnp.float32) * _off_diagonal_sq_sum(c)
 
@@ -87,6 +109,8 @@ def vicreg(
     std_coeff: float | jax.Array = 25.0,
     cov_coeff: float | jax.Array = 1.0,
     eps: float = 1e-4,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
 ) -> jax.Array:
   r"""VICReg: invariance + variance + covariance regularisation of two views.
 
@@ -103,6 +127,9 @@ def vicreg(
     z1, z2: (N, D) expander outputs of the two views, N >= 2.
     sim_coeff, std_coeff, cov_coeff: λ, μ, ν >= 0 (25, 25, 1 in the paper).
     eps: ε > 0 inside the square root of the variance term.
+    reduction: "mean" only: a loss on batch statistics has no per-sample decomposition.
+    mask: None or bool (N,): False marks padding rows, left out of every batch statistic and of the
+      MSE (N is then the number of real samples).
   Returns:
     Scalar float32.
 
@@ -115,12 +142,16 @@ def vicreg(
   for name, value in (("sim_coeff", sim_coeff), ("std_coeff", std_coeff), ("cov_coeff", cov_coeff)):
     _checks.check_non_negative(name, value)
   _checks.check_positive("eps", eps)
-  n, d = z1.shape
+  d = z1.shape[1]
+  w, n = _rows(mask, reduction, z1.shape[0])
   x, y = z1.astype(jnp.float32), z2.astype(jnp.float32)
-  invariance = jnp.mean((x - y) ** 2)
+  if w is None:
+    invariance = jnp.mean((x - y) ** 2)
+  else:
+    invariance = jnp.sum(w * (x - y) ** 2) / (jnp.maximum(n, 1.0) * d)
 
   def variance_and_covariance(z):
-    centered = z - jnp.mean(z, axis=0)
+    centered = _centered(z, w, n)
     std = jnp.sqrt(jnp.sum(centered * centered, axis=0) / (n - 1) + eps)
     cov = _feature_products(centered, centered, dtype) / (n - 1)
     return jnp.mean(jax.nn.relu(1.0 - std)) / 2.0, _off_diagonal_sq_sum(cov) / d

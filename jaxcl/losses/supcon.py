@@ -21,7 +21,7 @@ def _class_ids(labels: jax.Array) -> jax.Array:
 
 
 @_common.keyword_only
-@_common.shardable("features", "labels")
+@_common.shardable("features", "labels", "mask")
 def supcon(
     features: jax.Array,
     labels: jax.Array,
@@ -29,6 +29,8 @@ def supcon(
     temperature: float | jax.Array = 0.1,
     base_temperature: float | jax.Array | None = None,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
     mesh: jax.sharding.Mesh | None = None,
@@ -40,7 +42,7 @@ def supcon(
   A = {a' : |P(a')| > 0} the anchors that have one:
 
       s_ab = <z_a, z_b> / τ
-      loss = (τ / τ_base) · mean_{a ∈ A} [ −(1/|P(a)|) Σ_{p ∈ P(a)} s_ap + log Σ_{b ≠ a} exp s_ab ]
+      ℓ_a = (τ / τ_base) [ −(1/|P(a)|) Σ_{p ∈ P(a)} s_ap + log Σ_{b ≠ a} exp s_ab ],   loss = mean_{a ∈ A} ℓ_a
 
   The positive term is linear in S and never needs it: Σ_{p ∈ P(a)} <z_a, z_p> is
   <z_a, Σ_{b: y_b = y_a} z_b> − <z_a, z_a>, a segment sum over the labels. Anchors without a positive
@@ -53,12 +55,16 @@ def supcon(
     temperature: τ > 0 (scalar, may be traced).
     base_temperature: τ_base > 0; None means τ (no rescaling). The paper's code uses 0.07.
     normalize: L2-normalise the features first.
+    reduction: "mean" (over A), "sum" or "none": the (N·V,) ℓ_a in view-major order (row v·N + i is
+      view v of sample i), 0 for anchors outside A; this device's under `axis_name`.
+    mask: None or bool (N,): False marks padding samples, whose views are neither anchors, positives
+      nor negatives.
     impl: similarity engine, see `jaxcl.ops.available_impls()`; "allgather" / "ring" for a batch split
       over devices.
     axis_name, mesh: the batch split over devices (see "Sharded batches" in `jaxcl.losses`): the class
       sums Σ_{b: y_b = y_a} z_b then run over every device (`jaxcl.ops.sharded.matched_sum`).
   Returns:
-    Scalar float32 mean loss.
+    Scalar float32 loss, or (N·V,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> x = jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
@@ -67,8 +73,10 @@ def supcon(
   """
   features = _checks.check_array("features", features, ndim=(2, 3))
   n = features.shape[0]
-  _checks.check_min_batch("features", features, 2, why="a contrastive loss needs a negative")
+  _common.check_global_batch("features", features, 2, axis_name, why="a contrastive loss needs a negative")
   labels = _checks.check_labels("labels", labels, n)
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, n)
   inv_t = _common.inverse_temperature(temperature)
   factor = 1.0
   if base_temperature is not None:
@@ -78,7 +86,10 @@ def supcon(
   del mesh  # handled by @shardable
   views = 1 if features.ndim == 2 else features.shape[1]
   concrete = _checks.concrete_value(labels)
-  if axis_name is None and views == 1 and concrete is not None and np.unique(concrete).size == n:
+  if mask is not None and concrete is not None:
+    kept = _checks.concrete_value(mask)
+    concrete = None if kept is None else concrete[kept]
+  if axis_name is None and views == 1 and concrete is not None and np.unique(concrete).size == concrete.size:
     raise ValueError(
         "`labels` are all distinct and `features` has one view per sample, so no anchor has a "
         f"positive: SupCon needs a repeated label or V >= 2 views, got labels {concrete} and features "
@@ -89,25 +100,27 @@ def supcon(
   z = jnp.reshape(jnp.swapaxes(features, 0, 1), (-1, features.shape[-1])) if views > 1 else features
   z = _common.maybe_normalize(z, normalize)
   m = z.shape[0]
-  z32 = z.astype(jnp.float32)
+  valid = None if mask is None else jnp.tile(mask, views)
+  z32 = _common.zero_invalid(z.astype(jnp.float32), None if valid is None else valid[:, None])
+  ones = jnp.ones((m,), jnp.float32) if valid is None else valid.astype(jnp.float32)
   if axis_name is None:
     ids = jnp.tile(_class_ids(labels), views)
     class_sum = jax.ops.segment_sum(z32, ids, num_segments=m)[ids]
-    class_size = jax.ops.segment_sum(jnp.ones((m,), jnp.float32), ids, num_segments=m)[ids]
+    class_size = jax.ops.segment_sum(ones, ids, num_segments=m)[ids]
   else:  # labels are compared across devices as they are (only equality matters)
     ids = jnp.tile(labels.astype(jnp.int32), views)
-    with_ones = jnp.concatenate([z32, jnp.ones((m, 1), jnp.float32)], axis=1)
+    with_ones = jnp.concatenate([z32, ones[:, None]], axis=1)
     sums = ops.sharded.matched_sum(ids, with_ones, axis_name=axis_name, impl=impl)
     class_sum, class_size = sums[:, :-1], sums[:, -1]
   n_pos = class_size - 1.0
   pos_sum = _common.rowwise_dot(z32, class_sum) - _common.rowwise_dot(z32, z32)
-  has_pos = n_pos > 0
+  has_pos = n_pos > 0 if valid is None else (n_pos > 0) & valid
   mean_pos = inv_t * pos_sum / jnp.maximum(n_pos, 1.0)
 
   n = features.shape[0]
   self_ids = jnp.concatenate([_common.batch_ids(n, axis_name) + v * _common.global_size(n, axis_name)
                               for v in range(views)])
-  lse = ops.logsumexp(z, z, scale=inv_t, exclude=(self_ids, self_ids), impl=impl, axis_name=axis_name).rows
-  per_anchor = jnp.where(has_pos, lse - mean_pos, 0.0)
-  count = _common.batch_sum(has_pos.astype(jnp.float32), axis_name)
-  return factor * _common.batch_sum(per_anchor, axis_name) / jnp.maximum(count, 1.0)
+  lse = ops.logsumexp(z, z, scale=inv_t, exclude=(self_ids, self_ids), row_valid=valid, col_valid=valid,
+                      impl=impl, axis_name=axis_name).rows
+  per_anchor = factor * (_common.zero_invalid(lse, has_pos) - mean_pos)
+  return _common.reduce_loss(per_anchor, reduction, has_pos, axis_name)

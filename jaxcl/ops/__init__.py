@@ -9,6 +9,8 @@ from jaxcl.ops.reductions import (
     register_engine,
     resolve_impl,
     sigmoid_sum,
+    top1,
+    Top1,
 )
 
 __all__ = [
@@ -21,6 +23,8 @@ __all__ = [
     "register_engine",
     "resolve_impl",
     "sigmoid_sum",
+    "top1",
+    "Top1",
 ]
 
 # Importing an engine module registers it for `impl=`.

@@ -365,3 +365,31 @@ def sigmoid_sum(q, k, *, scale, bias, positives, tile: int | None = None):
 
 
 reductions.register_engine("blockwise", logsumexp=logsumexp, sigmoid_sum=sigmoid_sum)
+
+
+# ------------------------------------------------------------------------------------- top-1 retrieval
+def top1_scores(q, k, *, positives, include, tile: int | None = None):
+  """`jaxcl.ops.dense.top1_scores` one column tile at a time: (row_pos, row_neg, col_pos, col_neg), the
+  largest positive and negative valid score of each row and column, −inf where there is none. Running
+  maxima need no care for the columns a slid-back last tile sees twice. No gradient."""
+  q, k = lax.stop_gradient(q), lax.stop_gradient(k)
+  n_rows, n_cols = q.shape[0], k.shape[0]
+  tile = _tile_size(tile, n_cols, k.shape[1])
+
+  def body(t, carry):
+    row_pos, row_neg, col_pos, col_neg = carry
+    start, _ = _tile_window(t, tile, n_cols)
+    cut = _slicer(start, tile)
+    s = _scores(q, cut(k))
+    positive = positives[0][:, None] == cut(positives[1])[None, :]
+    r_pos, r_neg, c_pos, c_neg = masks_lib.split_max(
+        s, positive, masks_lib.tile_valid(None, include, lambda ids: ids, cut))
+    put = lambda col, c: lax.dynamic_update_slice_in_dim(col, c, start, axis=0)
+    return jnp.maximum(row_pos, r_pos), jnp.maximum(row_neg, r_neg), put(col_pos, c_pos), put(col_neg, c_neg)
+
+  init = (_neg_inf(n_rows), _neg_inf(n_rows), _neg_inf(n_cols), _neg_inf(n_cols))
+  return lax.fori_loop(0, -(-n_cols // tile), body, _vma.like(init, q, k, positives, include))
+
+
+def _neg_inf(n):
+  return jnp.full((n,), -jnp.inf, _F32)

@@ -47,3 +47,11 @@ def sigmoid_sum(q, k, *, scale, bias, positives):
   logits = similarity(q, k, scale) + jnp.asarray(bias, jnp.float32)
   z = masks_lib.dense_signs(positives, q.shape[0], k.shape[0])
   return jnp.sum(jax.nn.softplus(-z * logits), axis=1)
+
+
+def top1_scores(q, k, *, positives, include):
+  """(row_pos, row_neg, col_pos, col_neg): per row the largest score <q_i, k_j> over its positive
+  columns (ids equal in `positives`) and over its other valid columns (`include`), per column the same
+  over rows; −inf where there is none. No gradient."""
+  s = jax.lax.stop_gradient(jnp.einsum("id,jd->ij", q, k, preferred_element_type=jnp.float32))
+  return masks_lib.split_max(s, positives[0][:, None] == positives[1][None, :], masks_lib.dense_valid(None, include))

@@ -6,6 +6,10 @@ ids (`jaxcl.ops.masks`):
     logsumexp:    row_i = log Σ_{j: V_ij} exp S_ij          col_j = log Σ_{i: V_ij} exp S_ij
     sigmoid_sum:  out_i = Σ_j softplus(−z_ij · (S_ij + b)),  z_ij = +1 on positive pairs, −1 elsewhere
 
+Both take `row_valid` / `col_valid` (bool (Bq,) / (Bk,)): the rows and columns of a batch padded to a
+static shape. An invalid row or column takes part in nothing (V_ij = 0 in every pair it is in; for the
+sigmoid its terms are left out of the sums), whatever it holds.
+
 Terms linear in S (the positive logits Σ_j T_ij S_ij) never need S: the losses compute them from the
 embeddings directly. Each engine (`impl`) computes these reductions with the same numerics and is
 differentiable in q, k, scale (and b).
@@ -91,6 +95,8 @@ def logsumexp(
     cols: bool = False,
     exclude: masks_lib.IdPair | None = None,
     include: masks_lib.IdPair | None = None,
+    row_valid: jax.Array | None = None,
+    col_valid: jax.Array | None = None,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
 ) -> LogSumExp:
@@ -102,6 +108,9 @@ def logsumexp(
     rows, cols: which reductions to return (both in one pass over S).
     exclude: (row_ids, col_ids): pairs with equal ids are left out.
     include: (row_ids, col_ids): only pairs with equal ids are kept.
+    row_valid, col_valid: None or bool (Bq,) / (Bk,): rows / columns that take part (a padded batch);
+      an invalid row's result is -inf (nothing valid), with zero gradient. They become reserved ids in
+      `include` (`jaxcl.ops.masks.with_validity`), so every engine handles them per tile.
     impl: engine name or "auto"; with `axis_name`: "allgather", "ring" or "auto".
     axis_name: inside `jax.shard_map`, the mesh axis the batch is split over: q, k and the ids are then
       this device's shards (ids global), and the reductions run over the global batch
@@ -119,6 +128,10 @@ def logsumexp(
   scale = _checks.check_scalar_or_vector("scale", scale, q.shape[0])
   exclude = masks_lib.check_id_pair("exclude", exclude, q.shape[0], k.shape[0])
   include = masks_lib.check_id_pair("include", include, q.shape[0], k.shape[0])
+  row_valid = masks_lib.check_validity("row_valid", row_valid, q.shape[0])
+  col_valid = masks_lib.check_validity("col_valid", col_valid, k.shape[0])
+  include = masks_lib.with_validity(include, row_valid, col_valid, q.shape[0], k.shape[0])
+  q, k = _zeroed(q, row_valid), _zeroed(k, col_valid)
   if not (rows or cols):
     raise ValueError("`rows` and `cols` are both False: nothing to compute.")
   if axis_name is not None:
@@ -143,6 +156,8 @@ def sigmoid_sum(
     scale: jax.Array | float,
     bias: jax.Array | float = 0.0,
     positives: masks_lib.IdPair | None = None,
+    row_valid: jax.Array | None = None,
+    col_valid: jax.Array | None = None,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
@@ -150,6 +165,14 @@ def sigmoid_sum(
 
   `positives=(row_ids, col_ids)` makes pairs with equal ids positive (z = +1); None means the diagonal.
   `axis_name` and `impl` as in `logsumexp` (under `shard_map`: local rows against the global columns).
+
+  `row_valid` / `col_valid` (bool (Bq,) / (Bk,), a padded batch): the sum runs over the valid columns
+  only, and an invalid row's result is 0 with zero gradient. No engine needs a column mask for this:
+  invalid columns enter as k_j = 0 with reserved ids (`jaxcl.ops.masks.with_validity`, so they are
+  negatives of every row), which makes each of their terms exactly softplus(bias), and those
+  n_invalid · softplus(bias) (n_invalid over the global batch) are subtracted again:
+
+      out_i = Σ_{j valid} softplus(−z_ij (S_ij + b)) = engine_i(q, k') − n_invalid · softplus(b)
 
   >>> import jax.numpy as jnp
   >>> round(float(sigmoid_sum(jnp.eye(2), jnp.eye(2), scale=1.0)[0]), 4)  # softplus(-1) + softplus(0)
@@ -166,6 +189,38 @@ def sigmoid_sum(
         f"rows and {k.shape[0]} columns."
     )
   positives = masks_lib.check_id_pair("positives", positives, q.shape[0], k.shape[0])
+  row_valid = masks_lib.check_validity("row_valid", row_valid, q.shape[0])
+  col_valid = masks_lib.check_validity("col_valid", col_valid, k.shape[0])
+  if row_valid is None and col_valid is None:
+    return _sigmoid_sum(q, k, scale, bias, positives, impl, axis_name)
+  if positives is None:  # the diagonal, as ids (global positions under an axis name)
+    positives = (_positions(q.shape[0], axis_name), _positions(k.shape[0], axis_name))
+  positives = masks_lib.with_validity(positives, row_valid, col_valid, q.shape[0], k.shape[0])
+  q, k = _zeroed(q, row_valid), _zeroed(k, col_valid)
+  out = _sigmoid_sum(q, k, scale, bias, positives, impl, axis_name)
+  if col_valid is not None:
+    n_invalid = jnp.sum(~col_valid, dtype=jnp.float32)
+    if axis_name is not None:
+      n_invalid = jax.lax.psum(n_invalid, axis_name)
+    out = out - n_invalid * jax.nn.softplus(bias.astype(jnp.float32))
+  return out if row_valid is None else jnp.where(row_valid, out, 0.0)
+
+
+def _zeroed(x: jax.Array, valid: jax.Array | None) -> jax.Array:
+  """x with its invalid rows set to 0: whatever a padding row holds (inf, NaN) then reaches neither
+  the results nor the gradients (which are exactly 0 for it)."""
+  return x if valid is None else jnp.where(valid[:, None], x, jnp.zeros((), x.dtype))
+
+
+def _positions(n: int, axis_name) -> jax.Array:
+  if axis_name is None:
+    return jnp.arange(n, dtype=jnp.int32)
+  from jaxcl.ops import sharded  # noqa: PLC0415
+
+  return sharded.global_ids(n, axis_name)
+
+
+def _sigmoid_sum(q, k, scale, bias, positives, impl, axis_name):
   if axis_name is not None:
     from jaxcl.ops import sharded  # noqa: PLC0415
 
@@ -174,3 +229,63 @@ def sigmoid_sum(
     )
   engine = _ENGINES[_local_impl(impl, q.shape[0], k.shape[0])]
   return engine["sigmoid_sum"](q, k, scale=scale, bias=bias, positives=positives)
+
+
+class Top1(NamedTuple):
+  rows: jax.Array
+  cols: jax.Array
+
+
+def top1(
+    q: jax.Array,
+    k: jax.Array,
+    *,
+    row_valid: jax.Array | None = None,
+    col_valid: jax.Array | None = None,
+    impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
+) -> Top1:
+  """In-batch top-1 retrieval hits with positives on the diagonal, without the (B, B) matrix.
+
+      rows_i = <q_i, k_i> > max_{j ≠ i, valid} <q_i, k_j>      (query i retrieves its own key)
+      cols_j = <q_j, k_j> > max_{i ≠ j, valid} <q_i, k_j>      (key j retrieves its own query)
+
+  A tie with a negative counts as a miss, so a collapsed encoder (all scores equal) scores 0, not 1; a
+  row with no valid negative is a hit. Both directions come from one pass over column tiles: the
+  positive score is taken from the same tile as the negatives (same rounding). The local engine is
+  dense while Bq·Bk <= DENSE_MAX_ELEMENTS, else `blockwise`'s tile loop (whatever `impl` names: a max
+  needs no fused kernel); under `axis_name`, "allgather" or "ring" ("auto": as for the losses), with
+  global ids. Invalid rows and columns (`row_valid` / `col_valid`) are neither queried nor retrieved
+  and are misses. No gradient.
+
+  Args:
+    q: (B, D) queries. k: (B, D) keys, row-aligned.
+  Returns:
+    Top1(rows=(B,) bool, cols=(B,) bool): this device's rows and columns under `axis_name`.
+
+  >>> import jax.numpy as jnp
+  >>> q = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+  >>> top1(q, q).rows.tolist()  # rows 0 and 2 tie
+  [False, True, False]
+  """
+  q, k = _check_qk(q, k)
+  if q.shape[0] != k.shape[0]:
+    raise ValueError(f"`q` and `k` must have the same batch size (positives on the diagonal), got "
+                     f"{q.shape} and {k.shape}.")
+  row_valid = masks_lib.check_validity("row_valid", row_valid, q.shape[0])
+  col_valid = masks_lib.check_validity("col_valid", col_valid, k.shape[0])
+  n = q.shape[0]
+  positives = masks_lib.with_validity((_positions(n, axis_name),) * 2, row_valid, col_valid, n, n)
+  include = masks_lib.with_validity(None, row_valid, col_valid, n, n)
+  q, k = _zeroed(q, row_valid), _zeroed(k, col_valid)
+  if axis_name is not None:
+    from jaxcl.ops import sharded  # noqa: PLC0415
+
+    scores = sharded.top1_scores(q, k, positives=positives, include=include, axis_name=axis_name, impl=impl)
+  else:
+    from jaxcl.ops import blockwise  # noqa: PLC0415
+
+    engine = dense if n * n <= DENSE_MAX_ELEMENTS else blockwise
+    scores = engine.top1_scores(q, k, positives=positives, include=include)
+  row_pos, row_neg, col_pos, col_neg = scores
+  return Top1(row_pos > row_neg, col_pos > col_neg)

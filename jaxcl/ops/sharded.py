@@ -377,3 +377,32 @@ def matched_sum(ids: jax.Array, x: jax.Array, *, axis_name: AxisName, impl: str 
   if impl == "allgather":
     return _matched_block(ids, _gather(ids, axis_name), _gather(x, axis_name))
   return _ring_matched(axis_name, ids, x)
+
+
+# ------------------------------------------------------------------------------------ top-1 retrieval
+def top1_scores(q, k, *, positives, include, axis_name: AxisName, impl: str = "auto", tile=None):
+  """`jaxcl.ops.dense.top1_scores` over the GLOBAL batch: this device's rows against every column and
+  its columns against every row (ids global). allgather: the keys are gathered and the columns' partial
+  maxima combined with a `pmax`; ring: each block's column maxima travel with it and come home."""
+  n = axis_size(axis_name)
+  impl = resolve(impl, q.shape[0], n * k.shape[0])
+  if impl == "allgather":
+    k_all = _gather(k, axis_name)
+    engine = _local_engine(q.shape[0], k_all.shape[0])
+    row_pos, row_neg, col_pos, col_neg = engine.top1_scores(
+        q, k_all, positives=_gather_cols(positives, axis_name), include=_gather_cols(include, axis_name))
+    m = k.shape[0]
+    mine = lambda col: lax.dynamic_slice_in_dim(lax.pmax(col, axis_name), lax.axis_index(axis_name) * m, m)
+    return row_pos, row_neg, mine(col_pos), mine(col_neg)
+
+  def step(travelling, rows):
+    k_b, pos_c, in_c, col_pos, col_neg = travelling
+    r_pos, r_neg, c_pos, c_neg = blockwise.top1_scores(
+        q, k_b, positives=(positives[0], pos_c), include=_with_cols(include, in_c), tile=tile)
+    travelling = (k_b, pos_c, in_c, jnp.maximum(col_pos, c_pos), jnp.maximum(col_neg, c_neg))
+    return travelling, (jnp.maximum(rows[0], r_pos), jnp.maximum(rows[1], r_neg))
+
+  travelling = (lax.stop_gradient(k), positives[1], _cols_of(include), _neg_inf(k.shape[0]), _neg_inf(k.shape[0]))
+  rows = (_neg_inf(q.shape[0]), _neg_inf(q.shape[0]))
+  (col_pos, col_neg), (row_pos, row_neg) = _ring(axis_name, n, step, travelling, rows, home=lambda t: (t[3], t[4]))
+  return row_pos, row_neg, col_pos, col_neg

@@ -271,6 +271,7 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
     aux = {"batch_stats": mutated.get("batch_stats", {}), "target_batch_stats": state.target_batch_stats}
     if not self_supervised:
       aux["logit_scale"] = out["logit_scale"]
+      aux["accuracy"] = methods.in_batch_accuracy(config, out, mesh=setup.mesh)
       return methods.image_text_loss(config, out, mesh=setup.mesh), aux
     by_view = lambda x: x.reshape((v, b) + x.shape[1:])
     online = {k: by_view(out[k]) for k in ("projection", "prediction") if k in out}
@@ -280,6 +281,7 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
       target = {"projection": jax.lax.stop_gradient(by_view(t_out["projection"]))}
       aux["target_batch_stats"] = t_mut.get("batch_stats", {})
       aux["keys"] = target["projection"][1]
+    aux["accuracy"] = methods.in_batch_accuracy(config, online, target, mesh=setup.mesh)
     if methods.has_loss_state(config):
       loss, aux["loss_state"] = methods.stateful_loss(config, online, batch["index"], state.loss_state,
                                                       mesh=setup.mesh)
@@ -317,6 +319,7 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
              "state_finite": state_finite, "learning_rate": optim.learning_rate_at(config, state.step)}
   if "logit_scale" in aux:
     metrics["logit_scale"] = aux["logit_scale"]
+  metrics.update(aux["accuracy"])  # in-batch top-1 retrieval, for methods with diagonal positives
   return new, metrics
 
 

@@ -266,6 +266,25 @@ def image_text_loss(config, out: dict, *, mesh=None) -> jax.Array:
   raise ValueError(f"`config.loss.name` for {config.method!r} must be 'clip' or 'siglip', got {name!r}.")
 
 
+def in_batch_accuracy(config, out: dict, target: dict | None = None, *, mesh=None) -> dict:
+  """In-batch top-1 retrieval accuracy (`losses.retrieval_accuracy`, both directions, no gradient) for
+  the methods whose positives lie on the diagonal: image → text and back for the image-text methods,
+  view 1 → view 2 and back for simclr / dcl (of the projections) and moco (queries against the other
+  view's keys). `out`: the model outputs (image-text) or the online (V, B, E) outputs; {} for other
+  methods."""
+  if config.method in IMAGE_TEXT:
+    a, b, names = out["image"], out["text"], ("accuracy_image_to_text", "accuracy_text_to_image")
+  elif config.method in ("simclr", "dcl"):
+    a, b, names = out["projection"][0], out["projection"][1], ("accuracy_view1_to_view2", "accuracy_view2_to_view1")
+  elif config.method == "moco":
+    a, b = out.get("prediction", out["projection"])[0], target["projection"][1]
+    names = ("accuracy_view1_to_view2", "accuracy_view2_to_view1")
+  else:
+    return {}
+  engine = _engine(config, mesh)
+  return dict(zip(names, losses.retrieval_accuracy(jax.lax.stop_gradient(a), jax.lax.stop_gradient(b), **engine)))
+
+
 def ema(target: Any, online: Any, decay: float) -> Any:
   """target ← decay · target + (1 − decay) · online."""
   return jax.tree.map(lambda t, o: decay * t + (1.0 - decay) * o, target, online)

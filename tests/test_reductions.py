@@ -1,0 +1,187 @@
+"""jaxcl.ops.reductions: `row_valid` / `col_valid` (a padded batch) in every single-device engine, against
+the dense engine on the unpadded matrix."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcl import ops
+from jaxcl.ops import blockwise
+from jaxcl.ops import masks
+from tests.helpers import randn
+
+ENGINES = ("dense", "blockwise", "pallas")
+
+
+def _padded(seed, bq, bk, d):
+  """q (Bq, D), k (Bk, D) holding large garbage in the invalid rows, and the validity flags."""
+  rng = np.random.default_rng(seed)
+  row_valid = rng.random(bq) < 0.7
+  col_valid = rng.random(bk) < 0.7
+  row_valid[0] = col_valid[0] = col_valid[-1] = True
+  row_valid[1] = col_valid[1] = False
+  q, k = randn(seed + 1, bq, d), randn(seed + 2, bk, d)
+  q[~row_valid] = 1e4 * randn(seed + 3, int((~row_valid).sum()), d)
+  k[~col_valid] = 1e4 * randn(seed + 4, int((~col_valid).sum()), d)
+  return jnp.asarray(q), jnp.asarray(k), jnp.asarray(row_valid), jnp.asarray(col_valid)
+
+
+def _weights(n, phase):
+  return jnp.cos(phase + jnp.arange(n, dtype=jnp.float32))
+
+
+def _lse_objective(impl, rows_valid, cols_valid, include):
+  def f(q, k, scale):
+    out = ops.logsumexp(q, k, scale=scale, rows=True, cols=True, include=include, impl=impl,
+                        row_valid=rows_valid, col_valid=cols_valid)
+    finite = lambda x, w: jnp.sum(jnp.where(jnp.isfinite(x), w * x, 0.0))
+    return finite(out.rows, _weights(q.shape[0], 0.0)) + finite(out.cols, _weights(k.shape[0], 1.0)), out
+  return f
+
+
+@pytest.mark.parametrize("impl", ENGINES)
+@pytest.mark.parametrize("with_include", [False, True])
+def test_logsumexp_with_invalid_rows_and_columns_equals_the_unpadded_matrix(impl, with_include, monkeypatch):
+  monkeypatch.setattr(blockwise, "DEFAULT_TILE", 3)
+  bq, bk, d = 11, 9, 4
+  q, k, rv, cv = _padded(0, bq, bk, d)
+  scale = jnp.asarray(3.0)
+  include = None
+  if with_include:
+    include = (jnp.asarray(np.arange(bq) % 3, jnp.int32), jnp.asarray(np.arange(bk) % 2, jnp.int32))
+  (v, out), grads = jax.value_and_grad(_lse_objective(impl, rv, cv, include), argnums=(0, 1, 2), has_aux=True)(
+      q, k, scale)
+
+  ri, ci = np.flatnonzero(rv), np.flatnonzero(cv)
+  sub_include = None if include is None else (include[0][ri], include[1][ci])
+
+  def unpadded(q_s, k_s, scale):
+    o = ops.logsumexp(q_s, k_s, scale=scale, rows=True, cols=True, include=sub_include, impl="dense")
+    finite = lambda x, w: jnp.sum(jnp.where(jnp.isfinite(x), w * x, 0.0))
+    return finite(o.rows, _weights(bq, 0.0)[ri]) + finite(o.cols, _weights(bk, 1.0)[ci]), o
+
+  (want_v, want), want_g = jax.value_and_grad(unpadded, argnums=(0, 1, 2), has_aux=True)(q[ri], k[ci], scale)
+  np.testing.assert_allclose(np.asarray(out.rows)[ri], np.asarray(want.rows), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out.cols)[ci], np.asarray(want.cols), rtol=1e-6, atol=1e-6)
+  assert np.all(np.asarray(out.rows)[~np.asarray(rv)] == -np.inf)
+  assert np.all(np.asarray(out.cols)[~np.asarray(cv)] == -np.inf)
+  np.testing.assert_allclose(float(v), float(want_v), rtol=1e-6)
+  gq, gk, gs = (np.asarray(g) for g in grads)
+  np.testing.assert_allclose(gq[ri], np.asarray(want_g[0]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(gk[ci], np.asarray(want_g[1]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(gs, np.asarray(want_g[2]), rtol=1e-5)
+  assert np.all(gq[~np.asarray(rv)] == 0) and np.all(gk[~np.asarray(cv)] == 0)
+
+
+@pytest.mark.parametrize("impl", ENGINES)
+@pytest.mark.parametrize("with_positives", [False, True])
+def test_sigmoid_sum_with_invalid_rows_and_columns_equals_the_unpadded_matrix(impl, with_positives,
+                                                                              monkeypatch):
+  monkeypatch.setattr(blockwise, "DEFAULT_TILE", 3)
+  b, d = 10, 4
+  q, k, rv, cv = _padded(10, b, b, d)
+  positives = None
+  if with_positives:
+    positives = (jnp.asarray(np.arange(b) % 4, jnp.int32), jnp.asarray(np.arange(b) % 3, jnp.int32))
+
+  def padded(q, k, scale, bias):
+    out = ops.sigmoid_sum(q, k, scale=scale, bias=bias, positives=positives, impl=impl, row_valid=rv,
+                          col_valid=cv)
+    return jnp.sum(_weights(b, 0.0) * out), out
+
+  ri, ci = np.flatnonzero(rv), np.flatnonzero(cv)
+  ids = (jnp.arange(b), jnp.arange(b)) if positives is None else positives
+  sub = (ids[0][ri], ids[1][ci])
+
+  def unpadded(q_s, k_s, scale, bias):
+    out = ops.sigmoid_sum(q_s, k_s, scale=scale, bias=bias, positives=sub, impl="dense")
+    return jnp.sum(_weights(b, 0.0)[ri] * out), out
+
+  args = (jnp.asarray(2.0), jnp.asarray(-1.5))
+  (v, out), grads = jax.value_and_grad(padded, argnums=(0, 1, 2, 3), has_aux=True)(q, k, *args)
+  (want_v, want), want_g = jax.value_and_grad(unpadded, argnums=(0, 1, 2, 3), has_aux=True)(q[ri], k[ci], *args)
+  np.testing.assert_allclose(np.asarray(out)[ri], np.asarray(want), rtol=1e-6, atol=1e-6)
+  assert np.all(np.asarray(out)[~np.asarray(rv)] == 0)
+  np.testing.assert_allclose(float(v), float(want_v), rtol=1e-6)
+  gq, gk = np.asarray(grads[0]), np.asarray(grads[1])
+  np.testing.assert_allclose(gq[ri], np.asarray(want_g[0]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(gk[ci], np.asarray(want_g[1]), rtol=1e-5, atol=1e-6)
+  for got_g, w in zip(grads[2:], want_g[2:]):  # scale, bias
+    np.testing.assert_allclose(float(got_g), float(w), rtol=1e-5)
+  assert np.all(gq[~np.asarray(rv)] == 0) and np.all(gk[~np.asarray(cv)] == 0)
+
+
+def test_non_finite_padding_reaches_neither_results_nor_gradients():
+  q, k, rv, cv = _padded(20, 6, 6, 3)
+  q = q.at[1].set(jnp.nan)
+  k = k.at[1].set(jnp.inf)
+  f = lambda q, k: jnp.sum(ops.logsumexp(q, k, scale=2.0, row_valid=rv, col_valid=cv).rows[np.asarray(rv)]) + \
+      jnp.sum(ops.sigmoid_sum(q, k, scale=2.0, bias=-1.0, row_valid=rv, col_valid=cv))
+  value, (gq, gk) = jax.value_and_grad(f, argnums=(0, 1))(q, k)
+  assert np.isfinite(float(value))
+  assert np.all(np.isfinite(np.asarray(gq))) and np.all(np.isfinite(np.asarray(gk)))
+
+
+def test_with_validity_reserved_ids():
+  r, c = masks.with_validity((jnp.array([5, 5]), jnp.array([5, 5])), jnp.array([True, False]),
+                             jnp.array([False, True]), 2, 2)
+  assert r.tolist() == [5, masks.INVALID_ROW_ID] and c.tolist() == [masks.INVALID_COL_ID, 5]
+  assert masks.INVALID_ROW_ID != masks.INVALID_COL_ID
+  assert masks.with_validity(None, None, None, 2, 2) is None
+
+
+@pytest.mark.parametrize("reduction", [ops.logsumexp, functools.partial(ops.sigmoid_sum, bias=0.0)])
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"row_valid": jnp.ones((3,), bool)}, ValueError, r"`row_valid` must have shape \(4,\)"),
+    ({"col_valid": jnp.ones((4,), jnp.int32)}, TypeError, "`col_valid` must be a boolean array"),
+])
+def test_bad_validity_raises(reduction, kwargs, error, match):
+  x = jnp.ones((4, 2))
+  with pytest.raises(error, match=match):
+    reduction(x, x, scale=1.0, **kwargs)
+
+
+def _top1_reference(q, k, valid):
+  """float64 NumPy: hit iff the positive beats every other valid candidate (argmax with a unique max)."""
+  s = np.asarray(q, np.float64) @ np.asarray(k, np.float64).T
+  s = np.where(valid[:, None] & valid[None, :], s, -np.inf)
+  rows = [valid[i] and np.argmax(s[i]) == i and np.sum(s[i] == s[i, i]) == 1 for i in range(len(s))]
+  cols = [valid[j] and np.argmax(s[:, j]) == j and np.sum(s[:, j] == s[j, j]) == 1 for j in range(len(s))]
+  return np.array(rows), np.array(cols)
+
+
+def _top1_inputs(seed, b, d, noise=1.0):
+  q = randn(seed, b, d)
+  return jnp.asarray(q), jnp.asarray(q + noise * randn(seed + 1, b, d))
+
+
+@pytest.mark.parametrize("b,tile", [(7, 3), (40, 16), (64, 64)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_top1_matches_numpy_argmax(b, tile, masked):
+  from jaxcl.ops import dense  # noqa: PLC0415
+
+  q, k = _top1_inputs(30 + b, b, 5)
+  valid = np.random.default_rng(b).random(b) < 0.7 if masked else np.ones(b, bool)
+  want_rows, want_cols = _top1_reference(q, k, valid)
+  assert 0 < want_rows.sum() < valid.sum()  # neither trivial
+  got = ops.top1(q, k, row_valid=jnp.asarray(valid) if masked else None,
+                 col_valid=jnp.asarray(valid) if masked else None)
+  np.testing.assert_array_equal(np.asarray(got.rows), want_rows)
+  np.testing.assert_array_equal(np.asarray(got.cols), want_cols)
+  ids = jnp.where(jnp.asarray(valid), jnp.arange(b), masks.INVALID_ROW_ID), jnp.where(
+      jnp.asarray(valid), jnp.arange(b), masks.INVALID_COL_ID)
+  include = masks.with_validity(None, jnp.asarray(valid), jnp.asarray(valid), b, b)
+  tiled = blockwise.top1_scores(q, k, positives=ids, include=include, tile=tile)
+  full = dense.top1_scores(q, k, positives=ids, include=include)
+  for x, y in zip(tiled, full):  # the tiles' matmuls may round differently from the full one
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
+
+
+def test_top1_ties_are_misses():
+  q = jnp.ones((4, 3))
+  got = ops.top1(q, q)
+  assert not np.any(np.asarray(got.rows)) and not np.any(np.asarray(got.cols))
+  assert np.all(np.asarray(ops.top1(jnp.eye(3), jnp.eye(3)).rows))
