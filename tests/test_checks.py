@@ -213,6 +213,24 @@ def test_shape_1_logit_scale_and_bias_as_in_big_vision():
   assert g[0].shape == (1,) and g[1].shape == (1,) and np.all(np.isfinite(g))
 
 
+@pytest.mark.parametrize("name", sorted({**TEMPERATURE_LOSSES, **SCALE_LOSSES, **OWN_OVERFLOW}))
+def test_every_temperature_and_logit_scale_takes_shape_1(name):
+  call = {**TEMPERATURE_LOSSES, **SCALE_LOSSES, **OWN_OVERFLOW}[name]
+  value = 5.0 if name in SCALE_LOSSES or name == "focal_clip" else 0.2
+  want = jax.tree.leaves(call(A, P, value))[0]
+  got = jax.tree.leaves(call(A, P, jnp.full((1,), value)))[0]
+  assert got.shape == want.shape == ()
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+
+
+def test_supcon_base_temperature_takes_shape_1():
+  feats = jnp.stack([A, P], 1)
+  want = L.supcon(feats, LABELS, temperature=0.1, base_temperature=0.07)
+  got = L.supcon(feats, LABELS, temperature=jnp.full((1,), 0.1), base_temperature=jnp.full((1,), 0.07))
+  assert got.shape == ()
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+
+
 def test_bfloat16_scalars_are_accepted_outside_jit():
   scale = jnp.asarray(10.0, jnp.bfloat16)
   np.testing.assert_allclose(float(L.clip(A, P, logit_scale=scale)), float(L.clip(A, P, logit_scale=10.0)),

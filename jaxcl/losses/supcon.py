@@ -81,7 +81,8 @@ def supcon(
   factor = 1.0
   if base_temperature is not None:
     _checks.check_positive("base_temperature", base_temperature)
-    factor = jnp.asarray(temperature, jnp.float32) / jnp.asarray(base_temperature, jnp.float32)
+    base = _checks.check_scalar("base_temperature", base_temperature)
+    factor = _checks.check_scalar("temperature", temperature) / base
 
   del mesh  # handled by @shardable
   views = 1 if features.ndim == 2 else features.shape[1]

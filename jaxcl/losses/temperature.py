@@ -88,6 +88,7 @@ def macl(
   del mesh  # handled by @shardable
   a, b = _common.pair("z1", z1, "z2", z2, normalize=normalize)
   _checks.check_temperature("temperature", temperature)
+  temperature = _checks.check_scalar("temperature", temperature)
   _checks.check_non_negative("alpha", alpha)
   _checks.check_finite("a0", a0)
   if alpha * (1.0 + abs(a0)) > 1.0:
