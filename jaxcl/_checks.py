@@ -63,8 +63,8 @@ def check_int32(name: str, ids: Any) -> None:
   if ids is None or isinstance(ids, jax.core.Tracer):
     return
   dtype = getattr(ids, "dtype", None)
-  if dtype is not None and np.dtype(dtype).kind in "iub" and np.can_cast(dtype, np.int32):
-    return  # every value fits (and a device array is not copied to the host)
+  if dtype is not None and (np.dtype(dtype).kind not in "iuO" or np.can_cast(dtype, np.int32)):
+    return  # not integers, or every value fits (and a device array is not copied to the host)
   try:
     v = np.asarray(ids)
   except Exception:  # pylint: disable=broad-except  (not array-like: the caller's checks report it)

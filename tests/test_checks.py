@@ -72,6 +72,15 @@ def test_labels_beyond_int32_given_as_a_list_are_refused():
     L.batch_hard_triplet(A, [0, 0, 1, 1, 2, 2, 3, -(2**31) - 1])
 
 
+def test_labels_beyond_int32_are_refused_on_the_mesh_path():
+  """On global arrays with a mesh, `shardable` turns the labels into a jax array before the loss checks
+  them: the check must come first there too (float embeddings are not copied to the host for it)."""
+  feats = np.asarray(jnp.stack([A, P], axis=1))
+  mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+  with pytest.raises(ValueError, match=r"`labels` must fit in int32.*4294967301"):
+    L.supcon(feats, np.array([5, 5 + BIG, 7, 7 + BIG, 1, 2, 3, 4]), impl="ring", mesh=mesh)
+
+
 def test_int64_labels_within_int32_give_the_int32_value():
   feats = jnp.stack([A, P], axis=1)
   want = float(L.supcon(feats, LABELS))

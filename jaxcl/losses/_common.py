@@ -279,6 +279,7 @@ def _under_shard_map(loss, a: dict, batch_args: tuple[str, ...]):
   names, values, specs = [], [], []
   for name, value in a.items():
     if name in batch_args and value is not None:
+      _checks.check_int32(name, value)  # before jnp.asarray wraps values beyond int32
       value = jnp.asarray(value)
       if value.ndim == 0 or value.shape[0] % n_devices:
         raise ValueError(
