@@ -539,6 +539,8 @@ def _masked_cases(impl):
   return {
       "sbcl": (lambda f, y, s, **kw: sbcl(f, y, s, temperature=0.2, class_temperature=0.4, beta=0.5, impl=impl, **kw),
                [randn(150, 5, 2, 3), _Y5, _SUB5], 1, 10),
+      "sbcl(per-class τ₂)": (lambda f, y, s, **kw: sbcl(f, y, s, temperature=0.2, class_temperature=np.array([0.3, 0.5, 0.4]),
+                                                        impl=impl, **kw), [randn(163, 5, 2, 3), _Y5, _SUB5], 1, 10),
       "sbcl(V=1)": (lambda f, y, s, **kw: sbcl(f, y, s, temperature=0.2, beta=0.5, impl=impl, **kw),
                     [randn(151, 5, 3), _Y5, _SUB5], 1, None),
       "focal_supcon": (lambda f, y, **kw: focal_supcon(f, y, temperature=0.2, impl=impl, **kw),
@@ -601,6 +603,17 @@ def test_sbcl_reduction_sum_with_one_view_sums_both_terms_over_their_anchors():
   has1 = np.array([False, True, False, False, True])
   np.testing.assert_array_equal(l1 != 0, has1)
   np.testing.assert_allclose(float(sbcl(f, _Y5, _SUB5, beta=0.0)), l1[has1].mean(), rtol=1e-6)
+
+
+def test_padding_labels_are_not_checked_against_per_class_temperatures():
+  f, mask = randn(164, 6, 2, 3), np.array([True, True, True, True, True, False])
+  y, sub = np.append(_Y5, 99), np.append(_SUB5, 0)
+  got = sbcl(f, y, sub, class_temperature=np.array([0.3, 0.5, 0.4]), mask=mask)
+  want = sbcl(f[:5], _Y5, _SUB5, class_temperature=np.array([0.3, 0.5, 0.4]))
+  np.testing.assert_allclose(float(got), float(want), rtol=2e-6)
+  pos = np.array([[0, 3], [1, 2], [6, 0], [4, 5], [2, 6], [-1, 40]], np.int32)  # padding: out of range
+  got = mlcd(f[:, 0], randn(165, 7, 3), pos, mask=mask)
+  np.testing.assert_allclose(float(got), float(mlcd(f[:5, 0], randn(165, 7, 3), pos[:5])), rtol=2e-6)
 
 
 @pytest.mark.parametrize(
