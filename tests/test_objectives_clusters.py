@@ -635,3 +635,11 @@ def test_padding_labels_are_not_checked_against_per_class_temperatures():
 def test_bad_mask_or_reduction_raises_clear_errors(call, match):
   with pytest.raises((ValueError, TypeError), match=match):
     call()
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise"])
+def test_gated_pair_infonce_mask_covers_only_the_queries_when_the_keys_are_another_batch(impl):
+  keys, key_labels = jnp.asarray(randn(166, 7, 3)), np.array([0, 1, 2, 0, 1, 2, 3], np.int32)
+  loss = lambda q, g, y1, y2, **kw: gated_pair_infonce(q, keys, jnp.clip(g, 0.0, 1.0), query_labels=y1, pair_labels=y2,
+                                                       key_labels=key_labels, temperature=0.3, impl=impl, **kw)
+  helpers.assert_padded_equals_unpadded(loss, [randn(167, 5, 3), _GATES5, _Y5, np.roll(_Y5, 1)], n_diff=2, rtol=2e-6)
