@@ -526,3 +526,120 @@ I4 = np.arange(4, dtype=np.int32)
 def test_bad_inputs_raise_clear_errors(call, match):
   with pytest.raises((ValueError, TypeError), match=match):
     call()
+
+
+# ------------------------------------------------------------------------------- reduction and mask
+_Y5, _SUB5 = np.array([0, 1, 0, 2, 1], np.int32), np.array([0, 0, 1, 0, 0], np.int32)
+_GATES5 = np.random.default_rng(7).uniform(0.2, 1.0, (5, 3)).astype(np.float32)
+
+
+def _masked_cases(impl):
+  """name -> (loss(*arrays, **kw), arrays (floats first), number of float arrays, anchors or None)."""
+  gated = lambda q, k, g, **kw: gated_pair_infonce(q, k, jnp.clip(g, 0.0, 1.0), temperature=0.3, impl=impl, **kw)
+  return {
+      "sbcl": (lambda f, y, s, **kw: sbcl(f, y, s, temperature=0.2, class_temperature=0.4, beta=0.5, impl=impl, **kw),
+               [randn(150, 5, 2, 3), _Y5, _SUB5], 1, 10),
+      "sbcl(per-class τ₂)": (lambda f, y, s, **kw: sbcl(f, y, s, temperature=0.2, class_temperature=np.array([0.3, 0.5, 0.4]),
+                                                        impl=impl, **kw), [randn(163, 5, 2, 3), _Y5, _SUB5], 1, 10),
+      "sbcl(V=1)": (lambda f, y, s, **kw: sbcl(f, y, s, temperature=0.2, beta=0.5, impl=impl, **kw),
+                    [randn(151, 5, 3), _Y5, _SUB5], 1, None),
+      "focal_supcon": (lambda f, y, **kw: focal_supcon(f, y, temperature=0.2, impl=impl, **kw),
+                       [randn(152, 5, 2, 3), _Y5], 1, 10),
+      "focal_supcon(positives,V=1)": (lambda f, y, **kw: focal_supcon(f, y, temperature=0.2, gamma=2.0,
+                                                                      average="positives", impl=impl, **kw),
+                                      [randn(153, 5, 3), _Y5], 1, None),
+      "gated_pair_infonce": (gated, [randn(154, 5, 3), randn(155, 5, 3), _GATES5], 3, 5),
+      "gated_pair_infonce(labels)": (lambda q, k, g, y1, y2, **kw: gated(q, k, g, query_labels=y1, pair_labels=y2, **kw),
+                                     [randn(156, 5, 3), randn(157, 5, 3), _GATES5, _Y5, np.roll(_Y5, 1)], 3, None),
+  }
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise", "pallas"])
+@pytest.mark.parametrize("name", sorted(_masked_cases("dense")))
+def test_padded_batch_with_mask_equals_unpadded_batch(name, impl):
+  loss, arrays, n_diff, _ = _masked_cases(impl)[name]
+  helpers.assert_padded_equals_unpadded(loss, arrays, n_diff=n_diff, rtol=2e-6)
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise"])
+def test_mlcd_padded_batch_with_mask_equals_unpadded_batch(impl):
+  centers = jnp.asarray(randn(158, 7, 3))
+  positives = np.array([[0, 3], [1, 2], [6, 0], [4, 5], [2, 6]], np.int32)
+  loss = lambda f, p, **kw: mlcd(f, centers, p, scale=4.0, margin=0.1, impl=impl, **kw)
+  helpers.assert_padded_equals_unpadded(loss, [randn(159, 5, 3), positives], n_diff=1, rtol=2e-6)
+  # ... and the gradient w.r.t. the (unmasked) centres
+  padded, mask = helpers.pad_batch(1, [randn(159, 5, 3), positives], 3)
+  want = jax.grad(lambda c: mlcd(randn(159, 5, 3), c, positives, scale=4.0, margin=0.1, impl=impl))(centers)
+  got = jax.grad(lambda c: mlcd(padded[0], c, padded[1] % 7, scale=4.0, margin=0.1, impl=impl,
+                                mask=jnp.asarray(mask)))(centers)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(_masked_cases("dense")))
+def test_reduction_none_and_sum(name):
+  loss, arrays, _, anchors = _masked_cases("auto")[name]
+  if anchors is None:  # the mean runs over a subset of the anchors, or over positive pairs
+    if name.startswith("gated"):
+      with pytest.raises(ValueError, match=r"`reduction` must be 'mean' for this loss"):
+        loss(*arrays, reduction="none")
+    return
+  helpers.assert_reductions_agree(loss, arrays, anchors)
+  helpers.assert_reductions_agree(loss, arrays, anchors, mask=np.array([1, 1, 0, 1, 1], bool))
+
+
+def test_mlcd_reduction_none_and_sum():
+  centers, positives = randn(160, 7, 3), np.array([[0, 3], [1, 2], [6, 0], [4, 5], [2, 6]], np.int32)
+  loss = lambda f, p, **kw: mlcd(f, centers, p, scale=4.0, **kw)
+  helpers.assert_reductions_agree(loss, [randn(161, 5, 3), positives], 5)
+  helpers.assert_reductions_agree(loss, [randn(161, 5, 3), positives], 5, mask=np.array([1, 0, 1, 1, 1], bool))
+
+
+def test_sbcl_reduction_sum_with_one_view_sums_both_terms_over_their_anchors():
+  f = randn(162, 5, 3)
+  per = np.asarray(sbcl(f, _Y5, _SUB5, beta=0.5, reduction="none"), np.float64)
+  l1 = np.asarray(sbcl(f, _Y5, _SUB5, beta=0.0, reduction="none"), np.float64)
+  np.testing.assert_allclose(float(sbcl(f, _Y5, _SUB5, beta=0.5, reduction="sum")), per.sum(), rtol=1e-6)
+  # ℓ¹ alone (β = 0): only rows 1 and 4 share a (label, subclass) pair, so only they have S(i) ≠ ∅
+  has1 = np.array([False, True, False, False, True])
+  np.testing.assert_array_equal(l1 != 0, has1)
+  np.testing.assert_allclose(float(sbcl(f, _Y5, _SUB5, beta=0.0)), l1[has1].mean(), rtol=1e-6)
+
+
+def test_padding_labels_are_not_checked_against_per_class_temperatures():
+  f, mask = randn(164, 6, 2, 3), np.array([True, True, True, True, True, False])
+  y, sub = np.append(_Y5, 99), np.append(_SUB5, 0)
+  got = sbcl(f, y, sub, class_temperature=np.array([0.3, 0.5, 0.4]), mask=mask)
+  want = sbcl(f[:5], _Y5, _SUB5, class_temperature=np.array([0.3, 0.5, 0.4]))
+  np.testing.assert_allclose(float(got), float(want), rtol=2e-6)
+  pos = np.array([[0, 3], [1, 2], [6, 0], [4, 5], [2, 6], [-1, 40]], np.int32)  # padding: out of range
+  got = mlcd(f[:, 0], randn(165, 7, 3), pos, mask=mask)
+  np.testing.assert_allclose(float(got), float(mlcd(f[:5, 0], randn(165, 7, 3), pos[:5])), rtol=2e-6)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: sbcl(ONES((4, 3)), I4, I4, mask=np.ones(3, bool)), r"`mask` must have shape \(4,\)"),
+        (lambda: sbcl(ONES((4, 3)), I4, I4, reduction="avg"), r"`reduction` must be one of"),
+        (lambda: focal_supcon(ONES((4, 2, 3)), I4, mask=np.ones((4, 2), bool)), r"`mask` must have shape \(4,\)"),
+        (lambda: focal_supcon(ONES((4, 3)), I4, mask=np.ones(4)), r"`mask` must be a boolean array"),
+        (lambda: focal_supcon(ONES((4, 3)), I4, reduction="batchmean"), r"`reduction` must be one of"),
+        (lambda: gated_pair_infonce(ONES((4, 3)), ONES((4, 3)), ONES((3,)), mask=np.ones(5, bool)), r"`mask` must have shape \(4,\)"),
+        (lambda: gated_pair_infonce(ONES((4, 3)), ONES((4, 3)), ONES((3,)), reduction="avg"), r"`reduction` must be one of"),
+        (lambda: gated_pair_infonce(ONES((4, 3)), ONES((4, 3)), ONES((3,)), query_labels=I4, pair_labels=I4,
+                                    reduction="sum"), r"`reduction` must be 'mean' for this loss"),
+        (lambda: mlcd(ONES((4, 3)), ONES((5, 3)), np.zeros((4, 1), np.int32), mask=np.ones(5, bool)), r"`mask` must have shape \(4,\)"),
+        (lambda: mlcd(ONES((4, 3)), ONES((5, 3)), np.zeros((4, 1), np.int32), reduction="avg"), r"`reduction` must be one of"),
+    ],
+)
+def test_bad_mask_or_reduction_raises_clear_errors(call, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    call()
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise"])
+def test_gated_pair_infonce_mask_covers_only_the_queries_when_the_keys_are_another_batch(impl):
+  keys, key_labels = jnp.asarray(randn(166, 7, 3)), np.array([0, 1, 2, 0, 1, 2, 3], np.int32)
+  loss = lambda q, g, y1, y2, **kw: gated_pair_infonce(q, keys, jnp.clip(g, 0.0, 1.0), query_labels=y1, pair_labels=y2,
+                                                       key_labels=key_labels, temperature=0.3, impl=impl, **kw)
+  helpers.assert_padded_equals_unpadded(loss, [randn(167, 5, 3), _GATES5, _Y5, np.roll(_Y5, 1)], n_diff=2, rtol=2e-6)

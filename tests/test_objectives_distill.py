@@ -458,3 +458,99 @@ E4 = np.eye(4, 3, dtype=np.float32) + 0.1
 def test_bad_inputs_raise_clear_errors(call, match):
   with pytest.raises((ValueError, TypeError), match=match):
     call()
+
+
+# ------------------------------------------------------------------------------- reduction and mask
+_QUEUE_T, _QUEUE_I = randn(190, 2, 3), randn(191, 2, 3)
+_S_BANK, _T_BANK = randn(192, 6, 3), randn(193, 6, 4)
+_IDX5, _LAM5 = np.array([2, 0, 1, 4, 3], np.int32), np.array([0.3, 1.0, 0.6, 0.2, 0.9], np.float32)
+
+
+def _real_index(idx, mask):
+  """The padded batch's mix_index: a real row's partner k (an index into the real rows) is moved to that
+  row's position in the padded batch (the padding rows keep their garbage)."""
+  if mask is None:
+    return idx
+  pos = jnp.nonzero(mask, size=_IDX5.size)[0]
+  return jnp.where(mask, pos[jnp.clip(idx, 0, _IDX5.size - 1)], idx)
+
+
+def _masked_cases(impl):
+  """name -> (loss(*arrays, **kw), arrays (floats first), number of arrays differentiated)."""
+  def m3co_(bidirectional):
+    return lambda m, o, lam, idx, mask=None, **kw: m3co(
+        m, o, mix_index=_real_index(idx, mask), mix_weight=lam, temperature=0.3, bidirectional=bidirectional,
+        impl=impl, mask=mask, **kw)
+
+  four = [randn(180, 5, 3), randn(181, 5, 3), randn(182, 5, 3), randn(183, 5, 3)]
+  return {
+      "albef_itc": (lambda i, t, mi, mt, **kw: albef_itc(i, t, mi, mt, temperature=0.3, alpha=0.4, impl=impl, **kw),
+                    four, 2),
+      "albef_itc(candidates)": (lambda i, t, mi, mt, **kw: albef_itc(
+          i, t, mi, mt, text_candidates=jnp.concatenate([mt, _QUEUE_T]),
+          image_candidates=jnp.concatenate([mi, _QUEUE_I]), temperature=0.3, alpha=0.4, impl=impl, **kw), four, 2),
+      "similarity_distillation": (lambda s, t, **kw: similarity_distillation(s, t, temperature=0.3, teacher_temperature=0.2,
+                                                                           impl=impl, **kw),
+                                  [randn(184, 5, 3), randn(185, 5, 4)], 1),
+      "similarity_distillation(anchors)": (lambda s, t, **kw: similarity_distillation(
+          s, t, student_anchors=_S_BANK, teacher_anchors=_T_BANK, temperature=0.3, impl=impl, **kw),
+          [randn(186, 5, 3), randn(187, 5, 4)], 1),
+      "m3co": (m3co_(True), [randn(188, 5, 3), randn(189, 5, 3), _LAM5, _IDX5], 3),
+      "m3co(row)": (m3co_(False), [randn(188, 5, 3), randn(189, 5, 3), _LAM5, _IDX5], 3),
+      "softclip": (lambda i, t, fi, ft, **kw: softclip(i, t, fi, ft, temperature=0.3, target_temperature=0.2, alpha=0.3,
+                                                       beta=0.5, impl=impl, **kw),
+                   [randn(194, 5, 3), randn(195, 5, 3), randn(196, 5, 2), randn(197, 5, 4)], 2),
+  }
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise", "pallas"])
+@pytest.mark.parametrize("name", sorted(_masked_cases("dense")))
+def test_padded_batch_with_mask_equals_unpadded_batch(name, impl):
+  loss, arrays, n_diff = _masked_cases(impl)[name]
+  helpers.assert_padded_equals_unpadded(loss, arrays, n_diff=n_diff, rtol=2e-6)
+
+
+@pytest.mark.parametrize("name", sorted(_masked_cases("dense")))
+def test_reduction_none_and_sum(name):
+  loss, arrays, _ = _masked_cases("auto")[name]
+  helpers.assert_reductions_agree(loss, arrays, 5)
+  if not name.startswith("m3co"):  # (a real row's partner must be real: m3co's masked case is above)
+    helpers.assert_reductions_agree(loss, arrays, 5, mask=np.array([1, 1, 0, 1, 1], bool))
+
+
+def test_reduction_none_terms_by_hand():
+  # m3co's docstring example: x = [[1, 0], [1, 0]], y = I, k = [1, 0], λ = 1/2: both rows' terms are
+  # log(e + 1) − 1/2; the columns: w = [1, 1], LSE = log 2e and log 2, each minus the same 1/2.
+  x, y = jnp.array([[1.0, 0.0], [1.0, 0.0]]), jnp.eye(2)
+  per = m3co(x, y, mix_index=jnp.array([1, 0]), mix_weight=0.5, temperature=1.0, reduction="none")
+  row = np.log(np.e + 1) - 0.5
+  np.testing.assert_allclose(per, [0.5 * (row + np.log(2 * np.e) - 0.5), 0.5 * (row + np.log(2) - 0.5)], rtol=1e-6)
+
+
+def test_padding_rows_of_m3co_are_not_checked():
+  mask = np.array([True, True, True, False])
+  value = m3co(E4, E4, mix_index=np.array([1, 0, 2, 9]), mix_weight=np.array([0.5, 0.5, 0.5, 7.0]), mask=mask)
+  want = m3co(E4[:3], E4[:3], mix_index=np.array([1, 0, 2]), mix_weight=0.5)
+  np.testing.assert_allclose(float(value), float(want), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: albef_itc(E4, E4, E4, E4, mask=np.ones(3, bool)), r"`mask` must have shape \(4,\)"),
+        (lambda: albef_itc(E4, E4, E4, E4, text_candidates=ONES((6, 3)), image_candidates=ONES((6, 3)),
+                           mask=np.ones(6, bool)), r"`mask` must have shape \(4,\)"),
+        (lambda: albef_itc(E4, E4, E4, E4, reduction="avg"), r"`reduction` must be one of"),
+        (lambda: similarity_distillation(E4, E4, mask=np.ones(4, np.float32)), r"`mask` must be a boolean array"),
+        (lambda: similarity_distillation(E4, E4, reduction="batchmean"), r"`reduction` must be one of"),
+        (lambda: m3co(E4, E4, mix_index=np.arange(4), mix_weight=0.5, mask=np.ones(5, bool)), r"`mask` must have shape \(4,\)"),
+        (lambda: m3co(E4, E4, mix_index=np.arange(4), mix_weight=0.5, reduction="avg"), r"`reduction` must be one of"),
+        (lambda: m3co(E4, E4, mix_index=np.array([0, 1, 4, 3]), mix_weight=0.5, mask=np.array([1, 1, 1, 0], bool)),
+         r"`mix_index` must hold indices in \[0, 4\)"),
+        (lambda: softclip(E4, E4, E4, E4, mask=np.ones((4, 1), bool)), r"`mask` must have shape \(4,\)"),
+        (lambda: softclip(E4, E4, E4, E4, reduction=None), r"`reduction` must be one of"),
+    ],
+)
+def test_bad_mask_or_reduction_raises_clear_errors(call, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    call()

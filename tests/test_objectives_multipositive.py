@@ -154,3 +154,63 @@ BAD = [
 def test_bad_inputs_raise_with_the_argument_name(call, message):
   with pytest.raises((ValueError, TypeError), match=message):
     call()
+
+
+# ------------------------------------------------------------------------------- reduction and mask
+def _masked_cases(impl):
+  """name -> (loss of sample-major arrays (B first), arrays, anchors per sample). The losses take
+  (K, B, D) texts / (M, B, D) views: the wrappers move the sample axis, which the padding is along."""
+  return {
+      "one_to_k_clip": (lambda v, t, **kw: one_to_k_clip(v, jnp.swapaxes(t, 0, 1), logit_scale=3.0, impl=impl, **kw),
+                        [randn(170, 5, 3), randn(171, 5, 2, 3)], 1),
+      "poly_view": (lambda x, **kw: poly_view(jnp.swapaxes(x, 0, 1), temperature=0.3, impl=impl, **kw),
+                    [randn(172, 5, 3, 3)], 3),
+      "poly_view(arithmetic)": (lambda x, **kw: poly_view(jnp.swapaxes(x, 0, 1), critic="arithmetic",
+                                                          temperature=0.3, impl=impl, **kw),
+                                [randn(173, 5, 3, 3)], 3),
+  }
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise", "pallas"])
+@pytest.mark.parametrize("name", sorted(_masked_cases("dense")))
+def test_padded_batch_with_mask_equals_unpadded_batch(name, impl):
+  loss, arrays, _ = _masked_cases(impl)[name]
+  helpers.assert_padded_equals_unpadded(loss, arrays, rtol=2e-6)
+
+
+@pytest.mark.parametrize("name", sorted(_masked_cases("dense")))
+def test_reduction_none_and_sum(name):
+  loss, arrays, per_sample = _masked_cases("auto")[name]
+  helpers.assert_reductions_agree(loss, arrays, 5 * per_sample)
+  helpers.assert_reductions_agree(loss, arrays, 5 * per_sample, mask=np.array([1, 0, 1, 1, 1], bool))
+
+
+def test_reduction_none_terms_by_hand():
+  # one_to_k_clip, K = 2 identical languages of two orthogonal images (the docstring example): every
+  # image's term is the loss, ½ [log(2e + 2) − 1 + (log(e + 1) − 1) / 2].
+  v = jnp.eye(2)
+  want = 0.5 * (np.log(2 * np.e + 2) - 1 + (np.log(np.e + 1) - 1) / 2)
+  np.testing.assert_allclose(one_to_k_clip(v, jnp.stack([v, v]), logit_scale=1.0, reduction="none"), [want] * 2, rtol=1e-6)
+  # poly_view: view α of sample i is row α·B + i; sample 1's views are far from sample 0's.
+  x = jnp.stack([jnp.array([[1.0, 0.0], [0.0, 1.0]]), jnp.array([[1.0, 0.0], [0.0, 1.0]]),
+                 jnp.array([[1.0, 0.0], [0.6, 0.8]])])
+  per = np.asarray(poly_view(x, temperature=1.0, reduction="none"))
+  assert per.shape == (6,)
+  # sample 0's views (all (1, 0)) against sample 1's views at dots 0, 0 and 0.6:
+  np.testing.assert_allclose(per[[0, 2, 4]], np.log(np.e + 2 + np.exp(0.6)) - 1, rtol=1e-6)
+  assert per[5] > per[1]  # sample 1's third view agrees less with its others
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: one_to_k_clip(ONES((4, 3)), ONES((2, 4, 3)), logit_scale=1.0, mask=np.ones(8, bool)), r"`mask` must have shape \(4,\)"),
+        (lambda: one_to_k_clip(ONES((4, 3)), ONES((2, 4, 3)), logit_scale=1.0, reduction="avg"), r"`reduction` must be one of"),
+        (lambda: poly_view(ONES((3, 4, 3)), mask=np.ones(12, bool)), r"`mask` must have shape \(4,\)"),
+        (lambda: poly_view(ONES((3, 4, 3)), mask=np.ones(4, np.int32)), r"`mask` must be a boolean array"),
+        (lambda: poly_view(ONES((3, 4, 3)), reduction="mean_over_views"), r"`reduction` must be one of"),
+    ],
+)
+def test_bad_mask_or_reduction_raises_clear_errors(call, message):
+  with pytest.raises((ValueError, TypeError), match=message):
+    call()

@@ -35,12 +35,15 @@ def expected_dot(
     k: jax.Array | None,
     *,
     exclude_self: bool = False,
+    row_valid: jax.Array | None = None,
+    col_valid: jax.Array | None = None,
     dense: bool,
     tile: int = DEFAULT_TILE,
 ) -> jax.Array:
   """(Bq,) float32: Σ_j P_ij <q_i, k_j>, P_ij = exp(t_scale_i <tq_i, tk_j> − t_lse_i) on valid pairs.
 
-  `exclude_self` leaves the diagonal (j = i) out of P. `dense` materialises the (Bq, Bk) matrices;
+  `exclude_self` leaves the diagonal (j = i) out of P; `row_valid` / `col_valid` (bool (Bq,) / (Bk,),
+  a padded batch) leave invalid rows (their result is 0) and columns out of P. `dense` materialises the (Bq, Bk) matrices;
   otherwise column tiles of width `tile` are visited by a rematerialised scan. With q = k = None it
   returns Σ_j P_ij log P_ij (minus the teacher's entropy), each log P_ij formed before the sum so that
   no large logits cancel.
@@ -59,6 +62,10 @@ def expected_dot(
     valid = in_range[None, :]
     if exclude_self:
       valid = valid & (rows[:, None] != col_ids[None, :])
+    if row_valid is not None:
+      valid = valid & row_valid[:, None]
+    if col_valid is not None:
+      valid = valid & col_valid[jnp.minimum(col_ids, bk - 1)][None, :]
     log_p = jnp.where(valid, logits - t_lse[:, None], 0.0)
     p = jnp.where(valid, jnp.exp(log_p), 0.0)
     return jnp.sum(p * (log_p if entropy else q32 @ k_tile.T), axis=1)

@@ -38,12 +38,24 @@ def _views_to_rows(name: str, features, labels):
   return z, labels, views
 
 
-def _segment_stats(z32: jax.Array, ids: jax.Array):
-  """Per row: Σ of the rows sharing its id (including itself) and how many there are."""
+def _segment_stats(z32: jax.Array, ids: jax.Array, valid: jax.Array | None = None):
+  """Per row: Σ of the valid rows sharing its id (including itself) and how many there are."""
   m = z32.shape[0]
-  total = jax.ops.segment_sum(z32, ids, num_segments=m)[ids]
-  count = jax.ops.segment_sum(jnp.ones((m,), jnp.float32), ids, num_segments=m)[ids]
+  ones = jnp.ones((m,), jnp.float32) if valid is None else valid.astype(jnp.float32)
+  total = jax.ops.segment_sum(_common.zero_invalid(z32, None if valid is None else valid[:, None]), ids,
+                              num_segments=m)[ids]
+  count = jax.ops.segment_sum(ones, ids, num_segments=m)[ids]
   return total, count
+
+
+def _row_mask(mask, n: int, views: int):
+  """The (N,) sample mask checked, and tiled over the views of the view-major rows (None: no mask)."""
+  mask = _common.sample_mask(mask, n)
+  return mask, None if mask is None else jnp.tile(mask, views)
+
+
+def _and(a: jax.Array, valid: jax.Array | None) -> jax.Array:
+  return a if valid is None else a & valid
 
 
 # ------------------------------------------------------------------------------------------ k-means
@@ -150,6 +162,8 @@ def sbcl(
     beta: float | jax.Array = 0.25,
     own_views_in_class_term: bool = True,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""SBCL: the bi-granularity (subclass + class) supervised contrastive loss.
@@ -202,9 +216,16 @@ def sbcl(
     own_views_in_class_term: put each row's own other views into ℓ²'s positives and denominator (the
       authors' code); False leaves them out of ℓ².
     normalize: L2-normalise the features first.
+    reduction: "mean" (the loss above), "sum" or "none": the (N·V,) per-anchor terms
+      [i ∈ A¹] ℓ¹_i + β [i ∈ A²] ℓ²_i in view-major order (row v·N + s is view v of sample s), where
+      A¹ = {i : S(i) ≠ ∅} and A² = {i : P²(i) ≠ ∅}; "sum" is their sum, Σ_{A¹} ℓ¹ + β Σ_{A²} ℓ². Each
+      term of "mean" is averaged over its own anchor set, so "mean" is the mean of "none" whenever
+      A¹ = A² = every row (always with V >= 2).
+    mask: None or bool (N,): False marks padding samples, whose views are neither anchors, positives
+      nor negatives, in either term, nor count in any class or subclass.
     impl: similarity engine, see `jaxcl.ops.available_impls()`.
   Returns:
-    Scalar float32 mean loss.
+    Scalar float32 loss, or (N·V,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> x = jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
@@ -223,6 +244,8 @@ def sbcl(
   z, labels, views = _views_to_rows("features", features, labels)
   n = labels.shape[0]
   subclass_labels = _checks.check_labels("subclass_labels", subclass_labels, n)
+  _common.check_reduction(reduction)
+  mask, valid = _row_mask(mask, n, views)
   inv_t1 = _common.inverse_temperature(temperature)
   _checks.check_non_negative("beta", beta)
   if not isinstance(own_views_in_class_term, (bool, np.bool_)):
@@ -236,7 +259,10 @@ def sbcl(
       inv_t2 = 1.0 / tau2.astype(jnp.float32)
     elif tau2.ndim == 1:
       lab = _checks.concrete_value(labels)
-      if lab is not None and (lab.min() < 0 or lab.max() >= tau2.shape[0]):
+      kept = None if mask is None else _checks.concrete_value(mask)
+      if lab is not None and mask is not None:  # padding labels are not indexed into τ₂
+        lab = None if kept is None else lab[kept]
+      if lab is not None and lab.size and (lab.min() < 0 or lab.max() >= tau2.shape[0]):
         raise ValueError(
             f"per-class `class_temperature` of shape {tau2.shape} needs labels in [0, {tau2.shape[0]}), "
             f"got labels in [{lab.min()}, {lab.max()}]."
@@ -249,19 +275,22 @@ def sbcl(
   m = z.shape[0]
   cls = jnp.tile(_compact_ids(labels), views)
   sub = jnp.tile(_pair_ids(labels, subclass_labels), views)
-  z32 = z.astype(jnp.float32)
+  z32 = _common.zero_invalid(z.astype(jnp.float32), None if valid is None else valid[:, None])
   self_dot = _common.rowwise_dot(z32, z32)
-  class_sum, class_size = _segment_stats(z32, cls)
-  sub_sum, sub_size = _segment_stats(z32, sub)
+  class_sum, class_size = _segment_stats(z32, cls, valid)
+  sub_sum, sub_size = _segment_stats(z32, sub, valid)
 
   n1 = sub_size - 1.0
   pos1 = inv_t1 * (_common.rowwise_dot(z32, sub_sum) - self_dot) / jnp.maximum(n1, 1.0)
-  lse1 = ops.logsumexp(z, z, scale=inv_t1, exclude=ops.diagonal(m), impl=impl).rows
-  has1 = n1 > 0
-  term1 = jnp.sum(jnp.where(has1, lse1 - pos1, 0.0)) / jnp.maximum(jnp.sum(has1.astype(jnp.float32)), 1.0)
+  lse1 = ops.logsumexp(z, z, scale=inv_t1, exclude=ops.diagonal(m), row_valid=valid, col_valid=valid,
+                       impl=impl).rows
+  has1 = _and(n1 > 0, valid)
+  l1 = jnp.where(has1, lse1 - pos1, 0.0)
 
   # ℓ²: the other subclasses (an id mask on every engine), plus, optionally, the row's own other views.
-  lse2 = ops.logsumexp(z, z, scale=inv_t2, exclude=(sub, sub), impl=impl).rows
+  lse2 = ops.logsumexp(z, z, scale=inv_t2, exclude=(sub, sub), row_valid=valid, col_valid=valid,
+                       impl=impl).rows
+  lse2 = _common.zero_invalid(lse2, valid)
   pos2_dot = _common.rowwise_dot(z32, class_sum - sub_sum)
   n2 = class_size - sub_size
   if own_views_in_class_term and views > 1:
@@ -274,10 +303,12 @@ def sbcl(
     pos2_dot = pos2_dot + jnp.sum(jnp.where(other_view, own, 0.0), axis=1)
     n2 = n2 + (views - 1)
   pos2 = inv_t2 * pos2_dot / jnp.maximum(n2, 1.0)
-  has2 = n2 > 0
-  l2 = jnp.where(has2, lse2, 0.0) - pos2
-  term2 = jnp.sum(jnp.where(has2, l2, 0.0)) / jnp.maximum(jnp.sum(has2.astype(jnp.float32)), 1.0)
-  return term1 + jnp.asarray(beta, jnp.float32) * term2
+  has2 = _and(n2 > 0, valid)
+  l2 = jnp.where(has2, lse2 - pos2, 0.0)
+  beta = jnp.asarray(beta, jnp.float32)
+  if reduction == "none":
+    return l1 + beta * l2
+  return _common.reduce_loss(l1, reduction, has1) + beta * _common.reduce_loss(l2, reduction, has2)
 
 
 # ------------------------------------------------------------------------------------- focal SupCon
@@ -290,6 +321,8 @@ def focal_supcon(
     gamma: float | jax.Array = 1.0,
     average: str = "batch",
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""Focal supervised contrastive loss: SupCon with hard positives weighted up.
@@ -316,9 +349,14 @@ def focal_supcon(
     average: "batch" (divide each anchor's sum by M, the authors' code) or "positives" (by |P(a)|,
       SupCon's mean over positives).
     normalize: L2-normalise the features first.
+    reduction: "mean" (over the anchors with a positive), "sum" or "none": the (N·V,) per-anchor
+      terms −1/n(a) Σ_p (1 − p_ap)^γ log p_ap in view-major order (row v·N + i is view v of sample i),
+      0 for anchors without a positive.
+    mask: None or bool (N,): False marks padding samples, whose views are neither anchors, positives
+      nor negatives (M then counts the real rows only, for `average="batch"`).
     impl: similarity engine, see `jaxcl.ops.available_impls()`.
   Returns:
-    Scalar float32 mean loss.
+    Scalar float32 loss, or (N·V,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> x = jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
@@ -332,15 +370,22 @@ def focal_supcon(
   inv_t = _common.inverse_temperature(temperature)
   _checks.check_non_negative("gamma", gamma)
   _checks.check_choice("average", average, ("batch", "positives"))
+  _common.check_reduction(reduction)
+  mask, valid = _row_mask(mask, labels.shape[0], views)
   gamma = jnp.asarray(gamma, jnp.float32)
   z = _common.maybe_normalize(z, normalize)
   m = z.shape[0]
   ids = jnp.tile(_compact_ids(labels), views)
   rows = jnp.arange(m, dtype=jnp.int32)
-  lse = ops.logsumexp(z, z, scale=inv_t, exclude=ops.diagonal(m), impl=impl).rows
+  lse = ops.logsumexp(z, z, scale=inv_t, exclude=ops.diagonal(m), row_valid=valid, col_valid=valid,
+                      impl=impl).rows
+  lse = _common.zero_invalid(lse, valid)
+  # A padding id that equals no real one (compact ids lie in [0, m)): padding is nobody's positive.
+  ids = ids if valid is None else jnp.where(valid, ids, -1)
 
   def focal(s, col_ids):
     positive = (ids[:, None] == ids[col_ids][None, :]) & (rows[:, None] != col_ids[None, :])
+    positive = positive & (ids[:, None] >= 0)
     log_p = jnp.where(positive, s - lse[:, None], 0.0)
     weight = jnp.where(positive, -jnp.expm1(log_p), 0.0)  # 1 − p, accurate near p = 1
     # weight^γ with 0^0 = 1 and a finite gradient at weight = 0.
@@ -353,12 +398,13 @@ def focal_supcon(
     return focal(s, jnp.minimum(col_ids, m - 1))
 
   total = _tiled.row_sum(z, z, inv_t, focal_clamped, dense=_tiled_is_dense(impl, m))
-  _, count = _segment_stats(jnp.zeros((m, 1), jnp.float32), ids)
+  _, count = _segment_stats(jnp.zeros((m, 1), jnp.float32), jnp.maximum(ids, 0), valid)
   n_pos = count - 1.0
-  has = n_pos > 0
-  n_a = jnp.maximum(n_pos, 1.0) if average == "positives" else jnp.float32(m)
+  has = _and(n_pos > 0, valid)
+  n_rows = jnp.float32(m) if valid is None else jnp.sum(valid.astype(jnp.float32))
+  n_a = jnp.maximum(n_pos, 1.0) if average == "positives" else n_rows
   per_anchor = jnp.where(has, -total / n_a, 0.0)
-  return jnp.sum(per_anchor) / jnp.maximum(jnp.sum(has.astype(jnp.float32)), 1.0)
+  return _common.reduce_loss(per_anchor, reduction, has)
 
 
 def _tiled_is_dense(impl: str, n: int, n_cols: int | None = None) -> bool:
@@ -377,6 +423,8 @@ def gated_pair_infonce(
     key_labels: jax.Array | None = None,
     temperature: float | jax.Array = 0.1,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""InfoNCE for arbitrary positive pairs, each compared in its own gated feature subspace.
@@ -427,9 +475,15 @@ def gated_pair_infonce(
     key_labels: (Bk,) integer labels of the keys; None means `query_labels` (needs Bk = Bq).
     temperature: τ > 0.
     normalize: L2-normalise query and key first.
+    reduction: without labels "mean", "sum" or "none": the (B,) per-pair terms −S_ii + log Σ_j S_ij.
+      With labels only "mean": the loss is a mean over positive (i, p) pairs, not over queries.
+    mask: None or bool (Bq,): False marks padding queries, which are not anchors; when `key` has as
+      many rows as `query` (row i of both the same sample: always without labels or `key_labels`) the
+      key rows where it is False are neither positives nor negatives either. Keys of a different batch
+      size are all real.
     impl: similarity engine, see `jaxcl.ops.available_impls()`.
   Returns:
-    Scalar float32 mean loss.
+    Scalar float32 loss, or (B,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(2)
@@ -443,8 +497,11 @@ def gated_pair_infonce(
   0.6459
   """
   labelled = query_labels is not None or pair_labels is not None or key_labels is not None
+  _common.check_reduction(reduction, per_anchor=not labelled)
   if not labelled:
     q, k = _common.pair("query", query, "key", key, normalize=normalize)
+    mask = _common.sample_mask(mask, q.shape[0])
+    key_valid = mask
   else:
     if query_labels is None or pair_labels is None:
       raise ValueError(
@@ -469,7 +526,15 @@ def gated_pair_infonce(
         )
       key_labels = y1
     yk = _checks.check_labels("key_labels", key_labels, k.shape[0])
+    mask = _common.sample_mask(mask, q.shape[0])
+    key_valid = mask if k.shape[0] == q.shape[0] else None
     c2, ck = _checks.concrete_value(y2), _checks.concrete_value(yk)
+    kept = None if mask is None else _checks.concrete_value(mask)
+    if mask is not None and kept is None:
+      c2 = None  # a traced mask: the real rows are unknown
+    elif kept is not None:
+      c2 = None if c2 is None else c2[kept]
+      ck = None if ck is None or key_valid is None else ck[kept]
     if c2 is not None and ck is not None and not np.any(c2[:, None] == ck[None, :]):
       raise ValueError(
           f"no key has a query's pair label, so there is no positive pair: `pair_labels` {c2} and "
@@ -486,19 +551,23 @@ def gated_pair_infonce(
   g32 = jnp.broadcast_to(gates.astype(jnp.float32), q.shape)
   gated_q = (g32 * g32 * q.astype(jnp.float32)).astype(q.dtype)
   if not labelled:
-    lse = ops.logsumexp(gated_q, k, scale=inv_t, impl=impl).rows
+    lse = ops.logsumexp(gated_q, k, scale=inv_t, row_valid=mask, col_valid=mask, impl=impl).rows
     positive = inv_t * _common.rowwise_dot(gated_q, k)
-    return jnp.mean(lse - positive)
+    return _common.reduce_loss(lse - positive, reduction, mask)
 
   bk = k.shape[0]
   dense = _tiled_is_dense(impl, q.shape[0], bk)
+  row_ok = jnp.ones((q.shape[0], 1), bool) if mask is None else mask[:, None]
+
+  def key_ok(col_ids):
+    return row_ok if key_valid is None else row_ok & key_valid[jnp.minimum(col_ids, bk - 1)][None, :]
 
   def key_label(col_ids):  # padded columns of the last tile: clamp (the reductions drop them)
     return yk[jnp.minimum(col_ids, bk - 1)][None, :]
 
   def negative(col_ids):
     yc = key_label(col_ids)
-    return (yc != y1[:, None]) & (yc != y2[:, None])
+    return (yc != y1[:, None]) & (yc != y2[:, None]) & key_ok(col_ids)
 
   neg = _tiled.row_logsumexp(gated_q, k, inv_t, negative, dense=dense)  # -inf: no negative
   has_neg = jnp.isfinite(neg)[:, None]
@@ -506,13 +575,19 @@ def gated_pair_infonce(
 
   def positive_terms(s, col_ids):
     # −S_ip + log(exp S_ip + exp N_i) = softplus(N_i − S_ip); 0 when N(i) is empty.
-    is_pos = key_label(col_ids) == y2[:, None]
+    is_pos = (key_label(col_ids) == y2[:, None]) & key_ok(col_ids)
     return jnp.where(is_pos & has_neg, jax.nn.softplus(neg[:, None] - s), 0.0)
 
   total = jnp.sum(_tiled.row_sum(gated_q, k, inv_t, positive_terms, dense=dense))
-  sorted_yk = jnp.sort(yk)
-  n_pos = jnp.searchsorted(sorted_yk, y2, side="right") - jnp.searchsorted(sorted_yk, y2, side="left")
-  return total / jnp.maximum(jnp.sum(n_pos).astype(jnp.float32), 1.0)
+  if key_valid is None:
+    sorted_yk = jnp.sort(yk)
+    n_pos = jnp.searchsorted(sorted_yk, y2, side="right") - jnp.searchsorted(sorted_yk, y2, side="left")
+  else:  # Bq = Bk: count the real keys of each pair label (a segment sum over shared compact ids)
+    ids = _compact_ids(jnp.concatenate([y2, yk.astype(y2.dtype)]))
+    per_label = jax.ops.segment_sum(key_valid.astype(jnp.int32), ids[q.shape[0]:], num_segments=ids.shape[0])
+    n_pos = per_label[ids[:q.shape[0]]]
+  n_pos = _common.zero_invalid(n_pos.astype(jnp.float32), mask)
+  return total / jnp.maximum(jnp.sum(n_pos), 1.0)
 
 
 # --------------------------------------------------------------------------------------------- MLCD
@@ -525,6 +600,8 @@ def mlcd(
     scale: float | jax.Array = 32.0,
     margin: float | jax.Array = 0.0,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     axis_name: str | None = None,
     impl: str = "auto",
 ) -> jax.Array:
@@ -561,10 +638,13 @@ def mlcd(
       distinct within a row.
     scale: s > 0. margin: m (finite).
     normalize: L2-normalise features and centres first (cosine similarities).
+    reduction: "mean", "sum" or "none": the (B,) loss_i, in the order of `features`.
+    mask: None or bool (B,): False marks padding rows of `features` (and of `positives`, which are then
+      not checked), left out of the loss; the centres are never masked.
     axis_name: the mesh axis the centres are sharded over, or None.
     impl: "auto", "dense" or "blockwise".
   Returns:
-    Scalar float32 mean loss.
+    Scalar float32 loss, or (B,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> f, c = jnp.array([[1.0, 0.0]]), jnp.array([[1.0, 0.0], [0.0, 1.0]])
@@ -585,11 +665,16 @@ def mlcd(
   if not jnp.issubdtype(positives.dtype, jnp.integer):
     raise TypeError(f"`positives` must have an integer dtype, got {positives.dtype}.")
   _checks.check_choice("impl", impl, ("auto", "dense", "blockwise"))
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, f.shape[0])
   _checks.check_positive("scale", scale)
   _checks.check_finite("margin", margin)
   n_local = c.shape[0]
   if axis_name is None:
     p = _checks.concrete_value(positives)
+    kept = None if mask is None else _checks.concrete_value(mask)
+    if p is not None and mask is not None:  # padding rows' positives are not used
+      p = None if kept is None else p[kept]
     if p is not None and p.size and (p.min() < 0 or p.max() >= n_local):
       raise ValueError(f"`positives` must hold centre ids in [0, {n_local}), got [{p.min()}, {p.max()}].")
     offset = 0
@@ -618,7 +703,8 @@ def mlcd(
     pos_lse = _combine_lse(pos_lse, axis_name)
     neg_lse = _combine_lse(neg_lse, axis_name)
   # log(1 + Σ exp) = softplus(LSE), 0 for an empty sum (LSE = -inf).
-  return jnp.mean(jax.nn.softplus(pos_lse) + jax.nn.softplus(neg_lse))
+  per_row = jax.nn.softplus(pos_lse) + jax.nn.softplus(neg_lse)
+  return _common.reduce_loss(per_row, reduction, mask)  # the features are replicated over `axis_name`
 
 
 def _combine_lse(lse: jax.Array, axis_name: str) -> jax.Array:

@@ -51,6 +51,8 @@ def albef_itc(
     temperature: float | jax.Array = 0.07,
     alpha: float | jax.Array = 0.4,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""ALBEF image–text contrastive loss with momentum distillation (ITC + MoD).
@@ -99,9 +101,14 @@ def albef_itc(
     temperature: τ > 0 (scalar, may be traced: ALBEF learns it), shared by both models.
     alpha: α ∈ [0, 1], the weight of the momentum targets.
     normalize: L2-normalise every input first.
+    reduction: "mean", "sum" or "none": the (B,) per-pair terms ½ (i → t term of row i + t → i term of
+      pair i: column i, or text i's row in ALBEF's pairing), whose mean is the loss.
+    mask: None or bool (B,): False marks padding pairs: rows of `image`, `text` and both momentum
+      batches, and the first B rows of the candidates, which are then neither anchors, positives,
+      negatives nor part of a teacher's softmax. Extra candidate rows (a queue) are always real.
     impl: similarity engine, see `jaxcl.ops.available_impls()`.
   Returns:
-    Scalar float32 mean loss.
+    Scalar float32 loss, or (B,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(2)  # S = S' = [[1, 0], [0, 1]], q = softmax([1, 0]) = [e/(e+1), 1/(e+1)]
@@ -124,22 +131,25 @@ def albef_itc(
         "(the single-matrix form)."
     )
   _check_alpha("alpha", alpha)
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, i.shape[0])
   inv_t = _common.inverse_temperature(temperature)
   alpha = jnp.asarray(alpha, jnp.float32)
   b = i.shape[0]
   t_scale = jax.lax.stop_gradient(inv_t)
   mi, mt = jax.lax.stop_gradient(mi), jax.lax.stop_gradient(mt)
+  valid = dict(row_valid=mask, col_valid=mask)
 
   if text_candidates is None:
-    lse = ops.logsumexp(i, t, scale=inv_t, rows=True, cols=True, impl=impl)
+    lse = ops.logsumexp(i, t, scale=inv_t, rows=True, cols=True, impl=impl, **valid)
     positive = inv_t * _common.rowwise_dot(i, t)
-    teacher = ops.logsumexp(mi, mt, scale=t_scale, rows=True, cols=True, impl=impl)
+    teacher = ops.logsumexp(mi, mt, scale=t_scale, rows=True, cols=True, impl=impl, **valid)
     dense = _soft_targets.is_dense(impl, b, b)
-    soft_rows = _soft_targets.expected_dot(mi, mt, t_scale, teacher.rows, i, t, dense=dense)
-    soft_cols = _soft_targets.expected_dot(mt, mi, t_scale, teacher.cols, t, i, dense=dense)
-    rows = lse.rows - (1.0 - alpha) * positive - alpha * inv_t * soft_rows
-    cols = lse.cols - (1.0 - alpha) * positive - alpha * inv_t * soft_cols
-    return 0.5 * (jnp.mean(rows) + jnp.mean(cols))
+    soft_rows = _soft_targets.expected_dot(mi, mt, t_scale, teacher.rows, i, t, dense=dense, **valid)
+    soft_cols = _soft_targets.expected_dot(mt, mi, t_scale, teacher.cols, t, i, dense=dense, **valid)
+    rows = _common.zero_invalid(lse.rows, mask) - (1.0 - alpha) * positive - alpha * inv_t * soft_rows
+    cols = _common.zero_invalid(lse.cols, mask) - (1.0 - alpha) * positive - alpha * inv_t * soft_cols
+    return _common.reduce_loss(0.5 * (rows + cols), reduction, mask)
 
   tc = _candidates("text_candidates", text_candidates, i)
   ic = _candidates("image_candidates", image_candidates, i)
@@ -148,14 +158,18 @@ def albef_itc(
 
   def direction(q, teacher_q, cands):
     # LSE_n <q_i, c_n>/τ − (1 − α) <q_i, c_i>/τ − α Σ_n softmax_n(<teacher_q_i, c_n>/τ) <q_i, c_n>/τ
-    lse = ops.logsumexp(q, cands, scale=inv_t, impl=impl).rows
-    teacher = ops.logsumexp(teacher_q, cands, scale=t_scale, impl=impl).rows
-    dense = _soft_targets.is_dense(impl, b, cands.shape[0])
-    soft = _soft_targets.expected_dot(teacher_q, cands, t_scale, teacher, q, cands, dense=dense)
+    n = cands.shape[0]
+    cand_valid = None if mask is None else jnp.concatenate([mask, jnp.ones((n - b,), bool)])
+    valid = dict(row_valid=mask, col_valid=cand_valid)
+    lse = ops.logsumexp(q, cands, scale=inv_t, impl=impl, **valid).rows
+    teacher = ops.logsumexp(teacher_q, cands, scale=t_scale, impl=impl, **valid).rows
+    dense = _soft_targets.is_dense(impl, b, n)
+    soft = _soft_targets.expected_dot(teacher_q, cands, t_scale, teacher, q, cands, dense=dense, **valid)
     positive = _common.rowwise_dot(q, cands[:b].astype(jnp.float32))
-    return jnp.mean(lse - inv_t * ((1.0 - alpha) * positive + alpha * soft))
+    return _common.zero_invalid(lse, mask) - inv_t * ((1.0 - alpha) * positive + alpha * soft)
 
-  return 0.5 * (direction(i, mi, tc) + direction(t, mt, ic))
+  per_pair = 0.5 * (direction(i, mi, tc) + direction(t, mt, ic))
+  return _common.reduce_loss(per_pair, reduction, mask)
 
 
 @_common.keyword_only
@@ -168,6 +182,8 @@ def similarity_distillation(
     temperature: float | jax.Array = 0.04,
     teacher_temperature: float | jax.Array | None = None,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""KL distillation of similarity distributions: the student copies the teacher's neighbourhoods.
@@ -201,9 +217,13 @@ def similarity_distillation(
     temperature: τ > 0 of the student (may be traced).
     teacher_temperature: τ_T > 0; None means τ.
     normalize: L2-normalise every input first.
+    reduction: "mean", "sum" or "none": the (B,) KL(p^T_i ‖ p^S_i), in the order of the batch.
+    mask: None or bool (B,): False marks padding rows of `student` and `teacher`: they are not
+      anchors, nor (with in-batch anchors) anchors of the other samples. Given anchor banks are
+      always real.
     impl: similarity engine, see `jaxcl.ops.available_impls()`.
   Returns:
-    Scalar float32 mean loss (>= 0).
+    Scalar float32 loss (>= 0), or (B,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> s = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
@@ -222,6 +242,8 @@ def similarity_distillation(
         "`student_anchors` and `teacher_anchors` must be given together (or both None for in-batch "
         "anchors)."
     )
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, student.shape[0])
   in_batch = student_anchors is None
   if in_batch:
     _checks.check_min_batch("student", student, 3, why="in-batch anchors leave B - 1 >= 2 per sample")
@@ -251,13 +273,15 @@ def similarity_distillation(
   ta = jax.lax.stop_gradient(_common.maybe_normalize(teacher_anchors, normalize))
   b, n = s.shape[0], sa.shape[0]
   exclude = ops.diagonal(b) if in_batch else None
-  s_lse = ops.logsumexp(s, sa, scale=inv_t, exclude=exclude, impl=impl).rows
-  t_lse = ops.logsumexp(t, ta, scale=t_scale, exclude=exclude, impl=impl).rows
+  valid = dict(row_valid=mask, col_valid=mask if in_batch else None)
+  s_lse = ops.logsumexp(s, sa, scale=inv_t, exclude=exclude, impl=impl, **valid).rows
+  t_lse = ops.logsumexp(t, ta, scale=t_scale, exclude=exclude, impl=impl, **valid).rows
   dense = _soft_targets.is_dense(impl, b, n)
-  cross = _soft_targets.expected_dot(t, ta, t_scale, t_lse, s, sa, exclude_self=in_batch, dense=dense)
-  neg_entropy = _soft_targets.expected_dot(t, ta, t_scale, t_lse, None, None, exclude_self=in_batch, dense=dense)
-  kl = neg_entropy + s_lse - inv_t * cross
-  return jnp.mean(kl)
+  cross = _soft_targets.expected_dot(t, ta, t_scale, t_lse, s, sa, exclude_self=in_batch, dense=dense, **valid)
+  neg_entropy = _soft_targets.expected_dot(t, ta, t_scale, t_lse, None, None, exclude_self=in_batch,
+                                           dense=dense, **valid)
+  kl = neg_entropy + _common.zero_invalid(s_lse, mask) - inv_t * cross
+  return _common.reduce_loss(kl, reduction, mask)
 
 
 @_common.keyword_only
@@ -270,6 +294,8 @@ def m3co(
     temperature: float | jax.Array = 0.1,
     bidirectional: bool = True,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""M3Co: mixup contrastive loss aligning mixed samples of one modality with both sources in another.
@@ -304,9 +330,15 @@ def m3co(
     bidirectional: average the row (mixed → other) and the column (other → mixed) cross-entropies;
       False: the row term only.
     normalize: L2-normalise both inputs first.
+    reduction: "mean", "sum" or "none": the (B,) per-sample terms, whose mean is the loss:
+      ½ [ LSE_j S_ij + w_i LSE_j S_ji − 2 (λ_i S_ii + (1 − λ_i) S_{i k_i}) ] (row i and column i), or
+      LSE_j S_ij − λ_i S_ii − (1 − λ_i) S_{i k_i} with `bidirectional=False`.
+    mask: None or bool (B,): False marks padding rows of `mixed` and `other`, neither anchors nor
+      candidates; their `mix_index` and `mix_weight` entries are ignored (not checked). A real row's
+      k_i must be a real row.
     impl: similarity engine, see `jaxcl.ops.available_impls()`.
   Returns:
-    Scalar float32 mean loss.
+    Scalar float32 loss, or (B,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> x, y = jnp.array([[1.0, 0.0], [1.0, 0.0]]), jnp.eye(2)  # S = [[1, 0], [1, 0]]
@@ -318,28 +350,40 @@ def m3co(
   """
   m, o = _common.pair("mixed", mixed, "other", other, normalize=normalize)
   b = m.shape[0]
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, b)
+  kept = None if mask is None else _checks.concrete_value(mask)
   mix_index = _checks.check_labels("mix_index", mix_index, b)
   idx = _checks.concrete_value(mix_index)
-  if idx is not None and (idx.min() < 0 or idx.max() >= b):
+  if idx is not None and mask is not None:  # padding rows' entries are ignored
+    idx = None if kept is None else idx[kept]
+  if idx is not None and idx.size and (idx.min() < 0 or idx.max() >= b):
     raise ValueError(f"`mix_index` must hold indices in [0, {b}), got {idx}.")
   lam = _checks.check_scalar_or_vector("mix_weight", mix_weight, b)
-  _checks.check_finite("mix_weight", lam)
   v = _checks.concrete_value(lam)
-  if v is not None and (v.min() < 0 or v.max() > 1):
+  if v is not None and mask is not None and v.ndim == 1:
+    v = None if kept is None else v[kept]
+  if v is not None:
+    _checks.check_finite("mix_weight", v)
+  if v is not None and v.size and (v.min() < 0 or v.max() > 1):
     raise ValueError(f"`mix_weight` must lie in [0, 1], got {v if v.size > 1 else v.item()}.")
   lam = jnp.broadcast_to(lam.astype(jnp.float32), (b,))
+  if mask is not None:  # padding rows: λ = 1 and k_i = i, so they point at nothing else
+    lam = jnp.where(mask, lam, 1.0)
+    mix_index = jnp.where(mask, mix_index, jnp.arange(b, dtype=mix_index.dtype))
   inv_t = _common.inverse_temperature(temperature)
-  lse = ops.logsumexp(m, o, scale=inv_t, rows=True, cols=bool(bidirectional), impl=impl)
+  lse = ops.logsumexp(m, o, scale=inv_t, rows=True, cols=bool(bidirectional), row_valid=mask, col_valid=mask,
+                      impl=impl)
   o32 = o.astype(jnp.float32)
   own = _common.rowwise_dot(m, o32)
   partner = _common.rowwise_dot(m, o32[mix_index])
-  linear = jnp.mean(inv_t * (lam * own + (1.0 - lam) * partner))
-  row = jnp.mean(lse.rows) - linear
+  linear = inv_t * (lam * own + (1.0 - lam) * partner)
+  row = _common.zero_invalid(lse.rows, mask) - linear
   if not bidirectional:
-    return row
+    return _common.reduce_loss(row, reduction, mask)
   col_weight = lam + jnp.zeros((b,), jnp.float32).at[mix_index].add(1.0 - lam)
-  col = jnp.mean(col_weight * lse.cols) - linear
-  return 0.5 * (row + col)
+  col = col_weight * _common.zero_invalid(lse.cols, mask) - linear
+  return _common.reduce_loss(0.5 * (row + col), reduction, mask)
 
 
 @_common.keyword_only
@@ -354,6 +398,8 @@ def softclip(
     alpha: float | jax.Array = 0.2,
     beta: float | jax.Array = 1.0,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""SoftCLIP: CLIP with soft targets from intra-modal self-similarity, plus a KL on the negatives.
@@ -385,9 +431,13 @@ def softclip(
     temperature: τ > 0 (may be traced). target_temperature: τ_t > 0 of the self-similarities.
     alpha: α ∈ [0, 1], the weight of the soft targets. beta: β >= 0, the weight of L_neg.
     normalize: L2-normalise every input first.
+    reduction: "mean", "sum" or "none": the (B,) per-pair terms ½ [CE of row i + CE of column i] +
+      β ½ [KL of row i + KL of column i], whose mean is the loss.
+    mask: None or bool (B,): False marks padding pairs (rows of all four inputs), neither anchors,
+      positives, negatives nor part of any target distribution.
     impl: similarity engine, see `jaxcl.ops.available_impls()`.
   Returns:
-    Scalar float32 mean loss.
+    Scalar float32 loss, or (B,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(3)  # every distribution over the negatives is uniform: L_neg = 0
@@ -403,6 +453,9 @@ def softclip(
       raise ValueError(f"`{name}` must have {b} rows like `image`, got shape {x.shape}.")
   _check_alpha("alpha", alpha)
   _checks.check_non_negative("beta", beta)
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, b)
+  valid = dict(row_valid=mask, col_valid=mask)
   inv_t = _common.inverse_temperature(temperature)
   t_scale = jax.lax.stop_gradient(_common.inverse_temperature(target_temperature, "target_temperature"))
   alpha = jnp.asarray(alpha, jnp.float32)
@@ -411,25 +464,26 @@ def softclip(
   dense = _soft_targets.is_dense(impl, b, b)
   diag = ops.diagonal(b)
 
-  lse = ops.logsumexp(i, t, scale=inv_t, rows=True, cols=True, impl=impl)
+  lse = ops.logsumexp(i, t, scale=inv_t, rows=True, cols=True, impl=impl, **valid)
   positive = inv_t * _common.rowwise_dot(i, t)
-  q_i = ops.logsumexp(fi, fi, scale=t_scale, impl=impl).rows
-  q_t = ops.logsumexp(ft, ft, scale=t_scale, impl=impl).rows
-  soft_rows = _soft_targets.expected_dot(fi, fi, t_scale, q_i, i, t, dense=dense)
-  soft_cols = _soft_targets.expected_dot(ft, ft, t_scale, q_t, t, i, dense=dense)
-  rows = lse.rows - (1.0 - alpha) * positive - alpha * inv_t * soft_rows
-  cols = lse.cols - (1.0 - alpha) * positive - alpha * inv_t * soft_cols
-  l_soft = 0.5 * (jnp.mean(rows) + jnp.mean(cols))
+  q_i = ops.logsumexp(fi, fi, scale=t_scale, impl=impl, **valid).rows
+  q_t = ops.logsumexp(ft, ft, scale=t_scale, impl=impl, **valid).rows
+  soft_rows = _soft_targets.expected_dot(fi, fi, t_scale, q_i, i, t, dense=dense, **valid)
+  soft_cols = _soft_targets.expected_dot(ft, ft, t_scale, q_t, t, i, dense=dense, **valid)
+  rows = _common.zero_invalid(lse.rows, mask) - (1.0 - alpha) * positive - alpha * inv_t * soft_rows
+  cols = _common.zero_invalid(lse.cols, mask) - (1.0 - alpha) * positive - alpha * inv_t * soft_cols
+  l_soft = 0.5 * (rows + cols)
 
   # Negatives only: every distribution over j ≠ i, renormalised.
-  neg = ops.logsumexp(i, t, scale=inv_t, rows=True, cols=True, exclude=diag, impl=impl)
-  qn_i = ops.logsumexp(fi, fi, scale=t_scale, exclude=diag, impl=impl).rows
-  qn_t = ops.logsumexp(ft, ft, scale=t_scale, exclude=diag, impl=impl).rows
+  neg = ops.logsumexp(i, t, scale=inv_t, rows=True, cols=True, exclude=diag, impl=impl, **valid)
+  qn_i = ops.logsumexp(fi, fi, scale=t_scale, exclude=diag, impl=impl, **valid).rows
+  qn_t = ops.logsumexp(ft, ft, scale=t_scale, exclude=diag, impl=impl, **valid).rows
 
   def kl(tq, t_lse, q, k, s_lse):
-    cross = _soft_targets.expected_dot(tq, tq, t_scale, t_lse, q, k, exclude_self=True, dense=dense)
-    neg_entropy = _soft_targets.expected_dot(tq, tq, t_scale, t_lse, None, None, exclude_self=True, dense=dense)
-    return jnp.mean(neg_entropy + s_lse - inv_t * cross)
+    cross = _soft_targets.expected_dot(tq, tq, t_scale, t_lse, q, k, exclude_self=True, dense=dense, **valid)
+    neg_entropy = _soft_targets.expected_dot(tq, tq, t_scale, t_lse, None, None, exclude_self=True,
+                                             dense=dense, **valid)
+    return neg_entropy + _common.zero_invalid(s_lse, mask) - inv_t * cross
 
   l_neg = 0.5 * (kl(fi, qn_i, i, t, neg.rows) + kl(ft, qn_t, t, i, neg.cols))
-  return l_soft + jnp.asarray(beta, jnp.float32) * l_neg
+  return _common.reduce_loss(l_soft + jnp.asarray(beta, jnp.float32) * l_neg, reduction, mask)

@@ -27,6 +27,8 @@ def one_to_k_clip(
     *,
     logit_scale: float | jax.Array,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""1-to-K contrastive loss: each image against its K captions (one per language) at once.
@@ -50,9 +52,14 @@ def one_to_k_clip(
     image: (B, D). texts: (K, B, D), texts[k, i] the caption of image i in language k.
     logit_scale: the multiplier 1/τ (> 0, may be traced).
     normalize: L2-normalise first.
+    reduction: "mean", "sum" or "none": the (B,) per-image terms
+      ℓ_i = ½ [ LSE_{j,k'} s(v_i, t_jk') − (1/K) Σ_k s(v_i, t_ik) + (1/K²) Σ_k (LSE_j s(t_ik, v_j) − s(t_ik, v_i)) ]
+      (image i's i2t term and its K captions' t2i terms), whose mean is the loss.
+    mask: None or bool (B,): False marks padding samples: image i and its K captions texts[:, i] are
+      neither anchors, positives nor negatives.
     impl: similarity engine.
   Returns:
-    Scalar float32 mean loss.
+    Scalar float32 loss, or (B,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> v = jnp.eye(2)
@@ -67,14 +74,19 @@ def one_to_k_clip(
     raise ValueError(f"`texts` must have shape (K, {v.shape[0]}, {v.shape[1]}) to match `image`, got {t.shape}.")
   t = _common.maybe_normalize(t, normalize)
   k, b, d = t.shape
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, b)
+  text_valid = None if mask is None else jnp.tile(mask, k)  # flat row k·B + i is texts[k, i]
   scale = _common.logit_scale(logit_scale)
   flat = jnp.reshape(t, (k * b, d))
-  lse = ops.logsumexp(v, flat, scale=scale, rows=True, cols=True, impl=impl)
+  lse = ops.logsumexp(v, flat, scale=scale, rows=True, cols=True, row_valid=mask, col_valid=text_valid,
+                      impl=impl)
   v32 = v.astype(jnp.float32)
   pos = scale * jnp.einsum("id,kid->ki", v32, t.astype(jnp.float32))  # (K, B)
-  i2t = jnp.mean(lse.rows - jnp.mean(pos, axis=0))
-  t2i = jnp.mean(jnp.reshape(lse.cols, (k, b)) - pos)
-  return 0.5 * (i2t + t2i / k)
+  i2t = _common.zero_invalid(lse.rows, mask) - jnp.mean(pos, axis=0)
+  t2i = _common.zero_invalid(lse.cols, text_valid).reshape(k, b) - pos
+  per_image = 0.5 * (i2t + jnp.mean(t2i, axis=0) / k)
+  return _common.reduce_loss(per_image, reduction, mask)
 
 
 def _views(views, normalize):
@@ -92,6 +104,8 @@ def poly_view(
     critic: str = "geometric",
     temperature: float | jax.Array = 0.1,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""Poly-view contrastive loss (PVC) with the geometric or arithmetic aggregation over positives.
@@ -131,9 +145,13 @@ def poly_view(
     critic: "geometric" or "arithmetic".
     temperature: τ > 0 (may be traced).
     normalize: L2-normalise every view first.
+    reduction: "mean" (over the M·B anchors), "sum" or "none": the (M·B,) L_iα in view-major order
+      (row α·B + i is view α of sample i).
+    mask: None or bool (B,): False marks padding samples, all of whose M views are neither anchors,
+      positives nor negatives.
     impl: similarity engine.
   Returns:
-    Scalar float32 mean loss over the M·B anchors.
+    Scalar float32 loss, or (M·B,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> v = jnp.stack([jnp.eye(2)] * 3)  # 3 identical views of 2 orthogonal samples
@@ -144,9 +162,14 @@ def poly_view(
   x = _views(views, normalize)
   inv_t = _common.inverse_temperature(temperature)
   m, b, d = x.shape
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, b)
+  valid = None if mask is None else jnp.tile(mask, m)
   sample = jnp.tile(jnp.arange(b, dtype=jnp.int32), m)
   z = jnp.reshape(x, (m * b, d))
-  others = ops.logsumexp(z, z, scale=inv_t, exclude=(sample, sample), impl=impl).rows  # (M·B,): N_iα
+  others = ops.logsumexp(z, z, scale=inv_t, exclude=(sample, sample), row_valid=valid, col_valid=valid,
+                         impl=impl).rows  # (M·B,): N_iα
+  others = _common.zero_invalid(others, valid)
   x32 = x.astype(jnp.float32)
   pos = inv_t * jnp.einsum("aid,cid->iac", x32, x32)  # (B, M, M): f(x_iα, x_iβ)
   nll = jax.nn.softplus(jnp.reshape(others, (m, b)).T[:, :, None] - pos)  # (B, M, M): ℓ_{iαβ}
@@ -155,4 +178,4 @@ def poly_view(
     per_anchor = jnp.sum(jnp.where(off, nll, 0.0), axis=2) / (m - 1)
   else:
     per_anchor = math.log(m - 1) - jax.nn.logsumexp(-nll, axis=2, where=off)
-  return jnp.mean(per_anchor)
+  return _common.reduce_loss(jnp.reshape(per_anchor.T, (m * b,)), reduction, valid)
