@@ -266,6 +266,11 @@ def test_one_row_per_device_is_a_global_batch(impl):
 
     got = jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P())(a, b)
     np.testing.assert_allclose(float(got), want, rtol=1e-5, err_msg=name)
+  for name, loss in (("macl", losses.macl), ("hn_nce", losses.hn_nce)):
+    want = float(loss(a, b, temperature=0.3, impl="dense"))
+    got = jax.shard_map(lambda a, b, loss=loss: loss(a, b, temperature=0.3, impl=impl, axis_name="data"),
+                        mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P())(a, b)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5, err_msg=name)
   with pytest.raises(ValueError, match=r"`image` needs at least 2 examples in the global batch .* 1 per device "
                                        r"on 1 devices"):
     jax.shard_map(lambda a, b: losses.clip(a, b, logit_scale=1.0, axis_name="data"), mesh=_mesh(1),

@@ -88,7 +88,7 @@ def hn_nce(
   0.5514
   """
   del mesh  # handled by @shardable
-  i, t = _common.pair("image", image, "text", text, normalize=normalize)
+  i, t = _common.pair("image", image, "text", text, normalize=normalize, axis_name=axis_name)
   inv_t = _common.inverse_temperature(temperature)
   _checks.check_non_negative("alpha", alpha)
   _checks.check_non_negative("beta", beta)
@@ -383,7 +383,7 @@ def mcl_nt_xent(
   0.5514
   """
   del mesh  # handled by @shardable
-  a, b = _common.pair("z1", z1, "z2", z2, normalize=normalize)
+  a, b = _common.pair("z1", z1, "z2", z2, normalize=normalize, axis_name=axis_name)
   c = _checks.check_labels("cluster_ids", cluster_ids, a.shape[0])
   inv_t = _common.inverse_temperature(temperature)
   z = jnp.concatenate([a, b], axis=0)

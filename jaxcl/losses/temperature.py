@@ -86,7 +86,7 @@ def macl(
   1.1163
   """
   del mesh  # handled by @shardable
-  a, b = _common.pair("z1", z1, "z2", z2, normalize=normalize)
+  a, b = _common.pair("z1", z1, "z2", z2, normalize=normalize, axis_name=axis_name)
   _checks.check_temperature("temperature", temperature)
   temperature = _checks.check_scalar("temperature", temperature)
   _checks.check_non_negative("alpha", alpha)
