@@ -409,6 +409,93 @@ def test_gram_bad_inputs(call, match):
     call()
 
 
+# ------------------------------------------------------------------- reduction and mask (geometric.py)
+from jaxcl.ops import blockwise  # noqa: E402
+from tests import helpers  # noqa: E402
+
+_MASK5 = np.array([1, 0, 1, 1, 1], bool)
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise"])
+def test_cacr_padded_batch_with_mask_equals_unpadded_batch(impl, monkeypatch):
+  monkeypatch.setattr(blockwise, "DEFAULT_TILE", 4)
+  by_instance = randn(140, 5, 3, 4)  # (B, V, D): the helper pads along the instances
+  for kw in ({}, {"normalize": False}):
+    loss = lambda x, **k: cacr(jnp.swapaxes(x, 0, 1), t_pos=2.0, t_neg=1.5, impl=impl, **kw, **k)
+    helpers.assert_padded_equals_unpadded(loss, [by_instance], rtol=2e-6)
+    helpers.assert_reductions_agree(loss, [by_instance], 5)
+    helpers.assert_reductions_agree(loss, [by_instance], 5, mask=_MASK5)
+
+
+def test_cacr_per_instance_terms_match_reference():
+  views = randn(141, 3, 4, 5)
+  per = np.asarray(cacr(views, reduction="none"), np.float64)
+  # ℓ_i is the loss of the batch whose mean runs over instance i only (its negatives still all others)
+  z = normalize(views)
+  for i in range(4):
+    att = np.mean([np.sum(softmax(np.array([np.sum((z[v, i] - z[u, i]) ** 2) for u in range(3) if u != v]))
+                          * np.array([np.sum((z[v, i] - z[u, i]) ** 2) for u in range(3) if u != v]))
+                   for v in range(3)])
+    rep = np.mean([np.sum(softmax(-c) * -c) for c in
+                   [np.array([np.sum((z[v, i] - z[u, j]) ** 2) for j in range(4) if j != i])
+                    for v in range(3) for u in range(v + 1, 3)]])
+    np.testing.assert_allclose(per[i], att + rep, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise"])
+def test_contrastive_gap_padded_batch_with_mask_equals_unpadded_batch(impl, monkeypatch):
+  monkeypatch.setattr(blockwise, "DEFAULT_TILE", 4)
+  loss = lambda x, y, **kw: contrastive_gap(x, y, logit_scale=3.0, cross_uniformity=True, impl=impl, **kw)
+  helpers.assert_padded_equals_unpadded(loss, [randn(142, 5, 4), randn(143, 5, 4)], rtol=2e-6)
+
+
+def test_contrastive_gap_mask_with_one_valid_pair_has_no_uniformity():
+  x, y = randn(144, 4, 3), randn(145, 4, 3)
+  mask = jnp.array([0, 0, 1, 0], bool)
+  got = contrastive_gap(x, y, logit_scale=3.0, cross_uniformity=True, mask=mask)
+  want = alignment(x[2:3], y[2:3])  # one pair: CLIP log 1 − s_ii + s_ii = 0, no pair for uniformity
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_gram_padded_batch_with_mask_equals_unpadded_batch(m):
+  arrays = [randn(146 + k, 5, 4) for k in range(m)]
+  loss = lambda a, *others, **kw: gram(a, *others, temperature=0.5, **kw)
+  helpers.assert_padded_equals_unpadded(loss, arrays, rtol=2e-6)
+  helpers.assert_reductions_agree(loss, arrays, 10)
+  helpers.assert_reductions_agree(loss, arrays, 10, mask=_MASK5)
+
+
+def test_gram_per_anchor_terms_match_reference():
+  a, b = randn(150, 4, 3), randn(151, 4, 3)
+  per = np.asarray(gram(a, b, temperature=0.5, reduction="none"), np.float64)
+  x, y = normalize(a), normalize(b)
+  vol = np.array([[np.sqrt(max(abs(np.linalg.det(np.stack([x[i], y[j]]) @ np.stack([x[i], y[j]]).T)), 1e-12))
+                   for j in range(4)] for i in range(4)])
+  z = -vol / 0.5
+  rows = logsumexp(z, 1) - 0.9 * np.diag(z) - 0.1 * np.mean(z, 1)
+  cols = logsumexp(z, 0) - 0.9 * np.diag(z) - 0.1 * np.mean(z, 0)
+  np.testing.assert_allclose(per, np.concatenate([rows, cols]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda x: cacr(jnp.stack([x, x]), mask=np.ones(3, bool)), r"`mask` must have shape \(4,\)"),
+        (lambda x: cacr(jnp.stack([x, x]), reduction="avg"), r"`reduction` must be one of"),
+        (lambda x: contrastive_gap(x, x, mask=np.ones((4, 1), bool)), r"`mask` must have shape \(4,\)"),
+        (lambda x: contrastive_gap(x, x, reduction="none"), r"`reduction` must be 'mean' for this loss"),
+        (lambda x: contrastive_gap(x, x, reduction="avg"), r"`reduction` must be 'mean' for this loss"),
+        (lambda x: gram(x, x, mask=np.ones(5, bool)), r"`mask` must have shape \(4,\)"),
+        (lambda x: gram(x, x, mask=np.ones(4, np.int32)), r"`mask` must be a boolean array"),
+        (lambda x: gram(x, x, reduction="avg"), r"`reduction` must be one of"),
+    ],
+)
+def test_geometric_bad_reduction_or_mask(call, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    call(randn(152, 4, 3))
+
+
 # ------------------------------------------------------------------------ 2D Matryoshka and Starbucks
 from jaxcl.losses.matryoshka import matryoshka  # noqa: E402
 from jaxcl.losses.matryoshka_2d import STARBUCKS_PAIRS, layer_kl, matryoshka_2d, starbucks  # noqa: E402
