@@ -496,6 +496,57 @@ def test_geometric_bad_reduction_or_mask(call, match):
     call(randn(152, 4, 3))
 
 
+# ------------------------------------------------------------------- reduction and mask (hyperbolic.py)
+@pytest.mark.parametrize("expmap", [True, False])
+def test_meru_padded_batch_with_mask_equals_unpadded_batch(expmap):
+  arrays = [0.5 * randn(160, 5, 3), 0.5 * randn(161, 5, 3)]
+  loss = lambda x, y, **kw: meru(x, y, curvature=0.7, logit_scale=3.0, entailment_weight=0.5, expmap=expmap, **kw)
+  helpers.assert_padded_equals_unpadded(loss, arrays, rtol=2e-6)
+  helpers.assert_reductions_agree(loss, arrays, 10)
+  helpers.assert_reductions_agree(loss, arrays, 10, mask=_MASK5)
+
+
+def test_meru_per_anchor_terms_match_reference():
+  x, y = 0.5 * randn(162, 4, 3), 0.5 * randn(163, 4, 3)
+  per = np.asarray(meru(x, y, logit_scale=3.0, reduction="none"), np.float64)
+  lx, ly = ref_lift(x, 1.0), ref_lift(y, 1.0)
+  s = -3.0 * np.array([[np.arccosh(max(-ref_lorentz_inner(lx[i], ly[j]), 1 + 1e-6)) for j in range(4)]
+                       for i in range(4)])
+  e = np.zeros(4)
+  for i in range(4):  # text i is the general concept, image i the specific one
+    g, sp = ly[i], lx[i]
+    aperture = np.arcsin(min(0.2 / np.linalg.norm(g[1:]), 1 - 1e-6))
+    cxy = ref_lorentz_inner(g, sp)
+    angle = np.arccos((sp[0] + cxy * g[0]) / (np.linalg.norm(g[1:]) * np.sqrt(cxy**2 - 1)))
+    e[i] = 0.2 * max(angle - aperture, 0.0)
+  want = np.concatenate([logsumexp(s, 1) - np.diag(s) + e, logsumexp(s, 0) - np.diag(s) + e])
+  np.testing.assert_allclose(per, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(per.mean(), ref_meru(x, y, scale=3.0), rtol=1e-5)
+
+
+def test_entailment_cone_padded_batch_with_mask_equals_unpadded_batch():
+  arrays = [randn(164, 5, 3), randn(165, 5, 3)]
+  loss = lambda g, s, **kw: entailment_cone(g, s, curvature=0.5, min_radius=0.05, **kw)
+  assert float(loss(*arrays)) > 0  # some pairs outside their cone
+  helpers.assert_padded_equals_unpadded(loss, arrays, rtol=2e-6)
+  helpers.assert_reductions_agree(loss, arrays, 5)
+  helpers.assert_reductions_agree(loss, arrays, 5, mask=_MASK5)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda x: meru(x, x, mask=np.ones(3, bool)), r"`mask` must have shape \(4,\)"),
+        (lambda x: meru(x, x, reduction="avg"), r"`reduction` must be one of"),
+        (lambda x: entailment_cone(x, x, mask=np.ones(4, np.float32)), r"`mask` must be a boolean array"),
+        (lambda x: entailment_cone(x, x, reduction="avg"), r"`reduction` must be one of"),
+    ],
+)
+def test_hyperbolic_bad_reduction_or_mask(call, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    call(randn(166, 4, 3))
+
+
 # ------------------------------------------------------------------------ 2D Matryoshka and Starbucks
 from jaxcl.losses.matryoshka import matryoshka  # noqa: E402
 from jaxcl.losses.matryoshka_2d import STARBUCKS_PAIRS, layer_kl, matryoshka_2d, starbucks  # noqa: E402
