@@ -488,7 +488,7 @@ def test_gram_per_anchor_terms_match_reference():
         (lambda x: contrastive_gap(x, x, reduction="avg"), r"`reduction` must be 'mean' for this loss"),
         (lambda x: gram(x, x, mask=np.ones(5, bool)), r"`mask` must have shape \(4,\)"),
         (lambda x: gram(x, x, mask=np.ones(4, np.int32)), r"`mask` must be a boolean array"),
-        (lambda x: gram(x, x, reduction="avg"), r"`reduction` must be one of"),
+        (lambda x: gram(x, x, logit_scale=2.0, reduction="avg"), r"`reduction` must be one of"),
     ],
 )
 def test_geometric_bad_reduction_or_mask(call, match):
@@ -536,10 +536,10 @@ def test_entailment_cone_padded_batch_with_mask_equals_unpadded_batch():
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda x: meru(x, x, mask=np.ones(3, bool)), r"`mask` must have shape \(4,\)"),
-        (lambda x: meru(x, x, reduction="avg"), r"`reduction` must be one of"),
+        (lambda x: meru(x, x, logit_scale=2.0, mask=np.ones(3, bool)), r"`mask` must have shape \(4,\)"),
+        (lambda x: meru(x, x, logit_scale=2.0, reduction="avg"), r"`reduction` must be one of"),
         (lambda x: entailment_cone(x, x, mask=np.ones(4, np.float32)), r"`mask` must be a boolean array"),
-        (lambda x: entailment_cone(x, x, reduction="avg"), r"`reduction` must be one of"),
+        (lambda x: entailment_cone(x, x, logit_scale=2.0, reduction="avg"), r"`reduction` must be one of"),
     ],
 )
 def test_hyperbolic_bad_reduction_or_mask(call, match):
@@ -673,3 +673,72 @@ def test_matryoshka_2d_bad_call():
     starbucks(jnp.sum, pairs=((0, 8),))(jnp.ones((2, 4, 4)))
   with pytest.raises(ValueError, match=r"no floating array argument of rank >= 3"):
     f(jnp.ones((4, 4)))
+
+
+# ----------------------------------------------------------------- reduction and mask (matryoshka_2d.py)
+from jaxcl.losses.multiview import multiview_infonce  # noqa: E402
+
+
+def _layers_second(loss):  # the helper pads axis 0: tests pass (B, L, ...) and the loss gets (L, B, ...)
+  return lambda *xs, **kw: loss(*[jnp.moveaxis(x, 0, 1) for x in xs], **kw)
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, 0.7])
+@pytest.mark.parametrize("wrapper", ["matryoshka_2d", "starbucks"])
+def test_matryoshka_2d_padded_batch_with_mask_equals_unpadded_batch(wrapper, kl_weight):
+  arrays = [randn(170, 5, 3, 6), randn(171, 5, 3, 6)]  # (B, L, D)
+  clip4 = functools.partial(clip, logit_scale=4.0)
+  if wrapper == "matryoshka_2d":
+    f = matryoshka_2d(clip4, (1, 2), (2, 6), (1.0, 0.5, 2.0, 0.25), kl_weight=kl_weight, kl_temperature=0.5)
+  else:
+    f = starbucks(clip4, ((0, 2), (1, 4), (2, 6)), kl_weight=kl_weight)
+  loss = _layers_second(f)
+  helpers.assert_padded_equals_unpadded(loss, arrays, rtol=2e-6)
+  helpers.assert_reductions_agree(loss, arrays, 10)
+  helpers.assert_reductions_agree(loss, arrays, 10, mask=_MASK5)
+
+
+def test_starbucks_mask_over_views_first_layers():
+  by_instance = randn(172, 5, 3, 2, 4)  # (B, L, V, D): the loss gets (L, V, B, D)
+  f = starbucks(functools.partial(multiview_infonce, temperature=0.3), ((0, 2), (1, 4)))
+  loss = lambda x, **kw: f(jnp.transpose(x, (1, 2, 0, 3)), **kw)
+  helpers.assert_padded_equals_unpadded(loss, [by_instance], rtol=2e-6)
+  helpers.assert_reductions_agree(loss, [by_instance], 5, mask=_MASK5)
+
+
+def test_matryoshka_2d_per_anchor_terms():
+  x, y = randn(173, 3, 4, 6), randn(174, 3, 4, 6)
+  clip4 = functools.partial(clip, logit_scale=4.0)
+  f = matryoshka_2d(clip4, (1, 2), (2, 6), kl_weight=0.7, kl_temperature=0.5)
+  per = np.asarray(f(x, y, reduction="none"), np.float64)
+  grid = sum(np.asarray(clip4(x[l, :, :d], y[l, :, :d], reduction="none"), np.float64)
+             for l in (1, 2) for d in (2, 6))
+  kl = ref_layer_kl(np.concatenate([x[1], y[1]]), np.concatenate([x[2], y[2]]), 0.5)
+  np.testing.assert_allclose(per, grid + 0.5 * 0.7 * kl, rtol=1e-5)
+
+
+def test_layer_kl_reduction_and_mask():
+  s, f = randn(175, 5, 6), randn(176, 5, 6)
+  loss = lambda a, b, **kw: layer_kl(a, b, temperature=0.5, **kw)
+  helpers.assert_padded_equals_unpadded(loss, [s, f], n_diff=1, rtol=2e-6)
+  helpers.assert_reductions_agree(loss, [s, f], 5)
+  helpers.assert_reductions_agree(loss, [s, f], 5, mask=_MASK5)
+  per = np.asarray(loss(s, f, reduction="none"), np.float64)
+  np.testing.assert_allclose(per, [ref_layer_kl(s[i:i + 1], f[i:i + 1], 0.5) for i in range(5)], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda x: layer_kl(x[0], x[1], mask=np.ones(3, bool)), r"`mask` must have shape \(4,\)"),
+        (lambda x: layer_kl(x[0], x[1], mask=np.ones(4, np.int32)), r"`mask` must be a boolean array"),
+        (lambda x: layer_kl(x[0], x[1], reduction="avg"), r"`reduction` must be one of"),
+        (lambda x: starbucks(clip, ((0, 2),))(x, x, logit_scale=2.0, mask=np.ones(3, bool)), r"`mask` must have shape \(4,\)"),
+        (lambda x: starbucks(clip, ((0, 2),))(x, x, logit_scale=2.0, reduction="avg"), r"`reduction` must be one of"),
+        (lambda x: matryoshka_2d(clip, (0,), (2,), kl_weight=0.0)(x, x, logit_scale=2.0, reduction="avg"),
+         r"`reduction` must be one of"),
+    ],
+)
+def test_matryoshka_2d_bad_reduction_or_mask(call, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    call(randn(177, 2, 4, 3))
