@@ -488,7 +488,7 @@ def test_gram_per_anchor_terms_match_reference():
         (lambda x: contrastive_gap(x, x, reduction="avg"), r"`reduction` must be 'mean' for this loss"),
         (lambda x: gram(x, x, mask=np.ones(5, bool)), r"`mask` must have shape \(4,\)"),
         (lambda x: gram(x, x, mask=np.ones(4, np.int32)), r"`mask` must be a boolean array"),
-        (lambda x: gram(x, x, logit_scale=2.0, reduction="avg"), r"`reduction` must be one of"),
+        (lambda x: gram(x, x, reduction="avg"), r"`reduction` must be one of"),
     ],
 )
 def test_geometric_bad_reduction_or_mask(call, match):
@@ -536,10 +536,10 @@ def test_entailment_cone_padded_batch_with_mask_equals_unpadded_batch():
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda x: meru(x, x, logit_scale=2.0, mask=np.ones(3, bool)), r"`mask` must have shape \(4,\)"),
-        (lambda x: meru(x, x, logit_scale=2.0, reduction="avg"), r"`reduction` must be one of"),
+        (lambda x: meru(x, x, mask=np.ones(3, bool)), r"`mask` must have shape \(4,\)"),
+        (lambda x: meru(x, x, reduction="avg"), r"`reduction` must be one of"),
         (lambda x: entailment_cone(x, x, mask=np.ones(4, np.float32)), r"`mask` must be a boolean array"),
-        (lambda x: entailment_cone(x, x, logit_scale=2.0, reduction="avg"), r"`reduction` must be one of"),
+        (lambda x: entailment_cone(x, x, reduction="avg"), r"`reduction` must be one of"),
     ],
 )
 def test_hyperbolic_bad_reduction_or_mask(call, match):
