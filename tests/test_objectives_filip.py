@@ -155,3 +155,52 @@ ONES = lambda *s: np.ones(s, np.float32)  # noqa: E731
 def test_filip_bad_inputs(call, match):
   with pytest.raises((ValueError, TypeError), match=match):
     call()
+
+
+# ---------------------------------------------------------------------------------- reduction and mask
+from tests import helpers  # noqa: E402
+
+
+@pytest.mark.parametrize("impl,tile", [("dense", None), ("blockwise", 2), ("blockwise", 3)])
+def test_filip_padded_batch_with_mask_equals_unpadded_batch(impl, tile):
+  x, y = randn(200, 5, 3, 4), randn(201, 5, 2, 4)
+  xm, ym = masks(202, 5, 3), masks(203, 5, 2)
+  loss = lambda a, b, am, bm, **kw: filip(a, b, logit_scale=4.0, image_mask=am, text_mask=bm, impl=impl,
+                                          tile=tile, **kw)
+  helpers.assert_padded_equals_unpadded(loss, [x, y, xm, ym], n_diff=2, rtol=2e-6)
+  helpers.assert_reductions_agree(loss, [x, y, xm, ym], 10)
+  helpers.assert_reductions_agree(loss, [x, y, xm, ym], 10, mask=np.array([1, 0, 1, 1, 1], bool))
+
+
+def test_filip_per_anchor_terms_match_reference():
+  x, y = randn(204, 4, 3, 5), randn(205, 4, 2, 5)
+  i2t, t2i = ref_scores(x, y)
+  want = np.concatenate([reference.logsumexp(4.0 * i2t, 1) - 4.0 * np.diag(i2t),
+                         reference.logsumexp(4.0 * t2i, 0) - 4.0 * np.diag(t2i)])
+  for impl in ("dense", "blockwise"):
+    got = filip(x, y, logit_scale=4.0, reduction="none", impl=impl, tile=3)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, err_msg=impl)
+
+
+def test_filip_padding_pairs_may_have_no_valid_token():
+  x, y = randn(206, 4, 3, 5), randn(207, 4, 2, 5)
+  tm = np.ones((4, 2), bool)
+  tm[1] = False  # the padding pair's text has no token: allowed, as it is masked out
+  mask = np.array([1, 0, 1, 1], bool)
+  got = filip(x, y, logit_scale=4.0, text_mask=tm, mask=mask)
+  np.testing.assert_allclose(float(got), float(filip(x[mask], y[mask], logit_scale=4.0)), rtol=1e-6)
+  with pytest.raises(ValueError, match=r"row 1 has none"):
+    filip(x, y, text_mask=tm, mask=np.ones(4, bool))
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: filip(ONES(4, 3, 2), ONES(4, 3, 2), mask=np.ones(3, bool)), r"`mask` must have shape \(4,\)"),
+        (lambda: filip(ONES(4, 3, 2), ONES(4, 3, 2), mask=np.ones((4, 3), bool)), r"`mask` must have shape \(4,\)"),
+        (lambda: filip(ONES(4, 3, 2), ONES(4, 3, 2), reduction="avg"), r"`reduction` must be one of"),
+    ],
+)
+def test_filip_bad_reduction_or_mask(call, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    call()

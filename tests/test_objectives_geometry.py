@@ -409,6 +409,144 @@ def test_gram_bad_inputs(call, match):
     call()
 
 
+# ------------------------------------------------------------------- reduction and mask (geometric.py)
+from jaxcl.ops import blockwise  # noqa: E402
+from tests import helpers  # noqa: E402
+
+_MASK5 = np.array([1, 0, 1, 1, 1], bool)
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise"])
+def test_cacr_padded_batch_with_mask_equals_unpadded_batch(impl, monkeypatch):
+  monkeypatch.setattr(blockwise, "DEFAULT_TILE", 4)
+  by_instance = randn(140, 5, 3, 4)  # (B, V, D): the helper pads along the instances
+  for kw in ({}, {"normalize": False}):
+    loss = lambda x, **k: cacr(jnp.swapaxes(x, 0, 1), t_pos=2.0, t_neg=1.5, impl=impl, **kw, **k)
+    helpers.assert_padded_equals_unpadded(loss, [by_instance], rtol=2e-6)
+    helpers.assert_reductions_agree(loss, [by_instance], 5)
+    helpers.assert_reductions_agree(loss, [by_instance], 5, mask=_MASK5)
+
+
+def test_cacr_per_instance_terms_match_reference():
+  views = randn(141, 3, 4, 5)
+  per = np.asarray(cacr(views, reduction="none"), np.float64)
+  # ℓ_i is the loss of the batch whose mean runs over instance i only (its negatives still all others)
+  z = normalize(views)
+  for i in range(4):
+    att = np.mean([np.sum(softmax(np.array([np.sum((z[v, i] - z[u, i]) ** 2) for u in range(3) if u != v]))
+                          * np.array([np.sum((z[v, i] - z[u, i]) ** 2) for u in range(3) if u != v]))
+                   for v in range(3)])
+    rep = np.mean([np.sum(softmax(-c) * -c) for c in
+                   [np.array([np.sum((z[v, i] - z[u, j]) ** 2) for j in range(4) if j != i])
+                    for v in range(3) for u in range(v + 1, 3)]])
+    np.testing.assert_allclose(per[i], att + rep, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise", "pallas"])
+def test_contrastive_gap_padded_batch_with_mask_equals_unpadded_batch(impl, monkeypatch):
+  monkeypatch.setattr(blockwise, "DEFAULT_TILE", 4)
+  loss = lambda x, y, **kw: contrastive_gap(x, y, logit_scale=3.0, cross_uniformity=True, impl=impl, **kw)
+  helpers.assert_padded_equals_unpadded(loss, [randn(142, 5, 4), randn(143, 5, 4)], rtol=2e-6)
+
+
+def test_contrastive_gap_mask_with_one_valid_pair_has_no_uniformity():
+  x, y = randn(144, 4, 3), randn(145, 4, 3)
+  mask = jnp.array([0, 0, 1, 0], bool)
+  got = contrastive_gap(x, y, logit_scale=3.0, cross_uniformity=True, mask=mask)
+  want = alignment(x[2:3], y[2:3])  # one pair: CLIP log 1 − s_ii + s_ii = 0, no pair for uniformity
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_gram_padded_batch_with_mask_equals_unpadded_batch(m):
+  arrays = [randn(146 + k, 5, 4) for k in range(m)]
+  loss = lambda a, *others, **kw: gram(a, *others, temperature=0.5, **kw)
+  helpers.assert_padded_equals_unpadded(loss, arrays, rtol=2e-6)
+  helpers.assert_reductions_agree(loss, arrays, 10)
+  helpers.assert_reductions_agree(loss, arrays, 10, mask=_MASK5)
+
+
+def test_gram_per_anchor_terms_match_reference():
+  a, b = randn(150, 4, 3), randn(151, 4, 3)
+  per = np.asarray(gram(a, b, temperature=0.5, reduction="none"), np.float64)
+  x, y = normalize(a), normalize(b)
+  vol = np.array([[np.sqrt(max(abs(np.linalg.det(np.stack([x[i], y[j]]) @ np.stack([x[i], y[j]]).T)), 1e-12))
+                   for j in range(4)] for i in range(4)])
+  z = -vol / 0.5
+  rows = logsumexp(z, 1) - 0.9 * np.diag(z) - 0.1 * np.mean(z, 1)
+  cols = logsumexp(z, 0) - 0.9 * np.diag(z) - 0.1 * np.mean(z, 0)
+  np.testing.assert_allclose(per, np.concatenate([rows, cols]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda x: cacr(jnp.stack([x, x]), mask=np.ones(3, bool)), r"`mask` must have shape \(4,\)"),
+        (lambda x: cacr(jnp.stack([x, x]), reduction="avg"), r"`reduction` must be one of"),
+        (lambda x: contrastive_gap(x, x, mask=np.ones((4, 1), bool)), r"`mask` must have shape \(4,\)"),
+        (lambda x: contrastive_gap(x, x, reduction="none"), r"`reduction` must be 'mean' for this loss"),
+        (lambda x: contrastive_gap(x, x, reduction="avg"), r"`reduction` must be 'mean' for this loss"),
+        (lambda x: gram(x, x, mask=np.ones(5, bool)), r"`mask` must have shape \(4,\)"),
+        (lambda x: gram(x, x, mask=np.ones(4, np.int32)), r"`mask` must be a boolean array"),
+        (lambda x: gram(x, x, reduction="avg"), r"`reduction` must be one of"),
+    ],
+)
+def test_geometric_bad_reduction_or_mask(call, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    call(randn(152, 4, 3))
+
+
+# ------------------------------------------------------------------- reduction and mask (hyperbolic.py)
+@pytest.mark.parametrize("expmap", [True, False])
+def test_meru_padded_batch_with_mask_equals_unpadded_batch(expmap):
+  arrays = [0.5 * randn(160, 5, 3), 0.5 * randn(161, 5, 3)]
+  loss = lambda x, y, **kw: meru(x, y, curvature=0.7, logit_scale=3.0, entailment_weight=0.5, expmap=expmap, **kw)
+  helpers.assert_padded_equals_unpadded(loss, arrays, rtol=2e-6)
+  helpers.assert_reductions_agree(loss, arrays, 10)
+  helpers.assert_reductions_agree(loss, arrays, 10, mask=_MASK5)
+
+
+def test_meru_per_anchor_terms_match_reference():
+  x, y = 0.5 * randn(162, 4, 3), 0.5 * randn(163, 4, 3)
+  per = np.asarray(meru(x, y, logit_scale=3.0, reduction="none"), np.float64)
+  lx, ly = ref_lift(x, 1.0), ref_lift(y, 1.0)
+  s = -3.0 * np.array([[np.arccosh(max(-ref_lorentz_inner(lx[i], ly[j]), 1 + 1e-6)) for j in range(4)]
+                       for i in range(4)])
+  e = np.zeros(4)
+  for i in range(4):  # text i is the general concept, image i the specific one
+    g, sp = ly[i], lx[i]
+    aperture = np.arcsin(min(0.2 / np.linalg.norm(g[1:]), 1 - 1e-6))
+    cxy = ref_lorentz_inner(g, sp)
+    angle = np.arccos((sp[0] + cxy * g[0]) / (np.linalg.norm(g[1:]) * np.sqrt(cxy**2 - 1)))
+    e[i] = 0.2 * max(angle - aperture, 0.0)
+  want = np.concatenate([logsumexp(s, 1) - np.diag(s) + e, logsumexp(s, 0) - np.diag(s) + e])
+  np.testing.assert_allclose(per, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(per.mean(), ref_meru(x, y, scale=3.0), rtol=1e-5)
+
+
+def test_entailment_cone_padded_batch_with_mask_equals_unpadded_batch():
+  arrays = [randn(164, 5, 3), randn(165, 5, 3)]
+  loss = lambda g, s, **kw: entailment_cone(g, s, curvature=0.5, min_radius=0.05, **kw)
+  assert float(loss(*arrays)) > 0  # some pairs outside their cone
+  helpers.assert_padded_equals_unpadded(loss, arrays, rtol=2e-6)
+  helpers.assert_reductions_agree(loss, arrays, 5)
+  helpers.assert_reductions_agree(loss, arrays, 5, mask=_MASK5)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda x: meru(x, x, mask=np.ones(3, bool)), r"`mask` must have shape \(4,\)"),
+        (lambda x: meru(x, x, reduction="avg"), r"`reduction` must be one of"),
+        (lambda x: entailment_cone(x, x, mask=np.ones(4, np.float32)), r"`mask` must be a boolean array"),
+        (lambda x: entailment_cone(x, x, reduction="avg"), r"`reduction` must be one of"),
+    ],
+)
+def test_hyperbolic_bad_reduction_or_mask(call, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    call(randn(166, 4, 3))
+
+
 # ------------------------------------------------------------------------ 2D Matryoshka and Starbucks
 from jaxcl.losses.matryoshka import matryoshka  # noqa: E402
 from jaxcl.losses.matryoshka_2d import STARBUCKS_PAIRS, layer_kl, matryoshka_2d, starbucks  # noqa: E402
@@ -535,3 +673,72 @@ def test_matryoshka_2d_bad_call():
     starbucks(jnp.sum, pairs=((0, 8),))(jnp.ones((2, 4, 4)))
   with pytest.raises(ValueError, match=r"no floating array argument of rank >= 3"):
     f(jnp.ones((4, 4)))
+
+
+# ----------------------------------------------------------------- reduction and mask (matryoshka_2d.py)
+from jaxcl.losses.multiview import multiview_infonce  # noqa: E402
+
+
+def _layers_second(loss):  # the helper pads axis 0: tests pass (B, L, ...) and the loss gets (L, B, ...)
+  return lambda *xs, **kw: loss(*[jnp.moveaxis(x, 0, 1) for x in xs], **kw)
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, 0.7])
+@pytest.mark.parametrize("wrapper", ["matryoshka_2d", "starbucks"])
+def test_matryoshka_2d_padded_batch_with_mask_equals_unpadded_batch(wrapper, kl_weight):
+  arrays = [randn(170, 5, 3, 6), randn(171, 5, 3, 6)]  # (B, L, D)
+  clip4 = functools.partial(clip, logit_scale=4.0)
+  if wrapper == "matryoshka_2d":
+    f = matryoshka_2d(clip4, (1, 2), (2, 6), (1.0, 0.5, 2.0, 0.25), kl_weight=kl_weight, kl_temperature=0.5)
+  else:
+    f = starbucks(clip4, ((0, 2), (1, 4), (2, 6)), kl_weight=kl_weight)
+  loss = _layers_second(f)
+  helpers.assert_padded_equals_unpadded(loss, arrays, rtol=2e-6)
+  helpers.assert_reductions_agree(loss, arrays, 10)
+  helpers.assert_reductions_agree(loss, arrays, 10, mask=_MASK5)
+
+
+def test_starbucks_mask_over_views_first_layers():
+  by_instance = randn(172, 5, 3, 2, 4)  # (B, L, V, D): the loss gets (L, V, B, D)
+  f = starbucks(functools.partial(multiview_infonce, temperature=0.3), ((0, 2), (1, 4)))
+  loss = lambda x, **kw: f(jnp.transpose(x, (1, 2, 0, 3)), **kw)
+  helpers.assert_padded_equals_unpadded(loss, [by_instance], rtol=2e-6)
+  helpers.assert_reductions_agree(loss, [by_instance], 5, mask=_MASK5)
+
+
+def test_matryoshka_2d_per_anchor_terms():
+  x, y = randn(173, 3, 4, 6), randn(174, 3, 4, 6)
+  clip4 = functools.partial(clip, logit_scale=4.0)
+  f = matryoshka_2d(clip4, (1, 2), (2, 6), kl_weight=0.7, kl_temperature=0.5)
+  per = np.asarray(f(x, y, reduction="none"), np.float64)
+  grid = sum(np.asarray(clip4(x[l, :, :d], y[l, :, :d], reduction="none"), np.float64)
+             for l in (1, 2) for d in (2, 6))
+  kl = ref_layer_kl(np.concatenate([x[1], y[1]]), np.concatenate([x[2], y[2]]), 0.5)
+  np.testing.assert_allclose(per, grid + 0.5 * 0.7 * kl, rtol=1e-5)
+
+
+def test_layer_kl_reduction_and_mask():
+  s, f = randn(175, 5, 6), randn(176, 5, 6)
+  loss = lambda a, b, **kw: layer_kl(a, b, temperature=0.5, **kw)
+  helpers.assert_padded_equals_unpadded(loss, [s, f], n_diff=1, rtol=2e-6)
+  helpers.assert_reductions_agree(loss, [s, f], 5)
+  helpers.assert_reductions_agree(loss, [s, f], 5, mask=_MASK5)
+  per = np.asarray(loss(s, f, reduction="none"), np.float64)
+  np.testing.assert_allclose(per, [ref_layer_kl(s[i:i + 1], f[i:i + 1], 0.5) for i in range(5)], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda x: layer_kl(x[0], x[1], mask=np.ones(3, bool)), r"`mask` must have shape \(4,\)"),
+        (lambda x: layer_kl(x[0], x[1], mask=np.ones(4, np.int32)), r"`mask` must be a boolean array"),
+        (lambda x: layer_kl(x[0], x[1], reduction="avg"), r"`reduction` must be one of"),
+        (lambda x: starbucks(clip, ((0, 2),))(x, x, logit_scale=2.0, mask=np.ones(3, bool)), r"`mask` must have shape \(4,\)"),
+        (lambda x: starbucks(clip, ((0, 2),))(x, x, logit_scale=2.0, reduction="avg"), r"`reduction` must be one of"),
+        (lambda x: matryoshka_2d(clip, (0,), (2,), kl_weight=0.0)(x, x, logit_scale=2.0, reduction="avg"),
+         r"`reduction` must be one of"),
+    ],
+)
+def test_matryoshka_2d_bad_reduction_or_mask(call, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    call(randn(177, 2, 4, 3))

@@ -169,3 +169,78 @@ ONES = functools.partial(np.ones, dtype=np.float32)
 def test_bad_inputs_raise_clear_errors(call, match):
   with pytest.raises((ValueError, TypeError), match=match):
     call()
+
+
+# ---------------------------------------------------------------------------------- reduction and mask
+_MASK6 = np.array([1, 1, 0, 1, 1, 1], bool)
+_Z_LABELS = np.array([0, 2, 1, 3, 3, 0], np.int32)
+MASKED = {  # name -> (loss(*arrays, **kw), arrays, number of differentiable arrays)
+    "snr_triplet": (lambda a, p, n, **kw: snr_triplet(a, p, n, margin=1.0, reg_weight=0.1, **kw),
+                    [randn(60, 6, 4), randn(61, 6, 4), randn(62, 6, 4)], 3),
+    "snr_triplet_normalized": (lambda a, p, n, **kw: snr_triplet(a, p, n, margin=1.0, normalize=True, **kw),
+                               [randn(60, 6, 4), randn(61, 6, 4), randn(62, 6, 4)], 3),
+    "spherical_z_loss": (lambda o, y, **kw: spherical_z_loss(o, y, a=2.0, b=1.0, **kw),
+                         [randn(63, 6, 4), _Z_LABELS], 1),
+    "spherical_z_contrastive": (lambda q, k, **kw: spherical_z_contrastive(q, k, a=2.0, b=1.0, **kw),
+                                [randn(64, 6, 4), randn(65, 6, 4)], 2),
+    "spherical_z_contrastive_raw": (
+        lambda q, k, **kw: spherical_z_contrastive(q, k, a=2.0, b=1.0, normalize=False, **kw),
+        [randn(64, 6, 4), randn(65, 6, 4)], 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MASKED))
+def test_padded_batch_with_mask_equals_unpadded_batch(name):
+  loss, arrays, n_diff = MASKED[name]
+  helpers.assert_padded_equals_unpadded(loss, arrays, n_diff=n_diff, rtol=2e-6)
+
+
+@pytest.mark.parametrize("name", sorted(MASKED))
+def test_reduction_none_and_sum(name):
+  loss, arrays, _ = MASKED[name]
+  helpers.assert_reductions_agree(loss, arrays, 6)
+  helpers.assert_reductions_agree(loss, arrays, 6, mask=_MASK6)
+
+
+def test_per_sample_terms_match_references():
+  a, p, n = randn(66, 5, 4), randn(67, 5, 4), randn(68, 5, 4)
+  got = np.asarray(snr_triplet(a, p, n, margin=1.0, reg_weight=0.1, reduction="none"))
+  want = [ref_snr_triplet(a[i:i + 1], p[i:i + 1], n[i:i + 1], 1.0, 0.1) for i in range(5)]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  o = randn(69, 5, 3)
+  y = np.array([0, 2, 1, 1, 0], np.int32)
+  got = np.asarray(spherical_z_loss(o, y, a=2.0, b=1.0, reduction="none"))
+  np.testing.assert_allclose(got, [ref_z_loss(o[i:i + 1], y[i:i + 1], 2.0, 1.0) for i in range(5)], rtol=1e-5)
+  q, k = randn(70, 5, 4), randn(71, 5, 4)
+  s = reference.normalize(q) @ reference.normalize(k).T
+  got = np.asarray(spherical_z_contrastive(q, k, a=2.0, b=1.0, reduction="none"))
+  np.testing.assert_allclose(got, [ref_z_loss(s[i:i + 1], [i], 2.0, 1.0) for i in range(5)], rtol=1e-4)
+
+
+def test_spherical_z_loss_does_not_check_the_labels_of_padding_rows():
+  o, y = randn(72, 4, 3), np.array([0, 7, 2, -1], np.int32)
+  mask = np.array([1, 0, 1, 0], bool)
+  got = float(spherical_z_loss(o, y, a=1.0, b=1.0, mask=mask))
+  np.testing.assert_allclose(got, ref_z_loss(o[mask], y[mask], 1.0, 1.0), rtol=1e-5)
+  with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 3\)"):
+    spherical_z_loss(o, y, a=1.0, b=1.0, mask=np.array([1, 1, 1, 0], bool))
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: snr_triplet(ONES((4, 3)), ONES((4, 3)), ONES((4, 3)), mask=np.ones(3, bool)), r"`mask` must have shape \(4,\)"),
+        (lambda: snr_triplet(ONES((4, 3)), ONES((4, 3)), ONES((4, 3)), reduction="avg"), r"`reduction` must be one of"),
+        (lambda: spherical_z_loss(ONES((4, 3)), np.zeros(4, np.int32), a=1.0, b=1.0, mask=np.ones(4)),
+         r"`mask` must be a boolean array"),
+        (lambda: spherical_z_loss(ONES((4, 3)), np.zeros(4, np.int32), a=1.0, b=1.0, reduction="avg"),
+         r"`reduction` must be one of"),
+        (lambda: spherical_z_contrastive(ONES((4, 3)), ONES((4, 3)), a=1.0, b=1.0, mask=np.ones((4, 1), bool)),
+         r"`mask` must have shape \(4,\)"),
+        (lambda: spherical_z_contrastive(ONES((4, 3)), ONES((4, 3)), a=1.0, b=1.0, reduction="avg"),
+         r"`reduction` must be one of"),
+    ],
+)
+def test_bad_reduction_or_mask(call, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    call()

@@ -379,3 +379,92 @@ def test_bad_inputs_are_errors_that_name_the_argument():
     csr(x, p, k=2, contrastive_form="clip")
   with pytest.raises(ValueError, match="`x` must have rank 2"):
     csr(x[0], p, k=2)
+
+
+# ---------------------------------------------------------------------------------- reduction and mask
+_PARTS = ("loss", "reconstruction", "reconstruction_multi_k", "auxiliary", "contrastive")
+
+
+@pytest.mark.parametrize("positive,form", [(True, "nt_xent"), (True, "infonce"), (False, "nt_xent")])
+def test_csr_padded_batch_with_mask_equals_unpadded_batch(positive, form):
+  x, pos, w, b_enc, b_pre, _ = _inputs(110, b=5, d=4, hidden=12, positive=positive)
+  p = _params(w, b_enc, b_pre)
+  steps = np.array([9, 0, 9, 3, 9, 9, 0, 9, 9, 2, 9, 9], np.int32)  # many latents one step from dead
+  kw = dict(k=2, multi_k=2, aux_k=3, steps_since_active=steps, contrastive_form=form, contrastive_weight=0.5)
+  arrays = [x] if pos is None else [x, pos]
+  run = lambda params, *xs, **m: csr(xs[0], params, positive=None if pos is None else xs[1], **kw, **m)
+  helpers.assert_padded_equals_unpadded(lambda *xs, **m: run(p, *xs, **m).loss, arrays, rtol=2e-6)
+  # every part, the counters and the parameters' gradients equal the unpadded batch's
+  padded, mask = helpers.pad_batch(0, arrays, 3)
+  want, want_g = jax.jit(lambda pp: (run(pp, *arrays), jax.grad(lambda q: run(q, *arrays).loss)(pp)))(p)
+  got, got_g = jax.jit(lambda pp: (run(pp, *padded, mask=jnp.asarray(mask)),
+                                   jax.grad(lambda q: run(q, *padded, mask=jnp.asarray(mask)).loss)(pp)))(p)
+  assert float(want.auxiliary) > 0  # some latents are dead: the auxiliary term is exercised
+  for name in _PARTS:
+    np.testing.assert_allclose(float(getattr(got, name)), float(getattr(want, name)), rtol=2e-6, atol=1e-7,
+                               err_msg=name)
+  np.testing.assert_array_equal(np.asarray(got.steps_since_active), np.asarray(want.steps_since_active))
+  np.testing.assert_allclose(np.asarray(got.codes)[mask], np.asarray(want.codes), rtol=1e-6)
+  for name in want_g:
+    np.testing.assert_allclose(np.asarray(got_g[name]), np.asarray(want_g[name]), rtol=1e-5, atol=1e-7,
+                               err_msg=name)
+
+
+@pytest.mark.parametrize("positive,form", [(True, "nt_xent"), (True, "infonce"), (False, "nt_xent")])
+def test_csr_reduction_none_and_sum_for_every_part(positive, form):
+  x, pos, w, b_enc, b_pre, _ = _inputs(111, b=5, d=4, hidden=12, positive=positive)
+  p = _params(w, b_enc, b_pre)
+  steps = np.full(12, 9, np.int32)
+  arrays = [x] if pos is None else [x, pos]
+  for name in _PARTS:
+    loss = lambda *xs, **kw: getattr(csr(xs[0], p, k=2, multi_k=2, aux_k=3, steps_since_active=steps,
+                                         positive=None if pos is None else xs[1], contrastive_form=form, **kw), name)
+    helpers.assert_reductions_agree(loss, arrays, 5)
+    helpers.assert_reductions_agree(loss, arrays, 5, mask=np.array([1, 1, 0, 1, 1], bool))
+
+
+def test_csr_per_sample_terms_match_reference():
+  x, pos, w, b_enc, b_pre, _ = _inputs(112, b=4, d=4, hidden=10)
+  p = _params(w, b_enc, b_pre)
+  out = csr(x, p, k=3, positive=pos, reduction="none")
+  for i in range(4):  # a sample's reconstruction terms do not depend on the rest of the batch
+    one = csr(np.stack([x[i], x[i]]), p, k=3, positive=np.stack([pos[i], pos[i]]))
+    np.testing.assert_allclose(float(out.reconstruction[i]), float(one.reconstruction), rtol=1e-5)
+    np.testing.assert_allclose(float(out.reconstruction_multi_k[i]), float(one.reconstruction_multi_k), rtol=1e-5)
+  z1, z2 = out.codes, sae_encode(pos, p, k=3)
+  per_anchor = np.asarray(csr_contrastive(z1, z2, reduction="none"), np.float64)
+  np.testing.assert_allclose(np.asarray(out.contrastive), 0.5 * (per_anchor[:4] + per_anchor[4:]), rtol=1e-5)
+  total = out.reconstruction + out.reconstruction_multi_k / 8 + out.auxiliary / 32 + 0.1 * out.contrastive
+  np.testing.assert_allclose(np.asarray(out.loss), np.asarray(total), rtol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["nt_xent", "infonce"])
+def test_contrastive_term_padded_batch_with_mask_equals_unpadded_batch(form, monkeypatch):
+  from jaxcl.ops import blockwise  # noqa: PLC0415
+
+  monkeypatch.setattr(blockwise, "DEFAULT_TILE", 4)
+  z1 = np.maximum(randn(113, 5, 6), 0)
+  z2 = np.maximum(randn(114, 5, 6), 0)
+  anchors = 10 if form == "nt_xent" else 5
+  for impl in helpers.engines():
+    loss = lambda a, b, **kw: csr_contrastive(a, b, form=form, temperature=0.3, impl=impl, **kw)
+    helpers.assert_padded_equals_unpadded(loss, [z1, z2], rtol=2e-6)
+    helpers.assert_reductions_agree(loss, [z1, z2], anchors)
+    helpers.assert_reductions_agree(loss, [z1, z2], anchors, mask=np.array([1, 0, 1, 1, 1], bool))
+  want = reference.nt_xent(z1, z2, 0.3) if form == "nt_xent" else reference.infonce(z1, z2, 0.3)
+  np.testing.assert_allclose(float(csr_contrastive(z1, z2, form=form, temperature=0.3)), want, rtol=1e-5)
+
+
+def test_bad_reduction_or_mask_are_errors_that_name_the_argument():
+  x, pos, w, b_enc, b_pre, _ = _inputs(115, b=4, d=5, hidden=8)
+  p = _params(w, b_enc, b_pre)
+  with pytest.raises(ValueError, match=r"`mask` must have shape \(4,\)"):
+    csr(x, p, k=2, mask=np.ones(8, bool))
+  with pytest.raises(TypeError, match=r"`mask` must be a boolean array"):
+    csr(x, p, k=2, positive=pos, mask=np.ones(4, np.int32))
+  with pytest.raises(ValueError, match=r"`reduction` must be one of"):
+    csr(x, p, k=2, reduction="avg")
+  with pytest.raises(ValueError, match=r"`mask` must have shape \(4,\)"):
+    csr_contrastive(x, pos, mask=np.ones(3, bool))
+  with pytest.raises(ValueError, match=r"`reduction` must be one of"):
+    csr_contrastive(x, pos, reduction="avg")

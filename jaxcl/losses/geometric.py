@@ -32,15 +32,20 @@ def _second_order_impl(impl: str, n_rows: int, n_cols: int, what: str) -> str:
   return "blockwise" if "blockwise" in ops.available_impls() else "dense"
 
 
-def _softmax_mean_similarity(q, k, scale, exclude, impl):
+def _softmax_mean_similarity(q, k, scale, exclude, impl, valid=None):
   """E_{j ~ softmax_j(scale · <q_i, k_j>)} <q_i, k_j> per row, fully differentiable (B,) float32.
 
   The softmax-weighted mean of the similarities is the derivative of the row log-sum-exp with
   respect to the row's scale: ∂/∂a_i log Σ_j exp(a_i s_ij) = Σ_j softmax_j(a_i s_i·) s_ij. Its gradient
-  (through the weights too) is a second derivative of the engine's log-sum-exp.
+  (through the weights too) is a second derivative of the engine's log-sum-exp. Rows and columns
+  that are not `valid` (None: all are) are left out; an invalid row's value is 0.
   """
   scales = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (q.shape[0],))
-  row_lse = lambda a: jnp.sum(ops.logsumexp(q, k, scale=a, exclude=exclude, impl=impl).rows)
+
+  def row_lse(a):
+    lse = ops.logsumexp(q, k, scale=a, exclude=exclude, row_valid=valid, col_valid=valid, impl=impl).rows
+    return jnp.sum(_common.zero_invalid(lse, valid))
+
   return jax.grad(row_lse)(scales)
 
 
@@ -53,6 +58,8 @@ def cacr(
     t_pos: float | jax.Array = 1.0,
     t_neg: float | jax.Array = 1.0,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""CACR: contrastive attraction and contrastive repulsion as conditional transport.
@@ -88,9 +95,14 @@ def cacr(
     alpha, beta: weights of the attraction and repulsion costs (> 0).
     t_pos, t_neg: inverse temperatures of the positive and negative transport weights (> 0).
     normalize: L2-normalise the views first (the paper's encoder ends with an L2 normalisation).
+    reduction: "mean", "sum" or "none": the (B,) per-instance terms
+      ℓ_i = (1/V) Σ_v Σ_{u ≠ v} π⁺_i(u | v) α ‖z^v_i − z^u_i‖² + mean_{v<u} Σ_{j ≠ i} π⁻_i(j | v, u) (−β ‖z^v_i − z^u_j‖²),
+      in instance order, whose mean is the loss.
+    mask: None or bool (B,): False marks padding instances (all their views), which are neither anchors
+      nor negatives; the means run over the valid instances.
     impl: "dense", "blockwise" or "auto" (see above).
   Returns:
-    Scalar float32 (negative: the repulsion term is a negated cost).
+    Scalar float32 (negative: the repulsion term is a negated cost), or (B,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> views = jnp.stack([jnp.eye(2), jnp.eye(2)])  # identical views, the other instance at ‖·‖² = 2
@@ -106,7 +118,9 @@ def cacr(
   _checks.check_min_batch("views", views, 2, axis=1, why="the repulsion term needs a negative")
   for name, value in (("alpha", alpha), ("beta", beta), ("t_pos", t_pos), ("t_neg", t_neg)):
     _checks.check_positive(name, value)
+  _common.check_reduction(reduction)
   n_views, b = views.shape[:2]
+  mask = _common.sample_mask(mask, b)
   impl = _second_order_impl(impl, b, b, "the CACR repulsion term")
   z = _common.maybe_normalize(views, normalize)
   z32 = z.astype(jnp.float32)
@@ -116,7 +130,7 @@ def cacr(
   sq = jnp.sum(jnp.square(z32[:, None] - z32[None, :]), axis=-1)  # (V, V, B)
   other = ~jnp.eye(n_views, dtype=bool)[:, :, None]
   weights = jax.nn.softmax(jnp.where(other, t_pos * sq, -jnp.inf), axis=1)
-  attraction = jnp.mean(jnp.sum(jnp.where(other, weights * alpha * sq, 0.0), axis=1))
+  attraction = jnp.mean(jnp.sum(jnp.where(other, weights * alpha * sq, 0.0), axis=1), axis=0)  # (B,)
 
   # Repulsion: one masked log-sum-exp per view pair (v < u), rows z^v against columns z^u.
   norms = jnp.sum(z32 * z32, axis=-1)  # (V, B)
@@ -126,16 +140,27 @@ def cacr(
     q = jnp.concatenate([z[v], ones], axis=1)
     for u in range(v + 1, n_views):
       k = jnp.concatenate([z[u], (-0.5 * norms[u])[:, None].astype(z.dtype)], axis=1)
-      mean_sim = _softmax_mean_similarity(q, k, 2.0 * t_neg, ops.diagonal(b), impl)
-      repulsion.append(jnp.mean(-beta * (norms[v] - 2.0 * mean_sim)))
-  return attraction + sum(repulsion) / len(repulsion)
+      mean_sim = _softmax_mean_similarity(q, k, 2.0 * t_neg, ops.diagonal(b), impl, mask)
+      repulsion.append(-beta * (norms[v] - 2.0 * mean_sim))  # (B,)
+  return _common.reduce_loss(attraction + sum(repulsion) / len(repulsion), reduction, mask)
 
 
-def _cross_uniformity(x, y, t, impl):
-  """log mean_{i≠j} exp(−t ‖x_i − y_j‖²) for unit rows, through the engine's masked log-sum-exp."""
+def _cross_uniformity(x, y, t, impl, mask=None):
+  """log mean_{i≠j} exp(−t ‖x_i − y_j‖²) for unit rows, through the engine's masked log-sum-exp; over
+  the valid rows i, j only when `mask` is given (0 when fewer than two are valid)."""
   b = x.shape[0]
-  rows = ops.logsumexp(x, y, scale=2.0 * t, exclude=ops.diagonal(b), impl=impl).rows
-  return jax.nn.logsumexp(rows) - 2.0 * t - math.log(b * (b - 1))
+  rows = ops.logsumexp(x, y, scale=2.0 * t, exclude=ops.diagonal(b), row_valid=mask, col_valid=mask,
+                       impl=impl).rows
+  if mask is None:
+    return jax.nn.logsumexp(rows) - 2.0 * t - math.log(b * (b - 1))
+  n = jnp.sum(mask, dtype=jnp.float32)
+  enough = n >= 2
+  rows = jnp.where(mask & enough, rows, 0.0)  # no -inf enters the arithmetic
+  m = jax.lax.stop_gradient(jnp.max(jnp.where(mask, rows, -jnp.inf), initial=-jnp.inf))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  total = jnp.sum(jnp.where(mask, jnp.exp(rows - m), 0.0))
+  value = jnp.log(jnp.where(enough, total, 1.0)) + m - 2.0 * t - jnp.log(jnp.where(enough, n * (n - 1.0), 1.0))
+  return jnp.where(enough, value, 0.0)
 
 
 @_common.keyword_only
@@ -148,6 +173,8 @@ def contrastive_gap(
     alignment_weight: float | jax.Array = 1.0,
     uniformity_weight: float | jax.Array = 1.0,
     t: float | jax.Array = 2.0,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""CLIP plus alignment and uniformity terms that close the contrastive (modality) gap.
@@ -175,6 +202,10 @@ def contrastive_gap(
     cross_uniformity: add the cross-modal uniformity term (L_CUAXU).
     alignment_weight, uniformity_weight: w_a, w_u >= 0.
     t: the uniformity kernel's t > 0.
+    reduction: "mean" only: the uniformity terms are logs of means over pairs, with no per-sample
+      decomposition.
+    mask: None or bool (B,): False marks padding pairs, left out of every term (neither anchors, nor
+      negatives, nor pairs of a uniformity; every mean runs over the valid pairs).
     impl: similarity engine, see `jaxcl.ops.available_impls()`.
   Returns:
     Scalar float32.
@@ -189,13 +220,15 @@ def contrastive_gap(
   _checks.check_non_negative("alignment_weight", alignment_weight)
   _checks.check_non_negative("uniformity_weight", uniformity_weight)
   _checks.check_positive("t", t)
+  _common.check_reduction(reduction, per_anchor=False)
+  mask = _common.sample_mask(mask, x.shape[0])
   wa = jnp.asarray(alignment_weight, jnp.float32)
   wu = jnp.asarray(uniformity_weight, jnp.float32)
-  loss = clip(x, y, logit_scale=logit_scale, normalize=False, impl=impl)
-  loss = loss + wa * alignment(x, y, alpha=2, normalize=False)
-  unif = 0.5 * (uniformity(x, t=t, impl=impl) + uniformity(y, t=t, impl=impl))
+  loss = clip(x, y, logit_scale=logit_scale, normalize=False, mask=mask, impl=impl)
+  loss = loss + wa * alignment(x, y, alpha=2, normalize=False, mask=mask)
+  unif = 0.5 * (uniformity(x, t=t, mask=mask, impl=impl) + uniformity(y, t=t, mask=mask, impl=impl))
   if cross_uniformity:
-    unif = unif + _cross_uniformity(x, y, jnp.asarray(t, jnp.float32), impl)
+    unif = unif + _cross_uniformity(x, y, jnp.asarray(t, jnp.float32), impl, mask)
   return loss + wu * unif
 
 
@@ -283,6 +316,8 @@ def gram(
     temperature: float | jax.Array = 0.07,
     label_smoothing: float = 0.1,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""GRAM: contrastive loss with the Gramian volume across k >= 2 modalities as the (negative) score.
@@ -311,9 +346,13 @@ def gram(
     temperature: τ > 0 (may be traced).
     label_smoothing: ε in [0, 1) (the targets (1 − ε) one-hot + ε/B).
     normalize: L2-normalise every modality first.
+    reduction: "mean", "sum" or "none": the (2B,) per-anchor terms, the B anchor rows i of L_D2A, then
+      the B samples j of L_A2D, whose mean is the loss.
+    mask: None or bool (B,): False marks padding samples (all modalities), which are neither anchors nor
+      negatives; B above is then the number of valid samples.
     impl: "dense" or "auto".
   Returns:
-    Scalar float32.
+    Scalar float32, or (2B,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(2)  # Vol_ii = 0 (clipped to 1e-6), Vol_ij = 1 for i ≠ j
@@ -332,13 +371,24 @@ def gram(
   _checks.check_choice("impl", impl, ("auto", "dense"))
   if not 0.0 <= float(label_smoothing) < 1.0:
     raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}.")
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, a.shape[0])
   inv_t = _common.inverse_temperature(temperature)
   logits = -inv_t * _volumes(a, xs)
   eps = float(label_smoothing)
   diagonal = jnp.diagonal(logits)
+  if mask is None:
+    lse = lambda axis: jax.nn.logsumexp(logits, axis=axis)
+    mean_logit = lambda axis: jnp.mean(logits, axis=axis)
+  else:  # padding rows and columns out of every sum; B is the number of valid samples
+    pairs = mask[:, None] & mask[None, :]
+    same = mask[:, None] == mask[None, :]  # a padding row keeps the padding columns: finite, zeroed after
+    lse = lambda axis: jax.nn.logsumexp(jnp.where(same, logits, -jnp.inf), axis=axis)
+    n_valid = jnp.maximum(jnp.sum(mask, dtype=jnp.float32), 1.0)
+    mean_logit = lambda axis: jnp.sum(jnp.where(pairs, logits, 0.0), axis=axis) / n_valid
 
-  def smoothed_ce(axis):
-    return jnp.mean(jax.nn.logsumexp(logits, axis=axis) - (1.0 - eps) * diagonal
-                    - eps * jnp.mean(logits, axis=axis))
+  def smoothed_ce(axis):  # (B,) per anchor
+    return _common.zero_invalid(lse(axis), mask) - (1.0 - eps) * diagonal - eps * mean_logit(axis)
 
-  return 0.5 * (smoothed_ce(1) + smoothed_ce(0))
+  valid = None if mask is None else jnp.concatenate([mask, mask])
+  return _common.reduce_loss(jnp.concatenate([smoothed_ce(1), smoothed_ce(0)]), reduction, valid)

@@ -144,12 +144,16 @@ def entailment_cone(
     *,
     curvature: float | jax.Array = 1.0,
     min_radius: float = 0.1,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
 ) -> jax.Array:
   r"""Entailment-cone loss: mean_i max(0, ext(g_i, s_i) − aper(g_i)), float32 scalar.
 
   "Hyperbolic Image-Text Representations" (Desai et al., ICML 2023), eq. (8): the more general concept
   g (MERU: the text) must contain the more specific s (the image) in its cone. Inputs are space
   components on the hyperboloid (e.g. from `lorentz_expmap0`), (B, D) each, row-aligned.
+  `reduction`: "mean", "sum" or "none" (the (B,) per-pair max(0, ext(g_i, s_i) − aper(g_i))). `mask`:
+  None or bool (B,); False marks padding pairs, left out.
 
   >>> import jax.numpy as jnp
   >>> float(entailment_cone(jnp.array([[1.0, 0.0]]), jnp.array([[3.0, 0.0]])))  # inside the cone
@@ -158,9 +162,16 @@ def entailment_cone(
   general = _checks.check_array("general", general, ndim=2)
   specific = _checks.check_array("specific", specific, ndim=2)
   _checks.check_same_shape("general", general, "specific", specific)
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, general.shape[0])
+  return _common.reduce_loss(_entailment_terms(general, specific, curvature, min_radius), reduction, mask)
+
+
+def _entailment_terms(general, specific, curvature, min_radius) -> jax.Array:
+  """max(0, ext(g_i, s_i) − aper(g_i)) per pair, (B,) float32."""
   angle = exterior_angle(general, specific, curvature=curvature)
   aperture = half_aperture(general, curvature=curvature, min_radius=min_radius)
-  return jnp.mean(jax.nn.relu(angle - aperture))
+  return jax.nn.relu(angle - aperture)
 
 
 @_common.keyword_only
@@ -173,6 +184,8 @@ def meru(
     entailment_weight: float | jax.Array = 0.2,
     min_radius: float = 0.1,
     expmap: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""MERU: CLIP-style contrastive loss on negative Lorentz distances plus an entailment-cone loss.
@@ -196,9 +209,14 @@ def meru(
     image, text: (B, D) tangent vectors at the origin (or space components if `expmap=False`), B >= 2.
     curvature: c > 0. logit_scale: > 0. entailment_weight: λ >= 0. min_radius: K > 0.
     expmap: apply `lorentz_expmap0` to both inputs first.
+    reduction: "mean", "sum" or "none": the (2B,) per-anchor terms, the B images i
+      (−S_ii + log Σ_j exp S_ij + λ e_i), then the B texts j (−S_jj + log Σ_i exp S_ij + λ e_j), with
+      e_i the entailment term of pair i; their mean is the loss.
+    mask: None or bool (B,): False marks padding pairs, which are neither anchors nor negatives, and
+      have no entailment term.
     impl: "dense" or "auto".
   Returns:
-    Scalar float32.
+    Scalar float32, or (2B,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> x = jnp.array([[1.0, 0.0], [-1.0, 0.0]])  # 1 from the origin each side: 2 apart
@@ -212,15 +230,17 @@ def meru(
   _checks.check_choice("impl", impl, ("auto", "dense"))
   scale = _common.logit_scale(logit_scale)
   _checks.check_non_negative("entailment_weight", entailment_weight)
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, image.shape[0])
   ops.resolve_impl("dense", image.shape[0], text.shape[0])
   if expmap:
     image = lorentz_expmap0(image, curvature=curvature)
     text = lorentz_expmap0(text, curvature=curvature)
   logits = -scale * lorentz_distance(image, text, curvature=curvature)
   diagonal = jnp.diagonal(logits)
-  contrastive = 0.5 * (
-      jnp.mean(jax.nn.logsumexp(logits, axis=1) - diagonal)
-      + jnp.mean(jax.nn.logsumexp(logits, axis=0) - diagonal)
-  )
-  entail = entailment_cone(text, image, curvature=curvature, min_radius=min_radius)
-  return contrastive + jnp.asarray(entailment_weight, jnp.float32) * entail
+  if mask is not None:  # a padding row keeps only padding columns: finite, dropped by the reduction
+    logits = jnp.where(mask[:, None] == mask[None, :], logits, -jnp.inf)
+  entail = jnp.asarray(entailment_weight, jnp.float32) * _entailment_terms(text, image, curvature, min_radius)
+  per_anchor = jnp.concatenate([jax.nn.logsumexp(logits, axis=1) - diagonal + entail,
+                                jax.nn.logsumexp(logits, axis=0) - diagonal + entail])
+  return _common.reduce_loss(per_anchor, reduction, None if mask is None else jnp.concatenate([mask, mask]))

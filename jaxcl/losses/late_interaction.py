@@ -20,7 +20,9 @@ from jaxcl.losses import _common
 _TILE_ELEMENTS = 1 << 24  # default block: about 64 MiB of float32 token similarities per step
 
 
-def _check_tokens(name: str, x, mask_name: str, mask):
+def _check_tokens(name: str, x, mask_name: str, mask, samples=None):
+  """(B, T, D) tokens and their (B, T) validity; every row whose sample is valid (`samples`: None, or a
+  concrete bool (B,)) needs a valid token."""
   x = _checks.check_array(name, x, ndim=3)
   if mask is None:
     return x, jnp.ones(x.shape[:2], bool)
@@ -30,15 +32,16 @@ def _check_tokens(name: str, x, mask_name: str, mask):
   if mask.dtype != jnp.bool_:
     raise TypeError(f"`{mask_name}` must be a boolean array, got dtype {mask.dtype}.")
   m = _checks.concrete_value(mask)
-  if m is not None and not np.all(m.any(axis=1)):
-    row = int(np.argmin(m.any(axis=1)))
+  has_token = None if m is None else m.any(axis=1) | (False if samples is None else ~samples)
+  if m is not None and not np.all(has_token):
+    row = int(np.argmin(has_token))
     raise ValueError(f"every row of `{mask_name}` needs at least one valid token; row {row} has none.")
   return x, mask
 
 
-def _inputs(image_tokens, text_tokens, image_mask, text_mask, normalize):
-  x, xm = _check_tokens("image_tokens", image_tokens, "image_mask", image_mask)
-  y, ym = _check_tokens("text_tokens", text_tokens, "text_mask", text_mask)
+def _inputs(image_tokens, text_tokens, image_mask, text_mask, normalize, samples=None):
+  x, xm = _check_tokens("image_tokens", image_tokens, "image_mask", image_mask, samples)
+  y, ym = _check_tokens("text_tokens", text_tokens, "text_mask", text_mask, samples)
   if x.shape[2] != y.shape[2]:
     raise ValueError(
         f"`image_tokens` and `text_tokens` must have the same feature size, got {x.shape} and {y.shape}."
@@ -146,25 +149,35 @@ def _resolve(impl: str, b: int, t_img: int, t_txt: int) -> str:
   return "dense" if b * b * t_img * t_txt <= ops.DENSE_MAX_ELEMENTS else "blockwise"
 
 
+def _same_validity(x_samples, y_samples):
+  """The pairs (i, j) that enter the log-sum-exps: both real samples, or both padding (a padding row's
+  terms stay finite, and are dropped by the reduction)."""
+  return x_samples[:, None] == y_samples[None, :]
+
+
 @jax.checkpoint
-def _filip_step(x, xm, y_blk, ym_blk, valid, inv_t):
+def _filip_step(x, xm, x_samples, y_blk, ym_blk, y_samples, valid, inv_t):
   """One block of texts: the block's part of each image row's log-sum-exp, and its columns' LSEs."""
   i2t, t2i = _pair_scores(x, xm, y_blk, ym_blk)
-  rows = jax.nn.logsumexp(jnp.where(valid[None, :], inv_t * i2t, -jnp.inf), axis=1)
-  cols = jax.nn.logsumexp(inv_t * t2i, axis=0)
+  keep = _same_validity(x_samples, y_samples)
+  rows = jax.nn.logsumexp(jnp.where(keep & valid[None, :], inv_t * i2t, -jnp.inf), axis=1)
+  cols = jax.nn.logsumexp(jnp.where(keep, inv_t * t2i, -jnp.inf), axis=0)
   return rows, cols
 
 
-def _filip_lse_blockwise(x, xm, y, ym, inv_t, tile):
+def _filip_lse_blockwise(x, xm, y, ym, samples, inv_t, tile):
   b = y.shape[0]
   yb, ymb, valid = _blocks(y, ym, tile)
+  n_blocks = yb.shape[0]
+  yv = jnp.pad(samples, (0, n_blocks * tile - b), constant_values=True).reshape(n_blocks, tile)
 
   def step(acc, blk):
-    rows, cols = _filip_step(x, xm, *blk, inv_t)
+    y_blk, ym_blk, y_samples, valid_blk = blk
+    rows, cols = _filip_step(x, xm, samples, y_blk, ym_blk, y_samples, valid_blk, inv_t)
     return jnp.logaddexp(acc, rows), cols
 
   init = jnp.full((x.shape[0],), -jnp.inf, jnp.float32)
-  rows, cols = jax.lax.scan(step, init, (yb, ymb, valid))
+  rows, cols = jax.lax.scan(step, init, (yb, ymb, yv, valid))
   return rows, cols.reshape(-1)[:b]
 
 
@@ -177,6 +190,8 @@ def filip(
     image_mask: jax.Array | None = None,
     text_mask: jax.Array | None = None,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
     tile: int | None = None,
 ) -> jax.Array:
@@ -206,16 +221,24 @@ def filip(
     logit_scale: > 0, may be traced.
     image_mask, text_mask: boolean (B, T) validity, or None (all tokens valid).
     normalize: L2-normalise every token first.
+    reduction: "mean", "sum" or "none": the (2B,) per-anchor terms, the B images i of L_I, then the B
+      texts j of L_T, whose mean is the loss.
+    mask: None or bool (B,): False marks padding pairs (sample mask, unlike the token masks above),
+      which are neither anchors nor negatives; their token masks are not checked.
     impl: "dense", "blockwise" or "auto". tile: texts per block (blockwise), None = automatic.
   Returns:
-    Scalar float32.
+    Scalar float32, or (2B,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(2)[:, None, :]  # one token each: FILIP is CLIP
   >>> round(float(filip(x, x, logit_scale=1.0)), 4)  # log(e + 1) - 1
   0.3133
   """
-  x, xm, y, ym = _inputs(image_tokens, text_tokens, image_mask, text_mask, normalize)
+  n_pairs = _checks.check_array("image_tokens", image_tokens, ndim=3).shape[0]
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, n_pairs)
+  samples = None if mask is None else _checks.concrete_value(mask)
+  x, xm, y, ym = _inputs(image_tokens, text_tokens, image_mask, text_mask, normalize, samples)
   if x.shape[0] != y.shape[0]:
     raise ValueError(
         f"`image_tokens` and `text_tokens` must hold the same number of pairs, got {x.shape[0]} and "
@@ -227,10 +250,13 @@ def filip(
   impl = _resolve(impl, b, t_img, t_txt)
   tile = _tile(tile, b, t_img, t_txt)
   pos_i2t, pos_t2i = _diagonal_scores(x, xm, y, ym)
+  valid = jnp.ones((b,), bool) if mask is None else mask
   if impl == "dense":
     i2t, t2i = _pair_scores(x, xm, y, ym)
-    rows = jax.nn.logsumexp(scale * i2t, axis=1)
-    cols = jax.nn.logsumexp(scale * t2i, axis=0)
+    keep = _same_validity(valid, valid)
+    rows = jax.nn.logsumexp(jnp.where(keep, scale * i2t, -jnp.inf), axis=1)
+    cols = jax.nn.logsumexp(jnp.where(keep, scale * t2i, -jnp.inf), axis=0)
   else:
-    rows, cols = _filip_lse_blockwise(x, xm, y, ym, scale, tile)
-  return 0.5 * (jnp.mean(rows - scale * pos_i2t) + jnp.mean(cols - scale * pos_t2i))
+    rows, cols = _filip_lse_blockwise(x, xm, y, ym, valid, scale, tile)
+  per_anchor = jnp.concatenate([rows - scale * pos_i2t, cols - scale * pos_t2i])
+  return _common.reduce_loss(per_anchor, reduction, None if mask is None else jnp.concatenate([mask, mask]))

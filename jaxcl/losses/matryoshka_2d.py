@@ -49,7 +49,14 @@ def _check_pairs(pairs: Any) -> tuple[tuple[int, int], ...]:
 
 
 @_common.keyword_only
-def layer_kl(shallow: jax.Array, final: jax.Array, *, temperature: float | jax.Array = 0.3) -> jax.Array:
+def layer_kl(
+    shallow: jax.Array,
+    final: jax.Array,
+    *,
+    temperature: float | jax.Array = 0.3,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
+) -> jax.Array:
   r"""The self-distillation term of 2DMSE / Starbucks: a shallow layer's embedding distribution pulled
   towards the final layer's, averaged over the embeddings.
 
@@ -65,8 +72,11 @@ def layer_kl(shallow: jax.Array, final: jax.Array, *, temperature: float | jax.A
     shallow: (..., D) embeddings of a shallow layer (possibly cut to a feature prefix).
     final: (..., D) embeddings of the final layer, same shape.
     temperature: τ > 0 (0.3 in sentence-transformers).
+    reduction: "mean", "sum" or "none": the per-embedding KL(p_i ‖ q_i), of shape shallow.shape[:-1].
+    mask: None or bool of shape shallow.shape[:-1] ((B,) for (B, D) inputs): False marks padding
+      embeddings, left out (N is then the number of valid ones).
   Returns:
-    Float32 scalar >= 0; 0 when the two layers agree.
+    Float32 scalar >= 0; 0 when the two layers agree. shallow.shape[:-1] with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> float(layer_kl(jnp.ones((2, 3)), jnp.ones((2, 3))))
@@ -74,10 +84,38 @@ def layer_kl(shallow: jax.Array, final: jax.Array, *, temperature: float | jax.A
   """
   _checks.check_same_shape("shallow", shallow, "final", final)
   _checks.check_positive("temperature", temperature)
-  d = shallow.shape[-1]
-  log_q = jax.nn.log_softmax(shallow.reshape(-1, d).astype(jnp.float32) / temperature, axis=-1)
-  log_p = jax.lax.stop_gradient(jax.nn.log_softmax(final.reshape(-1, d).astype(jnp.float32) / temperature, axis=-1))
-  return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
+  _common.check_reduction(reduction)
+  lead = jnp.shape(shallow)[:-1]
+  mask = _embedding_mask(mask, lead)
+  log_q = jax.nn.log_softmax(jnp.asarray(shallow).astype(jnp.float32) / temperature, axis=-1)
+  log_p = jax.lax.stop_gradient(
+      jax.nn.log_softmax(jnp.asarray(final).astype(jnp.float32) / temperature, axis=-1))
+  return _common.reduce_loss(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1), reduction, mask)
+
+
+def _embedding_mask(mask, lead: tuple[int, ...]) -> jax.Array | None:
+  """None, or a bool mask with one flag per embedding (shape `lead`)."""
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  if mask.shape != lead:
+    raise ValueError(f"`mask` must have shape {lead} (one flag per embedding), got shape {mask.shape}.")
+  return _common.sample_mask(mask.reshape(-1), mask.size).reshape(lead)
+
+
+def _row_mask(mask: jax.Array, x: jax.Array, name: str) -> jax.Array:
+  """The (B,) sample mask spread over the embeddings x[..., :] of one layer: along axis 0 when x has B
+  rows there ((B, D), (B, V, D)), else along axis −2 ((V, B, D))."""
+  lead, b = x.shape[:-1], mask.shape[0]
+  axis = 0 if lead[0] == b else len(lead) - 1 if lead[-1] == b else None
+  if axis is None:
+    raise ValueError(
+        f"`mask` of shape {mask.shape} matches neither axis 0 nor axis −2 of one layer of `{name}` "
+        f"(shape {x.shape}): the batch must be one of them."
+    )
+  shape = [1] * len(lead)
+  shape[axis] = b
+  return jnp.broadcast_to(mask.reshape(shape), lead)
 
 
 def _check_kl(kl_weight, kl_temperature) -> None:
@@ -111,24 +149,59 @@ def _nested_2d(loss_fn: Callable, pairs: tuple[tuple[int, int], ...], weights, k
             f"(shape {a.shape})."
         )
     cut = lambda x, l, d: x[l, ..., :d] if _is_layered(x) else x
-    total = jnp.zeros((), jnp.float32)
-    for (l, d), c in zip(pairs, weights):
-      value = loss_fn(*[cut(a, l, d) for a in args], **{k: cut(v, l, d) for k, v in kwargs.items()})
-      total = total + jnp.asarray(c, jnp.float32) * jnp.asarray(value, jnp.float32)
-    if isinstance(kl_weight, (int, float)) and kl_weight == 0:
+    reduction = kwargs.get("reduction", "mean")
+    mask = kwargs.get("mask")
+    no_kl = isinstance(kl_weight, (int, float)) and kl_weight == 0
+
+    def grid(reduction):
+      total = jnp.zeros((), jnp.float32)
+      for (l, d), c in zip(pairs, weights):
+        kw = {k: cut(v, l, d) for k, v in kwargs.items()}
+        if "reduction" in kwargs or reduction != "mean":
+          kw["reduction"] = reduction
+        value = loss_fn(*[cut(a, l, d) for a in args], **kw)
+        total = total + jnp.asarray(c, jnp.float32) * jnp.asarray(value, jnp.float32)
+      return total
+
+    total = grid(reduction)
+    if no_kl:
       return total
     # Self-distillation: every pair below the final layer (axis 0's last entry) towards the final layer,
     # over the rows of all layered arguments together (full width, or cut to the pair's dim).
     # 2DMSE: once per shallow layer, full width; Starbucks: once per pair, at the pair's width.
+    # With a mask, over the valid rows only.
+    kl_total = jnp.zeros((), jnp.float32)
     for l, d in (pairs if kl_cut else dict.fromkeys((l, None) for l, _ in pairs)):
       width = d
-      rows = [(a[l, ..., :width], a[-1, ..., :width]) for _, a in layered if l != a.shape[0] - 1]
+      rows = [(n, a[l, ..., :width], a[-1, ..., :width]) for n, a in layered if l != a.shape[0] - 1]
       if not rows:
         continue
-      n = [int(jnp.size(s)) // s.shape[-1] for s, _ in rows]
-      kl = sum(k * layer_kl(s, f, temperature=kl_temperature) for k, (s, f) in zip(n, rows)) / sum(n)
-      total = total + kl_temperature * kl_weight * kl
-    return total
+      kl_sum, count = 0.0, 0.0
+      for name, s, f in rows:
+        m = None if mask is None else _row_mask(jnp.asarray(mask), s, name)
+        kl_sum = kl_sum + layer_kl(s, f, temperature=kl_temperature, reduction="sum", mask=m)
+        count = count + (s.size // s.shape[-1] if m is None else jnp.sum(m, dtype=jnp.float32))
+      kl_total = kl_total + kl_sum / jnp.maximum(count, 1.0)
+    kl_term = kl_temperature * kl_weight * kl_total
+    if reduction == "mean":
+      return total + kl_term
+    # Per anchor, the KL term (a mean over rows) is added to every valid anchor's loss, so that the
+    # per-anchor losses still average to the default value.
+    call = lambda *a: grid("none")
+    n_anchors = jax.eval_shape(call).shape[0] if reduction == "sum" else total.shape[0]
+    if mask is None:
+      valid = jnp.ones((n_anchors,), jnp.float32)
+    else:
+      b = jnp.shape(mask)[0]
+      if n_anchors % b:
+        raise ValueError(
+            f"`loss_fn` returned {n_anchors} per-anchor losses, not a multiple of the batch size {b} of "
+            "`mask`: the self-distillation term cannot be spread over its anchors (use kl_weight=0)."
+        )
+      valid = jnp.tile(jnp.asarray(mask), n_anchors // b).astype(jnp.float32)
+    if reduction == "sum":
+      return total + kl_term * jnp.sum(valid)
+    return total + kl_term * valid
 
   return nested_loss
 
@@ -161,6 +234,15 @@ def matryoshka_2d(
   array argument of rank >= 3 carries the layer axis first ((L, B, D), e.g. Hugging Face
   `hidden_states` where index 0 is the embedding layer and index l the output of layer l) and is
   indexed [l, ..., :m]; everything else (labels, temperatures, a rank-2 weight matrix) passes through.
+
+  `reduction=` and `mask=` (bool (B,)) pass through to `loss_fn`. With a mask the self-distillation
+  term averages over the valid rows only (the mask runs along the rows of each layer, axis 1 of a
+  layered argument, or along axis −2 when axis 1 is not of size B, e.g. (L, V, B, D)). With
+  `reduction="none"` the result is Σ c_{l,m} · (per-anchor losses of (l, m)), plus the
+  self-distillation term (a mean over rows, with no anchor of its own) added to every valid anchor, so
+  that the per-anchor losses still average to the default value; "sum" is their sum. Anchors are
+  matched to the mask by tiling it (the library's [view 1; view 2; ...] order), so `loss_fn`'s
+  per-anchor losses must come in a multiple of B.
 
   Args:
     loss_fn: any jaxcl loss (or a `functools.partial` of one) returning a scalar.
@@ -208,7 +290,8 @@ def starbucks(
   Argument handling is that of `matryoshka_2d` (layer axis first on every floating argument of rank
   >= 3); L is the final layer (axis 0's last entry). Unlike `matryoshka_2d`, the self-distillation
   term compares the sub-model and the final layer cut to the pair's width m, as the Starbucks training
-  loss does (w_kl = 1, τ_kl = 0.3 by default; `kl_weight=0` drops it).
+  loss does (w_kl = 1, τ_kl = 0.3 by default; `kl_weight=0` drops it). `reduction=` and `mask=` are
+  handled as in `matryoshka_2d`.
 
   Args:
     loss_fn: any jaxcl loss returning a scalar.

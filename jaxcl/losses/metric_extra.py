@@ -54,6 +54,8 @@ def snr_triplet(
     margin: float | jax.Array = 0.2,
     reg_weight: float | jax.Array = 0.005,
     normalize: bool = False,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
 ) -> jax.Array:
   r"""Triplet loss on the SNR distance, with the paper's zero-mean regulariser.
 
@@ -76,8 +78,12 @@ def snr_triplet(
     margin: α >= 0. reg_weight: λ >= 0.
     normalize: L2-normalise the three inputs first (off by default: the SNR distance already
       normalises by the anchor's variance).
+    reduction: "mean", "sum" or "none": the (B,) per-triple terms
+      ℓ_i = max(d_S(a_i, p_i) − d_S(a_i, n_i) + α, 0) + (λ/3)(|Σ_d a_id| + |Σ_d p_id| + |Σ_d n_id|),
+      whose mean is the loss.
+    mask: None or bool (B,): False marks padding triples, left out of the hinge and the regulariser.
   Returns:
-    Scalar float32 mean loss.
+    Scalar float32 mean loss, or (B,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> a = jnp.array([[1.0, -1.0]])
@@ -95,11 +101,14 @@ def snr_triplet(
     raise ValueError(f"`anchor` needs at least 2 features for a variance, got shape {anchor.shape}.")
   _checks.check_non_negative("margin", margin)
   _checks.check_non_negative("reg_weight", reg_weight)
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, anchor.shape[0])
   a, p, n = (_common.maybe_normalize(x, normalize) for x in (anchor, positive, negative))
   gap = snr_distance(a, p) - snr_distance(a, n)
-  hinge = jnp.mean(jax.nn.relu(gap + jnp.asarray(margin, jnp.float32)))
-  sums = jnp.concatenate([jnp.sum(x.astype(jnp.float32), axis=-1) for x in (a, p, n)])
-  return hinge + jnp.asarray(reg_weight, jnp.float32) * jnp.mean(jnp.abs(sums))
+  hinge = jax.nn.relu(gap + jnp.asarray(margin, jnp.float32))
+  sums = jnp.stack([jnp.sum(x.astype(jnp.float32), axis=-1) for x in (a, p, n)])  # (3, B)
+  per_triple = hinge + jnp.asarray(reg_weight, jnp.float32) * jnp.mean(jnp.abs(sums), axis=0)
+  return _common.reduce_loss(per_triple, reduction, mask)
 
 
 def _z_from_moments(target, total, total_sq, k: int, eps: float):
@@ -116,6 +125,8 @@ def spherical_z_loss(
     a: float | jax.Array,
     b: float | jax.Array,
     eps: float = 1e-8,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
 ) -> jax.Array:
   r"""The Z-loss: a classification loss on z-normalised logits, invariant to their shift and scale.
 
@@ -135,8 +146,10 @@ def spherical_z_loss(
     logits: (B, K) scores, K >= 2. labels: (B,) integer targets in [0, K).
     a: > 0. b: finite.
     eps: added to the variance.
+    reduction: "mean", "sum" or "none": the (B,) per-row terms (1/a) softplus(a (b − z_{y_i})).
+    mask: None or bool (B,): False marks padding rows, left out (their labels are not checked).
   Returns:
-    Scalar float32 mean loss.
+    Scalar float32 mean loss, or (B,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> o = jnp.array([[3.0, 1.0]])  # z = (1, -1)
@@ -148,18 +161,25 @@ def spherical_z_loss(
   if k < 2:
     raise ValueError(f"`logits` needs at least 2 classes (columns), got shape {logits.shape}.")
   labels = _checks.check_labels("labels", labels, b_)
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, b_)
   lab = _checks.concrete_value(labels)
+  kept = _checks.concrete_value(mask)
+  if lab is not None and mask is not None:
+    lab = lab[kept] if kept is not None else None
   if lab is not None and lab.size and (lab.min() < 0 or lab.max() >= k):
     raise ValueError(f"`labels` must lie in [0, {k}), got values in [{lab.min()}, {lab.max()}].")
   _checks.check_positive("a", a)
   _checks.check_finite("b", b)
+  if mask is not None:
+    labels = jnp.where(mask, labels, 0)  # a padding row's label may be anything
   o = logits.astype(jnp.float32)
   mean = jnp.mean(o, axis=-1)
   var = jnp.mean(jnp.square(o - mean[:, None]), axis=-1)
   target = jnp.take_along_axis(o, labels[:, None].astype(jnp.int32), axis=1)[:, 0]
   z = (target - mean) * jax.lax.rsqrt(var + eps)
   a = jnp.asarray(a, jnp.float32)
-  return jnp.mean(jax.nn.softplus(a * (jnp.asarray(b, jnp.float32) - z)) / a)
+  return _common.reduce_loss(jax.nn.softplus(a * (jnp.asarray(b, jnp.float32) - z)) / a, reduction, mask)
 
 
 @_common.keyword_only
@@ -171,6 +191,8 @@ def spherical_z_contrastive(
     b: float | jax.Array,
     normalize: bool = True,
     eps: float = 1e-8,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
 ) -> jax.Array:
   r"""The Z-loss over a similarity matrix: each query classifies its own key among the batch's keys.
 
@@ -188,8 +210,11 @@ def spherical_z_contrastive(
     a: > 0. b: finite (see `spherical_z_loss`).
     normalize: L2-normalise both inputs first.
     eps: added to the variance.
+    reduction: "mean", "sum" or "none": the (B,) per-query terms (1/a) softplus(a (b − z_ii)).
+    mask: None or bool (B,): False marks padding pairs, which are neither queries nor keys (the row
+      moments run over the valid keys, B their number).
   Returns:
-    Scalar float32 mean loss.
+    Scalar float32 mean loss, or (B,) with `reduction="none"`.
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(2)  # S = I: z = (1, -1) per row
@@ -199,10 +224,15 @@ def spherical_z_contrastive(
   q, k = _common.pair("query", query, "key", key, normalize=normalize)
   _checks.check_positive("a", a)
   _checks.check_finite("b", b)
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, q.shape[0])
   q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
   n = k32.shape[0]
+  if mask is not None:
+    k32 = jnp.where(mask[:, None], k32, 0.0)  # padding keys out of both moments
+    n = jnp.maximum(jnp.sum(mask, dtype=jnp.float32), 1.0)
   total = q32 @ jnp.sum(k32, axis=0)
   total_sq = jnp.sum((q32 @ (k32.T @ k32)) * q32, axis=-1)
   z = _z_from_moments(_common.rowwise_dot(q32, k32), total, total_sq, n, eps)
   a = jnp.asarray(a, jnp.float32)
-  return jnp.mean(jax.nn.softplus(a * (jnp.asarray(b, jnp.float32) - z)) / a)
+  return _common.reduce_loss(jax.nn.softplus(a * (jnp.asarray(b, jnp.float32) - z)) / a, reduction, mask)

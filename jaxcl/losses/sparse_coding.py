@@ -41,7 +41,8 @@ CONTRASTIVE_FORMS = ("nt_xent", "infonce")
 
 
 class CSROutput(NamedTuple):
-  """What `csr` returns. Every loss is a float32 scalar; `loss` is the one to differentiate."""
+  """What `csr` returns. Every loss is a float32 scalar (a (B,) array of per-sample terms with
+  `reduction="none"`); `loss` is the one to differentiate."""
 
   loss: jax.Array  # L(k) + w_m·L(m·k) + β·L_aux + γ·L_cl
   reconstruction: jax.Array  # L(k)
@@ -192,6 +193,8 @@ def csr_contrastive(
     *,
     temperature: float | jax.Array = CSR_TEMPERATURE,
     form: str = "nt_xent",
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""CSR's contrastive term on sparse codes (the paper's "sparse contrastive" / non-negative CL loss).
@@ -204,6 +207,9 @@ def csr_contrastive(
   - form="infonce": one direction, L = mean_i [ −s(z1_i, z2_i) + log Σ_j exp s(z1_i, z2_j) ].
 
   These are `jaxcl.losses.nt_xent` / `infonce` on the codes; the log-sum-exps run on every engine.
+  `reduction`: "mean", "sum" or "none": the per-anchor terms in brackets, (2B,) for "nt_xent" (the B
+  rows of z1, then the B of z2) and (B,) for "infonce". `mask`: None or bool (B,); False marks
+  padding pairs, which are neither anchors nor negatives (both of their rows).
 
   >>> import jax.numpy as jnp
   >>> z = jnp.eye(2)
@@ -213,26 +219,41 @@ def csr_contrastive(
   _checks.check_choice("form", form, CONTRASTIVE_FORMS)
   a, b = _common.pair("z1", z1, "z2", z2, normalize=True)
   inv_t = _common.inverse_temperature(temperature)
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, a.shape[0])
   if form == "infonce":
-    lse = ops.logsumexp(a, b, scale=inv_t, impl=impl).rows
-    return jnp.mean(lse - inv_t * _common.rowwise_dot(a, b))
+    lse = ops.logsumexp(a, b, scale=inv_t, row_valid=mask, col_valid=mask, impl=impl).rows
+    per_anchor = _common.zero_invalid(lse, mask) - inv_t * _common.rowwise_dot(a, b)
+    return _common.reduce_loss(per_anchor, reduction, mask)
   u = jnp.concatenate([a, b], axis=0)
+  valid = None if mask is None else jnp.concatenate([mask, mask])
   ids = jnp.arange(u.shape[0], dtype=jnp.int32)
-  lse = ops.logsumexp(u, u, scale=inv_t, exclude=(ids, ids), impl=impl).rows
+  lse = ops.logsumexp(u, u, scale=inv_t, exclude=(ids, ids), row_valid=valid, col_valid=valid, impl=impl).rows
   partner = jnp.roll(u, u.shape[0] // 2, axis=0)
-  return jnp.mean(lse - inv_t * _common.rowwise_dot(u, partner))
+  per_anchor = _common.zero_invalid(lse, valid) - inv_t * _common.rowwise_dot(u, partner)
+  return _common.reduce_loss(per_anchor, reduction, valid)
 
 
 # --------------------------------------------------------------------------------------- the objective
-def _mse(a: jax.Array, b: jax.Array) -> jax.Array:
-  return jnp.mean(jnp.square(a - b))
+def _row_mse(a: jax.Array, b: jax.Array) -> jax.Array:
+  """mean_d (a_id − b_id)² per row, (N,)."""
+  return jnp.mean(jnp.square(a - b), axis=1)
 
 
-def _normalized_mse(recon: jax.Array, target: jax.Array) -> jax.Array:
-  """mse(recon, target) / mse(batch mean of target, target); 0 where the denominator is 0."""
-  den = _mse(jnp.mean(target, axis=0, keepdims=True), target)
+def _normalized_row_mse(recon: jax.Array, target: jax.Array, valid: jax.Array | None) -> jax.Array:
+  """mean_d (recon − target)² per row over the batch's mse(mean of target, target), both over the
+  `valid` rows (all when None); 0 where the denominator is 0. Their mean over the valid rows is
+  mse(recon, target) / mse(batch mean of target, target)."""
+  if valid is None:
+    centre = jnp.mean(target, axis=0, keepdims=True)
+    den = jnp.mean(jnp.square(centre - target))
+  else:
+    kept = jnp.where(valid[:, None], target, 0.0)
+    n = jnp.maximum(jnp.sum(valid, dtype=jnp.float32), 1.0)
+    centre = jnp.sum(kept, axis=0, keepdims=True) / n
+    den = jnp.sum(jnp.where(valid[:, None], jnp.square(centre - target), 0.0)) / (n * target.shape[1])
   ok = den > 0
-  return jnp.where(ok, _mse(recon, target) / jnp.where(ok, den, 1.0), 0.0)
+  return jnp.where(ok, _row_mse(recon, target) / jnp.where(ok, den, 1.0), 0.0)
 
 
 @_common.keyword_only
@@ -251,6 +272,8 @@ def csr(
     contrastive_weight: float = CSR_CONTRASTIVE_WEIGHT,
     temperature: float | jax.Array = CSR_TEMPERATURE,
     contrastive_form: str = "nt_xent",
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> CSROutput:
   r"""The CSR objective: TopK sparse-autoencoder reconstruction + contrastive loss on the sparse codes.
@@ -300,6 +323,15 @@ def csr(
     aux_k, aux_weight: latents (capped at H) and weight β of the dead-latent auxiliary loss.
     contrastive_weight, temperature, contrastive_form: γ, τ and the form of L_cl ("nt_xent" or
       "infonce").
+    reduction: "mean", "sum" or "none"; it applies to `loss` and to each of its four parts. "none":
+      (B,) per-sample terms whose mean is the default value: for sample i, L(k)_i and L(m·k)_i are
+      mean_d of its squared errors (averaged over its two rows x_i and positive_i when `positive` is
+      given), L_aux,i its rows' mean_d (ê − e)² over the batch's ‖e − ē‖² term, L_cl,i its
+      `csr_contrastive` term (for "nt_xent" the mean of its two anchors, rows i and B + i), and
+      loss_i = L(k)_i + w_m·L(m·k)_i + β·L_aux,i + γ·L_cl,i.
+    mask: None or bool (B,): False marks padding samples (x_i and positive_i), left out of every term:
+      neither anchors nor negatives, outside the batch mean ē and its variance, and never counted as
+      firing a latent. Their `codes` rows are computed but meaningless.
     impl: similarity engine for L_cl ("dense", "blockwise", "pallas", "auto").
   Returns:
     CSROutput(loss, reconstruction, reconstruction_multi_k, auxiliary, contrastive, codes,
@@ -328,7 +360,9 @@ def csr(
     _checks.check_non_negative(name, value)
   _checks.check_positive("temperature", temperature)
   _checks.check_choice("contrastive_form", contrastive_form, CONTRASTIVE_FORMS)
+  _common.check_reduction(reduction)
   b = x.shape[0]
+  mask = _common.sample_mask(mask, b)
   if positive is not None:
     positive = _checks.check_array("positive", positive, ndim=2)
     _checks.check_same_shape("x", x, "positive", positive)
@@ -345,25 +379,35 @@ def csr(
           f"{steps.shape}."
       )
 
+  row_valid = mask if mask is None or positive is None else jnp.concatenate([mask, mask])  # rows' mask
+  per_sample = lambda per_row: per_row if positive is None else 0.5 * (per_row[:b] + per_row[b:])
+
   pre = sae_pre_activation(rows, params)
   codes_k = topk_activation(pre, k)
   recon_k = sae_decode(codes_k, params)
-  loss_k = _mse(rows, recon_k)
+  loss_k = per_sample(_row_mse(rows, recon_k))
   codes_m = topk_activation(pre, min(multi_k * k, hidden))
-  loss_m = _mse(rows, sae_decode(codes_m, params))
+  loss_m = per_sample(_row_mse(rows, sae_decode(codes_m, params)))
 
-  fired = jnp.any(jax.lax.stop_gradient(codes_m) > FIRE_EPS, axis=0)
+  firing = jax.lax.stop_gradient(codes_m) > FIRE_EPS
+  if row_valid is not None:
+    firing = firing & row_valid[:, None]
+  fired = jnp.any(firing, axis=0)
   new_steps = jnp.where(fired, 0, steps.astype(jnp.int32) + 1)
   dead = new_steps >= dead_threshold
   codes_aux = topk_activation(pre, min(aux_k, hidden), valid=dead[None, :])
   residual = rows - jax.lax.stop_gradient(codes_k @ w_dec.astype(jnp.float32))
-  loss_aux = _normalized_mse(sae_decode(codes_aux, params), residual)
+  loss_aux = per_sample(_normalized_row_mse(sae_decode(codes_aux, params), residual, row_valid))
 
   z1 = codes_k[:b]
   z2 = z1 if positive is None else codes_k[b:]
-  loss_cl = csr_contrastive(z1, z2, temperature=temperature, form=contrastive_form, impl=impl)
+  loss_cl = csr_contrastive(z1, z2, temperature=temperature, form=contrastive_form, reduction="none",
+                            mask=mask, impl=impl)
+  if contrastive_form == "nt_xent":
+    loss_cl = 0.5 * (loss_cl[:b] + loss_cl[b:])
   total = loss_k + multi_k_weight * loss_m + aux_weight * loss_aux + contrastive_weight * loss_cl
+  reduce = lambda per: _common.reduce_loss(per, reduction, mask)
   return CSROutput(
-      loss=total, reconstruction=loss_k, reconstruction_multi_k=loss_m, auxiliary=loss_aux,
-      contrastive=loss_cl, codes=z1, steps_since_active=new_steps,
+      loss=reduce(total), reconstruction=reduce(loss_k), reconstruction_multi_k=reduce(loss_m),
+      auxiliary=reduce(loss_aux), contrastive=reduce(loss_cl), codes=z1, steps_since_active=new_steps,
   )
