@@ -7,10 +7,12 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
 from jaxcl.train import loop
+from jaxcl.train.config import base_config
 from jaxcl.train import workdir as workdir_lib
 from tests.test_train import ROOT, data_dir, load_recipe, tiny  # noqa: F401  (data_dir is a fixture)
 
@@ -101,14 +103,36 @@ def test_stale_lock_of_a_dead_pid_is_recovered_and_another_hosts_lock_is_not(tmp
                      "be checked from here.*delete"):
     workdir_lib.acquire_lock(str(tmp_path))
   os.remove(tmp_path / workdir_lib.LOCK_FILE)
-  (tmp_path / workdir_lib.LOCK_FILE).write_text("")  # being written by its creator right now...
-  with pytest.raises(workdir_lib.WorkdirLockedError, match="a process whose lock file cannot be read"):
-    workdir_lib.acquire_lock(str(tmp_path))
-  old = os.path.getmtime(tmp_path / workdir_lib.LOCK_FILE) - workdir_lib.UNREADABLE_LOCK_STALE_S - 1
-  os.utime(tmp_path / workdir_lib.LOCK_FILE, (old, old))  # ...or a minute ago: its creator died
+  (tmp_path / workdir_lib.LOCK_FILE).write_text("")  # created by a run that has not flocked it yet
+  path = workdir_lib.acquire_lock(str(tmp_path))  # ...which will fail its flock: this one holds it
+  assert "recovered" not in capsys.readouterr().out
+  workdir_lib.release_lock(path)
+  (tmp_path / workdir_lib.LOCK_FILE).write_text("{not json")  # its writer died mid-write
   path = workdir_lib.acquire_lock(str(tmp_path))
   assert "recovered the stale lock" in capsys.readouterr().out
   workdir_lib.release_lock(path)
+
+
+def test_of_processes_racing_for_a_stale_lock_exactly_one_holds_it(tmp_path):
+  """Eight processes start at once on a workdir whose lock names a dead process: one holds the lock, the
+  others fail naming a holder; the flock, not the record, decides, so no two can both take it over."""
+  write_lock(tmp_path, socket.gethostname(), dead_pid())
+  script = textwrap.dedent(f"""
+      import sys, time
+      from jaxcl.train import workdir
+      time.sleep(max(0.0, {time.time() + 3.0!r} - time.time()))  # start together
+      try:
+        workdir.acquire_lock({str(tmp_path)!r})
+      except workdir.WorkdirLockedError:
+        print("refused", flush=True)
+        sys.exit(0)
+      print("holds", flush=True)
+      time.sleep(5)
+      """)
+  procs = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+           for _ in range(8)]
+  outs = [p.communicate(timeout=120)[0].split() for p in procs]
+  assert sorted(o[-1] for o in outs) == ["holds"] + ["refused"] * 7, outs
 
 
 def test_train_and_evaluate_refuses_a_locked_workdir_before_compute(data_dir, no_compute, tmp_path):
@@ -227,3 +251,21 @@ def test_read_only_checkpoints_folder_is_an_error_before_compute(data_dir, no_co
   finally:
     os.chmod(checkpoints, 0o755)
     os.chmod(tmp_path, 0o755)
+
+
+def test_a_key_newer_than_the_record_at_its_default_value_is_accepted(tmp_path, capsys):
+  """A workdir recorded by an older jaxcl lacks the keys added since: at their default value they do not
+  change the run, so the resume is accepted (and the record completed); at another value it is refused."""
+  config = base_config()
+  (tmp_path / "checkpoints" / "4").mkdir(parents=True)  # a run to resume
+  record = workdir_lib.config_record(config)
+  del record["log_every"], record["eval"]["knn_k"]  # safe anyway
+  del record["grad_accum_steps"]  # as if added after the run was recorded
+  (tmp_path / workdir_lib.CONFIG_FILE).write_text(json.dumps(record))
+  workdir_lib.check_config_record(config, str(tmp_path))
+  assert "config.grad_accum_steps changed from '(absent)'" in capsys.readouterr().out
+  assert json.load(open(tmp_path / workdir_lib.CONFIG_FILE))["grad_accum_steps"] == config.grad_accum_steps
+  (tmp_path / workdir_lib.CONFIG_FILE).write_text(json.dumps(record))  # without the key again
+  config.grad_accum_steps = config.grad_accum_steps + 1
+  with pytest.raises(ValueError, match=r"config.grad_accum_steps: recorded '\(absent\)', now"):
+    workdir_lib.check_config_record(config, str(tmp_path))

@@ -87,8 +87,13 @@ def stage_final_step(workdir: str) -> int:
         f"`config.loss.mcl_previous_stages` names {workdir!r}, which has not finished: its newest checkpoint "
         f"is {found}, and it has no results.json (a run writes it when it reaches its `total_steps`, the "
         "step expected). Run that stage to the end first (the same command resumes it).")
-  with open(results) as f:
-    expected = int(json.load(f)["step"])
+  try:
+    with open(results) as f:
+      expected = int(json.load(f)["step"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(
+        f"`config.loss.mcl_previous_stages` names {workdir!r}, whose results.json cannot be read ({e!r}): "
+        "rerun that stage to the end to rewrite it.") from None
   if not steps or steps[-1] != expected:
     raise ValueError(
         f"`config.loss.mcl_previous_stages` names {workdir!r}, which has not finished: its newest checkpoint "

@@ -3,10 +3,12 @@
 - `check_writable(workdir)`: the workdir (or the folder it will be made in) and the outputs already in
   it can be written, checked before anything is created.
 - The lock `DIR/jaxcl.lock` (`acquire_lock` / `release_lock`): one run per workdir. The file holds the
-  holder's host, pid and start time and is created with O_CREAT | O_EXCL, so of two runs exactly one
-  gets it; the other fails at once with a message naming the holder. A lock left by a process that no
-  longer runs on this host (a `kill -9`, a crash) is recovered, with a warning. With several processes
-  (`jax.process_count() > 1`) process 0 holds it for all of them.
+  holder's host, pid and start time, and the holder keeps an exclusive `flock` on it, so of two runs
+  exactly one gets it and the kernel drops it when the holder dies; the other fails at once with a
+  message naming the holder. A lock file left by a process that no longer runs on this host (a
+  `kill -9`, a crash) is taken over, with a warning; one naming a process on another host is not
+  (its liveness cannot be checked from here). With several processes (`jax.process_count() > 1`)
+  process 0 holds it for all of them.
 - The config record `DIR/config.json` (`check_config_record`): the resolved config of the run. A run
   that resumes from a checkpoint must have the recorded config, except for the keys in `SAFE_TO_CHANGE`;
   any other difference is an error listing every key that differs.
@@ -19,14 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import json
 import os
 import socket
-import time
 from typing import Any
 
 import jax
 import numpy as np
+
+from jaxcl.train import config as config_lib
 
 LOCK_FILE = "jaxcl.lock"
 CONFIG_FILE = "config.json"
@@ -82,47 +86,73 @@ def check_writable(workdir: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- lock
 def acquire_lock(workdir: str) -> str:
-  """Creates `workdir/jaxcl.lock` holding this process's host, pid and start time; returns its path.
+  """Takes `workdir/jaxcl.lock` for this process and writes its host, pid and start time into it;
+  returns its path.
 
-  Raises `WorkdirLockedError` naming the holder if another process holds it. A lock whose holder ran
-  on this host and no longer runs is stale: it is replaced, and a warning says so.
+  The file is held with an exclusive `flock` for as long as the run lasts, so of two processes that try
+  at once exactly one gets it, and the kernel drops it when its holder dies. Raises `WorkdirLockedError`
+  naming the holder if another process holds it. A lock file whose `flock` is free but whose record
+  names a process that still runs (on another host: that cannot be checked from here) holds too; one
+  whose recorded process ran on this host and no longer runs is stale: it is taken over, with a warning.
   """
   path = os.path.join(workdir, LOCK_FILE)
-  for _ in range(3):  # a stale lock is moved aside, then the creation is tried again
-    try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-      holder = read_lock(path)
-      if holder is None and not os.path.exists(path):  # released meanwhile
-        continue
-      if holder is None and _abandoned(path):
-        holder = {}
-      elif holder is None or not _stale(holder, path):
-        raise WorkdirLockedError(_held_message(workdir, path, holder)) from None
-      if _remove_if_unchanged(path, holder):
-        who = _describe(holder) if holder else "its holder (whose record is empty or unreadable)"
-        print(f"warning: recovered the stale lock {path}: {who} no longer runs (it ended without "
-              "releasing the workdir: killed or crashed).")
+  for _ in range(3):  # the holder may release (and remove) the file between our open and our flock
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    locked = _flock(fd)
+    if locked and not _same_file(fd, path):  # we locked a file its holder has just removed
+      os.close(fd)
       continue
     try:
-      with os.fdopen(fd, "w") as f:
-        json.dump(_this_holder(), f)
-        f.flush()
-        os.fsync(f.fileno())
-    except BaseException:  # e.g. SIGTERM right now: leave no lock without a holder behind
-      os.remove(path)
+      holder = read_lock(path)
+      if not locked or (holder is not None and not _stale(holder, path)):
+        raise WorkdirLockedError(_held_message(workdir, path, holder))
+      if holder is not None or os.fstat(fd).st_size:  # an empty file is one being created right now
+        who = _describe(holder) if holder else "its holder (whose record is unreadable)"
+        print(f"warning: recovered the stale lock {path}: {who} no longer runs (it ended without "
+              "releasing the workdir: killed or crashed).")
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, json.dumps(_this_holder()).encode(), 0)
+      os.fsync(fd)
+    except BaseException:  # refused, or e.g. SIGTERM right now: keep nothing
+      os.close(fd)
       raise
-    _HELD.add(path)
+    _HELD[path] = fd
     return path
   raise WorkdirLockedError(_held_message(workdir, path, read_lock(path)))
 
 
 def release_lock(path: str) -> None:
   """Removes the lock at `path` if this process holds it (it never removes another run's lock)."""
-  holder = read_lock(path)
-  if holder is not None and _is_this_process(holder):
-    os.remove(path)
-  _HELD.discard(path)
+  fd = _HELD.pop(path, None)
+  if fd is None:
+    return
+  try:
+    holder = read_lock(path)
+    if holder is not None and _is_this_process(holder) and _same_file(fd, path):
+      os.remove(path)  # while still flocked: a process that opened it meanwhile sees it gone and retries
+  finally:
+    os.close(fd)  # drops the flock
+
+
+def _flock(fd: int) -> bool:
+  """An exclusive, non-blocking flock on fd: False if another open file holds it. On a file system
+  without flock (some network mounts) the record alone decides."""
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    return False
+  except OSError:
+    return True
+  return True
+
+
+def _same_file(fd: int, path: str) -> bool:
+  """Whether `path` still names the file open as fd (its holder removes it when releasing)."""
+  try:
+    a, b = os.fstat(fd), os.stat(path)
+  except OSError:
+    return False
+  return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def read_lock(path: str) -> dict | None:
@@ -146,7 +176,7 @@ def _is_this_process(holder: dict) -> bool:
   return holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid()
 
 
-_HELD: set[str] = set()  # the lock files this process holds
+_HELD: dict[str, int] = {}  # the lock files this process holds, and their flocked descriptors
 
 
 def _stale(holder: dict, path: str) -> bool:
@@ -163,37 +193,6 @@ def _stale(holder: dict, path: str) -> bool:
     return True
   except PermissionError:  # it exists, run by another user
     return False
-  return False
-
-
-UNREADABLE_LOCK_STALE_S = 60.0
-
-
-def _abandoned(path: str) -> bool:
-  """Whether an unreadable lock file has been so for `UNREADABLE_LOCK_STALE_S` seconds: its creator
-  writes the record right after creating it, so it died in between (a `kill -9`)."""
-  try:
-    return time.time() - os.path.getmtime(path) > UNREADABLE_LOCK_STALE_S
-  except OSError:
-    return False
-
-
-def _remove_if_unchanged(path: str, holder: dict) -> bool:
-  """Moves the lock aside and deletes it if it still holds `holder`; puts it back if another process
-  replaced it in between (then the next creation attempt reports that process)."""
-  aside = f"{path}.stale-{socket.gethostname()}-{os.getpid()}"
-  try:
-    os.rename(path, aside)
-  except FileNotFoundError:  # another process recovered it first
-    return False
-  if (read_lock(aside) or {}) == holder:
-    os.remove(aside)
-    return True
-  try:
-    os.link(aside, path)  # fails if a third process has created a lock meanwhile
-  except OSError:
-    pass
-  os.remove(aside)
   return False
 
 
@@ -247,7 +246,8 @@ def check_config_record(config, workdir: str) -> None:
   checks it against the record first.
 
   A difference in a key outside `SAFE_TO_CHANGE` is a ValueError listing every differing key with its
-  recorded and its current value; differences in `SAFE_TO_CHANGE` keys are printed and recorded. A
+  recorded and its current value; differences in `SAFE_TO_CHANGE` keys, and keys the record lacks (added
+  by a newer jaxcl) at their default value, are printed and recorded. A
   workdir without a checkpoint has nothing to resume: its record is replaced. A workdir with
   checkpoints but no record (written by an older jaxcl) gets one, with a note.
   """
@@ -263,7 +263,9 @@ def check_config_record(config, workdir: str) -> None:
                          "record this run's config.") from None
   if recorded is not None and has_checkpoint(workdir):
     diffs = config_differences(recorded, current)
-    unsafe = [d for d in diffs if d[0] not in SAFE_TO_CHANGE]
+    defaults = _flatten(config_record(config_lib.base_config()))
+    unsafe = [(k, a, b) for k, a, b in diffs if k not in SAFE_TO_CHANGE
+              and not (a == _ABSENT and k in defaults and b == defaults[k])]  # a key newer than the record
     if unsafe:
       lines = "\n".join(f"  config.{k}: recorded {a!r}, now {b!r}" for k, a, b in unsafe)
       raise ValueError(
@@ -283,11 +285,16 @@ def check_config_record(config, workdir: str) -> None:
 
 def _write_atomically(path: str, text: str) -> None:
   tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:  # a full disk, a SIGTERM: leave no temporary file behind
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 # --------------------------------------------------------------------------------------------- claim
