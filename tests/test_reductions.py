@@ -185,3 +185,12 @@ def test_top1_ties_are_misses():
   got = ops.top1(q, q)
   assert not np.any(np.asarray(got.rows)) and not np.any(np.asarray(got.cols))
   assert np.all(np.asarray(ops.top1(jnp.eye(3), jnp.eye(3)).rows))
+
+
+def test_top1_checks_impl():
+  q = jnp.eye(3)
+  with pytest.raises(ValueError, match=r"`impl` must be one of .*got 'blockwize'"):
+    ops.top1(q, q, impl="blockwize")
+  with pytest.raises(ValueError, match=r"`impl='ring'` is a sharded engine: it needs `axis_name`"):
+    ops.top1(q, q, impl="ring")
+  np.testing.assert_array_equal(ops.top1(q, q, impl="blockwise").rows, ops.top1(q, q, impl="dense").rows)

@@ -269,6 +269,8 @@ def top1(
   [False, True, False]
   """
   q, k = _check_qk(q, k)
+  if axis_name is None:
+    _local_impl(impl, q.shape[0], k.shape[0])  # a known single-device engine name, or "auto"
   if q.shape[0] != k.shape[0]:
     raise ValueError(f"`q` and `k` must have the same batch size (positives on the diagonal), got "
                      f"{q.shape} and {k.shape}.")
