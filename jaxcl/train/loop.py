@@ -266,12 +266,19 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
     return model.apply({"params": params, "batch_stats": batch_stats}, *xs, train=True,
                        mutable=["batch_stats"])
 
+  def logged_only(metric):
+    """metric() on the steps whose metrics the loop writes (every `config.log_every`-th and the last),
+    zeros on the others: a metric-only pass over the batch is not paid at every step."""
+    logged = ((state.step + 1) % config.log_every == 0) | (state.step + 1 == config.total_steps)
+    zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(metric))
+    return jax.lax.cond(logged, metric, zeros)
+
   def loss_fn(params):
     out, mutated = apply(params, state.batch_stats, *inputs)
     aux = {"batch_stats": mutated.get("batch_stats", {}), "target_batch_stats": state.target_batch_stats}
     if not self_supervised:
       aux["logit_scale"] = out["logit_scale"]
-      aux["accuracy"] = methods.in_batch_accuracy(config, out, mesh=setup.mesh)
+      aux["accuracy"] = logged_only(lambda: methods.in_batch_accuracy(config, out, mesh=setup.mesh))
       return methods.image_text_loss(config, out, mesh=setup.mesh), aux
     by_view = lambda x: x.reshape((v, b) + x.shape[1:])
     online = {k: by_view(out[k]) for k in ("projection", "prediction") if k in out}
@@ -281,7 +288,7 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
       target = {"projection": jax.lax.stop_gradient(by_view(t_out["projection"]))}
       aux["target_batch_stats"] = t_mut.get("batch_stats", {})
       aux["keys"] = target["projection"][1]
-    aux["accuracy"] = methods.in_batch_accuracy(config, online, target, mesh=setup.mesh)
+    aux["accuracy"] = logged_only(lambda: methods.in_batch_accuracy(config, online, target, mesh=setup.mesh))
     if methods.has_loss_state(config):
       loss, aux["loss_state"] = methods.stateful_loss(config, online, batch["index"], state.loss_state,
                                                       mesh=setup.mesh)
