@@ -409,7 +409,9 @@ def restore_checkpoint(manager, abstract_state, shardings, data_iter) -> tuple[T
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iter)))
     except Exception as e:  # pylint: disable=broad-except
-      errors[step] = f"is unreadable ({type(e).__name__}: {e})"
+      restored, errors[step] = None, f"is unreadable ({type(e).__name__}: {e})"
+    if not workdir_lib.every_process(restored is not None):  # every process resumes from the same step
+      errors.setdefault(step, "is unreadable on another process (its output says why)")
       print(f"warning: checkpoint at step {step} {errors[step]}; trying an older one")
       continue
     bad = nonfinite_leaves(restored["state"])
@@ -442,16 +444,19 @@ def quarantine_checkpoint(manager, step: int) -> str:
   source = os.path.join(str(manager.directory), str(step))
   folder = os.path.join(os.path.dirname(str(manager.directory)), "checkpoints_quarantine")
   moved = os.path.join(folder, f"{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+  error = None
   if jax.process_index() == 0:
-    os.makedirs(folder, exist_ok=True)
-    suffix, base = 1, moved
-    while os.path.exists(moved):  # the same step quarantined twice within one second
-      moved, suffix = f"{base}.{suffix}", suffix + 1
-    os.rename(source, moved)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-    multihost_utils.sync_global_devices(f"jaxcl quarantine checkpoint {step}")
+    try:
+      os.makedirs(folder, exist_ok=True)
+      suffix, base = 1, moved
+      while os.path.exists(moved):  # the same step quarantined twice within one second
+        moved, suffix = f"{base}.{suffix}", suffix + 1
+      os.rename(source, moved)
+    except OSError as e:
+      error = e
+  if not workdir_lib.every_process(error is None):  # all wait for the move, and all fail if it failed
+    raise RuntimeError(f"could not move the checkpoint {source} aside to {moved}: "
+                       f"{error or 'see process 0'}") from error
   manager.reload()
   return moved
 

@@ -313,7 +313,7 @@ def claim(config, workdir: str):
         check_config_record(config, workdir)
       except Exception as e:  # pylint: disable=broad-except
         error = e
-    if not _every_process(error is None):
+    if not every_process(error is None):
       if error is not None:
         raise error
       raise RuntimeError(f"process 0 could not start the run in {workdir} (its output says why).")
@@ -323,7 +323,7 @@ def claim(config, workdir: str):
       release_lock(lock)
 
 
-def _every_process(ok: bool) -> bool:
+def every_process(ok: bool) -> bool:
   """Whether `ok` holds on every process (a collective when there are several)."""
   if jax.process_count() == 1:
     return ok
