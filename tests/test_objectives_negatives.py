@@ -143,6 +143,38 @@ def test_hn_nce_concentration_increases_the_loss():
   assert values[0] < values[1] < values[2]
 
 
+# ---------------------------------------------------------------------- reduction= and mask= (issue 12 item 9)
+def _assert_mask_and_reductions(loss, arrays, n_anchors, impls=("dense", "blockwise"), n_diff=None):
+  """For each engine: a padded batch with `mask` gives the unpadded loss and gradients (exactly 0 on the
+  padding rows); "none" has the default value as its mean over the valid anchors and "sum" as its sum;
+  a bad `mask` or `reduction` is refused naming the argument."""
+  for impl in impls:
+    bound = functools.partial(loss, impl=impl)
+    try:
+      helpers.assert_padded_equals_unpadded(bound, arrays, n_diff=n_diff, rtol=2e-6)
+    except AssertionError as e:
+      raise AssertionError(f"impl={impl}") from e
+  b = np.shape(arrays[0])[0]
+  helpers.assert_reductions_agree(loss, arrays, n_anchors)
+  helpers.assert_reductions_agree(loss, arrays, n_anchors, mask=np.arange(b) != 1)
+  arrays = [jnp.asarray(a) for a in arrays]
+  with pytest.raises(ValueError, match="`reduction`"):
+    loss(*arrays, reduction="avg")
+  with pytest.raises(ValueError, match=r"`mask` must have shape \(%d,\)" % b):
+    loss(*arrays, mask=jnp.ones((b + 1,), bool))
+  with pytest.raises(TypeError, match="`mask` must be a boolean"):
+    loss(*arrays, mask=jnp.ones((b,), jnp.int32))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.0])
+def test_hn_nce_mask_and_reduction(alpha):
+  loss = functools.partial(hn_nce, temperature=0.3, alpha=alpha, beta=0.5)
+  _assert_mask_and_reductions(loss, [randn(40, 5, 4), randn(41, 5, 4)], 10, impls=("dense", "blockwise", "pallas"))
+  per = np.asarray(loss(randn(40, 5, 4), randn(41, 5, 4), reduction="none"), np.float64)
+  want = [ref_hn_nce(randn(40, 5, 4).astype(np.float64), randn(41, 5, 4).astype(np.float64), 0.3, alpha, 0.5)]
+  np.testing.assert_allclose(per.mean(), want[0], rtol=1e-5)
+
+
 # --------------------------------------------------------------------------------------- decoupled softmax
 def test_decoupled_softmax_matches_reference_with_ids_and_mask():
   ids = np.array([0, 1, 0, 2, 1, 0], np.int32)
@@ -240,6 +272,17 @@ def test_mcl_nt_xent_matches_reference(clusters):
       lambda a, b: ref_mcl(a, b, c, 0.3),
       [randn(17, 6, 4), randn(18, 6, 4)],
   )
+
+
+def test_mcl_nt_xent_mask_and_reduction():
+  clusters = np.array([0, 1, 0, 0, 1], np.int32)  # padding rows get random cluster ids in [-5, 5)
+  _assert_mask_and_reductions(
+      lambda a, b, c, **kw: mcl_nt_xent(a, b, c, temperature=0.3, **kw),
+      [randn(42, 5, 4), randn(43, 5, 4), clusters], 10, impls=("dense", "blockwise", "pallas"), n_diff=2,
+  )
+  per = np.asarray(mcl_nt_xent(randn(42, 5, 4), randn(43, 5, 4), clusters, temperature=0.3, reduction="none"))
+  want = ref_mcl(randn(42, 5, 4).astype(np.float64), randn(43, 5, 4).astype(np.float64), clusters, 0.3)
+  np.testing.assert_allclose(per.mean(), want, rtol=1e-5)
 
 
 def test_mcl_nt_xent_one_cluster_is_nt_xent_and_singletons_are_zero():

@@ -19,7 +19,6 @@ top-k keeps every candidate tied with the k-th value.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -32,13 +31,13 @@ from jaxcl.losses import _common
 
 
 # ------------------------------------------------------------------------------------------------ HN-NCE
-def _hn_log_negatives(lse_hard: jax.Array, lse_weight: jax.Array, n_neg: int) -> jax.Array:
+def _hn_log_negatives(lse_hard: jax.Array, lse_weight: jax.Array, n_neg) -> jax.Array:
   """log Σ_{j≠i} w_ij exp(s_ij) with w_ij = n · exp(β s_ij) / Σ_{k≠i} exp(β s_ik)."""
-  return math.log(n_neg) + lse_hard - lse_weight
+  return jnp.log(jnp.asarray(n_neg, jnp.float32)) + lse_hard - lse_weight
 
 
 @_common.keyword_only
-@_common.shardable("image", "text")
+@_common.shardable("image", "text", "mask")
 def hn_nce(
     image: jax.Array,
     text: jax.Array,
@@ -47,6 +46,8 @@ def hn_nce(
     alpha: float = 1.0,
     beta: float = 0.5,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
     mesh: jax.sharding.Mesh | None = None,
@@ -76,11 +77,16 @@ def hn_nce(
       reimplementation (lucas-ventura/CoVR, `hn_nce.yaml`, α = 1), which sums the two directions
       where this function averages them (a factor of 2).
     normalize: L2-normalise both batches first.
+    reduction: "mean" (the loss above), "sum" or "none": the (2B,) per-anchor terms, the B image
+      anchors (i→t) then the B text anchors (t→i), this device's under `axis_name`; their mean is the
+      loss (½ (L_i2t + L_t2i) is the mean over the 2B anchors).
+    mask: None or bool (B,); False marks padding pairs, which are neither anchors nor negatives (nor
+      counted in B − 1 of the weights): a padded batch gives the loss of its valid pairs.
     impl: similarity engine, see `jaxcl.ops.available_impls()`; "allgather" | "ring" with `axis_name` /
       `mesh`: the batch split over devices ("Sharded batches" in `jaxcl.losses`).
     axis_name, mesh: see "Sharded batches" in `jaxcl.losses`.
   Returns:
-    Scalar float32 mean loss.
+    Float32 loss reduced by `reduction` (a scalar, or (2B,) for "none").
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(3)
@@ -92,23 +98,31 @@ def hn_nce(
   inv_t = _common.inverse_temperature(temperature)
   _checks.check_non_negative("alpha", alpha)
   _checks.check_non_negative("beta", beta)
+  _common.check_reduction(reduction)
   b = i.shape[0]
+  mask = _common.sample_mask(mask, b)
   ids = _common.batch_ids(b, axis_name)
   diag = (ids, ids)
-  lse = functools.partial(ops.logsumexp, i, t, rows=True, cols=True, exclude=diag, impl=impl,
-                          axis_name=axis_name)
+  lse = functools.partial(ops.logsumexp, i, t, rows=True, cols=True, exclude=diag, row_valid=mask,
+                          col_valid=mask, impl=impl, axis_name=axis_name)
   hard = lse(scale=(1.0 + beta) * inv_t)
   weight = lse(scale=beta * inv_t)
   positive = inv_t * _common.rowwise_dot(i, t)
+  if mask is None:
+    n_neg = _common.global_size(b, axis_name) - 1
+  else:
+    n_neg = _common.batch_sum(mask.astype(jnp.float32), axis_name) - 1.0
   terms = []
   for h, w in ((hard.rows, weight.rows), (hard.cols, weight.cols)):
-    log_neg = _hn_log_negatives(h, w, _common.global_size(b, axis_name) - 1)
+    h, w = _common.zero_invalid(h, mask), _common.zero_invalid(w, mask)
+    log_neg = _hn_log_negatives(h, w, n_neg)
     if isinstance(alpha, (int, float)) and alpha == 0:
       log_den = log_neg
     else:
       log_den = jnp.logaddexp(jnp.log(jnp.asarray(alpha, jnp.float32)) + positive, log_neg)
-    terms.append(_common.batch_mean(log_den - positive, axis_name))
-  return 0.5 * (terms[0] + terms[1])
+    terms.append(log_den - positive)
+  valid = None if mask is None else jnp.concatenate([mask, mask])
+  return _common.reduce_loss(jnp.concatenate(terms), reduction, valid, axis_name)
 
 
 # ------------------------------------------------------------------------------------ decoupled softmax
@@ -341,7 +355,7 @@ def mcl_cluster_ids(stage_cluster_ids) -> jax.Array:
 
 
 @_common.keyword_only
-@_common.shardable("z1", "z2", "cluster_ids")
+@_common.shardable("z1", "z2", "cluster_ids", "mask")
 def mcl_nt_xent(
     z1: jax.Array,
     z2: jax.Array,
@@ -349,6 +363,8 @@ def mcl_nt_xent(
     *,
     temperature: float | jax.Array = 0.5,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
     mesh: jax.sharding.Mesh | None = None,
@@ -371,11 +387,15 @@ def mcl_nt_xent(
     cluster_ids: (B,) integer cluster of each example (e.g. `mcl_cluster_ids` of earlier stages).
     temperature: τ > 0 (SimCLR's 0.5 by default).
     normalize: L2-normalise first.
+    reduction: "mean" (the loss above), "sum" or "none": the (2B,) per-anchor terms in the order
+      [z1; z2] (this device's under `axis_name`, as in `nt_xent`), whose mean is the loss.
+    mask: None or bool (B,); False marks padding samples, whose two views are neither anchors nor
+      negatives of any cluster: a padded batch gives the loss of its valid samples.
     impl: similarity engine; "allgather" | "ring" with `axis_name` / `mesh`: the batch split over
       devices ("Sharded batches" in `jaxcl.losses`).
     axis_name, mesh: see "Sharded batches" in `jaxcl.losses`.
   Returns:
-    Scalar float32 mean loss.
+    Float32 loss reduced by `reduction` (a scalar, or (2B,) for "none").
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(4)
@@ -386,14 +406,17 @@ def mcl_nt_xent(
   a, b = _common.pair("z1", z1, "z2", z2, normalize=normalize, axis_name=axis_name)
   c = _checks.check_labels("cluster_ids", cluster_ids, a.shape[0])
   inv_t = _common.inverse_temperature(temperature)
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, a.shape[0])
+  valid = None if mask is None else jnp.tile(mask, 2)
   z = jnp.concatenate([a, b], axis=0)
   cid = jnp.tile(c.astype(jnp.int32), 2)
   ids = _common.batch_ids(a.shape[0], axis_name)
   rows = jnp.concatenate([ids, ids + _common.global_size(a.shape[0], axis_name)])  # view v of sample i: v·B + i
-  lse = ops.logsumexp(z, z, scale=inv_t, exclude=(rows, rows), include=(cid, cid), impl=impl,
-                      axis_name=axis_name).rows
+  lse = ops.logsumexp(z, z, scale=inv_t, exclude=(rows, rows), include=(cid, cid), row_valid=valid,
+                      col_valid=valid, impl=impl, axis_name=axis_name).rows
   partner = _common.rowwise_dot(z, jnp.roll(z, z.shape[0] // 2, axis=0))
-  return _common.batch_mean(lse - inv_t * partner, axis_name)
+  return _common.reduce_loss(_common.zero_invalid(lse, valid) - inv_t * partner, reduction, valid, axis_name)
 
 
 # --------------------------------------------------------------------------------------------- CE-CLIP
