@@ -239,6 +239,19 @@ def test_positive_aware_infonce_matches_reference(threshold, margin, top_k, with
   assert_value_and_grads(jax_loss, np_loss, args)
 
 
+@pytest.mark.parametrize("top_k,in_batch", [(None, True), (2, True), (1, False)])
+def test_positive_aware_infonce_mask_and_reduction(top_k, in_batch):
+  # a padding key would be kept (its garbage cosine is random) and in the top-k without the mask
+  loss = lambda a, b, n, **kw: positive_aware_infonce(
+      a, b, hard_negatives=n, temperature=0.2, threshold="additive", margin=0.1, top_k=top_k,
+      in_batch_negatives=in_batch, **{k: v for k, v in kw.items() if k != "impl"})
+  _assert_mask_and_reductions(loss, [randn(44, 5, 4), randn(45, 5, 4), randn(46, 5, 2, 4)], 5, impls=("dense",))
+  args = [randn(44, 5, 4), randn(45, 5, 4), randn(46, 5, 2, 4)]
+  per = np.asarray(loss(*args, reduction="none"), np.float64)
+  want = ref_positive_aware(*[a.astype(np.float64) for a in args], 0.2, "additive", 0.1, top_k, in_batch)
+  np.testing.assert_allclose(per.mean(), want, rtol=1e-5)
+
+
 def test_positive_aware_infonce_filters_something_and_without_filter_is_infonce():
   q = randn(14, 6, 4)
   k = q + 0.3 * randn(15, 6, 4)

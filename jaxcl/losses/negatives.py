@@ -222,6 +222,8 @@ def positive_aware_infonce(
     top_k: int | None = None,
     in_batch_negatives: bool = True,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
 ) -> jax.Array:
   r"""InfoNCE with positive-aware false-negative filtering and optional top-k hard negatives.
 
@@ -259,8 +261,12 @@ def positive_aware_infonce(
     top_k: None (keep every filtered negative) or k >= 1.
     in_batch_negatives: use the other keys of the batch as candidates.
     normalize: L2-normalise first (the filter always uses cosine similarities).
+    reduction: "mean" (the loss above), "sum" or "none": the (B,) per-query terms, whose mean is the
+      loss.
+    mask: None or bool (B,); False marks padding pairs: the query is no anchor, its key is no in-batch
+      negative of the other queries, and its `hard_negatives` are ignored.
   Returns:
-    Scalar float32 mean loss.
+    Float32 loss reduced by `reduction` (a scalar, or (B,) for "none").
 
   >>> import jax.numpy as jnp
   >>> q = jnp.array([[1.0, 0.0], [0.0, 1.0]])
@@ -276,7 +282,9 @@ def positive_aware_infonce(
   _checks.check_choice("threshold", threshold, ("relative", "additive"))
   _checks.check_finite("margin", margin)
   inv_t = _common.inverse_temperature(temperature)
+  _common.check_reduction(reduction)
   b, d = q.shape
+  mask = _common.sample_mask(mask, b)
   if not in_batch_negatives and (hard_negatives is None or 0 in np.shape(hard_negatives)[:-1]):
     given = "None" if hard_negatives is None else f"shape {np.shape(hard_negatives)}"
     raise ValueError(
@@ -289,7 +297,8 @@ def positive_aware_infonce(
   cos, logits = [], []
   if in_batch_negatives:
     _checks.check_min_batch("query", q, 2, why="the in-batch negatives need B >= 2")
-    cos.append(jnp.where(jnp.eye(b, dtype=bool), jnp.inf, qn @ kn.T))  # the positive never a negative
+    not_negative = jnp.eye(b, dtype=bool) if mask is None else jnp.eye(b, dtype=bool) | ~mask[None, :]
+    cos.append(jnp.where(not_negative, jnp.inf, qn @ kn.T))  # neither the positive nor a padding key
     logits.append(inv_t * (qq @ kk.T))
   if hard_negatives is not None:
     n = _checks.check_array("hard_negatives", hard_negatives, ndim=3)
@@ -311,7 +320,7 @@ def positive_aware_infonce(
     keep = keep & (ranked >= kth[:, None])
   negatives = jax.nn.logsumexp(jnp.where(keep, logits, -jnp.inf), axis=1)
   negatives = jnp.where(jnp.any(keep, axis=1), negatives, -jnp.inf)
-  return jnp.mean(jnp.logaddexp(logit_pos, negatives) - logit_pos)
+  return _common.reduce_loss(jnp.logaddexp(logit_pos, negatives) - logit_pos, reduction, mask)
 
 
 # --------------------------------------------------------------------- cluster-restricted negatives (MCL)
