@@ -194,6 +194,25 @@ def test_decoupled_softmax_matches_reference_with_ids_and_mask():
   )
 
 
+def test_decoupled_softmax_mask_and_reduction():
+  ids = np.array([0, 1, 0, 2, 1], np.int32)  # padding rows get random ids in [-5, 5): they would collide
+  loss = lambda a, b, i, **kw: decoupled_softmax(a, b, positives=(i, i), temperature=0.3, **kw)
+  args = [randn(47, 5, 4), randn(48, 5, 4), ids]
+  _assert_mask_and_reductions(loss, args, 5, impls=("dense", "blockwise", "pallas"), n_diff=2)
+  per = np.asarray(loss(*args, reduction="none"), np.float64)
+  want = ref_decoupled(*[a.astype(np.float64) for a in args[:2]], 0.3, ids[:, None] == ids[None])
+  np.testing.assert_allclose(per.mean(), want, rtol=1e-5)
+  # the (B, B) mask form (dense): the padded batch's positives mask is the unpadded one on the real rows
+  (pa, pb, pids), valid = helpers.pad_batch(0, args, 3)
+  dense = lambda a, b, **kw: decoupled_softmax(a, b, positives=jnp.asarray(pids[:, None] == pids[None]),
+                                               temperature=0.3, **kw)
+  helpers.assert_padded_equals_unpadded(
+      lambda a, b, **kw: dense(a, b, **kw), args[:2], rtol=2e-6,
+      unpadded_loss=lambda a, b: decoupled_softmax(a, b, positives=jnp.asarray(ids[:, None] == ids[None]),
+                                                   temperature=0.3))
+  helpers.assert_reductions_agree(dense, [pa, pb], 8, mask=valid)
+
+
 def test_decoupled_softmax_reduces_to_infonce_and_mask_equals_ids():
   q, k = randn(9, 5, 4), randn(10, 5, 4)
   ids = np.array([3, 3, 1, 2, 1], np.int32)

@@ -134,6 +134,8 @@ def decoupled_softmax(
     positives: tuple[jax.Array, jax.Array] | jax.Array | None = None,
     temperature: float | jax.Array = 0.05,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""DecoupledSoftmax: InfoNCE in which the *other* positives of a query leave its denominator.
@@ -157,9 +159,13 @@ def decoupled_softmax(
       `configs/dual-encoder.yaml`, whose `losses.py` decoupled softmax is this formula in its default
       sampled-positive mode).
     normalize: L2-normalise first.
+    reduction: "mean" (the loss above), "sum" or "none": the (B,) per-query terms, whose mean is the
+      loss.
+    mask: None or bool (B,); False marks padding pairs: the query is no anchor and its key is in no
+      denominator (with either form of `positives`), so a padded batch gives the loss of its valid pairs.
     impl: similarity engine.
   Returns:
-    Scalar float32 mean loss.
+    Float32 loss reduced by `reduction` (a scalar, or (B,) for "none").
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(3)
@@ -174,7 +180,9 @@ def decoupled_softmax(
   _checks.check_same_shape("query", q, "key", k)
   q, k = _common.maybe_normalize(q, normalize), _common.maybe_normalize(k, normalize)
   inv_t = _common.inverse_temperature(temperature)
+  _common.check_reduction(reduction)
   b = q.shape[0]
+  mask = _common.sample_mask(mask, b)
   positive = inv_t * _common.rowwise_dot(q, k)
   if positives is None or isinstance(positives, (tuple, list)):
     exclude = ops.diagonal(b) if positives is None else positives
@@ -188,13 +196,13 @@ def decoupled_softmax(
             "`positives` ids must make every row's own key a positive (row_ids[i] == col_ids[i]); rows "
             f"{np.flatnonzero(r != c).tolist()} differ."
         )
-    negatives = ops.logsumexp(q, k, scale=inv_t, exclude=exclude, impl=impl).rows
+    negatives = ops.logsumexp(q, k, scale=inv_t, exclude=exclude, row_valid=mask, col_valid=mask, impl=impl).rows
   else:
-    mask = _checks.check_array("positives", positives, ndim=2, floating=False)
-    if mask.shape != (b, b) or mask.dtype != jnp.bool_:
+    positive_mask = _checks.check_array("positives", positives, ndim=2, floating=False)
+    if positive_mask.shape != (b, b) or positive_mask.dtype != jnp.bool_:
       raise ValueError(
-          f"`positives` as a mask must be a boolean array of shape ({b}, {b}), got {mask.dtype} of shape "
-          f"{mask.shape}."
+          f"`positives` as a mask must be a boolean array of shape ({b}, {b}), got {positive_mask.dtype} of "
+          f"shape {positive_mask.shape}."
       )
     resolved = ops.resolve_impl(impl, b, b)
     if resolved != "dense":
@@ -203,10 +211,12 @@ def decoupled_softmax(
           f"got impl={impl!r} (resolved to {resolved!r}). Pass an id pair to use the other engines."
       )
     s = inv_t * jnp.einsum("id,jd->ij", q, k, preferred_element_type=jnp.float32)
-    valid = ~(mask | jnp.eye(b, dtype=bool))
+    valid = ~(positive_mask | jnp.eye(b, dtype=bool))
+    if mask is not None:
+      valid = valid & mask[None, :]
     negatives = jax.nn.logsumexp(jnp.where(valid, s, -jnp.inf), axis=1)
     negatives = jnp.where(jnp.any(valid, axis=1), negatives, -jnp.inf)
-  return jnp.mean(jnp.logaddexp(positive, negatives) - positive)
+  return _common.reduce_loss(jnp.logaddexp(positive, negatives) - positive, reduction, mask)
 
 
 # ------------------------------------------------------------------------- positive-aware hard negatives
