@@ -471,3 +471,15 @@ BAD = [
 def test_bad_inputs_raise_with_the_argument_name(call, message):
   with pytest.raises((ValueError, TypeError), match=message):
     call()
+
+
+@pytest.mark.parametrize("top_k,dual", [(None, True), (2, True), (None, False)])
+def test_dual_view_moco_mask_and_reduction(top_k, dual):
+  queue = jnp.asarray(randn(49, 6, 4))
+  loss = lambda a, b, **kw: dual_view_moco(a, b, queue, temperature=0.3, top_k=top_k, dual_view=dual, **kw)
+  args = [randn(50, 5, 4), randn(51, 5, 4)]
+  impls = ("dense", "blockwise", "pallas") if top_k is None else ("dense",)
+  _assert_mask_and_reductions(loss, args, 10 if dual else 5, impls=impls)
+  per = np.asarray(loss(*args, reduction="none"), np.float64)
+  want = ref_dual_view_moco(*[a.astype(np.float64) for a in args], np.asarray(queue, np.float64), 0.3, top_k, dual)
+  np.testing.assert_allclose(per.mean(), want, rtol=1e-5)

@@ -568,6 +568,8 @@ def dual_view_moco(
     top_k: int | None = None,
     dual_view: bool = True,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""MoCo with a dual-view loss and cosine-similarity hard-negative selection from the queue.
@@ -595,9 +597,13 @@ def dual_view_moco(
     top_k: None or the number of hardest queue negatives kept per anchor (1 <= k).
     dual_view: average the two directions.
     normalize: L2-normalise query, key and queue first.
+    reduction: "mean" (the loss above), "sum" or "none": the per-anchor terms, (2B,) with `dual_view`
+      (the B query anchors, then the B key anchors) or (B,) without; their mean is the loss.
+    mask: None or bool (B,); False marks padding pairs, which are no anchors (the negatives all come
+      from the queue, which is shared and never masked).
     impl: similarity engine for the queue term when `top_k` is None.
   Returns:
-    Scalar float32 mean loss.
+    Float32 loss reduced by `reduction` (a scalar, or (2B,) / (B,) for "none").
 
   >>> import jax.numpy as jnp
   >>> q = jnp.eye(2)
@@ -613,6 +619,10 @@ def dual_view_moco(
   inv_t = _common.inverse_temperature(temperature)
   if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
     raise ValueError(f"`top_k` must be a positive int or None, got {top_k!r}.")
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, q.shape[0])
+  if mask is not None:  # padding rows become zeros: finite terms, dropped by the reduction, zero gradient
+    q, k = (jnp.where(mask[:, None], x, jnp.zeros_like(x)) for x in (q, k))
   q, k, n = (_common.maybe_normalize(x, normalize) for x in (q, k, n))
 
   def direction(a, b):
@@ -627,8 +637,9 @@ def dual_view_moco(
       kth = jax.lax.top_k(jax.lax.stop_gradient(cos), min(top_k, n.shape[0]))[0][:, -1]
       keep = jax.lax.stop_gradient(cos >= kth[:, None])
       negatives = jax.nn.logsumexp(jnp.where(keep, inv_t * sims, -jnp.inf), axis=1)
-    return jnp.mean(jnp.logaddexp(positive, negatives) - positive)
+    return jnp.logaddexp(positive, negatives) - positive
 
   if dual_view:
-    return 0.5 * (direction(q, k) + direction(k, q))
-  return direction(q, k)
+    valid = None if mask is None else jnp.concatenate([mask, mask])
+    return _common.reduce_loss(jnp.concatenate([direction(q, k), direction(k, q)]), reduction, valid)
+  return _common.reduce_loss(direction(q, k), reduction, mask)
