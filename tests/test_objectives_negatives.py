@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxcl import losses
 from jaxcl.losses.clip import clip
 from jaxcl.losses.infonce import infonce, nt_xent
 from jaxcl.losses.negatives import (
@@ -347,6 +348,31 @@ def test_ce_clip_matches_reference():
   np.testing.assert_allclose(high.thresholds, np.clip(unclipped, 0.0, 0.1), rtol=1e-5)
   grad = jax.jit(jax.grad(lambda a: ce_clip(a, txt, hn, logit_scale=3.0).thresholds.sum()))(jnp.asarray(img))
   np.testing.assert_array_equal(grad, 0.0)  # the thresholds are a state, not a differentiable output
+
+
+def test_ce_clip_mask_and_reduction():
+  thresholds = jnp.array([0.5, 1.0])
+  valid = np.array([[1, 1], [1, 0], [0, 1], [1, 1], [0, 0]], bool)
+  out = lambda a, b, n, v, **kw: ce_clip(a, b, n, logit_scale=3.0, thresholds=thresholds, valid=v,
+                                         threshold_range=None, **kw)  # θ unclipped: its value is checked
+  loss = lambda *args, **kw: out(*args, **kw).loss
+  args = [randn(52, 5, 4), randn(53, 5, 4), randn(54, 5, 2, 4), valid]
+  _assert_mask_and_reductions(loss, args, 5, impls=("dense", "blockwise", "pallas"), n_diff=3)
+  per = out(*args, reduction="none")
+  assert isinstance(per, losses.CeClipOutput)  # public, like the other multi-output losses' types
+  want = ref_ce_clip(*[a.astype(np.float64) for a in args[:3]], 3.0, thresholds, valid, 0.3, 0.2)
+  np.testing.assert_allclose(float(np.mean(per.loss)), want, rtol=1e-5)
+  mean = out(*args)
+  for name in ("loss", "itc", "imc", "cmr"):  # every field follows `reduction`
+    assert getattr(per, name).shape == (5,), name
+    np.testing.assert_allclose(float(np.mean(getattr(per, name))), float(getattr(mean, name)), rtol=1e-6, err_msg=name)
+  np.testing.assert_allclose(np.asarray(per.loss), np.asarray(per.itc + 0.3 * per.imc + 0.2 * per.cmr), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(per.thresholds), np.asarray(mean.thresholds))
+  assert np.all(np.asarray(mean.thresholds) != 0)
+  # the θ update of a padded batch is that of its valid pairs
+  padded, keep = helpers.pad_batch(1, args, 3)
+  got = jax.jit(lambda *xs: out(*xs, mask=jnp.asarray(keep)).thresholds)(*padded)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(mean.thresholds), rtol=1e-6)
 
 
 def test_ce_clip_without_hard_negatives_is_clip():

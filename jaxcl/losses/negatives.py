@@ -440,6 +440,10 @@ def mcl_nt_xent(
 
 # --------------------------------------------------------------------------------------------- CE-CLIP
 class CeClipOutput(NamedTuple):
+  """What `ce_clip` returns. `loss`, `itc`, `imc` and `cmr` follow its `reduction` (scalars, or (B,)
+  per-pair terms for "none"), so that loss = itc + imc_weight · imc + cmr_weight · cmr holds for each;
+  `thresholds` is always the (H,) θ for the next step (no gradient)."""
+
   loss: jax.Array
   thresholds: jax.Array  # (H,) the adaptive rank thresholds for the next step
   itc: jax.Array
@@ -460,6 +464,8 @@ def ce_clip(
     cmr_weight: float = 0.2,
     threshold_range: tuple[float, float] | None = (0.0, 10.0),
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> CeClipOutput:
   r"""CE-CLIP: CLIP with caption hard negatives, an intra-modal contrast and a cross-modal rank loss.
@@ -495,6 +501,12 @@ def ce_clip(
     imc_weight, cmr_weight: the loss weights.
     threshold_range: (low, high) the updated θ is clipped to, in logit units; None: no clipping.
     normalize: L2-normalise all embeddings first.
+    reduction: "mean" (the loss above), "sum" or "none": the (B,) per-pair terms
+      ℓ_i = ½ (itc_i^{i→t} + itc_i^{t→i}) + imc_weight · imc_i + cmr_weight · mean_h cmr_ih, whose mean
+      is the loss; `itc`, `imc` and `cmr` of the output are reduced the same way.
+    mask: None or bool (B,); False marks padding pairs: neither their image nor their text is an
+      anchor or a negative, and their hard negatives are ignored everywhere (as `valid` False), also in
+      the θ update, so a padded batch gives the loss and θ of its valid pairs.
     impl: similarity engine.
   Returns:
     CeClipOutput(loss, thresholds (the updated θ, no gradient), itc, imc, cmr).
@@ -530,6 +542,10 @@ def ce_clip(
   valid = jnp.asarray(valid)
   if valid.shape != (b, h) or valid.dtype != jnp.bool_:
     raise ValueError(f"`valid` must be a boolean array of shape ({b}, {h}), got {valid.dtype} {valid.shape}.")
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, b)
+  if mask is not None:
+    valid = valid & mask[:, None]
   flat = jnp.reshape(n, (b * h, d))
   flat_valid = jnp.reshape(valid, (b * h,))
   # Invalid hard negatives leave every denominator: id -1 never equals a row id >= 0.
@@ -537,24 +553,27 @@ def ce_clip(
   keep_valid = (jnp.zeros((b,), jnp.int32), neg_ids)
 
   positive = scale * _common.rowwise_dot(i, t)
-  lse = ops.logsumexp(i, t, scale=scale, rows=True, cols=True, impl=impl)
-  lse_hn = ops.logsumexp(i, flat, scale=scale, include=keep_valid, impl=impl).rows
-  itc = 0.5 * (jnp.mean(jnp.logaddexp(lse.rows, lse_hn) - positive) + jnp.mean(lse.cols - positive))
+  lse = ops.logsumexp(i, t, scale=scale, rows=True, cols=True, row_valid=mask, col_valid=mask, impl=impl)
+  lse_hn = ops.logsumexp(i, flat, scale=scale, include=keep_valid, row_valid=mask, impl=impl).rows
+  i2t = jnp.logaddexp(_common.zero_invalid(lse.rows, mask), lse_hn) - positive
+  itc = 0.5 * (i2t + _common.zero_invalid(lse.cols, mask) - positive)
 
-  lse_text = ops.logsumexp(t, flat, scale=scale, include=keep_valid, impl=impl).rows
-  imc = jnp.mean(jnp.logaddexp(positive, lse_text) - positive)
+  lse_text = ops.logsumexp(t, flat, scale=scale, include=keep_valid, row_valid=mask, impl=impl).rows
+  imc = jnp.logaddexp(positive, lse_text) - positive
 
   s_hn = scale * jnp.einsum("bd,bhd->bh", i, n, preferred_element_type=jnp.float32)
   vf = valid.astype(jnp.float32)
-  cmr = jnp.mean(vf * jax.nn.relu(thresholds[None, :] + s_hn - positive[:, None]))
+  cmr = jnp.mean(vf * jax.nn.relu(thresholds[None, :] + s_hn - positive[:, None]), axis=1)
 
   count = jnp.maximum(jnp.sum(vf, axis=0), 1.0)
-  new_thresholds = jnp.mean(positive) - jnp.sum(vf * s_hn, axis=0) / count
+  mean_positive = _common.reduce_loss(positive, "mean", mask)
+  new_thresholds = mean_positive - jnp.sum(vf * s_hn, axis=0) / count
   if threshold_range is not None:
     new_thresholds = jnp.clip(new_thresholds, threshold_range[0], threshold_range[1])
   new_thresholds = jax.lax.stop_gradient(jnp.where(jnp.sum(vf, axis=0) > 0, new_thresholds, thresholds))
+  reduce = functools.partial(_common.reduce_loss, reduction=reduction, valid=mask)
   loss = itc + imc_weight * imc + cmr_weight * cmr
-  return CeClipOutput(loss, new_thresholds, itc, imc, cmr)
+  return CeClipOutput(reduce(loss), new_thresholds, reduce(itc), reduce(imc), reduce(cmr))
 
 
 # ------------------------------------------------------------------------------- MoCo: dual view, top-k
