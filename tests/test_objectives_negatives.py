@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxcl import losses
 from jaxcl.losses.clip import clip
 from jaxcl.losses.infonce import infonce, nt_xent
 from jaxcl.losses.negatives import (
@@ -143,6 +144,38 @@ def test_hn_nce_concentration_increases_the_loss():
   assert values[0] < values[1] < values[2]
 
 
+# ---------------------------------------------------------------------- reduction= and mask= (issue 12 item 9)
+def _assert_mask_and_reductions(loss, arrays, n_anchors, impls=("dense", "blockwise"), n_diff=None):
+  """For each engine: a padded batch with `mask` gives the unpadded loss and gradients (exactly 0 on the
+  padding rows); "none" has the default value as its mean over the valid anchors and "sum" as its sum;
+  a bad `mask` or `reduction` is refused naming the argument."""
+  for impl in impls:
+    bound = functools.partial(loss, impl=impl)
+    try:
+      helpers.assert_padded_equals_unpadded(bound, arrays, n_diff=n_diff, rtol=2e-6)
+    except AssertionError as e:
+      raise AssertionError(f"impl={impl}") from e
+  b = np.shape(arrays[0])[0]
+  helpers.assert_reductions_agree(loss, arrays, n_anchors)
+  helpers.assert_reductions_agree(loss, arrays, n_anchors, mask=np.arange(b) != 1)
+  arrays = [jnp.asarray(a) for a in arrays]
+  with pytest.raises(ValueError, match="`reduction`"):
+    loss(*arrays, reduction="avg")
+  with pytest.raises(ValueError, match=r"`mask` must have shape \(%d,\)" % b):
+    loss(*arrays, mask=jnp.ones((b + 1,), bool))
+  with pytest.raises(TypeError, match="`mask` must be a boolean"):
+    loss(*arrays, mask=jnp.ones((b,), jnp.int32))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.0])
+def test_hn_nce_mask_and_reduction(alpha):
+  loss = functools.partial(hn_nce, temperature=0.3, alpha=alpha, beta=0.5)
+  _assert_mask_and_reductions(loss, [randn(40, 5, 4), randn(41, 5, 4)], 10, impls=("dense", "blockwise", "pallas"))
+  per = np.asarray(loss(randn(40, 5, 4), randn(41, 5, 4), reduction="none"), np.float64)
+  want = [ref_hn_nce(randn(40, 5, 4).astype(np.float64), randn(41, 5, 4).astype(np.float64), 0.3, alpha, 0.5)]
+  np.testing.assert_allclose(per.mean(), want[0], rtol=1e-5)
+
+
 # --------------------------------------------------------------------------------------- decoupled softmax
 def test_decoupled_softmax_matches_reference_with_ids_and_mask():
   ids = np.array([0, 1, 0, 2, 1, 0], np.int32)
@@ -160,6 +193,25 @@ def test_decoupled_softmax_matches_reference_with_ids_and_mask():
       lambda a, b: ref_decoupled(a, b, 0.3, mask_general),
       [q, k],
   )
+
+
+def test_decoupled_softmax_mask_and_reduction():
+  ids = np.array([0, 1, 0, 2, 1], np.int32)  # padding rows get random ids in [-5, 5): they would collide
+  loss = lambda a, b, i, **kw: decoupled_softmax(a, b, positives=(i, i), temperature=0.3, **kw)
+  args = [randn(47, 5, 4), randn(48, 5, 4), ids]
+  _assert_mask_and_reductions(loss, args, 5, impls=("dense", "blockwise", "pallas"), n_diff=2)
+  per = np.asarray(loss(*args, reduction="none"), np.float64)
+  want = ref_decoupled(*[a.astype(np.float64) for a in args[:2]], 0.3, ids[:, None] == ids[None])
+  np.testing.assert_allclose(per.mean(), want, rtol=1e-5)
+  # the (B, B) mask form (dense): the padded batch's positives mask is the unpadded one on the real rows
+  (pa, pb, pids), valid = helpers.pad_batch(0, args, 3)
+  dense = lambda a, b, **kw: decoupled_softmax(a, b, positives=jnp.asarray(pids[:, None] == pids[None]),
+                                               temperature=0.3, **kw)
+  helpers.assert_padded_equals_unpadded(
+      lambda a, b, **kw: dense(a, b, **kw), args[:2], rtol=2e-6,
+      unpadded_loss=lambda a, b: decoupled_softmax(a, b, positives=jnp.asarray(ids[:, None] == ids[None]),
+                                                   temperature=0.3))
+  helpers.assert_reductions_agree(dense, [pa, pb], 8, mask=valid)
 
 
 def test_decoupled_softmax_reduces_to_infonce_and_mask_equals_ids():
@@ -207,6 +259,19 @@ def test_positive_aware_infonce_matches_reference(threshold, margin, top_k, with
   assert_value_and_grads(jax_loss, np_loss, args)
 
 
+@pytest.mark.parametrize("top_k,in_batch", [(None, True), (2, True), (1, False)])
+def test_positive_aware_infonce_mask_and_reduction(top_k, in_batch):
+  # a padding key would be kept (its garbage cosine is random) and in the top-k without the mask
+  loss = lambda a, b, n, **kw: positive_aware_infonce(
+      a, b, hard_negatives=n, temperature=0.2, threshold="additive", margin=0.1, top_k=top_k,
+      in_batch_negatives=in_batch, **{k: v for k, v in kw.items() if k != "impl"})
+  _assert_mask_and_reductions(loss, [randn(44, 5, 4), randn(45, 5, 4), randn(46, 5, 2, 4)], 5, impls=("dense",))
+  args = [randn(44, 5, 4), randn(45, 5, 4), randn(46, 5, 2, 4)]
+  per = np.asarray(loss(*args, reduction="none"), np.float64)
+  want = ref_positive_aware(*[a.astype(np.float64) for a in args], 0.2, "additive", 0.1, top_k, in_batch)
+  np.testing.assert_allclose(per.mean(), want, rtol=1e-5)
+
+
 def test_positive_aware_infonce_filters_something_and_without_filter_is_infonce():
   q = randn(14, 6, 4)
   k = q + 0.3 * randn(15, 6, 4)
@@ -242,6 +307,17 @@ def test_mcl_nt_xent_matches_reference(clusters):
   )
 
 
+def test_mcl_nt_xent_mask_and_reduction():
+  clusters = np.array([0, 1, 0, 0, 1], np.int32)  # padding rows get random cluster ids in [-5, 5)
+  _assert_mask_and_reductions(
+      lambda a, b, c, **kw: mcl_nt_xent(a, b, c, temperature=0.3, **kw),
+      [randn(42, 5, 4), randn(43, 5, 4), clusters], 10, impls=("dense", "blockwise", "pallas"), n_diff=2,
+  )
+  per = np.asarray(mcl_nt_xent(randn(42, 5, 4), randn(43, 5, 4), clusters, temperature=0.3, reduction="none"))
+  want = ref_mcl(randn(42, 5, 4).astype(np.float64), randn(43, 5, 4).astype(np.float64), clusters, 0.3)
+  np.testing.assert_allclose(per.mean(), want, rtol=1e-5)
+
+
 def test_mcl_nt_xent_one_cluster_is_nt_xent_and_singletons_are_zero():
   a, b = randn(19, 5, 4), randn(20, 5, 4)
   f = jax.jit(lambda x, y: (
@@ -272,6 +348,31 @@ def test_ce_clip_matches_reference():
   np.testing.assert_allclose(high.thresholds, np.clip(unclipped, 0.0, 0.1), rtol=1e-5)
   grad = jax.jit(jax.grad(lambda a: ce_clip(a, txt, hn, logit_scale=3.0).thresholds.sum()))(jnp.asarray(img))
   np.testing.assert_array_equal(grad, 0.0)  # the thresholds are a state, not a differentiable output
+
+
+def test_ce_clip_mask_and_reduction():
+  thresholds = jnp.array([0.5, 1.0])
+  valid = np.array([[1, 1], [1, 0], [0, 1], [1, 1], [0, 0]], bool)
+  out = lambda a, b, n, v, **kw: ce_clip(a, b, n, logit_scale=3.0, thresholds=thresholds, valid=v,
+                                         threshold_range=None, **kw)  # θ unclipped: its value is checked
+  loss = lambda *args, **kw: out(*args, **kw).loss
+  args = [randn(52, 5, 4), randn(53, 5, 4), randn(54, 5, 2, 4), valid]
+  _assert_mask_and_reductions(loss, args, 5, impls=("dense", "blockwise", "pallas"), n_diff=3)
+  per = out(*args, reduction="none")
+  assert isinstance(per, losses.CeClipOutput)  # public, like the other multi-output losses' types
+  want = ref_ce_clip(*[a.astype(np.float64) for a in args[:3]], 3.0, thresholds, valid, 0.3, 0.2)
+  np.testing.assert_allclose(float(np.mean(per.loss)), want, rtol=1e-5)
+  mean = out(*args)
+  for name in ("loss", "itc", "imc", "cmr"):  # every field follows `reduction`
+    assert getattr(per, name).shape == (5,), name
+    np.testing.assert_allclose(float(np.mean(getattr(per, name))), float(getattr(mean, name)), rtol=1e-6, err_msg=name)
+  np.testing.assert_allclose(np.asarray(per.loss), np.asarray(per.itc + 0.3 * per.imc + 0.2 * per.cmr), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(per.thresholds), np.asarray(mean.thresholds))
+  assert np.all(np.asarray(mean.thresholds) != 0)
+  # the θ update of a padded batch is that of its valid pairs
+  padded, keep = helpers.pad_batch(1, args, 3)
+  got = jax.jit(lambda *xs: out(*xs, mask=jnp.asarray(keep)).thresholds)(*padded)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(mean.thresholds), rtol=1e-6)
 
 
 def test_ce_clip_without_hard_negatives_is_clip():
@@ -396,3 +497,15 @@ BAD = [
 def test_bad_inputs_raise_with_the_argument_name(call, message):
   with pytest.raises((ValueError, TypeError), match=message):
     call()
+
+
+@pytest.mark.parametrize("top_k,dual", [(None, True), (2, True), (None, False)])
+def test_dual_view_moco_mask_and_reduction(top_k, dual):
+  queue = jnp.asarray(randn(49, 6, 4))
+  loss = lambda a, b, **kw: dual_view_moco(a, b, queue, temperature=0.3, top_k=top_k, dual_view=dual, **kw)
+  args = [randn(50, 5, 4), randn(51, 5, 4)]
+  impls = ("dense", "blockwise", "pallas") if top_k is None else ("dense",)
+  _assert_mask_and_reductions(loss, args, 10 if dual else 5, impls=impls)
+  per = np.asarray(loss(*args, reduction="none"), np.float64)
+  want = ref_dual_view_moco(*[a.astype(np.float64) for a in args], np.asarray(queue, np.float64), 0.3, top_k, dual)
+  np.testing.assert_allclose(per.mean(), want, rtol=1e-5)

@@ -204,6 +204,7 @@ def _masked_cases(dim):
       "nt_xent": (lambda a, b, **kw: losses.nt_xent(a, b, temperature=0.25, **kw), 2),
       "dcl": (lambda a, b, **kw: losses.dcl(a, b, temperature=0.25, **kw), 2),
       "dclw": (lambda a, b, **kw: losses.dclw(a, b, temperature=0.25, **kw), 2),
+      "hn_nce": (lambda a, b, **kw: losses.hn_nce(a, b, temperature=0.25, **kw), 2),
       "supcon": (lambda a, b, y=labels, **kw: losses.supcon(jnp.stack([a, b], 1), y, temperature=0.25, **kw), 2),
   }
 
@@ -245,6 +246,28 @@ def test_reduction_none_under_a_mesh_returns_every_devices_anchors(impl):
     np.testing.assert_allclose(got, dense[order], rtol=2e-6, atol=1e-6, err_msg=name)
     mean = float(loss(a, b, impl=impl, mesh=mesh, mask=mask))
     np.testing.assert_allclose(got.sum() / (per_sample * 6), mean, rtol=2e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("impl", SHARDED)
+def test_mcl_nt_xent_padded_batch_with_mask_equals_unpadded_dense_batch(impl, monkeypatch):
+  """As above for `mcl_nt_xent`, whose cluster ids are a third batch argument (padding rows get random
+  ids, so they would join real clusters without the mask); then "none" under the mesh: each device's
+  [z1; z2] anchors in turn."""
+  monkeypatch.setattr(blockwise, "DEFAULT_TILE", 1)
+  mesh, dim = _mesh(4), 4
+  a, b, c = randn(26, 5, dim), randn(27, 5, dim), np.array([0, 1, 0, 1, 1], np.int32)
+  (pa, pb, pc), mask = pad_batch(0, [a, b, c], 3)
+  loss = lambda a, b, **kw: losses.mcl_nt_xent(a, b, kw.pop("c", pc), temperature=0.25, **kw)
+  assert_padded_equals_unpadded(
+      lambda a, b, **k: loss(a, b, impl=impl, mesh=mesh, **k), [a, b],
+      unpadded_loss=lambda a, b: loss(a, b, c=c, impl="dense"), rtol=2e-6,
+  )
+  pa, pb, mask = jnp.asarray(pa), jnp.asarray(pb), jnp.asarray(mask)
+  dense = np.asarray(loss(pa, pb, impl="dense", reduction="none", mask=mask))
+  got = np.asarray(loss(pa, pb, impl=impl, mesh=mesh, reduction="none", mask=mask))
+  order = np.concatenate([np.concatenate([np.arange(2 * d, 2 * d + 2) + v * 8 for v in range(2)]) for d in range(4)])
+  np.testing.assert_allclose(got, dense[order], rtol=2e-6, atol=1e-6)
+  np.testing.assert_allclose(got.sum() / 10, float(loss(pa, pb, impl=impl, mesh=mesh, mask=mask)), rtol=2e-6)
 
 
 @pytest.mark.parametrize("impl", SHARDED)

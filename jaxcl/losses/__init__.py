@@ -53,6 +53,7 @@ from jaxcl.losses.metric_extra import snr_distance, snr_triplet, spherical_z_con
 from jaxcl.losses.multipositive import one_to_k_clip, poly_view
 from jaxcl.losses.multiview import multiview_infonce, mv_dhel
 from jaxcl.losses.negatives import (
+    CeClipOutput,
     ce_clip,
     decoupled_softmax,
     dual_view_moco,
@@ -88,6 +89,7 @@ from jaxcl.losses.temperature import (
 __all__ = [
     "AMCLTemperature",
     "CSROutput",
+    "CeClipOutput",
     "IsogclrOutput",
     "IsogclrState",
     "RetrievalAccuracy",

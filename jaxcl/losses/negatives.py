@@ -19,7 +19,6 @@ top-k keeps every candidate tied with the k-th value.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -32,13 +31,13 @@ from jaxcl.losses import _common
 
 
 # ------------------------------------------------------------------------------------------------ HN-NCE
-def _hn_log_negatives(lse_hard: jax.Array, lse_weight: jax.Array, n_neg: int) -> jax.Array:
+def _hn_log_negatives(lse_hard: jax.Array, lse_weight: jax.Array, n_neg) -> jax.Array:
   """log Σ_{j≠i} w_ij exp(s_ij) with w_ij = n · exp(β s_ij) / Σ_{k≠i} exp(β s_ik)."""
-  return math.log(n_neg) + lse_hard - lse_weight
+  return jnp.log(jnp.asarray(n_neg, jnp.float32)) + lse_hard - lse_weight
 
 
 @_common.keyword_only
-@_common.shardable("image", "text")
+@_common.shardable("image", "text", "mask")
 def hn_nce(
     image: jax.Array,
     text: jax.Array,
@@ -47,6 +46,8 @@ def hn_nce(
     alpha: float = 1.0,
     beta: float = 0.5,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
     mesh: jax.sharding.Mesh | None = None,
@@ -76,11 +77,16 @@ def hn_nce(
       reimplementation (lucas-ventura/CoVR, `hn_nce.yaml`, α = 1), which sums the two directions
       where this function averages them (a factor of 2).
     normalize: L2-normalise both batches first.
+    reduction: "mean" (the loss above), "sum" or "none": the (2B,) per-anchor terms, the B image
+      anchors (i→t) then the B text anchors (t→i), this device's under `axis_name`; their mean is the
+      loss (½ (L_i2t + L_t2i) is the mean over the 2B anchors).
+    mask: None or bool (B,); False marks padding pairs, which are neither anchors nor negatives (nor
+      counted in B − 1 of the weights): a padded batch gives the loss of its valid pairs.
     impl: similarity engine, see `jaxcl.ops.available_impls()`; "allgather" | "ring" with `axis_name` /
       `mesh`: the batch split over devices ("Sharded batches" in `jaxcl.losses`).
     axis_name, mesh: see "Sharded batches" in `jaxcl.losses`.
   Returns:
-    Scalar float32 mean loss.
+    Float32 loss reduced by `reduction` (a scalar, or (2B,) for "none").
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(3)
@@ -92,23 +98,31 @@ def hn_nce(
   inv_t = _common.inverse_temperature(temperature)
   _checks.check_non_negative("alpha", alpha)
   _checks.check_non_negative("beta", beta)
+  _common.check_reduction(reduction)
   b = i.shape[0]
+  mask = _common.sample_mask(mask, b)
   ids = _common.batch_ids(b, axis_name)
   diag = (ids, ids)
-  lse = functools.partial(ops.logsumexp, i, t, rows=True, cols=True, exclude=diag, impl=impl,
-                          axis_name=axis_name)
+  lse = functools.partial(ops.logsumexp, i, t, rows=True, cols=True, exclude=diag, row_valid=mask,
+                          col_valid=mask, impl=impl, axis_name=axis_name)
   hard = lse(scale=(1.0 + beta) * inv_t)
   weight = lse(scale=beta * inv_t)
   positive = inv_t * _common.rowwise_dot(i, t)
+  if mask is None:
+    n_neg = _common.global_size(b, axis_name) - 1
+  else:
+    n_neg = _common.batch_sum(mask.astype(jnp.float32), axis_name) - 1.0
   terms = []
   for h, w in ((hard.rows, weight.rows), (hard.cols, weight.cols)):
-    log_neg = _hn_log_negatives(h, w, _common.global_size(b, axis_name) - 1)
+    h, w = _common.zero_invalid(h, mask), _common.zero_invalid(w, mask)
+    log_neg = _hn_log_negatives(h, w, n_neg)
     if isinstance(alpha, (int, float)) and alpha == 0:
       log_den = log_neg
     else:
       log_den = jnp.logaddexp(jnp.log(jnp.asarray(alpha, jnp.float32)) + positive, log_neg)
-    terms.append(_common.batch_mean(log_den - positive, axis_name))
-  return 0.5 * (terms[0] + terms[1])
+    terms.append(log_den - positive)
+  valid = None if mask is None else jnp.concatenate([mask, mask])
+  return _common.reduce_loss(jnp.concatenate(terms), reduction, valid, axis_name)
 
 
 # ------------------------------------------------------------------------------------ decoupled softmax
@@ -120,6 +134,8 @@ def decoupled_softmax(
     positives: tuple[jax.Array, jax.Array] | jax.Array | None = None,
     temperature: float | jax.Array = 0.05,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""DecoupledSoftmax: InfoNCE in which the *other* positives of a query leave its denominator.
@@ -143,9 +159,13 @@ def decoupled_softmax(
       `configs/dual-encoder.yaml`, whose `losses.py` decoupled softmax is this formula in its default
       sampled-positive mode).
     normalize: L2-normalise first.
+    reduction: "mean" (the loss above), "sum" or "none": the (B,) per-query terms, whose mean is the
+      loss.
+    mask: None or bool (B,); False marks padding pairs: the query is no anchor and its key is in no
+      denominator (with either form of `positives`), so a padded batch gives the loss of its valid pairs.
     impl: similarity engine.
   Returns:
-    Scalar float32 mean loss.
+    Float32 loss reduced by `reduction` (a scalar, or (B,) for "none").
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(3)
@@ -160,7 +180,9 @@ def decoupled_softmax(
   _checks.check_same_shape("query", q, "key", k)
   q, k = _common.maybe_normalize(q, normalize), _common.maybe_normalize(k, normalize)
   inv_t = _common.inverse_temperature(temperature)
+  _common.check_reduction(reduction)
   b = q.shape[0]
+  mask = _common.sample_mask(mask, b)
   positive = inv_t * _common.rowwise_dot(q, k)
   if positives is None or isinstance(positives, (tuple, list)):
     exclude = ops.diagonal(b) if positives is None else positives
@@ -174,13 +196,13 @@ def decoupled_softmax(
             "`positives` ids must make every row's own key a positive (row_ids[i] == col_ids[i]); rows "
             f"{np.flatnonzero(r != c).tolist()} differ."
         )
-    negatives = ops.logsumexp(q, k, scale=inv_t, exclude=exclude, impl=impl).rows
+    negatives = ops.logsumexp(q, k, scale=inv_t, exclude=exclude, row_valid=mask, col_valid=mask, impl=impl).rows
   else:
-    mask = _checks.check_array("positives", positives, ndim=2, floating=False)
-    if mask.shape != (b, b) or mask.dtype != jnp.bool_:
+    positive_mask = _checks.check_array("positives", positives, ndim=2, floating=False)
+    if positive_mask.shape != (b, b) or positive_mask.dtype != jnp.bool_:
       raise ValueError(
-          f"`positives` as a mask must be a boolean array of shape ({b}, {b}), got {mask.dtype} of shape "
-          f"{mask.shape}."
+          f"`positives` as a mask must be a boolean array of shape ({b}, {b}), got {positive_mask.dtype} of "
+          f"shape {positive_mask.shape}."
       )
     resolved = ops.resolve_impl(impl, b, b)
     if resolved != "dense":
@@ -189,10 +211,12 @@ def decoupled_softmax(
           f"got impl={impl!r} (resolved to {resolved!r}). Pass an id pair to use the other engines."
       )
     s = inv_t * jnp.einsum("id,jd->ij", q, k, preferred_element_type=jnp.float32)
-    valid = ~(mask | jnp.eye(b, dtype=bool))
+    valid = ~(positive_mask | jnp.eye(b, dtype=bool))
+    if mask is not None:
+      valid = valid & mask[None, :]
     negatives = jax.nn.logsumexp(jnp.where(valid, s, -jnp.inf), axis=1)
     negatives = jnp.where(jnp.any(valid, axis=1), negatives, -jnp.inf)
-  return jnp.mean(jnp.logaddexp(positive, negatives) - positive)
+  return _common.reduce_loss(jnp.logaddexp(positive, negatives) - positive, reduction, mask)
 
 
 # ------------------------------------------------------------------------- positive-aware hard negatives
@@ -208,6 +232,8 @@ def positive_aware_infonce(
     top_k: int | None = None,
     in_batch_negatives: bool = True,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
 ) -> jax.Array:
   r"""InfoNCE with positive-aware false-negative filtering and optional top-k hard negatives.
 
@@ -245,8 +271,12 @@ def positive_aware_infonce(
     top_k: None (keep every filtered negative) or k >= 1.
     in_batch_negatives: use the other keys of the batch as candidates.
     normalize: L2-normalise first (the filter always uses cosine similarities).
+    reduction: "mean" (the loss above), "sum" or "none": the (B,) per-query terms, whose mean is the
+      loss.
+    mask: None or bool (B,); False marks padding pairs: the query is no anchor, its key is no in-batch
+      negative of the other queries, and its `hard_negatives` are ignored.
   Returns:
-    Scalar float32 mean loss.
+    Float32 loss reduced by `reduction` (a scalar, or (B,) for "none").
 
   >>> import jax.numpy as jnp
   >>> q = jnp.array([[1.0, 0.0], [0.0, 1.0]])
@@ -262,7 +292,9 @@ def positive_aware_infonce(
   _checks.check_choice("threshold", threshold, ("relative", "additive"))
   _checks.check_finite("margin", margin)
   inv_t = _common.inverse_temperature(temperature)
+  _common.check_reduction(reduction)
   b, d = q.shape
+  mask = _common.sample_mask(mask, b)
   if not in_batch_negatives and (hard_negatives is None or 0 in np.shape(hard_negatives)[:-1]):
     given = "None" if hard_negatives is None else f"shape {np.shape(hard_negatives)}"
     raise ValueError(
@@ -275,7 +307,8 @@ def positive_aware_infonce(
   cos, logits = [], []
   if in_batch_negatives:
     _checks.check_min_batch("query", q, 2, why="the in-batch negatives need B >= 2")
-    cos.append(jnp.where(jnp.eye(b, dtype=bool), jnp.inf, qn @ kn.T))  # the positive never a negative
+    not_negative = jnp.eye(b, dtype=bool) if mask is None else jnp.eye(b, dtype=bool) | ~mask[None, :]
+    cos.append(jnp.where(not_negative, jnp.inf, qn @ kn.T))  # neither the positive nor a padding key
     logits.append(inv_t * (qq @ kk.T))
   if hard_negatives is not None:
     n = _checks.check_array("hard_negatives", hard_negatives, ndim=3)
@@ -297,7 +330,7 @@ def positive_aware_infonce(
     keep = keep & (ranked >= kth[:, None])
   negatives = jax.nn.logsumexp(jnp.where(keep, logits, -jnp.inf), axis=1)
   negatives = jnp.where(jnp.any(keep, axis=1), negatives, -jnp.inf)
-  return jnp.mean(jnp.logaddexp(logit_pos, negatives) - logit_pos)
+  return _common.reduce_loss(jnp.logaddexp(logit_pos, negatives) - logit_pos, reduction, mask)
 
 
 # --------------------------------------------------------------------- cluster-restricted negatives (MCL)
@@ -341,7 +374,7 @@ def mcl_cluster_ids(stage_cluster_ids) -> jax.Array:
 
 
 @_common.keyword_only
-@_common.shardable("z1", "z2", "cluster_ids")
+@_common.shardable("z1", "z2", "cluster_ids", "mask")
 def mcl_nt_xent(
     z1: jax.Array,
     z2: jax.Array,
@@ -349,6 +382,8 @@ def mcl_nt_xent(
     *,
     temperature: float | jax.Array = 0.5,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
     mesh: jax.sharding.Mesh | None = None,
@@ -371,11 +406,15 @@ def mcl_nt_xent(
     cluster_ids: (B,) integer cluster of each example (e.g. `mcl_cluster_ids` of earlier stages).
     temperature: τ > 0 (SimCLR's 0.5 by default).
     normalize: L2-normalise first.
+    reduction: "mean" (the loss above), "sum" or "none": the (2B,) per-anchor terms in the order
+      [z1; z2] (this device's under `axis_name`, as in `nt_xent`), whose mean is the loss.
+    mask: None or bool (B,); False marks padding samples, whose two views are neither anchors nor
+      negatives of any cluster: a padded batch gives the loss of its valid samples.
     impl: similarity engine; "allgather" | "ring" with `axis_name` / `mesh`: the batch split over
       devices ("Sharded batches" in `jaxcl.losses`).
     axis_name, mesh: see "Sharded batches" in `jaxcl.losses`.
   Returns:
-    Scalar float32 mean loss.
+    Float32 loss reduced by `reduction` (a scalar, or (2B,) for "none").
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(4)
@@ -386,18 +425,25 @@ def mcl_nt_xent(
   a, b = _common.pair("z1", z1, "z2", z2, normalize=normalize, axis_name=axis_name)
   c = _checks.check_labels("cluster_ids", cluster_ids, a.shape[0])
   inv_t = _common.inverse_temperature(temperature)
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, a.shape[0])
+  valid = None if mask is None else jnp.tile(mask, 2)
   z = jnp.concatenate([a, b], axis=0)
   cid = jnp.tile(c.astype(jnp.int32), 2)
   ids = _common.batch_ids(a.shape[0], axis_name)
   rows = jnp.concatenate([ids, ids + _common.global_size(a.shape[0], axis_name)])  # view v of sample i: v·B + i
-  lse = ops.logsumexp(z, z, scale=inv_t, exclude=(rows, rows), include=(cid, cid), impl=impl,
-                      axis_name=axis_name).rows
+  lse = ops.logsumexp(z, z, scale=inv_t, exclude=(rows, rows), include=(cid, cid), row_valid=valid,
+                      col_valid=valid, impl=impl, axis_name=axis_name).rows
   partner = _common.rowwise_dot(z, jnp.roll(z, z.shape[0] // 2, axis=0))
-  return _common.batch_mean(lse - inv_t * partner, axis_name)
+  return _common.reduce_loss(_common.zero_invalid(lse, valid) - inv_t * partner, reduction, valid, axis_name)
 
 
 # --------------------------------------------------------------------------------------------- CE-CLIP
 class CeClipOutput(NamedTuple):
+  """What `ce_clip` returns. `loss`, `itc`, `imc` and `cmr` follow its `reduction` (scalars, or (B,)
+  per-pair terms for "none"), so that loss = itc + imc_weight · imc + cmr_weight · cmr holds for each;
+  `thresholds` is always the (H,) θ for the next step (no gradient)."""
+
   loss: jax.Array
   thresholds: jax.Array  # (H,) the adaptive rank thresholds for the next step
   itc: jax.Array
@@ -418,6 +464,8 @@ def ce_clip(
     cmr_weight: float = 0.2,
     threshold_range: tuple[float, float] | None = (0.0, 10.0),
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> CeClipOutput:
   r"""CE-CLIP: CLIP with caption hard negatives, an intra-modal contrast and a cross-modal rank loss.
@@ -453,6 +501,12 @@ def ce_clip(
     imc_weight, cmr_weight: the loss weights.
     threshold_range: (low, high) the updated θ is clipped to, in logit units; None: no clipping.
     normalize: L2-normalise all embeddings first.
+    reduction: "mean" (the loss above), "sum" or "none": the (B,) per-pair terms
+      ℓ_i = ½ (itc_i^{i→t} + itc_i^{t→i}) + imc_weight · imc_i + cmr_weight · mean_h cmr_ih, whose mean
+      is the loss; `itc`, `imc` and `cmr` of the output are reduced the same way.
+    mask: None or bool (B,); False marks padding pairs: neither their image nor their text is an
+      anchor or a negative, and their hard negatives are ignored everywhere (as `valid` False), also in
+      the θ update, so a padded batch gives the loss and θ of its valid pairs.
     impl: similarity engine.
   Returns:
     CeClipOutput(loss, thresholds (the updated θ, no gradient), itc, imc, cmr).
@@ -488,6 +542,10 @@ def ce_clip(
   valid = jnp.asarray(valid)
   if valid.shape != (b, h) or valid.dtype != jnp.bool_:
     raise ValueError(f"`valid` must be a boolean array of shape ({b}, {h}), got {valid.dtype} {valid.shape}.")
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, b)
+  if mask is not None:
+    valid = valid & mask[:, None]
   flat = jnp.reshape(n, (b * h, d))
   flat_valid = jnp.reshape(valid, (b * h,))
   # Invalid hard negatives leave every denominator: id -1 never equals a row id >= 0.
@@ -495,24 +553,27 @@ def ce_clip(
   keep_valid = (jnp.zeros((b,), jnp.int32), neg_ids)
 
   positive = scale * _common.rowwise_dot(i, t)
-  lse = ops.logsumexp(i, t, scale=scale, rows=True, cols=True, impl=impl)
-  lse_hn = ops.logsumexp(i, flat, scale=scale, include=keep_valid, impl=impl).rows
-  itc = 0.5 * (jnp.mean(jnp.logaddexp(lse.rows, lse_hn) - positive) + jnp.mean(lse.cols - positive))
+  lse = ops.logsumexp(i, t, scale=scale, rows=True, cols=True, row_valid=mask, col_valid=mask, impl=impl)
+  lse_hn = ops.logsumexp(i, flat, scale=scale, include=keep_valid, row_valid=mask, impl=impl).rows
+  i2t = jnp.logaddexp(_common.zero_invalid(lse.rows, mask), lse_hn) - positive
+  itc = 0.5 * (i2t + _common.zero_invalid(lse.cols, mask) - positive)
 
-  lse_text = ops.logsumexp(t, flat, scale=scale, include=keep_valid, impl=impl).rows
-  imc = jnp.mean(jnp.logaddexp(positive, lse_text) - positive)
+  lse_text = ops.logsumexp(t, flat, scale=scale, include=keep_valid, row_valid=mask, impl=impl).rows
+  imc = jnp.logaddexp(positive, lse_text) - positive
 
   s_hn = scale * jnp.einsum("bd,bhd->bh", i, n, preferred_element_type=jnp.float32)
   vf = valid.astype(jnp.float32)
-  cmr = jnp.mean(vf * jax.nn.relu(thresholds[None, :] + s_hn - positive[:, None]))
+  cmr = jnp.mean(vf * jax.nn.relu(thresholds[None, :] + s_hn - positive[:, None]), axis=1)
 
   count = jnp.maximum(jnp.sum(vf, axis=0), 1.0)
-  new_thresholds = jnp.mean(positive) - jnp.sum(vf * s_hn, axis=0) / count
+  mean_positive = _common.reduce_loss(positive, "mean", mask)
+  new_thresholds = mean_positive - jnp.sum(vf * s_hn, axis=0) / count
   if threshold_range is not None:
     new_thresholds = jnp.clip(new_thresholds, threshold_range[0], threshold_range[1])
   new_thresholds = jax.lax.stop_gradient(jnp.where(jnp.sum(vf, axis=0) > 0, new_thresholds, thresholds))
+  reduce = functools.partial(_common.reduce_loss, reduction=reduction, valid=mask)
   loss = itc + imc_weight * imc + cmr_weight * cmr
-  return CeClipOutput(loss, new_thresholds, itc, imc, cmr)
+  return CeClipOutput(reduce(loss), new_thresholds, reduce(itc), reduce(imc), reduce(cmr))
 
 
 # ------------------------------------------------------------------------------- MoCo: dual view, top-k
@@ -526,6 +587,8 @@ def dual_view_moco(
     top_k: int | None = None,
     dual_view: bool = True,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""MoCo with a dual-view loss and cosine-similarity hard-negative selection from the queue.
@@ -553,9 +616,13 @@ def dual_view_moco(
     top_k: None or the number of hardest queue negatives kept per anchor (1 <= k).
     dual_view: average the two directions.
     normalize: L2-normalise query, key and queue first.
+    reduction: "mean" (the loss above), "sum" or "none": the per-anchor terms, (2B,) with `dual_view`
+      (the B query anchors, then the B key anchors) or (B,) without; their mean is the loss.
+    mask: None or bool (B,); False marks padding pairs, which are no anchors (the negatives all come
+      from the queue, which is shared and never masked).
     impl: similarity engine for the queue term when `top_k` is None.
   Returns:
-    Scalar float32 mean loss.
+    Float32 loss reduced by `reduction` (a scalar, or (2B,) / (B,) for "none").
 
   >>> import jax.numpy as jnp
   >>> q = jnp.eye(2)
@@ -571,6 +638,10 @@ def dual_view_moco(
   inv_t = _common.inverse_temperature(temperature)
   if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
     raise ValueError(f"`top_k` must be a positive int or None, got {top_k!r}.")
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, q.shape[0])
+  if mask is not None:  # padding rows become zeros: finite terms, dropped by the reduction, zero gradient
+    q, k = (jnp.where(mask[:, None], x, jnp.zeros_like(x)) for x in (q, k))
   q, k, n = (_common.maybe_normalize(x, normalize) for x in (q, k, n))
 
   def direction(a, b):
@@ -585,8 +656,9 @@ def dual_view_moco(
       kth = jax.lax.top_k(jax.lax.stop_gradient(cos), min(top_k, n.shape[0]))[0][:, -1]
       keep = jax.lax.stop_gradient(cos >= kth[:, None])
       negatives = jax.nn.logsumexp(jnp.where(keep, inv_t * sims, -jnp.inf), axis=1)
-    return jnp.mean(jnp.logaddexp(positive, negatives) - positive)
+    return jnp.logaddexp(positive, negatives) - positive
 
   if dual_view:
-    return 0.5 * (direction(q, k) + direction(k, q))
-  return direction(q, k)
+    valid = None if mask is None else jnp.concatenate([mask, mask])
+    return _common.reduce_loss(jnp.concatenate([direction(q, k), direction(k, q)]), reduction, valid)
+  return _common.reduce_loss(direction(q, k), reduction, mask)
