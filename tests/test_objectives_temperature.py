@@ -85,6 +85,33 @@ def test_macl_temperature_grows_with_alignment():
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [2.0**-20, 2.0**-100])
+def test_macl_is_finite_at_tiny_temperatures_with_aligned_views(temperature):
+  # Aligned views make P_i round to 1: V = 1/(1 − P) overflowed (inf · 0 = NaN from 1/τ ≈ 2^15). The
+  # value sg(V)·(−log P) tends to 1 per anchor, and since V σ(−d) = 1 its gradient is that of
+  # N_i − pos_i/τ_A, i.e. dcl's at the temperature τ_A (A frozen).
+  x = randn(11, 6, 4)
+  y = x + 0.01 * randn(12, 6, 4)
+  a_mag = float(np.mean(np.sum(normalize(x) * normalize(y), axis=1)))
+  value, grads = jax.value_and_grad(lambda a, b: macl(a, b, temperature=temperature), argnums=(0, 1))(x, y)
+  _, want = jax.value_and_grad(lambda a, b: dcl(a, b, temperature=temperature * (1 + 0.5 * a_mag)),
+                               argnums=(0, 1))(x, y)
+  np.testing.assert_allclose(float(value), 1.0, rtol=1e-6)
+  for g, w in zip(grads, want):
+    assert np.all(np.isfinite(g))
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6 * float(np.max(np.abs(w))))
+
+
+def test_macl_gradient_is_dcl_gradient_at_the_adapted_temperature():
+  # The same identity at a moderate temperature, where V is far from overflow.
+  x, y = randn(13, 5, 4), randn(14, 5, 4)
+  a_mag = float(np.mean(np.sum(normalize(x) * normalize(y), axis=1)))
+  grads = jax.grad(lambda a, b: macl(a, b, temperature=0.1), argnums=(0, 1))(x, y)
+  want = jax.grad(lambda a, b: dcl(a, b, temperature=0.1 * (1 + 0.5 * a_mag)), argnums=(0, 1))(x, y)
+  for g, w in zip(grads, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------- focal
 def ref_focal(img, txt, scale, gamma):
   s = scale * normalize(img) @ normalize(txt).T
@@ -114,10 +141,24 @@ def test_focal_clip_gamma_zero_is_clip_and_focusing_lowers_the_loss():
   assert 0 < float(one) < float(want)  # (1 − p) < 1 scales every term down
 
 
-def test_focal_clip_is_finite_when_a_pair_is_certain():
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0])
+def test_focal_clip_is_finite_when_a_pair_is_certain(gamma):
   x = 50.0 * np.eye(3, dtype=np.float32)
-  value, grad = jax.value_and_grad(lambda a: focal_clip(a, a, logit_scale=100.0, gamma=2.0))(x)
+  value, grad = jax.value_and_grad(lambda a: focal_clip(a, a, logit_scale=100.0, gamma=gamma))(x)
   assert np.isfinite(float(value)) and np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("scale", [2.0**40, 2.0**100])
+def test_focal_clip_gradient_is_finite_at_huge_logit_scales(scale, gamma):
+  # log p of a pair can round to a small positive number when both S_ii and the log-sum-exp are ~1e12:
+  # expm1's derivative overflowed there (inf · 0 = NaN). Where every p is 0 or 1 in float32 the focal
+  # factor is 1 or 0, so the gradient is CLIP's over the pairs with p = 0.
+  x, y = randn(15, 8, 16), randn(16, 8, 16)
+  value, grads = jax.value_and_grad(lambda a, b: focal_clip(a, b, logit_scale=scale, gamma=gamma),
+                                    argnums=(0, 1))(x, y)
+  assert np.isfinite(float(value))
+  assert all(np.all(np.isfinite(g)) for g in grads)
 
 
 # -------------------------------------------------------------------------------------------- iSogCLR

@@ -103,11 +103,32 @@ def macl(
   inv_t = 1.0 / tau_a
   ids = jnp.tile(_common.batch_ids(n // 2, axis_name), 2)  # both views of a sample share its id
   negatives = ops.logsumexp(z, z, scale=inv_t, exclude=(ids, ids), impl=impl, axis_name=axis_name).rows
-  log_all = jnp.logaddexp(inv_t * pos, negatives)
-  nll = log_all - inv_t * pos
+  margin = negatives - inv_t * pos  # −d_i = N_i − pos_i/τ_A
   if reweight:
-    return _common.batch_mean(sg(jnp.exp(log_all - negatives)) * nll, axis_name)
-  return _common.batch_mean(nll, axis_name)
+    return _common.batch_mean(_reweighted_nll(margin), axis_name)
+  return _common.batch_mean(jax.nn.softplus(margin), axis_name)
+
+
+def _reweighted_nll(margin: jax.Array) -> jax.Array:
+  r"""sg(V) · (−log P) of MACL from m = N − pos/τ_A = −d, without overflow at any temperature.
+
+  With P = σ(d): −log P = softplus(m) and V = 1/(1 − P) = 1 + e^{−m}. V overflows for large d (and
+  inf · 0 = NaN); its value h = (1 + e^{−m}) softplus(m) is bounded (→ 1 as m → −∞):
+
+      m >= 0:  h = (1 + e^{−m}) softplus(m)
+      m < 0:   h = log1p(u) + log1p(u)/u,  u = e^{m}   (log1p(u)/u → 1 when u underflows)
+
+  and since V · σ(m) = 1 exactly, the gradient of sg(V) · softplus(m) is that of m itself. Returned:
+  h + (m − sg(m)) (value h, gradient ∇m).
+  """
+  m = sg(margin)
+  u = jnp.exp(jnp.minimum(m, 0.0))
+  safe_u = jnp.where(u > 0, u, 1.0)
+  log1p_u = jnp.log1p(u)
+  ratio = jnp.where(u > 0, jnp.log1p(safe_u) / safe_u, 1.0)
+  h = jnp.where(m >= 0, (1.0 + jnp.exp(-jnp.maximum(m, 0.0))) * jax.nn.softplus(jnp.maximum(m, 0.0)),
+                log1p_u + ratio)
+  return h + (margin - m)  # (margin − m) = 0 in value: h is never added to a huge m
 
 
 # ---------------------------------------------------------------------------------------------- focal
@@ -150,9 +171,21 @@ def focal_clip(
     if isinstance(gamma, (int, float)) and gamma == 0:
       terms.append(jnp.mean(nll))
       continue
-    one_minus_p = jnp.maximum(-jnp.expm1(log_p), 0.0)
-    terms.append(jnp.mean(jnp.power(one_minus_p, gamma) * nll))
+    terms.append(jnp.mean(_focusing(log_p, gamma) * nll))
   return 0.5 * (terms[0] + terms[1])
+
+
+def _focusing(log_p: jax.Array, gamma) -> jax.Array:
+  """(1 − p)^γ from log p, with finite gradients where p rounds to 1.
+
+  1 − p = −expm1(min(log p, 0)): log p can round above 0 at large logit scales, where expm1's
+  derivative overflows. At 1 − p = 0 the factor is 0^γ with gradient 0 (its limit, also for γ < 1,
+  where the derivative of x^γ is infinite but (1 − p)^γ · (−log p) still vanishes like (1 − p)^{1+γ}).
+  """
+  one_minus_p = -jnp.expm1(jnp.minimum(log_p, 0.0))
+  positive = one_minus_p > 0
+  at_zero = jnp.asarray(gamma == 0, jnp.float32)  # 0^0 = 1
+  return jnp.where(positive, jnp.power(jnp.where(positive, one_minus_p, 1.0), gamma), at_zero)
 
 
 # ---------------------------------------------------------------------------------------------- iSogCLR
