@@ -424,3 +424,79 @@ BAD = [
 def test_bad_inputs_raise_with_the_argument_name(call, message):
   with pytest.raises((ValueError, TypeError), match=message):
     call()
+
+
+# ------------------------------------------------------------------------- reduction= and mask= (item 9)
+def _macl(a, b, **kw):
+  return macl(a, b, temperature=0.2, **kw)
+
+
+def _focal(a, b, **kw):
+  return focal_clip(a, b, logit_scale=4.0, gamma=1.5, **kw)
+
+
+TWO_VIEW = {"macl": _macl, "macl_no_reweight": functools.partial(_macl, reweight=False), "focal_clip": _focal}
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise"])
+@pytest.mark.parametrize("name", sorted(TWO_VIEW))
+def test_padded_batch_with_mask_equals_unpadded_batch(name, impl, monkeypatch):
+  # padding rows change macl's alignment A unless they are left out of it too
+  from jaxcl.ops import blockwise
+  monkeypatch.setattr(blockwise, "DEFAULT_TILE", 2)  # several tiles
+  loss = TWO_VIEW[name]
+  helpers.assert_padded_equals_unpadded(lambda a, b, **kw: loss(a, b, impl=impl, **kw),
+                                        [randn(30, 5, 4), randn(31, 5, 4)], rtol=2e-6)
+
+
+@pytest.mark.parametrize("name", sorted(TWO_VIEW))
+def test_reductions_none_sum_mean_agree(name):
+  x, y = randn(32, 6, 4), randn(33, 6, 4)
+  helpers.assert_reductions_agree(TWO_VIEW[name], [x, y], 12)
+  helpers.assert_reductions_agree(TWO_VIEW[name], [x, y], 12, mask=np.array([1, 0, 1, 1, 0, 1], bool))
+
+
+def test_macl_reduction_none_is_the_per_anchor_reference():
+  x, y = randn(34, 5, 4), randn(35, 5, 4)
+  z = normalize(np.concatenate([x, y]).astype(np.float64))
+  _, (a_mag, weights) = ref_macl(x.astype(np.float64), y.astype(np.float64), 0.2, 0.5, 0.0, True)
+  tau = 0.2 * (1 + 0.5 * a_mag)
+  want = []
+  for i in range(10):
+    logits = np.array([z[i] @ z[j] for j in range(10) if j != i]) / tau
+    want.append(-weights[i] * (z[i] @ z[(i + 5) % 10] / tau - logsumexp(logits)))
+  np.testing.assert_allclose(np.asarray(_macl(x, y, reduction="none")), want, rtol=2e-5)
+
+
+@pytest.mark.parametrize("impl", ["allgather", "ring"])
+def test_macl_mask_on_the_sharded_engines(impl, monkeypatch):
+  """5 samples padded to 8 = 2 per device on 4 devices equal the unpadded dense batch (A is the mean
+  over the global valid anchors); "none" gives each device's anchors in turn."""
+  from jaxcl.ops import blockwise
+  monkeypatch.setattr(blockwise, "DEFAULT_TILE", 1)
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:4])
+  x, y = randn(36, 5, 4), randn(37, 5, 4)
+  helpers.assert_padded_equals_unpadded(lambda a, b, **kw: _macl(a, b, impl=impl, mesh=mesh, **kw), [x, y],
+                                        unpadded_loss=lambda a, b: _macl(a, b, impl="dense"), rtol=2e-6)
+  (px, py), mask = helpers.pad_batch(1, [x, y], 3)
+  dense = np.asarray(_macl(px, py, impl="dense", reduction="none", mask=jnp.asarray(mask)))
+  got = np.asarray(_macl(px, py, impl=impl, mesh=mesh, reduction="none", mask=jnp.asarray(mask)))
+  order = np.concatenate([np.concatenate([np.arange(2 * d, 2 * d + 2) + v * 8 for v in range(2)])
+                          for d in range(4)])
+  np.testing.assert_allclose(got, dense[order], rtol=2e-6, atol=1e-6)
+
+
+MASK_BAD = [
+    (lambda: _macl(ONES((4, 3)), ONES((4, 3)), reduction="max"), r"`reduction`"),
+    (lambda: _macl(ONES((4, 3)), ONES((4, 3)), mask=np.ones(3, bool)), r"`mask` must have shape \(4,\)"),
+    (lambda: _macl(ONES((4, 3)), ONES((4, 3)), mask=np.ones(4)), r"`mask` must be a boolean array"),
+    (lambda: _focal(ONES((4, 3)), ONES((4, 3)), reduction="max"), r"`reduction`"),
+    (lambda: _focal(ONES((4, 3)), ONES((4, 3)), mask=np.ones(3, bool)), r"`mask` must have shape \(4,\)"),
+    (lambda: _focal(ONES((4, 3)), ONES((4, 3)), mask=np.ones(4)), r"`mask` must be a boolean array"),
+]
+
+
+@pytest.mark.parametrize("call,message", MASK_BAD)
+def test_bad_mask_or_reduction_raises_with_the_argument_name(call, message):
+  with pytest.raises((ValueError, TypeError), match=message):
+    call()

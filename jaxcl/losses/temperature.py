@@ -32,7 +32,7 @@ def _instance_ids(b: int) -> jax.Array:
 
 # ------------------------------------------------------------------------------------------------- MACL
 @_common.keyword_only
-@_common.shardable("z1", "z2")
+@_common.shardable("z1", "z2", "mask")
 def macl(
     z1: jax.Array,
     z2: jax.Array,
@@ -42,6 +42,8 @@ def macl(
     a0: float = 0.0,
     reweight: bool = True,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
     mesh: jax.sharding.Mesh | None = None,
@@ -74,11 +76,16 @@ def macl(
       α (1 + |A₀|) <= 1 (checked; α = 1, A₀ = 0 is the authors' linear variant, τ_A = τ₀ (1 + A)).
     reweight: apply V_i.
     normalize: L2-normalise first (A is a mean cosine only then).
+    reduction: "mean", "sum" or "none" (the (2B,) per-anchor losses in the order [z1; z2]; this
+      device's under `axis_name`).
+    mask: None or bool (B,); False marks padding samples, whose two views are neither anchors nor
+      negatives and do not enter A: the loss of the unpadded batch, zero gradients on the padding.
     impl: similarity engine; "allgather" | "ring" with `axis_name` / `mesh`: the batch split over
       devices (A is then the mean over the global batch).
     axis_name, mesh: see "Sharded batches" in `jaxcl.losses`.
   Returns:
-    Scalar float32 mean loss.
+    Float32: the scalar mean (or sum) over the valid anchors, or the (2B,) per-anchor losses (0 for
+    masked anchors).
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(3)  # A = 1, τ_A = 1.5 τ₀ = 1.5 with τ₀ = 1
@@ -87,6 +94,8 @@ def macl(
   """
   del mesh  # handled by @shardable
   a, b = _common.pair("z1", z1, "z2", z2, normalize=normalize, axis_name=axis_name)
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, a.shape[0])
   _checks.check_temperature("temperature", temperature)
   temperature = _checks.check_scalar("temperature", temperature)
   _checks.check_non_negative("alpha", alpha)
@@ -97,16 +106,18 @@ def macl(
         f"(-1, 1], got alpha={alpha} and a0={a0}."
     )
   z = jnp.concatenate([a, b], axis=0)
+  valid = None if mask is None else jnp.concatenate([mask, mask])
   n = z.shape[0]
   pos = _common.rowwise_dot(z, jnp.roll(z, n // 2, axis=0))
-  tau_a = temperature * (1.0 + alpha * (sg(_common.batch_mean(pos, axis_name)) - a0))
+  alignment = _common.reduce_loss(sg(pos), "mean", valid, axis_name)  # A: the mean over valid anchors
+  tau_a = temperature * (1.0 + alpha * (alignment - a0))
   inv_t = 1.0 / tau_a
   ids = jnp.tile(_common.batch_ids(n // 2, axis_name), 2)  # both views of a sample share its id
-  negatives = ops.logsumexp(z, z, scale=inv_t, exclude=(ids, ids), impl=impl, axis_name=axis_name).rows
-  margin = negatives - inv_t * pos  # −d_i = N_i − pos_i/τ_A
-  if reweight:
-    return _common.batch_mean(_reweighted_nll(margin), axis_name)
-  return _common.batch_mean(jax.nn.softplus(margin), axis_name)
+  negatives = ops.logsumexp(z, z, scale=inv_t, exclude=(ids, ids), row_valid=valid, col_valid=valid,
+                            impl=impl, axis_name=axis_name).rows
+  margin = _common.zero_invalid(negatives, valid) - inv_t * pos  # −d_i = N_i − pos_i/τ_A
+  per_anchor = _reweighted_nll(margin) if reweight else jax.nn.softplus(margin)
+  return _common.reduce_loss(per_anchor, reduction, valid, axis_name)
 
 
 def _reweighted_nll(margin: jax.Array) -> jax.Array:
@@ -140,6 +151,8 @@ def focal_clip(
     logit_scale: float | jax.Array,
     gamma: float = 2.0,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""Focal image–text contrastive loss: CLIP with each term scaled by (1 − p)^γ.
@@ -155,6 +168,10 @@ def focal_clip(
   momentum encoder, which is a training-loop concern); γ = 2 is the focal-loss default, not a value
   from the paper. p comes from the row/column log-sum-exp, so every engine applies.
 
+  `reduction`: "mean", "sum" or "none": the (2B,) per-anchor terms (B image anchors, then B text
+  anchors), whose mean is the loss above. `mask`: None or bool (B,); False marks padding pairs, which
+  are neither anchors nor candidates: the loss of the unpadded batch, zero gradients on the padding.
+
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(2)  # p = e / (e + 1), -(1 - p)² log p
   >>> round(float(focal_clip(x, x, logit_scale=1.0)), 4)  # 0.2689² · 0.3133
@@ -163,16 +180,18 @@ def focal_clip(
   i, t = _common.pair("image", image, "text", text, normalize=normalize)
   scale = _common.logit_scale(logit_scale)
   _checks.check_non_negative("gamma", gamma)
-  lse = ops.logsumexp(i, t, scale=scale, rows=True, cols=True, impl=impl)
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, i.shape[0])
+  lse = ops.logsumexp(i, t, scale=scale, rows=True, cols=True, row_valid=mask, col_valid=mask, impl=impl)
   positive = scale * _common.rowwise_dot(i, t)
-  terms = []
-  for log_p in (positive - lse.rows, positive - lse.cols):
-    nll = -log_p
-    if isinstance(gamma, (int, float)) and gamma == 0:
-      terms.append(jnp.mean(nll))
-      continue
-    terms.append(jnp.mean(_focusing(log_p, gamma) * nll))
-  return 0.5 * (terms[0] + terms[1])
+  log_p = jnp.concatenate([positive - _common.zero_invalid(lse.rows, mask),
+                           positive - _common.zero_invalid(lse.cols, mask)])
+  if isinstance(gamma, (int, float)) and gamma == 0:
+    per_anchor = -log_p
+  else:
+    per_anchor = _focusing(log_p, gamma) * -log_p
+  valid = None if mask is None else jnp.concatenate([mask, mask])
+  return _common.reduce_loss(per_anchor, reduction, valid)
 
 
 def _focusing(log_p: jax.Array, gamma) -> jax.Array:
