@@ -500,3 +500,32 @@ MASK_BAD = [
 def test_bad_mask_or_reduction_raises_with_the_argument_name(call, message):
   with pytest.raises((ValueError, TypeError), match=message):
     call()
+
+
+def _amcl_taus(z1, z2):
+  """Pair temperatures that depend on the embeddings (so that padding rows would show in them)."""
+  z = jnp.concatenate([z1, z2]) / jnp.linalg.norm(jnp.concatenate([z1, z2]), axis=-1, keepdims=True)
+  return 0.3 + jax.nn.sigmoid(jnp.einsum("ahd,bhd->hab", z, z))
+
+
+@pytest.mark.parametrize("top_k", [None, 3, 100])
+def test_amcl_padded_batch_with_mask_equals_unpadded_batch(top_k):
+  loss = lambda a, b, **kw: amcl(a, b, _amcl_taus(a, b), beta=0.05, top_k=top_k, **kw)  # noqa: E731
+  helpers.assert_padded_equals_unpadded(loss, [randn(40, 5, 2, 4), randn(41, 5, 2, 4)], rtol=2e-6)
+
+
+def test_amcl_reductions_agree_and_none_is_the_reference_per_anchor():
+  x, y, taus = randn(42, 6, 2, 4), randn(43, 6, 2, 4), _taus(44, 2, 12)
+  loss = lambda a, b, **kw: amcl(a, b, taus, beta=0.05, top_k=3, **kw)  # noqa: E731
+  helpers.assert_reductions_agree(loss, [x, y], 12)
+  helpers.assert_reductions_agree(loss, [x, y], 12, mask=np.array([1, 1, 0, 1, 0, 1], bool))
+  per = np.asarray(loss(x, y, reduction="none"))
+  np.testing.assert_allclose(per.mean(), ref_amcl(x, y, taus, 0.05, 3), rtol=1e-5)
+
+
+def test_amcl_bad_mask_or_reduction_names_the_argument():
+  z, taus = ONES((4, 2, 3)), ONES((2, 8, 8))
+  with pytest.raises(ValueError, match=r"`reduction`"):
+    amcl(z, z, taus, reduction="max")
+  with pytest.raises(ValueError, match=r"`mask` must have shape \(4,\)"):
+    amcl(z, z, taus, mask=np.ones(8, bool))

@@ -422,6 +422,8 @@ def amcl(
     beta: float = 1e-4,
     top_k: int | None = 100,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
 ) -> jax.Array:
   r"""AMCL: SimCLR over several projection heads with pair-adaptive temperatures and their regulariser.
 
@@ -452,8 +454,14 @@ def amcl(
     beta: regulariser weight β >= 0.
     top_k: k >= 1 for the top-k form (k is capped at 2B − 2), None for the log-sum-exp form.
     normalize: L2-normalise the embeddings first.
+    reduction: "mean", "sum" or "none": the (2B,) per-anchor losses Σ_h ℓ_a (heads summed) in the
+      order [z1; z2], whose mean is the loss.
+    mask: None or bool (B,); False marks padding samples, whose two views are neither anchors nor
+      negatives (nor among the top k): the loss of the unpadded batch (with the unpadded batch's rows
+      and columns of `temperatures`), zero gradients on the padding and on its temperatures.
   Returns:
-    Scalar float32 loss.
+    Float32: the scalar loss (mean or sum over the valid anchors), or the (2B,) per-anchor losses (0
+    for masked anchors).
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(3)[:, None, :]  # one head, three orthogonal samples, identical views
@@ -474,6 +482,9 @@ def amcl(
   _checks.check_non_negative("beta", beta)
   if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
     raise ValueError(f"`top_k` must be a positive int or None, got {top_k!r}.")
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, b)
+  valid = None if mask is None else jnp.concatenate([mask, mask])
   z = jnp.swapaxes(jnp.concatenate([z1, z2], axis=0), 0, 1).astype(jnp.float32)  # (H, 2B, D)
   z = _common.maybe_normalize(z, normalize)
   tau = temperatures.astype(jnp.float32)
@@ -484,6 +495,8 @@ def amcl(
   c_pos = c[:, rows, partner]
   tau_pos = tau[:, rows, partner]
   negative = (rows[:, None] != rows[None, :]) & (partner[:, None] != rows[None, :])  # (2B, 2B)
+  if valid is not None:
+    negative = negative & valid[None, :]  # padding is nobody's negative
   omega_pos = 0.5 * d * jnp.log(tau_pos) + 1.0 / tau_pos
   if top_k is None:
     keep = jnp.broadcast_to(negative, c.shape)
@@ -493,8 +506,8 @@ def amcl(
     ranked = jnp.where(negative, sg(c), -jnp.inf)
     kth = jax.lax.top_k(ranked, k_eff)[0][..., -1]
     keep = negative & (ranked >= kth[..., None])
-    count = jnp.sum(keep, axis=-1)
+    count = jnp.maximum(jnp.sum(keep, axis=-1), 1)  # 0 only for an anchor without a valid negative
     neg = jnp.sum(jnp.where(keep, c / tau, 0.0), axis=-1) / count
   reg_neg = jnp.sum(jnp.where(keep, jnp.log(tau) + 1.0 / tau, 0.0), axis=-1)
   per_anchor = -c_pos / tau_pos + beta * omega_pos + neg - beta * reg_neg
-  return jnp.sum(jnp.mean(per_anchor, axis=-1))
+  return _common.reduce_loss(jnp.sum(per_anchor, axis=0), reduction, valid)
