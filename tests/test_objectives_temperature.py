@@ -529,3 +529,51 @@ def test_amcl_bad_mask_or_reduction_names_the_argument():
     amcl(z, z, taus, reduction="max")
   with pytest.raises(ValueError, match=r"`mask` must have shape \(4,\)"):
     amcl(z, z, taus, mask=np.ones(8, bool))
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise"])
+def test_isogclr_padded_batch_with_mask_equals_unpadded_batch_and_keeps_padding_state(impl, monkeypatch):
+  """Loss and gradients of the unpadded batch, zero gradients on the padding; the state of the valid
+  ids as after the unpadded step, every other entry (the padding rows' ids, one of them also a valid
+  id's) unchanged."""
+  from jaxcl.ops import blockwise
+  monkeypatch.setattr(blockwise, "DEFAULT_TILE", 2)
+  x, y = randn(50, 4, 3), randn(51, 4, 3)
+  ids = np.array([4, 0, 7, 1], np.int32)
+  state = _state(2)
+  (px, py), mask = helpers.pad_batch(3, [x, y], 3)
+  pids = np.zeros(7, np.int32)
+  pids[mask], pids[~mask] = ids, [2, 3, 4]  # 4 is also a valid row's id: the padding must not write it
+
+  def step(a, b, i, **kw):
+    return isogclr(a, b, i, state, impl=impl, **ISO, **kw)
+
+  (want, want_state), want_g = jax.value_and_grad(step, argnums=(0, 1), has_aux=True)(x, y, ids)
+  (got, got_state), got_g = jax.jit(jax.value_and_grad(
+      lambda a, b: step(a, b, pids, mask=jnp.asarray(mask)), argnums=(0, 1), has_aux=True))(px, py)
+  np.testing.assert_allclose(float(got), float(want), rtol=2e-6)
+  for g, w in zip(got_g, want_g):
+    np.testing.assert_allclose(np.asarray(g)[mask], w, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(g)[~mask] == 0)
+  for got_arr, want_arr, name in zip(got_state, want_state, IsogclrState._fields):
+    np.testing.assert_allclose(np.asarray(got_arr), np.asarray(want_arr), rtol=1e-6, err_msg=name)
+  unchanged = np.setdiff1d(np.arange(9), ids)  # includes 2 and 3, the padding's own ids
+  for got_arr, old, name in zip(got_state, state, IsogclrState._fields):
+    np.testing.assert_array_equal(np.asarray(got_arr)[unchanged], np.asarray(old)[unchanged], err_msg=name)
+
+
+def test_isogclr_reductions_agree():
+  x, y, ids, state = randn(52, 5, 3), randn(53, 5, 3), np.array([3, 0, 8, 1, 5], np.int32), _state(3)
+  loss = lambda a, b, **kw: isogclr(a, b, ids, state, **ISO, **kw).loss  # noqa: E731
+  helpers.assert_reductions_agree(loss, [x, y], 10)
+  helpers.assert_reductions_agree(loss, [x, y], 10, mask=np.array([1, 0, 1, 1, 1], bool))
+
+
+def test_isogclr_bad_mask_or_reduction_names_the_argument():
+  z, ids = ONES((4, 3)), np.arange(4)
+  with pytest.raises(ValueError, match=r"`reduction`"):
+    isogclr(z, z, ids, isogclr_state(8), reduction="max")
+  with pytest.raises(ValueError, match=r"`mask` must have shape \(4,\)"):
+    isogclr(z, z, ids, isogclr_state(8), mask=np.ones(5, bool))
+  with pytest.raises(TypeError, match=r"`mask` must be a boolean array"):
+    isogclr(z, z, ids, isogclr_state(8), mask=np.ones(4))

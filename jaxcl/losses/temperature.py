@@ -260,6 +260,8 @@ def isogclr(
     tau_min: float = 0.05,
     tau_max: float = 0.7,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> IsogclrOutput:
   r"""iSogCLR: global contrastive loss with individual learned temperatures (unimodal, two views).
@@ -296,7 +298,7 @@ def isogclr(
   (`jax.vjp` on stop-gradient inputs): about twice the cost of `dcl`.
 
   Duplicate ids within one batch: the scatter keeps one of the writes (unspecified which); sample
-  without replacement within a batch.
+  without replacement within a batch (masked rows do not count: they write nothing).
 
   Args:
     z1, z2: (B, D) two views of B examples.
@@ -304,10 +306,17 @@ def isogclr(
     state: `isogclr_state(N)` or the state returned by the previous step.
     gamma, rho, eta, beta, tau_min, tau_max: see above.
     normalize: L2-normalise first.
+    reduction: "mean", "sum" or "none" (the (2B,) per-anchor losses in the order [z1; z2]).
+    mask: None or bool (B,); False marks padding samples: their two views are neither anchors nor
+      negatives (B above counts the valid samples), so the loss and gradients are those of the
+      unpadded batch, with zero gradients on the padding; and their state entries (u, τ, tau_grad at
+      their ids) are NOT updated: the returned state keeps the old values there. Their ids must still
+      lie in [0, N) (they are read, never written).
     impl: similarity engine.
   Returns:
-    `IsogclrOutput(loss, state)`: the scalar float32 mean loss over the 2B anchors and the updated
-    `IsogclrState` (no gradient flows into it), in the dtype of the given state.
+    `IsogclrOutput(loss, state)`: the float32 loss (the mean over the valid anchors of the 2B, their
+    sum, or the (2B,) per-anchor losses with 0 for masked anchors) and the updated `IsogclrState` (no
+    gradient flows into it), in the dtype of the given state.
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(3)
@@ -339,6 +348,9 @@ def isogclr(
   _checks.check_positive("tau_min", tau_min)
   if tau_max < tau_min:
     raise ValueError(f"`tau_max` must be >= `tau_min`, got {tau_max} < {tau_min}.")
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, bsz)
+  valid = None if mask is None else jnp.concatenate([mask, mask])
 
   z = jnp.concatenate([a, b], axis=0)
   old = IsogclrState(*(sg(arr[ids]).astype(jnp.float32) for arr in state))  # the batch's slots, float32
@@ -346,11 +358,18 @@ def isogclr(
   scale = 1.0 / tau
   inst = _instance_ids(bsz)
   exclude = (inst, inst)
-  log_n = math.log(2 * (bsz - 1))
-  lse = ops.logsumexp(z, z, scale=scale, exclude=exclude, impl=impl).rows
+  if mask is None:
+    log_n = math.log(2 * (bsz - 1))
+  else:  # 2(B − 1) negatives per anchor, B the valid samples
+    log_n = jnp.log(2.0 * jnp.maximum(jnp.sum(mask.astype(jnp.float32)) - 1.0, 1.0))
+
+  def negatives_lse(z, s):
+    return ops.logsumexp(z, z, scale=s, exclude=exclude, row_valid=valid, col_valid=valid, impl=impl).rows
+
+  lse = _common.zero_invalid(negatives_lse(z, scale), valid)
   zs = sg(z)
-  _, pullback = jax.vjp(lambda s: ops.logsumexp(zs, zs, scale=s, exclude=exclude, impl=impl).rows, scale)
-  mean_sim = sg(pullback(jnp.ones_like(lse))[0])  # Σ_j softmax_j c_aj per anchor
+  _, pullback = jax.vjp(lambda s: negatives_lse(zs, s), scale)
+  mean_sim = _common.zero_invalid(sg(pullback(jnp.ones_like(lse))[0]), valid)  # Σ_j softmax_j c_aj
 
   g = sg(jnp.exp(lse - log_n))
   u_old = jnp.tile(old.u, 2)
@@ -361,15 +380,17 @@ def isogclr(
   weighted = (g / u) * mean_sim
   surrogate = sg(tau / u) * jnp.exp(lse - log_n)
   per_anchor = -pos + sg(weighted) + surrogate - sg(surrogate)
-  loss = jnp.mean(per_anchor)
+  loss = _common.reduce_loss(per_anchor, reduction, valid)
 
   grad_tau = jnp.log(u) + rho - (g / u) * mean_sim / tau
   grad_tau = 0.5 * (grad_tau[:bsz] + grad_tau[bsz:])
   new_u = 0.5 * (u[:bsz] + u[bsz:])
   tau_grad = (1.0 - beta) * old.tau_grad + beta * grad_tau
   new_tau = jnp.clip(old.tau - eta * tau_grad, tau_min, tau_max)
+  written = ids if mask is None else jnp.where(mask, ids, n_examples)  # masked rows: out of range, dropped
   new_state = IsogclrState(*(
-      arr.at[ids].set(sg(new).astype(arr.dtype)) for arr, new in zip(state, (new_u, new_tau, tau_grad))
+      arr.at[written].set(sg(new).astype(arr.dtype), mode="drop")
+      for arr, new in zip(state, (new_u, new_tau, tau_grad))
   ))
   return IsogclrOutput(loss, new_state)
 
