@@ -67,7 +67,8 @@ def macl(
 
   Engine form: one log-sum-exp over the negatives N_i = log Σ_{j∉{i,p(i)}} exp(c_ij/τ_A) (the DCL mask);
   with L_i = logaddexp(c_{i,p(i)}/τ_A, N_i) (all j ≠ i), −log P_i = L_i − c_{i,p(i)}/τ_A and
-  V_i = 1/(1 − P_i) = exp(L_i − N_i). Every engine applies.
+  V_i = 1/(1 − P_i) = exp(L_i − N_i); the weighted term is computed from N_i − c_{i,p(i)}/τ_A without
+  forming V_i, which overflows once P_i rounds to 1. Every engine applies.
 
   Args:
     z1, z2: (B, D) two views.
@@ -136,7 +137,7 @@ def _reweighted_nll(margin: jax.Array) -> jax.Array:
   u = jnp.exp(jnp.minimum(m, 0.0))
   safe_u = jnp.where(u > 0, u, 1.0)
   log1p_u = jnp.log1p(u)
-  ratio = jnp.where(u > 0, jnp.log1p(safe_u) / safe_u, 1.0)
+  ratio = jnp.where(u > 0, log1p_u / safe_u, 1.0)
   h = jnp.where(m >= 0, (1.0 + jnp.exp(-jnp.maximum(m, 0.0))) * jax.nn.softplus(jnp.maximum(m, 0.0)),
                 log1p_u + ratio)
   return h + (margin - m)  # (margin − m) = 0 in value: h is never added to a huge m
