@@ -85,6 +85,33 @@ def test_macl_temperature_grows_with_alignment():
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [2.0**-20, 2.0**-100])
+def test_macl_is_finite_at_tiny_temperatures_with_aligned_views(temperature):
+  # Aligned views make P_i round to 1: V = 1/(1 − P) overflowed (inf · 0 = NaN from 1/τ ≈ 2^15). The
+  # value sg(V)·(−log P) tends to 1 per anchor, and since V σ(−d) = 1 its gradient is that of
+  # N_i − pos_i/τ_A, i.e. dcl's at the temperature τ_A (A frozen).
+  x = randn(11, 6, 4)
+  y = x + 0.01 * randn(12, 6, 4)
+  a_mag = float(np.mean(np.sum(normalize(x) * normalize(y), axis=1)))
+  value, grads = jax.value_and_grad(lambda a, b: macl(a, b, temperature=temperature), argnums=(0, 1))(x, y)
+  _, want = jax.value_and_grad(lambda a, b: dcl(a, b, temperature=temperature * (1 + 0.5 * a_mag)),
+                               argnums=(0, 1))(x, y)
+  np.testing.assert_allclose(float(value), 1.0, rtol=1e-6)
+  for g, w in zip(grads, want):
+    assert np.all(np.isfinite(g))
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6 * float(np.max(np.abs(w))))
+
+
+def test_macl_gradient_is_dcl_gradient_at_the_adapted_temperature():
+  # The same identity at a moderate temperature, where V is far from overflow.
+  x, y = randn(13, 5, 4), randn(14, 5, 4)
+  a_mag = float(np.mean(np.sum(normalize(x) * normalize(y), axis=1)))
+  grads = jax.grad(lambda a, b: macl(a, b, temperature=0.1), argnums=(0, 1))(x, y)
+  want = jax.grad(lambda a, b: dcl(a, b, temperature=0.1 * (1 + 0.5 * a_mag)), argnums=(0, 1))(x, y)
+  for g, w in zip(grads, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------- focal
 def ref_focal(img, txt, scale, gamma):
   s = scale * normalize(img) @ normalize(txt).T
@@ -114,10 +141,24 @@ def test_focal_clip_gamma_zero_is_clip_and_focusing_lowers_the_loss():
   assert 0 < float(one) < float(want)  # (1 − p) < 1 scales every term down
 
 
-def test_focal_clip_is_finite_when_a_pair_is_certain():
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0])
+def test_focal_clip_is_finite_when_a_pair_is_certain(gamma):
   x = 50.0 * np.eye(3, dtype=np.float32)
-  value, grad = jax.value_and_grad(lambda a: focal_clip(a, a, logit_scale=100.0, gamma=2.0))(x)
+  value, grad = jax.value_and_grad(lambda a: focal_clip(a, a, logit_scale=100.0, gamma=gamma))(x)
   assert np.isfinite(float(value)) and np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("scale", [2.0**40, 2.0**100])
+def test_focal_clip_gradient_is_finite_at_huge_logit_scales(scale, gamma):
+  # log p of a pair can round to a small positive number when both S_ii and the log-sum-exp are ~1e12:
+  # expm1's derivative overflowed there (inf · 0 = NaN). Where every p is 0 or 1 in float32 the focal
+  # factor is 1 or 0, so the gradient is CLIP's over the pairs with p = 0.
+  x, y = randn(15, 8, 16), randn(16, 8, 16)
+  value, grads = jax.value_and_grad(lambda a, b: focal_clip(a, b, logit_scale=scale, gamma=gamma),
+                                    argnums=(0, 1))(x, y)
+  assert np.isfinite(float(value))
+  assert all(np.all(np.isfinite(g)) for g in grads)
 
 
 # -------------------------------------------------------------------------------------------- iSogCLR
@@ -383,3 +424,156 @@ BAD = [
 def test_bad_inputs_raise_with_the_argument_name(call, message):
   with pytest.raises((ValueError, TypeError), match=message):
     call()
+
+
+# ------------------------------------------------------------------------- reduction= and mask= (item 9)
+def _macl(a, b, **kw):
+  return macl(a, b, temperature=0.2, **kw)
+
+
+def _focal(a, b, **kw):
+  return focal_clip(a, b, logit_scale=4.0, gamma=1.5, **kw)
+
+
+TWO_VIEW = {"macl": _macl, "macl_no_reweight": functools.partial(_macl, reweight=False), "focal_clip": _focal}
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise"])
+@pytest.mark.parametrize("name", sorted(TWO_VIEW))
+def test_padded_batch_with_mask_equals_unpadded_batch(name, impl, monkeypatch):
+  # padding rows change macl's alignment A unless they are left out of it too
+  from jaxcl.ops import blockwise
+  monkeypatch.setattr(blockwise, "DEFAULT_TILE", 2)  # several tiles
+  loss = TWO_VIEW[name]
+  helpers.assert_padded_equals_unpadded(lambda a, b, **kw: loss(a, b, impl=impl, **kw),
+                                        [randn(30, 5, 4), randn(31, 5, 4)], rtol=2e-6)
+
+
+@pytest.mark.parametrize("name", sorted(TWO_VIEW))
+def test_reductions_none_sum_mean_agree(name):
+  x, y = randn(32, 6, 4), randn(33, 6, 4)
+  helpers.assert_reductions_agree(TWO_VIEW[name], [x, y], 12)
+  helpers.assert_reductions_agree(TWO_VIEW[name], [x, y], 12, mask=np.array([1, 0, 1, 1, 0, 1], bool))
+
+
+def test_macl_reduction_none_is_the_per_anchor_reference():
+  x, y = randn(34, 5, 4), randn(35, 5, 4)
+  z = normalize(np.concatenate([x, y]).astype(np.float64))
+  _, (a_mag, weights) = ref_macl(x.astype(np.float64), y.astype(np.float64), 0.2, 0.5, 0.0, True)
+  tau = 0.2 * (1 + 0.5 * a_mag)
+  want = []
+  for i in range(10):
+    logits = np.array([z[i] @ z[j] for j in range(10) if j != i]) / tau
+    want.append(-weights[i] * (z[i] @ z[(i + 5) % 10] / tau - logsumexp(logits)))
+  np.testing.assert_allclose(np.asarray(_macl(x, y, reduction="none")), want, rtol=2e-5)
+
+
+@pytest.mark.parametrize("impl", ["allgather", "ring"])
+def test_macl_mask_on_the_sharded_engines(impl, monkeypatch):
+  """5 samples padded to 8 = 2 per device on 4 devices equal the unpadded dense batch (A is the mean
+  over the global valid anchors); "none" gives each device's anchors in turn."""
+  from jaxcl.ops import blockwise
+  monkeypatch.setattr(blockwise, "DEFAULT_TILE", 1)
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:4])
+  x, y = randn(36, 5, 4), randn(37, 5, 4)
+  helpers.assert_padded_equals_unpadded(lambda a, b, **kw: _macl(a, b, impl=impl, mesh=mesh, **kw), [x, y],
+                                        unpadded_loss=lambda a, b: _macl(a, b, impl="dense"), rtol=2e-6)
+  (px, py), mask = helpers.pad_batch(1, [x, y], 3)
+  dense = np.asarray(_macl(px, py, impl="dense", reduction="none", mask=jnp.asarray(mask)))
+  got = np.asarray(_macl(px, py, impl=impl, mesh=mesh, reduction="none", mask=jnp.asarray(mask)))
+  order = np.concatenate([np.concatenate([np.arange(2 * d, 2 * d + 2) + v * 8 for v in range(2)])
+                          for d in range(4)])
+  np.testing.assert_allclose(got, dense[order], rtol=2e-6, atol=1e-6)
+
+
+MASK_BAD = [
+    (lambda: _macl(ONES((4, 3)), ONES((4, 3)), reduction="max"), r"`reduction`"),
+    (lambda: _macl(ONES((4, 3)), ONES((4, 3)), mask=np.ones(3, bool)), r"`mask` must have shape \(4,\)"),
+    (lambda: _macl(ONES((4, 3)), ONES((4, 3)), mask=np.ones(4)), r"`mask` must be a boolean array"),
+    (lambda: _focal(ONES((4, 3)), ONES((4, 3)), reduction="max"), r"`reduction`"),
+    (lambda: _focal(ONES((4, 3)), ONES((4, 3)), mask=np.ones(3, bool)), r"`mask` must have shape \(4,\)"),
+    (lambda: _focal(ONES((4, 3)), ONES((4, 3)), mask=np.ones(4)), r"`mask` must be a boolean array"),
+]
+
+
+@pytest.mark.parametrize("call,message", MASK_BAD)
+def test_bad_mask_or_reduction_raises_with_the_argument_name(call, message):
+  with pytest.raises((ValueError, TypeError), match=message):
+    call()
+
+
+def _amcl_taus(z1, z2):
+  """Pair temperatures that depend on the embeddings (so that padding rows would show in them)."""
+  z = jnp.concatenate([z1, z2]) / jnp.linalg.norm(jnp.concatenate([z1, z2]), axis=-1, keepdims=True)
+  return 0.3 + jax.nn.sigmoid(jnp.einsum("ahd,bhd->hab", z, z))
+
+
+@pytest.mark.parametrize("top_k", [None, 3, 100])
+def test_amcl_padded_batch_with_mask_equals_unpadded_batch(top_k):
+  loss = lambda a, b, **kw: amcl(a, b, _amcl_taus(a, b), beta=0.05, top_k=top_k, **kw)  # noqa: E731
+  helpers.assert_padded_equals_unpadded(loss, [randn(40, 5, 2, 4), randn(41, 5, 2, 4)], rtol=2e-6)
+
+
+def test_amcl_reductions_agree_and_none_is_the_reference_per_anchor():
+  x, y, taus = randn(42, 6, 2, 4), randn(43, 6, 2, 4), _taus(44, 2, 12)
+  loss = lambda a, b, **kw: amcl(a, b, taus, beta=0.05, top_k=3, **kw)  # noqa: E731
+  helpers.assert_reductions_agree(loss, [x, y], 12)
+  helpers.assert_reductions_agree(loss, [x, y], 12, mask=np.array([1, 1, 0, 1, 0, 1], bool))
+  per = np.asarray(loss(x, y, reduction="none"))
+  np.testing.assert_allclose(per.mean(), ref_amcl(x, y, taus, 0.05, 3), rtol=1e-5)
+
+
+def test_amcl_bad_mask_or_reduction_names_the_argument():
+  z, taus = ONES((4, 2, 3)), ONES((2, 8, 8))
+  with pytest.raises(ValueError, match=r"`reduction`"):
+    amcl(z, z, taus, reduction="max")
+  with pytest.raises(ValueError, match=r"`mask` must have shape \(4,\)"):
+    amcl(z, z, taus, mask=np.ones(8, bool))
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise"])
+def test_isogclr_padded_batch_with_mask_equals_unpadded_batch_and_keeps_padding_state(impl, monkeypatch):
+  """Loss and gradients of the unpadded batch, zero gradients on the padding; the state of the valid
+  ids as after the unpadded step, every other entry (the padding rows' ids, one of them also a valid
+  id's) unchanged."""
+  from jaxcl.ops import blockwise
+  monkeypatch.setattr(blockwise, "DEFAULT_TILE", 2)
+  x, y = randn(50, 4, 3), randn(51, 4, 3)
+  ids = np.array([4, 0, 7, 1], np.int32)
+  state = _state(2)
+  (px, py), mask = helpers.pad_batch(3, [x, y], 3)
+  pids = np.zeros(7, np.int32)
+  pids[mask], pids[~mask] = ids, [2, 3, 4]  # 4 is also a valid row's id: the padding must not write it
+
+  def step(a, b, i, **kw):
+    return isogclr(a, b, i, state, impl=impl, **ISO, **kw)
+
+  (want, want_state), want_g = jax.value_and_grad(step, argnums=(0, 1), has_aux=True)(x, y, ids)
+  (got, got_state), got_g = jax.jit(jax.value_and_grad(
+      lambda a, b: step(a, b, pids, mask=jnp.asarray(mask)), argnums=(0, 1), has_aux=True))(px, py)
+  np.testing.assert_allclose(float(got), float(want), rtol=2e-6)
+  for g, w in zip(got_g, want_g):
+    np.testing.assert_allclose(np.asarray(g)[mask], w, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(g)[~mask] == 0)
+  for got_arr, want_arr, name in zip(got_state, want_state, IsogclrState._fields):
+    np.testing.assert_allclose(np.asarray(got_arr), np.asarray(want_arr), rtol=1e-6, err_msg=name)
+  unchanged = np.setdiff1d(np.arange(9), ids)  # includes 2 and 3, the padding's own ids
+  for got_arr, old, name in zip(got_state, state, IsogclrState._fields):
+    np.testing.assert_array_equal(np.asarray(got_arr)[unchanged], np.asarray(old)[unchanged], err_msg=name)
+
+
+def test_isogclr_reductions_agree():
+  x, y, ids, state = randn(52, 5, 3), randn(53, 5, 3), np.array([3, 0, 8, 1, 5], np.int32), _state(3)
+  loss = lambda a, b, **kw: isogclr(a, b, ids, state, **ISO, **kw).loss  # noqa: E731
+  helpers.assert_reductions_agree(loss, [x, y], 10)
+  helpers.assert_reductions_agree(loss, [x, y], 10, mask=np.array([1, 0, 1, 1, 1], bool))
+
+
+def test_isogclr_bad_mask_or_reduction_names_the_argument():
+  z, ids = ONES((4, 3)), np.arange(4)
+  with pytest.raises(ValueError, match=r"`reduction`"):
+    isogclr(z, z, ids, isogclr_state(8), reduction="max")
+  with pytest.raises(ValueError, match=r"`mask` must have shape \(4,\)"):
+    isogclr(z, z, ids, isogclr_state(8), mask=np.ones(5, bool))
+  with pytest.raises(TypeError, match=r"`mask` must be a boolean array"):
+    isogclr(z, z, ids, isogclr_state(8), mask=np.ones(4))

@@ -32,7 +32,7 @@ def _instance_ids(b: int) -> jax.Array:
 
 # ------------------------------------------------------------------------------------------------- MACL
 @_common.keyword_only
-@_common.shardable("z1", "z2")
+@_common.shardable("z1", "z2", "mask")
 def macl(
     z1: jax.Array,
     z2: jax.Array,
@@ -42,6 +42,8 @@ def macl(
     a0: float = 0.0,
     reweight: bool = True,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
     mesh: jax.sharding.Mesh | None = None,
@@ -65,7 +67,8 @@ def macl(
 
   Engine form: one log-sum-exp over the negatives N_i = log Σ_{j∉{i,p(i)}} exp(c_ij/τ_A) (the DCL mask);
   with L_i = logaddexp(c_{i,p(i)}/τ_A, N_i) (all j ≠ i), −log P_i = L_i − c_{i,p(i)}/τ_A and
-  V_i = 1/(1 − P_i) = exp(L_i − N_i). Every engine applies.
+  V_i = 1/(1 − P_i) = exp(L_i − N_i); the weighted term is computed from N_i − c_{i,p(i)}/τ_A without
+  forming V_i, which overflows once P_i rounds to 1. Every engine applies.
 
   Args:
     z1, z2: (B, D) two views.
@@ -74,11 +77,16 @@ def macl(
       α (1 + |A₀|) <= 1 (checked; α = 1, A₀ = 0 is the authors' linear variant, τ_A = τ₀ (1 + A)).
     reweight: apply V_i.
     normalize: L2-normalise first (A is a mean cosine only then).
+    reduction: "mean", "sum" or "none" (the (2B,) per-anchor losses in the order [z1; z2]; this
+      device's under `axis_name`).
+    mask: None or bool (B,); False marks padding samples, whose two views are neither anchors nor
+      negatives and do not enter A: the loss of the unpadded batch, zero gradients on the padding.
     impl: similarity engine; "allgather" | "ring" with `axis_name` / `mesh`: the batch split over
       devices (A is then the mean over the global batch).
     axis_name, mesh: see "Sharded batches" in `jaxcl.losses`.
   Returns:
-    Scalar float32 mean loss.
+    Float32: the scalar mean (or sum) over the valid anchors, or the (2B,) per-anchor losses (0 for
+    masked anchors).
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(3)  # A = 1, τ_A = 1.5 τ₀ = 1.5 with τ₀ = 1
@@ -87,6 +95,8 @@ def macl(
   """
   del mesh  # handled by @shardable
   a, b = _common.pair("z1", z1, "z2", z2, normalize=normalize, axis_name=axis_name)
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, a.shape[0])
   _checks.check_temperature("temperature", temperature)
   temperature = _checks.check_scalar("temperature", temperature)
   _checks.check_non_negative("alpha", alpha)
@@ -97,17 +107,40 @@ def macl(
         f"(-1, 1], got alpha={alpha} and a0={a0}."
     )
   z = jnp.concatenate([a, b], axis=0)
+  valid = None if mask is None else jnp.concatenate([mask, mask])
   n = z.shape[0]
   pos = _common.rowwise_dot(z, jnp.roll(z, n // 2, axis=0))
-  tau_a = temperature * (1.0 + alpha * (sg(_common.batch_mean(pos, axis_name)) - a0))
+  alignment = _common.reduce_loss(sg(pos), "mean", valid, axis_name)  # A: the mean over valid anchors
+  tau_a = temperature * (1.0 + alpha * (alignment - a0))
   inv_t = 1.0 / tau_a
   ids = jnp.tile(_common.batch_ids(n // 2, axis_name), 2)  # both views of a sample share its id
-  negatives = ops.logsumexp(z, z, scale=inv_t, exclude=(ids, ids), impl=impl, axis_name=axis_name).rows
-  log_all = jnp.logaddexp(inv_t * pos, negatives)
-  nll = log_all - inv_t * pos
-  if reweight:
-    return _common.batch_mean(sg(jnp.exp(log_all - negatives)) * nll, axis_name)
-  return _common.batch_mean(nll, axis_name)
+  negatives = ops.logsumexp(z, z, scale=inv_t, exclude=(ids, ids), row_valid=valid, col_valid=valid,
+                            impl=impl, axis_name=axis_name).rows
+  margin = _common.zero_invalid(negatives, valid) - inv_t * pos  # −d_i = N_i − pos_i/τ_A
+  per_anchor = _reweighted_nll(margin) if reweight else jax.nn.softplus(margin)
+  return _common.reduce_loss(per_anchor, reduction, valid, axis_name)
+
+
+def _reweighted_nll(margin: jax.Array) -> jax.Array:
+  r"""sg(V) · (−log P) of MACL from m = N − pos/τ_A = −d, without overflow at any temperature.
+
+  With P = σ(d): −log P = softplus(m) and V = 1/(1 − P) = 1 + e^{−m}. V overflows for large d (and
+  inf · 0 = NaN); its value h = (1 + e^{−m}) softplus(m) is bounded (→ 1 as m → −∞):
+
+      m >= 0:  h = (1 + e^{−m}) softplus(m)
+      m < 0:   h = log1p(u) + log1p(u)/u,  u = e^{m}   (log1p(u)/u → 1 when u underflows)
+
+  and since V · σ(m) = 1 exactly, the gradient of sg(V) · softplus(m) is that of m itself. Returned:
+  h + (m − sg(m)) (value h, gradient ∇m).
+  """
+  m = sg(margin)
+  u = jnp.exp(jnp.minimum(m, 0.0))
+  safe_u = jnp.where(u > 0, u, 1.0)
+  log1p_u = jnp.log1p(u)
+  ratio = jnp.where(u > 0, log1p_u / safe_u, 1.0)
+  h = jnp.where(m >= 0, (1.0 + jnp.exp(-jnp.maximum(m, 0.0))) * jax.nn.softplus(jnp.maximum(m, 0.0)),
+                log1p_u + ratio)
+  return h + (margin - m)  # (margin − m) = 0 in value: h is never added to a huge m
 
 
 # ---------------------------------------------------------------------------------------------- focal
@@ -119,6 +152,8 @@ def focal_clip(
     logit_scale: float | jax.Array,
     gamma: float = 2.0,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
   r"""Focal image–text contrastive loss: CLIP with each term scaled by (1 − p)^γ.
@@ -134,6 +169,10 @@ def focal_clip(
   momentum encoder, which is a training-loop concern); γ = 2 is the focal-loss default, not a value
   from the paper. p comes from the row/column log-sum-exp, so every engine applies.
 
+  `reduction`: "mean", "sum" or "none": the (2B,) per-anchor terms (B image anchors, then B text
+  anchors), whose mean is the loss above. `mask`: None or bool (B,); False marks padding pairs, which
+  are neither anchors nor candidates: the loss of the unpadded batch, zero gradients on the padding.
+
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(2)  # p = e / (e + 1), -(1 - p)² log p
   >>> round(float(focal_clip(x, x, logit_scale=1.0)), 4)  # 0.2689² · 0.3133
@@ -142,17 +181,31 @@ def focal_clip(
   i, t = _common.pair("image", image, "text", text, normalize=normalize)
   scale = _common.logit_scale(logit_scale)
   _checks.check_non_negative("gamma", gamma)
-  lse = ops.logsumexp(i, t, scale=scale, rows=True, cols=True, impl=impl)
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, i.shape[0])
+  lse = ops.logsumexp(i, t, scale=scale, rows=True, cols=True, row_valid=mask, col_valid=mask, impl=impl)
   positive = scale * _common.rowwise_dot(i, t)
-  terms = []
-  for log_p in (positive - lse.rows, positive - lse.cols):
-    nll = -log_p
-    if isinstance(gamma, (int, float)) and gamma == 0:
-      terms.append(jnp.mean(nll))
-      continue
-    one_minus_p = jnp.maximum(-jnp.expm1(log_p), 0.0)
-    terms.append(jnp.mean(jnp.power(one_minus_p, gamma) * nll))
-  return 0.5 * (terms[0] + terms[1])
+  log_p = jnp.concatenate([positive - _common.zero_invalid(lse.rows, mask),
+                           positive - _common.zero_invalid(lse.cols, mask)])
+  if isinstance(gamma, (int, float)) and gamma == 0:
+    per_anchor = -log_p
+  else:
+    per_anchor = _focusing(log_p, gamma) * -log_p
+  valid = None if mask is None else jnp.concatenate([mask, mask])
+  return _common.reduce_loss(per_anchor, reduction, valid)
+
+
+def _focusing(log_p: jax.Array, gamma) -> jax.Array:
+  """(1 − p)^γ from log p, with finite gradients where p rounds to 1.
+
+  1 − p = −expm1(min(log p, 0)): log p can round above 0 at large logit scales, where expm1's
+  derivative overflows. At 1 − p = 0 the factor is 0^γ with gradient 0 (its limit, also for γ < 1,
+  where the derivative of x^γ is infinite but (1 − p)^γ · (−log p) still vanishes like (1 − p)^{1+γ}).
+  """
+  one_minus_p = -jnp.expm1(jnp.minimum(log_p, 0.0))
+  positive = one_minus_p > 0
+  at_zero = jnp.asarray(gamma == 0, jnp.float32)  # 0^0 = 1
+  return jnp.where(positive, jnp.power(jnp.where(positive, one_minus_p, 1.0), gamma), at_zero)
 
 
 # ---------------------------------------------------------------------------------------------- iSogCLR
@@ -208,6 +261,8 @@ def isogclr(
     tau_min: float = 0.05,
     tau_max: float = 0.7,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
     impl: str = "auto",
 ) -> IsogclrOutput:
   r"""iSogCLR: global contrastive loss with individual learned temperatures (unimodal, two views).
@@ -244,7 +299,7 @@ def isogclr(
   (`jax.vjp` on stop-gradient inputs): about twice the cost of `dcl`.
 
   Duplicate ids within one batch: the scatter keeps one of the writes (unspecified which); sample
-  without replacement within a batch.
+  without replacement within a batch (masked rows do not count: they write nothing).
 
   Args:
     z1, z2: (B, D) two views of B examples.
@@ -252,10 +307,17 @@ def isogclr(
     state: `isogclr_state(N)` or the state returned by the previous step.
     gamma, rho, eta, beta, tau_min, tau_max: see above.
     normalize: L2-normalise first.
+    reduction: "mean", "sum" or "none" (the (2B,) per-anchor losses in the order [z1; z2]).
+    mask: None or bool (B,); False marks padding samples: their two views are neither anchors nor
+      negatives (B above counts the valid samples), so the loss and gradients are those of the
+      unpadded batch, with zero gradients on the padding; and their state entries (u, τ, tau_grad at
+      their ids) are NOT updated: the returned state keeps the old values there. Their ids must still
+      lie in [0, N) (they are read, never written).
     impl: similarity engine.
   Returns:
-    `IsogclrOutput(loss, state)`: the scalar float32 mean loss over the 2B anchors and the updated
-    `IsogclrState` (no gradient flows into it), in the dtype of the given state.
+    `IsogclrOutput(loss, state)`: the float32 loss (the mean over the valid anchors of the 2B, their
+    sum, or the (2B,) per-anchor losses with 0 for masked anchors) and the updated `IsogclrState` (no
+    gradient flows into it), in the dtype of the given state.
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(3)
@@ -287,6 +349,9 @@ def isogclr(
   _checks.check_positive("tau_min", tau_min)
   if tau_max < tau_min:
     raise ValueError(f"`tau_max` must be >= `tau_min`, got {tau_max} < {tau_min}.")
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, bsz)
+  valid = None if mask is None else jnp.concatenate([mask, mask])
 
   z = jnp.concatenate([a, b], axis=0)
   old = IsogclrState(*(sg(arr[ids]).astype(jnp.float32) for arr in state))  # the batch's slots, float32
@@ -294,11 +359,18 @@ def isogclr(
   scale = 1.0 / tau
   inst = _instance_ids(bsz)
   exclude = (inst, inst)
-  log_n = math.log(2 * (bsz - 1))
-  lse = ops.logsumexp(z, z, scale=scale, exclude=exclude, impl=impl).rows
+  if mask is None:
+    log_n = math.log(2 * (bsz - 1))
+  else:  # 2(B − 1) negatives per anchor, B the valid samples
+    log_n = jnp.log(2.0 * jnp.maximum(jnp.sum(mask.astype(jnp.float32)) - 1.0, 1.0))
+
+  def negatives_lse(z, s):
+    return ops.logsumexp(z, z, scale=s, exclude=exclude, row_valid=valid, col_valid=valid, impl=impl).rows
+
+  lse = _common.zero_invalid(negatives_lse(z, scale), valid)
   zs = sg(z)
-  _, pullback = jax.vjp(lambda s: ops.logsumexp(zs, zs, scale=s, exclude=exclude, impl=impl).rows, scale)
-  mean_sim = sg(pullback(jnp.ones_like(lse))[0])  # Σ_j softmax_j c_aj per anchor
+  _, pullback = jax.vjp(lambda s: negatives_lse(zs, s), scale)
+  mean_sim = _common.zero_invalid(sg(pullback(jnp.ones_like(lse))[0]), valid)  # Σ_j softmax_j c_aj
 
   g = sg(jnp.exp(lse - log_n))
   u_old = jnp.tile(old.u, 2)
@@ -309,15 +381,17 @@ def isogclr(
   weighted = (g / u) * mean_sim
   surrogate = sg(tau / u) * jnp.exp(lse - log_n)
   per_anchor = -pos + sg(weighted) + surrogate - sg(surrogate)
-  loss = jnp.mean(per_anchor)
+  loss = _common.reduce_loss(per_anchor, reduction, valid)
 
   grad_tau = jnp.log(u) + rho - (g / u) * mean_sim / tau
   grad_tau = 0.5 * (grad_tau[:bsz] + grad_tau[bsz:])
   new_u = 0.5 * (u[:bsz] + u[bsz:])
   tau_grad = (1.0 - beta) * old.tau_grad + beta * grad_tau
   new_tau = jnp.clip(old.tau - eta * tau_grad, tau_min, tau_max)
+  written = ids if mask is None else jnp.where(mask, ids, n_examples)  # masked rows: out of range, dropped
   new_state = IsogclrState(*(
-      arr.at[ids].set(sg(new).astype(arr.dtype)) for arr, new in zip(state, (new_u, new_tau, tau_grad))
+      arr.at[written].set(sg(new).astype(arr.dtype), mode="drop")
+      for arr, new in zip(state, (new_u, new_tau, tau_grad))
   ))
   return IsogclrOutput(loss, new_state)
 
@@ -370,6 +444,8 @@ def amcl(
     beta: float = 1e-4,
     top_k: int | None = 100,
     normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
 ) -> jax.Array:
   r"""AMCL: SimCLR over several projection heads with pair-adaptive temperatures and their regulariser.
 
@@ -400,8 +476,14 @@ def amcl(
     beta: regulariser weight β >= 0.
     top_k: k >= 1 for the top-k form (k is capped at 2B − 2), None for the log-sum-exp form.
     normalize: L2-normalise the embeddings first.
+    reduction: "mean", "sum" or "none": the (2B,) per-anchor losses Σ_h ℓ_a (heads summed) in the
+      order [z1; z2], whose mean is the loss.
+    mask: None or bool (B,); False marks padding samples, whose two views are neither anchors nor
+      negatives (nor among the top k): the loss of the unpadded batch (with the unpadded batch's rows
+      and columns of `temperatures`), zero gradients on the padding and on its temperatures.
   Returns:
-    Scalar float32 loss.
+    Float32: the scalar loss (mean or sum over the valid anchors), or the (2B,) per-anchor losses (0
+    for masked anchors).
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(3)[:, None, :]  # one head, three orthogonal samples, identical views
@@ -422,6 +504,9 @@ def amcl(
   _checks.check_non_negative("beta", beta)
   if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
     raise ValueError(f"`top_k` must be a positive int or None, got {top_k!r}.")
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, b)
+  valid = None if mask is None else jnp.concatenate([mask, mask])
   z = jnp.swapaxes(jnp.concatenate([z1, z2], axis=0), 0, 1).astype(jnp.float32)  # (H, 2B, D)
   z = _common.maybe_normalize(z, normalize)
   tau = temperatures.astype(jnp.float32)
@@ -432,6 +517,8 @@ def amcl(
   c_pos = c[:, rows, partner]
   tau_pos = tau[:, rows, partner]
   negative = (rows[:, None] != rows[None, :]) & (partner[:, None] != rows[None, :])  # (2B, 2B)
+  if valid is not None:
+    negative = negative & valid[None, :]  # padding is nobody's negative
   omega_pos = 0.5 * d * jnp.log(tau_pos) + 1.0 / tau_pos
   if top_k is None:
     keep = jnp.broadcast_to(negative, c.shape)
@@ -441,8 +528,8 @@ def amcl(
     ranked = jnp.where(negative, sg(c), -jnp.inf)
     kth = jax.lax.top_k(ranked, k_eff)[0][..., -1]
     keep = negative & (ranked >= kth[..., None])
-    count = jnp.sum(keep, axis=-1)
+    count = jnp.maximum(jnp.sum(keep, axis=-1), 1)  # 0 only for an anchor without a valid negative
     neg = jnp.sum(jnp.where(keep, c / tau, 0.0), axis=-1) / count
   reg_neg = jnp.sum(jnp.where(keep, jnp.log(tau) + 1.0 / tau, 0.0), axis=-1)
   per_anchor = -c_pos / tau_pos + beta * omega_pos + neg - beta * reg_neg
-  return jnp.sum(jnp.mean(per_anchor, axis=-1))
+  return _common.reduce_loss(jnp.sum(per_anchor, axis=0), reduction, valid)
