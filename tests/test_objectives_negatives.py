@@ -509,3 +509,14 @@ def test_dual_view_moco_mask_and_reduction(top_k, dual):
   per = np.asarray(loss(*args, reduction="none"), np.float64)
   want = ref_dual_view_moco(*[a.astype(np.float64) for a in args], np.asarray(queue, np.float64), 0.3, top_k, dual)
   np.testing.assert_allclose(per.mean(), want, rtol=1e-5)
+
+
+def test_hn_nce_with_one_valid_pair_has_no_negative_and_stays_finite():
+  """A mask leaving one pair: no negative, so each direction is −log(α e^s / α e^s) = 0 (it was NaN:
+  log 0 in the weights' count), with finite gradients."""
+  x = jnp.asarray(randn(31, 4, 3))
+  y = x + 0.1
+  mask = jnp.array([True, False, False, False])
+  f = lambda x, y: losses.hn_nce(x, y, alpha=1.0, mask=mask)
+  np.testing.assert_allclose(float(f(x, y)), 0.0, atol=1e-6)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.grad(f, argnums=(0, 1))(x, y))

@@ -32,8 +32,12 @@ from jaxcl.losses import _common
 
 # ------------------------------------------------------------------------------------------------ HN-NCE
 def _hn_log_negatives(lse_hard: jax.Array, lse_weight: jax.Array, n_neg) -> jax.Array:
-  """log Σ_{j≠i} w_ij exp(s_ij) with w_ij = n · exp(β s_ij) / Σ_{k≠i} exp(β s_ik)."""
-  return jnp.log(jnp.asarray(n_neg, jnp.float32)) + lse_hard - lse_weight
+  """log Σ_{j≠i} w_ij exp(s_ij) with w_ij = n · exp(β s_ij) / Σ_{k≠i} exp(β s_ik); −inf when there is no
+  negative (n = 0: a mask that leaves one valid pair)."""
+  n = jnp.asarray(n_neg, jnp.float32)
+  some = (n > 0) & jnp.isfinite(lse_weight)
+  return jnp.where(some, jnp.log(jnp.where(some, n, 1.0)) + lse_hard - jnp.where(some, lse_weight, 0.0),
+                   -jnp.inf)
 
 
 @_common.keyword_only
