@@ -113,7 +113,13 @@ def acquire_lock(workdir: str) -> str:
       os.ftruncate(fd, 0)
       os.pwrite(fd, json.dumps(_this_holder()).encode(), 0)
       os.fsync(fd)
-    except BaseException:  # refused, or e.g. SIGTERM right now: keep nothing
+    except WorkdirLockedError:
+      os.close(fd)
+      raise
+    except BaseException:  # e.g. SIGTERM right now: leave no lock file this process made behind
+      mine = read_lock(path)
+      if _same_file(fd, path) and (not os.fstat(fd).st_size or (mine is not None and _is_this_process(mine))):
+        os.remove(path)
       os.close(fd)
       raise
     _HELD[path] = fd
