@@ -151,34 +151,33 @@ MAX_SCALE = 2.0**100
 def check_scale(name: str, value: Any) -> None:
   """Raises unless a concrete scalar multiplier of cosines is positive and at most `MAX_SCALE`."""
   check_positive(name, value)
-  v = concrete_value(value)
-  if v is not None and np.any(v > MAX_SCALE):
-    raise ValueError(
-        f"`{name}` must be at most 2**100 = {MAX_SCALE:.4g} (a larger multiplier overflows float32 in "
-        f"the loss or its gradient), got {_shown(v)}."
-    )
+  _refuse_outside(name, value, lambda v: v > MAX_SCALE,
+                  f"at most 2**100 = {MAX_SCALE:.4g} (a larger multiplier overflows float32 in the loss or "
+                  "its gradient)")
 
 
 def check_bias(name: str, value: Any) -> None:
   """Raises unless a concrete additive logit bias is finite with |bias| at most `MAX_SCALE`."""
   check_finite(name, value)
-  v = concrete_value(value)
-  if v is not None and v.dtype.kind in "fiu" and np.any(np.abs(v) > MAX_SCALE):
-    raise ValueError(
-        f"`{name}` must be at most 2**100 = {MAX_SCALE:.4g} in absolute value (a larger bias overflows "
-        f"float32 in the loss or its gradient), got {_shown(v)}."
-    )
+  _refuse_outside(name, value, lambda v: np.abs(v) > MAX_SCALE,
+                  f"at most 2**100 = {MAX_SCALE:.4g} in absolute value (a larger bias overflows float32 in "
+                  "the loss or its gradient)")
 
 
 def check_temperature(name: str, value: Any) -> None:
   """Raises unless a concrete temperature is positive with 1/temperature at most `MAX_SCALE`."""
   check_positive(name, value)
+  _refuse_outside(name, value, lambda v: v < 1.0 / MAX_SCALE,
+                  f"at least 2**-100 = {1.0 / MAX_SCALE:.4g} (1/temperature multiplies the cosines; a larger "
+                  "multiplier overflows float32 in the loss or its gradient)")
+
+
+def _refuse_outside(name: str, value: Any, outside, requirement: str) -> None:
+  """Raises "`name` must be <requirement>, got <value>" if a concrete numeric `value` has an entry
+  where `outside` holds (traced values pass)."""
   v = concrete_value(value)
-  if v is not None and np.any(v < 1.0 / MAX_SCALE):
-    raise ValueError(
-        f"`{name}` must be at least 2**-100 = {1.0 / MAX_SCALE:.4g} (1/temperature multiplies the "
-        f"cosines; a larger multiplier overflows float32 in the loss or its gradient), got {_shown(v)}."
-    )
+  if v is not None and v.dtype.kind in "fiu" and np.any(outside(v)):
+    raise ValueError(f"`{name}` must be {requirement}, got {_shown(v)}.")
 
 
 def check_finite(name: str, value: Any) -> None:
