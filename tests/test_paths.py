@@ -5,8 +5,10 @@ data read from gs://.
 No network: `fake_gcs(root)` is a Cloud Storage stand-in in a local folder. `gs://BUCKET/P` is
 ROOT/BUCKET/P for etils.epath (its test hook `epath.testing.mock_epath`, through which orbax,
 tensorflow-datasets and jaxcl open files) and for orbax's TensorStore arrays (orbax's GCS kvstore spec
-becomes a file one); like an object store it cannot append to a file, and a write creates the folders
-above it. `writable=False`: every write fails as on a bucket without write permission.
+becomes a file one). Like an object store (and gcsfs) it has no folders of their own: making one does
+nothing, a folder exists when an object lies below it, and a write creates the folders above it; and
+it cannot append to a file. `writable=False`: every write fails as on a bucket without write
+permission.
 """
 
 import contextlib
@@ -44,6 +46,9 @@ def fake_gcs(root, *, writable: bool = True):
     p = os.fspath(p)
     return GS + os.path.relpath(p, root) if p.startswith(root + os.sep) else p
 
+  def folder_of_objects(original, path):  # a folder exists when an object lies below it
+    return original(path) and (not os.path.isdir(path) or any(f for _, _, f in os.walk(path)))
+
   def refuse(path):
     raise PermissionError(f"403 POST {path}: the caller does not have storage.objects.create access")
 
@@ -53,6 +58,10 @@ def fake_gcs(root, *, writable: bool = True):
         return original(path, *args, **kwargs)
       if name in WRITES and not writable:
         refuse(path)
+      if name in ("mkdir", "makedirs"):
+        return None  # no folder objects: a write creates the folders above it
+      if name in ("exists", "isdir"):
+        return folder_of_objects(original, local(path))
       args = [local(a) if isinstance(a, (str, os.PathLike)) else a for a in args]
       if name == "open" and any(m in args[0] for m in "wa"):
         if not writable:
@@ -134,6 +143,13 @@ def test_a_gs_workdir_trains_resumes_and_writes_every_output_like_a_local_one(da
   assert len(events) == 2
   tags = [sum(b"grad_norm" in r for r in event_records(run / "tensorboard" / f)) for f in events]
   assert tags == [1, 1]  # step 2 in the first run, step 4 after resuming
+  with fake_gcs(gcs):  # a checkpoint moved aside on gs:// (as a restore that fails would)
+    manager = loop.checkpoint_manager(config, "gs://bucket/run")
+    moved = loop.quarantine_checkpoint(manager, 4)
+    assert manager.all_steps() == [2]
+    manager.close()
+  assert moved.startswith("gs://bucket/run/checkpoints_quarantine/4-")
+  assert "commit_success.txt" in os.listdir(gcs / moved[len(GS):]) and not (run / "checkpoints" / "4").exists()
 
 
 def test_an_unwritable_gs_workdir_fails_before_data_and_compute_naming_the_path(data_dir, tmp_path, monkeypatch):

@@ -436,7 +436,8 @@ def restore_checkpoint(manager, abstract_state, shardings, data_iter) -> tuple[T
 
 def quarantine_checkpoint(manager, step: int) -> str:
   """Moves the checkpoint of `step` out of `manager`'s folder (workdir/checkpoints) to
-  workdir/checkpoints_quarantine/<step>-<UTC time>, and returns that path.
+  workdir/checkpoints_quarantine/<step>-<UTC time>, and returns that path (on an object store the
+  folder also gets a README.txt: a folder there exists only once an object lies in it).
 
   The manager is reloaded, so the step leaves its step list (and `keep_checkpoints` counts only the
   steps still there). Several processes: the first moves it, all wait for the move, then reload.
@@ -448,6 +449,9 @@ def quarantine_checkpoint(manager, step: int) -> str:
   if jax.process_index() == 0:
     try:
       folder.mkdir(parents=True, exist_ok=True)
+      if not _paths.is_local(folder):  # an object store's folder exists once an object lies in it
+        (folder / "README.txt").write_text("Checkpoints jaxcl moved aside as unreadable or non-finite; "
+                                           "move one back into checkpoints/ to use it again.\n")
       suffix, base = 1, str(moved)
       while moved.exists():  # the same step quarantined twice within one second
         moved, suffix = _paths.as_path(f"{base}.{suffix}"), suffix + 1
