@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import struct
+import sys
 from unittest import mock
 
 import numpy as np
@@ -166,18 +167,14 @@ def test_an_unwritable_gs_workdir_fails_before_data_and_compute_naming_the_path(
   assert os.listdir(tmp_path) == []
 
 
-def test_a_gs_path_without_an_epath_backend_names_the_path_and_gcsfs():
-  pytest.importorskip("fsspec")
-  if importlib_find("gcsfs") or importlib_find("tensorflow"):
-    pytest.skip("an epath gs:// backend is installed: the message is not reached")
-  with pytest.raises(ValueError, match=r"--workdir gs://bucket/run cannot be written: .* failed with ImportError: .*gcsfs"):
+def test_a_gs_path_without_an_epath_backend_names_the_path_and_gcsfs(monkeypatch):
+  from etils.epath import gpath  # pylint: disable=import-outside-toplevel
+
+  monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if not installed (import gcsfs fails)
+  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # nor TensorFlow's gfile
+  with pytest.raises(ValueError, match=r"--workdir gs://bucket/run cannot be written: .* failed with "
+                     r"ImportError: .*gcsfs.*pip install 'jaxcl\[gcs\]'"):
     workdir_lib.check_writable("gs://bucket/run")
-
-
-def importlib_find(name):
-  import importlib.util  # pylint: disable=import-outside-toplevel
-
-  return importlib.util.find_spec(name) is not None
 
 
 # --------------------------------------------------------------------------------- object-store lock
