@@ -2,8 +2,9 @@
 
     python -m jaxcl.main --config=configs/simclr_digits.py --workdir=DIR [--config.KEY=VALUE ...]
 
-Runs on one host or many: on a Cloud TPU VM (one host or every worker of a pod slice, which JAX finds
-through the TPU metadata) or with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set,
+DIR is a local folder or a URL such as gs://bucket/run (docs/tpu.md, section 4). Runs on one host or
+many: on a Cloud TPU VM (one host or every worker of a pod slice, which JAX finds through the TPU
+metadata) or with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set,
 `jax.distributed.initialize()` connects the processes first. Running again on the same DIR resumes from
 the latest checkpoint.
 
@@ -20,7 +21,8 @@ import signal
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-FLAGS = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots and results.")
+FLAGS = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics, plots and results: a local path or a gs:// URL.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a recipe in configs/.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 

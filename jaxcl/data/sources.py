@@ -35,6 +35,10 @@ images directly in it get label -1. Images are decoded with Pillow: grayscale wh
 unreadable file is an error before any compute, as are an empty folder, mixed sizes with image_size 0,
 and a captions file that misses an image.
 
+Every path (data_dir, folder, captions_file) is a local path or a URI `etils.epath` opens (`gs://bucket/
+images`, `jaxcl._paths`): folders are listed and images and captions read through epath (tfds reads its
+data_dir through epath itself).
+
 Resizing (image_size > 0) scales the shorter side to image_size (bilinear, antialiased, Pillow) and
 takes the central square.
 """
@@ -47,13 +51,14 @@ import csv
 import io
 import logging
 import os
-import pathlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from jaxcl import _checks
+from jaxcl import _paths
 from jaxcl.data import digits
 
 DIGITS_DATA_DIR = "~/.cache/jaxcl/tfds"
@@ -182,8 +187,6 @@ def prepare_digits(data_dir: str | os.PathLike[str] | None = None) -> str:
   No download: the data comes from scikit-learn. Safe when several processes race to prepare it.
   """
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-
-  from etils import epath  # pylint: disable=import-outside-toplevel
 
   data_dir = os.path.expanduser(os.fspath(data_dir or DIGITS_DATA_DIR))
   if (epath.Path(data_dir) / digits.NAME / digits.VERSION / "dataset_info.json").exists():
@@ -326,7 +329,7 @@ def _tfds_source(
           f"`data_config.tfds_name` must name a prepared tfds dataset, got {tfds_name!r}."
       )
     data_dir = config_value(config, "data_dir", "") or None
-    data_dir = os.path.expanduser(data_dir) if data_dir and "://" not in data_dir else data_dir
+    data_dir = os.path.expanduser(data_dir) if data_dir and _paths.is_local(data_dir) else data_dir
     source = TfdsSource(
         tfds_name, split, data_dir=data_dir, image_size=image_size,
         image_key=config_value(config, "image_key", "image"),
@@ -412,9 +415,9 @@ class FolderSource:
   def load_image(self, i: int) -> np.ndarray:
     from PIL import Image  # pylint: disable=import-outside-toplevel
 
-    path = os.path.join(self.root, self.files[i])
+    path = epath.Path(self.root) / self.files[i]
     try:
-      with Image.open(path) as im:
+      with path.open("rb") as f, Image.open(f) as im:
         image = _pil_to_float(im, self.channels)
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(f"Cannot read image {path!r}: {type(e).__name__}: {e}") from e
@@ -430,17 +433,26 @@ class FolderSource:
     return out
 
 
-def _is_image(path: pathlib.Path) -> bool:
+def _data_path(path: str | os.PathLike[str]) -> epath.Path:
+  """A data path as given (a local one with `~` expanded), opened through epath."""
+  path = os.fspath(path)
+  return epath.Path(os.path.expanduser(path) if _paths.is_local(path) else path)
+
+
+def _is_image(path: epath.Path) -> bool:
   visible = not path.name.startswith(".")
-  return visible and path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+  return visible and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
 
 
-def _list_images(directory: pathlib.Path, recursive: bool) -> list[pathlib.Path]:
-  found = directory.rglob("*") if recursive else directory.iterdir()
+def _list_images(directory: epath.Path, recursive: bool) -> list[epath.Path]:
+  if recursive:
+    found = [root / name for root, _, files in directory.walk() for name in files]
+  else:
+    found = directory.iterdir()
   return sorted(p for p in found if _is_image(p))
 
 
-def _split_root(folder: pathlib.Path, split: str) -> pathlib.Path:
+def _split_root(folder: epath.Path, split: str) -> epath.Path:
   if (folder / split).is_dir():
     return folder / split
   present = [s for s in SPLIT_FOLDERS if (folder / s).is_dir()]
@@ -451,11 +463,11 @@ def _split_root(folder: pathlib.Path, split: str) -> pathlib.Path:
   return folder
 
 
-def _probe_image(path: pathlib.Path) -> tuple[tuple[int, int], str]:
+def _probe_image(path: epath.Path) -> tuple[tuple[int, int], str]:
   from PIL import Image  # pylint: disable=import-outside-toplevel
 
   try:
-    with Image.open(path) as im:
+    with path.open("rb") as f, Image.open(f) as im:
       im.load()  # a full decode: truncated files fail here, not in the middle of training
       return im.size, im.mode
   except Exception as e:  # pylint: disable=broad-except
@@ -469,12 +481,12 @@ def read_captions_file(path: str | os.PathLike[str]) -> dict[str, str]:
   row (`filename`, `file`, `path` or `image` first) is skipped; blank lines are skipped. A row without
   a caption, an empty caption or a repeated filename is an error naming the file and line.
   """
-  path = pathlib.Path(path)
+  path = _data_path(path)
   if not path.is_file():
     raise ValueError(f"`data_config.captions_file` {str(path)!r} does not exist.")
   tab = path.suffix.lower() in (".tsv", ".txt", ".tab")
   captions: dict[str, str] = {}
-  with open(path, newline="", encoding="utf-8") as f:
+  with io.StringIO(path.read_bytes().decode("utf-8"), newline="") as f:
     rows = (line.rstrip("\r\n").split("\t") for line in f) if tab else csv.reader(f)
     for n, row in enumerate(rows, start=1):
       if not row or all(not c.strip() for c in row):
@@ -501,7 +513,7 @@ def _folder_source(config: Any, split: str) -> tuple[FolderSource, dict[str, Any
   folder_name = config_value(config, "folder", "")
   if not folder_name:
     raise ValueError("`data_config.folder` must name a folder of images, got ''.")
-  folder = pathlib.Path(os.path.expanduser(folder_name))
+  folder = _data_path(folder_name)
   if not folder.is_dir():
     raise ValueError(f"`data_config.folder` {str(folder)!r} is not a directory.")
   root = _split_root(folder, split)
@@ -549,7 +561,7 @@ def _folder_source(config: Any, split: str) -> tuple[FolderSource, dict[str, Any
   captions = None
   captions_file = config_value(config, "captions_file", "")
   if captions_file:
-    captions_path = pathlib.Path(os.path.expanduser(captions_file))
+    captions_path = _data_path(captions_file)
     if not captions_path.is_absolute() and not captions_path.exists():
       captions_path = folder / captions_path
     table = read_captions_file(captions_path)

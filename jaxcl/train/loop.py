@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -25,6 +24,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxcl import _paths
 from jaxcl import eval as eval_lib
 from jaxcl import losses
 from jaxcl.data import augment, digits, pipeline, sources
@@ -376,7 +376,7 @@ def checkpoint_manager(config, workdir: str) -> ocp.CheckpointManager:
       cleanup_tmp_directories=True,
   )
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+      _paths.as_path(workdir) / "checkpoints", options=options,
       item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
   )
 
@@ -436,29 +436,33 @@ def restore_checkpoint(manager, abstract_state, shardings, data_iter) -> tuple[T
 
 def quarantine_checkpoint(manager, step: int) -> str:
   """Moves the checkpoint of `step` out of `manager`'s folder (workdir/checkpoints) to
-  workdir/checkpoints_quarantine/<step>-<UTC time>, and returns that path.
+  workdir/checkpoints_quarantine/<step>-<UTC time>, and returns that path (on an object store the
+  folder also gets a README.txt: a folder there exists only once an object lies in it).
 
   The manager is reloaded, so the step leaves its step list (and `keep_checkpoints` counts only the
   steps still there). Several processes: the first moves it, all wait for the move, then reload.
   """
-  source = os.path.join(str(manager.directory), str(step))
-  folder = os.path.join(os.path.dirname(str(manager.directory)), "checkpoints_quarantine")
-  moved = os.path.join(folder, f"{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+  source = _paths.as_path(manager.directory) / str(step)
+  folder = _paths.as_path(manager.directory).parent / "checkpoints_quarantine"
+  moved = folder / f"{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
   error = None
   if jax.process_index() == 0:
     try:
-      os.makedirs(folder, exist_ok=True)
-      suffix, base = 1, moved
-      while os.path.exists(moved):  # the same step quarantined twice within one second
-        moved, suffix = f"{base}.{suffix}", suffix + 1
-      os.rename(source, moved)
+      folder.mkdir(parents=True, exist_ok=True)
+      if not _paths.is_local(folder):  # an object store's folder exists once an object lies in it
+        (folder / "README.txt").write_text("Checkpoints jaxcl moved aside as unreadable or non-finite; "
+                                           "move one back into checkpoints/ to use it again.\n")
+      suffix, base = 1, str(moved)
+      while moved.exists():  # the same step quarantined twice within one second
+        moved, suffix = _paths.as_path(f"{base}.{suffix}"), suffix + 1
+      source.rename(moved)
     except OSError as e:
       error = e
   if not workdir_lib.every_process(error is None):  # all wait for the move, and all fail if it failed
     raise RuntimeError(f"could not move the checkpoint {source} aside to {moved}: "
                        f"{error or 'see process 0'}") from error
   manager.reload()
-  return moved
+  return str(moved)
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -580,13 +584,14 @@ def train_and_evaluate(
   would (SIGTERM does the same at the next step boundary); running again resumes. Returns the results
   dict, or {"step": s, "stopped": True} when the run stopped early.
 
-  Before anything is created the config is validated and the workdir checked to be writable; the run
-  then holds the workdir's lock and checks the config against the one recorded there
+  `workdir` is a local folder or a URI `etils.epath` opens (`gs://bucket/run`; `jaxcl._paths`). Before
+  anything is computed the workdir is checked to be writable and the config validated (its data opened);
+  the run then holds the workdir's lock and checks the config against the one recorded there
   (`jaxcl.train.workdir`).
   """
-  infos = validate_config(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = _paths.resolve(workdir)  # a local folder, or a URI such as gs://bucket/run (jaxcl._paths)
   workdir_lib.check_writable(workdir)
+  infos = validate_config(config)
   with workdir_lib.claim(config, workdir):
     return _train_and_evaluate(config, workdir, infos, progress=progress, stop_at=stop_at)
 
@@ -680,8 +685,7 @@ def _train_and_evaluate(config, workdir: str, infos: dict, *, progress: bool, st
     results["baselines"] = {"random_init": random_init, "raw_pixels": raw_pixel_baseline(config, setup, *eval_data)}
   results["step"] = step
   if lead:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    (_paths.as_path(workdir) / "results.json").write_text(json.dumps(results, indent=2))
     metrics_lib.write_plots(workdir, metrics_lib.pca_2d(projection), eval_data[1]["label"])
     print(_fmt_table(results))
   writer.close()

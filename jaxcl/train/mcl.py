@@ -27,7 +27,6 @@ features (not the projections), Forgy initialisation, ids of examples outside th
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable
 
 import jax
@@ -35,14 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxcl import _paths
 from jaxcl import losses
 
 LOSS_NAME = "mcl_nt_xent"
 
 
 def previous_stages(config) -> list[str]:
-  """The work directories of the earlier stages, from `config.loss.mcl_previous_stages` (comma-separated)."""
-  return [os.path.abspath(os.path.expanduser(w.strip()))
+  """The work directories of the earlier stages, from `config.loss.mcl_previous_stages` (comma-separated;
+  local folders or URIs such as gs://bucket/stage1, `jaxcl._paths.resolve`)."""
+  return [_paths.resolve(w.strip())
           for w in str(config.loss.mcl_previous_stages).split(",") if w.strip()]
 
 
@@ -60,7 +61,7 @@ def check_config(config) -> None:
         f"`config.loss.name={LOSS_NAME!r}` (a later MCL stage) needs `config.loss.mcl_previous_stages`: the "
         "work directories of the earlier stages, comma-separated; got none. Train stage 1 with 'nt_xent'.")
   for workdir in stages:
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if not (_paths.as_path(workdir) / "checkpoints").is_dir():
       raise ValueError(
           f"`config.loss.mcl_previous_stages` names {workdir!r}, which has no checkpoints/ folder (train "
           "that stage first).")
@@ -78,18 +79,17 @@ def stage_final_step(workdir: str) -> int:
   step is its newest checkpoint. A ValueError names the workdir, the step found (the newest checkpoint)
   and the step expected otherwise: a stage stopped early (preempted, `stop_at`) is not used.
   """
-  directory = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(name) for name in os.listdir(directory) if name.isdigit()) if os.path.isdir(directory) else []
+  directory = _paths.as_path(workdir) / "checkpoints"
+  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
   found = f"step {steps[-1]}" if steps else "none"
-  results = os.path.join(workdir, "results.json")
-  if not os.path.exists(results):
+  results = _paths.as_path(workdir) / "results.json"
+  if not results.exists():
     raise ValueError(
         f"`config.loss.mcl_previous_stages` names {workdir!r}, which has not finished: its newest checkpoint "
         f"is {found}, and it has no results.json (a run writes it when it reaches its `total_steps`, the "
         "step expected). Run that stage to the end first (the same command resumes it).")
   try:
-    with open(results) as f:
-      expected = int(json.load(f)["step"])
+    expected = int(json.loads(results.read_text())["step"])
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise ValueError(
         f"`config.loss.mcl_previous_stages` names {workdir!r}, whose results.json cannot be read ({e!r}): "
@@ -109,7 +109,7 @@ def load_stage_variables(workdir: str, target: dict) -> dict:
   `target` gives their structure as `jax.ShapeDtypeStruct`s with shardings (this run's model: the stages
   share `config.model`).
   """
-  directory = os.path.join(workdir, "checkpoints")
+  directory = _paths.as_path(workdir) / "checkpoints"
   step = stage_final_step(workdir)
   manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)

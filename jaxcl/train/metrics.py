@@ -1,12 +1,20 @@
-"""Run outputs: metrics.jsonl, TensorBoard scalars and PNG plots in the workdir."""
+"""Run outputs: metrics.jsonl, TensorBoard scalars and PNG plots in the workdir.
+
+The workdir is a local folder or a URI `etils.epath` opens (`gs://...`, `jaxcl._paths`); every file is
+written through epath. An object store cannot append to an object: there `metrics.jsonl` and the
+TensorBoard event file are uploaded whole at every logged step (as tensorboardX's own `gs://` writer
+does), and a killed run loses at most the records logged since the last upload.
+"""
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from typing import Any
 
 import numpy as np
+
+from jaxcl import _paths
 
 
 class MetricsWriter:
@@ -15,20 +23,31 @@ class MetricsWriter:
   def __init__(self, workdir: str, *, enabled: bool = True, purge_step: int | None = None):
     """`purge_step`: a resumed run; TensorBoard hides the old events at this step and later."""
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = _paths.as_path(workdir) / "metrics.jsonl"
+    self._lines = None  # a URI's metrics.jsonl, read at the first write (after `rewind`), then kept here
     self._tb = None
     if enabled:
       from tensorboardX import SummaryWriter  # event files TensorBoard reads, without TensorFlow
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
+      logdir = str(_paths.as_path(workdir) / "tensorboard")
+      if not _paths.is_local(logdir):
+        _register_epath_event_files(logdir.split("://", 1)[0])
+      self._tb = SummaryWriter(logdir, purge_step=purge_step)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:
       return
     record = {"step": int(step)}
     record.update({k: _plain(v) for k, v in metrics.items()})
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    if _paths.is_local(self.path):
+      with open(self.path, "a") as f:
+        f.write(line)
+    else:  # no appending to an object: upload the whole file
+      if self._lines is None:
+        self._lines = [l if l.endswith("\n") else l + "\n" for l in _read_lines(self.path)]
+      self._lines.append(line)
+      self.path.write_text("".join(self._lines))
     for k, v in record.items():
       if k != "step" and isinstance(v, (int, float)):
         self._tb.add_scalar(k, v, int(step))
@@ -37,6 +56,51 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+class _EpathEventFile:
+  """A tensorboardX record writer for a URI: keeps the event file's bytes and uploads them whole through
+  epath at every flush (object stores cannot append)."""
+
+  def __init__(self, path: str):
+    self.path = _paths.as_path(path)
+    self.buffer = io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self.buffer.write(data)
+
+  def flush(self) -> None:
+    self.path.write_bytes(self.buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EpathEventFiles:
+  """The tensorboardX writer factory (`record_writer.register_writer_factory`) for a URI scheme."""
+
+  def open(self, path: str) -> _EpathEventFile:
+    return _EpathEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    _paths.as_path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _register_epath_event_files(scheme: str) -> None:
+  """Makes tensorboardX write event files under `scheme://` through epath (the same backend and
+  credentials as the run's other outputs; it replaces tensorboardX's own `gs://` writer, which needs
+  google-cloud-storage)."""
+  from tensorboardX import record_writer  # pylint: disable=import-outside-toplevel
+
+  record_writer.register_writer_factory(scheme, _EpathEventFiles())
+
+
+def _read_lines(path) -> list[str]:
+  """The lines of a text file (with their line ends); [] when it does not exist."""
+  path = _paths.as_path(path)
+  if not path.exists():
+    return []
+  return io.StringIO(path.read_text(), newline="").readlines()
 
 
 def _plain(v: Any) -> Any:
@@ -48,16 +112,12 @@ def _plain(v: Any) -> Any:
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The records of `metrics.jsonl`; a line cut short by a killed process is skipped."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
   records = []
-  with open(path) as f:
-    for line in f:
-      try:
-        records.append(json.loads(line))
-      except ValueError:
-        continue
+  for line in _read_lines(_paths.as_path(workdir) / "metrics.jsonl"):
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      continue
   return records
 
 
@@ -83,11 +143,8 @@ def forget_evaluation(workdir: str, step: int) -> int:
 def _keep_records(workdir: str, keep_record) -> int:
   """Rewrites `metrics.jsonl` (atomically) with the records for which `keep_record(record)` is true,
   without cut-short lines; returns how many lines were dropped."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return 0
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
+  path = _paths.as_path(workdir) / "metrics.jsonl"
+  lines = [line for line in _read_lines(path) if line.strip()]
   keep = []
   for line in lines:
     try:
@@ -96,10 +153,7 @@ def _keep_records(workdir: str, keep_record) -> int:
     except (ValueError, KeyError, TypeError):
       continue
   if len(keep) != len(lines):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, path)
+    _paths.write_atomically(path, "".join(keep))
   return len(lines) - len(keep)
 
 
@@ -148,10 +202,12 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, workdir: str, name: str) -> str:
-  path = os.path.join(workdir, name)
+  path = _paths.as_path(workdir) / name
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  return path
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
+  path.write_bytes(png.getvalue())
+  return str(path)
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:

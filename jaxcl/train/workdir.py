@@ -1,7 +1,11 @@
 """What a run owns in its workdir besides checkpoints and metrics: the lock and the config record.
 
+The workdir is a local folder or a URI `etils.epath` opens (`gs://bucket/dir`; `jaxcl._paths`).
+
 - `check_writable(workdir)`: the workdir (or the folder it will be made in) and the outputs already in
-  it can be written, checked before anything is created.
+  it can be written, checked before anything is created. A URI is checked by writing and removing a
+  small probe object (`.jaxcl-write-check-HOST-PID`), since object stores have no permission bits to
+  read.
 - The lock `DIR/jaxcl.lock` (`acquire_lock` / `release_lock`): one run per workdir. The file holds the
   holder's host, pid and start time, and the holder keeps an exclusive `flock` on it, so of two runs
   exactly one gets it and the kernel drops it when the holder dies; the other fails at once with a
@@ -9,6 +13,12 @@
   `kill -9`, a crash) is taken over, with a warning; one naming a process on another host is not
   (its liveness cannot be checked from here). With several processes (`jax.process_count() > 1`)
   process 0 holds it for all of them.
+  On a URI (an object store: no flock) the lock is the object alone: it is taken when absent (or stale,
+  as above) by writing a record with a random token, waiting `OBJECT_LOCK_SETTLE_S` and reading it back;
+  the run holds it only if the token read back is its own, so of two runs that wrote it at about the same
+  time the one overwritten fails, naming the other. Two runs can still both hold it if one writes after
+  the other has read back (a gap longer than the settle time between its absence check and its write),
+  and a lock object left by a killed process on another host stays until it is deleted by hand.
 - The config record `DIR/config.json` (`check_config_record`): the resolved config of the run. A run
   that resumes from a checkpoint must have the recorded config, except for the keys in `SAFE_TO_CHANGE`;
   any other difference is an error listing every key that differs.
@@ -25,15 +35,21 @@ import fcntl
 import json
 import os
 import socket
+import time
+import uuid
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxcl import _paths
 from jaxcl.train import config as config_lib
 
 LOCK_FILE = "jaxcl.lock"
 CONFIG_FILE = "config.json"
+# On an object store: how long a run waits between writing the lock object and reading it back (longer
+# than the latency of one write, so a competitor that saw no lock has written its own by then).
+OBJECT_LOCK_SETTLE_S = 1.0
 
 # Keys a resumed run may change: they decide what is logged, saved and evaluated, never what is trained,
 # so the parameters after every step are those of an unchanged run. Everything else (total_steps too:
@@ -62,7 +78,11 @@ def check_writable(workdir: str) -> None:
   """Raises a ValueError if the run could not write its outputs: `workdir` (or, when it does not exist
   yet, the nearest folder above it that does) and, when they exist, its `checkpoints` and `tensorboard`
   folders and its `metrics.jsonl`, `results.json`, `config.json` files must be writable. Creates
-  nothing."""
+  nothing. A URI (`gs://...`) is checked by writing a probe object into it and removing it; an error
+  names the path and what failed (for instance a missing gcsfs, or no permission on the bucket)."""
+  if not _paths.is_local(workdir):
+    _check_writable_uri(workdir)
+    return
   if not os.path.exists(workdir):
     parent = os.path.dirname(os.path.abspath(workdir))
     while not os.path.exists(parent):
@@ -84,6 +104,19 @@ def check_writable(workdir: str) -> None:
       raise ValueError(f"--workdir: the file {path} is not writable: the run could not save its outputs.")
 
 
+def _check_writable_uri(workdir: str) -> None:
+  folder = _paths.as_path(workdir)
+  probe = folder / f".jaxcl-write-check-{socket.gethostname()}-{os.getpid()}"
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    probe.write_text("jaxcl checks that the run can write its outputs here; safe to delete.\n")
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except  (ImportError, PermissionError, gcsfs's HttpError...)
+    hint = f" {_paths.GCS_HINT}" if workdir.startswith("gs://") else ""
+    raise ValueError(f"--workdir {workdir} cannot be written: writing {probe} failed with "
+                     f"{type(e).__name__}: {e}. The run could not save its outputs.{hint}") from e
+
+
 # ---------------------------------------------------------------------------------------------- lock
 def acquire_lock(workdir: str) -> str:
   """Takes `workdir/jaxcl.lock` for this process and writes its host, pid and start time into it;
@@ -94,7 +127,10 @@ def acquire_lock(workdir: str) -> str:
   naming the holder if another process holds it. A lock file whose `flock` is free but whose record
   names a process that still runs (on another host: that cannot be checked from here) holds too; one
   whose recorded process ran on this host and no longer runs is stale: it is taken over, with a warning.
+  On a URI (`gs://...`, no flock) the object alone is the lock (`_acquire_object_lock`).
   """
+  if not _paths.is_local(workdir):
+    return _acquire_object_lock(workdir)
   path = os.path.join(workdir, LOCK_FILE)
   for _ in range(3):  # the holder may release (and remove) the file between our open and our flock
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -127,10 +163,37 @@ def acquire_lock(workdir: str) -> str:
   raise WorkdirLockedError(_held_message(workdir, path, read_lock(path)))
 
 
+def _acquire_object_lock(workdir: str) -> str:
+  """The lock on an object store: written when absent or stale, held if it still holds this run's
+  record (its random token) `OBJECT_LOCK_SETTLE_S` later (the module docstring says what this does
+  not exclude)."""
+  path = f"{_paths.resolve(workdir)}/{LOCK_FILE}"
+  lock = _paths.as_path(path)
+  if lock.exists():
+    holder = read_lock(path)
+    if holder is None or not _stale(holder, path):  # an unreadable object is a whole write: not ours
+      raise WorkdirLockedError(_held_message(workdir, path, holder))
+    print(f"warning: recovered the stale lock {path}: {_describe(holder)} no longer runs (it ended "
+          "without releasing the workdir: killed or crashed).")
+  mine = dict(_this_holder(), token=uuid.uuid4().hex)
+  lock.write_text(json.dumps(mine))
+  time.sleep(OBJECT_LOCK_SETTLE_S)
+  holder = read_lock(path)
+  if holder != mine:  # another run wrote it after us: it holds the workdir
+    raise WorkdirLockedError(_held_message(workdir, path, holder))
+  _HELD[path] = None
+  return path
+
+
 def release_lock(path: str) -> None:
   """Removes the lock at `path` if this process holds it (it never removes another run's lock)."""
-  fd = _HELD.pop(path, None)
-  if fd is None:
+  if path not in _HELD:
+    return
+  fd = _HELD.pop(path)
+  if fd is None:  # an object store's lock: no descriptor
+    holder = read_lock(path)
+    if holder is not None and _is_this_process(holder):
+      _paths.as_path(path).unlink(missing_ok=True)
     return
   try:
     holder = read_lock(path)
@@ -165,8 +228,7 @@ def read_lock(path: str) -> dict | None:
   """The holder recorded in a lock file ({"host", "pid", "since"}), or None if missing or unreadable
   (for instance still being written by its creator)."""
   try:
-    with open(path) as f:
-      holder = json.load(f)
+    holder = json.loads(_paths.as_path(path).read_text())
     ok = isinstance(holder.get("host"), str) and isinstance(holder.get("pid"), int) and holder["pid"] > 0
     return holder if ok else None
   except (OSError, ValueError, TypeError, AttributeError):
@@ -182,7 +244,7 @@ def _is_this_process(holder: dict) -> bool:
   return holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid()
 
 
-_HELD: dict[str, int] = {}  # the lock files this process holds, and their flocked descriptors
+_HELD: dict[str, int | None] = {}  # the locks this process holds, and their flocked descriptors (None: a URI)
 
 
 def _stale(holder: dict, path: str) -> bool:
@@ -243,8 +305,8 @@ def config_differences(recorded: dict, current: dict) -> list[tuple[str, Any, An
 
 def has_checkpoint(workdir: str) -> bool:
   """Whether `workdir/checkpoints` holds a step folder (a run to resume)."""
-  folder = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+  folder = _paths.as_path(workdir) / "checkpoints"
+  return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
 
 def check_config_record(config, workdir: str) -> None:
@@ -257,16 +319,15 @@ def check_config_record(config, workdir: str) -> None:
   workdir without a checkpoint has nothing to resume: its record is replaced. A workdir with
   checkpoints but no record (written by an older jaxcl) gets one, with a note.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = _paths.as_path(workdir) / CONFIG_FILE
   current = config_record(config)
   recorded = None
-  if os.path.exists(path):
-    with open(path) as f:
-      try:
-        recorded = json.load(f)
-      except ValueError as e:
-        raise ValueError(f"The config record {path} is not valid JSON ({e}); restore it, or delete it to "
-                         "record this run's config.") from None
+  if path.exists():
+    try:
+      recorded = json.loads(path.read_text())
+    except ValueError as e:
+      raise ValueError(f"The config record {path} is not valid JSON ({e}); restore it, or delete it to "
+                       "record this run's config.") from None
   if recorded is not None and has_checkpoint(workdir):
     diffs = config_differences(recorded, current)
     defaults = _flatten(config_record(config_lib.base_config()))
@@ -286,21 +347,7 @@ def check_config_record(config, workdir: str) -> None:
   elif recorded is None and has_checkpoint(workdir):
     print(f"note: the checkpoints in {workdir} have no config record (an older jaxcl); recording this "
           f"run's config in {path}.")
-  _write_atomically(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
-
-
-def _write_atomically(path: str, text: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:  # a full disk, a SIGTERM: leave no temporary file behind
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  _paths.write_atomically(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------------------------- claim
@@ -309,7 +356,7 @@ def claim(config, workdir: str):
   """Makes `workdir`, takes its lock and checks/records the config (process 0), for the duration of
   the `with` block; the lock is released when the block ends, by a return, an exception or a
   preemption. With several processes the others wait for process 0's verdict and fail with it."""
-  os.makedirs(workdir, exist_ok=True)
+  _paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
   lock = None
   try:
     error = None
