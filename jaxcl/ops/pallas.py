@@ -326,7 +326,7 @@ def dot_precision(dtype) -> jax.lax.Precision:
 
   >>> import jax.numpy as jnp
   >>> dot_precision(jnp.float32), dot_precision(jnp.bfloat16)
-  (<Precision.HIGHEST: 2>, <Precision.DEFAULT: 0>)
+  (Precision.HIGHEST, Precision.DEFAULT)
   """
   return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
