@@ -441,6 +441,34 @@ def test_gradients_lower_for_the_hardware(flavour, platform, target, calls, extr
   assert exported.mlir_module().count(f"@{target}") == calls
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("dtype, process_precision, want", [
+    (jnp.float32, "default", jax.lax.Precision.HIGHEST),   # Triton would take DEFAULT as TF32
+    (jnp.bfloat16, "highest", jax.lax.Precision.DEFAULT),  # Mosaic refuses bf16 at HIGHEST
+], ids=["f32-under-default", "bf16-under-highest"])
+def test_kernel_matmuls_ignore_the_process_precision(flavour, dtype, process_precision, want):
+  # Every dot inside the forward and backward kernels has the precision of its input dtype, whatever
+  # jax_default_matmul_precision says (the dots outside the kernels follow it).
+  def loss(q, k):
+    row, col = engine.logsumexp(q, k, scale=jnp.ones(()), rows=True, cols=True, exclude=None, include=None)
+    return jnp.sum(row) + jnp.sum(col) + jnp.sum(
+        engine.sigmoid_sum(q, k, scale=jnp.ones(()), bias=jnp.zeros(()), positives=None))
+
+  def kernel_dots(jaxpr, inside=False):
+    for eqn in jaxpr.eqns:
+      if inside and eqn.primitive.name == "dot_general":
+        yield eqn.params["precision"]
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        yield from kernel_dots(sub, inside or eqn.primitive.name == "pallas_call")
+
+  x = jnp.ones((40, 32), dtype)
+  with jax.default_matmul_precision(process_precision), engine.using(flavour=flavour, interpret=False):
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(x, x)
+  found = list(kernel_dots(jaxpr.jaxpr))
+  assert len(found) >= 6  # forward S; dq and dk kernels: S and dS·b each (log-sum-exp and sigmoid)
+  assert set(found) == {(want, want)}
+
+
 # --------------------------------------------------------------------------------------- settings
 def test_settings_from_environment_and_validation():
   env = {"JAXCL_PALLAS_FLAVOUR": "GPU", "JAXCL_PALLAS_INTERPRET": "tpu", "JAXCL_PALLAS_BLOCK_ROWS": "256"}

@@ -315,6 +315,22 @@ def tile_valid(row_pos, col_pos, tiles: Tiles, kinds: tuple[str, ...], id_tiles)
   return functools.reduce(operator.and_, conds) if conds else None
 
 
+def dot_precision(dtype) -> jax.lax.Precision:
+  """Precision of the tile matmuls for inputs of `dtype`, fixed so that the kernels never follow the
+  process-wide `jax_default_matmul_precision`:
+
+      float32 → HIGHEST (true float32 products: IEEE, not TF32, on GPU; fp32 contraction on TPU)
+      else    → DEFAULT (bf16 × bf16 products are exact in the float32 accumulator)
+
+  Mosaic refuses a bf16 matmul at HIGHEST ("Bad lhs type"), and Triton's DEFAULT for float32 is TF32.
+
+  >>> import jax.numpy as jnp
+  >>> dot_precision(jnp.float32), dot_precision(jnp.bfloat16)
+  (Precision.HIGHEST, Precision.DEFAULT)
+  """
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
 def online_update(m_prev, l_prev, s, axis: int, keepdims: bool):
   """Folds a tile `s` (invalid entries −inf) into running (max, sum exp(s − max)) along `axis`.
 

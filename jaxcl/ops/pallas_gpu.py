@@ -88,7 +88,8 @@ class _Tile:
   def __call__(self, j):
     """(b tile, scores, validity or None) for column block j."""
     b = self.b_ref[self.cols(j), :]
-    s = jax.lax.dot_general(self.a, b, _NT, preferred_element_type=jnp.float32)
+    s = jax.lax.dot_general(self.a, b, _NT, preferred_element_type=jnp.float32,
+                            precision=engine.dot_precision(b.dtype))
     s = s * (self.row_scale if self.scale_on == "rows" else self.col_vector(self.scale_ref, j))
     col_pos = (j * self.tiles.block_b + jnp.arange(self.tiles.block_b))[None, :]
     id_tiles = [(r, self.col_vector(c, j)) for r, (_, c) in zip(self.row_ids, self.id_refs)]
@@ -153,7 +154,8 @@ def _lse_bwd_kernel(*refs, tiles, kinds, scale_on, with_rows, with_cols):
     ds = engine.softmax_grad_tile(s, valid, row_lse, g_row, col_lse, g_col)
     if scale_on == "cols":
       ds = ds * tile.col_vector(scale_ref, j)
-    return acc + jax.lax.dot(ds.astype(b.dtype), b, preferred_element_type=jnp.float32)
+    return acc + jax.lax.dot(ds.astype(b.dtype), b, preferred_element_type=jnp.float32,
+                             precision=engine.dot_precision(b.dtype))
 
   acc_ref[...] = jax.lax.fori_loop(0, tiles.grid[1], body, jnp.zeros(acc_ref.shape, jnp.float32))
 
@@ -253,7 +255,8 @@ def _sig_bwd_kernel(a_ref, b_ref, scale_ref, bias_ref, g_ref, pr_ref, pc_ref, ac
       total = total + jnp.sum(ds, axis=1)
     if vec_on == "cols":
       ds = ds * tile.col_vector(scale_ref, j)
-    return acc + jax.lax.dot(ds.astype(b.dtype), b, preferred_element_type=jnp.float32), total
+    return acc + jax.lax.dot(ds.astype(b.dtype), b, preferred_element_type=jnp.float32,
+                             precision=engine.dot_precision(b.dtype)), total
 
   init = (jnp.zeros(acc_ref.shape, jnp.float32), jnp.zeros((tiles.block_a,), jnp.float32))
   acc, total = jax.lax.fori_loop(0, tiles.grid[1], body, init)

@@ -88,7 +88,9 @@ def _cost(tiles: engine.Tiles, d: int, itemsize: int, matmuls: int, exps: int) -
 
 
 def _scores(a_ref, b_ref, scale_ref):
-  s = jax.lax.dot_general(a_ref[...], b_ref[...], _NT, preferred_element_type=jnp.float32)
+  a, b = a_ref[...], b_ref[...]
+  s = jax.lax.dot_general(a, b, _NT, preferred_element_type=jnp.float32,
+                          precision=engine.dot_precision(b.dtype))
   return s * scale_ref[...]
 
 
@@ -197,7 +199,8 @@ def _lse_bwd_kernel(*refs, tiles, kinds, scale_on, with_rows, with_cols):
   if scale_on == "cols":
     ds = ds * scale_ref[...]
   b = b_ref[...]
-  acc_ref[...] += jax.lax.dot(ds.astype(b.dtype), b, preferred_element_type=jnp.float32)
+  acc_ref[...] += jax.lax.dot(ds.astype(b.dtype), b, preferred_element_type=jnp.float32,
+                              precision=engine.dot_precision(b.dtype))
 
 
 def lse_backward(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, scale_on, tiles):
@@ -294,7 +297,8 @@ def _sig_bwd_kernel(a_ref, b_ref, scale_ref, bias_ref, g_ref, pr_ref, pc_ref, ac
   if vec_on == "cols":
     ds = ds * scale_ref[...]
   b = b_ref[...]
-  acc_ref[...] += jax.lax.dot(ds.astype(b.dtype), b, preferred_element_type=jnp.float32)
+  acc_ref[...] += jax.lax.dot(ds.astype(b.dtype), b, preferred_element_type=jnp.float32,
+                              precision=engine.dot_precision(b.dtype))
 
 
 def sigmoid_backward(a, b, scale, bias, positives, g, *, vec_on, tiles):

@@ -1,0 +1,213 @@
+"""The `pallas` kernels and the engines compiled for real TPUs and GPUs (deviceless, `jaxcl.targets`).
+
+Each case lowers `jax.value_and_grad` of a public loss (forward and backward kernels) for one chip of a
+named slice, or for a whole slice with the batch sharded over it, and runs the real XLA TPU compiler and
+Mosaic, or the XLA GPU compiler and Triton, on this CPU. Nothing runs: the checks are on the compiled
+program, its fused-kernel custom calls, collectives, output types and the compiler's per-device memory.
+
+The cases are a covering set, not the full product: in each family every value of every axis (kernel
+path, dtype, feature size D, mask kind, topology) appears at least once, and the test id names them.
+B is never a multiple of the tile, so every kernel masks padded rows and columns.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+
+import jaxcl.ops.pallas as engine
+from jaxcl import losses
+from jaxcl import targets
+from jaxcl.ops import blockwise
+
+# Kernel cases: 12300 rows, a multiple of neither the TPU tiles (256 × 512, 16-row packing) nor the GPU
+# ones (16…64). Its (B, B) float32 similarity matrix (605 MB) is far larger than any VMEM or cache, so a
+# compiled program that held it would show it in its temporaries (the dense engine's gradient holds
+# about B²·4 bytes of them).
+B = 12300
+F32, BF16 = jnp.float32, jnp.bfloat16
+
+
+def _struct(shape, dtype, sharding):
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def _pair(d, dtype, sharding, n=B):
+  return _struct((n, d), dtype, sharding), _struct((n, d), dtype, sharding)
+
+
+def _ids(n, sharding):
+  return _struct((n,), jnp.int32, sharding)
+
+
+def _mask(n, sharding):
+  return _struct((n,), jnp.bool_, sharding)
+
+
+# Each loss: (function of (x, y, extra...), extra inputs as structs) -> what value_and_grad differentiates.
+# The mask kind each one feeds the kernels: "valid" is `mask=` (row_valid / col_valid, folded into include
+# ids), "exclude" the self-pair ids of NT-Xent, "include" the cluster ids of MCL's NT-Xent.
+def _loss(name, impl, mesh=None):
+  kw = dict(impl=impl) if mesh is None else dict(impl=impl, mesh=mesh)
+  if name == "clip":
+    return lambda x, y, *_: losses.clip(x, y, logit_scale=10.0, normalize=False, **kw)
+  if name == "clip-valid":
+    return lambda x, y, m: losses.clip(x, y, logit_scale=10.0, mask=m, normalize=False, **kw)
+  if name == "siglip":
+    return lambda x, y, *_: losses.siglip(x, y, logit_scale=10.0, logit_bias=-10.0, normalize=False, **kw)
+  if name == "siglip-valid":
+    return lambda x, y, m: losses.siglip(x, y, logit_scale=10.0, logit_bias=-10.0, mask=m, normalize=False,
+                                         **kw)
+  if name == "nt_xent-exclude":
+    return lambda x, y, *_: losses.nt_xent(x, y, temperature=0.1, normalize=False, **kw)
+  if name == "mcl-include-exclude":
+    return lambda x, y, c: losses.mcl_nt_xent(x, y, c, temperature=0.1, normalize=False, **kw)
+  raise ValueError(name)
+
+
+def _extras(name, n, sharding):
+  if name in ("clip-valid", "siglip-valid"):
+    return (_mask(n, sharding),)
+  if name == "mcl-include-exclude":
+    return (_ids(n, sharding),)
+  return ()
+
+
+def _compile(loss, x, y, extras):
+  grad = jax.value_and_grad(loss, argnums=(0, 1))
+  return jax.jit(grad).lower(x, y, *extras).compile()
+
+
+def _check_outputs(compiled, x):
+  value, (dx, dy) = compiled.out_info
+  assert (value.shape, value.dtype) == ((), F32)
+  assert (dx.shape, dx.dtype) == (x.shape, x.dtype)
+  assert (dy.shape, dy.dtype) == (x.shape, x.dtype)
+
+
+# Mosaic / Triton calls per compiled forward + backward: the backward is always a dq and a dk kernel; the
+# forward one call, or two where the column log-sum-exp is a second (swapped) pass.
+def _expected_calls(name, separate_cols):
+  return 2 + (2 if name.startswith("clip") and separate_cols else 1)
+
+
+def _rows(name, n):
+  """Rows of the similarity matrix a loss reduces: both views stacked for NT-Xent and its variants."""
+  return 2 * n if name.startswith(("nt_xent", "mcl")) else n
+
+
+def _check_temp_bytes(compiled, rows, cols, d, keys, tile=0):
+  """Temporaries O(keys · D + rows · tile), and not half of one (rows, cols) float32 block of S.
+
+  `keys`: the rows of the (keys, D) operands a device holds at once (the global batch for a single
+  device and allgather, its own shard for ring): 12 float32 copies of those (padded inputs, float32
+  gradient accumulators, their scaled and summed versions), two float32 (rows, tile) tiles of an XLA
+  loop (`tile`; the Pallas tiles stay on chip) and 4 MiB for vectors.
+  """
+  temp = targets.memory(compiled).temp_bytes
+  assert temp < rows * cols * 4 // 2
+  assert temp <= 12 * keys * (-(-d // 128) * 128) * 4 + 2 * rows * tile * 4 + (4 << 20)
+
+
+# ------------------------------------------------------------------------------------- TPU (Mosaic)
+# (topology, loss, dtype, D, separate column pass)
+TPU_CASES = [
+    ("v5e:2x2", "clip-valid", F32, 64, False),              # fused rows + cols, valid
+    ("v5p:2x2x1", "clip", BF16, 768, True),                 # separate column pass, no mask
+    ("v5e:2x2", "nt_xent-exclude", BF16, 128, False),       # rows, exclude
+    ("v5p:2x2x1", "mcl-include-exclude", BF16, 256, False),  # rows, include + exclude
+    ("v5p:2x2x1", "siglip-valid", F32, 128, False),         # sigmoid, valid positives
+]
+
+
+def _tpu_id(case):
+  topo, name, dtype, d, separate = case
+  path = "sigmoid" if name.startswith("siglip") else "lse-cols-pass" if separate else (
+      "lse-fused" if name.startswith("clip") else "lse-rows")
+  return f"{topo}-{path}-{name}-{jnp.dtype(dtype).name}-D{d}"
+
+
+@pytest.mark.parametrize("topo, name, dtype, d, separate_cols", TPU_CASES, ids=map(_tpu_id, TPU_CASES))
+def test_tpu_kernels_compile_with_mosaic(topo, name, dtype, d, separate_cols):
+  one = SingleDeviceSharding(targets.get(topo).devices[0])
+  x, y = _pair(d, dtype, one)
+  fused_limit = 1024 if separate_cols else engine.settings().max_fused_cols
+  with engine.using(flavour="tpu", interpret=False, max_fused_cols=fused_limit):
+    compiled = _compile(_loss(name, "pallas"), x, y, _extras(name, B, one))
+  assert targets.kernel_calls(compiled) == {"mosaic": _expected_calls(name, separate_cols), "triton": 0}
+  _check_outputs(compiled, x)
+  n = _rows(name, B)
+  _check_temp_bytes(compiled, n, n, d, n)
+
+
+# ------------------------------------------------------------------------------------- GPU (Triton)
+GPU_CASES = [
+    ("h100:1x1x1", "clip-valid", F32, 64),             # rows + cols (two passes), valid
+    ("h200:1x1x1", "siglip", BF16, 768),               # sigmoid, diagonal positives
+    ("h100:1x1x1", "nt_xent-exclude", BF16, 128),      # rows, exclude
+    ("h200:1x1x1", "mcl-include-exclude", BF16, 256),  # rows, include + exclude
+]
+
+
+def _gpu_id(case):
+  topo, name, dtype, d = case
+  path = "sigmoid" if name.startswith("siglip") else "lse-rows-cols" if name.startswith("clip") else "lse-rows"
+  return f"{topo}-{path}-{name}-{jnp.dtype(dtype).name}-D{d}"
+
+
+@pytest.mark.parametrize("topo, name, dtype, d", GPU_CASES, ids=map(_gpu_id, GPU_CASES))
+def test_gpu_kernels_compile_with_triton(topo, name, dtype, d):
+  one = SingleDeviceSharding(targets.get(topo).devices[0])
+  x, y = _pair(d, dtype, one)
+  with engine.using(flavour="gpu", interpret=False):
+    compiled = _compile(_loss(name, "pallas"), x, y, _extras(name, B, one))
+  assert targets.kernel_calls(compiled) == {"mosaic": 0, "triton": _expected_calls(name, True)}
+  _check_outputs(compiled, x)
+  n = _rows(name, B)
+  _check_temp_bytes(compiled, n, n, d, n)
+
+
+# -------------------------------------------------------------------------------------------- engines
+# 20224 rows: 16-row shards on 4 and 8 devices, not a multiple of the blockwise tile (512); one device's
+# block of S, (B/n) × B float32, is 400 MB or more: beyond any VMEM, it would show in the temporaries.
+B_ENGINES = 20224
+# (topology, impl, loss, dtype, D, collective expected in the compiled HLO)
+ENGINE_CASES = [
+    ("v5e:2x2", "blockwise", "clip", BF16, 256, None),
+    ("v5e:2x2", "allgather", "clip-valid", BF16, 128, "all-gather"),
+    ("v5e:2x2", "ring", "siglip", BF16, 128, "collective-permute"),
+    ("v4:2x2x1", "ring", "clip", BF16, 256, "collective-permute"),
+    ("h200:1x1x4", "ring", "clip", F32, 128, "collective-permute"),
+]
+
+
+def _engine_id(case):
+  topo, impl, name, dtype, d, _ = case
+  return f"{topo}-{impl}-{name}-{jnp.dtype(dtype).name}-D{d}"
+
+
+@pytest.mark.parametrize("topo, impl, name, dtype, d, collective", ENGINE_CASES,
+                         ids=map(_engine_id, ENGINE_CASES))
+def test_engines_compile_for_a_slice(topo, impl, name, dtype, d, collective):
+  target = targets.get(topo)
+  if impl == "blockwise":
+    n, sharding, mesh = 1, SingleDeviceSharding(target.devices[0]), None
+  else:
+    mesh = targets.mesh(target)
+    n, sharding = len(target.devices), NamedSharding(mesh, P("data"))
+  x, y = _pair(d, dtype, sharding, B_ENGINES)
+  compiled = _compile(_loss(name, impl, mesh), x, y, _extras(name, B_ENGINES, sharding))
+  _check_outputs(compiled, x)
+  text = compiled.as_text()
+  if collective is None:
+    assert "all-gather" not in text and "collective-permute" not in text
+  else:
+    assert collective in text
+  if impl == "ring":
+    assert "all-gather" not in text  # the keys travel, they are never gathered
+  assert targets.kernel_calls(compiled) == {"mosaic": 0, "triton": 0}
+  local = B_ENGINES // n
+  inputs = 2 * local * d * jnp.dtype(dtype).itemsize
+  assert inputs <= targets.memory(compiled).argument_bytes <= inputs + (64 << 10)  # a shard per device
+  _check_temp_bytes(compiled, local, B_ENGINES, d, local if impl == "ring" else B_ENGINES,
+                    tile=blockwise.DEFAULT_TILE)
