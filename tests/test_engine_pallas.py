@@ -456,8 +456,13 @@ def test_settings_from_environment_and_validation():
     engine.Settings(interpret="yes")
   with pytest.raises(ValueError, match="`block_rows` must be a positive integer or None, got 0"):
     engine.Settings(block_rows=0)
-  # On this CPU machine "auto" runs the TPU kernels in interpret mode.
-  assert engine._resolve_flavour(engine.Settings()) == ("tpu", True)
+  # "auto" / "auto": per lowering platform, compiled Mosaic on TPU, Triton on CUDA, Mosaic interpreted
+  # elsewhere (this CPU).
+  assert engine._variants(engine.Settings()) == (
+      (("tpu",), "tpu", False), (("cuda",), "gpu", False), (None, "tpu", True))
+  assert engine._variants(engine.Settings(flavour="tpu", interpret=True)) == ((None, "tpu", True),)
+  assert engine._variants(engine.Settings(interpret=False)) == (
+      (("tpu",), "tpu", False), (("cuda",), "gpu", False), (None, "tpu", False))
 
 
 def test_bad_block_sizes_and_modes_raise_at_trace_time():
