@@ -441,6 +441,28 @@ def test_gradients_lower_for_the_hardware(flavour, platform, target, calls, extr
   assert exported.mlir_module().count(f"@{target}") == calls
 
 
+def test_auto_flavour_follows_the_platform_lowered_for():
+  # flavour and interpret "auto" (the defaults) are decided when lowering, not by this process's
+  # backend: Mosaic compiled for TPU, Triton compiled for CUDA, interpret mode (no custom call) on CPU.
+  def loss(q, k, s):
+    row, col = engine.logsumexp(q, k, scale=s, rows=True, cols=True, exclude=None, include=None)
+    return jnp.sum(row) + jnp.sum(col)
+
+  args = (jax.ShapeDtypeStruct((300, 96), jnp.bfloat16), jax.ShapeDtypeStruct((300, 96), jnp.bfloat16),
+          jax.ShapeDtypeStruct((300,), jnp.float32))
+  targets = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+  counts = {}
+  with engine.using(flavour="auto", interpret="auto", block_rows=128, block_cols=128):
+    for platform in ("tpu", "cuda", "cpu"):
+      mlir = jax.export.export(
+          jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=[platform],
+          disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in targets.values()],
+      )(*args).mlir_module()
+      counts[platform] = tuple(mlir.count(f"@{t}") for t in targets.values())
+  # TPU: fused forward, dq, dk; GPU: row and column forward, dq, dk
+  assert counts == {"tpu": (3, 0), "cuda": (0, 4), "cpu": (0, 0)}
+
+
 # --------------------------------------------------------------------------------------- settings
 def test_settings_from_environment_and_validation():
   env = {"JAXCL_PALLAS_FLAVOUR": "GPU", "JAXCL_PALLAS_INTERPRET": "tpu", "JAXCL_PALLAS_BLOCK_ROWS": "256"}

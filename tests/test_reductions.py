@@ -235,3 +235,24 @@ def test_auto_above_the_dense_size_compiles_kernels_for_tpu_and_gpu_and_blockwis
   np.testing.assert_allclose(float(v), float(wv), rtol=1e-5)
   for x, y in zip(g, wg):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, kernels", [("v5e:2x2", {"mosaic": 3, "triton": 0}),
+                                           ("h200:1x1x1", {"mosaic": 0, "triton": 4})])
+def test_auto_compiled_for_one_accelerator_uses_its_kernels(name, kernels):
+  """CLIP forward and backward at the default impl, (16,384, 256) bf16 on one device, compiled here
+  (`jaxcl.targets`, nothing runs) for a TPU v5e chip: the Mosaic kernels (fused row + column forward,
+  dq, dk); for an H200: the Triton kernels (row and column forward, dq, dk). No (B, B) buffer: the
+  temporaries stay far below the 1 GiB of a (B, B) float32 matrix."""
+  from jaxcl import losses, targets  # noqa: PLC0415
+
+  device = targets.get(name).devices[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  spec = jax.ShapeDtypeStruct((16384, 256), jnp.bfloat16, sharding=sharding)
+  loss = lambda a, b: losses.clip(a, b, logit_scale=10.0)
+  # conftest sets "highest" matmul precision, with which Mosaic refuses a bf16 x bf16 dot ("Bad lhs
+  # type"); compile with the default precision, as a TPU program normally is.
+  with jax.default_matmul_precision("default"):
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(spec, spec).compile()
+  assert targets.kernel_calls(compiled) == kernels
+  assert targets.memory(compiled).temp_bytes < 64 * 2**20
