@@ -376,13 +376,19 @@ def test_auto_on_a_mesh_takes_the_sharded_engine_and_equals_dense(monkeypatch):
 
 def test_auto_stays_on_one_device_without_a_split_batch():
   """`impl="auto"` runs the loss as written (GSPMD partitions it) when the batch is not split over
-  more than one device: no mesh, a one-device mesh, a batch that does not divide over the devices,
-  replicated arrays on an Explicit mesh, or inside the user's shard_map without `axis_name`."""
+  more than one device: no mesh, a one-device mesh, a batch (or queue) that does not divide over the
+  devices, replicated arrays on an Explicit mesh, or inside the user's shard_map without `axis_name`."""
   a, b = jnp.asarray(randn(13, 12, 4)), jnp.asarray(randn(14, 12, 4))
   loss = lambda a, b: losses.clip(a, b, logit_scale=3.0)
   for mesh in (None, _mesh(1), _mesh(8), _mesh(4, jax.sharding.AxisType.Explicit)):  # 12 % 8 != 0
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
       assert "shard_map" not in str(jax.make_jaxpr(loss)(a, b)), mesh
+  # `mesh=` with auto and a MoCo queue of 10 that does not split over 4 devices: one device, no error
+  queue = jnp.asarray(randn(15, 10, 4))
+  with_queue = lambda a, b, **kw: losses.infonce(a, b, temperature=0.5, negatives=queue, **kw)
+  assert "shard_map" not in str(jax.make_jaxpr(lambda a, b: with_queue(a, b, mesh=_mesh(4)))(a, b))
+  np.testing.assert_allclose(float(with_queue(a, b, mesh=_mesh(4))), float(with_queue(a, b, impl="dense")),
+                             rtol=1e-5)
   local = jax.shard_map(lambda a, b: loss(a, b)[None], mesh=_mesh(4), in_specs=(P("data"), P("data")),
                         out_specs=P("data"))
   per_device = local(a, b)  # each device's own 3-row batch

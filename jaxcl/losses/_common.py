@@ -256,7 +256,7 @@ def shardable(*batch_args: str):
       a = dict(arguments.arguments)
       axis_name, mesh, impl = a["axis_name"], a["mesh"], a["impl"]
       if mesh is None and axis_name is None and impl == "auto":
-        axes = auto_batch_axes(a[batch_args[0]])
+        axes = auto_batch_axes(*(a[name] for name in batch_args))
         if axes is not None:
           a["axis_name"] = axes if len(axes) > 1 else axes[0]
           return _under_shard_map(loss, a, batch_args)
@@ -266,6 +266,9 @@ def shardable(*batch_args: str):
           or (axis_name is not None and _axis_bound(axis_name))
       ):
         return loss(**a)
+      if impl == "auto" and mesh is not None and not _divides(
+          mesh, "data" if axis_name is None else axis_name, [a[name] for name in batch_args]):
+        return loss(**dict(a, mesh=None, axis_name=None))  # auto: a batch that does not split evenly
       return _under_shard_map(loss, a, batch_args)
 
     return wrapper
@@ -273,13 +276,14 @@ def shardable(*batch_args: str):
   return wrap
 
 
-def auto_batch_axes(x) -> tuple[str, ...] | None:
+def auto_batch_axes(x, *others) -> tuple[str, ...] | None:
   """The mesh axes `impl="auto"` splits a loss over, or None (run on one device, GSPMD partitions it).
 
   With the mesh set by `jax.set_mesh` (axes not already manual, i.e. outside `shard_map`): the axes the
   leading dimension of the global batch array `x` is sharded over when its type says so (Explicit mesh
   axes), else the mesh's "data" axis if it has one; None when those axes hold a single device, when
-  x's leading size is not a multiple of their device count, or without a mesh.
+  the leading size of x or of one of the `others` batch arguments (None: absent) is not a multiple of
+  their device count, or without a mesh.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or x is None or jnp.ndim(x) == 0:
@@ -297,10 +301,20 @@ def auto_batch_axes(x) -> tuple[str, ...] | None:
   else:
     axes = ("data",) if "data" in free else ()
   axes = tuple(a for a in axes if a in free)
-  n_devices = math.prod(mesh.shape[a] for a in axes)
-  if n_devices <= 1 or jnp.shape(x)[0] % n_devices:
+  if math.prod(mesh.shape[a] for a in axes) <= 1 or not _divides(mesh, axes, (x,) + others):
     return None
   return axes
+
+
+def _divides(mesh, axis_name, values) -> bool:
+  """Whether every array in `values` (None: absent) has a leading size that splits evenly over the
+  devices of mesh axis (or axes) `axis_name` (True for an axis the mesh lacks: `_under_shard_map`
+  reports that)."""
+  axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  if any(a not in mesh.axis_names for a in axes):
+    return True
+  n_devices = math.prod(mesh.shape[a] for a in axes)
+  return all(v is None or (jnp.ndim(v) > 0 and jnp.shape(v)[0] % n_devices == 0) for v in values)
 
 
 def _under_shard_map(loss, a: dict, batch_args: tuple[str, ...]):

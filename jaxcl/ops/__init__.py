@@ -16,7 +16,6 @@ from jaxcl.ops.reductions import (
 
 __all__ = [
     "sharded",
-    "BY_PLATFORM",
     "DENSE_MAX_ELEMENTS",
     "LogSumExp",
     "available_impls",
