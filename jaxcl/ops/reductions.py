@@ -49,7 +49,9 @@ def resolve_impl(impl: str, n_rows: int, n_cols: int) -> str:
   that `BY_PLATFORM`, "pallas|blockwise": the fused `pallas` engine where the program is lowered for a
   TPU or a CUDA GPU, `blockwise` elsewhere. The platform is the one the program is COMPILED for, not
   the default backend of this process (`jax.lax.platform_dependent`): a program compiled here for a TPU
-  (`jaxcl.targets`) gets the TPU kernels, one run on CPU the blockwise tile loop.
+  (`jaxcl.targets`) gets the TPU kernels, one run on CPU the blockwise tile loop. Inside `shard_map`
+  (manual mesh axes) it is `blockwise`: a `pallas_call` there needs the device-varying type of its
+  outputs, which the kernel modules do not set yet.
 
   >>> resolve_impl("auto", 8, 8), resolve_impl("auto", 8192, 8192)
   ('dense', 'pallas|blockwise')
@@ -59,11 +61,16 @@ def resolve_impl(impl: str, n_rows: int, n_cols: int) -> str:
     return impl
   if n_rows * n_cols <= DENSE_MAX_ELEMENTS:
     return "dense"
-  if "pallas" in _ENGINES and "blockwise" in _ENGINES:
+  if "pallas" in _ENGINES and "blockwise" in _ENGINES and not _inside_shard_map():
     return BY_PLATFORM
   if "blockwise" in _ENGINES:
     return "blockwise"
   return "dense"
+
+
+def _inside_shard_map() -> bool:
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and jax.sharding.AxisType.Manual in mesh.axis_types
 
 
 DENSE_MAX_ELEMENTS = 4096 * 4096
