@@ -282,11 +282,12 @@ def test_bf16_inputs_match_dense(tile):
 
 
 # ------------------------------------------------------------------------------- through the public API
-def test_registered_and_picked_by_auto_on_cpu():
+def test_registered_and_picked_by_auto_above_the_dense_size():
+  # Above DENSE_MAX_ELEMENTS auto is "pallas|blockwise": blockwise wherever the program is not lowered
+  # for TPU / GPU (tests/test_reductions.py checks which one each platform compiles).
   assert "blockwise" in ops.available_impls()
   n = int(np.sqrt(ops.DENSE_MAX_ELEMENTS)) + 1
-  assert ops.resolve_impl("auto", n, n) == ("blockwise" if jax.default_backend() == "cpu" else
-                                            ops.resolve_impl("auto", n, n))
+  assert ops.resolve_impl("auto", n, n) == ops.BY_PLATFORM == "pallas|blockwise"
   assert ops.resolve_impl("auto", 8, 8) == "dense"
 
 

@@ -469,6 +469,28 @@ def test_kernel_matmuls_ignore_the_process_precision(flavour, dtype, process_pre
   assert set(found) == {(want, want)}
 
 
+def test_auto_flavour_follows_the_platform_lowered_for():
+  # flavour and interpret "auto" (the defaults) are decided when lowering, not by this process's
+  # backend: Mosaic compiled for TPU, Triton compiled for CUDA, interpret mode (no custom call) on CPU.
+  def loss(q, k, s):
+    row, col = engine.logsumexp(q, k, scale=s, rows=True, cols=True, exclude=None, include=None)
+    return jnp.sum(row) + jnp.sum(col)
+
+  args = (jax.ShapeDtypeStruct((300, 96), jnp.bfloat16), jax.ShapeDtypeStruct((300, 96), jnp.bfloat16),
+          jax.ShapeDtypeStruct((300,), jnp.float32))
+  targets = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+  counts = {}
+  with engine.using(flavour="auto", interpret="auto", block_rows=128, block_cols=128):
+    for platform in ("tpu", "cuda", "cpu"):
+      mlir = jax.export.export(
+          jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=[platform],
+          disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in targets.values()],
+      )(*args).mlir_module()
+      counts[platform] = tuple(mlir.count(f"@{t}") for t in targets.values())
+  # TPU: fused forward, dq, dk; GPU: row and column forward, dq, dk
+  assert counts == {"tpu": (3, 0), "cuda": (0, 4), "cpu": (0, 0)}
+
+
 # --------------------------------------------------------------------------------------- settings
 def test_settings_from_environment_and_validation():
   env = {"JAXCL_PALLAS_FLAVOUR": "GPU", "JAXCL_PALLAS_INTERPRET": "tpu", "JAXCL_PALLAS_BLOCK_ROWS": "256"}
@@ -484,8 +506,13 @@ def test_settings_from_environment_and_validation():
     engine.Settings(interpret="yes")
   with pytest.raises(ValueError, match="`block_rows` must be a positive integer or None, got 0"):
     engine.Settings(block_rows=0)
-  # On this CPU machine "auto" runs the TPU kernels in interpret mode.
-  assert engine._resolve_flavour(engine.Settings()) == ("tpu", True)
+  # "auto" / "auto": per lowering platform, compiled Mosaic on TPU, Triton on CUDA, Mosaic interpreted
+  # elsewhere (this CPU).
+  assert engine._variants(engine.Settings()) == (
+      (("tpu",), "tpu", False), (("cuda",), "gpu", False), (None, "tpu", True))
+  assert engine._variants(engine.Settings(flavour="tpu", interpret=True)) == ((None, "tpu", True),)
+  assert engine._variants(engine.Settings(interpret=False)) == (
+      (("tpu",), "tpu", False), (("cuda",), "gpu", False), (None, "tpu", False))
 
 
 def test_bad_block_sizes_and_modes_raise_at_trace_time():

@@ -11,6 +11,7 @@ import pytest
 from jaxcl import ops
 from jaxcl.ops import blockwise
 from jaxcl.ops import masks
+from jaxcl.ops import pallas
 from tests.helpers import randn
 
 ENGINES = ("dense", "blockwise", "pallas")
@@ -194,3 +195,83 @@ def test_top1_checks_impl():
   with pytest.raises(ValueError, match=r"`impl='ring'` is a sharded engine: it needs `axis_name`"):
     ops.top1(q, q, impl="ring")
   np.testing.assert_array_equal(ops.top1(q, q, impl="blockwise").rows, ops.top1(q, q, impl="dense").rows)
+
+
+# ----------------------------------------------------------- impl="auto": by the platform compiled for
+_KERNEL_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+
+
+def _auto_objective(impl):
+  def f(q, k, scale):
+    out = ops.logsumexp(q, k, scale=scale, rows=True, cols=True, impl=impl)
+    positives = (jnp.arange(q.shape[0]) % k.shape[0], jnp.arange(k.shape[0]))
+    sig = ops.sigmoid_sum(q, k, scale=scale, bias=-1.0, positives=positives, impl=impl)
+    return jnp.sum(_weights(q.shape[0], 0.1) * (out.rows + sig)) + jnp.sum(_weights(k.shape[0], 0.7) * out.cols)
+  return f
+
+
+def test_auto_above_the_dense_size_compiles_kernels_for_tpu_and_gpu_and_blockwise_elsewhere(monkeypatch):
+  """Above DENSE_MAX_ELEMENTS, "auto" is decided when the program is lowered: the fused kernels for
+  TPU (Mosaic) and CUDA (Triton), the blockwise engine for this CPU (no Pallas kernel, not even in
+  interpret mode), whatever `jax.default_backend()` is. Values and gradients equal the dense engine."""
+  from jaxcl.ops import reductions  # noqa: PLC0415
+
+  monkeypatch.setattr(reductions, "DENSE_MAX_ELEMENTS", 64)
+  assert ops.resolve_impl("auto", 24, 20) == ops.BY_PLATFORM
+  q, k = jnp.asarray(randn(70, 24, 8)), jnp.asarray(randn(71, 20, 8))
+  scale = jnp.asarray(1.5 + np.random.default_rng(72).random(24), jnp.float32)
+  grad = jax.jit(jax.value_and_grad(_auto_objective("auto"), argnums=(0, 1, 2)))
+  args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, scale)]
+  for platform in ("tpu", "cuda", "cpu"):
+    with pallas.using(block_rows=128, block_cols=128):  # one block size legal in both flavours
+      mlir = jax.export.export(grad, platforms=[platform], disabled_checks=[
+          jax.export.DisabledSafetyCheck.custom_call(t) for t in _KERNEL_CALLS.values()])(*args).mlir_module()
+    counts = {p: mlir.count(f"@{t}") for p, t in _KERNEL_CALLS.items()}
+    # per family: forward (log-sum-exp rows + columns: one call on TPU, two on GPU), dq, dk
+    want = {"tpu": {"tpu": 6, "cuda": 0}, "cuda": {"tpu": 0, "cuda": 7}, "cpu": {"tpu": 0, "cuda": 0}}
+    assert counts == want[platform], (platform, counts)
+  assert "pallas_call" not in grad.lower(q, k, scale).as_text(debug_info=True)  # not interpret mode
+  (v, g), (wv, wg) = grad(q, k, scale), jax.jit(jax.value_and_grad(_auto_objective("dense"), (0, 1, 2)))(q, k, scale)
+  np.testing.assert_allclose(float(v), float(wv), rtol=1e-5)
+  for x, y in zip(g, wg):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, kernels", [("v5e:2x2", {"mosaic": 3, "triton": 0}),
+                                           ("h200:1x1x1", {"mosaic": 0, "triton": 4})])
+def test_auto_compiled_for_one_accelerator_uses_its_kernels(name, kernels):
+  """CLIP forward and backward at the default impl, (16,384, 256) bf16 on one device, compiled here
+  (`jaxcl.targets`, nothing runs) for a TPU v5e chip: the Mosaic kernels (fused row + column forward,
+  dq, dk); for an H200: the Triton kernels (row and column forward, dq, dk). No (B, B) buffer: the
+  temporaries stay far below the 1 GiB of a (B, B) float32 matrix."""
+  from jaxcl import losses, targets  # noqa: PLC0415
+
+  device = targets.get(name).devices[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  spec = jax.ShapeDtypeStruct((16384, 256), jnp.bfloat16, sharding=sharding)
+  loss = lambda a, b: losses.clip(a, b, logit_scale=10.0)
+  # conftest sets "highest" matmul precision, with which Mosaic refuses a bf16 x bf16 dot ("Bad lhs
+  # type"); compile with the default precision, as a TPU program normally is.
+  with jax.default_matmul_precision("default"):
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(spec, spec).compile()
+  assert targets.kernel_calls(compiled) == kernels
+  assert targets.memory(compiled).temp_bytes < 64 * 2**20
+
+
+def test_auto_inside_shard_map_is_blockwise(monkeypatch):
+  """Per-device losses inside the user's shard_map (no axis_name): above the dense size auto is the
+  blockwise engine there (no pallas_call under shard_map yet), with the dense engine's values."""
+  from jaxcl.ops import reductions  # noqa: PLC0415
+
+  monkeypatch.setattr(reductions, "DENSE_MAX_ELEMENTS", 16)
+  mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
+  q, k = jnp.asarray(randn(80, 16, 4)), jnp.asarray(randn(81, 16, 4))
+
+  def per_device(impl):
+    def f(q, k):
+      assert ops.resolve_impl(impl, q.shape[0], k.shape[0]) == {"auto": "blockwise"}.get(impl, impl)
+      return ops.logsumexp(q, k, scale=2.0, cols=True, impl=impl).rows
+    return jax.shard_map(f, mesh=mesh, in_specs=(jax.P("data"), jax.P("data")), out_specs=jax.P("data"))
+
+  assert ops.resolve_impl("auto", 8, 8) == ops.BY_PLATFORM  # outside shard_map
+  np.testing.assert_allclose(jax.jit(per_device("auto"))(q, k), jax.jit(per_device("dense"))(q, k), rtol=1e-5)

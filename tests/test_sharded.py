@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -342,8 +343,80 @@ def test_ring_memory_does_not_grow_with_the_global_batch():
 def test_auto_picks_allgather_for_small_blocks_and_ring_for_large():
   assert sharded.resolve("auto", 1024, 8192) == "allgather"
   assert sharded.resolve("auto", 8192, 65536) == "ring"
+  # the gathered keys (B, D) count too: at most 2²⁴ values
+  assert sharded.resolve("auto", 1024, 8192, 2048) == "allgather"
+  assert sharded.resolve("auto", 1024, 8192, 2049) == "ring"
   with pytest.raises(ValueError, match="`impl` must be one of"):
     sharded.resolve("blockwise", 8, 8)
+
+
+def test_auto_on_a_mesh_takes_the_sharded_engine_and_equals_dense(monkeypatch):
+  """The default `impl="auto"` on batch-sharded global arrays under `jax.set_mesh` (8 devices) runs
+  the loss under shard_map (a sharded engine: no device builds the global (B, B) matrix), with the
+  values and gradients of the dense single-device loss (softmax, sigmoid and label-sharing losses)."""
+  monkeypatch.setattr(blockwise, "DEFAULT_TILE", 2)
+  batch, dim = 24, 6
+  a_np, b_np = randn(11, batch, dim), randn(12, batch, dim)
+  cases = {name: loss for name, loss in _cases(batch, dim, seed=4).items() if name in ("clip", "siglip", "supcon")}
+  wants = {name: _value_and_grads(functools.partial(loss, impl="dense"), jnp.asarray(a_np),
+                                  jnp.asarray(b_np), 4.0) for name, loss in cases.items()}
+  mesh = _mesh(8, jax.sharding.AxisType.Explicit)
+  with jax.set_mesh(mesh):
+    a = jax.device_put(a_np, NamedSharding(mesh, P("data")))
+    b = jax.device_put(b_np, NamedSharding(mesh, P("data")))
+    for name, loss in cases.items():
+      assert "shard_map" in str(jax.make_jaxpr(loss)(a, b, 4.0)), name
+      try:
+        _assert_close(_value_and_grads(loss, a, b, 4.0), wants[name])
+      except AssertionError as e:
+        raise AssertionError(f"{name} with impl='auto'") from e
+  with jax.set_mesh(_mesh(8)):  # Auto axes: the batch is taken to be split over the "data" axis
+    assert "shard_map" in str(jax.make_jaxpr(cases["clip"])(a_np, b_np, 4.0))
+
+
+def test_auto_stays_on_one_device_without_a_split_batch():
+  """`impl="auto"` runs the loss as written (GSPMD partitions it) when the batch is not split over
+  more than one device: no mesh, a one-device mesh, a batch (or queue) that does not divide over the
+  devices, replicated arrays on an Explicit mesh, or inside the user's shard_map without `axis_name`."""
+  a, b = jnp.asarray(randn(13, 12, 4)), jnp.asarray(randn(14, 12, 4))
+  loss = lambda a, b: losses.clip(a, b, logit_scale=3.0)
+  for mesh in (None, _mesh(1), _mesh(8), _mesh(4, jax.sharding.AxisType.Explicit)):  # 12 % 8 != 0
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+      assert "shard_map" not in str(jax.make_jaxpr(loss)(a, b)), mesh
+  # `mesh=` with auto and a MoCo queue of 10 that does not split over 4 devices: one device, no error
+  queue = jnp.asarray(randn(15, 10, 4))
+  with_queue = lambda a, b, **kw: losses.infonce(a, b, temperature=0.5, negatives=queue, **kw)
+  assert "shard_map" not in str(jax.make_jaxpr(lambda a, b: with_queue(a, b, mesh=_mesh(4)))(a, b))
+  np.testing.assert_allclose(float(with_queue(a, b, mesh=_mesh(4))), float(with_queue(a, b, impl="dense")),
+                             rtol=1e-5)
+  local = jax.shard_map(lambda a, b: loss(a, b)[None], mesh=_mesh(4), in_specs=(P("data"), P("data")),
+                        out_specs=P("data"))
+  per_device = local(a, b)  # each device's own 3-row batch
+  np.testing.assert_allclose(per_device[1], losses.clip(a[3:6], b[3:6], logit_scale=3.0, impl="dense"),
+                             rtol=1e-5)
+
+
+def test_auto_on_a_tpu_pod_mesh_compiles_without_a_b_by_b_buffer():
+  """Compiled here for 4 TPU v5e chips (`jaxcl.targets`, nothing runs): CLIP forward and backward at
+  the default impl on a (65,536, 256) bf16 batch split over the chips. auto picks the ring (one
+  device's block, 16,384 × 65,536, is far above the dense size): collective permutes, no all-gather of
+  the keys, and per-chip temporaries within 64 MiB (a (B/4, B) float32 block would be 4 GiB). Each hop
+  runs the blockwise tile loop, not the Mosaic kernels (see `jaxcl.ops.sharded._local_engine`)."""
+  from jaxcl import targets  # noqa: PLC0415
+
+  target = targets.get("v5e:2x2")
+  mesh = targets.mesh(target)
+  batch, dim = 65536, 256
+  spec = jax.ShapeDtypeStruct((batch, dim), jnp.bfloat16, sharding=NamedSharding(mesh, P("data")))
+  loss = lambda a, b: losses.clip(a, b, logit_scale=10.0)
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(spec, spec).compile()
+  hlo = compiled.as_text()
+  assert "collective-permute" in hlo and "all-gather" not in hlo
+  assert targets.kernel_calls(compiled) == {"mosaic": 0, "triton": 0}
+  memory = targets.memory(compiled)
+  assert memory.argument_bytes == 2 * (batch // 4) * dim * 2  # each chip holds its quarter of a and b
+  assert memory.temp_bytes <= 64 * 2**20, memory
 
 
 def test_errors_name_the_problem():

@@ -297,18 +297,49 @@ def test_checkpoints_of_another_config_are_an_error(data_dir, tmp_path):
 @pytest.mark.parametrize("name,impl", [("simclr_digits", "ring"), ("clip_digits", "allgather")])
 def test_sharded_loss_engines_train_like_the_default(name, impl, data_dir, tmp_path):
   """`config.loss.impl = "ring" | "allgather"`: the loss is split over the 8-device mesh (jaxcl.ops.sharded)
-  and training follows the single-device-engine run step for step."""
+  and training follows the single-device-engine run ("dense", partitioned by GSPMD) step for step."""
   from jaxcl.train import metrics
 
   losses = {}
-  for engine in ("auto", impl):
+  for engine in ("dense", impl):
     config = tiny(load_recipe(name), data_dir, steps=3)
     config.log_every = 1
     config.loss.impl = engine
     loop.train_and_evaluate(config, str(tmp_path / engine), progress=False)
     losses[engine] = [r["loss"] for r in metrics.read_metrics(str(tmp_path / engine)) if "loss" in r]
-  assert len(losses["auto"]) == 3
-  np.testing.assert_allclose(losses[impl], losses["auto"], rtol=1e-4)
+  assert len(losses["dense"]) == 3
+  np.testing.assert_allclose(losses[impl], losses["dense"], rtol=1e-4)
+
+
+def test_auto_loss_engine_is_sharded_on_a_mesh_of_several_devices():
+  """`config.loss.impl = "auto"` (the default) with a mesh of more than one device: the loss runs under
+  shard_map over every mesh axis (a sharded engine) and equals the single-device dense loss in value
+  and gradient; on a one-device mesh it stays a single-device loss."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  from jaxcl import losses  # noqa: PLC0415
+  from jaxcl.train import methods  # noqa: PLC0415
+  from jaxcl.train.config import base_config  # noqa: PLC0415
+
+  config = base_config()
+  config.method, config.loss.name = "clip", "clip"
+  assert config.loss.impl == "auto"
+  rng = np.random.default_rng(5)
+  image, text = (jnp.asarray(rng.standard_normal((16, 8)), jnp.float32) for _ in range(2))
+  mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+  def loss(image, text, scale, mesh):
+    return methods.image_text_loss(config, {"image": image, "text": text, "logit_scale": scale}, mesh=mesh)
+
+  assert "shard_map" in str(jax.make_jaxpr(lambda *a: loss(*a, mesh))(image, text, 5.0))
+  one = jax.make_mesh((1, 1), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                      devices=jax.devices()[:1])
+  assert "shard_map" not in str(jax.make_jaxpr(lambda *a: loss(*a, one))(image, text, 5.0))
+  got = jax.jit(jax.value_and_grad(lambda *a: loss(*a, mesh), argnums=(0, 1, 2)))(image, text, 5.0)
+  want = jax.jit(jax.value_and_grad(lambda i, t, s: losses.clip(i, t, logit_scale=s, impl="dense"),
+                                    argnums=(0, 1, 2)))(image, text, 5.0)
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+  for g, w in zip(got[1], want[1]):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
 
 
 def test_sharded_engine_rejects_a_loss_without_axis_name(data_dir, tmp_path):

@@ -22,10 +22,12 @@ the global batch, with `impl="allgather" | "ring" | "auto"` (`jaxcl.ops.sharded`
   `axis_name="data"`; the result is the global loss, the same on every device;
 - on globally sharded `jax.Array`s under `jax.jit`: pass `impl="ring"` (or "allgather") and either
   `mesh=` or nothing inside `with jax.set_mesh(mesh):`; the batch axis is split over mesh axis
-  `axis_name` (default "data") and the loss wraps itself in `shard_map`.
+  `axis_name` (default "data") and the loss wraps itself in `shard_map`. The default `impl="auto"`
+  does this by itself when the batch is split over more than one device (the axes of its Explicit
+  sharding, else the mesh's "data" axis), picking allgather or ring by size.
 
-Without either, `impl="dense"` on sharded arrays is partitioned by XLA (GSPMD), the baseline that
-holds a (B/n, B) block of S per device. Ids in masks are global; see docs/distributed.md.
+`impl="dense"` on sharded arrays is partitioned by XLA (GSPMD), the baseline that holds a (B/n, B)
+block of S per device. Ids in masks are global; see docs/distributed.md.
 """
 
 from jaxcl.losses._common import l2_normalize

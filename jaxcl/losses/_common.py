@@ -240,6 +240,10 @@ def shardable(*batch_args: str):
   under `jax.shard_map` over that axis; other array arguments (a learnable temperature) are replicated.
   With `reduction="none"` the per-anchor losses come back split like the batch (each device's anchors
   in turn: for a two-view loss [z1; z2] of device 0, then of device 1, ...).
+
+  `impl="auto"` with neither `axis_name` nor `mesh` takes the sharded path by itself when the batch is
+  split over more than one device (`auto_batch_axes`), so a loss on batch-sharded global arrays under
+  `jax.set_mesh` never builds the global (B, B) similarity matrix on one device.
   """
 
   def wrap(loss):
@@ -251,16 +255,66 @@ def shardable(*batch_args: str):
       arguments.apply_defaults()
       a = dict(arguments.arguments)
       axis_name, mesh, impl = a["axis_name"], a["mesh"], a["impl"]
+      if mesh is None and axis_name is None and impl == "auto":
+        axes = auto_batch_axes(*(a[name] for name in batch_args))
+        if axes is not None:
+          a["axis_name"] = axes if len(axes) > 1 else axes[0]
+          return _under_shard_map(loss, a, batch_args)
+        return loss(**a)
       if mesh is None and (
           (axis_name is None and impl not in SHARDED_IMPLS)
           or (axis_name is not None and _axis_bound(axis_name))
       ):
         return loss(**a)
+      if impl == "auto" and mesh is not None and not _divides(
+          mesh, "data" if axis_name is None else axis_name, [a[name] for name in batch_args]):
+        return loss(**dict(a, mesh=None, axis_name=None))  # auto: a batch that does not split evenly
       return _under_shard_map(loss, a, batch_args)
 
     return wrapper
 
   return wrap
+
+
+def auto_batch_axes(x, *others) -> tuple[str, ...] | None:
+  """The mesh axes `impl="auto"` splits a loss over, or None (run on one device, GSPMD partitions it).
+
+  With the mesh set by `jax.set_mesh` (axes not already manual, i.e. outside `shard_map`): the axes the
+  leading dimension of the global batch array `x` is sharded over when its type says so (Explicit mesh
+  axes), else the mesh's "data" axis if it has one; None when those axes hold a single device, when
+  the leading size of x or of one of the `others` batch arguments (None: absent) is not a multiple of
+  their device count, or without a mesh.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or x is None or jnp.ndim(x) == 0:
+    return None
+  free = [name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+          if kind != jax.sharding.AxisType.Manual]
+  try:
+    sharding = getattr(jax.typeof(x), "sharding", None)
+  except TypeError:  # not an array type (a list): no sharding to read
+    sharding = None
+  spec = getattr(sharding, "spec", None)
+  if spec is not None and len(spec) and any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    lead = spec[0]
+    axes = () if lead is None else (lead,) if isinstance(lead, str) else tuple(lead)
+  else:
+    axes = ("data",) if "data" in free else ()
+  axes = tuple(a for a in axes if a in free)
+  if math.prod(mesh.shape[a] for a in axes) <= 1 or not _divides(mesh, axes, (x,) + others):
+    return None
+  return axes
+
+
+def _divides(mesh, axis_name, values) -> bool:
+  """Whether every array in `values` (None: absent) has a leading size that splits evenly over the
+  devices of mesh axis (or axes) `axis_name` (True for an axis the mesh lacks: `_under_shard_map`
+  reports that)."""
+  axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  if any(a not in mesh.axis_names for a in axes):
+    return True
+  n_devices = math.prod(mesh.shape[a] for a in axes)
+  return all(v is None or (jnp.ndim(v) > 0 and jnp.shape(v)[0] % n_devices == 0) for v in values)
 
 
 def _under_shard_map(loss, a: dict, batch_args: tuple[str, ...]):

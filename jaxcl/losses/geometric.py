@@ -19,9 +19,11 @@ from jaxcl.losses.geometry import alignment, uniformity
 def _second_order_impl(impl: str, n_rows: int, n_cols: int, what: str) -> str:
   """An engine whose backward pass can itself be differentiated (dense, blockwise).
 
-  `impl="auto"` that would pick the fused `pallas` engine falls back to `blockwise`.
+  `impl="auto"` that would pick the fused `pallas` engine (on TPU / GPU) uses `blockwise` instead.
   """
   resolved = ops.resolve_impl(impl, n_rows, n_cols)
+  if resolved == ops.BY_PLATFORM:
+    return "blockwise"
   if resolved != "pallas":
     return resolved
   if impl == "pallas":

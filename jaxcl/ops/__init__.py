@@ -2,6 +2,7 @@
 
 from jaxcl.ops.masks import diagonal
 from jaxcl.ops.reductions import (
+    BY_PLATFORM,
     DENSE_MAX_ELEMENTS,
     LogSumExp,
     available_impls,

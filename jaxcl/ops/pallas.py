@@ -25,9 +25,12 @@ count.
 
 Kernel flavour and interpret mode are module settings (`configure`, `using`) initialised from the
 environment variables JAXCL_PALLAS_FLAVOUR ("auto" | "tpu" | "gpu"), JAXCL_PALLAS_INTERPRET ("auto" |
-"0" | "1" | "tpu"), JAXCL_PALLAS_BLOCK_ROWS and JAXCL_PALLAS_BLOCK_COLS. "auto" runs the Mosaic kernels on
-a TPU backend, the Triton kernels on a GPU backend and the Mosaic kernels in Pallas interpret mode
-elsewhere (CPU). Settings are read when a function is traced: change them before `jax.jit` traces.
+"0" | "1" | "tpu"), JAXCL_PALLAS_BLOCK_ROWS and JAXCL_PALLAS_BLOCK_COLS. "auto" runs the Mosaic kernels
+where the program is compiled for a TPU, the Triton kernels where it is compiled for a CUDA GPU and the
+Mosaic kernels in Pallas interpret mode elsewhere (CPU); the platform is the lowering platform
+(`jax.lax.platform_dependent`), not this process's default backend, so a program compiled here for a
+TPU (`jaxcl.targets`) gets the Mosaic kernels. Settings are read when a function is traced: change them
+before `jax.jit` traces.
 """
 
 from __future__ import annotations
@@ -54,8 +57,11 @@ class Settings:
   """How the `pallas` engine runs.
 
   Attributes:
-    flavour: "auto" (by backend), "tpu" (Mosaic kernels) or "gpu" (Triton kernels).
-    interpret: "auto" (interpret when the backend is not the flavour's hardware), True (Pallas interpret
+    flavour: "auto" (by the platform the program is compiled for: Mosaic on TPU, Triton on CUDA GPUs,
+      Mosaic in interpret mode elsewhere), "tpu" (Mosaic kernels) or "gpu" (Triton kernels). With
+      "auto" both flavours are traced, so block sizes must suit both (or name the flavour).
+    interpret: "auto" (interpret when the program is compiled for a platform that is not the flavour's
+      hardware), True (Pallas interpret
       mode), False (compile for the hardware) or "tpu" (TPU interpret mode, `pltpu.InterpretParams()`:
       checks TPU semantics on CPU, about 100x slower).
     block_rows, block_cols: tile sizes along q and k (None: per-flavour defaults). TPU: multiples of 128
@@ -233,28 +239,56 @@ def _gpu_block(name: str, n: int, requested: int | None, default: int) -> int:
   return min(block, max(16, _next_pow2(n)))
 
 
-def _resolve_flavour(s: Settings) -> tuple[str, Any]:
-  backend = jax.default_backend()
-  flavour = s.flavour
-  if flavour == "auto":
-    flavour = "gpu" if backend == "gpu" else "tpu"
-  interpret = s.interpret
-  if interpret == "auto":
-    interpret = backend != flavour
-  if interpret == "tpu":
-    if flavour != "tpu":
+# `jax.lax.platform_dependent` platform names of each flavour's hardware.
+FLAVOUR_PLATFORMS = {"tpu": ("tpu",), "gpu": ("cuda",)}
+
+
+def _variants(s: Settings) -> tuple[tuple[tuple[str, ...] | None, str, Any], ...]:
+  """The kernels to run per platform: ((platforms, flavour, interpret), ...), platforms None = any other.
+
+  The platform is the one the program is lowered (compiled) for, chosen by `jax.lax.platform_dependent`
+  (all variants are traced, one is compiled). flavour "auto": the Mosaic kernels on TPU, the Triton
+  kernels on CUDA GPUs, the Mosaic kernels elsewhere; interpret "auto": compiled on the flavour's
+  hardware, interpret mode elsewhere. interpret="tpu" (TPU interpret mode) means the Mosaic kernels.
+
+  >>> [(p, f, i) for p, f, i in _variants(Settings(flavour="gpu"))]
+  [(('cuda',), 'gpu', False), (None, 'gpu', True)]
+  """
+  if s.interpret == "tpu":
+    if s.flavour == "gpu":
       raise ValueError(
-          f"`interpret='tpu'` emulates TPU kernels; it needs `flavour='tpu'`, got {flavour!r}."
+          f"`interpret='tpu'` emulates TPU kernels; it needs `flavour='tpu'`, got {s.flavour!r}."
       )
     from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
 
-    interpret = pltpu.InterpretParams()
-  return flavour, interpret
+    return ((None, "tpu", pltpu.InterpretParams()),)
+  on = ("tpu", "gpu") if s.flavour == "auto" else (s.flavour,)
+  elsewhere = "tpu" if s.flavour == "auto" else s.flavour
+  if s.interpret == "auto":
+    return tuple((FLAVOUR_PLATFORMS[f], f, False) for f in on) + ((None, elsewhere, True),)
+  if s.flavour == "auto":
+    return tuple((FLAVOUR_PLATFORMS[f], f, s.interpret) for f in on) + ((None, elsewhere, s.interpret),)
+  return ((None, s.flavour, s.interpret),)
 
 
-def _make_plan(n_q: int, n_k: int, d: int, **flags) -> _Plan:
+def _per_platform(run):
+  """`run(flavour, interpret)` for the variant of the platform the program is lowered for."""
+  variants = _variants(_SETTINGS)
+  if len(variants) == 1:
+    return run(*variants[0][1:])
+  branches = {}
+  default = None
+  for platforms, flavour, interpret in variants:
+    branch = functools.partial(run, flavour, interpret)
+    if platforms is None:
+      default = branch
+    else:
+      branches.update({p: branch for p in platforms})
+  return jax.lax.platform_dependent(default=default, **branches)
+
+
+def _make_plan(flavour: str, interpret: Any, n_q: int, n_k: int, d: int, **flags) -> _Plan:
   s = _SETTINGS
-  flavour, interpret = _resolve_flavour(s)
   if flavour == "tpu":
     bq = _tpu_block("block_rows", n_q, s.block_rows, 256)
     bk = _tpu_block("block_cols", n_k, s.block_cols, 512)
@@ -519,14 +553,18 @@ def logsumexp(q, k, *, scale, rows, cols, exclude, include):
     if pair is not None:
       kinds.append(kind)
       pairs.append(pair)
-  plan = _make_plan(q.shape[0], k.shape[0], q.shape[1], kinds=tuple(kinds), rows=bool(rows),
-                    cols=bool(cols))
-  qp, kp, sp = _prepare(q, k, scale, plan)
-  ids = tuple(_pad_ids(p, plan) for p in pairs)
-  outs = list(_lse(plan, qp, kp, sp, ids))
-  row = outs.pop(0)[: q.shape[0]] if rows else None
-  col = outs.pop(0)[: k.shape[0]] if cols else None
-  return row, col
+
+  def run(flavour, interpret):
+    plan = _make_plan(flavour, interpret, q.shape[0], k.shape[0], q.shape[1], kinds=tuple(kinds),
+                      rows=bool(rows), cols=bool(cols))
+    qp, kp, sp = _prepare(q, k, scale, plan)
+    ids = tuple(_pad_ids(p, plan) for p in pairs)
+    outs = list(_lse(plan, qp, kp, sp, ids))
+    row = outs.pop(0)[: q.shape[0]] if rows else None
+    col = outs.pop(0)[: k.shape[0]] if cols else None
+    return row, col
+
+  return _per_platform(run)
 
 
 # ------------------------------------------------------------------------------------------ sigmoid
@@ -571,11 +609,15 @@ def sigmoid_sum(q, k, *, scale, bias, positives):
   """
   if positives is None:
     positives = (jnp.arange(q.shape[0], dtype=jnp.int32), jnp.arange(k.shape[0], dtype=jnp.int32))
-  plan = _make_plan(q.shape[0], k.shape[0], q.shape[1])
-  qp, kp, sp = _prepare(q, k, scale, plan)
   bias = jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (q.shape[0],))
-  out = _sig(plan, qp, kp, sp, _pad(bias, (plan.tiles.padded_a,)), _pad_ids(positives, plan))
-  return out[: q.shape[0]]
+
+  def run(flavour, interpret):
+    plan = _make_plan(flavour, interpret, q.shape[0], k.shape[0], q.shape[1])
+    qp, kp, sp = _prepare(q, k, scale, plan)
+    out = _sig(plan, qp, kp, sp, _pad(bias, (plan.tiles.padded_a,)), _pad_ids(positives, plan))
+    return out[: q.shape[0]]
+
+  return _per_platform(run)
 
 
 reductions.register_engine("pallas", logsumexp=logsumexp, sigmoid_sum=sigmoid_sum)

@@ -46,22 +46,59 @@ def resolve_impl(impl: str, n_rows: int, n_cols: int) -> str:
   """The engine `impl="auto"` picks for an (n_rows, n_cols) similarity matrix.
 
   Rule: the dense engine while the matrix is small (n_rows·n_cols <= 4096², 64 MiB of float32); above
-  that the fused `pallas` engine on GPU/TPU and `blockwise` elsewhere, where available.
+  that `BY_PLATFORM`, "pallas|blockwise": the fused `pallas` engine where the program is lowered for a
+  TPU or a CUDA GPU, `blockwise` elsewhere. The platform is the one the program is COMPILED for, not
+  the default backend of this process (`jax.lax.platform_dependent`): a program compiled here for a TPU
+  (`jaxcl.targets`) gets the TPU kernels, one run on CPU the blockwise tile loop. Inside `shard_map`
+  (manual mesh axes) it is `blockwise`: a `pallas_call` there needs the device-varying type of its
+  outputs, which the kernel modules do not set yet.
+
+  >>> resolve_impl("auto", 8, 8), resolve_impl("auto", 8192, 8192)
+  ('dense', 'pallas|blockwise')
   """
   if impl != "auto":
     _checks.check_choice("impl", impl, ("auto",) + available_impls())
     return impl
   if n_rows * n_cols <= DENSE_MAX_ELEMENTS:
     return "dense"
-  if jax.default_backend() in ("gpu", "tpu") and "pallas" in _ENGINES:
-    return "pallas"
+  if "pallas" in _ENGINES and "blockwise" in _ENGINES and not _inside_shard_map():
+    return BY_PLATFORM
   if "blockwise" in _ENGINES:
     return "blockwise"
   return "dense"
 
 
+def _inside_shard_map() -> bool:
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and jax.sharding.AxisType.Manual in mesh.axis_types
+
+
 DENSE_MAX_ELEMENTS = 4096 * 4096
 SHARDED_IMPLS = ("allgather", "ring")
+BY_PLATFORM = "pallas|blockwise"
+# The platforms (`jax.lax.platform_dependent` names) on which `BY_PLATFORM` runs the fused kernels.
+KERNEL_PLATFORMS = ("tpu", "cuda")
+
+
+def by_platform(kernels: Callable, other: Callable):
+  """`kernels()` where the program is lowered for a platform of `KERNEL_PLATFORMS`, else `other()`.
+
+  Both are traced; only the chosen one is lowered and compiled (`jax.lax.platform_dependent`).
+  """
+  return jax.lax.platform_dependent(default=other, **{p: kernels for p in KERNEL_PLATFORMS})
+
+
+def engine(name: str, reduction: str) -> Callable:
+  """The function `reduction` ("logsumexp" / "sigmoid_sum") of engine `name` (a registered engine or
+  `BY_PLATFORM`)."""
+  if name != BY_PLATFORM:
+    return _ENGINES[name][reduction]
+  kernels, other = _ENGINES["pallas"][reduction], _ENGINES["blockwise"][reduction]
+
+  def run(*args, **kwargs):
+    return by_platform(lambda: kernels(*args, **kwargs), lambda: other(*args, **kwargs))
+
+  return run
 
 
 def _local_impl(impl: str, n_rows: int, n_cols: int) -> str:
@@ -142,8 +179,7 @@ def logsumexp(
         axis_name=axis_name, impl=impl,
     )
     return LogSumExp(row, col)
-  engine = _ENGINES[_local_impl(impl, q.shape[0], k.shape[0])]
-  row, col = engine["logsumexp"](
+  row, col = engine(_local_impl(impl, q.shape[0], k.shape[0]), "logsumexp")(
       q, k, scale=scale, rows=rows, cols=cols, exclude=exclude, include=include
   )
   return LogSumExp(row, col)
@@ -227,8 +263,8 @@ def _sigmoid_sum(q, k, scale, bias, positives, impl, axis_name):
     return sharded.sigmoid_sum(
         q, k, scale=scale, bias=bias, positives=positives, axis_name=axis_name, impl=impl
     )
-  engine = _ENGINES[_local_impl(impl, q.shape[0], k.shape[0])]
-  return engine["sigmoid_sum"](q, k, scale=scale, bias=bias, positives=positives)
+  run = engine(_local_impl(impl, q.shape[0], k.shape[0]), "sigmoid_sum")
+  return run(q, k, scale=scale, bias=bias, positives=positives)
 
 
 class Top1(NamedTuple):
@@ -287,7 +323,7 @@ def top1(
   else:
     from jaxcl.ops import blockwise  # noqa: PLC0415
 
-    engine = dense if n * n <= DENSE_MAX_ELEMENTS else blockwise
-    scores = engine.top1_scores(q, k, positives=positives, include=include)
+    local = dense if n * n <= DENSE_MAX_ELEMENTS else blockwise
+    scores = local.top1_scores(q, k, positives=positives, include=include)
   row_pos, row_neg, col_pos, col_neg = scores
   return Top1(row_pos > row_neg, col_pos > col_neg)

@@ -42,16 +42,26 @@ from jaxcl.ops import blockwise
 from jaxcl.ops import dense
 from jaxcl.ops.reductions import SHARDED_IMPLS
 # `impl="auto"` under an axis name: allgather while one device's block of the global similarity matrix,
-# (B/n) × B, would be small enough for the dense engine (the gathered keys are then cheap too), else ring.
+# (B/n) × B, is small enough for the dense engine AND the gathered keys (B, D) hold at most 2²⁴ values
+# (64 MiB of float32, the size of their float32 gradient before the reduce-scatter), else ring.
 ALLGATHER_MAX_ELEMENTS = 4096 * 4096
+ALLGATHER_MAX_GATHERED = 1 << 24
 
 _F32 = jnp.float32
 AxisName = str | tuple[str, ...]
 
 
-def resolve(impl: str, n_rows_local: int, n_cols_global: int) -> str:
-  """The sharded engine for `impl` ("auto": allgather while n_rows_local · n_cols_global <= 4096², then
-  ring)."""
+def resolve(impl: str, n_rows_local: int, n_cols_global: int, n_features: int = 0) -> str:
+  """The sharded engine for `impl`. "auto": allgather while both
+
+      n_rows_local · n_cols_global <= 4096²   (one device's block of S, dense)
+      n_cols_global · n_features <= 2²⁴       (the gathered keys, 64 MiB as float32)
+
+  hold, else ring (per-device memory O(B/n · D), flat in the device count).
+
+  >>> resolve("auto", 1024, 8192, 256), resolve("auto", 1024, 8192, 4096)
+  ('allgather', 'ring')
+  """
   if impl in SHARDED_IMPLS:
     return impl
   if impl != "auto":
@@ -59,7 +69,9 @@ def resolve(impl: str, n_rows_local: int, n_cols_global: int) -> str:
         f"`impl` must be one of {('auto',) + SHARDED_IMPLS} when `axis_name` is given (the sharded "
         f"engines), got {impl!r}."
     )
-  return "allgather" if n_rows_local * n_cols_global <= ALLGATHER_MAX_ELEMENTS else "ring"
+  small = (n_rows_local * n_cols_global <= ALLGATHER_MAX_ELEMENTS
+           and n_cols_global * n_features <= ALLGATHER_MAX_GATHERED)
+  return "allgather" if small else "ring"
 
 
 def axis_size(axis_name: AxisName) -> int:
@@ -117,8 +129,12 @@ def combine_logsumexp(partial: jax.Array, axis_name: AxisName, *, scatter: bool)
 
 
 def _local_engine(n_rows: int, n_cols: int):
-  """The single-device engine for one device's block: dense while small, blockwise above (the pallas
-  kernels are not used inside shard_map: a pallas_call there needs check_vma=False)."""
+  """The single-device engine for one device's block: dense while small, blockwise above.
+
+  Not yet the fused kernels on TPU / GPU (as `impl="auto"` is on one device): under `shard_map` with
+  check_vma a `pallas_call` needs the device-varying type (`manual_axis_type`) of its outputs, which
+  the kernel modules do not set yet, and the ring would need per-block kernel entry points (forward
+  of one block, backward from the global log-sum-exp)."""
   return dense if n_rows * n_cols <= ALLGATHER_MAX_ELEMENTS else blockwise
 
 
@@ -291,7 +307,7 @@ def logsumexp(q, k, *, scale, rows, cols, exclude, include, axis_name, impl="aut
   docstring for the engines).
   """
   n = axis_size(axis_name)
-  impl = resolve(impl, q.shape[0], n * k.shape[0])
+  impl = resolve(impl, q.shape[0], n * k.shape[0], k.shape[1])
   scale = _row_vector(scale, q.shape[0], axis_name)
   if impl == "allgather":
     return _allgather_logsumexp(
@@ -305,7 +321,7 @@ def sigmoid_sum(q, k, *, scale, bias, positives, axis_name, impl="auto", tile=No
   r"""Per local row Σ_j softplus(−z_ij (S_ij + bias)) over the GLOBAL columns; positives=None is the
   global diagonal (which needs as many local rows as local columns)."""
   n = axis_size(axis_name)
-  impl = resolve(impl, q.shape[0], n * k.shape[0])
+  impl = resolve(impl, q.shape[0], n * k.shape[0], k.shape[1])
   if positives is None:
     positives = (global_ids(q.shape[0], axis_name), global_ids(k.shape[0], axis_name))
   scale = _row_vector(scale, q.shape[0], axis_name)
@@ -372,7 +388,7 @@ def matched_sum(ids: jax.Array, x: jax.Array, *, axis_name: AxisName, impl: str 
   O(n_local · F)); differentiable in x.
   """
   n = axis_size(axis_name)
-  impl = resolve(impl, ids.shape[0], n * ids.shape[0])
+  impl = resolve(impl, ids.shape[0], n * ids.shape[0], x.shape[1])
   ids = ids.astype(jnp.int32)
   if impl == "allgather":
     return _matched_block(ids, _gather(ids, axis_name), _gather(x, axis_name))
@@ -385,7 +401,7 @@ def top1_scores(q, k, *, positives, include, axis_name: AxisName, impl: str = "a
   its columns against every row (ids global). allgather: the keys are gathered and the columns' partial
   maxima combined with a `pmax`; ring: each block's column maxima travel with it and come home."""
   n = axis_size(axis_name)
-  impl = resolve(impl, q.shape[0], n * k.shape[0])
+  impl = resolve(impl, q.shape[0], n * k.shape[0], k.shape[1])
   if impl == "allgather":
     k_all = _gather(k, axis_name)
     engine = _local_engine(q.shape[0], k_all.shape[0])

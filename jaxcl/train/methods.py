@@ -134,10 +134,16 @@ def build_model(config: ml_collections.ConfigDict, text_side: Any = None) -> nn.
   return models.DualEncoder(encoder, text, m.embed_dim, scale_init, bias, max_logit_scale=100.0)
 
 
-def _engine(config, mesh) -> dict:
-  """The `impl=` keyword of the losses, plus, for the sharded engines ("allgather" / "ring"), the mesh
-  and its axes (the batch is split over every mesh axis)."""
+def _engine(config, mesh, shardable: bool | None = None) -> dict:
+  """The `impl=` keyword of the losses, plus the mesh and its axes (the batch is split over every mesh
+  axis) for the sharded engines: "allgather" / "ring", and "auto" when the mesh has more than one
+  device and the loss has a sharded form (`shardable`; default: `config.loss.name` is in
+  `SHARDABLE_LOSSES`), so that no device builds the global (B, B) similarity matrix."""
   impl = config.loss.impl
+  if shardable is None:
+    shardable = config.loss.name in SHARDABLE_LOSSES
+  if impl == "auto" and shardable and mesh is not None and mesh.size > 1:
+    return {"impl": impl, "axis_name": tuple(mesh.axis_names), "mesh": mesh}
   if impl not in SHARDED_IMPLS:
     return {"impl": impl}
   if mesh is None:
@@ -281,7 +287,7 @@ def in_batch_accuracy(config, out: dict, target: dict | None = None, *, mesh=Non
     names = ("accuracy_view1_to_view2", "accuracy_view2_to_view1")
   else:
     return {}
-  engine = _engine(config, mesh)
+  engine = _engine(config, mesh, shardable=True)  # retrieval_accuracy has a sharded form for any loss
   return dict(zip(names, losses.retrieval_accuracy(jax.lax.stop_gradient(a), jax.lax.stop_gradient(b), **engine)))
 
 
