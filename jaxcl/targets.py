@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import importlib.resources
 import importlib.util
+import os
 import re
 
 import jax
@@ -116,6 +117,9 @@ def get(name: str) -> Target:
     raise RuntimeError(
         f"compiling for {name!r} needs libtpu: pip install 'jax[tpu]=={jax.__version__}' "
         "(or `pip install 'jaxcl[compile]'`), then run with JAX_PLATFORMS=cpu.")
+  # Describing a slice holds no chip: let several processes (planners, test runs) load libtpu at once
+  # instead of the second failing on libtpu's lock file.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     topo = topologies.get_topology_desc(topology_name=f"{family}:{grid}", platform="tpu")
   except Exception as e:  # pylint: disable=broad-except
