@@ -246,8 +246,6 @@ def max_batch(config, topology: str, *, limit: int = 1 << 20) -> tuple[dict, dic
     k = (good[0] + bad[0]) // 2
     p = at(k)
     good, bad = ((k, p), bad) if p["fits"] else (good, (k, p))
-  if bad[0] != good[0] + 1:
-    bad = (good[0] + 1, at(good[0] + 1))
   with config.unlocked():
     config.batch_size = good[0] * m
   return good[1], bad[1]
@@ -279,7 +277,7 @@ def summary(p: dict) -> str:
 
 # ------------------------------------------------------------------------------------------ the command
 def _define_flags():
-  """--config (shared with `jaxcl.main` when that module defined it already), --topology, --max_batch."""
+  """--config (shared with `jaxcl.main` when that module defined it already), --topology, --max-batch."""
   from absl import flags
   from ml_collections import config_flags
 
@@ -287,7 +285,7 @@ def _define_flags():
     config_flags.DEFINE_config_file("config", None, "Path to a recipe in configs/.", lock_config=True)
   if "topology" not in flags.FLAGS:
     flags.DEFINE_string("topology", None, "A TPU slice like 'v5e:8x8' or GPUs like 'h200:1x1x8'.")
-    flags.DEFINE_bool("max_batch", False, "Find the largest global batch that fits (bisection).")
+    flags.DEFINE_bool("max-batch", False, "Find the largest global batch that fits (bisection).")
   return flags.FLAGS
 
 
@@ -312,7 +310,7 @@ def main(argv) -> int:
     if FLAGS.config is None or not FLAGS.topology:
       raise PlanError("give --config=configs/<recipe>.py and --topology=<slice>, e.g. --topology=v5e:8x8.")
     config = FLAGS.config
-    if FLAGS.max_batch:
+    if FLAGS["max-batch"].value:
       p, over = max_batch(config, FLAGS.topology)
     else:
       p, over = plan(config, FLAGS.topology), None

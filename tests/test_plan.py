@@ -116,21 +116,22 @@ def test_plan_fsdp_splits_the_parameters_over_the_chips():
   assert set(sharded["collectives"]) == set(plan.COLLECTIVES)
 
 
+@pytest.mark.slow
 def test_max_batch_finds_the_largest_fitting_multiple(monkeypatch):
-  """With the HBM of a v5e:2x2 chip set between the totals of two batches, the bisection's answer fits
-  and the next multiple of the 4 devices, compiled again independently, does not."""
+  """With the HBM of a v5e:2x2 chip set between the totals of the global batches 64 and 128 (64 px
+  digits, so memory grows with the batch), the bisection's answer fits and the next multiple of the
+  4 devices (compiled by the search itself) does not."""
   real = targets.get("v5e:2x2")
-  small, large = (plan.plan(tiny_digits(batch_size=b), "v5e:2x2")["per_chip"]["total_bytes"] for b in (32, 64))
+  config = lambda b: tiny_digits(batch_size=b, **{"data.image_size": 64})  # noqa: E731
+  small, large = (plan.plan(config(b), "v5e:2x2")["per_chip"]["total_bytes"] for b in (64, 128))
   assert large > small
   hbm = (small + large) // 2
   monkeypatch.setattr(targets, "get", lambda name: dataclasses.replace(real, hbm_bytes=hbm))
-  config = tiny_digits(batch_size=64)
-  best, over = plan.max_batch(config, "v5e:2x2")
+  best, over = plan.max_batch(config(64), "v5e:2x2")
   assert best["fits"] and best["per_chip"]["total_bytes"] <= hbm
-  assert 32 <= best["global_batch"] < 64 and best["global_batch"] % 4 == 0
-  assert over["global_batch"] == best["global_batch"] + 4 and not over["fits"]
-  again = plan.plan(tiny_digits(batch_size=best["global_batch"] + 4), "v5e:2x2")
-  assert again["per_chip"]["total_bytes"] > hbm
+  assert 64 <= best["global_batch"] < 128 and best["global_batch"] % 4 == 0
+  assert over["global_batch"] == best["global_batch"] + 4
+  assert not over["fits"] and over["per_chip"]["total_bytes"] > hbm
 
 
 # ------------------------------------------------------------------------------------------- the CLI
@@ -180,28 +181,31 @@ def _vit_params(width, depth, mlp, tokens, patch_in=0):
   return embed + tokens * width + depth * block + 2 * width
 
 
+# Compiling the recipes at 224 px takes minutes on a 2-core CPU: the tests compile them at 32 px (2x2
+# patches of ViT-B/16; ResNet-50's 32x downsampling to 1x1) with a 2-block text tower, the same layers
+# and parameters otherwise (the position table of the ViT has 5 rows instead of 197).
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["clip_vitb16", "siglip_vitb16"])
 def test_vitb16_recipes_compile_for_a_slice(name):
-  """ViT-B/16 at 224 px + the 12-layer 512-wide text tower: the parameter count by formula (86M image
-  tower as in the ViT paper), and a chip holds at least the parameters and AdamW's two moments."""
-  config = recipe(name, batch_size=8)
+  """ViT-B/16 + the 512-wide text tower: the parameter count by formula (the ViT paper's 86M image tower
+  at 224 px), and a chip holds at least the parameters and AdamW's two moments."""
+  config = recipe(name, batch_size=8, **{"data.image_size": 32, "model.text_depth": 2})
   p = plan.plan(config, "v5e:2x2")
   vocab = text_lib.TokenText(config, sources.abstract_info(config.data, "train")["class_names"]).vocab_size
-  image = _vit_params(768, 12, 3072, 197, patch_in=16 * 16 * 3) + 768  # + the [CLS] token
-  text = vocab * 512 + _vit_params(512, 12, 2048, config.model.text_max_len)
+  vit = lambda tokens: _vit_params(768, 12, 3072, tokens, patch_in=16 * 16 * 3) + 768  # + [CLS]  # noqa: E731
+  text = vocab * 512 + _vit_params(512, 2, 2048, config.model.text_max_len)
   joint = 768 * 512 + 512 * 512 + 1 + (name == "siglip_vitb16")  # projections, logit scale (and bias)
-  assert 85.5e6 < image < 86.5e6
-  assert p["param_bytes"] == 4 * (image + text + joint)
+  assert 85.5e6 < vit(197) < 86.5e6
+  assert p["param_bytes"] == 4 * (vit(1 + (32 // 16) ** 2) + text + joint)
   assert p["per_chip"]["argument_bytes"] >= 3 * p["param_bytes"]
   assert p["fits"] and p["flops_per_step"] > 0 and p["global_batch"] == 8
 
 
 @pytest.mark.slow
 def test_simclr_r50_recipe_compiles_for_a_slice():
-  """ResNet-50 (23.5M trunk parameters + BatchNorm, as torchvision's without the classifier) and the
-  2048-2048-128 projection head (Dense without bias → BN → ReLU → Dense)."""
-  p = plan.plan(recipe("simclr_r50", batch_size=8), "v5e:2x2")
+  """ResNet-50 (23.5M trunk parameters with BatchNorm, torchvision's count less the classifier) and
+  the 2048-2048-128 projection head (Dense without bias → BN → ReLU → Dense)."""
+  p = plan.plan(recipe("simclr_r50", batch_size=8, **{"data.image_size": 32}), "v5e:2x2")
   trunk = 25_557_032 - (2048 * 1000 + 1000)
   head = 2048 * 2048 + 2 * 2048 + 2048 * 128 + 128
   assert p["param_bytes"] == 4 * (trunk + head)
@@ -222,9 +226,9 @@ class JaxclTestImagenetLike(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {"train": self._generate(range(8)), "validation": self._generate(range(8, 12))}
+    return {"train": self._generate_examples(range(8)), "validation": self._generate_examples(range(8, 12))}
 
-  def _generate(self, ids):
+  def _generate_examples(self, ids):
     for i in ids:
       pixels = np.random.default_rng(i).integers(0, 256, (40 + 8 * i, 56, 3), dtype=np.uint8)
       buf = io.BytesIO()
