@@ -11,8 +11,9 @@ TPU (or GPU) compiler on this machine's CPU. Nothing runs and no data is read: w
 Printed: a readable summary, then, as the last line, one JSON object: the topology, chips, global batch,
 HBM per chip, per-chip argument / temporary / output / total bytes and whether they fit in HBM, the
 compiler's FLOP count of one step (None where the compiler gives none: GPU), the collectives of the compiled program (kind -> count and bytes) and,
-on TPU, the compiler's cost-model step time (`cost_model_step_seconds`: a model, not a measurement;
-None on GPU). `--max-batch` bisects the largest global batch (a multiple of the batch mesh size) that
+on TPU, the compiler's cost-model step time (`cost_model_step_seconds`, from `optimal_seconds`: a model,
+not a measurement; None on GPU, and where the TPU compiler reports a value <= 0, as libtpu does for
+programs it does not model). HBM is per jax device: per chip, per core on TPU v2-v4 (two devices a chip). `--max-batch` bisects the largest global batch (a multiple of the batch mesh size) that
 fits. Errors (an unknown topology, a batch that does not divide over the mesh, a missing compiler) are
 one line and exit status 2.
 """
@@ -181,7 +182,9 @@ def plan(config, topology: str) -> dict:
       "collectives": collective_stats(compiled.as_text()),
       "kernel_calls": targets.kernel_calls(compiled),
       "cost_model_step_seconds": float(seconds) if seconds is not None and seconds > 0 else None,
-      "cost_model_note": "the compiler's cost model, not a measurement",
+      "cost_model_note": "the compiler's cost model, not a measurement; None where it gives no positive "
+                         "optimal_seconds (GPU; TPU programs it does not model)",
+      "optimal_seconds_reported": float(seconds) if seconds is not None else None,
   }
 
 
