@@ -116,6 +116,38 @@ def test_plan_fsdp_splits_the_parameters_over_the_chips():
   assert set(sharded["collectives"]) == set(plan.COLLECTIVES)
 
 
+def test_max_batch_bisection_against_a_linear_memory_model(monkeypatch):
+  """`max_batch` with the compile replaced by total(B) = a + b·B (bytes): for every HBM size from
+  below the smallest batch to beyond the search limit, the answer is the largest multiple of the 4
+  devices with a + b·B <= HBM (closed form), the next multiple exceeds it, and the compiles made are
+  about 2·log2 of the answer."""
+  monkeypatch.setattr(plan, "batch_unit", lambda config, topology: 4)
+  a, b = 1000, 37
+  calls = []
+
+  def fake_plan(config, topology):
+    calls.append(config.batch_size)
+    total = a + b * config.batch_size
+    return {"global_batch": config.batch_size, "fits": total <= hbm, "hbm_per_chip_bytes": hbm,
+            "per_chip": {"total_bytes": total}}
+
+  monkeypatch.setattr(plan, "plan", fake_plan)
+  for start in (4, 64, 1000):
+    for hbm in (a + b * 4, a + b * 4 + 1, a + b * 100, a + b * 103 - 1, a + b * 5000):
+      calls.clear()
+      best, over = plan.max_batch(tiny_digits(batch_size=start), "v5e:2x2", limit=1 << 16)
+      expected = (hbm - a) // b // 4 * 4
+      assert best["global_batch"] == expected and best["fits"]
+      assert over["global_batch"] == expected + 4 and not over["fits"]
+      assert len(calls) <= 2 * np.log2(max(expected, start) / 4) + 3
+    with pytest.raises(plan.PlanError, match="even the smallest global batch, 4"):
+      hbm = a + b * 4 - 1
+      plan.max_batch(tiny_digits(batch_size=start), "v5e:2x2")
+  hbm = a + b * (1 << 20)
+  with pytest.raises(plan.PlanError, match="the search stops at 256"):
+    plan.max_batch(tiny_digits(batch_size=64), "v5e:2x2", limit=256)
+
+
 @pytest.mark.slow
 def test_max_batch_finds_the_largest_fitting_multiple(monkeypatch):
   """With the HBM of a v5e:2x2 chip set between the totals of the global batches 64 and 128 (64 px
