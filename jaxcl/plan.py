@@ -161,7 +161,7 @@ def plan(config, topology: str) -> dict:
   flops = cost.get("flops")
   if flops is None:  # the GPU compiler reports no cost analysis (None); the lowered program may
     flops = _cost(lowered).get("flops")
-  params = jax.eval_shape(lambda: loop_params(config, setup))
+  params = jax.eval_shape(lambda: _abstract_params(config, setup))
   param_bytes = int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params)))
   seconds = cost.get("optimal_seconds")
   return {
@@ -188,7 +188,7 @@ def plan(config, topology: str) -> dict:
   }
 
 
-def loop_params(config, setup):
+def _abstract_params(config, setup):
   """The parameters `init_state` makes (for the param-byte count; traced abstractly)."""
   import jax
 
