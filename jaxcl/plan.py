@@ -260,7 +260,9 @@ def summary(p: dict) -> str:
   c = p["per_chip"]
   lines = [
       f"compiled for {p['topology']} ({p['chips']} chips, {p['devices']} devices, {p['device_kind']}), "
-      f"mesh {p['mesh']}, global batch {p['global_batch']}",
+      f"mesh {p['mesh']}, global batch {p['global_batch']}"
+      + (f" per micro-step ({p['grad_accum_steps']} micro-steps per optimizer update)"
+         if p["grad_accum_steps"] > 1 else ""),
       f"parameters: {gib(p['param_bytes'])} in all",
       f"per chip: arguments {gib(c['argument_bytes'])}, temporaries {gib(c['temp_bytes'])}, outputs "
       f"{gib(c['output_bytes'])} (of which {gib(c['alias_bytes'])} reuse donated arguments): total "
