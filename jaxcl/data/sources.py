@@ -615,8 +615,68 @@ def build_source(data_config: Any, split: str) -> tuple[Any, dict[str, Any]]:
   if not isinstance(split, str) or not split:
     raise ValueError(f"`split` must be a non-empty string such as 'train', got {split!r}.")
   if name == "folder":
-    return _folder_source(data_config, split)
-  return _tfds_source(data_config, split, digits_data=name == "digits")
+    source, info = _folder_source(data_config, split)
+  else:
+    source, info = _tfds_source(data_config, split, digits_data=name == "digits")
+  _check_declared(data_config, info)
+  return source, info
+
+
+# What a recipe may declare about its data (`abstract_info`), and the info key each one must match.
+DECLARED_KEYS = {"num_classes": "num_classes", "channels": "image_shape"}
+
+
+def _check_declared(data_config: Any, info: dict[str, Any]) -> None:
+  """A declared `data_config.num_classes` / `channels` (what the planner compiled with) equals the data's."""
+  for key, field in DECLARED_KEYS.items():
+    declared = config_value(data_config, key, 0)
+    actual = info[field][-1] if field == "image_shape" else info[field]
+    if declared and int(declared) != int(actual):
+      raise ValueError(f"`data_config.{key}` is {declared} but the data has {actual}: fix the recipe "
+                       f"(or drop the key).")
+
+
+def abstract_info(data_config: Any, split: str) -> dict[str, Any]:
+  """The info dict of `build_source(data_config, split)` from the config alone, no data read (for
+  compiling a run before the data is at hand, `jaxcl.plan`).
+
+      image_shape  = (image_size, image_size, channels)     channels: `data_config.channels` or 3
+      num_classes  = `data_config.num_classes` (0: none)    class_names = ("class0", …), placeholders
+      num_examples = `data_config.num_examples` (0: unknown; only per-example loss state needs it)
+
+  The bundled digits are read (they are small and always available). A tfds or folder source needs
+  `image_size` > 0 (its native size is only known from the data). The placeholder class names give
+  an image–text recipe a vocabulary of about the right size (one word per class).
+
+  >>> info = abstract_info({"name": "tfds", "image_size": 224, "num_classes": 2}, "train")
+  >>> info["image_shape"], info["class_names"]
+  ((224, 224, 3), ('class0', 'class1'))
+  """
+  name = config_value(data_config, "name", None)
+  _checks.check_choice("data_config.name", name, SOURCE_NAMES)
+  if name == "digits":
+    return build_source(data_config, split)[1]
+  size = _image_size(data_config)
+  if size == 0:
+    raise ValueError(f"`data_config.image_size` must be > 0 to plan a {name!r} source without reading "
+                     "its data (the native image size is only known from the data), got 0.")
+  values = {}
+  for key, default in (("num_classes", 0), ("num_examples", 0), ("channels", 3)):
+    value = config_value(data_config, key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+      raise ValueError(f"`data_config.{key}` must be an integer >= 0, got {value!r}.")
+    values[key] = int(value)
+  if values["channels"] not in (1, 3):
+    raise ValueError(f"`data_config.channels` must be 1 or 3, got {values['channels']}.")
+  num_classes = values["num_classes"]
+  return {
+      "num_examples": values["num_examples"],
+      "num_classes": num_classes,
+      "image_shape": (size, size, values["channels"]),
+      "class_names": tuple(f"class{i}" for i in range(num_classes)),
+      "has_captions": bool(config_value(data_config, "caption_key", "")),
+      "caption_templates": None,
+  }
 
 
 def load_arrays(data_config: Any, split: str) -> dict[str, Any]:

@@ -96,8 +96,11 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-# Keys a data config may carry beyond base_config() (read by jaxcl.data.sources for tfds datasets).
-OPTIONAL_KEYS = ("data.image_key", "data.label_key", "data.caption_key")
+# Keys a data config may carry beyond base_config(): the tfds feature names (read by jaxcl.data.sources
+# for tfds datasets), and what a recipe declares about its data so that `jaxcl.plan` can compile it
+# without the data (`sources.abstract_info`; checked against the data when a run opens it).
+OPTIONAL_KEYS = ("data.image_key", "data.label_key", "data.caption_key", "data.num_classes",
+                 "data.num_examples", "data.channels")
 
 
 def _flatten(d, prefix: str = "") -> dict:

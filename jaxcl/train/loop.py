@@ -59,17 +59,19 @@ class NonFiniteError(FloatingPointError):
 
 
 # ----------------------------------------------------------------------------------------- validation
-def validate_config(config: ml_collections.ConfigDict, *, data: bool = True) -> dict:
+def validate_config(config: ml_collections.ConfigDict, *, data: bool = True, num_devices: int | None = None) -> dict:
   """Every check that can fail before compute starts; `train_and_evaluate` calls it first.
 
   The config's keys and value types against `base_config()` (unknown keys, wrong types), the method,
   value ranges, the batch size against the device and process counts, and (`data=True`) both data
   splits: the train and the evaluation source are opened, so an empty or unreadable image folder or a
   captions file with missing entries fails here, not after training. Returns {split: source info}.
+  `num_devices`: the device count the batch is split over (default `jax.device_count()`; the planner
+  passes the target's).
   """
   config_lib.check_config_schema(config)
   methods.check_method(config)
-  n = jax.device_count()
+  n = jax.device_count() if num_devices is None else int(num_devices)
   if config.batch_size <= 0 or config.batch_size % n:
     raise ValueError(
         f"`config.batch_size` must be a positive multiple of the device count {n}, got {config.batch_size}."
@@ -125,13 +127,15 @@ def validate_config(config: ml_collections.ConfigDict, *, data: bool = True) -> 
 
 
 # ------------------------------------------------------------------------------------------- sharding
-def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  n, fsdp = jax.device_count(), int(config.mesh.fsdp)
+def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+  """The (data, fsdp) mesh over `devices` (default: every device here; the planner passes a
+  `jaxcl.targets.Target`'s)."""
+  n, fsdp = (jax.device_count() if devices is None else len(devices)), int(config.mesh.fsdp)
   data = int(config.mesh.data) if config.mesh.data > 0 else n // fsdp
   if data * fsdp != n:
     raise ValueError(f"`config.mesh` data × fsdp = {data} × {fsdp} must equal the device count {n}.")
   auto = jax.sharding.AxisType.Auto
-  return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(auto, auto))
+  return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(auto, auto), devices=devices)
 
 
 def param_sharding(mesh: jax.sharding.Mesh, x: Any) -> NamedSharding:
@@ -184,7 +188,7 @@ def sample_inputs(config, setup: Setup, batch: int) -> tuple:
   return (image,)
 
 
-def loss_state_size(config, info: dict) -> int:
+def loss_state_size(config, info: dict, num_devices: int | None = None) -> int:
   """The length N of the per-example loss state: one slot per possible example id, padded up to a
   multiple of the device count so the state shards evenly along the batch mesh axes.
 
@@ -199,7 +203,7 @@ def loss_state_size(config, info: dict) -> int:
     num_ids = digits.NUM_EXAMPLES
   else:
     num_ids = int(info["num_examples"])
-  n = jax.device_count()
+  n = jax.device_count() if num_devices is None else int(num_devices)
   return -(-num_ids // n) * n
 
 
@@ -227,7 +231,8 @@ def init_state(config, setup: Setup, key: jax.Array) -> TrainState:
       target_batch_stats=jax.tree.map(jnp.copy, batch_stats) if has_target else {},
       queue=_init_queue(key, config.momentum.queue_size, embed),
       queue_ptr=jnp.zeros((), jnp.int32),
-      loss_state=methods.init_loss_state(config, loss_state_size(config, setup.info)),
+      loss_state=methods.init_loss_state(
+          config, loss_state_size(config, setup.info, setup.mesh.size if setup.mesh is not None else None)),
   )
 
 
@@ -246,6 +251,13 @@ def state_shardings(config, setup: Setup, mesh):
 
 
 # ----------------------------------------------------------------------------------------- train step
+def jit_train_step(config, setup: Setup, shardings: TrainState):
+  """`train_step` jitted as the loop runs it (and `jaxcl.plan` compiles it): the state donated, the new
+  state laid out as `shardings`."""
+  return jax.jit(functools.partial(train_step, config, setup), donate_argnums=(0,),
+                 out_shardings=(shardings, None))
+
+
 def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
   """One optimisation step (jit-compiled by the loop). Non-finite steps leave the state unchanged: a
   non-finite loss or gradient norm, or an update that would put a NaN or inf anywhere into the state
@@ -619,8 +631,7 @@ def _train_and_evaluate(config, workdir: str, infos: dict, *, progress: bool, st
   else:
     print(f"Resumed from checkpoint at step {start} in {workdir}")
 
-  step_fn = jax.jit(functools.partial(train_step, config, setup), donate_argnums=(0,),
-                    out_shardings=(shardings, None))
+  step_fn = jit_train_step(config, setup, shardings)
   writer = metrics_lib.MetricsWriter(workdir, enabled=lead, purge_step=start + 1 if start else None)
   if lead:  # steps after the checkpoint were lost (kill -9) and run again: log them once
     metrics_lib.rewind(workdir, start)

@@ -1,0 +1,344 @@
+"""Plan a pod run: compile a recipe's train step for a TPU slice or GPU machine, without running it.
+
+    python -m jaxcl.plan --config=configs/clip_vitb16.py --topology=v5e:8x8 [--max-batch] [--config.KEY=VALUE ...]
+
+The step compiled is the training loop's own (`jaxcl.train.loop`: `build_setup`, `state_shardings`,
+`jit_train_step` with the state donated, the (data, fsdp) mesh of `config.mesh`), lowered with abstract
+arrays laid out over the devices of the named topology (`jaxcl.targets`) and compiled by the real XLA
+TPU (or GPU) compiler on this machine's CPU. Nothing runs and no data is read: what the data would tell
+(image shape, classes, example count) comes from the config (`jaxcl.data.sources.abstract_info`).
+
+Printed: a readable summary, then, as the last line, one JSON object: the topology, chips, global batch,
+HBM per chip, per-chip argument / temporary / output / total bytes and whether they fit in HBM, the
+compiler's FLOP count of one step (None where the compiler gives none: GPU), the collectives of the compiled program (kind -> count and bytes) and,
+on TPU, the compiler's cost-model step time (`cost_model_step_seconds`, from `optimal_seconds`: a model,
+not a measurement; None on GPU, and where the TPU compiler reports a value <= 0, as libtpu does for
+programs it does not model). HBM is per jax device: per chip, per core on TPU v2-v4 (two devices a chip). `--max-batch` bisects the largest global batch (a multiple of the batch mesh size) that
+fits. Errors (an unknown topology, a batch that does not divide over the mesh, a missing compiler) are
+one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+PLAN_ERROR_STATUS = 2
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
+_DTYPE_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2,
+                "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
+                "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
+# One HLO instruction: `%name = <shape> <op>(`; the shape is an array type or a tuple of them.
+_INSTRUCTION = re.compile(r"=\s*(?P<shape>\(.*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+"
+                          r"(?P<op>[a-z\-]+)\(")
+
+
+class PlanError(ValueError):
+  """A plan that cannot be made as asked (the message says what to change)."""
+
+
+def array_bytes(shape_text: str) -> int:
+  """Bytes of the arrays in an HLO shape: Σ over `dtype[d1,d2,…]` of prod(d)·sizeof(dtype).
+
+  >>> array_bytes("(f32[8,128]{1,0}, bf16[4]{0})")
+  4104
+  """
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape_text):
+    if dtype not in _DTYPE_BYTES:
+      continue
+    n = 1
+    for d in filter(None, dims.split(",")):
+      n *= int(d)
+    total += n * _DTYPE_BYTES[dtype]
+  return total
+
+
+def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
+  """{kind: {"count", "bytes"}} of the collectives of compiled HLO text (`compiled.as_text()`).
+
+  Each instruction whose op is a kind of `COLLECTIVES` (or its asynchronous `<kind>-start`; the
+  matching `-done` is not counted again) counts once, with the bytes of its result shape (for an
+  asynchronous start, the last array of its result tuple: the gathered / reduced output). Per device:
+  the program is the one every device runs.
+
+  >>> collective_stats("%a = f32[4,8]{1,0} all-reduce(f32[4,8]{1,0} %x), to_apply=%add")["all-reduce"]
+  {'count': 1, 'bytes': 128}
+  """
+  stats = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+  for match in _INSTRUCTION.finditer(hlo_text):
+    op, shape = match["op"], match["shape"]
+    start = op.endswith("-start")
+    kind = op[: -len("-start")] if start else op
+    if kind not in stats:
+      continue
+    if start and shape.startswith("("):
+      arrays = _ARRAY.findall(shape)
+      shape = "{}[{}]".format(*arrays[-1]) if arrays else shape
+    stats[kind]["count"] += 1
+    stats[kind]["bytes"] += array_bytes(shape)
+  return stats
+
+
+def _cost(stage) -> dict:
+  """The cost analysis of a lowered or compiled program as a dict ({} where the backend gives none)."""
+  cost = stage.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  return dict(cost or {})
+
+
+def abstract_batch(config, setup, mesh, batch_size: int) -> dict:
+  """The global batch `train_step` receives (after `setup.text.prepare`), as abstract arrays split along
+  the batch mesh axes: image (B, H, W, C) float32, label and index (B,) int32, and for image–text methods
+  the text side's input (tokens or locked embeddings)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from jaxcl.train import loop, methods
+
+  sharding = NamedSharding(mesh, P(loop.BATCH_AXES))
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
+  batch = {"image": spec((batch_size,) + tuple(setup.info["image_shape"]), jnp.float32),
+           "label": spec((batch_size,), jnp.int32), "index": spec((batch_size,), jnp.int32)}
+  if config.method in methods.IMAGE_TEXT:
+    text = jax.eval_shape(lambda: setup.text.dummy(batch_size))
+    batch["text"] = spec(text.shape, text.dtype)
+  return batch
+
+
+def _checked_config(config, target):
+  """`config` validated as the loop validates it, against the target's device count (no data)."""
+  from jaxcl.train import loop
+
+  try:
+    loop.validate_config(config, data=False, num_devices=len(target.devices))
+  except ValueError as e:
+    raise PlanError(f"{e} (topology {target.name!r} has {len(target.devices)} devices)") from e
+
+
+def compile_step(config, target):
+  """(compiled and lowered train step, Setup, mesh) of `config` for the devices of `target` (a `jaxcl.targets.Target`)."""
+  import jax
+
+  from jaxcl.data import sources
+  from jaxcl.ops import pallas
+  from jaxcl.train import loop
+
+  _checked_config(config, target)
+  try:  # what the config says about the data and the mesh, checked before anything is traced
+    info = sources.abstract_info(config.data, config.data.train_split)
+    mesh = loop.make_mesh(config, target.devices)
+  except ValueError as e:
+    raise PlanError(str(e)) from e
+  setup = loop.build_setup(config, info, mesh)
+  abstract, shardings = loop.state_shardings(config, setup, mesh)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  batch = abstract_batch(config, setup, mesh, int(config.batch_size))
+  with pallas.using(flavour=target.platform, interpret=False):  # the Mosaic / Triton kernels, compiled
+    lowered = loop.jit_train_step(config, setup, shardings).lower(state, batch)
+    compiled = lowered.compile()
+  return compiled, lowered, setup, mesh
+
+
+def plan(config, topology: str) -> dict:
+  """The plan (the JSON object `main` prints last) of `config`'s train step on `topology`."""
+  import jax
+  import numpy as np
+
+  from jaxcl import targets
+
+  try:
+    target = targets.get(topology)
+  except (ValueError, RuntimeError) as e:
+    raise PlanError(str(e)) from e
+  compiled, lowered, setup, mesh = compile_step(config, target)
+  memory = targets.memory(compiled)
+  cost = _cost(compiled)
+  flops = cost.get("flops")
+  if flops is None:  # the GPU compiler reports no cost analysis (None); the lowered program may
+    flops = _cost(lowered).get("flops")
+  params = jax.eval_shape(lambda: _abstract_params(config, setup))
+  param_bytes = int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params)))
+  seconds = cost.get("optimal_seconds")
+  return {
+      "topology": target.name,
+      "device_kind": target.device_kind,
+      "chips": target.chips,
+      "devices": len(target.devices),
+      "mesh": {name: int(size) for name, size in mesh.shape.items()},
+      "global_batch": int(config.batch_size),
+      "grad_accum_steps": int(config.grad_accum_steps),
+      "param_bytes": param_bytes,
+      "hbm_per_chip_bytes": target.hbm_bytes,
+      "per_chip": {"argument_bytes": memory.argument_bytes, "temp_bytes": memory.temp_bytes,
+                   "output_bytes": memory.output_bytes, "alias_bytes": memory.alias_bytes,
+                   "total_bytes": memory.total_bytes},
+      "fits": memory.total_bytes <= target.hbm_bytes,
+      "flops_per_step": float(flops) if flops is not None else None,
+      "collectives": collective_stats(compiled.as_text()),
+      "kernel_calls": targets.kernel_calls(compiled),
+      "cost_model_step_seconds": float(seconds) if seconds is not None and seconds > 0 else None,
+      "cost_model_note": "the compiler's cost model, not a measurement; None where it gives no positive "
+                         "optimal_seconds (GPU; TPU programs it does not model)",
+      "optimal_seconds_reported": float(seconds) if seconds is not None else None,
+  }
+
+
+def _abstract_params(config, setup):
+  """The parameters `init_state` makes (for the param-byte count; traced abstractly)."""
+  import jax
+
+  from jaxcl.train import loop
+
+  return loop.init_state(config, setup, jax.random.key(0)).params
+
+
+def batch_unit(config, topology: str) -> int:
+  """The batch mesh size: the global batch must be a multiple of it (data × fsdp = all devices)."""
+  from jaxcl import targets
+
+  return len(targets.get(topology).devices)
+
+
+def max_batch(config, topology: str, *, limit: int = 1 << 20) -> tuple[dict, dict | None]:
+  """(plan of the largest fitting global batch, plan of the next multiple, which does not fit).
+
+  Batches are k·m with m = `batch_unit`; memory is taken to grow with the batch. Doubling k from the
+  config's batch (rounded to a multiple of m) brackets the boundary, bisection finds it: about
+  2·log2(k) compiles. Raises PlanError when even m does not fit, or k·m reaches `limit` and still fits.
+  """
+  m = batch_unit(config, topology)
+
+  def at(k: int) -> dict:
+    with config.unlocked():
+      config.batch_size = k * m
+    return plan(config, topology)
+
+  k = max(int(config.batch_size) // m, 1)
+  first = at(k)
+  if first["fits"]:
+    good, bad = (k, first), None
+    while bad is None:
+      if 2 * k * m > limit:
+        raise PlanError(f"a global batch of {k * m} fits and the search stops at {limit}: plan a "
+                        "larger batch directly with --config.batch_size.")
+      k *= 2
+      p = at(k)
+      good, bad = ((k, p), None) if p["fits"] else (good, (k, p))
+  else:
+    if k == 1:
+      raise PlanError(f"even the smallest global batch, {m} (one example per device), does not fit "
+                      f"{topology!r}: {first['per_chip']['total_bytes']} bytes per chip > "
+                      f"{first['hbm_per_chip_bytes']}. Use config.mesh.fsdp, a smaller model or more chips.")
+    good, bad = None, (k, first)
+    lo = 1
+    while good is None:  # halve until a batch fits
+      k = max(k // 2, lo)
+      p = at(k)
+      if p["fits"]:
+        good = (k, p)
+      elif k == lo:
+        raise PlanError(f"even the smallest global batch, {m}, does not fit {topology!r}.")
+      else:
+        bad = (k, p)
+  while bad[0] - good[0] > 1:
+    k = (good[0] + bad[0]) // 2
+    p = at(k)
+    good, bad = ((k, p), bad) if p["fits"] else (good, (k, p))
+  with config.unlocked():
+    config.batch_size = good[0] * m
+  return good[1], bad[1]
+
+
+def summary(p: dict) -> str:
+  """A readable summary of a plan."""
+  gib = lambda b: f"{b / (1 << 30):.2f} GiB"  # noqa: E731
+  c = p["per_chip"]
+  lines = [
+      f"compiled for {p['topology']} ({p['chips']} chips, {p['devices']} devices, {p['device_kind']}), "
+      f"mesh {p['mesh']}, global batch {p['global_batch']}"
+      + (f" per micro-step ({p['grad_accum_steps']} micro-steps per optimizer update)"
+         if p["grad_accum_steps"] > 1 else ""),
+      f"parameters: {gib(p['param_bytes'])} in all",
+      f"per chip: arguments {gib(c['argument_bytes'])}, temporaries {gib(c['temp_bytes'])}, outputs "
+      f"{gib(c['output_bytes'])} (of which {gib(c['alias_bytes'])} reuse donated arguments): total "
+      f"{gib(c['total_bytes'])} of {gib(p['hbm_per_chip_bytes'])} HBM -> "
+      + ("fits" if p["fits"] else "DOES NOT FIT"),
+  ]
+  if p["flops_per_step"] is not None:
+    lines.append(f"compiler FLOP count per step (per device program): {p['flops_per_step']:.3e}")
+  used = {k: v for k, v in p["collectives"].items() if v["count"]}
+  lines.append("collectives per step: " + (", ".join(
+      f"{k} x{v['count']} ({v['bytes'] / (1 << 20):.1f} MiB)" for k, v in used.items()) or "none"))
+  if p["cost_model_step_seconds"] is not None:
+    lines.append(f"compiler cost-model step time: {p['cost_model_step_seconds'] * 1e3:.2f} ms "
+                 "(a model, not a measurement)")
+  return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ the command
+def _define_flags():
+  """--config (shared with `jaxcl.main` when that module defined it already), --topology, --max-batch."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  if "config" not in flags.FLAGS:
+    config_flags.DEFINE_config_file("config", None, "Path to a recipe in configs/.", lock_config=True)
+  if "topology" not in flags.FLAGS:
+    flags.DEFINE_string("topology", None, "A TPU slice like 'v5e:8x8' or GPUs like 'h200:1x1x8'.")
+    flags.DEFINE_bool("max-batch", False, "Find the largest global batch that fits (bisection).")
+  return flags.FLAGS
+
+
+def _use_cpu() -> None:
+  """The planner compiles on the CPU: JAX must not start (or fail to start) a local TPU or GPU."""
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ.setdefault("TFDS_DISABLE_GCS", "1")
+  import jax
+
+  jax.config.update("jax_platforms", "cpu")
+
+
+def main(argv) -> int:
+  del argv
+  import json
+
+  from absl import logging
+
+  logging.set_verbosity(logging.WARNING)
+  FLAGS = _define_flags()  # pylint: disable=invalid-name
+  try:
+    if FLAGS.config is None or not FLAGS.topology:
+      raise PlanError("give --config=configs/<recipe>.py and --topology=<slice>, e.g. --topology=v5e:8x8.")
+    config = FLAGS.config
+    if FLAGS["max-batch"].value:
+      p, over = max_batch(config, FLAGS.topology)
+    else:
+      p, over = plan(config, FLAGS.topology), None
+  except PlanError as e:
+    print(f"jaxcl.plan: error: {_one_line(e)}", file=sys.stderr)
+    return PLAN_ERROR_STATUS
+  print(summary(p))
+  if over is not None:
+    p["max_batch"] = {"fits": p["global_batch"], "next_does_not_fit": over["global_batch"],
+                      "next_total_bytes": over["per_chip"]["total_bytes"]}
+    print(f"largest global batch that fits: {p['global_batch']} (next, {over['global_batch']}, needs "
+          f"{over['per_chip']['total_bytes'] / (1 << 30):.2f} GiB per chip)")
+  print(json.dumps(p))
+  return 0
+
+
+def _one_line(e: Exception) -> str:
+  return " ".join(str(e).split())
+
+
+if __name__ == "__main__":
+  _use_cpu()
+  from absl import app
+
+  _define_flags()
+  app.run(lambda argv: sys.exit(main(argv)))
