@@ -270,7 +270,9 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
   self_supervised = config.method in methods.SELF_SUPERVISED
   if self_supervised:
     views = augment.make_views(key, images, v, setup.aug)
-    inputs = (views.reshape((v * b,) + views.shape[2:]),)
+    # Sample-major (b, v) order: each device keeps its own samples' views, so the batch sharding
+    # survives the merge (view-major would split no device-contiguous block and gather the batch).
+    inputs = (jnp.swapaxes(views, 0, 1).reshape((b * v,) + views.shape[2:]),)
   else:
     inputs = (augment.augment_batch(key, images, setup.aug), batch["text"])
 
@@ -292,7 +294,7 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
       aux["logit_scale"] = out["logit_scale"]
       aux["accuracy"] = logged_only(lambda: methods.in_batch_accuracy(config, out, mesh=setup.mesh))
       return methods.image_text_loss(config, out, mesh=setup.mesh), aux
-    by_view = lambda x: x.reshape((v, b) + x.shape[1:])
+    by_view = lambda x: jnp.swapaxes(x.reshape((b, v) + x.shape[1:]), 0, 1)  # -> (v, b, ...)
     online = {k: by_view(out[k]) for k in ("projection", "prediction") if k in out}
     target = None
     if config.method in methods.WITH_TARGET_NETWORK:
