@@ -316,3 +316,40 @@ def test_sharded_engine_rejects_a_loss_without_axis_name(data_dir, tmp_path):
   config.loss.impl = "ring"
   with pytest.raises(ValueError, match="sharded engine"):
     loop.train_and_evaluate(config, str(tmp_path), progress=False)
+
+
+def test_no_host_sync_on_the_step_just_dispatched(data_dir, tmp_path, monkeypatch):
+  """The host reads step s's outputs only after step s+1 is dispatched, except before a checkpoint (or an
+  evaluation, or the end), and the batch of step s+1 is put on the devices before step s is read."""
+  events, step_of = [], {}
+  compile_step, read_metrics, to_global = loop.compile_step, loop.read_metrics, loop.to_global
+
+  def recording_compile(*args):
+    step_fn = compile_step(*args)
+
+    def dispatch(state, batch):
+      state, m = step_fn(state, batch)
+      step_of[id(m["finite"])] = n = sum(e[0] == "dispatch" for e in events) + 1
+      events.append(("dispatch", n))
+      return state, m
+
+    return dispatch
+
+  def recording_read(m):
+    events.append(("read", step_of[id(m["finite"])]))
+    return read_metrics(m)
+
+  def recording_to_global(batch, mesh):
+    events.append(("batch", sum(e[0] == "batch" for e in events) + 1))
+    return to_global(batch, mesh)
+
+  monkeypatch.setattr(loop, "compile_step", recording_compile)
+  monkeypatch.setattr(loop, "read_metrics", recording_read)
+  monkeypatch.setattr(loop, "to_global", recording_to_global)
+  config = tiny(load_recipe("simclr_digits"), data_dir, steps=6)
+  config.checkpoint_every = 3
+  loop.train_and_evaluate(config, str(tmp_path), progress=False)
+  b, d, r = (lambda n, kind=kind: (kind, n) for kind in ("batch", "dispatch", "read"))
+  assert events == [b(1), d(1), b(2), d(2), b(3), r(1), d(3), b(4), r(2), r(3),  # r(3): checkpoint 3
+                    d(4), b(5), d(5), b(6), r(4), d(6), r(5), r(6)]
+  assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [3, 6]

@@ -363,6 +363,80 @@ def nonfinite_leaves(tree) -> list[str]:
   return [name for name, good in zip(names, np.asarray(ok)) if not good]
 
 
+# -------------------------------------------------------------------------------- host side of steps
+def compile_step(config, setup: Setup, shardings: TrainState):
+  """`train_step` jitted for the loop: (state, global batch) → (new state, metrics); the state is
+  donated (its buffers are reused for the new one)."""
+  return jax.jit(functools.partial(train_step, config, setup), donate_argnums=(0,),
+                 out_shardings=(shardings, None))
+
+
+def read_metrics(m: dict) -> dict:
+  """A step's metrics on the host: one transfer of the small arrays (the loop's only read of a step's
+  outputs; it waits for that step to finish)."""
+  return jax.device_get(m)
+
+
+class StepReport:
+  """Checks and logs each step's metrics one step late, so the host never waits for the step it just
+  dispatched.
+
+  `dispatched(s, m)` keeps step s's metrics (device arrays) and reads those of step s - 1, which the
+  devices finish while step s is queued behind it. `flush()` reads the kept ones at once; the loop calls
+  it before every checkpoint and evaluation, and at the end. Reading a step: if `m["finite"]` is false
+  the step's update was not applied (`train_step`), and `config.on_nonfinite="stop"` raises
+  NonFiniteError naming that step (after the next step was dispatched, whose result is discarded),
+  "skip" prints a warning naming it; then the metrics of every `log_every`-th and the last step are
+  written, with examples/s over the steps since the previous logged one.
+  """
+
+  def __init__(self, config, workdir: str, writer, bar, start: int, good: int | None):
+    self.config, self.workdir, self.writer, self.bar = config, workdir, writer, bar
+    self.good = good  # the newest checkpoint verified finite (restored or saved), for the message
+    self._pending = None
+    self._since = (start, time.perf_counter())  # (step, time) of the previous logged step
+
+  def dispatched(self, step: int, m: dict) -> None:
+    previous, self._pending = self._pending, (step, m)
+    if previous is not None:
+      self._read(*previous)
+
+  def flush(self) -> None:
+    previous, self._pending = self._pending, None
+    if previous is not None:
+      self._read(*previous)
+
+  def _read(self, step: int, m: dict) -> None:
+    config = self.config
+    m = read_metrics(m)
+    if not bool(m["finite"]):
+      msg = nonfinite_message(step, m) + "; the update was not applied"
+      if config.on_nonfinite == "stop":
+        kept = f"step {self.good}" if self.good is not None else "none yet"
+        raise NonFiniteError(msg + f"; stopping (config.on_nonfinite='stop'). The last good checkpoint "
+                             f"({kept}) is kept in {self.workdir}/checkpoints.")
+      print("warning: " + msg + "; skipping it (config.on_nonfinite='skip').")
+    if step % config.log_every == 0 or step == int(config.total_steps):
+      (last, since), now = self._since, time.perf_counter()
+      record = {k: float(v) for k, v in m.items() if k not in ("finite", "grad_finite", "state_finite")}
+      record["examples_per_sec"] = (step - last) * config.batch_size / max(now - since, 1e-9)
+      self.writer.write(step, record)
+      self.bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_sec']:.0f}")
+      self._since = (step, now)
+
+
+class DataState:
+  """A data iterator's state (`get_state()`) at one moment, saved as the iterator itself would be:
+  the loop has already taken the next batch (prefetch) when it saves the state after the last one a
+  saved step consumed."""
+
+  def __init__(self, state):
+    self._state = state
+
+  def get_state(self):
+    return self._state
+
+
 # ------------------------------------------------------------------------------------------ checkpoint
 def checkpoint_manager(config, workdir: str) -> ocp.CheckpointManager:
   import grain
@@ -382,6 +456,8 @@ def checkpoint_manager(config, workdir: str) -> ocp.CheckpointManager:
 
 
 def save_checkpoint(manager, step: int, state: TrainState, data_iter) -> None:
+  """Saves `state` and the data iterator's state (`data_iter.get_state()`: the iterator, or a
+  `DataState` taken after the last batch the saved step consumed) as step `step`."""
   import grain
 
   saved = manager.save(step, args=ocp.args.Composite(
@@ -614,8 +690,7 @@ def _train_and_evaluate(config, workdir: str, infos: dict, *, progress: bool, st
   else:
     print(f"Resumed from checkpoint at step {start} in {workdir}")
 
-  step_fn = jax.jit(functools.partial(train_step, config, setup), donate_argnums=(0,),
-                    out_shardings=(shardings, None))
+  step_fn = compile_step(config, setup, shardings)
   writer = metrics_lib.MetricsWriter(workdir, enabled=lead, purge_step=start + 1 if start else None)
   if lead:  # steps after the checkpoint were lost (kill -9) and run again: log them once
     metrics_lib.rewind(workdir, start)
@@ -623,42 +698,45 @@ def _train_and_evaluate(config, workdir: str, infos: dict, *, progress: bool, st
       metrics_lib.forget_evaluation(workdir, start)
   total = int(config.total_steps)
   bar = _progress(progress and lead, start, total)
-  window_start, window_examples = time.perf_counter(), 0
   step = start
   end = total if stop_at is None else min(total, int(stop_at))
+  report = StepReport(config, workdir, writer, bar, start, good)
   preempted = _PreemptionFlag()
+
+  def fetch(step: int) -> tuple[dict, DataState]:
+    """The global batch of (0-based) step `step`, and the data-iterator state once it is consumed."""
+    host = next(data_iter)
+    return to_global(setup.text.prepare(config, host, step), mesh), DataState(data_iter.get_state())
+
+  consumed = DataState(data_iter.get_state())  # the iterator after the last batch a dispatched step used
   try:
+    # Step s+1 is dispatched before anything of step s is read on the host; the batch of step s+1 is
+    # loaded and put on the devices while step s runs; step s's metrics are checked (finite) and logged
+    # after step s+1 is dispatched (`StepReport`), and before any checkpoint or evaluation.
+    upcoming = fetch(step) if step < end else None
     while step < end and not preempted.is_set(manager, step):
-      host = next(data_iter)
-      batch = to_global(setup.text.prepare(config, host, step), mesh)
+      batch, after = upcoming
       state, m = step_fn(state, batch)
       step += 1
-      window_examples += config.batch_size
-      if not bool(m["finite"]):
-        msg = nonfinite_message(step, m) + "; the update was not applied"
-        if config.on_nonfinite == "stop":
-          kept = f"step {good}" if good is not None else "none yet"
-          raise NonFiniteError(msg + f"; stopping (config.on_nonfinite='stop'). The last good checkpoint "
-                               f"({kept}) is kept in {workdir}/checkpoints.")
-        print("warning: " + msg + "; skipping it (config.on_nonfinite='skip').")
-      if step % config.log_every == 0 or step == total:
-        elapsed = time.perf_counter() - window_start
-        record = {k: float(v) for k, v in m.items() if k not in ("finite", "grad_finite", "state_finite")}
-        record["examples_per_sec"] = window_examples / max(elapsed, 1e-9)
-        writer.write(step, record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_sec']:.0f}")
-        window_start, window_examples = time.perf_counter(), 0
-      if step % config.checkpoint_every == 0 or step == total:
-        save_checkpoint(manager, step, state, data_iter)
-        good = step  # every step's guard covered the whole state (`train_step`)
-      if step % config.eval_every == 0 and step != total:
+      consumed = after
+      upcoming = fetch(step) if step < end else None  # prefetch: the next batch while this step runs
+      report.dispatched(step, m)  # checks the previous step: waits for it, not for this one
+      saving = step % config.checkpoint_every == 0 or step == total
+      evaluating = step % config.eval_every == 0 and step != total
+      if saving or evaluating:
+        report.flush()  # nothing is saved or evaluated before every step it covers was checked
+      if saving:
+        save_checkpoint(manager, step, state, consumed)
+        report.good = step  # every step's guard covered the whole state (`train_step`)
+      if evaluating:
         eval_data = eval_data or _eval_data(config)
         r = evaluate(config, setup, _variables(state), *eval_data, earlier=earlier)
         writer.write(step, {f"eval/{k}": v for k, v in r.items() if not k.startswith("_")})
       bar.update(1)
+    report.flush()
     if step < total:  # stopped early (stop_at or SIGTERM): keep everything, skip the evaluation
       if manager.latest_step() != step:
-        save_checkpoint(manager, step, state, data_iter)
+        save_checkpoint(manager, step, state, consumed)
       print(f"Stopped at step {step}; a checkpoint is in {workdir}/checkpoints, run again to resume.")
   finally:
     preempted.restore()
