@@ -19,7 +19,6 @@ import argparse
 import os
 
 import _runs
-from jaxcl.data import sources
 from jaxcl.train import loop
 
 
@@ -28,9 +27,7 @@ def concatenated_knn(config, workdirs: list[str]) -> dict:
   model config), with the loop's own evaluation (`loop.evaluate(..., earlier=...)`)."""
   setup = loop.build_setup(config, mesh=loop.make_mesh(config))
   variables = loop.final_variables(workdirs, *loop.state_shardings(config, setup, setup.mesh))
-  data = (sources.load_arrays(config.data, config.data.train_split),
-          sources.load_arrays(config.data, config.data.eval_split))
-  return loop.evaluate(config, setup, variables[-1], *data, earlier=tuple(variables[:-1]))
+  return loop.evaluate(config, setup, variables[-1], earlier=tuple(variables[:-1]))
 
 
 def run_seed(args, seed: int) -> tuple[list, list]:

@@ -1,6 +1,5 @@
 """jaxcl.plan: a recipe's real train step compiled for a TPU slice / GPU machine, without running it."""
 
-import dataclasses
 import importlib.util
 import io
 import json

@@ -325,6 +325,18 @@ def test_nonfinite_step_stops_and_keeps_the_last_good_checkpoint(data_dir, monke
   assert loop.train_and_evaluate(config, str(tmp_path), progress=False, stop_at=4) == {"step": 4, "stopped": True}
 
 
+def test_nonfinite_step_between_checkpoints_is_named_one_step_late(data_dir, monkeypatch, tmp_path):
+  """Step s is checked after step s+1 was dispatched (no host sync per step): a non-finite step that is
+  no checkpoint step is still named, and no checkpoint after it is saved."""
+  config = tiny_config(data_dir, total_steps=6, checkpoint_every=4)
+  poison_step(monkeypatch, 3)  # found while step 4 (a checkpoint step) is queued: 4 must not be saved
+  with pytest.raises(loop.NonFiniteError, match=r"^step 3: non-finite values: the loss is nan;.*"
+                     r"The last good checkpoint \(none yet\) is kept"):
+    loop.train_and_evaluate(config, str(tmp_path), progress=False)
+  assert checkpoint_steps(tmp_path) == []
+  assert logged_steps(tmp_path) == [1, 2]  # log_every=1: the record of step 3 is not written
+
+
 def test_nonfinite_step_is_skipped_when_configured(data_dir, monkeypatch, tmp_path, capsys):
   config = tiny_config(data_dir, total_steps=6, checkpoint_every=1, keep_checkpoints=10, on_nonfinite="skip")
   poison_step(monkeypatch, 4)

@@ -347,3 +347,76 @@ def test_sharded_engine_rejects_a_loss_without_axis_name(data_dir, tmp_path):
   config.loss.impl = "ring"
   with pytest.raises(ValueError, match="sharded engine"):
     loop.train_and_evaluate(config, str(tmp_path), progress=False)
+
+
+def test_no_host_sync_on_the_step_just_dispatched(data_dir, tmp_path, monkeypatch):
+  """The host reads step s's outputs only after step s+1 is dispatched, except before a checkpoint (or an
+  evaluation, or the end), and the batch of step s+1 is put on the devices before step s is read."""
+  events, step_of = [], {}
+  jit_train_step, read_metrics, to_global = loop.jit_train_step, loop.read_metrics, loop.to_global
+
+  def recording_compile(*args):
+    step_fn = jit_train_step(*args)
+
+    def dispatch(state, batch):
+      state, m = step_fn(state, batch)
+      step_of[id(m["finite"])] = n = sum(e[0] == "dispatch" for e in events) + 1
+      events.append(("dispatch", n))
+      return state, m
+
+    return dispatch
+
+  def recording_read(m):
+    events.append(("read", step_of[id(m["finite"])]))
+    return read_metrics(m)
+
+  def recording_to_global(batch, mesh):
+    events.append(("batch", sum(e[0] == "batch" for e in events) + 1))
+    return to_global(batch, mesh)
+
+  monkeypatch.setattr(loop, "jit_train_step", recording_compile)
+  monkeypatch.setattr(loop, "read_metrics", recording_read)
+  monkeypatch.setattr(loop, "to_global", recording_to_global)
+  config = tiny(load_recipe("simclr_digits"), data_dir, steps=6)
+  config.checkpoint_every = 3
+  loop.train_and_evaluate(config, str(tmp_path), progress=False)
+  b, d, r = (lambda n, kind=kind: (kind, n) for kind in ("batch", "dispatch", "read"))
+  training = [b(1), d(1), b(2), d(2), b(3), r(1), d(3), b(4), r(2), r(3),  # r(3): checkpoint 3
+              d(4), b(5), d(5), b(6), r(4), d(6), r(5), r(6)]
+  assert events[:len(training)] == training
+  assert {kind for kind, _ in events[len(training):]} == {"batch"}  # the evaluation's (streamed) batches
+  assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [3, 6]
+
+
+@pytest.mark.parametrize("name", ["simclr_digits", "clip_digits"])
+def test_streamed_evaluation_equals_the_whole_split_in_memory(name, data_dir):
+  """`evaluate` streams the splits a batch at a time, sharded over the 8 devices, and keeps only the
+  embeddings; the reference loads both splits whole into host memory and embeds them in one process."""
+  from jaxcl import eval as eval_lib
+  from jaxcl.data import augment, sources
+
+  config = tiny(load_recipe(name), data_dir)
+  config.eval.linear_probe = name == "simclr_digits"
+  setup = loop.build_setup(config, mesh=loop.make_mesh(config))
+  state = jax.jit(lambda k: loop.init_state(config, setup, k))(jax.random.key(3))
+  variables = loop._variables(state)
+  got = loop.evaluate(config, setup, variables)
+
+  train, test = (sources.load_arrays(config.data, s) for s in ("train", "test"))
+  tr, te = (loop.embed_images(config, setup, variables, d["image"]) for d in (train, test))
+  want = eval_lib.evaluate_embeddings(tr["features"], train["label"], te["features"], test["label"],
+                                      num_classes=10, knn_k=20, knn_temperature=config.eval.knn_temperature,
+                                      linear_probe=config.eval.linear_probe)
+  if name == "clip_digits":
+    encode = lambda texts: setup.text.encode_for_eval(setup.model, variables, texts)
+    class_emb = eval_lib.class_embeddings(encode, setup.info["class_names"], setup.text.templates)
+    want["zero_shot_accuracy"] = float(eval_lib.zero_shot_accuracy(te["embedding"], class_emb, test["label"]))
+  else:
+    views = np.asarray(augment.make_views(jax.random.key(config.seed + 1), test["image"], 2, setup.aug))
+    a, b = (loop.embed_images(config, setup, variables, v)["projection"] for v in views)
+    want.update({k: float(v) for k, v in eval_lib.alignment_uniformity(a, b).items()})
+  assert {k for k in got if not k.startswith("_")} == set(want)
+  for key, value in want.items():
+    assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+  np.testing.assert_allclose(got["_projection"], te["features"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(got["_labels"], test["label"])

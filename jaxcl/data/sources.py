@@ -714,3 +714,50 @@ def load_arrays(data_config: Any, split: str) -> dict[str, Any]:
   if info["has_captions"]:
     out["caption"] = captions
   return out
+
+
+def split_batches(data_config: Any, split: str, batch_size: int, *, process_index: int = 0,
+                  process_count: int = 1) -> tuple[int, Any]:
+  """The split read in order, `batch_size` examples per (global) batch, without loading it whole.
+
+  Global batch g holds rows g·B … g·B + B − 1 of the split (B = `batch_size`); process p reads its
+  share, rows g·B + p·b … g·B + (p + 1)·b − 1 (b = B / process_count), so the processes together
+  cover every row once and nothing is read twice. Rows past the end (the last batch) are zero images.
+
+  Returns (N, iterator): N the number of examples of the split, and an iterator of per-process dicts
+  image (b, H, W, C) float32, label (b,) int32, row (b,) int32 (the row in the split, N − 1 past the
+  end) and valid (b,) bool (False past the end); only one batch is in memory at a time.
+
+  >>> import tempfile
+  >>> cfg = default_data_config("digits")
+  >>> tmp = tempfile.TemporaryDirectory()
+  >>> cfg.data_dir = tmp.name
+  >>> n, batches = split_batches(cfg, "test", 256)
+  >>> n, [(b["image"].shape, int(b["valid"].sum())) for b in batches]
+  (359, [((256, 8, 8, 1), 256), ((256, 8, 8, 1), 103)])
+  >>> tmp.cleanup()
+  """
+  if not isinstance(process_count, int) or process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"`process_index` must lie in [0, process_count) with `process_count` >= 1, got "
+                     f"{process_index!r} and {process_count!r}.")
+  if not isinstance(batch_size, int) or batch_size < 1 or batch_size % process_count:
+    raise ValueError(f"`batch_size` must be a positive multiple of process_count={process_count}, got "
+                     f"{batch_size!r}.")
+  source, info = build_source(data_config, split)
+  n, b, shape = len(source), batch_size // process_count, tuple(info["image_shape"])
+
+  def batches():
+    for start in range(0, n, batch_size):
+      rows = start + process_index * b + np.arange(b)
+      out = {"image": np.zeros((b, *shape), np.float32), "label": np.zeros((b,), np.int32),
+             "row": np.minimum(rows, n - 1).astype(np.int32), "valid": rows < n}
+      for j, i in enumerate(rows[rows < n]):
+        example = source[int(i)]
+        if example["image"].shape != shape:
+          raise ValueError(
+              f"example {i} of {source!r} has image shape {example['image'].shape}, expected "
+              f"{shape}: set `data_config.image_size`.")
+        out["image"][j], out["label"][j] = example["image"], example["label"]
+      yield out
+
+  return n, batches()

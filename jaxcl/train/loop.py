@@ -377,6 +377,73 @@ def nonfinite_leaves(tree) -> list[str]:
   return [name for name, good in zip(names, np.asarray(ok)) if not good]
 
 
+# -------------------------------------------------------------------------------- host side of steps
+def read_metrics(m: dict) -> dict:
+  """A step's metrics on the host: one transfer of the small arrays (the loop's only read of a step's
+  outputs; it waits for that step to finish)."""
+  return jax.device_get(m)
+
+
+class StepReport:
+  """Checks and logs each step's metrics one step late, so the host never waits for the step it just
+  dispatched.
+
+  `dispatched(s, m)` keeps step s's metrics (device arrays) and reads those of step s - 1, which the
+  devices finish while step s is queued behind it. `flush()` reads the kept ones at once; the loop calls
+  it before every checkpoint and evaluation, and at the end. Reading a step: if `m["finite"]` is false
+  the step's update was not applied (`train_step`), and `config.on_nonfinite="stop"` raises
+  NonFiniteError naming that step (after the next step was dispatched, whose result is discarded),
+  "skip" prints a warning naming it; then the metrics of every `log_every`-th and the last step are
+  written, with examples/s over the steps since the previous logged one.
+  """
+
+  def __init__(self, config, workdir: str, writer, bar, start: int, good: int | None):
+    self.config, self.workdir, self.writer, self.bar = config, workdir, writer, bar
+    self.good = good  # the newest checkpoint verified finite (restored or saved), for the message
+    self._pending = None
+    self._since = (start, time.perf_counter())  # (step, time) of the previous logged step
+
+  def dispatched(self, step: int, m: dict) -> None:
+    previous, self._pending = self._pending, (step, m)
+    if previous is not None:
+      self._read(*previous)
+
+  def flush(self) -> None:
+    previous, self._pending = self._pending, None
+    if previous is not None:
+      self._read(*previous)
+
+  def _read(self, step: int, m: dict) -> None:
+    config = self.config
+    m = read_metrics(m)
+    if not bool(m["finite"]):
+      msg = nonfinite_message(step, m) + "; the update was not applied"
+      if config.on_nonfinite == "stop":
+        kept = f"step {self.good}" if self.good is not None else "none yet"
+        raise NonFiniteError(msg + f"; stopping (config.on_nonfinite='stop'). The last good checkpoint "
+                             f"({kept}) is kept in {self.workdir}/checkpoints.")
+      print("warning: " + msg + "; skipping it (config.on_nonfinite='skip').")
+    if step % config.log_every == 0 or step == int(config.total_steps):
+      (last, since), now = self._since, time.perf_counter()
+      record = {k: float(v) for k, v in m.items() if k not in ("finite", "grad_finite", "state_finite")}
+      record["examples_per_sec"] = (step - last) * config.batch_size / max(now - since, 1e-9)
+      self.writer.write(step, record)
+      self.bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_sec']:.0f}")
+      self._since = (step, now)
+
+
+class DataState:
+  """A data iterator's state (`get_state()`) at one moment, saved as the iterator itself would be:
+  the loop has already taken the next batch (prefetch) when it saves the state after the last one a
+  saved step consumed."""
+
+  def __init__(self, state):
+    self._state = state
+
+  def get_state(self):
+    return self._state
+
+
 # ------------------------------------------------------------------------------------------ checkpoint
 def checkpoint_manager(config, workdir: str) -> ocp.CheckpointManager:
   import grain
@@ -396,6 +463,8 @@ def checkpoint_manager(config, workdir: str) -> ocp.CheckpointManager:
 
 
 def save_checkpoint(manager, step: int, state: TrainState, data_iter) -> None:
+  """Saves `state` and the data iterator's state (`data_iter.get_state()`: the iterator, or a
+  `DataState` taken after the last batch the saved step consumed) as step `step`."""
   import grain
 
   saved = manager.save(step, args=ocp.args.Composite(
@@ -506,45 +575,115 @@ def _embed_fn(model, image_text: bool):
   return jax.jit(f)
 
 
-def evaluate(config, setup: Setup, variables, train: dict, test: dict, earlier: tuple = ()) -> dict[str, float]:
+def stream_split(config, setup: Setup, split: str, fn) -> dict[str, jax.Array]:
+  """`fn(images, rows, n)` over the split `split` streamed in global batches of `config.batch_size`
+  (`sources.split_batches`: each process reads its share, put on the devices sharded along the batch
+  axes), outputs concatenated: {key: (N, ...) jax.Array} of fn's row-wise outputs, plus "label" (N,).
+
+  Only one batch of images is on the host at a time; what is kept are fn's outputs (the embeddings),
+  on the devices. `rows` are the batch's rows in the split (N − 1 past its end), N its length.
+  """
+  mesh = setup.mesh if setup.mesh is not None else make_mesh(config)
+  n, batches = sources.split_batches(config.data, split, int(config.batch_size),
+                                     process_index=jax.process_index(), process_count=jax.process_count())
+  outs = []
+  for host in batches:
+    batch = to_global({k: host[k] for k in ("image", "label", "row")}, mesh)
+    outs.append(dict(fn(batch["image"], batch["row"], n), label=batch["label"]))
+  return {k: jnp.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
+
+
+def eval_views(config, setup: Setup, n: int):
+  """A jitted (images, rows) → (view 1, view 2) of the evaluation's alignment and uniformity: row i's
+  views are those of `augment.make_views(jax.random.key(config.seed + 1), all n images, 2, setup.aug)`
+  (per-example keys split over the whole split), computed a batch at a time."""
+  params = augment.parse_aug_config(setup.aug)
+  key = jax.random.key(config.seed + 1)
+
+  def f(images, rows):
+    per_example = lambda k: jax.random.split(k, n)[rows]
+    return tuple(jax.vmap(augment.augment_image, in_axes=(0, 0, None))(per_example(k), images, params)
+                 for k in jax.random.split(key, 2))
+
+  return jax.jit(f)
+
+
+def host_array(x: jax.Array) -> np.ndarray:
+  """The whole of a global array on this host (gathered over the processes when they share it)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def evaluate(config, setup: Setup, variables, earlier: tuple = ()) -> dict[str, Any]:
   """kNN / linear-probe accuracy of the backbone features, zero-shot accuracy (image-text) or alignment
-  and uniformity (self-supervised). `earlier`: the variables of earlier MCL stages, whose features are
-  concatenated in front of this model's (`knn_accuracy_this_stage` is this model's alone)."""
+  and uniformity (self-supervised), on `config.data.train_split` (reference) and `eval_split`.
+  `earlier`: the variables of earlier MCL stages, whose features are concatenated in front of this
+  model's (`knn_accuracy_this_stage` is this model's alone).
+
+  Both splits are streamed (`stream_split`): every process reads its share a batch at a time, the
+  batches are embedded sharded over the devices, and only the embeddings are kept (on the devices), so
+  host memory does not grow with the split; kNN (query chunks against the sharded reference set) and
+  the linear probe run on the devices. Also returns "_projection" (the test features) and "_labels"
+  (the test labels) as NumPy arrays, for the plots.
+  """
   num_classes = setup.info["num_classes"]
-  tr = embed_images(config, setup, variables, train["image"])
-  te = embed_images(config, setup, variables, test["image"])
+  image_text = config.method in methods.IMAGE_TEXT
+  embed = _embed_fn(setup.model, image_text)
+
+  def features(images) -> dict:
+    out = embed(variables, images)
+    keep = {"features": out["features"]}
+    if image_text:
+      keep["embedding"] = out["embedding"]
+    if earlier:
+      keep["own"] = out["features"]
+      keep["features"] = jnp.concatenate([embed(v, images)["features"] for v in earlier] + [out["features"]], 1)
+    return keep
+
+  views_of = {}  # n → eval_views(config, setup, n): one compiled function for the whole split
+
+  def test_fn(images, rows, n):
+    keep = features(images)
+    if not image_text:  # alignment / uniformity of the projections of two augmented views
+      if n not in views_of:
+        views_of[n] = eval_views(config, setup, n)
+      views = views_of[n](images, rows)
+      keep["view1"], keep["view2"] = (embed(variables, v)["projection"] for v in views)
+    return keep
+
+  tr = stream_split(config, setup, config.data.train_split, lambda images, rows, n: features(images))
+  te = stream_split(config, setup, config.data.eval_split, test_fn)
   knn = dict(knn_k=config.eval.knn_k, knn_temperature=config.eval.knn_temperature)
   own = {}
   if earlier:
-    own = eval_lib.evaluate_embeddings(
-        tr["features"], train["label"], te["features"], test["label"], num_classes=num_classes,
-        linear_probe=False, **knn)
-    features = lambda images, last: np.concatenate(
-        [embed_images(config, setup, v, images)["features"] for v in earlier] + [last], axis=1)
-    tr = dict(tr, features=features(train["image"], tr["features"]))
-    te = dict(te, features=features(test["image"], te["features"]))
+    own = eval_lib.evaluate_embeddings(tr["own"], tr["label"], te["own"], te["label"], num_classes=num_classes,
+                                       linear_probe=False, **knn)
   result = eval_lib.evaluate_embeddings(
-      tr["features"], train["label"], te["features"], test["label"], num_classes=num_classes,
+      tr["features"], tr["label"], te["features"], te["label"], num_classes=num_classes,
       linear_probe=config.eval.linear_probe, **knn)
   if own:
     result["knn_accuracy_this_stage"] = own["knn_accuracy"]
-  if config.method in methods.IMAGE_TEXT:
+  if image_text:
     encode = functools.partial(setup.text.encode_for_eval, setup.model, variables)
     class_emb = eval_lib.class_embeddings(encode, setup.info["class_names"], setup.text.templates)
-    result["zero_shot_accuracy"] = float(eval_lib.zero_shot_accuracy(te["embedding"], class_emb, test["label"]))
-  else:  # alignment / uniformity of the projections of two augmented views of the test images
-    views = np.asarray(augment.make_views(jax.random.key(config.seed + 1), test["image"], 2, setup.aug))
-    a, b = (embed_images(config, setup, variables, v)["projection"] for v in views)
-    result.update(eval_lib.alignment_uniformity(a, b))
+    result["zero_shot_accuracy"] = float(eval_lib.zero_shot_accuracy(te["embedding"], class_emb, te["label"]))
+  else:
+    result.update(eval_lib.alignment_uniformity(te["view1"], te["view2"]))
   result = {k: float(v) for k, v in result.items()}
-  result["_projection"] = te["features"]
+  result["_projection"] = host_array(te["features"])
+  result["_labels"] = host_array(te["label"])
   return result
 
 
-def raw_pixel_baseline(config, setup: Setup, train: dict, test: dict) -> dict[str, float]:
-  flat = lambda a: a.reshape(len(a), -1)
+def raw_pixel_baseline(config, setup: Setup) -> dict[str, float]:
+  """kNN / linear-probe accuracy of the flattened pixels (the splits streamed as in `evaluate`)."""
+  flat = lambda images, rows, n: {"features": images.reshape(images.shape[0], -1)}
+  tr, te = (stream_split(config, setup, split, flat) for split in (config.data.train_split, config.data.eval_split))
   r = eval_lib.evaluate_embeddings(
-      flat(train["image"]), train["label"], flat(test["image"]), test["label"],
+      tr["features"], tr["label"], te["features"], te["label"],
       num_classes=setup.info["num_classes"], knn_k=config.eval.knn_k, knn_temperature=config.eval.knn_temperature,
       linear_probe=config.eval.linear_probe)
   return {k: float(v) for k, v in r.items()}
@@ -568,7 +707,7 @@ def mcl_earlier_stages(config, abstract: TrainState, shardings: TrainState) -> t
 
 def mcl_loss_state(config, setup: Setup, earlier: tuple, shardings: TrainState, train: dict) -> dict:
   """{"cluster_ids": the joint k-means clusters of the earlier stages' features, per example id};
-  `train`: the train split's arrays (`sources.load_arrays`, the evaluation's copy)."""
+  `train`: the train split's arrays (`sources.load_arrays`)."""
   embed = lambda variables, images: embed_images(config, setup, variables, images)["features"]
   ids = mcl.cluster_ids(config, list(earlier), embed, train, loss_state_size(config, setup.info))
   return jax.device_put({"cluster_ids": ids}, shardings.loss_state)
@@ -623,13 +762,12 @@ def _train_and_evaluate(config, workdir: str, infos: dict, *, progress: bool, st
   state, start = restore_checkpoint(manager, abstract, shardings, data_iter)
   good = start if state is not None else None  # the newest checkpoint verified finite (restored or saved)
   earlier = mcl_earlier_stages(config, abstract, shardings)
-  eval_data = None  # (train, test) arrays, loaded once when first needed
   if state is None:
     state = jax.jit(functools.partial(init_state, config, setup), out_shardings=shardings)(
         jax.random.key(config.seed))
     if earlier:  # a later MCL stage: the clusters of the earlier stages' features, once per run
-      eval_data = _eval_data(config)
-      state = state.replace(loss_state=mcl_loss_state(config, setup, earlier, shardings, eval_data[0]))
+      train = sources.load_arrays(config.data, config.data.train_split)
+      state = state.replace(loss_state=mcl_loss_state(config, setup, earlier, shardings, train))
   else:
     print(f"Resumed from checkpoint at step {start} in {workdir}")
 
@@ -641,42 +779,44 @@ def _train_and_evaluate(config, workdir: str, infos: dict, *, progress: bool, st
       metrics_lib.forget_evaluation(workdir, start)
   total = int(config.total_steps)
   bar = _progress(progress and lead, start, total)
-  window_start, window_examples = time.perf_counter(), 0
   step = start
   end = total if stop_at is None else min(total, int(stop_at))
+  report = StepReport(config, workdir, writer, bar, start, good)
   preempted = _PreemptionFlag()
+
+  def fetch(step: int) -> tuple[dict, DataState]:
+    """The global batch of (0-based) step `step`, and the data-iterator state once it is consumed."""
+    host = next(data_iter)
+    return to_global(setup.text.prepare(config, host, step), mesh), DataState(data_iter.get_state())
+
+  consumed = DataState(data_iter.get_state())  # the iterator after the last batch a dispatched step used
   try:
+    # Step s+1 is dispatched before anything of step s is read on the host; the batch of step s+1 is
+    # loaded and put on the devices while step s runs; step s's metrics are checked (finite) and logged
+    # after step s+1 is dispatched (`StepReport`), and before any checkpoint or evaluation.
+    upcoming = fetch(step) if step < end else None
     while step < end and not preempted.is_set(manager, step):
-      host = next(data_iter)
-      batch = to_global(setup.text.prepare(config, host, step), mesh)
+      batch, after = upcoming
       state, m = step_fn(state, batch)
       step += 1
-      window_examples += config.batch_size
-      if not bool(m["finite"]):
-        msg = nonfinite_message(step, m) + "; the update was not applied"
-        if config.on_nonfinite == "stop":
-          kept = f"step {good}" if good is not None else "none yet"
-          raise NonFiniteError(msg + f"; stopping (config.on_nonfinite='stop'). The last good checkpoint "
-                               f"({kept}) is kept in {workdir}/checkpoints.")
-        print("warning: " + msg + "; skipping it (config.on_nonfinite='skip').")
-      if step % config.log_every == 0 or step == total:
-        elapsed = time.perf_counter() - window_start
-        record = {k: float(v) for k, v in m.items() if k not in ("finite", "grad_finite", "state_finite")}
-        record["examples_per_sec"] = window_examples / max(elapsed, 1e-9)
-        writer.write(step, record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_sec']:.0f}")
-        window_start, window_examples = time.perf_counter(), 0
-      if step % config.checkpoint_every == 0 or step == total:
-        save_checkpoint(manager, step, state, data_iter)
-        good = step  # every step's guard covered the whole state (`train_step`)
-      if step % config.eval_every == 0 and step != total:
-        eval_data = eval_data or _eval_data(config)
-        r = evaluate(config, setup, _variables(state), *eval_data, earlier=earlier)
+      consumed = after
+      upcoming = fetch(step) if step < end else None  # prefetch: the next batch while this step runs
+      report.dispatched(step, m)  # checks the previous step: waits for it, not for this one
+      saving = step % config.checkpoint_every == 0 or step == total
+      evaluating = step % config.eval_every == 0 and step != total
+      if saving or evaluating:
+        report.flush()  # nothing is saved or evaluated before every step it covers was checked
+      if saving:
+        save_checkpoint(manager, step, state, consumed)
+        report.good = step  # every step's guard covered the whole state (`train_step`)
+      if evaluating:
+        r = evaluate(config, setup, _variables(state), earlier=earlier)
         writer.write(step, {f"eval/{k}": v for k, v in r.items() if not k.startswith("_")})
       bar.update(1)
+    report.flush()
     if step < total:  # stopped early (stop_at or SIGTERM): keep everything, skip the evaluation
       if manager.latest_step() != step:
-        save_checkpoint(manager, step, state, data_iter)
+        save_checkpoint(manager, step, state, consumed)
       print(f"Stopped at step {step}; a checkpoint is in {workdir}/checkpoints, run again to resume.")
   finally:
     preempted.restore()
@@ -687,19 +827,17 @@ def _train_and_evaluate(config, workdir: str, infos: dict, *, progress: bool, st
     manager.close()
     return {"step": step, "stopped": True}
 
-  eval_data = eval_data or _eval_data(config)
-  results = evaluate(config, setup, _variables(state), *eval_data, earlier=earlier)
-  projection = results.pop("_projection")
+  results = evaluate(config, setup, _variables(state), earlier=earlier)
+  projection, labels = results.pop("_projection"), results.pop("_labels")
   writer.write(step, {f"eval/{k}": v for k, v in results.items()})
   if config.eval.baselines:
     init = jax.jit(functools.partial(init_state, config, setup))(jax.random.key(config.seed))
-    random_init = evaluate(config, setup, _variables(init), *eval_data)
-    random_init.pop("_projection")
-    results["baselines"] = {"random_init": random_init, "raw_pixels": raw_pixel_baseline(config, setup, *eval_data)}
+    random_init = {k: v for k, v in evaluate(config, setup, _variables(init)).items() if not k.startswith("_")}
+    results["baselines"] = {"random_init": random_init, "raw_pixels": raw_pixel_baseline(config, setup)}
   results["step"] = step
   if lead:
     (_paths.as_path(workdir) / "results.json").write_text(json.dumps(results, indent=2))
-    metrics_lib.write_plots(workdir, metrics_lib.pca_2d(projection), eval_data[1]["label"])
+    metrics_lib.write_plots(workdir, metrics_lib.pca_2d(projection), labels)
     print(_fmt_table(results))
   writer.close()
   manager.close()
@@ -725,11 +863,6 @@ def nonfinite_message(step: int, m: dict) -> str:
   if bad_state:
     parts.append(f"the updated state would hold them in {', '.join(bad_state)}")
   return f"step {step}: non-finite values: " + "; ".join(parts or ["(unknown quantity)"])
-
-
-def _eval_data(config):
-  return (sources.load_arrays(config.data, config.data.train_split),
-          sources.load_arrays(config.data, config.data.eval_split))
 
 
 class _PreemptionFlag:
