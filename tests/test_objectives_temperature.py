@@ -480,7 +480,8 @@ def test_macl_mask_on_the_sharded_engines(impl, monkeypatch):
                                         unpadded_loss=lambda a, b: _macl(a, b, impl="dense"), rtol=2e-6)
   (px, py), mask = helpers.pad_batch(1, [x, y], 3)
   dense = np.asarray(_macl(px, py, impl="dense", reduction="none", mask=jnp.asarray(mask)))
-  got = np.asarray(_macl(px, py, impl=impl, mesh=mesh, reduction="none", mask=jnp.asarray(mask)))
+  got = np.asarray(jax.jit(lambda a, b: _macl(a, b, impl=impl, mesh=mesh, reduction="none", mask=jnp.asarray(mask)))(
+      px, py))  # jitted: eager, the shard_map body would run one primitive at a time
   order = np.concatenate([np.concatenate([np.arange(2 * d, 2 * d + 2) + v * 8 for v in range(2)])
                           for d in range(4)])
   np.testing.assert_allclose(got, dense[order], rtol=2e-6, atol=1e-6)

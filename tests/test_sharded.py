@@ -237,15 +237,16 @@ def test_reduction_none_under_a_mesh_returns_every_devices_anchors(impl):
   for name, (loss, per_sample) in _masked_cases(dim).items():
     if name == "supcon":
       continue  # its labels have 5 samples
-    dense = np.asarray(loss(a, b, impl="dense", reduction="none", mask=mask))
-    got = np.asarray(loss(a, b, impl=impl, mesh=mesh, reduction="none", mask=mask))
+    # jitted: an eager call would run the shard_map body one primitive at a time (minutes per loss)
+    dense = np.asarray(jax.jit(lambda a, b: loss(a, b, impl="dense", reduction="none", mask=mask))(a, b))
+    got = np.asarray(jax.jit(lambda a, b: loss(a, b, impl=impl, mesh=mesh, reduction="none", mask=mask))(a, b))
     assert got.shape == (per_sample * 8,), name
     # each device's anchors in turn: per device [its first views; its second views] for two-view losses
     order = np.concatenate([
         np.concatenate([np.arange(2 * d, 2 * d + 2) + v * 8 for v in range(per_sample)]) for d in range(4)
     ])
     np.testing.assert_allclose(got, dense[order], rtol=2e-6, atol=1e-6, err_msg=name)
-    mean = float(loss(a, b, impl=impl, mesh=mesh, mask=mask))
+    mean = float(jax.jit(lambda a, b: loss(a, b, impl=impl, mesh=mesh, mask=mask))(a, b))
     np.testing.assert_allclose(got.sum() / (per_sample * 6), mean, rtol=2e-6, err_msg=name)
 
 
@@ -264,11 +265,12 @@ def test_mcl_nt_xent_padded_batch_with_mask_equals_unpadded_dense_batch(impl, mo
       unpadded_loss=lambda a, b: loss(a, b, c=c, impl="dense"), rtol=2e-6,
   )
   pa, pb, mask = jnp.asarray(pa), jnp.asarray(pb), jnp.asarray(mask)
-  dense = np.asarray(loss(pa, pb, impl="dense", reduction="none", mask=mask))
-  got = np.asarray(loss(pa, pb, impl=impl, mesh=mesh, reduction="none", mask=mask))
+  dense = np.asarray(jax.jit(lambda a, b: loss(a, b, impl="dense", reduction="none", mask=mask))(pa, pb))
+  got = np.asarray(jax.jit(lambda a, b: loss(a, b, impl=impl, mesh=mesh, reduction="none", mask=mask))(pa, pb))
   order = np.concatenate([np.concatenate([np.arange(2 * d, 2 * d + 2) + v * 8 for v in range(2)]) for d in range(4)])
   np.testing.assert_allclose(got, dense[order], rtol=2e-6, atol=1e-6)
-  np.testing.assert_allclose(got.sum() / 10, float(loss(pa, pb, impl=impl, mesh=mesh, mask=mask)), rtol=2e-6)
+  mean = jax.jit(lambda a, b: loss(a, b, impl=impl, mesh=mesh, mask=mask))(pa, pb)
+  np.testing.assert_allclose(got.sum() / 10, float(mean), rtol=2e-6)
 
 
 @pytest.mark.parametrize("impl", SHARDED)
@@ -288,12 +290,12 @@ def test_one_row_per_device_is_a_global_batch(impl):
         kw = {"y": kw["y"][jax.lax.axis_index("data")][None]}
       return loss(a, b, impl=impl, axis_name="data", **kw)
 
-    got = jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P())(a, b)
+    got = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P()))(a, b)
     np.testing.assert_allclose(float(got), want, rtol=1e-5, err_msg=name)
   for name, loss in (("macl", losses.macl), ("hn_nce", losses.hn_nce)):
     want = float(loss(a, b, temperature=0.3, impl="dense"))
-    got = jax.shard_map(lambda a, b, loss=loss: loss(a, b, temperature=0.3, impl=impl, axis_name="data"),
-                        mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P())(a, b)
+    got = jax.jit(jax.shard_map(lambda a, b, loss=loss: loss(a, b, temperature=0.3, impl=impl, axis_name="data"),
+                                mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P()))(a, b)
     np.testing.assert_allclose(float(got), want, rtol=1e-5, err_msg=name)
   with pytest.raises(ValueError, match=r"`image` needs at least 2 examples in the global batch .* 1 per device "
                                        r"on 1 devices"):
@@ -318,8 +320,9 @@ def test_retrieval_accuracy_over_the_global_batch(impl, monkeypatch):
     rows = np.mean([np.argmax(s_m[i]) == i for i in np.flatnonzero(keep)])
     cols = np.mean([np.argmax(s_m[:, j]) == j for j in np.flatnonzero(keep)])
     assert 0 < rows < 1 and 0 < cols < 1
-    got = losses.retrieval_accuracy(jnp.asarray(a), jnp.asarray(b), impl=impl, mesh=_mesh(4),
-                                    mask=None if mask is None else jnp.asarray(mask))
+    m = None if mask is None else jnp.asarray(mask)
+    got = jax.jit(lambda a, b, m=m: losses.retrieval_accuracy(a, b, impl=impl, mesh=_mesh(4), mask=m))(
+        jnp.asarray(a), jnp.asarray(b))
     np.testing.assert_allclose([float(got.a_to_b), float(got.b_to_a)], [rows, cols], rtol=1e-6)
 
 
