@@ -121,7 +121,8 @@ def _checked_config(config, target):
 
 
 def compile_step(config, target):
-  """(compiled and lowered train step, Setup, mesh) of `config` for the devices of `target` (a `jaxcl.targets.Target`)."""
+  """(compiled and lowered train step, abstract TrainState, mesh) of `config` for the devices of `target`
+  (a `jaxcl.targets.Target`)."""
   import jax
 
   from jaxcl.data import sources
@@ -141,7 +142,7 @@ def compile_step(config, target):
   with pallas.using(flavour=target.platform, interpret=False):  # the Mosaic / Triton kernels, compiled
     lowered = loop.jit_train_step(config, setup, shardings).lower(state, batch)
     compiled = lowered.compile()
-  return compiled, lowered, setup, mesh
+  return compiled, lowered, abstract, mesh
 
 
 def plan(config, topology: str) -> dict:
@@ -155,14 +156,13 @@ def plan(config, topology: str) -> dict:
     target = targets.get(topology)
   except (ValueError, RuntimeError) as e:
     raise PlanError(str(e)) from e
-  compiled, lowered, setup, mesh = compile_step(config, target)
+  compiled, lowered, abstract, mesh = compile_step(config, target)
   memory = targets.memory(compiled)
   cost = _cost(compiled)
   flops = cost.get("flops")
   if flops is None:  # the GPU compiler reports no cost analysis (None); the lowered program may
     flops = _cost(lowered).get("flops")
-  params = jax.eval_shape(lambda: _abstract_params(config, setup))
-  param_bytes = int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params)))
+  param_bytes = int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract.params)))
   seconds = cost.get("optimal_seconds")
   return {
       "topology": target.name,
@@ -186,15 +186,6 @@ def plan(config, topology: str) -> dict:
                          "optimal_seconds (GPU; TPU programs it does not model)",
       "optimal_seconds_reported": float(seconds) if seconds is not None else None,
   }
-
-
-def _abstract_params(config, setup):
-  """The parameters `init_state` makes (for the param-byte count; traced abstractly)."""
-  import jax
-
-  from jaxcl.train import loop
-
-  return loop.init_state(config, setup, jax.random.key(0)).params
 
 
 def batch_unit(config, topology: str) -> int:
