@@ -101,6 +101,20 @@ def engine(name: str, reduction: str) -> Callable:
   return run
 
 
+def scale_grads(q: jax.Array, scale: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(dq, dscale), float32, from g_i = Σ_j dS_ij k_j (float32 (Bq, D)), the one matmul every engine's
+  backward pass accumulates for S_ij = scale_i <q_i, k_j>:
+
+      dq_i = scale_i · g_i,    dscale_i = Σ_j dS_ij <q_i, k_j> = <q_i, g_i>   (no pass over S)
+
+  >>> import jax.numpy as jnp
+  >>> dq, dscale = scale_grads(jnp.ones((1, 2)), jnp.full((1,), 3.0), jnp.array([[1.0, 2.0]]))
+  >>> dq.tolist(), dscale.tolist()
+  ([[3.0, 6.0]], [3.0])
+  """
+  return scale[:, None] * g, jnp.einsum("id,id->i", q.astype(jnp.float32), g)
+
+
 def _local_impl(impl: str, n_rows: int, n_cols: int) -> str:
   if impl in SHARDED_IMPLS:
     raise ValueError(
