@@ -49,9 +49,8 @@ def resolve_impl(impl: str, n_rows: int, n_cols: int) -> str:
   that `BY_PLATFORM`, "pallas|blockwise": the fused `pallas` engine where the program is lowered for a
   TPU or a CUDA GPU, `blockwise` elsewhere. The platform is the one the program is COMPILED for, not
   the default backend of this process (`jax.lax.platform_dependent`): a program compiled here for a TPU
-  (`jaxcl.targets`) gets the TPU kernels, one run on CPU the blockwise tile loop. Inside `shard_map`
-  (manual mesh axes) it is `blockwise`: a `pallas_call` there needs the device-varying type of its
-  outputs, which the kernel modules do not set yet.
+  (`jaxcl.targets`) gets the TPU kernels, one run on CPU the blockwise tile loop. The same holds inside
+  `shard_map` (the kernels' outputs carry the device-varying type check_vma asks for).
 
   >>> resolve_impl("auto", 8, 8), resolve_impl("auto", 8192, 8192)
   ('dense', 'pallas|blockwise')
@@ -61,16 +60,11 @@ def resolve_impl(impl: str, n_rows: int, n_cols: int) -> str:
     return impl
   if n_rows * n_cols <= DENSE_MAX_ELEMENTS:
     return "dense"
-  if "pallas" in _ENGINES and "blockwise" in _ENGINES and not _inside_shard_map():
+  if "pallas" in _ENGINES and "blockwise" in _ENGINES:
     return BY_PLATFORM
   if "blockwise" in _ENGINES:
     return "blockwise"
   return "dense"
-
-
-def _inside_shard_map() -> bool:
-  mesh = jax.sharding.get_abstract_mesh()
-  return not mesh.empty and jax.sharding.AxisType.Manual in mesh.axis_types
 
 
 DENSE_MAX_ELEMENTS = 4096 * 4096
