@@ -17,13 +17,19 @@ and columns, and the engine brings the column ids along with the columns.
   O(B·D) for the gathered keys.
 - `ring`: the key blocks travel around the ring of devices, one `lax.ppermute` per step inside a
   `lax.fori_loop` (one compiled step, whatever the device count): rows fold each passing block into an
-  online log-sum-exp, and each block's column statistics travel WITH the block and arrive home complete
+  online log-sum-exp, and each block's column statistics follow the block and arrive home complete
   after the last hop ("Breaking the Memory Barrier: Near Infinite Batch Size Scaling for Contrastive
   Loss", Inf-CL, 2024; the chunked SigLIP loss of "Sigmoid Loss for Language Image Pre-Training" §3.3).
-  The backward pass is a second ring (a `jax.custom_vjp`): each step recomputes the blockwise tiles of
-  the block it holds from the saved GLOBAL row/column results, adds to dq locally and to the block's dk,
-  which travels with the block and lands home after the last hop. Per device memory O(B/n · D + B/n ·
-  tile), flat in the device count; each step works with the blockwise engine's tile functions.
+  The backward pass is a second ring (a `jax.custom_vjp`): each step computes the gradients of the
+  block it holds from the saved GLOBAL row/column results, adds to dq locally and to the block's dk,
+  which follows the block and lands home after the last hop. Double buffered: a step sends its block
+  on, and the previous step's results one hop on, before it computes, so both transfers overlap the
+  compute. Per device memory O(B/n · D), flat in the device count.
+
+Each device reduces its block with a single-device engine, `local_impl`: "auto" runs the fused Pallas
+kernels (`jaxcl.ops.pallas`: `lse_block`, `lse_block_grads`, `sigmoid_block`, `sigmoid_block_grads`)
+where the program is compiled for a TPU or a CUDA GPU and the blockwise tiles (`jaxcl.ops.blockwise`,
+the same four functions) elsewhere; allgather uses the dense engine while its block is small.
 
 Use them through `jaxcl.ops.logsumexp(..., axis_name=...)` / `sigmoid_sum(..., axis_name=...)` or through
 any loss's `axis_name=` argument; `impl` is "allgather", "ring" or "auto" (see `resolve`).
