@@ -225,7 +225,7 @@ def floor_refs(b: int, d: int, max_floor_batch: int) -> dict:
         jax.block_until_ready(f(x, y))
 
     refs["time"] = bare
-  tiled = tiled_floor_fn(b, blockwise._tile_size(None, b, d))  # pylint: disable=protected-access
+  tiled = tiled_floor_fn(b, blockwise.tile_size(None, b, d))
   refs["tiled"] = lambda: jax.block_until_ready(tiled(q, k))
   return refs
 

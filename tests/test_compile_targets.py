@@ -10,6 +10,8 @@ path, dtype, feature size D, mask kind, topology) appears at least once, and the
 B is never a multiple of the tile, so every kernel masks padded rows and columns.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -167,6 +169,24 @@ def test_gpu_kernels_compile_with_triton(topo, name, dtype, d):
   _check_temp_bytes(compiled, n, n, d, n)
 
 
+def _check_double_buffered(hlo: str):
+  """In every loop body of the compiled ring, each block transfer (an asynchronous collective-permute)
+  starts before the hop's first kernel call and is waited for after its last one: the next block
+  travels while this one is reduced."""
+  bodies = [c for c in re.split(r"\n(?=\S)", hlo)
+            if not c.startswith("ENTRY") and "tpu_custom_call" in c and "collective-permute-start" in c]
+  assert len(bodies) == 2  # the forward ring's and the backward ring's
+  for body in bodies:
+    events = [("start" if "collective-permute-start(" in line else "done" if "collective-permute-done(" in line
+               else "kernel") for line in body.splitlines()
+              if "collective-permute-start(" in line or "collective-permute-done(" in line
+              or 'custom_call_target="tpu_custom_call"' in line]
+    kernels = [i for i, e in enumerate(events) if e == "kernel"]
+    assert events.count("start") >= 2 and kernels
+    assert all(i < kernels[0] for i, e in enumerate(events) if e == "start"), events
+    assert all(i > kernels[-1] for i, e in enumerate(events) if e == "done"), events
+
+
 # -------------------------------------------------------------------------------------------- engines
 # 20224 rows: 16-row shards on 4 and 8 devices, not a multiple of the blockwise tile (512); one device's
 # block of S, (B/n) × B float32, is 400 MB or more: beyond any VMEM, it would show in the temporaries.
@@ -205,7 +225,13 @@ def test_engines_compile_for_a_slice(topo, impl, name, dtype, d, collective):
     assert collective in text
   if impl == "ring":
     assert "all-gather" not in text  # the keys travel, they are never gathered
-  assert targets.kernel_calls(compiled) == {"mosaic": 0, "triton": 0}
+  # The fused kernels wherever a sharded engine runs on a TPU or GPU: on the gathered keys (allgather),
+  # at every hop of the ring (its loop body and its last step are two copies of the hop).
+  flavour = "triton" if target.platform == "gpu" else "mosaic"  # Triton: the column pass is separate
+  calls = {"blockwise": 0, "allgather": 1, "ring": 2}[impl] * _expected_calls(name, flavour == "triton")
+  assert targets.kernel_calls(compiled) == {"mosaic": 0, "triton": 0, flavour: calls}
+  if impl == "ring" and flavour == "mosaic":
+    _check_double_buffered(text)
   local = B_ENGINES // n
   inputs = 2 * local * d * jnp.dtype(dtype).itemsize
   assert inputs <= targets.memory(compiled).argument_bytes <= inputs + (64 << 10)  # a shard per device

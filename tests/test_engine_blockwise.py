@@ -402,15 +402,15 @@ def test_nothing_requested_is_an_error():
 
 def test_tiles_are_balanced():
   # ceil(Bk / tile) tiles of equal width: the slid-back last tile repeats fewer columns than tiles.
-  assert blockwise._tile_size(512, 513, 8) == 257
-  assert blockwise._tile_size(512, 1000, 8) == 500
-  assert blockwise._tile_size(4, 10, 8) == 4 and blockwise._tile_size(3, 10, 8) == 3
+  assert blockwise.tile_size(512, 513, 8) == 257
+  assert blockwise.tile_size(512, 1000, 8) == 500
+  assert blockwise.tile_size(4, 10, 8) == 4 and blockwise.tile_size(3, 10, 8) == 3
   # tile=None: DEFAULT_TILE, narrower (2·D, at least 128) for small D.
-  assert blockwise._tile_size(None, 100, 8) == 100
+  assert blockwise.tile_size(None, 100, 8) == 100
   assert blockwise.DEFAULT_TILE == 512
-  assert blockwise._tile_size(None, 4096, 256) == 512
-  assert blockwise._tile_size(None, 4096, 128) == 256
-  assert blockwise._tile_size(None, 4096, 16) == 128
+  assert blockwise.tile_size(None, 4096, 256) == 512
+  assert blockwise.tile_size(None, 4096, 128) == 256
+  assert blockwise.tile_size(None, 4096, 16) == 128
 
 
 def test_bench_loss_smoke(tmp_path):

@@ -258,20 +258,29 @@ def test_auto_compiled_for_one_accelerator_uses_its_kernels(name, kernels):
   assert targets.memory(compiled).temp_bytes < 64 * 2**20
 
 
-def test_auto_inside_shard_map_is_blockwise(monkeypatch):
+def test_auto_inside_shard_map_runs_by_platform(monkeypatch):
   """Per-device losses inside the user's shard_map (no axis_name): above the dense size auto is the
-  blockwise engine there (no pallas_call under shard_map yet), with the dense engine's values."""
+  by-platform engine there too: here (CPU) the blockwise tiles, with the dense engine's values, and
+  compiled for a TPU slice the Mosaic kernels on each chip's block."""
+  from jaxcl import targets  # noqa: PLC0415
   from jaxcl.ops import reductions  # noqa: PLC0415
 
-  monkeypatch.setattr(reductions, "DENSE_MAX_ELEMENTS", 16)
   mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
-  q, k = jnp.asarray(randn(80, 16, 4)), jnp.asarray(randn(81, 16, 4))
 
-  def per_device(impl):
+  def per_device(impl, mesh):
     def f(q, k):
-      assert ops.resolve_impl(impl, q.shape[0], k.shape[0]) == {"auto": "blockwise"}.get(impl, impl)
       return ops.logsumexp(q, k, scale=2.0, cols=True, impl=impl).rows
     return jax.shard_map(f, mesh=mesh, in_specs=(jax.P("data"), jax.P("data")), out_specs=jax.P("data"))
 
-  assert ops.resolve_impl("auto", 8, 8) == ops.BY_PLATFORM  # outside shard_map
-  np.testing.assert_allclose(jax.jit(per_device("auto"))(q, k), jax.jit(per_device("dense"))(q, k), rtol=1e-5)
+  with monkeypatch.context() as patch:
+    patch.setattr(reductions, "DENSE_MAX_ELEMENTS", 16)
+    assert ops.resolve_impl("auto", 8, 8) == ops.BY_PLATFORM
+    q, k = jnp.asarray(randn(80, 16, 4)), jnp.asarray(randn(81, 16, 4))
+    np.testing.assert_allclose(jax.jit(per_device("auto", mesh))(q, k), jax.jit(per_device("dense", mesh))(q, k),
+                               rtol=1e-5)
+
+  tpu = targets.mesh(targets.get("v5e:2x2"))
+  spec = jax.ShapeDtypeStruct((4 * 8192, 128), jnp.bfloat16, sharding=jax.NamedSharding(tpu, jax.P("data")))
+  with jax.default_matmul_precision("default"):
+    compiled = jax.jit(per_device("auto", tpu)).lower(spec, spec).compile()
+  assert targets.kernel_calls(compiled) == {"mosaic": 1, "triton": 0}  # rows and columns in one pass

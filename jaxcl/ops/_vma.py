@@ -26,3 +26,20 @@ def like(tree, *refs):
     return tree
   ordered = tuple(sorted(axes, key=str))
   return jax.tree.map(lambda x: cast_varying(x, ordered), tree)
+
+
+def kernel_io(inputs, out_shape):
+  """The inputs and `out_shape` (ShapeDtypeStructs) of a `pallas_call`, typed for `shard_map`:
+
+  every input cast to vary along the union of the inputs' varying axes, and every output declared
+  varying along them too (`manual_axis_type`), as check_vma requires of a call whose result differs
+  per device. Outside `shard_map` both come back unchanged."""
+  axes = frozenset().union(*(varying_axes(x) for x in jax.tree.leaves(inputs)))
+  if not axes:
+    return inputs, out_shape
+  inputs = like(inputs, *inputs)
+  mat = jax.typeof(jax.tree.leaves(inputs)[0]).mat
+  out_shape = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=mat), out_shape
+  )
+  return inputs, out_shape

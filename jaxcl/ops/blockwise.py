@@ -56,7 +56,7 @@ _CONTRACT_ROWS = (((0,), (0,)), ((), ()))  # (m, n) x (m, D) -> (n, D)
 _MATMUL = (((1,), (0,)), ((), ()))  # (m, n) x (n, D) -> (m, D)
 
 
-def _tile_size(tile: int | None, n_cols: int, dim: int) -> int:
+def tile_size(tile: int | None, n_cols: int, dim: int) -> int:
   """Columns per tile actually used: Bk split into ceil(Bk / tile) tiles of equal width (<= tile), so
   the slid-back last tile repeats fewer columns than there are tiles (Bk = 513, tile 512: 2 × 257)."""
   if tile is None:
@@ -67,7 +67,7 @@ def _tile_size(tile: int | None, n_cols: int, dim: int) -> int:
   return -(-n_cols // n_tiles)
 
 
-def _tile_window(t, tile: int, n_cols: int):
+def tile_window(t, tile: int, n_cols: int):
   """Start of tile t, and the mask of its columns not already covered by tile t − 1 (None: all)."""
   if n_cols % tile == 0:
     return t * tile, None
@@ -127,12 +127,11 @@ def _backward_tile(ds_t, q, q_s, k_t, scale, folded, fresh):
   return g_t, dk
 
 
-def _finish_backward(q, scale, g_t):
-  """From Gᵀ (D, Bq): dq = scale_i · G_i and dscale_i = Σ_j dS_ij <q_i, k_j> = <q_i, G_i> (no pass over
-  a tile)."""
-  g = g_t.T
-  dscale = jnp.sum(q.astype(_F32) * g, axis=1)
-  return (scale[:, None] * g).astype(q.dtype), dscale
+def _finish_backward(q, scale, g_t, dtype):
+  """From Gᵀ (D, Bq): dq = scale_i · G_i (in `dtype`) and dscale_i = <q_i, G_i>
+  (`reductions.scale_grads`)."""
+  dq, dscale = reductions.scale_grads(q, scale, g_t.T)
+  return dq.astype(dtype), dscale
 
 
 def _swap(pair):
@@ -162,7 +161,7 @@ def _lse_forward(cfg, q, k, scale, exclude, include):
 
   def body(t, carry):
     m, l, col = carry
-    start, fresh = _tile_window(t, tile, n_cols)
+    start, fresh = tile_window(t, tile, n_cols)
     s = _tile_logits(q_s, lax.dynamic_slice_in_dim(k, start, tile), scale, folded)
     valid = masks_lib.tile_valid(exclude, include, lambda ids: ids, _slicer(start, tile))
     if want_rows:
@@ -205,7 +204,20 @@ def _lse_bwd(cfg, res, g):
   tile, want_rows, want_cols = cfg
   q, k, scale, exclude, include, row, col = res
   g_row, g_col = g
-  n_rows, n_cols = q.shape[0], k.shape[0]
+  g_q, dk = _lse_grads(
+      tile, q, k, scale, exclude, include, row if want_rows else None, g_row, col if want_cols else None,
+      g_col, dk_dtype=k.dtype,
+  )
+  dq, dscale = _finish_backward(q, scale, g_q, q.dtype)
+  none = lambda pair: None if pair is None else (None, None)
+  return dq, dk, dscale, none(exclude), none(include)
+
+
+def _lse_grads(tile, q, k, scale, exclude, include, row, g_row, col, g_col, *, dk_dtype):
+  """(Gᵀ (D, Bq) float32, dk) of Σ g_row·row + Σ g_col·col from the final row / column log-sum-exp
+  (None where not wanted), one recomputed tile at a time: G_i = Σ_j dS_ij k_j (`_finish_backward`)."""
+  want_rows, want_cols = row is not None, col is not None
+  n_cols = k.shape[0]
   n_tiles = -(-n_cols // tile)
   if want_rows:
     row, g_row = _no_inf(row), g_row.astype(_F32)
@@ -216,7 +228,7 @@ def _lse_bwd(cfg, res, g):
 
   def body(t, carry):
     g_q, dk = carry
-    start, fresh = _tile_window(t, tile, n_cols)
+    start, fresh = tile_window(t, tile, n_cols)
     k_t = lax.dynamic_slice_in_dim(k, start, tile)
     s_t = _tile_logits_t(q_s, k_t, scale, folded)  # (tile, Bq)
     ds_t = 0.0
@@ -230,11 +242,10 @@ def _lse_bwd(cfg, res, g):
     dk = lax.dynamic_update_slice_in_dim(dk, dk_t.astype(dk.dtype), start, axis=0)
     return g_q + g_t, dk
 
-  init = (jnp.zeros(q.shape[::-1], _F32), jnp.zeros(k.shape, k.dtype))
-  g_q, dk = lax.fori_loop(0, n_tiles, body, _vma.like(init, q, k, scale, exclude, include, row, col, g))
-  dq, dscale = _finish_backward(q, scale, g_q)
-  none = lambda pair: None if pair is None else (None, None)
-  return dq, dk, dscale, none(exclude), none(include)
+  init = (jnp.zeros(q.shape[::-1], _F32), jnp.zeros(k.shape, dk_dtype))
+  return lax.fori_loop(
+      0, n_tiles, body, _vma.like(init, q, k, scale, exclude, include, row, col, g_row, g_col)
+  )
 
 
 _lse.defvjp(_lse_fwd, _lse_bwd)
@@ -268,7 +279,7 @@ def logsumexp(q, k, *, scale, rows, cols, exclude, include, tile: int | None = N
   """
   if not (rows or cols):
     raise ValueError("`rows` and `cols` are both False: nothing to compute.")
-  tile = _tile_size(tile, k.shape[0], k.shape[1])
+  tile = tile_size(tile, k.shape[0], k.shape[1])
   scale = jnp.broadcast_to(jnp.asarray(scale, _F32), (q.shape[0],))
   return _lse((tile, bool(rows), bool(cols)), q, k, scale, exclude, include)
 
@@ -292,7 +303,7 @@ def _sig_forward(tile, q, k, scale, bias, positives):
   q_s, folded = _fold_scale(q, scale)
 
   def body(t, total):
-    start, fresh = _tile_window(t, tile, n_cols)
+    start, fresh = tile_window(t, tile, n_cols)
     logits = _tile_logits(q_s, lax.dynamic_slice_in_dim(k, start, tile), scale, folded) + bias
     z = _tile_signs(positives, start, tile, n_rows)
     terms = jax.nn.softplus(-z * logits)
@@ -313,13 +324,21 @@ def _sig_fwd(tile, q, k, scale, bias, positives):
 
 def _sig_bwd(tile, res, g):
   q, k, scale, bias, positives = res
+  g_q, dk, dbias = _sig_grads(tile, q, k, scale, bias, positives, g, dk_dtype=k.dtype)
+  dq, dscale = _finish_backward(q, scale, g_q, q.dtype)
+  return dq, dk, dscale, dbias, None if positives is None else (None, None)
+
+
+def _sig_grads(tile, q, k, scale, bias, positives, g, *, dk_dtype):
+  """(Gᵀ (D, Bq) float32, dk, dbias) of Σ_i g_i sig_i, one recomputed tile at a time (G as in
+  `_lse_grads`)."""
   n_rows, n_cols = q.shape[0], k.shape[0]
   g = g.astype(_F32)
   q_s, folded = _fold_scale(q, scale)
 
   def body(t, carry):
     g_q, dk, dbias = carry
-    start, fresh = _tile_window(t, tile, n_cols)
+    start, fresh = tile_window(t, tile, n_cols)
     k_t = lax.dynamic_slice_in_dim(k, start, tile)
     logits_t = _tile_logits_t(q_s, k_t, scale, folded) + bias  # (tile, Bq)
     z_t = _tile_signs(positives, start, tile, n_rows, transposed=True)
@@ -329,11 +348,9 @@ def _sig_bwd(tile, res, g):
     dk = lax.dynamic_update_slice_in_dim(dk, dk_t.astype(dk.dtype), start, axis=0)
     return g_q + g_t, dk, dbias
 
-  init = (jnp.zeros(q.shape[::-1], _F32), jnp.zeros(k.shape, k.dtype), jnp.zeros((), _F32))
+  init = (jnp.zeros(q.shape[::-1], _F32), jnp.zeros(k.shape, dk_dtype), jnp.zeros((), _F32))
   init = _vma.like(init, q, k, scale, bias, positives, g)
-  g_q, dk, dbias = lax.fori_loop(0, -(-n_cols // tile), body, init)
-  dq, dscale = _finish_backward(q, scale, g_q)
-  return dq, dk, dscale, dbias, None if positives is None else (None, None)
+  return lax.fori_loop(0, -(-n_cols // tile), body, init)
 
 
 _sig.defvjp(_sig_fwd, _sig_bwd)
@@ -359,12 +376,75 @@ def sigmoid_sum(q, k, *, scale, bias, positives, tile: int | None = None):
   >>> round(float(out[0]), 4)  # softplus(-1) + 2 softplus(0)
   1.6996
   """
-  tile = _tile_size(tile, k.shape[0], k.shape[1])
+  tile = tile_size(tile, k.shape[0], k.shape[1])
   scale = jnp.broadcast_to(jnp.asarray(scale, _F32), (q.shape[0],))
   return _sig(tile, q, k, scale, jnp.asarray(bias, _F32), positives)
 
 
 reductions.register_engine("blockwise", logsumexp=logsumexp, sigmoid_sum=sigmoid_sum)
+
+
+# ------------------------------------------------------------------------- one block, no custom VJP
+# The block functions of the sharded ring (`jaxcl.ops.sharded`), the same four as in `jaxcl.ops.pallas`:
+# a block's partial results forward, its gradients from the FINAL results backward; float32 outputs.
+def lse_block(q, k, scale, exclude, include, *, rows: bool, cols: bool, tile: int | None = None):
+  """(row (Bq,) or None, col (Bk,) or None): one block's log-sum-exp, one column tile at a time.
+
+  >>> import jax.numpy as jnp
+  >>> row, _ = lse_block(jnp.eye(3), jnp.eye(3), jnp.ones(3), None, None, rows=True, cols=False, tile=2)
+  >>> round(float(row[0]), 4)  # log(e + 2)
+  1.5514
+  """
+  tile = tile_size(tile, k.shape[0], k.shape[1])
+  return _lse_forward((tile, rows, cols), q, k, scale, exclude, include)
+
+
+def lse_block_grads(q, k, scale, exclude, include, row, g_row, col, g_col, *, tile: int | None = None):
+  """(g (Bq, D), dk (Bk, D)), float32, of Σ_i g_row_i row_i + Σ_j g_col_j col_j for one block, where
+  `row` / `col` are the FINAL log-sum-exps (None where not wanted):
+
+      dS_ij = V_ij (g_row_i e^{S_ij − row_i} + g_col_j e^{S_ij − col_j}),
+      g_i = Σ_j dS_ij k_j,   dk_j = Σ_i scale_i dS_ij q_i
+
+  (dq and dscale from the g summed over blocks: `reductions.scale_grads`).
+
+  >>> import jax.numpy as jnp
+  >>> lse = jnp.full(2, jnp.log(jnp.e + 1.0))
+  >>> g, _ = lse_block_grads(jnp.eye(2), jnp.eye(2), jnp.ones(2), None, None, lse, jnp.ones(2),
+  ...                            None, None)
+  >>> [round(float(v), 4) for v in g[0]]  # softmax of row 0: (e, 1) / (e + 1)
+  [0.7311, 0.2689]
+  """
+  tile = tile_size(tile, k.shape[0], k.shape[1])
+  g_t, dk = _lse_grads(tile, q, k, scale, exclude, include, row, g_row, col, g_col, dk_dtype=_F32)
+  return g_t.T, dk
+
+
+def sigmoid_block(q, k, scale, bias, positives, *, tile: int | None = None):
+  """One block's Σ_j softplus(−z_ij (S_ij + bias)) per row, float32 (Bq,).
+
+  >>> import jax.numpy as jnp
+  >>> ids = jnp.arange(2)
+  >>> round(float(sigmoid_block(jnp.eye(2), jnp.eye(2), jnp.ones(2), 0.0, (ids, ids))[0]), 4)
+  1.0064
+  """
+  tile = tile_size(tile, k.shape[0], k.shape[1])
+  return _sig_forward(tile, q, k, scale, jnp.asarray(bias, _F32), positives)
+
+
+def sigmoid_block_grads(q, k, scale, bias, positives, g, *, tile: int | None = None):
+  """(g, dk, dbias), float32, of Σ_i g_i sig_i for one block (`sigmoid_block`; g as in
+  `lse_block_grads`).
+
+  >>> import jax.numpy as jnp
+  >>> ids = jnp.arange(2)
+  >>> *_, dbias = sigmoid_block_grads(jnp.eye(2), jnp.eye(2), jnp.ones(2), 0.0, (ids, ids), jnp.ones(2))
+  >>> round(float(dbias), 4)  # 2 (-σ(-1) + σ(0))
+  0.4621
+  """
+  tile = tile_size(tile, k.shape[0], k.shape[1])
+  g_t, dk, dbias = _sig_grads(tile, q, k, scale, jnp.asarray(bias, _F32), positives, g, dk_dtype=_F32)
+  return g_t.T, dk, dbias
 
 
 # ------------------------------------------------------------------------------------- top-1 retrieval
@@ -374,11 +454,11 @@ def top1_scores(q, k, *, positives, include, tile: int | None = None):
   maxima need no care for the columns a slid-back last tile sees twice. No gradient."""
   q, k = lax.stop_gradient(q), lax.stop_gradient(k)
   n_rows, n_cols = q.shape[0], k.shape[0]
-  tile = _tile_size(tile, n_cols, k.shape[1])
+  tile = tile_size(tile, n_cols, k.shape[1])
 
   def body(t, carry):
     row_pos, row_neg, col_pos, col_neg = carry
-    start, _ = _tile_window(t, tile, n_cols)
+    start, _ = tile_window(t, tile, n_cols)
     cut = _slicer(start, tile)
     s = _scores(q, cut(k))
     positive = positives[0][:, None] == cut(positives[1])[None, :]

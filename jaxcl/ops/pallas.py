@@ -494,13 +494,10 @@ def _lse_fwd(plan, q, k, scale, ids):
   return tuple(x for x in (row, col) if x is not None), (q, k, scale, ids, row, col)
 
 
-def _lse_bwd(plan, res, g):
-  q, k, scale, ids, row, col = res
-  g = list(g)
-  g_row = g.pop(0) if plan.rows else None
-  g_col = g.pop(0) if plan.cols else None
-  row = row if plan.rows else None
-  col = col if plan.cols else None
+def _lse_grads(plan, q, k, scale, ids, row, g_row, col, g_col):
+  """(g, dk), float32, of Σ g_row·row + Σ g_col·col by the dq and dk kernels, from the final (padded)
+  row / column log-sum-exp (None where not wanted): g_i = Σ_j dS_ij k_j (dq and dscale follow by
+  `reductions.scale_grads`), dk_j = Σ_i scale_i dS_ij q_i."""
   kernels = _kernels(plan.flavour)
   dq_raw = kernels.lse_backward(
       q, k, scale, ids, row, g_row, col, g_col, kinds=plan.kinds, scale_on="rows", tiles=plan.tiles
@@ -509,8 +506,18 @@ def _lse_bwd(plan, res, g):
       k, q, scale, _swap(ids), col, g_col, row, g_row, kinds=plan.kinds, scale_on="cols",
       tiles=plan.tiles.swapped(),
   )
-  dscale = jnp.einsum("id,id->i", q.astype(jnp.float32), dq_raw)
-  dq = scale[:, None] * dq_raw
+  return dq_raw, dk
+
+
+def _lse_bwd(plan, res, g):
+  q, k, scale, ids, row, col = res
+  g = list(g)
+  g_row = g.pop(0) if plan.rows else None
+  g_col = g.pop(0) if plan.cols else None
+  row = row if plan.rows else None
+  col = col if plan.cols else None
+  g, dk = _lse_grads(plan, q, k, scale, ids, row, g_row, col, g_col)
+  dq, dscale = reductions.scale_grads(q, scale, g)
   return dq.astype(q.dtype), dk.astype(k.dtype), dscale, jax.tree.map(lambda _: None, ids)
 
 
@@ -524,6 +531,12 @@ def _prepare(q, k, scale, plan: _Plan):
   kp = _pad(k.astype(dtype), (t.padded_b, plan.padded_d))
   scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (q.shape[0],))
   return qp, kp, _pad(scale, (t.padded_a,))
+
+
+def _id_kinds(exclude, include):
+  """("exclude" / "include" for each mask given, their id pairs)."""
+  given = [(kind, pair) for kind, pair in (("exclude", exclude), ("include", include)) if pair is not None]
+  return tuple(kind for kind, _ in given), [pair for _, pair in given]
 
 
 def _pad_ids(pair, plan: _Plan):
@@ -548,14 +561,10 @@ def logsumexp(q, k, *, scale, rows, cols, exclude, include):
   >>> [round(float(v), 4) for v in col]  # log(e + 1)
   [1.3133, 1.3133]
   """
-  kinds, pairs = [], []
-  for kind, pair in (("exclude", exclude), ("include", include)):
-    if pair is not None:
-      kinds.append(kind)
-      pairs.append(pair)
+  kinds, pairs = _id_kinds(exclude, include)
 
   def run(flavour, interpret):
-    plan = _make_plan(flavour, interpret, q.shape[0], k.shape[0], q.shape[1], kinds=tuple(kinds),
+    plan = _make_plan(flavour, interpret, q.shape[0], k.shape[0], q.shape[1], kinds=kinds,
                       rows=bool(rows), cols=bool(cols))
     qp, kp, sp = _prepare(q, k, scale, plan)
     ids = tuple(_pad_ids(p, plan) for p in pairs)
@@ -578,8 +587,8 @@ def _sig_fwd(plan, q, k, scale, bias, positives):
   return out, (q, k, scale, bias, positives)
 
 
-def _sig_bwd(plan, res, g):
-  q, k, scale, bias, positives = res
+def _sig_grads(plan, q, k, scale, bias, positives, g):
+  """(g, dk, dbias (Bq,)), float32, of Σ_i g_i sig_i by the dq and dk kernels (g as in `_lse_grads`)."""
   kernels = _kernels(plan.flavour)
   dq_raw, dbias = kernels.sigmoid_backward(
       q, k, scale, bias, positives, g, vec_on="rows", tiles=plan.tiles
@@ -587,8 +596,13 @@ def _sig_bwd(plan, res, g):
   dk, _ = kernels.sigmoid_backward(
       k, q, scale, bias, _swap((positives,))[0], g, vec_on="cols", tiles=plan.tiles.swapped()
   )
-  dscale = jnp.einsum("id,id->i", q.astype(jnp.float32), dq_raw)
-  dq = scale[:, None] * dq_raw
+  return dq_raw, dk, dbias
+
+
+def _sig_bwd(plan, res, g):
+  q, k, scale, bias, positives = res
+  g, dk, dbias = _sig_grads(plan, q, k, scale, bias, positives, g)
+  dq, dscale = reductions.scale_grads(q, scale, g)
   return dq.astype(q.dtype), dk.astype(k.dtype), dscale, dbias, (None, None)
 
 
@@ -621,3 +635,105 @@ def sigmoid_sum(q, k, *, scale, bias, positives):
 
 
 reductions.register_engine("pallas", logsumexp=logsumexp, sigmoid_sum=sigmoid_sum)
+
+
+# ------------------------------------------------------------------------- one block, no custom VJP
+# The sharded ring (`jaxcl.ops.sharded`) reduces one block of S per hop and differentiates by its own
+# second ring: it needs a block's partial results forward, and a block's gradients from the GLOBAL
+# results backward. These are the kernels above with that split (the same four functions as in
+# `jaxcl.ops.blockwise`); every output is float32 and unpadded.
+def _vector(x, n: int):
+  return None if x is None else _pad(x.astype(jnp.float32), (n,))
+
+
+def lse_block(q, k, scale, exclude, include, *, rows: bool, cols: bool):
+  """(row (Bq,) or None, col (Bk,) or None): one block's log-sum-exp by the forward kernels.
+
+  >>> import jax.numpy as jnp
+  >>> row, col = lse_block(jnp.eye(2), jnp.eye(2), jnp.ones(2), None, None, rows=True, cols=True)
+  >>> [round(float(v), 4) for v in row]  # log(e + 1)
+  [1.3133, 1.3133]
+  """
+  kinds, pairs = _id_kinds(exclude, include)
+
+  def run(flavour, interpret):
+    plan = _make_plan(flavour, interpret, q.shape[0], k.shape[0], q.shape[1], kinds=kinds, rows=rows,
+                      cols=cols)
+    qp, kp, sp = _prepare(q, k, scale, plan)
+    row, col = _lse_forward(plan, qp, kp, sp, tuple(_pad_ids(p, plan) for p in pairs))
+    return (row[: q.shape[0]] if rows else None), (col[: k.shape[0]] if cols else None)
+
+  return _per_platform(run)
+
+
+def lse_block_grads(q, k, scale, exclude, include, row, g_row, col, g_col):
+  """(g (Bq, D), dk (Bk, D)), float32, of Σ_i g_row_i row_i + Σ_j g_col_j col_j for one block, where
+  `row` / `col` are the FINAL log-sum-exps (over every block; None where not wanted):
+
+      dS_ij = V_ij (g_row_i e^{S_ij − row_i} + g_col_j e^{S_ij − col_j}),
+      g_i = Σ_j dS_ij k_j,   dk_j = Σ_i scale_i dS_ij q_i
+
+  (dq and dscale from the g summed over blocks: `reductions.scale_grads`).
+
+  >>> import jax.numpy as jnp
+  >>> lse = jnp.full(2, jnp.log(jnp.e + 1.0))
+  >>> g, dk = lse_block_grads(jnp.eye(2), jnp.eye(2), jnp.ones(2), None, None, lse, jnp.ones(2),
+  ...                         None, None)
+  >>> [round(float(v), 4) for v in g[0]]  # softmax of row 0: (e, 1) / (e + 1)
+  [0.7311, 0.2689]
+  """
+  kinds, pairs = _id_kinds(exclude, include)
+
+  def run(flavour, interpret):
+    plan = _make_plan(flavour, interpret, q.shape[0], k.shape[0], q.shape[1], kinds=kinds,
+                      rows=row is not None, cols=col is not None)
+    qp, kp, sp = _prepare(q, k, scale, plan)
+    na, nb = plan.tiles.padded_a, plan.tiles.padded_b
+    g, dk = _lse_grads(
+        plan, qp, kp, sp, tuple(_pad_ids(p, plan) for p in pairs), _vector(row, na),
+        _vector(g_row, na), _vector(col, nb), _vector(g_col, nb),
+    )
+    return g[: q.shape[0], : q.shape[1]], dk[: k.shape[0], : k.shape[1]]
+
+  return _per_platform(run)
+
+
+def sigmoid_block(q, k, scale, bias, positives):
+  """One block's Σ_j softplus(−z_ij (S_ij + bias)) per row by the forward kernel, float32 (Bq,);
+  `positives` an id pair, `bias` a scalar.
+
+  >>> import jax.numpy as jnp
+  >>> ids = jnp.arange(2)
+  >>> round(float(sigmoid_block(jnp.eye(2), jnp.eye(2), jnp.ones(2), 0.0, (ids, ids))[0]), 4)
+  1.0064
+  """
+  def run(flavour, interpret):
+    plan = _make_plan(flavour, interpret, q.shape[0], k.shape[0], q.shape[1])
+    qp, kp, sp = _prepare(q, k, scale, plan)
+    bias_rows = jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (plan.tiles.padded_a,))
+    out = _kernels(flavour).sigmoid_forward(qp, kp, sp, bias_rows, _pad_ids(positives, plan),
+                                            tiles=plan.tiles)
+    return out[: q.shape[0]]
+
+  return _per_platform(run)
+
+
+def sigmoid_block_grads(q, k, scale, bias, positives, g):
+  """(g, dk, dbias scalar), float32, of Σ_i g_i sig_i for one block (`sigmoid_block`; g as in
+  `lse_block_grads`).
+
+  >>> import jax.numpy as jnp
+  >>> ids = jnp.arange(2)
+  >>> *_, dbias = sigmoid_block_grads(jnp.eye(2), jnp.eye(2), jnp.ones(2), 0.0, (ids, ids), jnp.ones(2))
+  >>> round(float(dbias), 4)  # 2 (-σ(-1) + σ(0))
+  0.4621
+  """
+  def run(flavour, interpret):
+    plan = _make_plan(flavour, interpret, q.shape[0], k.shape[0], q.shape[1])
+    qp, kp, sp = _prepare(q, k, scale, plan)
+    bias_rows = jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (plan.tiles.padded_a,))
+    g_q, dk, dbias = _sig_grads(plan, qp, kp, sp, bias_rows, _pad_ids(positives, plan),
+                                _vector(g, plan.tiles.padded_a))
+    return g_q[: q.shape[0], : q.shape[1]], dk[: k.shape[0], : k.shape[1]], jnp.sum(dbias)
+
+  return _per_platform(run)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jaxcl.ops import _vma
 from jaxcl.ops import pallas as engine
 
 _NT = (((1,), (1,)), ((), ()))  # a (m, d) · b (n, d)ᵀ
@@ -49,6 +50,7 @@ class _Call:
   def __call__(self, kernel, name, out_shape, out_specs):
     t = self.tiles
     num_warps = t.num_warps or (8 if t.block_a * t.block_b >= 128 * 128 else 4)
+    inputs, out_shape = _vma.kernel_io(self.inputs, out_shape)
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -58,7 +60,7 @@ class _Call:
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=t.num_stages),
         interpret=t.interpret,
         name=name,
-    )(*self.inputs)
+    )(*inputs)
 
 
 def _row_out(tiles: engine.Tiles, width: int | None = None):

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jaxcl.ops import _vma
 from jaxcl.ops import pallas as engine
 
 _NT = (((1,), (1,)), ((), ()))  # a (m, d) · b (n, d)ᵀ
@@ -58,6 +59,7 @@ class _Call:
 
   def __call__(self, kernel, name, out_shape, out_specs, *, scratch=(), semantics=("parallel", "arbitrary"),
                cost=None):
+    inputs, out_shape = _vma.kernel_io(self.inputs, out_shape)
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -69,7 +71,7 @@ class _Call:
         interpret=self.tiles.interpret,
         cost_estimate=cost,
         name=name,
-    )(*self.inputs)
+    )(*inputs)
 
 
 def _row_out(tiles: engine.Tiles, width: int = 1):

@@ -49,9 +49,8 @@ def resolve_impl(impl: str, n_rows: int, n_cols: int) -> str:
   that `BY_PLATFORM`, "pallas|blockwise": the fused `pallas` engine where the program is lowered for a
   TPU or a CUDA GPU, `blockwise` elsewhere. The platform is the one the program is COMPILED for, not
   the default backend of this process (`jax.lax.platform_dependent`): a program compiled here for a TPU
-  (`jaxcl.targets`) gets the TPU kernels, one run on CPU the blockwise tile loop. Inside `shard_map`
-  (manual mesh axes) it is `blockwise`: a `pallas_call` there needs the device-varying type of its
-  outputs, which the kernel modules do not set yet.
+  (`jaxcl.targets`) gets the TPU kernels, one run on CPU the blockwise tile loop. The same holds inside
+  `shard_map` (the kernels' outputs carry the device-varying type check_vma asks for).
 
   >>> resolve_impl("auto", 8, 8), resolve_impl("auto", 8192, 8192)
   ('dense', 'pallas|blockwise')
@@ -61,16 +60,11 @@ def resolve_impl(impl: str, n_rows: int, n_cols: int) -> str:
     return impl
   if n_rows * n_cols <= DENSE_MAX_ELEMENTS:
     return "dense"
-  if "pallas" in _ENGINES and "blockwise" in _ENGINES and not _inside_shard_map():
+  if "pallas" in _ENGINES and "blockwise" in _ENGINES:
     return BY_PLATFORM
   if "blockwise" in _ENGINES:
     return "blockwise"
   return "dense"
-
-
-def _inside_shard_map() -> bool:
-  mesh = jax.sharding.get_abstract_mesh()
-  return not mesh.empty and jax.sharding.AxisType.Manual in mesh.axis_types
 
 
 DENSE_MAX_ELEMENTS = 4096 * 4096
@@ -99,6 +93,20 @@ def engine(name: str, reduction: str) -> Callable:
     return by_platform(lambda: kernels(*args, **kwargs), lambda: other(*args, **kwargs))
 
   return run
+
+
+def scale_grads(q: jax.Array, scale: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(dq, dscale), float32, from g_i = Σ_j dS_ij k_j (float32 (Bq, D)), the one matmul every engine's
+  backward pass accumulates for S_ij = scale_i <q_i, k_j>:
+
+      dq_i = scale_i · g_i,    dscale_i = Σ_j dS_ij <q_i, k_j> = <q_i, g_i>   (no pass over S)
+
+  >>> import jax.numpy as jnp
+  >>> dq, dscale = scale_grads(jnp.ones((1, 2)), jnp.full((1,), 3.0), jnp.array([[1.0, 2.0]]))
+  >>> dq.tolist(), dscale.tolist()
+  ([[3.0, 6.0]], [3.0])
+  """
+  return scale[:, None] * g, jnp.einsum("id,id->i", q.astype(jnp.float32), g)
 
 
 def _local_impl(impl: str, n_rows: int, n_cols: int) -> str:

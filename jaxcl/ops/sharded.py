@@ -17,13 +17,19 @@ and columns, and the engine brings the column ids along with the columns.
   O(B·D) for the gathered keys.
 - `ring`: the key blocks travel around the ring of devices, one `lax.ppermute` per step inside a
   `lax.fori_loop` (one compiled step, whatever the device count): rows fold each passing block into an
-  online log-sum-exp, and each block's column statistics travel WITH the block and arrive home complete
+  online log-sum-exp, and each block's column statistics follow the block and arrive home complete
   after the last hop ("Breaking the Memory Barrier: Near Infinite Batch Size Scaling for Contrastive
   Loss", Inf-CL, 2024; the chunked SigLIP loss of "Sigmoid Loss for Language Image Pre-Training" §3.3).
-  The backward pass is a second ring (a `jax.custom_vjp`): each step recomputes the blockwise tiles of
-  the block it holds from the saved GLOBAL row/column results, adds to dq locally and to the block's dk,
-  which travels with the block and lands home after the last hop. Per device memory O(B/n · D + B/n ·
-  tile), flat in the device count; each step works with the blockwise engine's tile functions.
+  The backward pass is a second ring (a `jax.custom_vjp`): each step computes the gradients of the
+  block it holds from the saved GLOBAL row/column results, adds to dq locally and to the block's dk,
+  which follows the block and lands home after the last hop. Double buffered: a step sends its block
+  on, and the previous step's results one hop on, before it computes, so both transfers overlap the
+  compute. Per device memory O(B/n · D), flat in the device count.
+
+Each device reduces its block with a single-device engine, `local_impl`: "auto" runs the fused Pallas
+kernels (`jaxcl.ops.pallas`: `lse_block`, `lse_block_grads`, `sigmoid_block`, `sigmoid_block_grads`)
+where the program is compiled for a TPU or a CUDA GPU and the blockwise tiles (`jaxcl.ops.blockwise`,
+the same four functions) elsewhere; allgather uses the dense engine while its block is small.
 
 Use them through `jaxcl.ops.logsumexp(..., axis_name=...)` / `sigmoid_sum(..., axis_name=...)` or through
 any loss's `axis_name=` argument; `impl` is "allgather", "ring" or "auto" (see `resolve`).
@@ -32,6 +38,8 @@ any loss's `axis_name=` argument; `impl` is "allgather", "ring" or "auto" (see `
 from __future__ import annotations
 
 import functools
+import types
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +48,8 @@ from jax import lax
 from jaxcl.ops import _vma
 from jaxcl.ops import blockwise
 from jaxcl.ops import dense
+from jaxcl.ops import pallas
+from jaxcl.ops import reductions
 from jaxcl.ops.reductions import SHARDED_IMPLS
 # `impl="auto"` under an axis name: allgather while one device's block of the global similarity matrix,
 # (B/n) × B, is small enough for the dense engine AND the gathered keys (B, D) hold at most 2²⁴ values
@@ -128,21 +138,30 @@ def combine_logsumexp(partial: jax.Array, axis_name: AxisName, *, scatter: bool)
   return _safe_log(lax.psum_scatter(e, axis_name, scatter_dimension=0, tiled=True), mine)
 
 
-def _local_engine(n_rows: int, n_cols: int):
-  """The single-device engine for one device's block: dense while small, blockwise above.
+def _local_engine(n_rows: int, n_cols: int, local_impl: str, tile: int | None, reduction: str):
+  """The single-device `reduction` ("logsumexp" / "sigmoid_sum") for one device's gathered block:
+  dense while (n_rows · n_cols <= 4096²), else `local_impl` ("auto": the fused kernels where the
+  program is compiled for a TPU or CUDA GPU, the blockwise tiles elsewhere)."""
+  if n_rows * n_cols <= ALLGATHER_MAX_ELEMENTS and local_impl == "auto":
+    return getattr(dense, reduction)
+  blockwise_fn = functools.partial(getattr(blockwise, reduction), tile=tile)
+  if local_impl == "blockwise":
+    return blockwise_fn
+  kernels = getattr(pallas, reduction)
+  if local_impl == "pallas":
+    return kernels
 
-  Not yet the fused kernels on TPU / GPU (as `impl="auto"` is on one device): under `shard_map` with
-  check_vma a `pallas_call` needs the device-varying type (`manual_axis_type`) of its outputs, which
-  the kernel modules do not set yet, and the ring would need per-block kernel entry points (forward
-  of one block, backward from the global log-sum-exp)."""
-  return dense if n_rows * n_cols <= ALLGATHER_MAX_ELEMENTS else blockwise
+  def run(*args, **kwargs):
+    return reductions.by_platform(lambda: kernels(*args, **kwargs), lambda: blockwise_fn(*args, **kwargs))
+
+  return run
 
 
 # ---------------------------------------------------------------------------------------- allgather
-def _allgather_logsumexp(q, k, *, scale, rows, cols, exclude, include, axis_name):
+def _allgather_logsumexp(q, k, *, scale, rows, cols, exclude, include, axis_name, local_impl, tile):
   k_all = _gather(k, axis_name)
-  engine = _local_engine(q.shape[0], k_all.shape[0])
-  row, col = engine.logsumexp(
+  engine = _local_engine(q.shape[0], k_all.shape[0], local_impl, tile, "logsumexp")
+  row, col = engine(
       q, k_all, scale=scale, rows=rows, cols=cols,
       exclude=_gather_cols(exclude, axis_name), include=_gather_cols(include, axis_name),
   )
@@ -151,10 +170,10 @@ def _allgather_logsumexp(q, k, *, scale, rows, cols, exclude, include, axis_name
   return row, col
 
 
-def _allgather_sigmoid_sum(q, k, *, scale, bias, positives, axis_name):
+def _allgather_sigmoid_sum(q, k, *, scale, bias, positives, axis_name, local_impl, tile):
   k_all = _gather(k, axis_name)
-  engine = _local_engine(q.shape[0], k_all.shape[0])
-  return engine.sigmoid_sum(q, k_all, scale=scale, bias=bias, positives=_gather_cols(positives, axis_name))
+  engine = _local_engine(q.shape[0], k_all.shape[0], local_impl, tile, "sigmoid_sum")
+  return engine(q, k_all, scale=scale, bias=bias, positives=_gather_cols(positives, axis_name))
 
 
 # --------------------------------------------------------------------------------------------- ring
@@ -163,24 +182,37 @@ def _ring_perm(n: int):
   return [(i, (i + 1) % n) for i in range(n)]
 
 
-def _ring(axis_name, n, step, travelling, local, *, home):
-  """Runs `step(travelling, local) -> (travelling, local)` on each of the n blocks as they pass by.
+def _ring(axis_name, n, step, block, local, *, results=(), combine=None):
+  """Runs `step(block, local) -> (result, local)` on each of the n blocks as they pass by.
 
-  `travelling` (a pytree: the block and what travels with it) hops to the next device between steps;
-  after the n-th step the leaves named by `home(travelling)` hop once more, which brings each block's
-  accumulated results back to the device the block started on. Returns (home leaves, local).
+  `block` (a pytree: the block and what travels with it) moves one device on per step; `result` is this
+  device's contribution to the block's results (a pytree like `results`, the identity of `combine`),
+  which follow the block one hop behind and are folded together with `combine` on the way: after the
+  n-th step one last hop brings each block's complete results to the device the block started on.
+  Returns (home results, local).
+
+  Double buffering: each step first sends the block it holds to the next device, and the results of
+  the previous step one hop on, and only then computes; neither transfer depends on this step's
+  compute, so the compiler overlaps them with it (asynchronous collective-permutes around the step).
   """
   perm = _ring_perm(n)
   shift = lambda tree: jax.tree.map(lambda x: lax.ppermute(x, axis_name, perm), tree)
 
-  def body(_, carry):
-    travelling, local = step(*carry)
-    return shift(travelling), local
+  def visit(block, pending, local):
+    arrived = shift(pending)  # the results so far of the block this device holds now
+    result, local = step(block, local)
+    return jax.tree.map(combine, arrived, result), local
 
-  carry = jax.tree.map(lambda x: varying(x, axis_name), (travelling, local))  # loop carries must vary
-  carry = lax.fori_loop(0, n - 1, body, carry)
-  travelling, local = step(*carry)
-  return shift(home(travelling)), local
+  def body(_, carry):
+    block, pending, local = carry
+    following = shift(block)
+    pending, local = visit(block, pending, local)
+    return following, pending, local
+
+  carry = jax.tree.map(lambda x: varying(x, axis_name), (block, results, local))  # loop carries must vary
+  block, pending, local = lax.fori_loop(0, n - 1, body, carry)
+  pending, local = visit(block, pending, local)
+  return shift(pending), local
 
 
 def _cols_of(pair):
@@ -195,27 +227,51 @@ def _neg_inf(n):
   return jnp.full((n,), -jnp.inf, _F32)
 
 
+def _hop(cfg):
+  """The block functions each ring step runs: `blockwise`'s tiles, or `pallas`'s fused kernels."""
+  hop, tile = cfg.hop, cfg.tile
+  if hop == "pallas":
+    return pallas
+  return types.SimpleNamespace(**{
+      name: functools.partial(getattr(blockwise, name), tile=tile)
+      for name in ("lse_block", "lse_block_grads", "sigmoid_block", "sigmoid_block_grads")
+  })
+
+
+def _by_hop(cfg, ring):
+  """`ring(cfg)` with the per-step engine of `cfg.hop`; "auto": the fused kernels where the program is
+  lowered for a TPU or a CUDA GPU, the blockwise tiles elsewhere (`reductions.by_platform`)."""
+  if cfg.hop != "auto":
+    return ring(cfg)
+  return reductions.by_platform(lambda: ring(cfg._replace(hop="pallas")),
+                                lambda: ring(cfg._replace(hop="blockwise")))
+
+
+class _RingConfig(NamedTuple):
+  axis_name: AxisName
+  hop: str
+  tile: int | None
+  rows: bool = True
+  cols: bool = False
+
+
 def _ring_lse_forward(cfg, q, k, scale, exclude, include):
-  axis_name, tile, want_rows, want_cols = cfg
-  n = axis_size(axis_name)
+  def ring(cfg):
+    hop = _hop(cfg)
 
-  def step(travelling, row):
-    k_b, ex_c, in_c, col_b = travelling
-    r, c = blockwise._lse_forward(
-        (tile, want_rows, want_cols), q, k_b, scale, _with_cols(exclude, ex_c), _with_cols(include, in_c)
-    )
-    if want_rows:
-      row = jnp.logaddexp(row, r)
-    if want_cols:
-      col_b = jnp.logaddexp(col_b, c)
-    return (k_b, ex_c, in_c, col_b), row
+    def step(block, row):
+      k_b, ex_c, in_c = block
+      r, c = hop.lse_block(q, k_b, scale, _with_cols(exclude, ex_c), _with_cols(include, in_c),
+                           rows=cfg.rows, cols=cfg.cols)
+      return (c if cfg.cols else ()), (jnp.logaddexp(row, r) if cfg.rows else row)
 
-  col0 = varying(_neg_inf(k.shape[0] if want_cols else 0), axis_name)
-  row0 = varying(_neg_inf(q.shape[0] if want_rows else 0), axis_name)
-  col, row = _ring(
-      axis_name, n, step, (k, _cols_of(exclude), _cols_of(include), col0), row0, home=lambda t: t[3]
-  )
-  return (row if want_rows else None), (col if want_cols else None)
+    col0 = _neg_inf(k.shape[0]) if cfg.cols else ()
+    row0 = _neg_inf(q.shape[0] if cfg.rows else 0)
+    col, row = _ring(cfg.axis_name, axis_size(cfg.axis_name), step,
+                     (k, _cols_of(exclude), _cols_of(include)), row0, results=col0, combine=jnp.logaddexp)
+    return (row if cfg.rows else None), (col if cfg.cols else None)
+
+  return _by_hop(cfg, ring)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -229,25 +285,25 @@ def _ring_lse_fwd(cfg, q, k, scale, exclude, include):
 
 
 def _ring_lse_bwd(cfg, res, g):
-  axis_name, tile, want_rows, want_cols = cfg
   q, k, scale, exclude, include, row, col = res
   g_row, g_col = g
-  n = axis_size(axis_name)
 
-  def step(travelling, acc):
-    k_b, ex_c, in_c, col_b, g_col_b, dk_b = travelling
-    dq, dscale = acc
-    dq_s, dk_s, dscale_s, _, _ = blockwise._lse_bwd(
-        (tile, want_rows, want_cols),
-        (q, k_b, scale, _with_cols(exclude, ex_c), _with_cols(include, in_c), row, col_b),
-        (g_row, g_col_b),
-    )
-    travelling = (k_b, ex_c, in_c, col_b, g_col_b, dk_b + dk_s.astype(_F32))
-    return travelling, (dq + dq_s.astype(_F32), dscale + dscale_s)
+  def ring(cfg):
+    hop = _hop(cfg)
 
-  travelling = (k, _cols_of(exclude), _cols_of(include), col, g_col, jnp.zeros(k.shape, _F32))
-  acc = (jnp.zeros(q.shape, _F32), jnp.zeros(q.shape[:1], _F32))
-  dk, (dq, dscale) = _ring(axis_name, n, step, travelling, acc, home=lambda t: t[5])
+    def step(block, g_q):
+      k_b, ex_c, in_c, col_b, g_col_b = block
+      g_s, dk_s = hop.lse_block_grads(
+          q, k_b, scale, _with_cols(exclude, ex_c), _with_cols(include, in_c), row, g_row, col_b, g_col_b
+      )
+      return dk_s, g_q + g_s
+
+    block = (k, _cols_of(exclude), _cols_of(include), col, g_col)
+    return _ring(cfg.axis_name, axis_size(cfg.axis_name), step, block, jnp.zeros(q.shape, _F32),
+                 results=jnp.zeros(k.shape, _F32), combine=jnp.add)
+
+  dk, g_q = _by_hop(cfg, ring)
+  dq, dscale = reductions.scale_grads(q, scale, g_q)
   none = lambda pair: None if pair is None else (None, None)
   return dq.astype(q.dtype), dk.astype(k.dtype), dscale, none(exclude), none(include)
 
@@ -256,15 +312,18 @@ _ring_lse.defvjp(_ring_lse_fwd, _ring_lse_bwd)
 
 
 def _ring_sig_forward(cfg, q, k, scale, bias, positives):
-  axis_name, tile = cfg
+  def ring(cfg):
+    hop = _hop(cfg)
 
-  def step(travelling, out):
-    k_b, pos_c = travelling
-    return travelling, out + blockwise._sig_forward(tile, q, k_b, scale, bias, (positives[0], pos_c))
+    def step(block, out):
+      k_b, pos_c = block
+      return (), out + hop.sigmoid_block(q, k_b, scale, bias, (positives[0], pos_c))
 
-  out0 = varying(jnp.zeros(q.shape[:1], _F32), axis_name)
-  _, out = _ring(axis_name, axis_size(axis_name), step, (k, positives[1]), out0, home=lambda t: ())
-  return out
+    _, out = _ring(cfg.axis_name, axis_size(cfg.axis_name), step, (k, positives[1]),
+                   jnp.zeros(q.shape[:1], _F32))
+    return out
+
+  return _by_hop(cfg, ring)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -277,21 +336,22 @@ def _ring_sig_fwd(cfg, q, k, scale, bias, positives):
 
 
 def _ring_sig_bwd(cfg, res, g):
-  axis_name, tile = cfg
   q, k, scale, bias, positives = res
 
-  def step(travelling, acc):
-    k_b, pos_c, dk_b = travelling
-    dq, dscale, dbias = acc
-    dq_s, dk_s, dscale_s, dbias_s, _ = blockwise._sig_bwd(tile, (q, k_b, scale, bias, (positives[0], pos_c)), g)
-    travelling = (k_b, pos_c, dk_b + dk_s.astype(_F32))
-    return travelling, (dq + dq_s.astype(_F32), dscale + dscale_s, dbias + dbias_s)
+  def ring(cfg):
+    hop = _hop(cfg)
 
-  travelling = (k, positives[1], jnp.zeros(k.shape, _F32))
-  acc = (jnp.zeros(q.shape, _F32), jnp.zeros(q.shape[:1], _F32), jnp.zeros((), _F32))
-  dk, (dq, dscale, dbias) = _ring(
-      axis_name, axis_size(axis_name), step, travelling, acc, home=lambda t: t[2]
-  )
+    def step(block, acc):
+      k_b, pos_c = block
+      g_s, dk_s, dbias_s = hop.sigmoid_block_grads(q, k_b, scale, bias, (positives[0], pos_c), g)
+      return dk_s, (acc[0] + g_s, acc[1] + dbias_s)
+
+    acc = (jnp.zeros(q.shape, _F32), jnp.zeros((), _F32))
+    return _ring(cfg.axis_name, axis_size(cfg.axis_name), step, (k, positives[1]), acc,
+                 results=jnp.zeros(k.shape, _F32), combine=jnp.add)
+
+  dk, (g_q, dbias) = _by_hop(cfg, ring)
+  dq, dscale = reductions.scale_grads(q, scale, g_q)
   return dq.astype(q.dtype), dk.astype(k.dtype), dscale, dbias, (None, None)
 
 
@@ -299,27 +359,44 @@ _ring_sig.defvjp(_ring_sig_fwd, _ring_sig_bwd)
 
 
 # ------------------------------------------------------------------------------------- entry points
-def logsumexp(q, k, *, scale, rows, cols, exclude, include, axis_name, impl="auto", tile=None):
+LOCAL_IMPLS = ("auto", "pallas", "blockwise")
+
+
+def _check_local(local_impl: str) -> str:
+  if local_impl not in LOCAL_IMPLS:
+    raise ValueError(f"`local_impl` must be one of {LOCAL_IMPLS}, got {local_impl!r}.")
+  return local_impl
+
+
+def logsumexp(q, k, *, scale, rows, cols, exclude, include, axis_name, impl="auto", tile=None,
+              local_impl="auto"):
   r"""Row and/or column log-sum-exp of the masked S = scale · q kᵀ over the GLOBAL batch.
 
   Called inside `shard_map` with this device's rows `q` (Bq/n, D), columns `k` (Bk/n, D) and global
   ids; returns this device's rows (Bq/n,) and columns (Bk/n,) of the global reductions (see the module
-  docstring for the engines).
+  docstring for the engines). `local_impl` is the engine each device runs on its block (allgather: on
+  the gathered keys, dense while small; ring: at every hop): "auto" (the fused kernels where the
+  program is compiled for a TPU or a CUDA GPU, the blockwise tiles elsewhere), "pallas" or "blockwise";
+  `tile` is the blockwise engine's.
   """
+  _check_local(local_impl)
   n = axis_size(axis_name)
   impl = resolve(impl, q.shape[0], n * k.shape[0], k.shape[1])
   scale = _row_vector(scale, q.shape[0], axis_name)
   if impl == "allgather":
     return _allgather_logsumexp(
-        q, k, scale=scale, rows=rows, cols=cols, exclude=exclude, include=include, axis_name=axis_name
+        q, k, scale=scale, rows=rows, cols=cols, exclude=exclude, include=include, axis_name=axis_name,
+        local_impl=local_impl, tile=tile,
     )
-  tile = blockwise._tile_size(tile, k.shape[0], k.shape[1])
-  return _ring_lse((axis_name, tile, bool(rows), bool(cols)), q, k, scale, exclude, include)
+  cfg = _RingConfig(axis_name, local_impl, tile, bool(rows), bool(cols))
+  return _ring_lse(cfg, q, k, scale, exclude, include)
 
 
-def sigmoid_sum(q, k, *, scale, bias, positives, axis_name, impl="auto", tile=None):
+def sigmoid_sum(q, k, *, scale, bias, positives, axis_name, impl="auto", tile=None, local_impl="auto"):
   r"""Per local row Σ_j softplus(−z_ij (S_ij + bias)) over the GLOBAL columns; positives=None is the
-  global diagonal (which needs as many local rows as local columns)."""
+  global diagonal (which needs as many local rows as local columns). `local_impl` and `tile` as in
+  `logsumexp`."""
+  _check_local(local_impl)
   n = axis_size(axis_name)
   impl = resolve(impl, q.shape[0], n * k.shape[0], k.shape[1])
   if positives is None:
@@ -327,9 +404,9 @@ def sigmoid_sum(q, k, *, scale, bias, positives, axis_name, impl="auto", tile=No
   scale = _row_vector(scale, q.shape[0], axis_name)
   bias = varying(jnp.asarray(bias, _F32), axis_name)
   if impl == "allgather":
-    return _allgather_sigmoid_sum(q, k, scale=scale, bias=bias, positives=positives, axis_name=axis_name)
-  tile = blockwise._tile_size(tile, k.shape[0], k.shape[1])
-  return _ring_sig((axis_name, tile), q, k, scale, bias, positives)
+    return _allgather_sigmoid_sum(q, k, scale=scale, bias=bias, positives=positives, axis_name=axis_name,
+                                  local_impl=local_impl, tile=tile)
+  return _ring_sig(_RingConfig(axis_name, local_impl, tile), q, k, scale, bias, positives)
 
 
 # ------------------------------------------------------------------------------ matched (segment) sum
@@ -337,11 +414,11 @@ def _matched_block(ids, ids_b, x_b):
   """Σ_j [ids_i == ids_b_j] x_b_j for one block, one column tile at a time (no (n, n_b) mask in memory
   beyond a tile)."""
   n_b = x_b.shape[0]
-  tile = blockwise._tile_size(None, n_b, max(64, x_b.shape[1]))
+  tile = blockwise.tile_size(None, n_b, max(64, x_b.shape[1]))
   n_tiles = -(-n_b // tile)
 
   def body(t, acc):
-    start, fresh = blockwise._tile_window(t, tile, n_b)
+    start, fresh = blockwise.tile_window(t, tile, n_b)
     ids_t = lax.dynamic_slice_in_dim(ids_b, start, tile)
     hit = ids[:, None] == ids_t[None, :]
     if fresh is not None:
@@ -354,12 +431,11 @@ def _matched_block(ids, ids_b, x_b):
 
 
 def _ring_matched_forward(axis_name, ids, x):
-  def step(travelling, acc):
-    ids_b, x_b = travelling
-    return travelling, acc + _matched_block(ids, ids_b, x_b)
+  def step(block, acc):
+    ids_b, x_b = block
+    return (), acc + _matched_block(ids, ids_b, x_b)
 
-  acc0 = varying(jnp.zeros(x.shape, _F32), axis_name)
-  _, out = _ring(axis_name, axis_size(axis_name), step, (ids, x), acc0, home=lambda t: ())
+  _, out = _ring(axis_name, axis_size(axis_name), step, (ids, x), jnp.zeros(x.shape, _F32))
   return out
 
 
@@ -404,21 +480,21 @@ def top1_scores(q, k, *, positives, include, axis_name: AxisName, impl: str = "a
   impl = resolve(impl, q.shape[0], n * k.shape[0], k.shape[1])
   if impl == "allgather":
     k_all = _gather(k, axis_name)
-    engine = _local_engine(q.shape[0], k_all.shape[0])
+    engine = dense if q.shape[0] * k_all.shape[0] <= ALLGATHER_MAX_ELEMENTS else blockwise
     row_pos, row_neg, col_pos, col_neg = engine.top1_scores(
         q, k_all, positives=_gather_cols(positives, axis_name), include=_gather_cols(include, axis_name))
     m = k.shape[0]
     mine = lambda col: lax.dynamic_slice_in_dim(lax.pmax(col, axis_name), lax.axis_index(axis_name) * m, m)
     return row_pos, row_neg, mine(col_pos), mine(col_neg)
 
-  def step(travelling, rows):
-    k_b, pos_c, in_c, col_pos, col_neg = travelling
+  def step(block, rows):
+    k_b, pos_c, in_c = block
     r_pos, r_neg, c_pos, c_neg = blockwise.top1_scores(
         q, k_b, positives=(positives[0], pos_c), include=_with_cols(include, in_c), tile=tile)
-    travelling = (k_b, pos_c, in_c, jnp.maximum(col_pos, c_pos), jnp.maximum(col_neg, c_neg))
-    return travelling, (jnp.maximum(rows[0], r_pos), jnp.maximum(rows[1], r_neg))
+    return (c_pos, c_neg), (jnp.maximum(rows[0], r_pos), jnp.maximum(rows[1], r_neg))
 
-  travelling = (lax.stop_gradient(k), positives[1], _cols_of(include), _neg_inf(k.shape[0]), _neg_inf(k.shape[0]))
+  block = (lax.stop_gradient(k), positives[1], _cols_of(include))
   rows = (_neg_inf(q.shape[0]), _neg_inf(q.shape[0]))
-  (col_pos, col_neg), (row_pos, row_neg) = _ring(axis_name, n, step, travelling, rows, home=lambda t: (t[3], t[4]))
+  (col_pos, col_neg), (row_pos, row_neg) = _ring(
+      axis_name, n, step, block, rows, results=(_neg_inf(k.shape[0]),) * 2, combine=jnp.maximum)
   return row_pos, row_neg, col_pos, col_neg
