@@ -214,9 +214,9 @@ def test_auto_above_the_dense_size_compiles_kernels_for_tpu_and_gpu_and_blockwis
   """Above DENSE_MAX_ELEMENTS, "auto" is decided when the program is lowered: the fused kernels for
   TPU (Mosaic) and CUDA (Triton), the blockwise engine for this CPU (no Pallas kernel, not even in
   interpret mode), whatever `jax.default_backend()` is. Values and gradients equal the dense engine."""
-  from jaxcl.ops import reductions  # noqa: PLC0415
+  from jaxcl.ops import engines  # noqa: PLC0415
 
-  monkeypatch.setattr(reductions, "DENSE_MAX_ELEMENTS", 64)
+  monkeypatch.setattr(engines, "DENSE_MAX_ELEMENTS", 64)
   assert ops.resolve_impl("auto", 24, 20) == ops.BY_PLATFORM
   q, k = jnp.asarray(randn(70, 24, 8)), jnp.asarray(randn(71, 20, 8))
   scale = jnp.asarray(1.5 + np.random.default_rng(72).random(24), jnp.float32)
@@ -263,7 +263,7 @@ def test_auto_inside_shard_map_runs_by_platform(monkeypatch):
   by-platform engine there too: here (CPU) the blockwise tiles, with the dense engine's values, and
   compiled for a TPU slice the Mosaic kernels on each chip's block."""
   from jaxcl import targets  # noqa: PLC0415
-  from jaxcl.ops import reductions  # noqa: PLC0415
+  from jaxcl.ops import engines  # noqa: PLC0415
 
   mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
 
@@ -273,7 +273,7 @@ def test_auto_inside_shard_map_runs_by_platform(monkeypatch):
     return jax.shard_map(f, mesh=mesh, in_specs=(jax.P("data"), jax.P("data")), out_specs=jax.P("data"))
 
   with monkeypatch.context() as patch:
-    patch.setattr(reductions, "DENSE_MAX_ELEMENTS", 16)
+    patch.setattr(engines, "DENSE_MAX_ELEMENTS", 16)
     assert ops.resolve_impl("auto", 8, 8) == ops.BY_PLATFORM
     q, k = jnp.asarray(randn(80, 16, 4)), jnp.asarray(randn(81, 16, 4))
     np.testing.assert_allclose(jax.jit(per_device("auto", mesh))(q, k), jax.jit(per_device("dense", mesh))(q, k),

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec
 from jaxcl import _checks
 from jaxcl.ops import masks
 from jaxcl.ops import sharded
-from jaxcl.ops.reductions import SHARDED_IMPLS
+from jaxcl.ops.engines import SHARDED_IMPLS
 
 NORM_EPS = 1e-6
 

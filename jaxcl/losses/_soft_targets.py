@@ -17,9 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxcl import ops
-
-DEFAULT_TILE = 512
+from jaxcl.ops.blockwise import DEFAULT_TILE  # columns per tile, as in the blockwise engine
 
 
 def _f32(x):
@@ -88,8 +86,3 @@ def expected_dot(
 
   acc, _ = jax.lax.scan(body, jnp.zeros((bq,), jnp.float32), (tk_t, k_t, cols))
   return acc
-
-
-def is_dense(impl: str, n_rows: int, n_cols: int) -> bool:
-  """Whether `impl` resolves to the dense engine for an (n_rows, n_cols) similarity matrix."""
-  return ops.resolve_impl(impl, n_rows, n_cols) == "dense"

@@ -18,7 +18,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-DEFAULT_TILE = 512
+from jaxcl.ops.blockwise import DEFAULT_TILE  # columns per tile, as in the blockwise engine
 
 # f(logits (Bq, t) float32, col_ids (t,) int32) -> (Bq, t) float32 contributions (0 on padded columns
 # is applied by the caller).

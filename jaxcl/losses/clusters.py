@@ -9,6 +9,7 @@ import numpy as np
 
 from jaxcl import _checks
 from jaxcl import ops
+from jaxcl.ops import engines
 from jaxcl.losses import _common
 from jaxcl.losses import _tiled
 
@@ -397,7 +398,7 @@ def focal_supcon(
     # Padded columns of the last tile index past the ids: clamp them (row_sum drops their values).
     return focal(s, jnp.minimum(col_ids, m - 1))
 
-  total = _tiled.row_sum(z, z, inv_t, focal_clamped, dense=_tiled_is_dense(impl, m))
+  total = _tiled.row_sum(z, z, inv_t, focal_clamped, dense=engines.is_dense(impl, m, m))
   _, count = _segment_stats(jnp.zeros((m, 1), jnp.float32), jnp.maximum(ids, 0), valid)
   n_pos = count - 1.0
   has = _and(n_pos > 0, valid)
@@ -405,10 +406,6 @@ def focal_supcon(
   n_a = jnp.maximum(n_pos, 1.0) if average == "positives" else n_rows
   per_anchor = jnp.where(has, -total / n_a, 0.0)
   return _common.reduce_loss(per_anchor, reduction, has)
-
-
-def _tiled_is_dense(impl: str, n: int, n_cols: int | None = None) -> bool:
-  return ops.resolve_impl(impl, n, n if n_cols is None else n_cols) == "dense"
 
 
 # ------------------------------------------------------------------------------ gated arbitrary pairs
@@ -556,7 +553,7 @@ def gated_pair_infonce(
     return _common.reduce_loss(lse - positive, reduction, mask)
 
   bk = k.shape[0]
-  dense = _tiled_is_dense(impl, q.shape[0], bk)
+  dense = engines.is_dense(impl, q.shape[0], bk)
   row_ok = jnp.ones((q.shape[0], 1), bool) if mask is None else mask[:, None]
 
   def key_ok(col_ids):
@@ -697,7 +694,7 @@ def mlcd(
   def not_positive(col_ids):
     return jnp.all(local[:, :, None] != col_ids[None, None, :], axis=1)
 
-  dense = impl == "dense" or (impl == "auto" and f.shape[0] * n_local <= ops.DENSE_MAX_ELEMENTS)
+  dense = engines.is_dense(impl, f.shape[0], n_local)
   neg_lse = _tiled.row_logsumexp(f, c, s, not_positive, dense=dense)
   if axis_name is not None:
     pos_lse = _combine_lse(pos_lse, axis_name)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from jaxcl import _checks
 from jaxcl import ops
+from jaxcl.ops import engines
 from jaxcl.losses import _common
 from jaxcl.losses import _soft_targets
 
@@ -144,7 +145,7 @@ def albef_itc(
     lse = ops.logsumexp(i, t, scale=inv_t, rows=True, cols=True, impl=impl, **valid)
     positive = inv_t * _common.rowwise_dot(i, t)
     teacher = ops.logsumexp(mi, mt, scale=t_scale, rows=True, cols=True, impl=impl, **valid)
-    dense = _soft_targets.is_dense(impl, b, b)
+    dense = engines.is_dense(impl, b, b)
     soft_rows = _soft_targets.expected_dot(mi, mt, t_scale, teacher.rows, i, t, dense=dense, **valid)
     soft_cols = _soft_targets.expected_dot(mt, mi, t_scale, teacher.cols, t, i, dense=dense, **valid)
     rows = _common.zero_invalid(lse.rows, mask) - (1.0 - alpha) * positive - alpha * inv_t * soft_rows
@@ -163,7 +164,7 @@ def albef_itc(
     valid = dict(row_valid=mask, col_valid=cand_valid)
     lse = ops.logsumexp(q, cands, scale=inv_t, impl=impl, **valid).rows
     teacher = ops.logsumexp(teacher_q, cands, scale=t_scale, impl=impl, **valid).rows
-    dense = _soft_targets.is_dense(impl, b, n)
+    dense = engines.is_dense(impl, b, n)
     soft = _soft_targets.expected_dot(teacher_q, cands, t_scale, teacher, q, cands, dense=dense, **valid)
     positive = _common.rowwise_dot(q, cands[:b].astype(jnp.float32))
     return _common.zero_invalid(lse, mask) - inv_t * ((1.0 - alpha) * positive + alpha * soft)
@@ -276,7 +277,7 @@ def similarity_distillation(
   valid = dict(row_valid=mask, col_valid=mask if in_batch else None)
   s_lse = ops.logsumexp(s, sa, scale=inv_t, exclude=exclude, impl=impl, **valid).rows
   t_lse = ops.logsumexp(t, ta, scale=t_scale, exclude=exclude, impl=impl, **valid).rows
-  dense = _soft_targets.is_dense(impl, b, n)
+  dense = engines.is_dense(impl, b, n)
   cross = _soft_targets.expected_dot(t, ta, t_scale, t_lse, s, sa, exclude_self=in_batch, dense=dense, **valid)
   neg_entropy = _soft_targets.expected_dot(t, ta, t_scale, t_lse, None, None, exclude_self=in_batch,
                                            dense=dense, **valid)
@@ -461,7 +462,7 @@ def softclip(
   alpha = jnp.asarray(alpha, jnp.float32)
   fi = jax.lax.stop_gradient(_common.maybe_normalize(fi, normalize))
   ft = jax.lax.stop_gradient(_common.maybe_normalize(ft, normalize))
-  dense = _soft_targets.is_dense(impl, b, b)
+  dense = engines.is_dense(impl, b, b)
   diag = ops.diagonal(b)
 
   lse = ops.logsumexp(i, t, scale=inv_t, rows=True, cols=True, impl=impl, **valid)

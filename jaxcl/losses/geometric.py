@@ -11,27 +11,10 @@ import jax.numpy as jnp
 
 from jaxcl import _checks
 from jaxcl import ops
+from jaxcl.ops import engines
 from jaxcl.losses import _common
 from jaxcl.losses.clip import clip
 from jaxcl.losses.geometry import alignment, uniformity
-
-
-def _second_order_impl(impl: str, n_rows: int, n_cols: int, what: str) -> str:
-  """An engine whose backward pass can itself be differentiated (dense, blockwise).
-
-  `impl="auto"` that would pick the fused `pallas` engine (on TPU / GPU) uses `blockwise` instead.
-  """
-  resolved = ops.resolve_impl(impl, n_rows, n_cols)
-  if resolved == ops.BY_PLATFORM:
-    return "blockwise"
-  if resolved != "pallas":
-    return resolved
-  if impl == "pallas":
-    raise ValueError(
-        f"`impl='pallas'` cannot compute {what}: its gradient differentiates the engine's backward "
-        "pass, which the fused kernels do not support; use impl='dense', 'blockwise' or 'auto'."
-    )
-  return "blockwise" if "blockwise" in ops.available_impls() else "dense"
 
 
 def _softmax_mean_similarity(q, k, scale, exclude, impl, valid=None):
@@ -123,7 +106,7 @@ def cacr(
   _common.check_reduction(reduction)
   n_views, b = views.shape[:2]
   mask = _common.sample_mask(mask, b)
-  impl = _second_order_impl(impl, b, b, "the CACR repulsion term")
+  impl = engines.twice_differentiable(impl, b, b, "the CACR repulsion term")
   z = _common.maybe_normalize(views, normalize)
   z32 = z.astype(jnp.float32)
   alpha, beta, t_pos, t_neg = (jnp.asarray(v, jnp.float32) for v in (alpha, beta, t_pos, t_neg))

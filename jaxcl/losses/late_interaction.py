@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl import _checks
-from jaxcl import ops
+from jaxcl.ops import engines
 from jaxcl.losses import _common
 
 _TILE_ELEMENTS = 1 << 24  # default block: about 64 MiB of float32 token similarities per step
@@ -146,7 +146,7 @@ def _resolve(impl: str, b: int, t_img: int, t_txt: int) -> str:
   _checks.check_choice("impl", impl, ("auto", "dense", "blockwise"))
   if impl != "auto":
     return impl
-  return "dense" if b * b * t_img * t_txt <= ops.DENSE_MAX_ELEMENTS else "blockwise"
+  return "dense" if engines.is_dense(impl, b * t_img, b * t_txt) else "blockwise"
 
 
 def _same_validity(x_samples, y_samples):

@@ -4,7 +4,7 @@ The keys are visited in tiles of `tile` columns by a `lax.fori_loop` (one compil
 batch size). Each step forms one tile S_t = scale · q k_tᵀ of shape (Bq, tile) and
 
 - folds it into the row log-sum-exp with an online (max, sum-exp) accumulator (Milakov & Gimelshein,
-  "Online normalizer calculation for softmax", 2018),
+  "Online normalizer calculation for softmax", 2018; `jaxcl.ops.tiles.online_update`, as in the kernels),
 - finishes the column log-sum-exp of its columns (a column lies in one tile), so rows and columns come
   out of ONE pass, as the symmetric CLIP loss needs.
 
@@ -41,7 +41,8 @@ from jax import lax
 
 from jaxcl.ops import _vma
 from jaxcl.ops import masks as masks_lib
-from jaxcl.ops import reductions
+from jaxcl.ops import engines
+from jaxcl.ops import tiles as tile_math
 
 # The widest tile when `tile=None`: min(DEFAULT_TILE, max(128, 2·D)) columns. Chosen on a 2-core CPU
 # (experiments/bench_loss.py): 256..2048 run within a few percent of each other at D = 256, and a
@@ -129,8 +130,8 @@ def _backward_tile(ds_t, q, q_s, k_t, scale, folded, fresh):
 
 def _finish_backward(q, scale, g_t, dtype):
   """From Gᵀ (D, Bq): dq = scale_i · G_i (in `dtype`) and dscale_i = <q_i, G_i>
-  (`reductions.scale_grads`)."""
-  dq, dscale = reductions.scale_grads(q, scale, g_t.T)
+  (`engines.scale_grads`)."""
+  dq, dscale = engines.scale_grads(q, scale, g_t.T)
   return dq.astype(dtype), dscale
 
 
@@ -166,16 +167,12 @@ def _lse_forward(cfg, q, k, scale, exclude, include):
     valid = masks_lib.tile_valid(exclude, include, lambda ids: ids, _slicer(start, tile))
     if want_rows:
       row_valid = _and(valid, None if fresh is None else fresh[None, :])
-      m_new = jnp.maximum(m, jnp.max(_where(row_valid, s, -jnp.inf), axis=1))
-      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-      l = l * jnp.exp(m - m_safe) + jnp.sum(_where(row_valid, jnp.exp(s - m_safe[:, None])), axis=1)
-      m = m_new
+      m, l = tile_math.online_update(m, l, _where(row_valid, s, -jnp.inf), axis=1, keepdims=False)
     if want_cols:
       m_c = jnp.max(_where(valid, s, -jnp.inf), axis=0)
       m_c = jnp.where(m_c == -jnp.inf, 0.0, m_c)
       l_c = jnp.sum(_where(valid, jnp.exp(s - m_c[None, :])), axis=0)
-      c = jnp.where(l_c > 0, jnp.log(jnp.where(l_c > 0, l_c, 1.0)) + m_c, -jnp.inf)
-      col = lax.dynamic_update_slice_in_dim(col, c, start, axis=0)
+      col = lax.dynamic_update_slice_in_dim(col, tile_math.log_sum(l_c, m_c), start, axis=0)
     return m, l, col
 
   init = (
@@ -184,10 +181,7 @@ def _lse_forward(cfg, q, k, scale, exclude, include):
       jnp.zeros((n_cols if want_cols else 0,), _F32),
   )
   m, l, col = lax.fori_loop(0, n_tiles, body, _vma.like(init, q, k, scale, exclude, include))
-  row = None
-  if want_rows:
-    row = jnp.where(l > 0, jnp.log(jnp.where(l > 0, l, 1.0)) + jnp.where(m == -jnp.inf, 0.0, m), -jnp.inf)
-  return row, (col if want_cols else None)
+  return (tile_math.finalize_lse(m, l) if want_rows else None), (col if want_cols else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -381,7 +375,7 @@ def sigmoid_sum(q, k, *, scale, bias, positives, tile: int | None = None):
   return _sig(tile, q, k, scale, jnp.asarray(bias, _F32), positives)
 
 
-reductions.register_engine("blockwise", logsumexp=logsumexp, sigmoid_sum=sigmoid_sum)
+engines.register_engine("blockwise", logsumexp=logsumexp, sigmoid_sum=sigmoid_sum)
 
 
 # ------------------------------------------------------------------------- one block, no custom VJP
@@ -406,7 +400,7 @@ def lse_block_grads(q, k, scale, exclude, include, row, g_row, col, g_col, *, ti
       dS_ij = V_ij (g_row_i e^{S_ij − row_i} + g_col_j e^{S_ij − col_j}),
       g_i = Σ_j dS_ij k_j,   dk_j = Σ_i scale_i dS_ij q_i
 
-  (dq and dscale from the g summed over blocks: `reductions.scale_grads`).
+  (dq and dscale from the g summed over blocks: `engines.scale_grads`).
 
   >>> import jax.numpy as jnp
   >>> lse = jnp.full(2, jnp.log(jnp.e + 1.0))

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl.ops import masks as masks_lib
+from jaxcl.ops import tiles as tile_math
 
 
 def similarity(q: jax.Array, k: jax.Array, scale: jax.Array) -> jax.Array:
@@ -28,9 +29,7 @@ def masked_logsumexp(x: jax.Array, valid: jax.Array | None, axis: int) -> jax.Ar
   # Masked entries go to exp(−inf) = 0 *before* the exp: exp of an excluded large logit would overflow
   # and turn the backward pass into 0·inf = NaN.
   total = jnp.sum(jnp.exp(jnp.where(valid, x - m, -jnp.inf)), axis=axis)
-  nonempty = total > 0
-  lse = jnp.log(jnp.where(nonempty, total, 1.0)) + jnp.squeeze(m, axis)
-  return jnp.where(nonempty, lse, -jnp.inf)
+  return tile_math.log_sum(total, jnp.squeeze(m, axis))
 
 
 def logsumexp(q, k, *, scale, rows, cols, exclude, include):

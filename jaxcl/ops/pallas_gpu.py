@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxcl.ops import _vma
-from jaxcl.ops import pallas as engine
+from jaxcl.ops import tiles as tile_math
 
 _NT = (((1,), (1,)), ((), ()))  # a (m, d) · b (n, d)ᵀ
 
@@ -33,7 +33,7 @@ _NT = (((1,), (1,)), ((), ()))  # a (m, d) · b (n, d)ᵀ
 class _Call:
   """Collects the inputs of a pallas_call over the row-block grid with their block specs."""
 
-  def __init__(self, tiles: engine.Tiles):
+  def __init__(self, tiles: tile_math.Tiles):
     self.tiles = tiles
     self.inputs: list[jax.Array] = []
     self.specs: list[pl.BlockSpec] = []
@@ -63,7 +63,7 @@ class _Call:
     )(*inputs)
 
 
-def _row_out(tiles: engine.Tiles, width: int | None = None):
+def _row_out(tiles: tile_math.Tiles, width: int | None = None):
   shape = (tiles.padded_a,) if width is None else (tiles.padded_a, width)
   block = (tiles.block_a,) if width is None else (tiles.block_a, width)
   index = lambda i: (i,) + (0,) * (len(shape) - 1)
@@ -91,11 +91,11 @@ class _Tile:
     """(b tile, scores, validity or None) for column block j."""
     b = self.b_ref[self.cols(j), :]
     s = jax.lax.dot_general(self.a, b, _NT, preferred_element_type=jnp.float32,
-                            precision=engine.dot_precision(b.dtype))
+                            precision=tile_math.dot_precision(b.dtype))
     s = s * (self.row_scale if self.scale_on == "rows" else self.col_vector(self.scale_ref, j))
     col_pos = (j * self.tiles.block_b + jnp.arange(self.tiles.block_b))[None, :]
     id_tiles = [(r, self.col_vector(c, j)) for r, (_, c) in zip(self.row_ids, self.id_refs)]
-    return b, s, engine.tile_valid(self.row_pos, col_pos, self.tiles, self.kinds, id_tiles)
+    return b, s, tile_math.tile_valid(self.row_pos, col_pos, self.tiles, self.kinds, id_tiles)
 
 
 # ------------------------------------------------------------------------------------- log-sum-exp
@@ -108,18 +108,18 @@ def _lse_fwd_kernel(*refs, tiles, kinds, scale_on):
     _, s, valid = tile(j)
     if valid is not None:
       s = jnp.where(valid, s, -jnp.inf)
-    return engine.online_update(*carry, s, axis=1, keepdims=False)
+    return tile_math.online_update(*carry, s, axis=1, keepdims=False)
 
   init = (jnp.full((tiles.block_a,), -jnp.inf, jnp.float32), jnp.zeros((tiles.block_a,), jnp.float32))
   m, l = jax.lax.fori_loop(0, tiles.grid[1], body, init)
-  out_ref[...] = engine.finalize_lse(m, l)
+  out_ref[...] = tile_math.finalize_lse(m, l)
 
 
 def lse_forward(a, b, scale, ids, *, kinds, scale_on, with_cols, tiles):
   """(row (N_a,), None): log-sum-exp over valid entries of S = scale · a bᵀ along rows.
 
   >>> import jax.numpy as jnp
-  >>> from jaxcl.ops.pallas import Tiles
+  >>> from jaxcl.ops.tiles import Tiles
   >>> t = Tiles(16, 16, n_a=2, n_b=2, padded_a=16, padded_b=16, interpret=True, num_warps=None,
   ...           num_stages=2)
   >>> x = jnp.zeros((16, 16)).at[:2, :2].set(jnp.eye(2))  # two padded unit vectors
@@ -153,11 +153,11 @@ def _lse_bwd_kernel(*refs, tiles, kinds, scale_on, with_rows, with_cols):
   def body(j, acc):
     b, s, valid = tile(j)
     col_lse, g_col = (tile.col_vector(r, j) for r in col_refs) if with_cols else (None, None)
-    ds = engine.softmax_grad_tile(s, valid, row_lse, g_row, col_lse, g_col)
+    ds = tile_math.softmax_grad_tile(s, valid, row_lse, g_row, col_lse, g_col)
     if scale_on == "cols":
       ds = ds * tile.col_vector(scale_ref, j)
     return acc + jax.lax.dot(ds.astype(b.dtype), b, preferred_element_type=jnp.float32,
-                             precision=engine.dot_precision(b.dtype))
+                             precision=tile_math.dot_precision(b.dtype))
 
   acc_ref[...] = jax.lax.fori_loop(0, tiles.grid[1], body, jnp.zeros(acc_ref.shape, jnp.float32))
 
@@ -169,7 +169,7 @@ def lse_backward(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, sca
   for the scale's gradient); along columns scale_j is inside the sum (the dk orientation).
 
   >>> import jax.numpy as jnp
-  >>> from jaxcl.ops.pallas import Tiles
+  >>> from jaxcl.ops.tiles import Tiles
   >>> t = Tiles(16, 16, n_a=2, n_b=2, padded_a=16, padded_b=16, interpret=True, num_warps=None,
   ...           num_stages=2)
   >>> x = jnp.zeros((16, 16)).at[:2, :2].set(jnp.eye(2))  # two padded unit vectors
@@ -208,7 +208,7 @@ def _sig_fwd_kernel(a_ref, b_ref, scale_ref, bias_ref, pr_ref, pc_ref, out_ref, 
 
   def body(j, total):
     _, s, valid = tile(j)
-    val = engine.sigmoid_value_tile(s + bias, row_ids == tile.col_vector(pc_ref, j), valid)
+    val = tile_math.sigmoid_value_tile(s + bias, row_ids == tile.col_vector(pc_ref, j), valid)
     return total + jnp.sum(val, axis=1)
 
   out_ref[...] = jax.lax.fori_loop(0, tiles.grid[1], body, jnp.zeros((tiles.block_a,), jnp.float32))
@@ -218,7 +218,7 @@ def sigmoid_forward(a, b, scale, bias, positives, *, tiles):
   """Σ_j softplus(−z_ij (S_ij + bias_i)) per row, float32 (N_a,).
 
   >>> import jax.numpy as jnp
-  >>> from jaxcl.ops.pallas import Tiles
+  >>> from jaxcl.ops.tiles import Tiles
   >>> t = Tiles(16, 16, n_a=2, n_b=2, padded_a=16, padded_b=16, interpret=True, num_warps=None,
   ...           num_stages=2)
   >>> x = jnp.zeros((16, 16)).at[:2, :2].set(jnp.eye(2))  # two padded unit vectors
@@ -252,13 +252,13 @@ def _sig_bwd_kernel(a_ref, b_ref, scale_ref, bias_ref, g_ref, pr_ref, pc_ref, ac
       bias_j, g_j = bias, g
     else:
       bias_j, g_j = tile.col_vector(bias_ref, j), tile.col_vector(g_ref, j)
-    ds = engine.sigmoid_grad_tile(s + bias_j, row_ids == tile.col_vector(pc_ref, j), valid, g_j)
+    ds = tile_math.sigmoid_grad_tile(s + bias_j, row_ids == tile.col_vector(pc_ref, j), valid, g_j)
     if sum_ref:
       total = total + jnp.sum(ds, axis=1)
     if vec_on == "cols":
       ds = ds * tile.col_vector(scale_ref, j)
     return acc + jax.lax.dot(ds.astype(b.dtype), b, preferred_element_type=jnp.float32,
-                             precision=engine.dot_precision(b.dtype)), total
+                             precision=tile_math.dot_precision(b.dtype)), total
 
   init = (jnp.zeros(acc_ref.shape, jnp.float32), jnp.zeros((tiles.block_a,), jnp.float32))
   acc, total = jax.lax.fori_loop(0, tiles.grid[1], body, init)
@@ -274,7 +274,7 @@ def sigmoid_backward(a, b, scale, bias, positives, g, *, vec_on, tiles):
   orientation, which also returns the row sums for the bias gradient; "cols": the dk orientation).
 
   >>> import jax.numpy as jnp
-  >>> from jaxcl.ops.pallas import Tiles
+  >>> from jaxcl.ops.tiles import Tiles
   >>> t = Tiles(16, 16, n_a=2, n_b=2, padded_a=16, padded_b=16, interpret=True, num_warps=None,
   ...           num_stages=2)
   >>> x = jnp.zeros((16, 16)).at[:2, :2].set(jnp.eye(2))  # two padded unit vectors

@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxcl.ops import _vma
-from jaxcl.ops import pallas as engine
+from jaxcl.ops import tiles as tile_math
 
 _NT = (((1,), (1,)), ((), ()))  # a (m, d) · b (n, d)ᵀ
 
@@ -37,7 +37,7 @@ _NT = (((1,), (1,)), ((), ()))  # a (m, d) · b (n, d)ᵀ
 class _Call:
   """Collects the inputs of a pallas_call with their block specs over the (i, j) grid."""
 
-  def __init__(self, tiles: engine.Tiles):
+  def __init__(self, tiles: tile_math.Tiles):
     self.tiles = tiles
     self.inputs: list[jax.Array] = []
     self.specs: list[pl.BlockSpec] = []
@@ -74,12 +74,12 @@ class _Call:
     )(*inputs)
 
 
-def _row_out(tiles: engine.Tiles, width: int = 1):
+def _row_out(tiles: tile_math.Tiles, width: int = 1):
   shape = jax.ShapeDtypeStruct((tiles.padded_a, width), jnp.float32)
   return shape, pl.BlockSpec((tiles.block_a, width), lambda i, j: (i, 0))
 
 
-def _cost(tiles: engine.Tiles, d: int, itemsize: int, matmuls: int, exps: int) -> pl.CostEstimate:
+def _cost(tiles: tile_math.Tiles, d: int, itemsize: int, matmuls: int, exps: int) -> pl.CostEstimate:
   ni, nj = tiles.grid
   elements = tiles.padded_a * tiles.padded_b
   return pl.CostEstimate(
@@ -92,16 +92,16 @@ def _cost(tiles: engine.Tiles, d: int, itemsize: int, matmuls: int, exps: int) -
 def _scores(a_ref, b_ref, scale_ref):
   a, b = a_ref[...], b_ref[...]
   s = jax.lax.dot_general(a, b, _NT, preferred_element_type=jnp.float32,
-                          precision=engine.dot_precision(b.dtype))
+                          precision=tile_math.dot_precision(b.dtype))
   return s * scale_ref[...]
 
 
-def _valid(tiles: engine.Tiles, kinds, id_refs, shape):
+def _valid(tiles: tile_math.Tiles, kinds, id_refs, shape):
   i, j = pl.program_id(0), pl.program_id(1)
   row_pos = jax.lax.broadcasted_iota(jnp.int32, shape, 0) + i * tiles.block_a
   col_pos = jax.lax.broadcasted_iota(jnp.int32, shape, 1) + j * tiles.block_b
   id_tiles = [(r[...], c[...]) for r, c in id_refs]
-  return engine.tile_valid(row_pos, col_pos, tiles, kinds, id_tiles)
+  return tile_math.tile_valid(row_pos, col_pos, tiles, kinds, id_tiles)
 
 
 # ------------------------------------------------------------------------------------- log-sum-exp
@@ -124,11 +124,11 @@ def _lse_fwd_kernel(*refs, tiles, kinds, with_cols):
   valid = _valid(tiles, kinds, id_refs, s.shape)
   if valid is not None:
     s = jnp.where(valid, s, -jnp.inf)
-  m_ref[...], l_ref[...] = engine.online_update(m_ref[...], l_ref[...], s, axis=1, keepdims=True)
+  m_ref[...], l_ref[...] = tile_math.online_update(m_ref[...], l_ref[...], s, axis=1, keepdims=True)
 
   @pl.when(j == nj - 1)
   def _store_rows():
-    row_ref[...] = engine.finalize_lse(m_ref[...], l_ref[...])
+    row_ref[...] = tile_math.finalize_lse(m_ref[...], l_ref[...])
 
   if with_cols:
     cm_ref, cl_ref = next(it), next(it)
@@ -138,18 +138,18 @@ def _lse_fwd_kernel(*refs, tiles, kinds, with_cols):
       cm_ref[j] = jnp.full(cm_ref.shape[1:], -jnp.inf, jnp.float32)
       cl_ref[j] = jnp.zeros(cl_ref.shape[1:], jnp.float32)
 
-    cm_ref[j], cl_ref[j] = engine.online_update(cm_ref[j], cl_ref[j], s, axis=0, keepdims=True)
+    cm_ref[j], cl_ref[j] = tile_math.online_update(cm_ref[j], cl_ref[j], s, axis=0, keepdims=True)
 
     @pl.when(i == ni - 1)
     def _store_cols():
-      col_ref[j] = engine.finalize_lse(cm_ref[j], cl_ref[j])
+      col_ref[j] = tile_math.finalize_lse(cm_ref[j], cl_ref[j])
 
 
 def lse_forward(a, b, scale, ids, *, kinds, scale_on, with_cols, tiles):
   """(row (N_a,), col (N_b,) or None): log-sum-exp over valid entries of S = scale · a bᵀ.
 
   >>> import jax.numpy as jnp
-  >>> from jaxcl.ops.pallas import Tiles
+  >>> from jaxcl.ops.tiles import Tiles
   >>> t = Tiles(16, 16, n_a=2, n_b=2, padded_a=16, padded_b=16, interpret=True, num_warps=None,
   ...           num_stages=2)
   >>> x = jnp.zeros((16, 128)).at[:2, :2].set(jnp.eye(2))  # two padded unit vectors
@@ -197,12 +197,12 @@ def _lse_bwd_kernel(*refs, tiles, kinds, scale_on, with_rows, with_cols):
 
   s = _scores(a_ref, b_ref, scale_ref)
   valid = _valid(tiles, kinds, id_refs, s.shape)
-  ds = engine.softmax_grad_tile(s, valid, row_lse, g_row, col_lse, g_col)
+  ds = tile_math.softmax_grad_tile(s, valid, row_lse, g_row, col_lse, g_col)
   if scale_on == "cols":
     ds = ds * scale_ref[...]
   b = b_ref[...]
   acc_ref[...] += jax.lax.dot(ds.astype(b.dtype), b, preferred_element_type=jnp.float32,
-                              precision=engine.dot_precision(b.dtype))
+                              precision=tile_math.dot_precision(b.dtype))
 
 
 def lse_backward(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, scale_on, tiles):
@@ -212,7 +212,7 @@ def lse_backward(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, sca
   sum for the scale's gradient); along columns scale_j is inside the sum (the dk orientation).
 
   >>> import jax.numpy as jnp
-  >>> from jaxcl.ops.pallas import Tiles
+  >>> from jaxcl.ops.tiles import Tiles
   >>> t = Tiles(16, 16, n_a=2, n_b=2, padded_a=16, padded_b=16, interpret=True, num_warps=None,
   ...           num_stages=2)
   >>> x = jnp.zeros((16, 128)).at[:2, :2].set(jnp.eye(2))  # two padded unit vectors
@@ -253,7 +253,7 @@ def _sig_fwd_kernel(a_ref, b_ref, scale_ref, bias_ref, pr_ref, pc_ref, out_ref, 
 
   logits = _scores(a_ref, b_ref, scale_ref) + bias_ref[...]
   valid = _valid(tiles, (), (), logits.shape)
-  val = engine.sigmoid_value_tile(logits, pr_ref[...] == pc_ref[...], valid)
+  val = tile_math.sigmoid_value_tile(logits, pr_ref[...] == pc_ref[...], valid)
   out_ref[...] += jnp.sum(val, axis=1, keepdims=True)
 
 
@@ -261,7 +261,7 @@ def sigmoid_forward(a, b, scale, bias, positives, *, tiles):
   """Σ_j softplus(−z_ij (S_ij + bias_i)) per row, float32 (N_a,).
 
   >>> import jax.numpy as jnp
-  >>> from jaxcl.ops.pallas import Tiles
+  >>> from jaxcl.ops.tiles import Tiles
   >>> t = Tiles(16, 16, n_a=2, n_b=2, padded_a=16, padded_b=16, interpret=True, num_warps=None,
   ...           num_stages=2)
   >>> x = jnp.zeros((16, 128)).at[:2, :2].set(jnp.eye(2))  # two padded unit vectors
@@ -293,14 +293,14 @@ def _sig_bwd_kernel(a_ref, b_ref, scale_ref, bias_ref, g_ref, pr_ref, pc_ref, ac
 
   logits = _scores(a_ref, b_ref, scale_ref) + bias_ref[...]
   valid = _valid(tiles, (), (), logits.shape)
-  ds = engine.sigmoid_grad_tile(logits, pr_ref[...] == pc_ref[...], valid, g_ref[...])
+  ds = tile_math.sigmoid_grad_tile(logits, pr_ref[...] == pc_ref[...], valid, g_ref[...])
   for ref in sum_ref:
     ref[...] += jnp.sum(ds, axis=1, keepdims=True)
   if vec_on == "cols":
     ds = ds * scale_ref[...]
   b = b_ref[...]
   acc_ref[...] += jax.lax.dot(ds.astype(b.dtype), b, preferred_element_type=jnp.float32,
-                              precision=engine.dot_precision(b.dtype))
+                              precision=tile_math.dot_precision(b.dtype))
 
 
 def sigmoid_backward(a, b, scale, bias, positives, g, *, vec_on, tiles):
@@ -310,7 +310,7 @@ def sigmoid_backward(a, b, scale, bias, positives, g, *, vec_on, tiles):
   orientation, which also returns the row sums for the bias gradient; "cols": the dk orientation).
 
   >>> import jax.numpy as jnp
-  >>> from jaxcl.ops.pallas import Tiles
+  >>> from jaxcl.ops.tiles import Tiles
   >>> t = Tiles(16, 16, n_a=2, n_b=2, padded_a=16, padded_b=16, interpret=True, num_warps=None,
   ...           num_stages=2)
   >>> x = jnp.zeros((16, 128)).at[:2, :2].set(jnp.eye(2))  # two padded unit vectors

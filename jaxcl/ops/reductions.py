@@ -12,102 +12,23 @@ sigmoid its terms are left out of the sums), whatever it holds.
 
 Terms linear in S (the positive logits Σ_j T_ij S_ij) never need S: the losses compute them from the
 embeddings directly. Each engine (`impl`) computes these reductions with the same numerics and is
-differentiable in q, k, scale (and b).
+differentiable in q, k, scale (and b). The engines, their registry and the `impl="auto"` policy are in
+`jaxcl.ops.engines`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxcl import _checks
+from jaxcl.ops import blockwise
 from jaxcl.ops import dense
 from jaxcl.ops import masks as masks_lib
-
-# Engine registry: name -> module-level functions `logsumexp(...)` and `sigmoid_sum(...)`.
-_ENGINES: dict[str, dict[str, Callable]] = {
-    "dense": {"logsumexp": dense.logsumexp, "sigmoid_sum": dense.sigmoid_sum},
-}
-
-
-def register_engine(name: str, *, logsumexp: Callable, sigmoid_sum: Callable) -> None:
-  """Makes an engine available as `impl=name` to every loss."""
-  _ENGINES[name] = {"logsumexp": logsumexp, "sigmoid_sum": sigmoid_sum}
-
-
-def available_impls() -> tuple[str, ...]:
-  """Engine names accepted by `impl=` (plus "auto")."""
-  return tuple(_ENGINES)
-
-
-def resolve_impl(impl: str, n_rows: int, n_cols: int) -> str:
-  """The engine `impl="auto"` picks for an (n_rows, n_cols) similarity matrix.
-
-  Rule: the dense engine while the matrix is small (n_rows·n_cols <= 4096², 64 MiB of float32); above
-  that `BY_PLATFORM`, "pallas|blockwise": the fused `pallas` engine where the program is lowered for a
-  TPU or a CUDA GPU, `blockwise` elsewhere. The platform is the one the program is COMPILED for, not
-  the default backend of this process (`jax.lax.platform_dependent`): a program compiled here for a TPU
-  (`jaxcl.targets`) gets the TPU kernels, one run on CPU the blockwise tile loop. The same holds inside
-  `shard_map` (the kernels' outputs carry the device-varying type check_vma asks for).
-
-  >>> resolve_impl("auto", 8, 8), resolve_impl("auto", 8192, 8192)
-  ('dense', 'pallas|blockwise')
-  """
-  if impl != "auto":
-    _checks.check_choice("impl", impl, ("auto",) + available_impls())
-    return impl
-  if n_rows * n_cols <= DENSE_MAX_ELEMENTS:
-    return "dense"
-  if "pallas" in _ENGINES and "blockwise" in _ENGINES:
-    return BY_PLATFORM
-  if "blockwise" in _ENGINES:
-    return "blockwise"
-  return "dense"
-
-
-DENSE_MAX_ELEMENTS = 4096 * 4096
-SHARDED_IMPLS = ("allgather", "ring")
-BY_PLATFORM = "pallas|blockwise"
-# The platforms (`jax.lax.platform_dependent` names) on which `BY_PLATFORM` runs the fused kernels.
-KERNEL_PLATFORMS = ("tpu", "cuda")
-
-
-def by_platform(kernels: Callable, other: Callable):
-  """`kernels()` where the program is lowered for a platform of `KERNEL_PLATFORMS`, else `other()`.
-
-  Both are traced; only the chosen one is lowered and compiled (`jax.lax.platform_dependent`).
-  """
-  return jax.lax.platform_dependent(default=other, **{p: kernels for p in KERNEL_PLATFORMS})
-
-
-def engine(name: str, reduction: str) -> Callable:
-  """The function `reduction` ("logsumexp" / "sigmoid_sum") of engine `name` (a registered engine or
-  `BY_PLATFORM`)."""
-  if name != BY_PLATFORM:
-    return _ENGINES[name][reduction]
-  kernels, other = _ENGINES["pallas"][reduction], _ENGINES["blockwise"][reduction]
-
-  def run(*args, **kwargs):
-    return by_platform(lambda: kernels(*args, **kwargs), lambda: other(*args, **kwargs))
-
-  return run
-
-
-def scale_grads(q: jax.Array, scale: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(dq, dscale), float32, from g_i = Σ_j dS_ij k_j (float32 (Bq, D)), the one matmul every engine's
-  backward pass accumulates for S_ij = scale_i <q_i, k_j>:
-
-      dq_i = scale_i · g_i,    dscale_i = Σ_j dS_ij <q_i, k_j> = <q_i, g_i>   (no pass over S)
-
-  >>> import jax.numpy as jnp
-  >>> dq, dscale = scale_grads(jnp.ones((1, 2)), jnp.full((1,), 3.0), jnp.array([[1.0, 2.0]]))
-  >>> dq.tolist(), dscale.tolist()
-  ([[3.0, 6.0]], [3.0])
-  """
-  return scale[:, None] * g, jnp.einsum("id,id->i", q.astype(jnp.float32), g)
-
+from jaxcl.ops import sharded
+from jaxcl.ops.engines import DENSE_MAX_ELEMENTS, SHARDED_IMPLS, engine, resolve_impl
 
 def _local_impl(impl: str, n_rows: int, n_cols: int) -> str:
   if impl in SHARDED_IMPLS:
@@ -180,8 +101,6 @@ def logsumexp(
   if not (rows or cols):
     raise ValueError("`rows` and `cols` are both False: nothing to compute.")
   if axis_name is not None:
-    from jaxcl.ops import sharded  # noqa: PLC0415  (sharded imports the engines, which import this)
-
     row, col = sharded.logsumexp(
         q, k, scale=scale, rows=rows, cols=cols, exclude=exclude, include=include,
         axis_name=axis_name, impl=impl,
@@ -259,15 +178,11 @@ def _zeroed(x: jax.Array, valid: jax.Array | None) -> jax.Array:
 def _positions(n: int, axis_name) -> jax.Array:
   if axis_name is None:
     return jnp.arange(n, dtype=jnp.int32)
-  from jaxcl.ops import sharded  # noqa: PLC0415
-
   return sharded.global_ids(n, axis_name)
 
 
 def _sigmoid_sum(q, k, scale, bias, positives, impl, axis_name):
   if axis_name is not None:
-    from jaxcl.ops import sharded  # noqa: PLC0415
-
     return sharded.sigmoid_sum(
         q, k, scale=scale, bias=bias, positives=positives, axis_name=axis_name, impl=impl
     )
@@ -325,12 +240,8 @@ def top1(
   include = masks_lib.with_validity(None, row_valid, col_valid, n, n)
   q, k = _zeroed(q, row_valid), _zeroed(k, col_valid)
   if axis_name is not None:
-    from jaxcl.ops import sharded  # noqa: PLC0415
-
     scores = sharded.top1_scores(q, k, positives=positives, include=include, axis_name=axis_name, impl=impl)
   else:
-    from jaxcl.ops import blockwise  # noqa: PLC0415
-
     local = dense if n * n <= DENSE_MAX_ELEMENTS else blockwise
     scores = local.top1_scores(q, k, positives=positives, include=include)
   row_pos, row_neg, col_pos, col_neg = scores

@@ -49,8 +49,9 @@ from jaxcl.ops import _vma
 from jaxcl.ops import blockwise
 from jaxcl.ops import dense
 from jaxcl.ops import pallas
-from jaxcl.ops import reductions
-from jaxcl.ops.reductions import SHARDED_IMPLS
+from jaxcl.ops import engines
+from jaxcl.ops import tiles as tile_math
+from jaxcl.ops.engines import SHARDED_IMPLS
 # `impl="auto"` under an axis name: allgather while one device's block of the global similarity matrix,
 # (B/n) × B, is small enough for the dense engine AND the gathered keys (B, D) hold at most 2²⁴ values
 # (64 MiB of float32, the size of their float32 gradient before the reduce-scatter), else ring.
@@ -120,11 +121,6 @@ def _gather_cols(pair, axis_name):
   return None if pair is None else (pair[0], _gather(pair[1], axis_name))
 
 
-def _safe_log(total, shift):
-  ok = total > 0
-  return jnp.where(ok, jnp.log(jnp.where(ok, total, 1.0)) + shift, -jnp.inf)
-
-
 def combine_logsumexp(partial: jax.Array, axis_name: AxisName, *, scatter: bool) -> jax.Array:
   """log Σ_devices exp(partial), elementwise; `scatter=True` returns only this device's slice of the
   (n · m,) result (a reduce-scatter instead of an all-reduce). -inf where every device has -inf."""
@@ -132,10 +128,10 @@ def combine_logsumexp(partial: jax.Array, axis_name: AxisName, *, scatter: bool)
   shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
   e = jnp.exp(partial - shift)
   if not scatter:
-    return _safe_log(lax.psum(e, axis_name), shift)
+    return tile_math.log_sum(lax.psum(e, axis_name), shift)
   m = partial.shape[0] // axis_size(axis_name)
   mine = lax.dynamic_slice_in_dim(shift, lax.axis_index(axis_name) * m, m)
-  return _safe_log(lax.psum_scatter(e, axis_name, scatter_dimension=0, tiled=True), mine)
+  return tile_math.log_sum(lax.psum_scatter(e, axis_name, scatter_dimension=0, tiled=True), mine)
 
 
 def _local_engine(n_rows: int, n_cols: int, local_impl: str, tile: int | None, reduction: str):
@@ -152,7 +148,7 @@ def _local_engine(n_rows: int, n_cols: int, local_impl: str, tile: int | None, r
     return kernels
 
   def run(*args, **kwargs):
-    return reductions.by_platform(lambda: kernels(*args, **kwargs), lambda: blockwise_fn(*args, **kwargs))
+    return engines.by_platform(lambda: kernels(*args, **kwargs), lambda: blockwise_fn(*args, **kwargs))
 
   return run
 
@@ -240,10 +236,10 @@ def _hop(cfg):
 
 def _by_hop(cfg, ring):
   """`ring(cfg)` with the per-step engine of `cfg.hop`; "auto": the fused kernels where the program is
-  lowered for a TPU or a CUDA GPU, the blockwise tiles elsewhere (`reductions.by_platform`)."""
+  lowered for a TPU or a CUDA GPU, the blockwise tiles elsewhere (`engines.by_platform`)."""
   if cfg.hop != "auto":
     return ring(cfg)
-  return reductions.by_platform(lambda: ring(cfg._replace(hop="pallas")),
+  return engines.by_platform(lambda: ring(cfg._replace(hop="pallas")),
                                 lambda: ring(cfg._replace(hop="blockwise")))
 
 
@@ -303,7 +299,7 @@ def _ring_lse_bwd(cfg, res, g):
                  results=jnp.zeros(k.shape, _F32), combine=jnp.add)
 
   dk, g_q = _by_hop(cfg, ring)
-  dq, dscale = reductions.scale_grads(q, scale, g_q)
+  dq, dscale = engines.scale_grads(q, scale, g_q)
   none = lambda pair: None if pair is None else (None, None)
   return dq.astype(q.dtype), dk.astype(k.dtype), dscale, none(exclude), none(include)
 
@@ -351,7 +347,7 @@ def _ring_sig_bwd(cfg, res, g):
                  results=jnp.zeros(k.shape, _F32), combine=jnp.add)
 
   dk, (g_q, dbias) = _by_hop(cfg, ring)
-  dq, dscale = reductions.scale_grads(q, scale, g_q)
+  dq, dscale = engines.scale_grads(q, scale, g_q)
   return dq.astype(q.dtype), dk.astype(k.dtype), dscale, dbias, (None, None)
 
 

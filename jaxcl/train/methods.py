@@ -25,7 +25,7 @@ import ml_collections
 from jaxcl import losses
 from jaxcl import models
 from jaxcl import ops
-from jaxcl.ops.reductions import SHARDED_IMPLS
+from jaxcl.ops.engines import SHARDED_IMPLS
 from jaxcl.train import mcl
 
 SELF_SUPERVISED = ("simclr", "dcl", "supcon", "multiview", "moco", "byol", "simsiam")

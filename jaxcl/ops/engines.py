@@ -1,0 +1,127 @@
+"""The similarity engines: their registry, and the engine `impl="auto"` picks.
+
+An engine computes the reductions of `jaxcl.ops.reductions` for one device: "dense" (`jaxcl.ops.dense`),
+"blockwise" (`jaxcl.ops.blockwise`) and "pallas" (`jaxcl.ops.pallas`) register here when imported; the
+sharded engines ("allgather", "ring", `jaxcl.ops.sharded`) run one of them on each device's block.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxcl import _checks
+from jaxcl.ops import dense
+
+# Engine registry: name -> module-level functions `logsumexp(...)` and `sigmoid_sum(...)`.
+_ENGINES: dict[str, dict[str, Callable]] = {
+    "dense": {"logsumexp": dense.logsumexp, "sigmoid_sum": dense.sigmoid_sum},
+}
+
+
+def register_engine(name: str, *, logsumexp: Callable, sigmoid_sum: Callable) -> None:
+  """Makes an engine available as `impl=name` to every loss."""
+  _ENGINES[name] = {"logsumexp": logsumexp, "sigmoid_sum": sigmoid_sum}
+
+
+def available_impls() -> tuple[str, ...]:
+  """Engine names accepted by `impl=` (plus "auto")."""
+  return tuple(_ENGINES)
+
+
+def resolve_impl(impl: str, n_rows: int, n_cols: int) -> str:
+  """The engine `impl="auto"` picks for an (n_rows, n_cols) similarity matrix.
+
+  Rule: the dense engine while the matrix is small (n_rows·n_cols <= 4096², 64 MiB of float32); above
+  that `BY_PLATFORM`, "pallas|blockwise": the fused `pallas` engine where the program is lowered for a
+  TPU or a CUDA GPU, `blockwise` elsewhere. The platform is the one the program is COMPILED for, not
+  the default backend of this process (`jax.lax.platform_dependent`): a program compiled here for a TPU
+  (`jaxcl.targets`) gets the TPU kernels, one run on CPU the blockwise tile loop. The same holds inside
+  `shard_map` (the kernels' outputs carry the device-varying type check_vma asks for).
+
+  >>> resolve_impl("auto", 8, 8), resolve_impl("auto", 8192, 8192)
+  ('dense', 'pallas|blockwise')
+  """
+  if impl != "auto":
+    _checks.check_choice("impl", impl, ("auto",) + available_impls())
+    return impl
+  if n_rows * n_cols <= DENSE_MAX_ELEMENTS:
+    return "dense"
+  if "pallas" in _ENGINES and "blockwise" in _ENGINES:
+    return BY_PLATFORM
+  if "blockwise" in _ENGINES:
+    return "blockwise"
+  return "dense"
+
+
+def is_dense(impl: str, n_rows: int, n_cols: int) -> bool:
+  """Whether `impl` resolves to the dense engine for an (n_rows, n_cols) similarity matrix: the rule
+  losses with their own tiled fallback (`jaxcl.losses._tiled`, `_soft_targets`) follow.
+
+  >>> is_dense("auto", 8, 8), is_dense("auto", 8192, 8192), is_dense("blockwise", 8, 8)
+  (True, False, False)
+  """
+  return resolve_impl(impl, n_rows, n_cols) == "dense"
+
+
+def twice_differentiable(impl: str, n_rows: int, n_cols: int, what: str) -> str:
+  """The engine for a term whose gradient differentiates an engine's backward pass (dense or
+  blockwise; the fused kernels have no second derivative). `impl="auto"` that would pick the kernels
+  takes `blockwise`; `impl="pallas"` is an error naming `what`.
+
+  >>> twice_differentiable("auto", 8192, 8192, "a term")
+  'blockwise'
+  """
+  resolved = resolve_impl(impl, n_rows, n_cols)
+  if resolved == "pallas":
+    raise ValueError(
+        f"`impl='pallas'` cannot compute {what}: its gradient differentiates the engine's backward "
+        "pass, which the fused kernels do not support; use impl='dense', 'blockwise' or 'auto'."
+    )
+  if resolved == BY_PLATFORM:
+    return "blockwise" if "blockwise" in _ENGINES else "dense"
+  return resolved
+
+
+DENSE_MAX_ELEMENTS = 4096 * 4096
+SHARDED_IMPLS = ("allgather", "ring")
+BY_PLATFORM = "pallas|blockwise"
+# The platforms (`jax.lax.platform_dependent` names) on which `BY_PLATFORM` runs the fused kernels.
+KERNEL_PLATFORMS = ("tpu", "cuda")
+
+
+def by_platform(kernels: Callable, other: Callable):
+  """`kernels()` where the program is lowered for a platform of `KERNEL_PLATFORMS`, else `other()`.
+
+  Both are traced; only the chosen one is lowered and compiled (`jax.lax.platform_dependent`).
+  """
+  return jax.lax.platform_dependent(default=other, **{p: kernels for p in KERNEL_PLATFORMS})
+
+
+def engine(name: str, reduction: str) -> Callable:
+  """The function `reduction` ("logsumexp" / "sigmoid_sum") of engine `name` (a registered engine or
+  `BY_PLATFORM`)."""
+  if name != BY_PLATFORM:
+    return _ENGINES[name][reduction]
+  kernels, other = _ENGINES["pallas"][reduction], _ENGINES["blockwise"][reduction]
+
+  def run(*args, **kwargs):
+    return by_platform(lambda: kernels(*args, **kwargs), lambda: other(*args, **kwargs))
+
+  return run
+
+
+def scale_grads(q: jax.Array, scale: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(dq, dscale), float32, from g_i = Σ_j dS_ij k_j (float32 (Bq, D)), the one matmul every engine's
+  backward pass accumulates for S_ij = scale_i <q_i, k_j>:
+
+      dq_i = scale_i · g_i,    dscale_i = Σ_j dS_ij <q_i, k_j> = <q_i, g_i>   (no pass over S)
+
+  >>> import jax.numpy as jnp
+  >>> dq, dscale = scale_grads(jnp.ones((1, 2)), jnp.full((1,), 3.0), jnp.array([[1.0, 2.0]]))
+  >>> dq.tolist(), dscale.tolist()
+  ([[3.0, 6.0]], [3.0])
+  """
+  return scale[:, None] * g, jnp.einsum("id,id->i", q.astype(jnp.float32), g)
