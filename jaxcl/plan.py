@@ -61,10 +61,15 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
 
   Each instruction whose op is a kind of `COLLECTIVES` (or its asynchronous `<kind>-start`; the
   matching `-done` is not counted again) counts once, with the bytes of its result shape (for an
-  asynchronous start, the last array of its result tuple: the gathered / reduced output). Per device:
-  the program is the one every device runs.
+  asynchronous start, the last array of its result tuple that is not a scalar: the gathered / reduced /
+  received output; a collective-permute-start's tuple ends in scalar u32 context values). Per device:
+  the program is the one every device runs; an instruction inside a loop counts once, not once per
+  iteration.
 
   >>> collective_stats("%a = f32[4,8]{1,0} all-reduce(f32[4,8]{1,0} %x), to_apply=%add")["all-reduce"]
+  {'count': 1, 'bytes': 128}
+  >>> hlo = "%p = (bf16[16,4]{1,0}, bf16[16,4]{1,0}, u32[], u32[]) collective-permute-start(%x)"
+  >>> collective_stats(hlo)["collective-permute"]
   {'count': 1, 'bytes': 128}
   """
   stats = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
@@ -75,7 +80,7 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
     if kind not in stats:
       continue
     if start and shape.startswith("("):
-      arrays = _ARRAY.findall(shape)
+      arrays = [a for a in _ARRAY.findall(shape) if a[1]]  # scalars (dims "") are context values
       shape = "{}[{}]".format(*arrays[-1]) if arrays else shape
     stats[kind]["count"] += 1
     stats[kind]["bytes"] += array_bytes(shape)

@@ -68,6 +68,21 @@ def test_collective_stats_async_pairs_count_once_with_their_output():
   assert stats["all-reduce"]["count"] == 0  # an operand named all-reduce.3 is not an instruction
 
 
+def test_collective_stats_of_the_compiled_tpu_ring():
+  """The ring compiled for v5e:2x2: TPU's collective-permute-start tuples end in scalar u32 context
+  values, which are not the bytes sent; each start counts the (B/n, D) block or vector it sends."""
+  from jaxcl import losses, targets  # noqa: PLC0415
+
+  mesh = targets.mesh(targets.get("v5e:2x2"))
+  x = jax.ShapeDtypeStruct((4 * 1024, 128), jnp.bfloat16, sharding=jax.NamedSharding(mesh, jax.P("data")))
+  loss = lambda a, b: losses.clip(a, b, logit_scale=10.0, impl="ring", mesh=mesh, normalize=False)
+  with jax.default_matmul_precision("default"):
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, x).compile()
+  stats = plan.collective_stats(compiled.as_text())["collective-permute"]
+  block = 1024 * 128 * 2  # one device's (B/n, D) bf16 block of keys
+  assert stats["count"] >= 4 and stats["bytes"] >= 4 * block, stats
+
+
 # ------------------------------------------------------------------------------------------ the plan
 def _state_and_batch_bytes(config, num_devices):
   """Bytes of the train state (every leaf, replicated) and of one device's share of the batch,
