@@ -468,8 +468,8 @@ def test_auto_on_a_tpu_pod_mesh_compiles_without_a_b_by_b_buffer():
   device's block, 16,384 × 65,536, is far above the dense size): collective permutes, no all-gather of
   the keys, the Mosaic kernels at every hop, and per-chip temporaries within 160 MiB (a (B/4, B)
   float32 block would be 4 GiB). Compiled: 131 MiB, most of it the lane-padded row vectors and
-  whole-shard float32 gradients and gradients of each hop's kernels; the blockwise hop needs 50 MiB (the issue's target is
-  64 MiB; docs/distributed.md, Limits)."""
+  whole-shard float32 gradients of each hop's kernels; the blockwise hop needs 50 MiB (the issue's
+  target is 64 MiB; docs/distributed.md, Limits)."""
   from jaxcl import targets  # noqa: PLC0415
 
   target = targets.get("v5e:2x2")
