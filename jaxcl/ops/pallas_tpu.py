@@ -4,8 +4,9 @@ Every kernel runs over a grid (row blocks i × column blocks j), j innermost and
 accumulators), i "parallel" (split across TensorCores on megacore chips) unless the column log-sum-exp
 is fused into the same pass. Block shapes follow the Mosaic (8, 128) rule: the q/k blocks are
 (block, D) with block a multiple of 16 (bf16 packs 16 rows per vreg) and D the whole, 128-padded
-feature axis; vectors along rows are (N, 1) arrays in (block, 1) blocks and vectors along columns are
-(1, N) arrays in (1, block) blocks, block a multiple of 128 or the whole axis. Dots are bf16 × bf16 or
+feature axis; every vector is a lane-dense (1, N) array in (1, block) blocks, block a multiple of 128
+or the whole axis, and a kernel turns a row vector's block into a (block, 1) column in VMEM (an (N, 1)
+array in HBM would be laid out in (8, 128) tiles: 128 lanes for one value). Dots are bf16 × bf16 or
 f32 × f32 with float32 accumulation (`preferred_element_type`).
 
 Kernels (S = scale · a bᵀ tile by tile, V the validity from ids and padding):
@@ -49,12 +50,13 @@ class _Call:
     self.specs.append(pl.BlockSpec((block, x.shape[1]), index))
 
   def vector(self, x: jax.Array, side: str):
-    """A vector along rows as (N, 1) in (block_a, 1) blocks, along columns as (1, N) in (1, block_b)."""
+    """A vector as a lane-dense (1, N) array in (1, block_a) blocks along rows, (1, block_b) along
+    columns. A kernel reads a row vector's block with `_column` (an (N, 1) array would take a whole
+    (8, 128) tile per 8 values in HBM: 128x the bytes)."""
+    self.inputs.append(jnp.reshape(x, (1, -1)))
     if side == "rows":
-      self.inputs.append(jnp.reshape(x, (-1, 1)))
-      self.specs.append(pl.BlockSpec((self.tiles.block_a, 1), lambda i, j: (i, 0)))
+      self.specs.append(pl.BlockSpec((1, self.tiles.block_a), lambda i, j: (0, i)))
     else:
-      self.inputs.append(jnp.reshape(x, (1, -1)))
       self.specs.append(pl.BlockSpec((1, self.tiles.block_b), lambda i, j: (0, j)))
 
   def __call__(self, kernel, name, out_shape, out_specs, *, scratch=(), semantics=("parallel", "arbitrary"),
@@ -74,9 +76,24 @@ class _Call:
     )(*inputs)
 
 
-def _row_out(tiles: tile_math.Tiles, width: int = 1):
+def _row_out(tiles: tile_math.Tiles, width: int | None = None):
+  """A float32 output along rows: a lane-dense (1, N_a) vector (width None, written with `_row`) or an
+  (N_a, width) matrix, in blocks of the row block."""
+  if width is None:
+    return (jax.ShapeDtypeStruct((1, tiles.padded_a), jnp.float32),
+            pl.BlockSpec((1, tiles.block_a), lambda i, j: (0, i)))
   shape = jax.ShapeDtypeStruct((tiles.padded_a, width), jnp.float32)
   return shape, pl.BlockSpec((tiles.block_a, width), lambda i, j: (i, 0))
+
+
+def _column(x):
+  """A row vector's (1, block) block as the (block, 1) column that broadcasts along a tile's rows."""
+  return jnp.transpose(x)
+
+
+def _row(x):
+  """A (block, 1) column of per-row values as the lane-dense (1, block) block of a row output."""
+  return jnp.transpose(x)
 
 
 def _cost(tiles: tile_math.Tiles, d: int, itemsize: int, matmuls: int, exps: int) -> pl.CostEstimate:
@@ -89,23 +106,23 @@ def _cost(tiles: tile_math.Tiles, d: int, itemsize: int, matmuls: int, exps: int
   )
 
 
-def _scores(a_ref, b_ref, scale_ref):
+def _scores(a_ref, b_ref, scale_ref, scale_on):
   a, b = a_ref[...], b_ref[...]
   s = jax.lax.dot_general(a, b, _NT, preferred_element_type=jnp.float32,
                           precision=tile_math.dot_precision(b.dtype))
-  return s * scale_ref[...]
+  return s * (_column(scale_ref[...]) if scale_on == "rows" else scale_ref[...])
 
 
 def _valid(tiles: tile_math.Tiles, kinds, id_refs, shape):
   i, j = pl.program_id(0), pl.program_id(1)
   row_pos = jax.lax.broadcasted_iota(jnp.int32, shape, 0) + i * tiles.block_a
   col_pos = jax.lax.broadcasted_iota(jnp.int32, shape, 1) + j * tiles.block_b
-  id_tiles = [(r[...], c[...]) for r, c in id_refs]
+  id_tiles = [(_column(r[...]), c[...]) for r, c in id_refs]
   return tile_math.tile_valid(row_pos, col_pos, tiles, kinds, id_tiles)
 
 
 # ------------------------------------------------------------------------------------- log-sum-exp
-def _lse_fwd_kernel(*refs, tiles, kinds, with_cols):
+def _lse_fwd_kernel(*refs, tiles, kinds, scale_on, with_cols):
   it = iter(refs)
   a_ref, b_ref, scale_ref = next(it), next(it), next(it)
   id_refs = [(next(it), next(it)) for _ in kinds]
@@ -120,7 +137,7 @@ def _lse_fwd_kernel(*refs, tiles, kinds, with_cols):
     m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
 
-  s = _scores(a_ref, b_ref, scale_ref)
+  s = _scores(a_ref, b_ref, scale_ref, scale_on)
   valid = _valid(tiles, kinds, id_refs, s.shape)
   if valid is not None:
     s = jnp.where(valid, s, -jnp.inf)
@@ -128,7 +145,7 @@ def _lse_fwd_kernel(*refs, tiles, kinds, with_cols):
 
   @pl.when(j == nj - 1)
   def _store_rows():
-    row_ref[...] = tile_math.finalize_lse(m_ref[...], l_ref[...])
+    row_ref[...] = _row(tile_math.finalize_lse(m_ref[...], l_ref[...]))
 
   if with_cols:
     cm_ref, cl_ref = next(it), next(it)
@@ -172,13 +189,14 @@ def lse_forward(a, b, scale, ids, *, kinds, scale_on, with_cols, tiles):
     out_shape.append(jax.ShapeDtypeStruct((nj, 1, tiles.block_b), jnp.float32))
     out_specs.append(pl.BlockSpec((nj, 1, tiles.block_b), lambda i, j: (0, 0, 0)))
     scratch += [pltpu.VMEM((nj, 1, tiles.block_b), jnp.float32)] * 2
-  kernel = functools.partial(_lse_fwd_kernel, tiles=tiles, kinds=kinds, with_cols=with_cols)
+  kernel = functools.partial(_lse_fwd_kernel, tiles=tiles, kinds=kinds, scale_on=scale_on,
+                             with_cols=with_cols)
   outs = call(
       kernel, "jaxcl_lse_fwd", out_shape, out_specs, scratch=scratch,
       semantics=("arbitrary", "arbitrary") if with_cols else ("parallel", "arbitrary"),
       cost=_cost(tiles, a.shape[1], a.dtype.itemsize, 1, 2 if with_cols else 1),
   )
-  row = outs[0][:, 0]
+  row = outs[0][0]
   col = jnp.reshape(outs[1], (-1,)) if with_cols else None
   return row, col
 
@@ -187,7 +205,7 @@ def _lse_bwd_kernel(*refs, tiles, kinds, scale_on, with_rows, with_cols):
   it = iter(refs)
   a_ref, b_ref, scale_ref = next(it), next(it), next(it)
   id_refs = [(next(it), next(it)) for _ in kinds]
-  row_lse, g_row = (next(it)[...], next(it)[...]) if with_rows else (None, None)
+  row_lse, g_row = (_column(next(it)[...]), _column(next(it)[...])) if with_rows else (None, None)
   col_lse, g_col = (next(it)[...], next(it)[...]) if with_cols else (None, None)
   acc_ref = next(it)
 
@@ -195,7 +213,7 @@ def _lse_bwd_kernel(*refs, tiles, kinds, scale_on, with_rows, with_cols):
   def _init():
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-  s = _scores(a_ref, b_ref, scale_ref)
+  s = _scores(a_ref, b_ref, scale_ref, scale_on)
   valid = _valid(tiles, kinds, id_refs, s.shape)
   ds = tile_math.softmax_grad_tile(s, valid, row_lse, g_row, col_lse, g_col)
   if scale_on == "cols":
@@ -251,10 +269,10 @@ def _sig_fwd_kernel(a_ref, b_ref, scale_ref, bias_ref, pr_ref, pc_ref, out_ref, 
   def _init():
     out_ref[...] = jnp.zeros(out_ref.shape, jnp.float32)
 
-  logits = _scores(a_ref, b_ref, scale_ref) + bias_ref[...]
+  logits = _scores(a_ref, b_ref, scale_ref, "rows") + _column(bias_ref[...])
   valid = _valid(tiles, (), (), logits.shape)
-  val = tile_math.sigmoid_value_tile(logits, pr_ref[...] == pc_ref[...], valid)
-  out_ref[...] += jnp.sum(val, axis=1, keepdims=True)
+  val = tile_math.sigmoid_value_tile(logits, _column(pr_ref[...]) == pc_ref[...], valid)
+  out_ref[...] += _row(jnp.sum(val, axis=1, keepdims=True))
 
 
 def sigmoid_forward(a, b, scale, bias, positives, *, tiles):
@@ -280,7 +298,7 @@ def sigmoid_forward(a, b, scale, bias, positives, *, tiles):
   out_shape, out_spec = _row_out(tiles)
   out = call(functools.partial(_sig_fwd_kernel, tiles=tiles), "jaxcl_sigmoid_fwd", out_shape, out_spec,
              cost=_cost(tiles, a.shape[1], a.dtype.itemsize, 1, 2))
-  return out[:, 0]
+  return out[0]
 
 
 def _sig_bwd_kernel(a_ref, b_ref, scale_ref, bias_ref, g_ref, pr_ref, pc_ref, acc_ref, *sum_ref, tiles,
@@ -291,11 +309,12 @@ def _sig_bwd_kernel(a_ref, b_ref, scale_ref, bias_ref, g_ref, pr_ref, pc_ref, ac
     for ref in sum_ref:
       ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
-  logits = _scores(a_ref, b_ref, scale_ref) + bias_ref[...]
+  along = _column if vec_on == "rows" else (lambda x: x)
+  logits = _scores(a_ref, b_ref, scale_ref, vec_on) + along(bias_ref[...])
   valid = _valid(tiles, (), (), logits.shape)
-  ds = tile_math.sigmoid_grad_tile(logits, pr_ref[...] == pc_ref[...], valid, g_ref[...])
+  ds = tile_math.sigmoid_grad_tile(logits, _column(pr_ref[...]) == pc_ref[...], valid, along(g_ref[...]))
   for ref in sum_ref:
-    ref[...] += jnp.sum(ds, axis=1, keepdims=True)
+    ref[...] += _row(jnp.sum(ds, axis=1, keepdims=True))
   if vec_on == "cols":
     ds = ds * scale_ref[...]
   b = b_ref[...]
@@ -337,4 +356,4 @@ def sigmoid_backward(a, b, scale, bias, positives, g, *, vec_on, tiles):
       functools.partial(_sig_bwd_kernel, tiles=tiles, vec_on=vec_on), "jaxcl_sigmoid_bwd", out_shape,
       out_specs, cost=_cost(tiles, a.shape[1], a.dtype.itemsize, 2, 1),
   )
-  return outs[0], (outs[1][:, 0] if vec_on == "rows" else None)
+  return outs[0], (outs[1][0] if vec_on == "rows" else None)
