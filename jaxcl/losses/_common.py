@@ -19,73 +19,28 @@ from jaxcl.ops.engines import SHARDED_IMPLS
 NORM_EPS = 1e-6
 
 
-def _l2_factors(x32: jax.Array, axis: int, eps: float):
-  """(B, 1) float32 factors of a float32 batch: r1, r2 and `unit` with
-
-      x / max(‖x‖, eps) = x · r1 · r2,   r1 = 1/s, r2 = 1/(s ‖u‖)   where unit: ‖x‖ >= eps
-                                         r1 = 1,   r2 = 1/eps        otherwise
-
-  (m = max_i |x_i|, s = √m, u = (x / s) / s; see `l2_normalize`). Each factor is a normal float32
-  number for every row up to float32's maximum, and so is x · r1."""
-  m = jnp.max(jnp.abs(x32), axis=axis, keepdims=True, initial=0.0)
-  s = jnp.sqrt(jnp.where(m > 0, m, 1.0))
-  u = x32 / s / s
-  sq = jnp.sum(jnp.square(u), axis=axis, keepdims=True)  # about 1 or more unless x = 0
-  norm_u = jnp.sqrt(jnp.where(sq > 0, sq, 1.0))
-  unit = m * norm_u >= eps
-  r1 = jnp.where(unit, 1.0 / s, 1.0)
-  r2 = jnp.where(unit, 1.0 / (s * norm_u), 1.0 / eps)
-  return r1, r2, unit
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = NORM_EPS) -> jax.Array:
-  """x / max(‖x‖₂, eps), computed in float32 and returned in x's dtype.
+  """x / max(‖x‖₂, eps), computed in float32 and returned in x's dtype (gradients flow through).
 
   With m = max_i |x_i|, s = √m and u = (x / s) / s (so |u_i| <= 1 and ‖u‖ is in [1, √D]: squaring
   cannot overflow or underflow, for any row up to float32's maximum):
 
-      y = x / max(‖x‖, eps) = (x · 1/s) · 1/(s ‖u‖)   if m ‖u‖ >= eps (that is ‖x‖ >= eps)
-                            = x · 1/eps                otherwise (a row shorter than eps)
+      x / max(‖x‖, eps) = u / ‖u‖        if m ‖u‖ >= eps (that is ‖x‖ >= eps)
+                        = u · s² / eps   otherwise (a row shorter than eps is scaled by 1/eps)
 
-  Dividing twice by s, not once by m or ‖x‖, keeps every reciprocal a normal float32 number (1/m is
-  subnormal, flushed to 0, beyond m ≈ 1e38, and XLA divides by multiplying with the reciprocal). Only
-  (B, 1) factors multiply the rows. A zero row stays zero, with gradient g / eps (the function is x / eps
-  near 0); rows of subnormal numbers are zero where the hardware flushes subnormals to zero (XLA on CPU,
-  GPU and TPU), with the same gradient.
-
-  Gradient (a `jax.custom_vjp`), for a cotangent g of y, in float32 and returned in x's dtype:
-
-      dx = (g − y <y, g>) · 1/s · 1/(s ‖u‖)   (= (g − y <y, g>) / ‖x‖)   where ‖x‖ >= eps
-         = g / eps                                                       otherwise
-
-  Memory: the backward pass keeps only x (in its own dtype) and three (B, 1) factors, and recomputes y
-  from x; it is two passes over the rows (the row sums <y, g>, then the elementwise dx). Reverse mode
-  only: `jax.jvp` / `jax.jacfwd` of it raise; `jax.grad` of `jax.grad` (and `jax.hessian`) work, by
-  differentiating this backward rule.
+  Dividing twice by s, not once by m, keeps every reciprocal a normal float32 number (1/m is subnormal,
+  flushed to 0, beyond m ≈ 1e38, and XLA divides by multiplying with the reciprocal). Only (B, 1)
+  factors multiply the rows. A zero row stays zero with a finite gradient; rows of subnormal numbers
+  are zero where the hardware flushes subnormals to zero (XLA on CPU, GPU and TPU).
   """
-  return _l2_normalize_fwd(x, axis, eps)[0]
-
-
-def _l2_normalize_fwd(x, axis, eps):
-  r1, r2, unit = _l2_factors(x.astype(jnp.float32), axis, eps)
-  return (x.astype(jnp.float32) * r1 * r2).astype(x.dtype), (x, r1, r2, unit)
-
-
-def _l2_normalize_bwd(axis, eps, residuals, g):
-  x, r1, r2, unit = residuals
-  g32 = g.astype(jnp.float32)
-  y = x.astype(jnp.float32) * r1 * r2
-  yg = jnp.where(unit, jnp.sum(y * g32, axis=axis, keepdims=True), 0.0)
-  # The second pass starts from the barrier's outputs. Without it XLA fused the row sums of a loss's two
-  # inputs into one pass, keeping both (B, D) float32 cotangents alive at once (clip on bf16 (65536, 512)
-  # for one v5e chip, compiled: 387 MiB of temporaries, 260 MiB with it).
-  yg, g32, x = jax.lax.optimization_barrier((yg, g32, x))
-  y = x.astype(jnp.float32) * r1 * r2
-  return (((g32 - y * yg) * r1 * r2).astype(x.dtype),)
-
-
-l2_normalize.defvjp(_l2_normalize_fwd, _l2_normalize_bwd)
+  x32 = x.astype(jnp.float32)
+  m = jax.lax.stop_gradient(jnp.max(jnp.abs(x32), axis=axis, keepdims=True, initial=0.0))
+  s = jax.lax.stop_gradient(jnp.sqrt(jnp.where(m > 0, m, 1.0)))  # the result does not depend on s
+  u = x32 / s / s
+  sq = jnp.sum(jnp.square(u), axis=axis, keepdims=True)  # about 1 or more unless x = 0
+  norm_u = jnp.sqrt(jnp.where(sq > 0, sq, 1.0))  # finite gradient at x = 0
+  factor = jnp.where(m * norm_u >= eps, 1.0 / norm_u, s * s / eps)  # x = 0: s = 1, factor 1/eps
+  return (u * factor).astype(x.dtype)
 
 
 def maybe_normalize(x: jax.Array, normalize: bool) -> jax.Array:
