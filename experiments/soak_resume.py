@@ -130,9 +130,11 @@ def soak(steps: int = 1000, every: int = 100, checkpoint_every: int = 10, *, roo
   root = pathlib.Path(root or tempfile.mkdtemp(prefix="jaxcl-soak-"))
   root.mkdir(parents=True, exist_ok=True)
   values = overrides(steps, checkpoint_every, str(root / "tfds"))
+  # One persistent compilation cache for all the runs (the caller's, e.g. the test session's, if it has one).
+  cache = {} if os.environ.get("JAX_COMPILATION_CACHE_DIR") else {
+      "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **cache)
   say = print if verbose else (lambda *a, **k: None)
 
   t0 = time.perf_counter()

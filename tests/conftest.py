@@ -11,6 +11,20 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# One persistent JAX compilation cache for the whole test session: the xdist workers and every process
+# the tests launch (trainer runs, notebook kernels) inherit it through the environment, so a program
+# that was compiled once (the same train step rebuilt by another test, relaunched by a resume test) is
+# loaded instead of compiled again. A fresh folder outside the repository, made by the first process
+# of the session (the xdist controller) and removed when that process exits.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit  # noqa: E402
+  import shutil  # noqa: E402
+  import tempfile  # noqa: E402
+
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxcl-tests-jax-cache-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 import jax  # noqa: E402  (after the environment is set)
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -762,9 +762,10 @@ def _train_and_evaluate(config, workdir: str, infos: dict, *, progress: bool, st
   state, start = restore_checkpoint(manager, abstract, shardings, data_iter)
   good = start if state is not None else None  # the newest checkpoint verified finite (restored or saved)
   earlier = mcl_earlier_stages(config, abstract, shardings)
+  # One program for the run's initial state and the random-init baseline (compiled once).
+  init_fn = jax.jit(functools.partial(init_state, config, setup), out_shardings=shardings)
   if state is None:
-    state = jax.jit(functools.partial(init_state, config, setup), out_shardings=shardings)(
-        jax.random.key(config.seed))
+    state = init_fn(jax.random.key(config.seed))
     if earlier:  # a later MCL stage: the clusters of the earlier stages' features, once per run
       train = sources.load_arrays(config.data, config.data.train_split)
       state = state.replace(loss_state=mcl_loss_state(config, setup, earlier, shardings, train))
@@ -831,7 +832,7 @@ def _train_and_evaluate(config, workdir: str, infos: dict, *, progress: bool, st
   projection, labels = results.pop("_projection"), results.pop("_labels")
   writer.write(step, {f"eval/{k}": v for k, v in results.items()})
   if config.eval.baselines:
-    init = jax.jit(functools.partial(init_state, config, setup))(jax.random.key(config.seed))
+    init = init_fn(jax.random.key(config.seed))
     random_init = {k: v for k, v in evaluate(config, setup, _variables(init)).items() if not k.startswith("_")}
     results["baselines"] = {"random_init": random_init, "raw_pixels": raw_pixel_baseline(config, setup)}
   results["step"] = step
