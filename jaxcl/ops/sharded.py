@@ -48,8 +48,8 @@ from jax import lax
 from jaxcl.ops import _vma
 from jaxcl.ops import blockwise
 from jaxcl.ops import dense
-from jaxcl.ops import pallas
 from jaxcl.ops import engines
+from jaxcl.ops import pallas
 from jaxcl.ops import tiles as tile_math
 from jaxcl.ops.engines import SHARDED_IMPLS
 # `impl="auto"` under an axis name: allgather while one device's block of the global similarity matrix,
@@ -240,7 +240,7 @@ def _by_hop(cfg, ring):
   if cfg.hop != "auto":
     return ring(cfg)
   return engines.by_platform(lambda: ring(cfg._replace(hop="pallas")),
-                                lambda: ring(cfg._replace(hop="blockwise")))
+                             lambda: ring(cfg._replace(hop="blockwise")))
 
 
 class _RingConfig(NamedTuple):
