@@ -28,7 +28,8 @@ from jaxcl.ops import blockwise
 from jaxcl.ops import dense
 from jaxcl.ops import masks as masks_lib
 from jaxcl.ops import sharded
-from jaxcl.ops.engines import DENSE_MAX_ELEMENTS, SHARDED_IMPLS, engine, resolve_impl
+from jaxcl.ops import engines
+from jaxcl.ops.engines import SHARDED_IMPLS, engine, resolve_impl
 
 def _local_impl(impl: str, n_rows: int, n_cols: int) -> str:
   if impl in SHARDED_IMPLS:
@@ -242,7 +243,7 @@ def top1(
   if axis_name is not None:
     scores = sharded.top1_scores(q, k, positives=positives, include=include, axis_name=axis_name, impl=impl)
   else:
-    local = dense if n * n <= DENSE_MAX_ELEMENTS else blockwise
+    local = dense if n * n <= engines.DENSE_MAX_ELEMENTS else blockwise
     scores = local.top1_scores(q, k, positives=positives, include=include)
   row_pos, row_neg, col_pos, col_neg = scores
   return Top1(row_pos > row_neg, col_pos > col_neg)
