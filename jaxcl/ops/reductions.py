@@ -26,9 +26,9 @@ import jax.numpy as jnp
 from jaxcl import _checks
 from jaxcl.ops import blockwise
 from jaxcl.ops import dense
+from jaxcl.ops import engines
 from jaxcl.ops import masks as masks_lib
 from jaxcl.ops import sharded
-from jaxcl.ops import engines
 from jaxcl.ops.engines import SHARDED_IMPLS, engine, resolve_impl
 
 def _local_impl(impl: str, n_rows: int, n_cols: int) -> str:
