@@ -152,17 +152,24 @@ def test_bf16_inputs(impl):
     np.testing.assert_allclose(x, y, atol=2e-2 * np.max(np.abs(y)))
 
 
-@pytest.mark.parametrize("impl", SHARDED)
-def test_masks_and_per_row_scale_in_the_reductions(impl, monkeypatch):
-  """Row and column log-sum-exp with exclude + include id masks, a per-row scale and a row with no
-  valid entry (-inf with zero gradient), against the dense engine."""
-  monkeypatch.setattr(blockwise, "DEFAULT_TILE", 3)
-  n, rows_per, cols_per, dim = 4, 5, 7, 6
+def _masked_reduction_inputs(n=4, rows_per=5, cols_per=7, dim=6):
+  """q (n·rows_per, dim), k (n·cols_per, dim), a per-row scale, include ids (row 0 matches no column)
+  and exclude ids, for reductions over n devices."""
   q, k = jnp.asarray(randn(9, n * rows_per, dim)), jnp.asarray(randn(10, n * cols_per, dim))
   scale = jnp.asarray(np.random.default_rng(0).uniform(0.5, 3.0, n * rows_per).astype(np.float32))
   row_ids = jnp.asarray(_labels(11, n * rows_per, 3)).at[0].set(99)  # row 0 matches no column
   col_ids = jnp.asarray(_labels(12, n * cols_per, 3))
   ex_r, ex_c = jnp.arange(n * rows_per) % 5, jnp.arange(n * cols_per) % 5
+  return q, k, scale, row_ids, col_ids, ex_r, ex_c
+
+
+@pytest.mark.parametrize("impl", SHARDED)
+def test_masks_and_per_row_scale_in_the_reductions(impl, monkeypatch):
+  """Row and column log-sum-exp with exclude + include id masks, a per-row scale and a row with no
+  valid entry (-inf with zero gradient), against the dense engine."""
+  monkeypatch.setattr(blockwise, "DEFAULT_TILE", 3)
+  n, rows_per, cols_per = 4, 5, 7
+  q, k, scale, row_ids, col_ids, ex_r, ex_c = _masked_reduction_inputs(n, rows_per, cols_per)
   weights_r, weights_c = jnp.asarray(randn(13, n * rows_per)), jnp.asarray(randn(14, n * cols_per))
 
   def objective(out):
@@ -203,12 +210,8 @@ def test_kernel_hops_equal_dense(impl):
   Pallas's interpreter cannot yet run under `shard_map`'s device-varying type checks (the kernel's
   jaxpr mixes varying and unvarying values), so this shard_map turns them off; the compiled kernels
   run with them on."""
-  n, rows_per, cols_per, dim = 4, 5, 7, 6
-  q, k = jnp.asarray(randn(21, n * rows_per, dim)), jnp.asarray(randn(22, n * cols_per, dim))
-  scale = jnp.asarray(np.random.default_rng(1).uniform(0.5, 3.0, n * rows_per).astype(np.float32))
-  row_ids = jnp.asarray(_labels(23, n * rows_per, 3)).at[0].set(99)  # row 0 matches no column
-  col_ids = jnp.asarray(_labels(24, n * cols_per, 3))
-  ex_r, ex_c = jnp.arange(n * rows_per) % 5, jnp.arange(n * cols_per) % 5
+  n, rows_per, cols_per = 4, 5, 7
+  q, k, scale, row_ids, col_ids, ex_r, ex_c = _masked_reduction_inputs(n, rows_per, cols_per)
   pos_r, pos_c = jnp.arange(n * rows_per) % 9, jnp.arange(n * cols_per) % 9
   w_r, w_c, w_s = (jnp.asarray(randn(25 + i, m)) for i, m in enumerate((n * rows_per, n * cols_per, n * rows_per)))
   bias = jnp.asarray(-1.5)

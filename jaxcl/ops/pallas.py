@@ -363,6 +363,23 @@ def _id_kinds(exclude, include):
   return tuple(kind for kind, _ in given), [pair for _, pair in given]
 
 
+def _lse_operands(flavour, interpret, q, k, scale, exclude, include, *, rows: bool, cols: bool):
+  """(plan, q, k, scale, ids) of a log-sum-exp kernel call: the inputs padded to the plan's tiles and
+  the id pairs of the masks given."""
+  kinds, pairs = _id_kinds(exclude, include)
+  plan = _make_plan(flavour, interpret, q.shape[0], k.shape[0], q.shape[1], kinds=kinds, rows=rows,
+                    cols=cols)
+  return (plan, *_prepare(q, k, scale, plan), tuple(_pad_ids(p, plan) for p in pairs))
+
+
+def _sig_operands(flavour, interpret, q, k, scale, bias, positives):
+  """(plan, q, k, scale, bias (padded rows,), positives) of a sigmoid kernel call, padded to the tiles;
+  `bias` a scalar or one value per row."""
+  plan = _make_plan(flavour, interpret, q.shape[0], k.shape[0], q.shape[1])
+  bias = _pad(jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (q.shape[0],)), (plan.tiles.padded_a,))
+  return (plan, *_prepare(q, k, scale, plan), bias, _pad_ids(positives, plan))
+
+
 def _pad_ids(pair, plan: _Plan):
   r, c = pair
   t = plan.tiles
@@ -385,14 +402,10 @@ def logsumexp(q, k, *, scale, rows, cols, exclude, include):
   >>> [round(float(v), 4) for v in col]  # log(e + 1)
   [1.3133, 1.3133]
   """
-  kinds, pairs = _id_kinds(exclude, include)
-
   def run(flavour, interpret):
-    plan = _make_plan(flavour, interpret, q.shape[0], k.shape[0], q.shape[1], kinds=kinds,
-                      rows=bool(rows), cols=bool(cols))
-    qp, kp, sp = _prepare(q, k, scale, plan)
-    ids = tuple(_pad_ids(p, plan) for p in pairs)
-    outs = list(_lse(plan, qp, kp, sp, ids))
+    operands = _lse_operands(flavour, interpret, q, k, scale, exclude, include, rows=bool(rows),
+                             cols=bool(cols))
+    outs = list(_lse(*operands))
     row = outs.pop(0)[: q.shape[0]] if rows else None
     col = outs.pop(0)[: k.shape[0]] if cols else None
     return row, col
@@ -447,13 +460,8 @@ def sigmoid_sum(q, k, *, scale, bias, positives):
   """
   if positives is None:
     positives = (jnp.arange(q.shape[0], dtype=jnp.int32), jnp.arange(k.shape[0], dtype=jnp.int32))
-  bias = jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (q.shape[0],))
-
   def run(flavour, interpret):
-    plan = _make_plan(flavour, interpret, q.shape[0], k.shape[0], q.shape[1])
-    qp, kp, sp = _prepare(q, k, scale, plan)
-    out = _sig(plan, qp, kp, sp, _pad(bias, (plan.tiles.padded_a,)), _pad_ids(positives, plan))
-    return out[: q.shape[0]]
+    return _sig(*_sig_operands(flavour, interpret, q, k, scale, bias, positives))[: q.shape[0]]
 
   return _per_platform(run)
 
@@ -478,13 +486,9 @@ def lse_block(q, k, scale, exclude, include, *, rows: bool, cols: bool):
   >>> [round(float(v), 4) for v in row]  # log(e + 1)
   [1.3133, 1.3133]
   """
-  kinds, pairs = _id_kinds(exclude, include)
-
   def run(flavour, interpret):
-    plan = _make_plan(flavour, interpret, q.shape[0], k.shape[0], q.shape[1], kinds=kinds, rows=rows,
-                      cols=cols)
-    qp, kp, sp = _prepare(q, k, scale, plan)
-    row, col = _lse_forward(plan, qp, kp, sp, tuple(_pad_ids(p, plan) for p in pairs))
+    row, col = _lse_forward(*_lse_operands(flavour, interpret, q, k, scale, exclude, include, rows=rows,
+                                           cols=cols))
     return (row[: q.shape[0]] if rows else None), (col[: k.shape[0]] if cols else None)
 
   return _per_platform(run)
@@ -506,17 +510,11 @@ def lse_block_grads(q, k, scale, exclude, include, row, g_row, col, g_col):
   >>> [round(float(v), 4) for v in g[0]]  # softmax of row 0: (e, 1) / (e + 1)
   [0.7311, 0.2689]
   """
-  kinds, pairs = _id_kinds(exclude, include)
-
   def run(flavour, interpret):
-    plan = _make_plan(flavour, interpret, q.shape[0], k.shape[0], q.shape[1], kinds=kinds,
-                      rows=row is not None, cols=col is not None)
-    qp, kp, sp = _prepare(q, k, scale, plan)
-    na, nb = plan.tiles.padded_a, plan.tiles.padded_b
-    g, dk = _lse_grads(
-        plan, qp, kp, sp, tuple(_pad_ids(p, plan) for p in pairs), _vector(row, na),
-        _vector(g_row, na), _vector(col, nb), _vector(g_col, nb),
-    )
+    operands = _lse_operands(flavour, interpret, q, k, scale, exclude, include, rows=row is not None,
+                             cols=col is not None)
+    na, nb = operands[0].tiles.padded_a, operands[0].tiles.padded_b
+    g, dk = _lse_grads(*operands, _vector(row, na), _vector(g_row, na), _vector(col, nb), _vector(g_col, nb))
     return g[: q.shape[0], : q.shape[1]], dk[: k.shape[0], : k.shape[1]]
 
   return _per_platform(run)
@@ -532,12 +530,8 @@ def sigmoid_block(q, k, scale, bias, positives):
   1.0064
   """
   def run(flavour, interpret):
-    plan = _make_plan(flavour, interpret, q.shape[0], k.shape[0], q.shape[1])
-    qp, kp, sp = _prepare(q, k, scale, plan)
-    bias_rows = jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (plan.tiles.padded_a,))
-    out = _kernels(flavour).sigmoid_forward(qp, kp, sp, bias_rows, _pad_ids(positives, plan),
-                                            tiles=plan.tiles)
-    return out[: q.shape[0]]
+    plan, *operands = _sig_operands(flavour, interpret, q, k, scale, bias, positives)
+    return _kernels(flavour).sigmoid_forward(*operands, tiles=plan.tiles)[: q.shape[0]]
 
   return _per_platform(run)
 
@@ -553,11 +547,8 @@ def sigmoid_block_grads(q, k, scale, bias, positives, g):
   0.4621
   """
   def run(flavour, interpret):
-    plan = _make_plan(flavour, interpret, q.shape[0], k.shape[0], q.shape[1])
-    qp, kp, sp = _prepare(q, k, scale, plan)
-    bias_rows = jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (plan.tiles.padded_a,))
-    g_q, dk, dbias = _sig_grads(plan, qp, kp, sp, bias_rows, _pad_ids(positives, plan),
-                                _vector(g, plan.tiles.padded_a))
+    operands = _sig_operands(flavour, interpret, q, k, scale, bias, positives)
+    g_q, dk, dbias = _sig_grads(*operands, _vector(g, operands[0].tiles.padded_a))
     return g_q[: q.shape[0], : q.shape[1]], dk[: k.shape[0], : k.shape[1]], jnp.sum(dbias)
 
   return _per_platform(run)
