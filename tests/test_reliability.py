@@ -75,10 +75,13 @@ def cli_flags(data_dir: str, total_steps: int = TOTAL_STEPS, checkpoint_every: i
   return [f"--config.{k}={v}".replace(" ", "") for k, v in values.items()]
 
 
-def subprocess_env(devices: int = 2) -> dict[str, str]:
-  """This environment (with the session's persistent compilation cache, tests/conftest.py: the first
-  run compiles, the others load the executables) on `devices` CPU devices."""
+def subprocess_env(devices: int = 2, compilation_cache: bool = True) -> dict[str, str]:
+  """This environment on `devices` CPU devices, with the session's persistent compilation cache
+  (tests/conftest.py: the first run compiles, the others load the executables) unless
+  `compilation_cache=False` (a run compiled fresh)."""
   env = dict(os.environ)
+  if not compilation_cache:
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONUNBUFFERED"] = "1"
@@ -88,14 +91,16 @@ def subprocess_env(devices: int = 2) -> dict[str, str]:
 class Run:
   """`python -m jaxcl.main` on `workdir` in the background, its output in workdir/../<name>.log."""
 
-  def __init__(self, workdir: pathlib.Path, data_dir: str, name: str, total_steps: int = TOTAL_STEPS):
+  def __init__(self, workdir: pathlib.Path, data_dir: str, name: str, total_steps: int = TOTAL_STEPS,
+               compilation_cache: bool = True):
     self.workdir = workdir
     self.log_path = workdir.parent / f"{workdir.name}-{name}.log"
     self._log = open(self.log_path, "w")
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "jaxcl.main", "--config=configs/simclr_digits.py", f"--workdir={workdir}",
          *cli_flags(data_dir, total_steps)],
-        cwd=ROOT, env=subprocess_env(), stdout=self._log, stderr=subprocess.STDOUT)
+        cwd=ROOT, env=subprocess_env(compilation_cache=compilation_cache), stdout=self._log,
+        stderr=subprocess.STDOUT)
 
   def wait(self, timeout: float = 240) -> int:
     try:
@@ -163,9 +168,11 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def straight(data_dir, tmp_path_factory):
-  """An uninterrupted run of the tiny config: its final state."""
+  """An uninterrupted run of the tiny config: its final state. Compiled fresh, not loaded from the
+  compilation cache the interrupted and resumed runs share: a cached executable that computed
+  differently would show up as a mismatch."""
   workdir = tmp_path_factory.mktemp("straight") / "run"
-  run = Run(workdir, data_dir, "straight")
+  run = Run(workdir, data_dir, "straight", compilation_cache=False)
   assert run.wait() == 0, run.output()[-3000:]
   assert logged_steps(workdir) == list(range(1, TOTAL_STEPS + 1))
   return final_params(workdir, data_dir)
