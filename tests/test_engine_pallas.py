@@ -374,8 +374,8 @@ def test_no_batch_by_batch_array_outside_the_kernels():
         yield from shapes(sub)
 
   for flavour in FLAVOURS:
-    jaxpr = jax.make_jaxpr(jax.grad(functools.partial(loss, settings=_settings(flavour, 128, 128)),
-                                    argnums=(0, 1, 2)))(jnp.zeros((bq, 8)), jnp.zeros((bk, 8)), jnp.float32(1.0))
+    grad = jax.grad(functools.partial(loss, settings=_settings(flavour, 128, 128)), argnums=(0, 1, 2))
+    jaxpr = jax.make_jaxpr(grad)(jnp.zeros((bq, 8)), jnp.zeros((bk, 8)), jnp.float32(1.0))
     big = [s for s in shapes(jaxpr.jaxpr) if len(s) >= 2 and sorted(s)[-2] >= 256]
     assert not big, (flavour, big)
   # The check itself can fail: the dense engine does build the matrix.
@@ -535,7 +535,9 @@ def test_settings_from_environment_and_validation():
 
 
 def _grid(jaxpr) -> list[tuple[int, ...]]:
-  return [tuple(map(int, g.split(", ") if g else ())) for g in re.findall(r"grid=\(([0-9, ]*?),?\)", str(jaxpr))]
+  """The grid of every pallas_call in a jaxpr."""
+  grids = re.findall(r"grid=\(([0-9, ]*?),?\)", str(jaxpr))
+  return [tuple(map(int, g.split(", ") if g else ())) for g in grids]
 
 
 def test_two_settings_in_one_process_are_two_programs():
@@ -590,7 +592,8 @@ def test_bad_settings_and_impl_objects_are_one_line_errors():
   with pytest.raises(ValueError, match=r"`impl` must be one of \('auto', 'dense'.*got 'palas'\.$"):
     ops.logsumexp(q, q, scale=1.0, impl="palas")
   # A loss without a fused kernel names the engines it takes.
-  with pytest.raises(ValueError, match=r"`impl` must be one of \('auto', 'dense', 'blockwise'\), got Settings\("):
+  with pytest.raises(ValueError,
+                     match=r"`impl` must be one of \('auto', 'dense', 'blockwise'\), got Settings\("):
     losses.filip(q[:, None], q[:, None], logit_scale=1.0, impl=engine.Settings())
 
 

@@ -217,7 +217,8 @@ def test_engine_settings_as_impl():
   s = pallas.Settings(flavour="gpu", interpret=True, block_rows=16)
   assert engines.name_of(s) == "pallas" and ops.resolve_impl(s, 8, 8) is s
   assert not engines.is_dense(s, 8, 8) and engines.is_dense("auto", 8, 8)
-  with pytest.raises(ValueError, match=r"^`impl=Settings\(flavour='gpu'.*\(the pallas engine\) cannot compute a term"):
+  with pytest.raises(ValueError,
+                     match=r"^`impl=Settings\(flavour='gpu'.*\(the pallas engine\) cannot compute a term"):
     engines.twice_differentiable(s, 8, 8, "a term")
   with pytest.raises(TypeError, match=r"^`local_impl` must be an engine name or engine settings .*got 3\.$"):
     engines.name_of(3, "local_impl")

@@ -244,7 +244,7 @@ def test_kernel_hops_equal_dense(impl):
     return jax.jit(jax.value_and_grad(run, argnums=(0, 1, 2, 3)))
 
   want_v, want_g = jax.value_and_grad(dense, argnums=(0, 1, 2, 3))(q, k, scale, bias)
-  triton_16 = pallas.Settings(flavour="gpu", interpret=True, block_rows=16, block_cols=16)  # settings as local_impl
+  triton_16 = pallas.Settings(flavour="gpu", interpret=True, block_rows=16, block_cols=16)  # settings
   for local_impl in ("pallas", triton_16, "blockwise"):
     got_v, got_g = split(local_impl)(q, k, scale, bias)
     np.testing.assert_allclose(float(got_v), float(want_v), rtol=1e-5, err_msg=str(local_impl))

@@ -24,7 +24,8 @@ _ENGINES: dict[str, dict[str, Callable]] = {
 _SETTINGS_TYPES: dict[type, str] = {}
 
 
-def register_engine(name: str, *, logsumexp: Callable, sigmoid_sum: Callable, settings: type | None = None) -> None:
+def register_engine(name: str, *, logsumexp: Callable, sigmoid_sum: Callable,
+                    settings: type | None = None) -> None:
   """Makes an engine available as `impl=name` to every loss; with `settings` (a hashable type), an
   instance of it as `impl=` means this engine with those settings, passed to its functions as the
   keyword `settings=`."""
@@ -108,8 +109,9 @@ def twice_differentiable(impl, n_rows: int, n_cols: int, what: str):
   resolved = resolve_impl(impl, n_rows, n_cols)
   if name_of(resolved) == "pallas":
     raise ValueError(
-        f"`impl={impl!r}` (the pallas engine) cannot compute {what}: its gradient differentiates the engine's backward "
-        "pass, which the fused kernels do not support; use impl='dense', 'blockwise' or 'auto'."
+        f"`impl={impl!r}` (the pallas engine) cannot compute {what}: its gradient differentiates the "
+        "engine's backward pass, which the fused kernels do not support; use impl='dense', 'blockwise' or "
+        "'auto'."
     )
   if resolved == BY_PLATFORM:
     return "blockwise" if "blockwise" in _ENGINES else "dense"

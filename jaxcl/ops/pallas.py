@@ -68,8 +68,8 @@ class Settings:
       Mosaic in interpret mode elsewhere), "tpu" (Mosaic kernels) or "gpu" (Triton kernels). With
       "auto" both flavours are traced, so block sizes must suit both (or name the flavour).
     interpret: "auto" (interpret when the program is compiled for a platform that is not the flavour's
-      hardware), True (Pallas interpret mode), False (compile for the hardware) or "tpu" (TPU interpret mode, `pltpu.InterpretParams()`:
-      checks TPU semantics on CPU, about 100x slower).
+      hardware), True (Pallas interpret mode), False (compile for the hardware) or "tpu" (TPU interpret
+      mode, `pltpu.InterpretParams()`: checks TPU semantics on CPU, about 100x slower).
     block_rows, block_cols: tile sizes along q and k (None: per-flavour defaults). TPU: multiples of 128
       or at least the batch; GPU: powers of two >= 16.
     num_warps, num_stages: Triton compiler parameters (None: 4 warps, 8 for tiles >= 128×128).
