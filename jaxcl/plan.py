@@ -20,6 +20,7 @@ one line and exit status 2.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import sys
@@ -131,9 +132,9 @@ def compile_step(config, target):
   import jax
 
   from jaxcl.data import sources
-  from jaxcl.ops import pallas
   from jaxcl.train import loop
 
+  config = for_platform(config, target.platform)
   _checked_config(config, target)
   try:  # what the config says about the data and the mesh, checked before anything is traced
     info = sources.abstract_info(config.data, config.data.train_split)
@@ -144,10 +145,31 @@ def compile_step(config, target):
   abstract, shardings = loop.state_shardings(config, setup, mesh)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   batch = abstract_batch(config, setup, mesh, int(config.batch_size))
-  with pallas.using(flavour=target.platform, interpret=False):  # the Mosaic / Triton kernels, compiled
-    lowered = loop.jit_train_step(config, setup, shardings).lower(state, batch)
-    compiled = lowered.compile()
+  lowered = loop.jit_train_step(config, setup, shardings).lower(state, batch)
+  compiled = lowered.compile()
   return compiled, lowered, abstract, mesh
+
+
+def for_platform(config, platform: str):
+  """`config` for compiling on `platform` ("tpu" / "gpu", `jaxcl.targets.Target.platform`): with
+  `config.loss.impl = "pallas"`, a copy whose `config.loss.pallas` names that platform's kernels,
+  compiled (flavour = platform, interpret = False; the block sizes as the config sets them). The other
+  engines pick the kernels by the platform compiled for (`jaxcl.ops.engines.BY_PLATFORM`; the pallas
+  default flavour "auto"): `config` as is.
+
+  >>> from jaxcl.train import config as config_lib
+  >>> c = config_lib.base_config()
+  >>> c.loss.impl, c.loss.pallas.block_rows = "pallas", 256
+  >>> p = for_platform(c, "gpu").loss.pallas
+  >>> p.flavour, p.interpret, p.block_rows, c.loss.pallas.flavour
+  ('gpu', False, 256, None)
+  """
+  if config.loss.impl != "pallas":
+    return config
+  config = copy.deepcopy(config)
+  config.loss.pallas.flavour = platform
+  config.loss.pallas.interpret = False
+  return config
 
 
 def plan(config, topology: str) -> dict:

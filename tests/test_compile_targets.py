@@ -133,9 +133,9 @@ def _tpu_id(case):
 def test_tpu_kernels_compile_with_mosaic(topo, name, dtype, d, separate_cols):
   one = SingleDeviceSharding(targets.get(topo).devices[0])
   x, y = _pair(d, dtype, one)
-  fused_limit = 1024 if separate_cols else engine.settings().max_fused_cols
-  with engine.using(flavour="tpu", interpret=False, max_fused_cols=fused_limit):
-    compiled = _compile(_loss(name, "pallas"), x, y, _extras(name, B, one))
+  fused_limit = 1024 if separate_cols else engine.Settings().max_fused_cols
+  settings = engine.Settings(flavour="tpu", interpret=False, max_fused_cols=fused_limit)
+  compiled = _compile(_loss(name, settings), x, y, _extras(name, B, one))
   assert targets.kernel_calls(compiled) == {"mosaic": _expected_calls(name, separate_cols), "triton": 0}
   _check_outputs(compiled, x)
   n = _rows(name, B)
@@ -161,8 +161,7 @@ def _gpu_id(case):
 def test_gpu_kernels_compile_with_triton(topo, name, dtype, d):
   one = SingleDeviceSharding(targets.get(topo).devices[0])
   x, y = _pair(d, dtype, one)
-  with engine.using(flavour="gpu", interpret=False):
-    compiled = _compile(_loss(name, "pallas"), x, y, _extras(name, B, one))
+  compiled = _compile(_loss(name, engine.Settings(flavour="gpu", interpret=False)), x, y, _extras(name, B, one))
   assert targets.kernel_calls(compiled) == {"mosaic": 0, "triton": _expected_calls(name, True)}
   _check_outputs(compiled, x)
   n = _rows(name, B)

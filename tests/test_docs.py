@@ -4,7 +4,6 @@ environment variables the code reads."""
 
 from __future__ import annotations
 
-import dataclasses
 import doctest
 import glob
 import importlib.util
@@ -13,7 +12,6 @@ import re
 
 import pytest
 
-from jaxcl.ops import pallas as pallas_engine
 from jaxcl.train.config import OPTIONAL_KEYS
 from jaxcl.train.config import base_config
 
@@ -65,16 +63,11 @@ def _fenced_blocks(name: str) -> list[tuple[str, str]]:
 
 
 def _run_python_blocks(name: str) -> dict:
-  """Runs every ```python block of `name`, in order, in one namespace (returned); the pallas engine's
-  settings, which a block may change for the rest of the process, are restored afterwards."""
+  """Runs every ```python block of `name`, in order, in one namespace (returned)."""
   namespace: dict = {"__name__": f"doc:{name}"}
-  old = pallas_engine.settings()
-  try:
-    for n, (language, block) in enumerate(_fenced_blocks(name)):
-      if language == "python":
-        exec(compile(block, f"{name}[python block {n}]", "exec"), namespace)  # pylint: disable=exec-used
-  finally:
-    pallas_engine.configure(**dataclasses.asdict(old))
+  for n, (language, block) in enumerate(_fenced_blocks(name)):
+    if language == "python":
+      exec(compile(block, f"{name}[python block {n}]", "exec"), namespace)  # pylint: disable=exec-used
   return namespace
 
 

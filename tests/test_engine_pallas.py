@@ -7,6 +7,7 @@ block-shape rules and the kernels' lowerability without the hardware.
 """
 
 import functools
+import re
 
 import jax
 import jax.extend
@@ -58,8 +59,17 @@ SIG_CASES = [
 
 
 def _settings(flavour, block_rows=None, block_cols=None, **extra):
-  return engine.using(flavour=flavour, interpret=True, block_rows=block_rows, block_cols=block_cols,
-                      **extra)
+  """Interpret-mode settings of `flavour` (a static argument: no process state)."""
+  return engine.Settings(flavour=flavour, interpret=True, block_rows=block_rows, block_cols=block_cols,
+                         **extra)
+
+
+def _lse(settings):
+  return functools.partial(engine.logsumexp, settings=settings)
+
+
+def _sig(settings):
+  return functools.partial(engine.sigmoid_sum, settings=settings)
 
 
 def _masks(bq, bk, exclude, include):
@@ -123,9 +133,9 @@ def test_logsumexp_matches_dense_and_numpy(flavour, bq, bk, d, block_rows, block
   q, k = randn(1, bq, d), randn(2, bk, d)
   scale = np.random.default_rng(3).uniform(0.5, 2.0, bq).astype(np.float32) if per_row else np.float32(1.7)
   exclude, include = _masks(bq, bk, use_exclude, use_include)
-  with _settings(flavour, block_rows, block_cols):
-    (_, (row, col)), grads = _run(_lse_objective(engine.logsumexp, bq, bk, rows, cols, exclude, include),
-                                  q, k, scale)
+  (_, (row, col)), grads = _run(
+      _lse_objective(_lse(_settings(flavour, block_rows, block_cols)), bq, bk, rows, cols, exclude, include),
+      q, k, scale)
   (_, (d_row, d_col)), d_grads = _run(_lse_objective(dense.logsumexp, bq, bk, rows, cols, exclude, include),
                                       q, k, scale)
   for got, want, axis, on in ((row, d_row, 1, rows), (col, d_col, 0, cols)):
@@ -147,16 +157,16 @@ def test_logsumexp_gradients_match_finite_differences(flavour):
   w, u = np.linspace(0.5, 1.5, bq), np.linspace(1.5, -0.5, bk)
 
   def jax_loss(q, k, scale):
-    row, col = engine.logsumexp(q, k, scale=scale, rows=True, cols=True, exclude=exclude, include=None)
+    row, col = engine.logsumexp(q, k, scale=scale, rows=True, cols=True, exclude=exclude, include=None,
+                                settings=_settings(flavour))
     return jnp.sum(w * row) + jnp.sum(u * col)
 
   def np_loss(q, k, scale):
     return (w @ _np_lse(q, k, scale, exclude, None, 1)) + (u @ _np_lse(q, k, scale, exclude, None, 0))
 
-  with _settings(flavour):
-    assert_value_and_grads(
-        jax_loss, np_loss, [randn(4, bq, 3), randn(5, bk, 3), np.float32([0.7, 1.1, 1.9, 0.4, 1.3])]
-    )
+  assert_value_and_grads(
+      jax_loss, np_loss, [randn(4, bq, 3), randn(5, bk, 3), np.float32([0.7, 1.1, 1.9, 0.4, 1.3])]
+  )
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -165,9 +175,8 @@ def test_rows_with_nothing_valid_are_minus_inf_with_zero_gradient(flavour):
   bq, bk = 6, 5
   include = (jnp.array([7, 0, 1, 7, 1, 0]), jnp.array([0, 1, 9, 1, 0]))
   q, k = randn(6, bq, 4), randn(7, bk, 4)
-  with _settings(flavour):
-    (_, (row, col)), grads = _run(_lse_objective(engine.logsumexp, bq, bk, True, True, None, include),
-                                  q, k, np.float32(2.0))
+  (_, (row, col)), grads = _run(_lse_objective(_lse(_settings(flavour)), bq, bk, True, True, None, include),
+                                q, k, np.float32(2.0))
   (_, (d_row, d_col)), d_grads = _run(_lse_objective(dense.logsumexp, bq, bk, True, True, None, include),
                                       q, k, np.float32(2.0))
   assert np.all(np.isneginf(row[np.array([0, 3])])) and np.isneginf(col[2])
@@ -183,18 +192,16 @@ def test_unfused_column_pass_matches_fused():
   bq, bk, d = 200, 130, 8
   q, k = randn(8, bq, d), randn(9, bk, d)
   exclude, _ = _masks(bq, bk, True, False)
-  objective = _lse_objective(engine.logsumexp, bq, bk, True, True, exclude, None)
-  with _settings("tpu", 128, 128, max_fused_cols=0):
-    (_, unfused), g_unfused = _run(objective, q, k, np.float32(3.0))
-  with _settings("tpu", 128, 128):
-    (_, fused), g_fused = _run(objective, q, k, np.float32(3.0))
+  objective = lambda settings: _lse_objective(_lse(settings), bq, bk, True, True, exclude, None)
+  (_, unfused), g_unfused = _run(objective(_settings("tpu", 128, 128, max_fused_cols=0)), q, k, np.float32(3.0))
+  (_, fused), g_fused = _run(objective(_settings("tpu", 128, 128)), q, k, np.float32(3.0))
   for a, b in zip(unfused, fused):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
   _assert_grads_close(g_unfused, g_fused, rtol=1e-5)
   # The forward really is one kernel call when fused and two otherwise.
   for max_fused_cols, calls in ((0, 2), (10**6, 1)):
-    with _settings("tpu", 128, 128, max_fused_cols=max_fused_cols):
-      jaxpr = jax.make_jaxpr(lambda q, k: objective(q, k, 3.0)[0])(q, k)
+    fn = objective(_settings("tpu", 128, 128, max_fused_cols=max_fused_cols))
+    jaxpr = jax.make_jaxpr(lambda q, k: fn(q, k, 3.0)[0])(q, k)  # noqa: B023
     assert str(jaxpr).count("pallas_call[") == calls
 
 
@@ -217,8 +224,7 @@ def test_sigmoid_sum_matches_dense(flavour, bq, bk, d, block_rows, block_cols, p
   scale = np.random.default_rng(12).uniform(0.5, 3.0, bq).astype(np.float32) if per_row else np.float32(2.5)
   positives = None if diagonal else (jnp.arange(bq) % 4, jnp.arange(bk) % 4)
   args = (q, k, scale, np.float32(-1.5))
-  with _settings(flavour, block_rows, block_cols):
-    (_, out), grads = _run(_sig_objective(engine.sigmoid_sum, bq, positives), *args)
+  (_, out), grads = _run(_sig_objective(_sig(_settings(flavour, block_rows, block_cols)), bq, positives), *args)
   (_, want), d_grads = _run(_sig_objective(dense.sigmoid_sum, bq, positives), *args)
   assert out.shape == (bq,) and out.dtype == jnp.float32
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
@@ -232,18 +238,18 @@ def test_sigmoid_sum_gradients_match_finite_differences(flavour):
   w = np.linspace(1.5, 0.5, bq)
 
   def jax_loss(q, k, scale, bias):
-    return jnp.sum(w * engine.sigmoid_sum(q, k, scale=scale, bias=bias, positives=positives))
+    return jnp.sum(w * engine.sigmoid_sum(q, k, scale=scale, bias=bias, positives=positives,
+                                          settings=_settings(flavour)))
 
   def np_loss(q, k, scale, bias):
     s = np.reshape(scale, (-1, 1)) * (q @ k.T) + bias
     z = np.where(np.asarray(positives[0])[:, None] == np.asarray(positives[1])[None, :], 1.0, -1.0)
     return w @ np.sum(reference.softplus(-z * s), axis=1)
 
-  with _settings(flavour):
-    assert_value_and_grads(
-        jax_loss, np_loss,
-        [randn(13, bq, 3), randn(14, bk, 3), np.float32([0.5, 2.0, 1.0, 3.0]), np.float32(-0.7)],
-    )
+  assert_value_and_grads(
+      jax_loss, np_loss,
+      [randn(13, bq, 3), randn(14, bk, 3), np.float32([0.5, 2.0, 1.0, 3.0]), np.float32(-0.7)],
+  )
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -253,10 +259,9 @@ def test_extreme_logits_are_finite(flavour):
   q = randn(15, 20, 4)
   diagonal = (jnp.arange(20), jnp.arange(20))
   lse = lambda impl: _lse_objective(impl, 20, 20, True, True, diagonal, None)
-  with _settings(flavour):
-    (_, (row, col)), g_lse = _run(lse(engine.logsumexp), q, q, np.float32(3e3))
-    (_, sig), g_sig = _run(_sig_objective(engine.sigmoid_sum, 20, None), q, q, np.float32(3e3),
-                           np.float32(-10.0))
+  (_, (row, col)), g_lse = _run(lse(_lse(_settings(flavour))), q, q, np.float32(3e3))
+  (_, sig), g_sig = _run(_sig_objective(_sig(_settings(flavour)), 20, None), q, q, np.float32(3e3),
+                         np.float32(-10.0))
   (_, (d_row, _)), d_grads = _run(lse(dense.logsumexp), q, q, np.float32(3e3))
   np.testing.assert_allclose(row, d_row, rtol=1e-5)
   for x in (row, col, sig, *g_lse, *g_sig):
@@ -271,13 +276,13 @@ def test_bf16_inputs_accumulate_in_float32(flavour):
   q32, k32 = randn(17, bq, d), randn(18, bk, d)
   q16, k16 = jnp.asarray(q32, jnp.bfloat16), jnp.asarray(k32, jnp.bfloat16)
   exclude, _ = _masks(bq, bk, True, False)
-  lse = _lse_objective(engine.logsumexp, bq, bk, True, True, exclude, None)
+  settings = _settings(flavour, 16, 16) if flavour == "gpu" else _settings(flavour)
+  lse = _lse_objective(_lse(settings), bq, bk, True, True, exclude, None)
   lse_dense = _lse_objective(dense.logsumexp, bq, bk, True, True, exclude, None)
-  sig = _sig_objective(engine.sigmoid_sum, bq, (jnp.arange(bq) % 4, jnp.arange(bk) % 4))
+  sig = _sig_objective(_sig(settings), bq, (jnp.arange(bq) % 4, jnp.arange(bk) % 4))
   sig_dense = _sig_objective(dense.sigmoid_sum, bq, (jnp.arange(bq) % 4, jnp.arange(bk) % 4))
-  with _settings(flavour, 16, 16) if flavour == "gpu" else _settings(flavour):
-    (_, (row, col)), g_lse = _run(lse, q16, k16, np.float32(5.0))
-    (_, out), g_sig = _run(sig, q16, k16, np.float32(5.0), np.float32(-2.0))
+  (_, (row, col)), g_lse = _run(lse, q16, k16, np.float32(5.0))
+  (_, out), g_sig = _run(sig, q16, k16, np.float32(5.0), np.float32(-2.0))
   (_, (row16, col16)), g_lse16 = _run(lse_dense, q16, k16, np.float32(5.0))
   (_, (row32, _)), _ = _run(lse_dense, q32, k32, np.float32(5.0))
   (_, out16), g_sig16 = _run(sig_dense, q16, k16, np.float32(5.0), np.float32(-2.0))
@@ -316,8 +321,7 @@ def test_losses_with_impl_pallas_match_dense(flavour, name):
   grad = lambda impl: _compiled(jax.value_and_grad(functools.partial(fn, impl=impl), argnums=(0, 1, 2)),
                                 *args)(*args)
   blocks = (128, 128) if flavour == "tpu" else (32, 64)
-  with _settings(flavour, *blocks):
-    value, grads = grad("pallas")
+  value, grads = grad(_settings(flavour, *blocks))  # impl=Settings: the pallas engine with them
   want, want_grads = grad("dense")
   np.testing.assert_allclose(value, want, rtol=1e-5)
   _assert_grads_close(grads, want_grads)
@@ -326,10 +330,9 @@ def test_losses_with_impl_pallas_match_dense(flavour, name):
 def test_engine_is_registered_and_reachable_through_ops():
   assert "pallas" in ops.available_impls()
   q, k = randn(22, 9, 5), randn(23, 7, 5)
-  with _settings("tpu"):
-    got = ops.logsumexp(q, k, scale=2.0, cols=True, impl="pallas")
-    sig = ops.sigmoid_sum(q, k, scale=2.0, bias=1.0, positives=(jnp.arange(9) % 2, jnp.arange(7) % 2),
-                          impl="pallas")
+  got = ops.logsumexp(q, k, scale=2.0, cols=True, impl="pallas")
+  sig = ops.sigmoid_sum(q, k, scale=2.0, bias=1.0, positives=(jnp.arange(9) % 2, jnp.arange(7) % 2),
+                        impl=_settings("gpu"))
   want = ops.logsumexp(q, k, scale=2.0, cols=True, impl="dense")
   np.testing.assert_allclose(got.rows, want.rows, rtol=1e-5)
   np.testing.assert_allclose(got.cols, want.cols, rtol=1e-5)
@@ -345,8 +348,7 @@ def test_jit_of_vmap(flavour):
     loss = lambda x, y: losses.clip(x, y, logit_scale=10.0, impl=impl)
     return _compiled(jax.vmap(jax.value_and_grad(loss)), a, b)
 
-  with _settings(flavour, *((16, 16) if flavour == "gpu" else (None, None))):
-    value, grad = fn("pallas")(a, b)
+  value, grad = fn(_settings(flavour, *((16, 16) if flavour == "gpu" else (None, None))))(a, b)
   want, want_grad = fn("dense")(a, b)
   np.testing.assert_allclose(value, want, rtol=1e-5)
   np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
@@ -357,10 +359,11 @@ def test_no_batch_by_batch_array_outside_the_kernels():
   # 128 × 128 here, smaller than the 384 × 320 matrix).
   bq, bk = 384, 320
 
-  def loss(q, k, s):
+  def loss(q, k, s, settings):
     row, col = engine.logsumexp(q, k, scale=s, rows=True, cols=True, exclude=_masks(bq, bk, True, False)[0],
-                                include=None)
-    sig = engine.sigmoid_sum(q, k, scale=s, bias=0.5, positives=(jnp.arange(bq) % 7, jnp.arange(bk) % 7))
+                                include=None, settings=settings)
+    sig = engine.sigmoid_sum(q, k, scale=s, bias=0.5, positives=(jnp.arange(bq) % 7, jnp.arange(bk) % 7),
+                             settings=settings)
     return jnp.sum(row) + jnp.sum(col) + jnp.sum(sig)
 
   def shapes(jaxpr):
@@ -371,9 +374,8 @@ def test_no_batch_by_batch_array_outside_the_kernels():
         yield from shapes(sub)
 
   for flavour in FLAVOURS:
-    with _settings(flavour, 128, 128):
-      jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(
-          jnp.zeros((bq, 8)), jnp.zeros((bk, 8)), jnp.float32(1.0))
+    grad = jax.grad(functools.partial(loss, settings=_settings(flavour, 128, 128)), argnums=(0, 1, 2))
+    jaxpr = jax.make_jaxpr(grad)(jnp.zeros((bq, 8)), jnp.zeros((bk, 8)), jnp.float32(1.0))
     big = [s for s in shapes(jaxpr.jaxpr) if len(s) >= 2 and sorted(s)[-2] >= 256]
     assert not big, (flavour, big)
   # The check itself can fail: the dense engine does build the matrix.
@@ -392,9 +394,9 @@ def test_tpu_interpret_mode_logsumexp_fused_rows_and_columns():
   q, k = randn(26, bq, 6), randn(27, bk, 6)
   scale = np.random.default_rng(28).uniform(0.5, 2.0, bq).astype(np.float32)
   exclude, include = _masks(bq, bk, True, True)
-  with engine.using(flavour="tpu", interpret="tpu", block_rows=128, block_cols=128):
-    (_, (row, col)), grads = _run(_lse_objective(engine.logsumexp, bq, bk, True, True, exclude, include),
-                                  q, k, scale)
+  settings = engine.Settings(flavour="tpu", interpret="tpu", block_rows=128, block_cols=128)
+  (_, (row, col)), grads = _run(_lse_objective(_lse(settings), bq, bk, True, True, exclude, include),
+                                q, k, scale)
   (_, (d_row, d_col)), d_grads = _run(_lse_objective(dense.logsumexp, bq, bk, True, True, exclude, include),
                                       q, k, scale)
   np.testing.assert_allclose(row, d_row, rtol=1e-5, atol=1e-5)
@@ -407,8 +409,8 @@ def test_tpu_interpret_mode_sigmoid_bf16():
   bq = bk = 140
   q, k = (jnp.asarray(randn(s, bq, 16), jnp.bfloat16) for s in (29, 30))
   args = (q, k, np.float32(4.0), np.float32(-2.0))
-  with engine.using(flavour="tpu", interpret="tpu", block_rows=None, block_cols=None):
-    (_, out), grads = _run(_sig_objective(engine.sigmoid_sum, bq, None), *args)
+  settings = engine.Settings(flavour="tpu", interpret="tpu", block_rows=None, block_cols=None)
+  (_, out), grads = _run(_sig_objective(_sig(settings), bq, None), *args)
   (_, want), want_grads = _run(_sig_objective(dense.sigmoid_sum, bq, None), *args)
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-4)
   _assert_grads_close(grads, want_grads, rtol=2e-2)
@@ -424,18 +426,21 @@ def test_tpu_interpret_mode_sigmoid_bf16():
 def test_gradients_lower_for_the_hardware(flavour, platform, target, calls, extra, dtype):
   # jax.export lowers for a platform this machine lacks: the Mosaic lowering checks the (8, 128) block
   # rules, the Triton lowering the power-of-two shapes and every op used in the kernels.
+  settings = engine.Settings(flavour=flavour, interpret=False, block_rows=128, block_cols=128, **extra)
+
   def loss(q, k, s, b):
     diagonal = (jnp.arange(300), jnp.arange(300))
-    row, col = engine.logsumexp(q, k, scale=s, rows=True, cols=True, exclude=diagonal, include=None)
-    return jnp.sum(row) + jnp.sum(col) + jnp.sum(engine.sigmoid_sum(q, k, scale=s, bias=b, positives=None))
+    row, col = engine.logsumexp(q, k, scale=s, rows=True, cols=True, exclude=diagonal, include=None,
+                                settings=settings)
+    return jnp.sum(row) + jnp.sum(col) + jnp.sum(
+        engine.sigmoid_sum(q, k, scale=s, bias=b, positives=None, settings=settings))
 
   args = (jax.ShapeDtypeStruct((300, 96), dtype), jax.ShapeDtypeStruct((300, 96), dtype),
           jax.ShapeDtypeStruct((300,), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32))
-  with engine.using(flavour=flavour, interpret=False, block_rows=128, block_cols=128, **extra):
-    exported = jax.export.export(
-        jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), platforms=[platform],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)],
-    )(*args)
+  exported = jax.export.export(
+      jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), platforms=[platform],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)],
+  )(*args)
   # TPU: fused forward (rows + columns), dq and dk for each family; GPU and unfused TPU: the column
   # pass is a second call. The sigmoid forward is dead code in a gradient.
   assert exported.mlir_module().count(f"@{target}") == calls
@@ -449,10 +454,13 @@ def test_gradients_lower_for_the_hardware(flavour, platform, target, calls, extr
 def test_kernel_matmuls_ignore_the_process_precision(flavour, dtype, process_precision, want):
   # Every dot inside the forward and backward kernels has the precision of its input dtype, whatever
   # jax_default_matmul_precision says (the dots outside the kernels follow it).
+  settings = engine.Settings(flavour=flavour, interpret=False)
+
   def loss(q, k):
-    row, col = engine.logsumexp(q, k, scale=jnp.ones(()), rows=True, cols=True, exclude=None, include=None)
+    row, col = engine.logsumexp(q, k, scale=jnp.ones(()), rows=True, cols=True, exclude=None, include=None,
+                                settings=settings)
     return jnp.sum(row) + jnp.sum(col) + jnp.sum(
-        engine.sigmoid_sum(q, k, scale=jnp.ones(()), bias=jnp.zeros(()), positives=None))
+        engine.sigmoid_sum(q, k, scale=jnp.ones(()), bias=jnp.zeros(()), positives=None, settings=settings))
 
   def kernel_dots(jaxpr, inside=False):
     for eqn in jaxpr.eqns:
@@ -462,7 +470,7 @@ def test_kernel_matmuls_ignore_the_process_precision(flavour, dtype, process_pre
         yield from kernel_dots(sub, inside or eqn.primitive.name == "pallas_call")
 
   x = jnp.ones((40, 32), dtype)
-  with jax.default_matmul_precision(process_precision), engine.using(flavour=flavour, interpret=False):
+  with jax.default_matmul_precision(process_precision):
     jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(x, x)
   found = list(kernel_dots(jaxpr.jaxpr))
   assert len(found) >= 6  # forward S; dq and dk kernels: S and dS·b each (log-sum-exp and sigmoid)
@@ -472,21 +480,23 @@ def test_kernel_matmuls_ignore_the_process_precision(flavour, dtype, process_pre
 def test_auto_flavour_follows_the_platform_lowered_for():
   # flavour and interpret "auto" (the defaults) are decided when lowering, not by this process's
   # backend: Mosaic compiled for TPU, Triton compiled for CUDA, interpret mode (no custom call) on CPU.
+  settings = engine.Settings(flavour="auto", interpret="auto", block_rows=128, block_cols=128)
+
   def loss(q, k, s):
-    row, col = engine.logsumexp(q, k, scale=s, rows=True, cols=True, exclude=None, include=None)
+    row, col = engine.logsumexp(q, k, scale=s, rows=True, cols=True, exclude=None, include=None,
+                                settings=settings)
     return jnp.sum(row) + jnp.sum(col)
 
   args = (jax.ShapeDtypeStruct((300, 96), jnp.bfloat16), jax.ShapeDtypeStruct((300, 96), jnp.bfloat16),
           jax.ShapeDtypeStruct((300,), jnp.float32))
   targets = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
   counts = {}
-  with engine.using(flavour="auto", interpret="auto", block_rows=128, block_cols=128):
-    for platform in ("tpu", "cuda", "cpu"):
-      mlir = jax.export.export(
-          jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=[platform],
-          disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in targets.values()],
-      )(*args).mlir_module()
-      counts[platform] = tuple(mlir.count(f"@{t}") for t in targets.values())
+  for platform in ("tpu", "cuda", "cpu"):
+    mlir = jax.export.export(
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=[platform],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in targets.values()],
+    )(*args).mlir_module()
+    counts[platform] = tuple(mlir.count(f"@{t}") for t in targets.values())
   # TPU: fused forward, dq, dk; GPU: row and column forward, dq, dk
   assert counts == {"tpu": (3, 0), "cuda": (0, 4), "cpu": (0, 0)}
 
@@ -494,18 +504,27 @@ def test_auto_flavour_follows_the_platform_lowered_for():
 # --------------------------------------------------------------------------------------- settings
 def test_settings_from_environment_and_validation():
   env = {"JAXCL_PALLAS_FLAVOUR": "GPU", "JAXCL_PALLAS_INTERPRET": "tpu", "JAXCL_PALLAS_BLOCK_ROWS": "256"}
-  s = engine._settings_from_env(env)
+  s = engine.Settings.from_env(env)
   assert (s.flavour, s.interpret, s.block_rows, s.block_cols) == ("gpu", "tpu", 256, None)
-  assert engine._settings_from_env({"JAXCL_PALLAS_INTERPRET": "0"}).interpret is False
-  assert engine._settings_from_env({}).flavour == "auto"
+  assert engine.Settings.from_env({"JAXCL_PALLAS_INTERPRET": "0"}).interpret is False
+  assert engine.Settings.from_env({}) == engine.Settings()
   with pytest.raises(ValueError, match="JAXCL_PALLAS_BLOCK_COLS must be an integer, got 'x'"):
-    engine._settings_from_env({"JAXCL_PALLAS_BLOCK_COLS": "x"})
+    engine.Settings.from_env({"JAXCL_PALLAS_BLOCK_COLS": "x"})
   with pytest.raises(ValueError, match=r"`flavour` must be one of .*got 'cuda'"):
     engine.Settings(flavour="cuda")
   with pytest.raises(ValueError, match=r"`interpret` must be one of .*got 'yes'"):
     engine.Settings(interpret="yes")
   with pytest.raises(ValueError, match="`block_rows` must be a positive integer or None, got 0"):
     engine.Settings(block_rows=0)
+  with pytest.raises(ValueError, match="`num_stages` must be a non-negative integer, got True"):
+    engine.Settings(num_stages=True)
+  with pytest.raises(ValueError, match=r"`config.loss.pallas.block_cols` must be a positive integer or None, "
+                                       r"got '128'\.$"):
+    engine.DEFAULT.replace(where="config.loss.pallas.", block_cols="128")
+  with pytest.raises(ValueError, match=r"Unknown pallas setting `blocks`; expected one of \('flavour', "):
+    engine.DEFAULT.replace(blocks=128)
+  # Frozen and hashable: a static argument (jit, custom_vjp nondiff arguments).
+  assert hash(engine.Settings(block_rows=128)) == hash(engine.Settings(block_rows=128))
   # "auto" / "auto": per lowering platform, compiled Mosaic on TPU, Triton on CUDA, Mosaic interpreted
   # elsewhere (this CPU).
   assert engine._variants(engine.Settings()) == (
@@ -515,24 +534,79 @@ def test_settings_from_environment_and_validation():
       (("tpu",), "tpu", False), (("cuda",), "gpu", False), (None, "tpu", False))
 
 
+def _grid(jaxpr) -> list[tuple[int, ...]]:
+  """The grid of every pallas_call in a jaxpr."""
+  grids = re.findall(r"grid=\(([0-9, ]*?),?\)", str(jaxpr))
+  return [tuple(map(int, g.split(", ") if g else ())) for g in grids]
+
+
+def test_two_settings_in_one_process_are_two_programs():
+  """No process state: the same jitted loss traced with two settings (block sizes, interpret mode)
+  gives two programs, each with its own kernel grid, whatever was traced before; both equal dense."""
+  q, k = randn(40, 300, 8), randn(41, 200, 8)
+  small = engine.Settings(flavour="tpu", interpret=True, block_rows=128, block_cols=128)
+  whole = engine.Settings(flavour="tpu", interpret=True, block_rows=512, block_cols=512)
+  fn = lambda q, k, impl: ops.logsumexp(q, k, scale=2.0, impl=impl).rows
+  loss = jax.jit(fn, static_argnames="impl")
+  grids = {}
+  for settings in (small, whole, small):
+    grids.setdefault(settings, []).append(_grid(jax.make_jaxpr(functools.partial(fn, impl=settings))(q, k)))
+  assert grids[small] == [[(3, 2)], [(3, 2)]]  # 300 rows / 128 (padded to 384), 200 columns / 128
+  assert grids[whole] == [[(1, 1)]]  # one (16-padded) block
+  want = ops.logsumexp(q, k, scale=2.0, impl="dense").rows
+  for settings in (small, whole):
+    np.testing.assert_allclose(loss(q, k, impl=settings), want, rtol=1e-5)
+  # interpret mode is a setting too: lowered for a TPU, compiled kernels (custom calls) or none.
+  args = (jax.ShapeDtypeStruct((300, 8), jnp.float32),) * 2
+  for interpret, calls in ((False, 1), (True, 0)):
+    settings = engine.Settings(flavour="tpu", interpret=interpret)
+    mlir = jax.export.export(jax.jit(functools.partial(loss, impl=settings)), platforms=["tpu"],
+                             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("tpu_custom_call")],
+                             )(*args).mlir_module()
+    assert mlir.count("@tpu_custom_call") == calls, interpret
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_impl_settings_through_a_loss_under_jit(dtype):
+  """`impl=Settings(...)` is the pallas engine with those settings, through a loss and as a static
+  argument of jax.jit: value and gradients equal the dense engine (bf16: to bf16 rounding)."""
+  a, b = (jnp.asarray(randn(s, 70, 12), dtype) for s in (42, 43))
+  settings = engine.Settings(flavour="gpu", interpret=True, block_rows=32, block_cols=16)
+  grad = jax.jit(jax.value_and_grad(
+      lambda a, b, t, impl: losses.siglip(a, b, logit_scale=1.0 / t, logit_bias=-2.0, impl=impl)
+      + losses.nt_xent(a, b, temperature=t, impl=impl), argnums=(0, 1, 2)), static_argnames="impl")
+  (value, grads), (want, want_grads) = (grad(a, b, np.float32(0.3), impl=i) for i in (settings, "dense"))
+  assert "pallas_call" in str(jax.make_jaxpr(functools.partial(grad, impl=settings))(a, b, np.float32(0.3)))
+  np.testing.assert_allclose(value, want, rtol=1e-5 if dtype == jnp.float32 else 1e-3)
+  assert grads[0].dtype == dtype
+  _assert_grads_close(grads, want_grads, rtol=1e-4 if dtype == jnp.float32 else 2e-2)
+
+
+def test_bad_settings_and_impl_objects_are_one_line_errors():
+  q = jnp.asarray(randn(44, 8, 4))
+  with pytest.raises(TypeError, match=r"^`settings` must be a jaxcl.ops.pallas.Settings or None, got 'tpu'\.$"):
+    engine.logsumexp(q, q, scale=1.0, rows=True, cols=False, exclude=None, include=None, settings="tpu")
+  with pytest.raises(TypeError, match=r"^`impl` must be an engine name or engine settings "
+                                      r"\(jaxcl.ops.pallas.Settings\), got \{'flavour': 'tpu'\}\.$"):
+    losses.clip(q, q, logit_scale=1.0, impl={"flavour": "tpu"})
+  with pytest.raises(ValueError, match=r"`impl` must be one of \('auto', 'dense'.*got 'palas'\.$"):
+    ops.logsumexp(q, q, scale=1.0, impl="palas")
+  # A loss without a fused kernel names the engines it takes.
+  with pytest.raises(ValueError,
+                     match=r"`impl` must be one of \('auto', 'dense', 'blockwise'\), got Settings\("):
+    losses.filip(q[:, None], q[:, None], logit_scale=1.0, impl=engine.Settings())
+
+
 def test_bad_block_sizes_and_modes_raise_at_trace_time():
   q = jnp.zeros((300, 8))
-  call = lambda: engine.logsumexp(q, q, scale=1.0, rows=True, cols=False, exclude=None, include=None)
-  with engine.using(flavour="tpu", interpret=True, block_rows=100):
-    with pytest.raises(ValueError, match=r"`block_rows` must be a multiple of 128 .*300\), got 100"):
-      call()
-  with engine.using(flavour="gpu", interpret=True, block_cols=48):
-    with pytest.raises(ValueError, match="`block_cols` must be a power of two >= 16 .* got 48"):
-      call()
-  with engine.using(flavour="gpu", interpret="tpu"):
-    with pytest.raises(ValueError, match="needs `flavour='tpu'`, got 'gpu'"):
-      call()
-  before = engine.settings()
-  with pytest.raises(RuntimeError):
-    with engine.using(flavour="gpu"):
-      raise RuntimeError
-  assert engine.settings() == before
+  call = lambda **kw: engine.logsumexp(q, q, scale=1.0, rows=True, cols=False, exclude=None, include=None,
+                                       settings=engine.Settings(**kw))
+  with pytest.raises(ValueError, match=r"`block_rows` must be a multiple of 128 .*300\), got 100"):
+    call(flavour="tpu", interpret=True, block_rows=100)
+  with pytest.raises(ValueError, match="`block_cols` must be a power of two >= 16 .* got 48"):
+    call(flavour="gpu", interpret=True, block_cols=48)
+  with pytest.raises(ValueError, match="needs `flavour='tpu'`, got 'gpu'"):
+    call(flavour="gpu", interpret="tpu")
   # A block at least as large as the batch is one (16-padded) block, legal in both flavours.
-  with engine.using(flavour="tpu", interpret=True, block_rows=1000):
-    row, _ = call()
+  row, _ = call(flavour="tpu", interpret=True, block_rows=1000)
   np.testing.assert_allclose(row, np.full(300, np.log(300.0)), rtol=1e-5)

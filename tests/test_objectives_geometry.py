@@ -12,6 +12,7 @@ from jaxcl import ops
 from jaxcl.losses.clip import clip
 from jaxcl.losses.geometric import cacr, contrastive_gap
 from jaxcl.losses.geometry import alignment
+from jaxcl.ops import pallas
 from tests import reference
 from tests.helpers import assert_value_and_grads, randn
 
@@ -98,6 +99,8 @@ def test_cacr_engines_agree_and_pallas_is_refused():
   if "pallas" in ops.available_impls():
     with pytest.raises(ValueError, match="impl='pallas'"):
       cacr(x, impl="pallas")
+    with pytest.raises(ValueError, match=r"impl=Settings\(.*\(the pallas engine\) cannot compute"):
+      cacr(x, impl=pallas.Settings())
 
 
 def test_cacr_bf16_and_traced_temperature():

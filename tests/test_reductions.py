@@ -10,6 +10,7 @@ import pytest
 
 from jaxcl import ops
 from jaxcl.ops import blockwise
+from jaxcl.ops import engines
 from jaxcl.ops import masks
 from jaxcl.ops import pallas
 from tests.helpers import randn
@@ -210,6 +211,26 @@ def _auto_objective(impl):
   return f
 
 
+def test_engine_settings_as_impl():
+  """`impl=` takes an engine name or an engine's settings (`pallas.Settings`: the pallas engine with
+  them), told apart by `engines.name_of` for every rule that depends on the engine."""
+  s = pallas.Settings(flavour="gpu", interpret=True, block_rows=16)
+  assert engines.name_of(s) == "pallas" and ops.resolve_impl(s, 8, 8) is s
+  assert not engines.is_dense(s, 8, 8) and engines.is_dense("auto", 8, 8)
+  with pytest.raises(ValueError,
+                     match=r"^`impl=Settings\(flavour='gpu'.*\(the pallas engine\) cannot compute a term"):
+    engines.twice_differentiable(s, 8, 8, "a term")
+  with pytest.raises(TypeError, match=r"^`local_impl` must be an engine name or engine settings .*got 3\.$"):
+    engines.name_of(3, "local_impl")
+  q, k = jnp.asarray(randn(5, 6, 4)), jnp.asarray(randn(6, 7, 4))
+  top = ops.top1(q, q, impl=s)  # validated, then the dense / blockwise max as for any engine
+  assert top.rows.tolist() == ops.top1(q, q, impl="dense").rows.tolist()
+  got = ops.logsumexp(q, k, scale=1.5, cols=True, impl=s)
+  want = ops.logsumexp(q, k, scale=1.5, cols=True, impl="dense")
+  np.testing.assert_allclose(got.rows, want.rows, rtol=1e-5)
+  np.testing.assert_allclose(got.cols, want.cols, rtol=1e-5)
+
+
 def test_auto_above_the_dense_size_compiles_kernels_for_tpu_and_gpu_and_blockwise_elsewhere(monkeypatch):
   """Above DENSE_MAX_ELEMENTS, "auto" is decided when the program is lowered: the fused kernels for
   TPU (Mosaic) and CUDA (Triton), the blockwise engine for this CPU (no Pallas kernel, not even in
@@ -223,9 +244,8 @@ def test_auto_above_the_dense_size_compiles_kernels_for_tpu_and_gpu_and_blockwis
   grad = jax.jit(jax.value_and_grad(_auto_objective("auto"), argnums=(0, 1, 2)))
   args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, scale)]
   for platform in ("tpu", "cuda", "cpu"):
-    with pallas.using(block_rows=128, block_cols=128):  # one block size legal in both flavours
-      mlir = jax.export.export(grad, platforms=[platform], disabled_checks=[
-          jax.export.DisabledSafetyCheck.custom_call(t) for t in _KERNEL_CALLS.values()])(*args).mlir_module()
+    mlir = jax.export.export(grad, platforms=[platform], disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call(t) for t in _KERNEL_CALLS.values()])(*args).mlir_module()
     counts = {p: mlir.count(f"@{t}") for p, t in _KERNEL_CALLS.items()}
     # per family: forward (log-sum-exp rows + columns: one call on TPU, two on GPU), dq, dk
     want = {"tpu": {"tpu": 6, "cuda": 0}, "cuda": {"tpu": 0, "cuda": 7}, "cpu": {"tpu": 0, "cuda": 0}}

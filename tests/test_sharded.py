@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from jaxcl import losses
 from jaxcl import ops
 from jaxcl.ops import blockwise
+from jaxcl.ops import pallas
 from jaxcl.ops import sharded
 from tests.helpers import assert_padded_equals_unpadded, pad_batch, randn
 
@@ -205,7 +206,8 @@ def test_kernel_hops_equal_dense(impl):
   here; Mosaic / Triton where compiled for a TPU / GPU, tests/test_compile_targets.py) — the ring at
   every hop, forward and backward from the global results. Row and column log-sum-exp with exclude +
   include masks, a per-row scale and a row with no valid entry, and the sigmoid sum with id positives
-  and a bias, in value and gradient against the dense engine, for both per-hop engines.
+  and a bias, in value and gradient against the dense engine, for both per-hop engines (and the
+  pallas engine with settings of its own: the Triton kernels in 16 × 16 blocks).
 
   Pallas's interpreter cannot yet run under `shard_map`'s device-varying type checks (the kernel's
   jaxpr mixes varying and unvarying values), so this shard_map turns them off; the compiled kernels
@@ -242,9 +244,10 @@ def test_kernel_hops_equal_dense(impl):
     return jax.jit(jax.value_and_grad(run, argnums=(0, 1, 2, 3)))
 
   want_v, want_g = jax.value_and_grad(dense, argnums=(0, 1, 2, 3))(q, k, scale, bias)
-  for local_impl in ("pallas", "blockwise"):
+  triton_16 = pallas.Settings(flavour="gpu", interpret=True, block_rows=16, block_cols=16)  # settings
+  for local_impl in ("pallas", triton_16, "blockwise"):
     got_v, got_g = split(local_impl)(q, k, scale, bias)
-    np.testing.assert_allclose(float(got_v), float(want_v), rtol=1e-5, err_msg=local_impl)
+    np.testing.assert_allclose(float(got_v), float(want_v), rtol=1e-5, err_msg=str(local_impl))
     for name, x, y in zip(("q", "k", "scale", "bias"), got_g, want_g):
       x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
       np.testing.assert_allclose(x, y, atol=1e-5 * max(np.max(np.abs(y)), 1.0), err_msg=f"{local_impl} {name}")
@@ -255,6 +258,10 @@ def test_local_impl_is_checked():
   run = lambda x: sharded.logsumexp(x, x, scale=1.0, rows=True, cols=False, exclude=None, include=None,
                                     axis_name="data", local_impl="dense")
   with pytest.raises(ValueError, match="`local_impl` must be one of .*'dense'"):
+    jax.shard_map(run, mesh=_mesh(2), in_specs=P("data"), out_specs=P("data"))(a)
+  run = lambda x: sharded.logsumexp(x, x, scale=1.0, rows=True, cols=False, exclude=None, include=None,
+                                    axis_name="data", local_impl=3)
+  with pytest.raises(TypeError, match=r"^`local_impl` must be an engine name or engine settings .*got 3\."):
     jax.shard_map(run, mesh=_mesh(2), in_specs=P("data"), out_specs=P("data"))(a)
 
 

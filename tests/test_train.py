@@ -344,6 +344,60 @@ def test_auto_loss_engine_is_sharded_on_a_mesh_of_several_devices():
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
 
 
+def test_pallas_settings_from_the_config():
+  """`config.loss.pallas` with `config.loss.impl = "pallas"`: the losses get `impl=Settings(...)` with the
+  fields set (the others from the process default), which reach the kernels (their grid: 40 rows in
+  blocks of 16, 40 columns in blocks of 32), and the loss equals the dense engine's in value and
+  gradient. A field set with another impl, a bad value or an unknown key is an error naming the key."""
+  import re  # noqa: PLC0415
+
+  import jax.numpy as jnp  # noqa: PLC0415
+  from jaxcl.ops import pallas  # noqa: PLC0415
+  from jaxcl.train import methods  # noqa: PLC0415
+  from jaxcl.train.config import base_config  # noqa: PLC0415
+
+  def clip_config(impl, **fields):
+    config = base_config()
+    config.method, config.loss.name, config.loss.impl = "clip", "clip", impl
+    for key, value in fields.items():
+      config.loss.pallas[key] = value
+    return config
+
+  config = clip_config("pallas", flavour="gpu", interpret=True, block_rows=16, block_cols=32)
+  loop.validate_config(config, data=False)
+  assert methods.loss_impl(config) == pallas.Settings(
+      flavour="gpu", interpret=True, block_rows=16, block_cols=32, num_warps=pallas.DEFAULT.num_warps,
+      num_stages=pallas.DEFAULT.num_stages, max_fused_cols=pallas.DEFAULT.max_fused_cols)
+  assert methods.loss_impl(clip_config("pallas")) == "pallas"  # nothing set: the default engine
+  rng = np.random.default_rng(6)
+  image, text = (jnp.asarray(rng.standard_normal((40, 8)), jnp.float32) for _ in range(2))
+
+  def loss(config):
+    return jax.value_and_grad(lambda i, t, s: methods.image_text_loss(
+        config, {"image": i, "text": t, "logit_scale": s}), argnums=(0, 1, 2))
+
+  jaxpr = str(jax.make_jaxpr(loss(config))(image, text, 5.0))
+  assert sorted(set(re.findall(r"grid=\(([0-9]+),\)", jaxpr))) == ["2", "3"]  # ceil(40/32), ceil(40/16)
+  got, want = (jax.jit(loss(c))(image, text, 5.0) for c in (config, clip_config("dense")))
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+  for g, w in zip(got[1], want[1]):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
+
+  with pytest.raises(ValueError, match=r"^`config.loss.pallas` \(block_rows=16\) sets the pallas engine's "
+                                       r"settings, which need `config.loss.impl='pallas'`; got 'auto'\.$"):
+    loop.validate_config(clip_config("auto", block_rows=16), data=False)
+  with pytest.raises(ValueError, match=r"^`config.loss.pallas.block_rows` must be a positive integer or None, "
+                                       r"got 0\.$"):
+    loop.validate_config(clip_config("pallas", block_rows=0), data=False)
+  with pytest.raises(ValueError, match=r"^`config.loss.pallas.flavour` must be one of .*got 'cuda'\.$"):
+    loop.validate_config(clip_config("pallas", flavour="cuda"), data=False)
+  config = clip_config("pallas")
+  with config.unlocked():
+    config.loss.pallas.blocks = 16
+  with pytest.raises(ValueError, match=r"Unknown config key `config.loss.pallas.blocks`"):
+    loop.validate_config(config, data=False)
+
+
 def test_sharded_engine_rejects_a_loss_without_axis_name(data_dir, tmp_path):
   config = tiny(load_recipe("multiview_digits"), data_dir)
   config.loss.impl = "ring"

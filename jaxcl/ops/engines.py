@@ -7,6 +7,7 @@ sharded engines ("allgather", "ring", `jaxcl.ops.sharded`) run one of them on ea
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -19,20 +20,51 @@ from jaxcl.ops import dense
 _ENGINES: dict[str, dict[str, Callable]] = {
     "dense": {"logsumexp": dense.logsumexp, "sigmoid_sum": dense.sigmoid_sum},
 }
+# Engines with settings: settings type -> engine name (an instance as `impl=` is that engine with them).
+_SETTINGS_TYPES: dict[type, str] = {}
 
 
-def register_engine(name: str, *, logsumexp: Callable, sigmoid_sum: Callable) -> None:
-  """Makes an engine available as `impl=name` to every loss."""
+def register_engine(name: str, *, logsumexp: Callable, sigmoid_sum: Callable,
+                    settings: type | None = None) -> None:
+  """Makes an engine available as `impl=name` to every loss; with `settings` (a hashable type), an
+  instance of it as `impl=` means this engine with those settings, passed to its functions as the
+  keyword `settings=`."""
   _ENGINES[name] = {"logsumexp": logsumexp, "sigmoid_sum": sigmoid_sum}
+  if settings is not None:
+    _SETTINGS_TYPES[settings] = name
 
 
 def available_impls() -> tuple[str, ...]:
-  """Engine names accepted by `impl=` (plus "auto")."""
+  """Engine names accepted by `impl=` (plus "auto", and the settings of an engine that has them)."""
   return tuple(_ENGINES)
 
 
-def resolve_impl(impl: str, n_rows: int, n_cols: int) -> str:
-  """The engine `impl="auto"` picks for an (n_rows, n_cols) similarity matrix.
+def name_of(impl, argument: str = "impl") -> str:
+  """The engine name of an `impl=` value: a name as given, or the engine whose settings `impl` is (an
+  instance of a type registered with `register_engine(..., settings=)`, e.g. `jaxcl.ops.pallas.Settings`
+  for "pallas"). Anything else is an error naming `argument`. The one place `impl` values are told apart.
+
+  >>> from jaxcl.ops import pallas
+  >>> name_of("blockwise"), name_of(pallas.Settings(flavour="tpu"))
+  ('blockwise', 'pallas')
+  """
+  if isinstance(impl, str):
+    return impl
+  for cls, name in _SETTINGS_TYPES.items():
+    if isinstance(impl, cls):
+      return name
+  kinds = ", ".join(f"{cls.__module__}.{cls.__qualname__}" for cls in _SETTINGS_TYPES)
+  raise TypeError(f"`{argument}` must be an engine name or engine settings ({kinds}), got {impl!r}.")
+
+
+def settings_of(impl):
+  """The engine settings an `impl=` value carries, or None for a name."""
+  return None if isinstance(impl, str) else impl
+
+
+def resolve_impl(impl, n_rows: int, n_cols: int):
+  """The engine `impl="auto"` picks for an (n_rows, n_cols) similarity matrix; any other `impl` (an
+  engine name, or engine settings such as `jaxcl.ops.pallas.Settings`) is checked and returned as is.
 
   Rule: the dense engine while the matrix is small (n_rows·n_cols <= 4096², 64 MiB of float32); above
   that `BY_PLATFORM`, "pallas|blockwise": the fused `pallas` engine where the program is lowered for a
@@ -45,7 +77,7 @@ def resolve_impl(impl: str, n_rows: int, n_cols: int) -> str:
   ('dense', 'pallas|blockwise')
   """
   if impl != "auto":
-    _checks.check_choice("impl", impl, ("auto",) + available_impls())
+    _checks.check_choice("impl", name_of(impl), ("auto",) + available_impls())
     return impl
   if n_rows * n_cols <= DENSE_MAX_ELEMENTS:
     return "dense"
@@ -56,29 +88,30 @@ def resolve_impl(impl: str, n_rows: int, n_cols: int) -> str:
   return "dense"
 
 
-def is_dense(impl: str, n_rows: int, n_cols: int) -> bool:
+def is_dense(impl, n_rows: int, n_cols: int) -> bool:
   """Whether `impl` resolves to the dense engine for an (n_rows, n_cols) similarity matrix: the rule
   losses with their own tiled fallback (`jaxcl.losses._tiled`, `_soft_targets`) follow.
 
   >>> is_dense("auto", 8, 8), is_dense("auto", 8192, 8192), is_dense("blockwise", 8, 8)
   (True, False, False)
   """
-  return resolve_impl(impl, n_rows, n_cols) == "dense"
+  return name_of(resolve_impl(impl, n_rows, n_cols)) == "dense"
 
 
-def twice_differentiable(impl: str, n_rows: int, n_cols: int, what: str) -> str:
+def twice_differentiable(impl, n_rows: int, n_cols: int, what: str):
   """The engine for a term whose gradient differentiates an engine's backward pass (dense or
   blockwise; the fused kernels have no second derivative). `impl="auto"` that would pick the kernels
-  takes `blockwise`; `impl="pallas"` is an error naming `what`.
+  takes `blockwise`; `impl="pallas"` (or pallas settings) is an error naming `what`.
 
   >>> twice_differentiable("auto", 8192, 8192, "a term")
   'blockwise'
   """
   resolved = resolve_impl(impl, n_rows, n_cols)
-  if resolved == "pallas":
+  if name_of(resolved) == "pallas":
     raise ValueError(
-        f"`impl='pallas'` cannot compute {what}: its gradient differentiates the engine's backward "
-        "pass, which the fused kernels do not support; use impl='dense', 'blockwise' or 'auto'."
+        f"`impl={impl!r}` (the pallas engine) cannot compute {what}: its gradient differentiates the "
+        "engine's backward pass, which the fused kernels do not support; use impl='dense', 'blockwise' or "
+        "'auto'."
     )
   if resolved == BY_PLATFORM:
     return "blockwise" if "blockwise" in _ENGINES else "dense"
@@ -100,17 +133,19 @@ def by_platform(kernels: Callable, other: Callable):
   return jax.lax.platform_dependent(default=other, **{p: kernels for p in KERNEL_PLATFORMS})
 
 
-def engine(name: str, reduction: str) -> Callable:
-  """The function `reduction` ("logsumexp" / "sigmoid_sum") of engine `name` (a registered engine or
-  `BY_PLATFORM`)."""
-  if name != BY_PLATFORM:
-    return _ENGINES[name][reduction]
-  kernels, other = _ENGINES["pallas"][reduction], _ENGINES["blockwise"][reduction]
+def engine(impl, reduction: str) -> Callable:
+  """The function `reduction` ("logsumexp" / "sigmoid_sum") of engine `impl`: a registered engine's
+  name, its settings (the function with `settings=impl` bound) or `BY_PLATFORM`."""
+  if impl == BY_PLATFORM:
+    kernels, other = _ENGINES["pallas"][reduction], _ENGINES["blockwise"][reduction]
 
-  def run(*args, **kwargs):
-    return by_platform(lambda: kernels(*args, **kwargs), lambda: other(*args, **kwargs))
+    def run(*args, **kwargs):
+      return by_platform(lambda: kernels(*args, **kwargs), lambda: other(*args, **kwargs))
 
-  return run
+    return run
+  fn = _ENGINES[name_of(impl)][reduction]
+  settings = settings_of(impl)
+  return fn if settings is None else functools.partial(fn, settings=settings)
 
 
 def scale_grads(q: jax.Array, scale: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:

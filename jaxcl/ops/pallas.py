@@ -23,23 +23,26 @@ of "Breaking the Memory Barrier: Near Infinite Batch Size Scaling for Contrastiv
 2024) on a single device; `docs/pallas.md` describes the kernels, the block-shape rules and the matmul
 count.
 
-Kernel flavour and interpret mode are module settings (`configure`, `using`) initialised from the
-environment variables JAXCL_PALLAS_FLAVOUR ("auto" | "tpu" | "gpu"), JAXCL_PALLAS_INTERPRET ("auto" |
-"0" | "1" | "tpu"), JAXCL_PALLAS_BLOCK_ROWS and JAXCL_PALLAS_BLOCK_COLS. "auto" runs the Mosaic kernels
-where the program is compiled for a TPU, the Triton kernels where it is compiled for a CUDA GPU and the
-Mosaic kernels in Pallas interpret mode elsewhere (CPU); the platform is the lowering platform
-(`jax.lax.platform_dependent`), not this process's default backend, so a program compiled here for a
-TPU (`jaxcl.targets`) gets the Mosaic kernels. Settings are read when a function is traced: change them
-before `jax.jit` traces.
+How the kernels run (flavour, interpret mode, block sizes, Triton parameters) is a `Settings`, a frozen
+(hashable) value that travels as a static argument: every function here takes `settings=` (None: the
+default), and `impl=Settings(...)` anywhere an engine name is accepted (`jaxcl.ops.logsumexp`, the
+losses, `jaxcl.ops.sharded`'s `local_impl=`) means "the pallas engine with these settings". There is
+no process-wide state: two programs traced with different settings in one process are two different
+programs. The default, `DEFAULT`, is read ONCE, when this module is imported, from the environment
+variables JAXCL_PALLAS_FLAVOUR ("auto" | "tpu" | "gpu"), JAXCL_PALLAS_INTERPRET ("auto" | "0" | "1" |
+"tpu"), JAXCL_PALLAS_BLOCK_ROWS and JAXCL_PALLAS_BLOCK_COLS (`Settings.from_env`). "auto" runs the
+Mosaic kernels where the program is compiled for a TPU, the Triton kernels where it is compiled for a
+CUDA GPU and the Mosaic kernels in Pallas interpret mode elsewhere (CPU); the platform is the lowering
+platform (`jax.lax.platform_dependent`), not this process's default backend, so a program compiled here
+for a TPU (`jaxcl.targets`) gets the Mosaic kernels.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
-from typing import Any, Iterator
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -54,16 +57,19 @@ INTERPRET_MODES = ("auto", True, False, "tpu")
 # ------------------------------------------------------------------------------------------- settings
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """How the `pallas` engine runs.
+  """How the `pallas` engine runs: a frozen, hashable value passed as `settings=` to the functions of
+  this module, or as `impl=` wherever an engine name is accepted (the pallas engine with these settings).
+
+  >>> Settings(flavour="tpu", block_rows=256) == Settings(flavour="tpu", block_rows=256)
+  True
 
   Attributes:
     flavour: "auto" (by the platform the program is compiled for: Mosaic on TPU, Triton on CUDA GPUs,
       Mosaic in interpret mode elsewhere), "tpu" (Mosaic kernels) or "gpu" (Triton kernels). With
       "auto" both flavours are traced, so block sizes must suit both (or name the flavour).
     interpret: "auto" (interpret when the program is compiled for a platform that is not the flavour's
-      hardware), True (Pallas interpret
-      mode), False (compile for the hardware) or "tpu" (TPU interpret mode, `pltpu.InterpretParams()`:
-      checks TPU semantics on CPU, about 100x slower).
+      hardware), True (Pallas interpret mode), False (compile for the hardware) or "tpu" (TPU interpret
+      mode, `pltpu.InterpretParams()`: checks TPU semantics on CPU, about 100x slower).
     block_rows, block_cols: tile sizes along q and k (None: per-flavour defaults). TPU: multiples of 128
       or at least the batch; GPU: powers of two >= 16.
     num_warps, num_stages: Triton compiler parameters (None: 4 warps, 8 for tiles >= 128×128).
@@ -81,77 +87,78 @@ class Settings:
   max_fused_cols: int = 32768
 
   def __post_init__(self):
-    if self.flavour not in FLAVOURS:
-      raise ValueError(f"`flavour` must be one of {FLAVOURS}, got {self.flavour!r}.")
-    if not (self.interpret is True or self.interpret is False or self.interpret in ("auto", "tpu")):
-      raise ValueError(f"`interpret` must be one of {INTERPRET_MODES}, got {self.interpret!r}.")
-    for name in ("block_rows", "block_cols", "num_warps"):
-      value = getattr(self, name)
-      if value is not None and (not isinstance(value, int) or value <= 0):
-        raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
-    for name in ("num_stages", "max_fused_cols"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < 0:
-        raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
+    for field in dataclasses.fields(self):
+      _check_field(field.name, field.name, getattr(self, field.name))
+
+  @classmethod
+  def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+    """The settings the JAXCL_PALLAS_* variables of `env` (None: `os.environ`) give, defaults elsewhere.
+
+    >>> Settings.from_env({"JAXCL_PALLAS_FLAVOUR": "tpu", "JAXCL_PALLAS_BLOCK_ROWS": "256"}).block_rows
+    256
+    """
+    env = os.environ if env is None else env
+    interpret = env.get("JAXCL_PALLAS_INTERPRET", "auto").strip().lower()
+    interpret = {"1": True, "true": True, "0": False, "false": False}.get(interpret, interpret)
+    blocks = {}
+    for name in ("block_rows", "block_cols"):
+      value = env.get(f"JAXCL_PALLAS_{name.upper()}")
+      if value:
+        try:
+          blocks[name] = int(value)
+        except ValueError:
+          raise ValueError(f"JAXCL_PALLAS_{name.upper()} must be an integer, got {value!r}.") from None
+    return cls(flavour=env.get("JAXCL_PALLAS_FLAVOUR", "auto").strip().lower(), interpret=interpret,
+               **blocks)
+
+  def replace(self, *, where: str = "", **changes: Any) -> "Settings":
+    """These settings with `changes`; a bad field or value is an error naming `where` + the field
+    (`where="config.loss.pallas."` names a config key).
+
+    >>> DEFAULT.replace(block_rows=256).block_rows
+    256
+    >>> DEFAULT.replace(where="config.loss.pallas.", block_rows=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: `config.loss.pallas.block_rows` must be a positive integer or None, got 0.
+    """
+    names = tuple(f.name for f in dataclasses.fields(self))
+    for name, value in changes.items():
+      if name not in names:
+        raise ValueError(f"Unknown pallas setting `{where}{name}`; expected one of {names}.")
+      _check_field(where + name, name, value)
+    return dataclasses.replace(self, **changes)
 
 
-def _settings_from_env(env=os.environ) -> Settings:
-  interpret = env.get("JAXCL_PALLAS_INTERPRET", "auto").strip().lower()
-  interpret = {"1": True, "true": True, "0": False, "false": False}.get(interpret, interpret)
-  blocks = {}
-  for name in ("block_rows", "block_cols"):
-    value = env.get(f"JAXCL_PALLAS_{name.upper()}")
-    if value:
-      try:
-        blocks[name] = int(value)
-      except ValueError:
-        raise ValueError(f"JAXCL_PALLAS_{name.upper()} must be an integer, got {value!r}.") from None
-  return Settings(flavour=env.get("JAXCL_PALLAS_FLAVOUR", "auto").strip().lower(), interpret=interpret,
-                  **blocks)
+def _check_field(label: str, name: str, value: Any) -> None:
+  """Raises if `value` is not a legal value of the `Settings` field `name`; the error names `label`."""
+  if name == "flavour" and value not in FLAVOURS:
+    raise ValueError(f"`{label}` must be one of {FLAVOURS}, got {value!r}.")
+  if name == "interpret" and not (value is True or value is False or value in ("auto", "tpu")):
+    raise ValueError(f"`{label}` must be one of {INTERPRET_MODES}, got {value!r}.")
+  if name in ("block_rows", "block_cols", "num_warps") and value is not None and (
+      not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+    raise ValueError(f"`{label}` must be a positive integer or None, got {value!r}.")
+  if name in ("num_stages", "max_fused_cols") and (
+      not isinstance(value, int) or isinstance(value, bool) or value < 0):
+    raise ValueError(f"`{label}` must be a non-negative integer, got {value!r}.")
 
 
-_SETTINGS = _settings_from_env()
+# The settings of `settings=None`, read from the environment once, when this module is imported.
+DEFAULT = Settings.from_env()
 
 
-def settings() -> Settings:
-  """The current engine settings.
+def checked(settings: Settings | None, name: str = "settings") -> Settings:
+  """`settings`, or `DEFAULT` for None; anything else is an error naming `name`.
 
-  >>> settings().num_stages
-  2
+  >>> checked(None) is DEFAULT
+  True
   """
-  return _SETTINGS
-
-
-def configure(**changes: Any) -> Settings:
-  """Changes the engine settings for the rest of the process; returns the previous ones.
-
-  >>> old = configure(flavour="gpu", interpret=True)
-  >>> settings().flavour
-  'gpu'
-  >>> _ = configure(**dataclasses.asdict(old))
-  """
-  global _SETTINGS
-  old = _SETTINGS
-  _SETTINGS = dataclasses.replace(old, **changes)
-  return old
-
-
-@contextlib.contextmanager
-def using(**changes: Any) -> Iterator[Settings]:
-  """Context manager: the engine settings with `changes` inside the block.
-
-  >>> import jax.numpy as jnp
-  >>> with using(flavour="gpu", interpret=True):
-  ...   out = logsumexp(jnp.eye(2), jnp.eye(2), scale=jnp.ones(()), rows=True, cols=False,
-  ...                   exclude=None, include=None)
-  >>> [round(float(v), 4) for v in out[0]]  # log(e + 1)
-  [1.3133, 1.3133]
-  """
-  old = configure(**changes)
-  try:
-    yield _SETTINGS
-  finally:
-    configure(**dataclasses.asdict(old))
+  if settings is None:
+    return DEFAULT
+  if not isinstance(settings, Settings):
+    raise TypeError(f"`{name}` must be a jaxcl.ops.pallas.Settings or None, got {settings!r}.")
+  return settings
 
 
 # ------------------------------------------------------------------------------------------ the plan
@@ -232,9 +239,9 @@ def _variants(s: Settings) -> tuple[tuple[tuple[str, ...] | None, str, Any], ...
   return ((None, s.flavour, s.interpret),)
 
 
-def _per_platform(run):
-  """`run(flavour, interpret)` for the variant of the platform the program is lowered for."""
-  variants = _variants(_SETTINGS)
+def _per_platform(run, settings: Settings):
+  """`run(flavour, interpret)` for the variant of `settings` of the platform the program is lowered for."""
+  variants = _variants(settings)
   if len(variants) == 1:
     return run(*variants[0][1:])
   branches = {}
@@ -248,8 +255,7 @@ def _per_platform(run):
   return jax.lax.platform_dependent(default=default, **branches)
 
 
-def _make_plan(flavour: str, interpret: Any, n_q: int, n_k: int, d: int, **flags) -> _Plan:
-  s = _SETTINGS
+def _make_plan(s: Settings, flavour: str, interpret: Any, n_q: int, n_k: int, d: int, **flags) -> _Plan:
   if flavour == "tpu":
     bq = _tpu_block("block_rows", n_q, s.block_rows, 256)
     bk = _tpu_block("block_cols", n_k, s.block_cols, 512)
@@ -363,19 +369,19 @@ def _id_kinds(exclude, include):
   return tuple(kind for kind, _ in given), [pair for _, pair in given]
 
 
-def _lse_operands(flavour, interpret, q, k, scale, exclude, include, *, rows: bool, cols: bool):
+def _lse_operands(settings, flavour, interpret, q, k, scale, exclude, include, *, rows: bool, cols: bool):
   """(plan, q, k, scale, ids) of a log-sum-exp kernel call: the inputs padded to the plan's tiles and
   the id pairs of the masks given."""
   kinds, pairs = _id_kinds(exclude, include)
-  plan = _make_plan(flavour, interpret, q.shape[0], k.shape[0], q.shape[1], kinds=kinds, rows=rows,
-                    cols=cols)
+  plan = _make_plan(settings, flavour, interpret, q.shape[0], k.shape[0], q.shape[1], kinds=kinds,
+                    rows=rows, cols=cols)
   return (plan, *_prepare(q, k, scale, plan), tuple(_pad_ids(p, plan) for p in pairs))
 
 
-def _sig_operands(flavour, interpret, q, k, scale, bias, positives):
+def _sig_operands(settings, flavour, interpret, q, k, scale, bias, positives):
   """(plan, q, k, scale, bias (padded rows,), positives) of a sigmoid kernel call, padded to the tiles;
   `bias` a scalar or one value per row."""
-  plan = _make_plan(flavour, interpret, q.shape[0], k.shape[0], q.shape[1])
+  plan = _make_plan(settings, flavour, interpret, q.shape[0], k.shape[0], q.shape[1])
   bias = _pad(jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (q.shape[0],)), (plan.tiles.padded_a,))
   return (plan, *_prepare(q, k, scale, plan), bias, _pad_ids(positives, plan))
 
@@ -386,7 +392,7 @@ def _pad_ids(pair, plan: _Plan):
   return _pad(r.astype(jnp.int32), (t.padded_a,)), _pad(c.astype(jnp.int32), (t.padded_b,))
 
 
-def logsumexp(q, k, *, scale, rows, cols, exclude, include):
+def logsumexp(q, k, *, scale, rows, cols, exclude, include, settings: Settings | None = None):
   """Row and/or column log-sum-exp of the masked S = scale · q kᵀ by fused Pallas kernels.
 
       row_i = log Σ_{j: V_ij} exp S_ij,   col_j = log Σ_{i: V_ij} exp S_ij,   −inf if nothing is valid
@@ -394,7 +400,8 @@ def logsumexp(q, k, *, scale, rows, cols, exclude, include):
   The engine behind `impl="pallas"` (see `jaxcl.ops.logsumexp`): float32 results, float32 accumulation
   for bf16 inputs, differentiable in q, k and scale (scalar or (Bq,)) by backward kernels. The online
   (max, sum-exp) recurrence is the one of "FlashAttention: Fast and Memory-Efficient Exact Attention
-  with IO-Awareness" (Dao et al., 2022).
+  with IO-Awareness" (Dao et al., 2022). `settings`: how the kernels run (`Settings`; None: `DEFAULT`),
+  as in every function of this module.
 
   >>> import jax.numpy as jnp
   >>> row, col = logsumexp(jnp.eye(2), jnp.eye(2), scale=jnp.ones(()), rows=True, cols=True,
@@ -402,15 +409,16 @@ def logsumexp(q, k, *, scale, rows, cols, exclude, include):
   >>> [round(float(v), 4) for v in col]  # log(e + 1)
   [1.3133, 1.3133]
   """
+  s = checked(settings)
   def run(flavour, interpret):
-    operands = _lse_operands(flavour, interpret, q, k, scale, exclude, include, rows=bool(rows),
+    operands = _lse_operands(s, flavour, interpret, q, k, scale, exclude, include, rows=bool(rows),
                              cols=bool(cols))
     outs = list(_lse(*operands))
     row = outs.pop(0)[: q.shape[0]] if rows else None
     col = outs.pop(0)[: k.shape[0]] if cols else None
     return row, col
 
-  return _per_platform(run)
+  return _per_platform(run, s)
 
 
 # ------------------------------------------------------------------------------------------ sigmoid
@@ -446,7 +454,7 @@ def _sig_bwd(plan, res, g):
 _sig.defvjp(_sig_fwd, _sig_bwd)
 
 
-def sigmoid_sum(q, k, *, scale, bias, positives):
+def sigmoid_sum(q, k, *, scale, bias, positives, settings: Settings | None = None):
   """Per row Σ_j softplus(−z_ij (S_ij + b)) by fused Pallas kernels, float32 (Bq,).
 
   The engine behind `impl="pallas"` (see `jaxcl.ops.sigmoid_sum`) for "Sigmoid Loss for Language Image
@@ -460,13 +468,14 @@ def sigmoid_sum(q, k, *, scale, bias, positives):
   """
   if positives is None:
     positives = (jnp.arange(q.shape[0], dtype=jnp.int32), jnp.arange(k.shape[0], dtype=jnp.int32))
+  s = checked(settings)
   def run(flavour, interpret):
-    return _sig(*_sig_operands(flavour, interpret, q, k, scale, bias, positives))[: q.shape[0]]
+    return _sig(*_sig_operands(s, flavour, interpret, q, k, scale, bias, positives))[: q.shape[0]]
 
-  return _per_platform(run)
+  return _per_platform(run, s)
 
 
-engines.register_engine("pallas", logsumexp=logsumexp, sigmoid_sum=sigmoid_sum)
+engines.register_engine("pallas", logsumexp=logsumexp, sigmoid_sum=sigmoid_sum, settings=Settings)
 
 
 # ------------------------------------------------------------------------- one block, no custom VJP
@@ -478,7 +487,7 @@ def _vector(x, n: int):
   return None if x is None else _pad(x.astype(jnp.float32), (n,))
 
 
-def lse_block(q, k, scale, exclude, include, *, rows: bool, cols: bool):
+def lse_block(q, k, scale, exclude, include, *, rows: bool, cols: bool, settings: Settings | None = None):
   """(row (Bq,) or None, col (Bk,) or None): one block's log-sum-exp by the forward kernels.
 
   >>> import jax.numpy as jnp
@@ -486,15 +495,17 @@ def lse_block(q, k, scale, exclude, include, *, rows: bool, cols: bool):
   >>> [round(float(v), 4) for v in row]  # log(e + 1)
   [1.3133, 1.3133]
   """
+  s = checked(settings)
   def run(flavour, interpret):
-    row, col = _lse_forward(*_lse_operands(flavour, interpret, q, k, scale, exclude, include, rows=rows,
+    row, col = _lse_forward(*_lse_operands(s, flavour, interpret, q, k, scale, exclude, include, rows=rows,
                                            cols=cols))
     return (row[: q.shape[0]] if rows else None), (col[: k.shape[0]] if cols else None)
 
-  return _per_platform(run)
+  return _per_platform(run, s)
 
 
-def lse_block_grads(q, k, scale, exclude, include, row, g_row, col, g_col):
+def lse_block_grads(q, k, scale, exclude, include, row, g_row, col, g_col, *,
+                    settings: Settings | None = None):
   """(g (Bq, D), dk (Bk, D)), float32, of Σ_i g_row_i row_i + Σ_j g_col_j col_j for one block, where
   `row` / `col` are the FINAL log-sum-exps (over every block; None where not wanted):
 
@@ -510,17 +521,18 @@ def lse_block_grads(q, k, scale, exclude, include, row, g_row, col, g_col):
   >>> [round(float(v), 4) for v in g[0]]  # softmax of row 0: (e, 1) / (e + 1)
   [0.7311, 0.2689]
   """
+  s = checked(settings)
   def run(flavour, interpret):
-    operands = _lse_operands(flavour, interpret, q, k, scale, exclude, include, rows=row is not None,
+    operands = _lse_operands(s, flavour, interpret, q, k, scale, exclude, include, rows=row is not None,
                              cols=col is not None)
     na, nb = operands[0].tiles.padded_a, operands[0].tiles.padded_b
     g, dk = _lse_grads(*operands, _vector(row, na), _vector(g_row, na), _vector(col, nb), _vector(g_col, nb))
     return g[: q.shape[0], : q.shape[1]], dk[: k.shape[0], : k.shape[1]]
 
-  return _per_platform(run)
+  return _per_platform(run, s)
 
 
-def sigmoid_block(q, k, scale, bias, positives):
+def sigmoid_block(q, k, scale, bias, positives, *, settings: Settings | None = None):
   """One block's Σ_j softplus(−z_ij (S_ij + bias)) per row by the forward kernel, float32 (Bq,);
   `positives` an id pair, `bias` a scalar.
 
@@ -529,14 +541,15 @@ def sigmoid_block(q, k, scale, bias, positives):
   >>> round(float(sigmoid_block(jnp.eye(2), jnp.eye(2), jnp.ones(2), 0.0, (ids, ids))[0]), 4)
   1.0064
   """
+  s = checked(settings)
   def run(flavour, interpret):
-    plan, *operands = _sig_operands(flavour, interpret, q, k, scale, bias, positives)
+    plan, *operands = _sig_operands(s, flavour, interpret, q, k, scale, bias, positives)
     return _kernels(flavour).sigmoid_forward(*operands, tiles=plan.tiles)[: q.shape[0]]
 
-  return _per_platform(run)
+  return _per_platform(run, s)
 
 
-def sigmoid_block_grads(q, k, scale, bias, positives, g):
+def sigmoid_block_grads(q, k, scale, bias, positives, g, *, settings: Settings | None = None):
   """(g, dk, dbias scalar), float32, of Σ_i g_i sig_i for one block (`sigmoid_block`; g as in
   `lse_block_grads`).
 
@@ -546,9 +559,10 @@ def sigmoid_block_grads(q, k, scale, bias, positives, g):
   >>> round(float(dbias), 4)  # 2 (-σ(-1) + σ(0))
   0.4621
   """
+  s = checked(settings)
   def run(flavour, interpret):
-    operands = _sig_operands(flavour, interpret, q, k, scale, bias, positives)
+    operands = _sig_operands(s, flavour, interpret, q, k, scale, bias, positives)
     g_q, dk, dbias = _sig_grads(*operands, _vector(g, operands[0].tiles.padded_a))
     return g_q[: q.shape[0], : q.shape[1]], dk[: k.shape[0], : k.shape[1]], jnp.sum(dbias)
 
-  return _per_platform(run)
+  return _per_platform(run, s)

@@ -78,7 +78,8 @@ def logsumexp(
     row_valid, col_valid: None or bool (Bq,) / (Bk,): rows / columns that take part (a padded batch);
       an invalid row's result is -inf (nothing valid), with zero gradient. They become reserved ids in
       `include` (`jaxcl.ops.masks.with_validity`), so every engine handles them per tile.
-    impl: engine name or "auto"; with `axis_name`: "allgather", "ring" or "auto".
+    impl: engine name or "auto", or `jaxcl.ops.pallas.Settings(...)` (the pallas engine with those
+      settings: block sizes, flavour, interpret mode); with `axis_name`: "allgather", "ring" or "auto".
     axis_name: inside `jax.shard_map`, the mesh axis the batch is split over: q, k and the ids are then
       this device's shards (ids global), and the reductions run over the global batch
       (`jaxcl.ops.sharded`).

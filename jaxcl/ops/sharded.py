@@ -143,9 +143,9 @@ def _local_engine(n_rows: int, n_cols: int, local_impl: str, tile: int | None, r
   blockwise_fn = functools.partial(getattr(blockwise, reduction), tile=tile)
   if local_impl == "blockwise":
     return blockwise_fn
+  if engines.name_of(local_impl, "local_impl") == "pallas":  # "pallas" or its settings
+    return engines.engine(local_impl, reduction)
   kernels = getattr(pallas, reduction)
-  if local_impl == "pallas":
-    return kernels
 
   def run(*args, **kwargs):
     return engines.by_platform(lambda: kernels(*args, **kwargs), lambda: blockwise_fn(*args, **kwargs))
@@ -224,12 +224,17 @@ def _neg_inf(n):
 
 
 def _hop(cfg):
-  """The block functions each ring step runs: `blockwise`'s tiles, or `pallas`'s fused kernels."""
+  """The block functions each ring step runs: `blockwise`'s tiles, or `pallas`'s fused kernels (with
+  the settings `cfg.hop` carries, if any)."""
   hop, tile = cfg.hop, cfg.tile
   if hop == "pallas":
     return pallas
+  if engines.name_of(hop, "local_impl") == "pallas":  # pallas settings
+    module, options = pallas, {"settings": hop}
+  else:
+    module, options = blockwise, {"tile": tile}
   return types.SimpleNamespace(**{
-      name: functools.partial(getattr(blockwise, name), tile=tile)
+      name: functools.partial(getattr(module, name), **options)
       for name in ("lse_block", "lse_block_grads", "sigmoid_block", "sigmoid_block_grads")
   })
 
@@ -358,9 +363,11 @@ _ring_sig.defvjp(_ring_sig_fwd, _ring_sig_bwd)
 LOCAL_IMPLS = ("auto", "pallas", "blockwise")
 
 
-def _check_local(local_impl: str) -> str:
-  if local_impl not in LOCAL_IMPLS:
-    raise ValueError(f"`local_impl` must be one of {LOCAL_IMPLS}, got {local_impl!r}.")
+def _check_local(local_impl):
+  """`local_impl`: one of `LOCAL_IMPLS`, or `jaxcl.ops.pallas.Settings` (the pallas engine with them)."""
+  if engines.name_of(local_impl, "local_impl") not in LOCAL_IMPLS:
+    raise ValueError(f"`local_impl` must be one of {LOCAL_IMPLS} or a jaxcl.ops.pallas.Settings, got "
+                     f"{local_impl!r}.")
   return local_impl
 
 
@@ -372,8 +379,9 @@ def logsumexp(q, k, *, scale, rows, cols, exclude, include, axis_name, impl="aut
   ids; returns this device's rows (Bq/n,) and columns (Bk/n,) of the global reductions (see the module
   docstring for the engines). `local_impl` is the engine each device runs on its block (allgather: on
   the gathered keys, dense while small; ring: at every hop): "auto" (the fused kernels where the
-  program is compiled for a TPU or a CUDA GPU, the blockwise tiles elsewhere), "pallas" or "blockwise";
-  `tile` is the blockwise engine's.
+  program is compiled for a TPU or a CUDA GPU, the blockwise tiles elsewhere), "pallas", a
+  `jaxcl.ops.pallas.Settings` (the pallas engine with those settings) or "blockwise"; `tile` is the
+  blockwise engine's.
   """
   _check_local(local_impl)
   n = axis_size(axis_name)

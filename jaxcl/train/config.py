@@ -5,6 +5,7 @@ error from ml_collections instead of a silently ignored setting.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -33,6 +34,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.name = "nt_xent"  # any jaxcl.losses function the method supports
   c.loss.temperature = 0.2
   c.loss.impl = "auto"
+  # The pallas engine's settings (`jaxcl.ops.pallas.Settings`, docs/pallas.md) with impl = "pallas".
+  # None: the process default (the JAXCL_PALLAS_* environment variables, read at import).
+  # (Typed placeholders, so that `--config.loss.pallas.block_rows=512` parses on the command line.)
+  c.loss.pallas = ml_collections.ConfigDict()
+  c.loss.pallas.flavour = placeholder(str)  # auto | tpu | gpu
+  c.loss.pallas.interpret = placeholder(object)  # auto | True | False | tpu
+  c.loss.pallas.block_rows = placeholder(int)  # tile sizes along the rows / columns of S
+  c.loss.pallas.block_cols = placeholder(int)
+  c.loss.pallas.num_warps = placeholder(int)  # Triton only
+  c.loss.pallas.num_stages = placeholder(int)  # Triton only
+  c.loss.pallas.max_fused_cols = placeholder(int)  # TPU only
   c.loss.sigma = 0.5  # dclw
   c.loss.logit_scale_init = 1 / 0.07  # clip / siglip / lit (learnable, log-parameterised)
   c.loss.logit_bias_init = -10.0  # siglip

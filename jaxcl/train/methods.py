@@ -25,6 +25,7 @@ import ml_collections
 from jaxcl import losses
 from jaxcl import models
 from jaxcl import ops
+from jaxcl.ops import pallas
 from jaxcl.ops.engines import SHARDED_IMPLS
 from jaxcl.train import mcl
 
@@ -84,6 +85,7 @@ def check_method(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"`config.loss.impl={config.loss.impl!r}` (a sharded engine) works with the losses "
         f"{SHARDABLE_LOSSES}, not {config.loss.name!r}; use 'auto' (GSPMD partitions it).")
+  loss_impl(config)  # config.loss.pallas
 
 
 def loss_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -134,12 +136,34 @@ def build_model(config: ml_collections.ConfigDict, text_side: Any = None) -> nn.
   return models.DualEncoder(encoder, text, m.embed_dim, scale_init, bias, max_logit_scale=100.0)
 
 
+def loss_impl(config: ml_collections.ConfigDict):
+  """The `impl=` of the losses: `config.loss.impl`, or for "pallas" with `config.loss.pallas` fields
+  set (not None), the pallas engine with those settings (`jaxcl.ops.pallas.Settings`, the other fields
+  from the process default). The fields apply only to the pallas engine: set with another impl, they
+  are an error.
+
+  >>> from jaxcl.train import config as config_lib
+  >>> c = config_lib.base_config()
+  >>> c.loss.impl, c.loss.pallas.block_rows = "pallas", 256
+  >>> loss_impl(c).block_rows
+  256
+  """
+  fields = {name: value for name, value in config.loss.pallas.items() if value is not None}
+  if not fields:
+    return config.loss.impl
+  if config.loss.impl != "pallas":
+    raise ValueError(
+        f"`config.loss.pallas` ({', '.join(f'{k}={v!r}' for k, v in fields.items())}) sets the pallas "
+        f"engine's settings, which need `config.loss.impl='pallas'`; got {config.loss.impl!r}.")
+  return pallas.DEFAULT.replace(where="config.loss.pallas.", **fields)
+
+
 def _engine(config, mesh, shardable: bool | None = None) -> dict:
   """The `impl=` keyword of the losses, plus the mesh and its axes (the batch is split over every mesh
   axis) for the sharded engines: "allgather" / "ring", and "auto" when the mesh has more than one
   device and the loss has a sharded form (`shardable`; default: `config.loss.name` is in
   `SHARDABLE_LOSSES`), so that no device builds the global (B, B) similarity matrix."""
-  impl = config.loss.impl
+  impl = loss_impl(config)
   if shardable is None:
     shardable = config.loss.name in SHARDABLE_LOSSES
   if impl == "auto" and shardable and mesh is not None and mesh.size > 1:
@@ -257,7 +281,7 @@ def stateful_loss(config, online: dict, ids, state, *, mesh=None) -> tuple[jax.A
   c = config.loss
   out = losses.isogclr(
       z[0], z[1], ids, state, gamma=c.isogclr_gamma, rho=c.isogclr_rho, eta=c.isogclr_eta,
-      beta=c.isogclr_beta, tau_min=c.isogclr_tau_min, tau_max=c.isogclr_tau_max, impl=c.impl)
+      beta=c.isogclr_beta, tau_min=c.isogclr_tau_min, tau_max=c.isogclr_tau_max, impl=loss_impl(config))
   return out.loss, out.state
 
 
