@@ -507,14 +507,16 @@ def _lse_vectors(plan: _Plan, row, g_row, col, g_col):
   return _vector(row, na), _vector(g_row, na), _vector(col, nb), _vector(g_col, nb)
 
 
-def _padded_acc(acc, padded_rows: int, plan: _Plan):
-  """A block's float32 accumulator padded to the tiles, (padded_rows, padded D): the kernel adds into it
-  in place (no copy where it already has that shape); `_unpadded` cuts the result back."""
-  return _pad(acc.astype(jnp.float32), (padded_rows, plan.padded_d))
+def _kernel_acc(acc, padded_rows: int, plan: _Plan):
+  """The accumulator a kernel adds into in place: `acc` itself (float32) where it has the tiles' shape,
+  (padded_rows, padded D); else None, and `_added` adds the kernel's fresh output to it (padding acc,
+  then cutting the result back, would copy it twice per call: more memory than a fresh output)."""
+  return acc.astype(jnp.float32) if acc.shape == (padded_rows, plan.padded_d) else None
 
 
-def _unpadded(x, acc):
-  return x[: acc.shape[0], : acc.shape[1]]
+def _added(out, acc, kernel_acc):
+  """acc + a kernel's contribution: `out` itself where the kernel added into `kernel_acc` in place."""
+  return out if kernel_acc is not None else acc + out[: acc.shape[0], : acc.shape[1]]
 
 
 def lse_block(q, k, scale, exclude, include, *, rows: bool, cols: bool):
@@ -539,8 +541,8 @@ def lse_block_grad_q(q, k, scale, exclude, include, row, g_row, col, g_col, acc)
 
       dS_ij = V_ij (g_row_i e^{S_ij − row_i} + g_col_j e^{S_ij − col_j}),   g_i = Σ_j dS_ij k_j
 
-  by the dq kernel alone, added into `acc` (Bq, D) in place; dq and dscale follow from the g summed
-  over blocks (`engines.scale_grads`).
+  by the dq kernel alone, added into `acc` (Bq, D): in place where Bq and D need no padding to the
+  kernel's tiles. dq and dscale follow from the g summed over blocks (`engines.scale_grads`).
 
   >>> import jax.numpy as jnp
   >>> lse = jnp.full(2, jnp.log(jnp.e + 1.0))
@@ -552,15 +554,15 @@ def lse_block_grad_q(q, k, scale, exclude, include, row, g_row, col, g_col, acc)
   def run(flavour, interpret):
     plan, *operands = _lse_operands(flavour, interpret, q, k, scale, exclude, include,
                                     rows=row is not None, cols=col is not None)
-    padded = _padded_acc(acc, plan.tiles.padded_a, plan)
-    return _unpadded(_lse_grad_q(plan, *operands, *_lse_vectors(plan, row, g_row, col, g_col), padded), acc)
+    into = _kernel_acc(acc, plan.tiles.padded_a, plan)
+    return _added(_lse_grad_q(plan, *operands, *_lse_vectors(plan, row, g_row, col, g_col), into), acc, into)
 
   return _per_platform(run)
 
 
 def lse_block_grad_k(q, k, scale, exclude, include, row, g_row, col, g_col, acc):
   """acc + dk (Bk, D), float32, dk_j = Σ_i scale_i dS_ij q_i for one block (dS as in
-  `lse_block_grad_q`), by the dk kernel alone, added into `acc` (Bk, D) in place.
+  `lse_block_grad_q`), by the dk kernel alone, added into `acc` (Bk, D) as there.
 
   >>> import jax.numpy as jnp
   >>> lse = jnp.full(2, jnp.log(jnp.e + 1.0))
@@ -572,8 +574,8 @@ def lse_block_grad_k(q, k, scale, exclude, include, row, g_row, col, g_col, acc)
   def run(flavour, interpret):
     plan, *operands = _lse_operands(flavour, interpret, q, k, scale, exclude, include,
                                     rows=row is not None, cols=col is not None)
-    padded = _padded_acc(acc, plan.tiles.padded_b, plan)
-    return _unpadded(_lse_grad_k(plan, *operands, *_lse_vectors(plan, row, g_row, col, g_col), padded), acc)
+    into = _kernel_acc(acc, plan.tiles.padded_b, plan)
+    return _added(_lse_grad_k(plan, *operands, *_lse_vectors(plan, row, g_row, col, g_col), into), acc, into)
 
   return _per_platform(run)
 
@@ -599,7 +601,7 @@ def sigmoid_block_grad_q(q, k, scale, bias, positives, g, acc):
 
       dS_ij = −g_i z_ij σ(−z_ij (S_ij + bias)),   g_i = Σ_j dS_ij k_j,   dbias = Σ_ij dS_ij
 
-  by the dq kernel alone, added into `acc` (Bq, D) in place.
+  by the dq kernel alone, added into `acc` (Bq, D) as in `lse_block_grad_q`.
 
   >>> import jax.numpy as jnp
   >>> ids = jnp.arange(2)
@@ -610,16 +612,16 @@ def sigmoid_block_grad_q(q, k, scale, bias, positives, g, acc):
   """
   def run(flavour, interpret):
     plan, *operands = _sig_operands(flavour, interpret, q, k, scale, bias, positives)
-    g_q, dbias = _sig_grad_q(plan, *operands, _vector(g, plan.tiles.padded_a),
-                             _padded_acc(acc, plan.tiles.padded_a, plan))
-    return _unpadded(g_q, acc), jnp.sum(dbias)
+    into = _kernel_acc(acc, plan.tiles.padded_a, plan)
+    g_q, dbias = _sig_grad_q(plan, *operands, _vector(g, plan.tiles.padded_a), into)
+    return _added(g_q, acc, into), jnp.sum(dbias)
 
   return _per_platform(run)
 
 
 def sigmoid_block_grad_k(q, k, scale, bias, positives, g, acc):
   """acc + dk (Bk, D), float32, dk_j = Σ_i scale_i dS_ij q_i for one block (dS as in
-  `sigmoid_block_grad_q`), by the dk kernel alone, added into `acc` (Bk, D) in place.
+  `sigmoid_block_grad_q`), by the dk kernel alone, added into `acc` (Bk, D) as in `lse_block_grad_q`.
 
   >>> import jax.numpy as jnp
   >>> ids = jnp.arange(2)
@@ -630,8 +632,7 @@ def sigmoid_block_grad_k(q, k, scale, bias, positives, g, acc):
   """
   def run(flavour, interpret):
     plan, *operands = _sig_operands(flavour, interpret, q, k, scale, bias, positives)
-    dk = _sig_grad_k(plan, *operands, _vector(g, plan.tiles.padded_a),
-                     _padded_acc(acc, plan.tiles.padded_b, plan))
-    return _unpadded(dk, acc)
+    into = _kernel_acc(acc, plan.tiles.padded_b, plan)
+    return _added(_sig_grad_k(plan, *operands, _vector(g, plan.tiles.padded_a), into), acc, into)
 
   return _per_platform(run)

@@ -10,7 +10,8 @@ use IEEE precision (no TF32).
 
 The same four kernels as the TPU flavour (`jaxcl.ops.pallas_tpu`): `lse_forward` (row log-sum-exp; the
 column log-sum-exp is the same kernel with a and b swapped, since programs of a Triton grid cannot
-share column accumulators), `lse_backward`, `sigmoid_forward`, `sigmoid_backward`.
+share column accumulators), `lse_backward`, `sigmoid_forward`, `sigmoid_backward`; the backward
+kernels start from zero or add into a given accumulator in place (`input_output_aliases`).
 
 Called by `jaxcl.ops.pallas` (which pads, dispatches and defines the custom VJP); see docs/pallas.md.
 """

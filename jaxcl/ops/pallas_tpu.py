@@ -14,7 +14,8 @@ Kernels (S = scale · a bᵀ tile by tile, V the validity from ids and padding):
   accumulators too, kept for all columns in a (n_col_blocks, 1, block) VMEM scratch and written at the
   last i (then the row axis must run sequentially: both axes "arbitrary").
 - `lse_backward`: Σ_j dS_ij b_j accumulated in the resident float32 output block (the dq kernel; the
-  dk kernel is the same call with a and b swapped and the scale along columns).
+  dk kernel is the same call with a and b swapped and the scale along columns), from zero or from a
+  given accumulator whose buffer becomes the output (`input_output_aliases`: an in-place update).
 - `sigmoid_forward`, `sigmoid_backward`: the same grids for Σ_j softplus(−z(S + b)) and its gradient.
 
 Called by `jaxcl.ops.pallas` (which pads, dispatches and defines the custom VJP); see docs/pallas.md.

@@ -20,16 +20,23 @@ and columns, and the engine brings the column ids along with the columns.
   online log-sum-exp, and each block's column statistics follow the block and arrive home complete
   after the last hop ("Breaking the Memory Barrier: Near Infinite Batch Size Scaling for Contrastive
   Loss", Inf-CL, 2024; the chunked SigLIP loss of "Sigmoid Loss for Language Image Pre-Training" §3.3).
-  The backward pass is a second ring (a `jax.custom_vjp`): each step computes the gradients of the
-  block it holds from the saved GLOBAL row/column results, adds to dq locally and to the block's dk,
-  which follows the block and lands home after the last hop. Double buffered: a step sends its block
-  on, and the previous step's results one hop on, before it computes, so both transfers overlap the
+  The backward pass (a `jax.custom_vjp`) computes each block's gradients from the saved GLOBAL
+  row/column results. With the fused kernels, whose dq and dk are separate passes anyway, it is two
+  rings: the key blocks travel (with their ids and column results) while each device adds
+  g_i = Σ_j dS_ij k_j of its rows into its accumulator (the dq kernel), then the query blocks travel
+  (with their scales, ids and row results) while each device adds dk_j = Σ_i scale_i dS_ij q_i of its
+  columns (the dk kernel). Each device holds one float32 (B/n, D) accumulator at a time, which the
+  kernels update in place, and only the inputs' blocks travel. The blockwise tiles get dq and dk from
+  one S tile, so theirs is one ring: each step adds to g locally and to the block's dk, which follows
+  the block (float32) and lands home after the last hop. Double buffered: a step sends its block on,
+  and the previous step's results one hop on, before it computes, so the transfers overlap the
   compute. Per device memory O(B/n · D), flat in the device count.
 
 Each device reduces its block with a single-device engine, `local_impl`: "auto" runs the fused Pallas
-kernels (`jaxcl.ops.pallas`: `lse_block`, `lse_block_grads`, `sigmoid_block`, `sigmoid_block_grads`)
-where the program is compiled for a TPU or a CUDA GPU and the blockwise tiles (`jaxcl.ops.blockwise`,
-the same four functions) elsewhere; allgather uses the dense engine while its block is small.
+kernels (`jaxcl.ops.pallas`: `lse_block`, `lse_block_grad_q`, `lse_block_grad_k`, `sigmoid_block`,
+`sigmoid_block_grad_q`, `sigmoid_block_grad_k`) where the program is compiled for a TPU or a CUDA GPU
+and the blockwise tiles (`jaxcl.ops.blockwise`: `lse_block`, `lse_block_grads`, `sigmoid_block`,
+`sigmoid_block_grads`) elsewhere; allgather uses the dense engine while its block is small.
 
 Use them through `jaxcl.ops.logsumexp(..., axis_name=...)` / `sigmoid_sum(..., axis_name=...)` or through
 any loss's `axis_name=` argument; `impl` is "allgather", "ring" or "auto" (see `resolve`).
@@ -258,7 +265,8 @@ def _grad_ring(axis_name, grads, rows, cols, acc_q, acc_k):
 
 
 def _hop(cfg):
-  """The block functions each ring step runs: `blockwise`'s tiles, or `pallas`'s fused kernels."""
+  """The block functions each ring step runs: `blockwise`'s tiles, or `pallas`'s fused kernels (whose
+  backward block functions are the separate dq and dk kernels: `_grad_rings`)."""
   hop, tile = cfg.hop, cfg.tile
   if hop == "pallas":
     return pallas
