@@ -327,6 +327,58 @@ def test_losses_with_impl_pallas_match_dense(flavour, name):
   _assert_grads_close(grads, want_grads)
 
 
+# ------------------------------------------------------------------ the ring's backward block functions
+def _np_block_grads(q, k, scale, exclude, g_row, g_col, positives, g, bias):
+  """float64 (g, dk) of one block for Σ g_row·row + Σ g_col·col (its own final log-sum-exps, returned
+  too) and (g, dk, dbias) for Σ g·sig: the references of the dq / dk kernels' block functions."""
+  q64, k64, scale64 = np.float64(q), np.float64(k), np.float64(scale)[:, None]
+  s = scale64 * (q64 @ k64.T)
+  row, col = (_np_lse(q, k, scale, exclude, None, axis) for axis in (1, 0))
+  valid = np.asarray(exclude[0])[:, None] != np.asarray(exclude[1])[None, :]
+  ds = np.where(valid, g_row[:, None] * np.exp(s - row[:, None]) + g_col[None, :] * np.exp(s - col[None, :]),
+                0.0)
+  z = np.where(np.asarray(positives[0])[:, None] == np.asarray(positives[1])[None, :], 1.0, -1.0)
+  ds_sig = -g[:, None] * z / (1.0 + np.exp(z * (s + bias)))  # −g z σ(−z (S + b))
+  lse = (ds @ k64, (scale64 * ds).T @ q64)
+  sig = (ds_sig @ k64, (scale64 * ds_sig).T @ q64, np.sum(ds_sig))
+  return lse, sig, (row, col)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("bq, bk, d, in_place", [(32, 64, 128, True), (5, 7, 3, False)],
+                         ids=["tiles-exact-in-place", "padded-fresh-output"])
+def test_block_grads_add_into_the_accumulator(flavour, bq, bk, d, in_place):
+  """`lse_block_grad_q` / `_k` and `sigmoid_block_grad_q` / `_k` (the sharded ring's backward hops):
+  acc + the dq kernel's g and acc + the dk kernel's dk against float64 numpy, from the final
+  log-sum-exps; the kernel adds into the accumulator in place (its buffer aliased to the output) where
+  the block needs no padding to the tiles, and returns a fresh output that is added otherwise."""
+  q, k = randn(40, bq, d), randn(41, bk, d)
+  rng = np.random.default_rng(42)
+  scale = rng.uniform(0.5, 2.0, bq).astype(np.float32)
+  g_row, g_col, g = (rng.uniform(-1.0, 1.0, n).astype(np.float32) for n in (bq, bk, bq))
+  exclude = (jnp.arange(bq) % 5, jnp.arange(bk) % 5)
+  positives = (jnp.arange(bq) % 4, jnp.arange(bk) % 4)
+  acc_q, acc_k = randn(43, bq, d), randn(44, bk, d)
+  (want_g, want_dk), (want_sg, want_sdk, want_db), (row, col) = _np_block_grads(
+      q, k, scale, exclude, np.float64(g_row), np.float64(g_col), positives, np.float64(g), -1.5)
+  lse_args = (q, k, scale, exclude, None, np.float32(row), g_row, np.float32(col), g_col)
+  sig_args = (q, k, scale, np.float32(-1.5), positives, g)
+  settings = _settings(flavour)
+  calls = {
+      "lse_q": (lambda acc: engine.lse_block_grad_q(*lse_args, acc, settings=settings), acc_q, want_g),
+      "lse_k": (lambda acc: engine.lse_block_grad_k(*lse_args, acc, settings=settings), acc_k, want_dk),
+      "sig_q": (lambda acc: engine.sigmoid_block_grad_q(*sig_args, acc, settings=settings)[0], acc_q, want_sg),
+      "sig_k": (lambda acc: engine.sigmoid_block_grad_k(*sig_args, acc, settings=settings), acc_k, want_sdk),
+  }
+  for name, (fn, acc, want) in calls.items():
+    assert ("input_output_aliases=((" in str(jax.make_jaxpr(fn)(acc))) == in_place, name
+    got = np.float64(_compiled(fn, acc)(acc))
+    want = np.float64(acc) + want
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.max(np.abs(want)), err_msg=name)
+  _, dbias = engine.sigmoid_block_grad_q(*sig_args, acc_q, settings=settings)
+  np.testing.assert_allclose(float(dbias), want_db, rtol=1e-4)
+
+
 def test_engine_is_registered_and_reachable_through_ops():
   assert "pallas" in ops.available_impls()
   q, k = randn(22, 9, 5), randn(23, 7, 5)

@@ -324,19 +324,30 @@ def _lse_fwd(plan, q, k, scale, ids):
   return tuple(x for x in (row, col) if x is not None), (q, k, scale, ids, row, col)
 
 
-def _lse_grads(plan, q, k, scale, ids, row, g_row, col, g_col):
-  """(g, dk), float32, of Σ g_row·row + Σ g_col·col by the dq and dk kernels, from the final (padded)
-  row / column log-sum-exp (None where not wanted): g_i = Σ_j dS_ij k_j (dq and dscale follow by
-  `engines.scale_grads`), dk_j = Σ_i scale_i dS_ij q_i."""
-  kernels = _kernels(plan.flavour)
-  dq_raw = kernels.lse_backward(
-      q, k, scale, ids, row, g_row, col, g_col, kinds=plan.kinds, scale_on="rows", tiles=plan.tiles
+def _lse_grad_q(plan, q, k, scale, ids, row, g_row, col, g_col, acc=None):
+  """acc + g, float32 (padded), g_i = Σ_j dS_ij k_j by the dq kernel, from the final (padded) row /
+  column log-sum-exp (None where not wanted); dq and dscale follow by `engines.scale_grads`. `acc`
+  (None: zeros) is updated in place."""
+  return _kernels(plan.flavour).lse_backward(
+      q, k, scale, ids, row, g_row, col, g_col, kinds=plan.kinds, scale_on="rows", tiles=plan.tiles,
+      acc=acc,
   )
-  dk = kernels.lse_backward(
+
+
+def _lse_grad_k(plan, q, k, scale, ids, row, g_row, col, g_col, acc=None):
+  """acc + dk, float32 (padded), dk_j = Σ_i scale_i dS_ij q_i by the dk kernel (the dq kernel with q
+  and k swapped); arguments as in `_lse_grad_q`."""
+  return _kernels(plan.flavour).lse_backward(
       k, q, scale, _swap(ids), col, g_col, row, g_row, kinds=plan.kinds, scale_on="cols",
-      tiles=plan.tiles.swapped(),
+      tiles=plan.tiles.swapped(), acc=acc,
   )
-  return dq_raw, dk
+
+
+def _lse_grads(plan, q, k, scale, ids, row, g_row, col, g_col):
+  """(g, dk), float32, of Σ g_row·row + Σ g_col·col by the dq and dk kernels (`_lse_grad_q`,
+  `_lse_grad_k`)."""
+  args = (plan, q, k, scale, ids, row, g_row, col, g_col)
+  return _lse_grad_q(*args), _lse_grad_k(*args)
 
 
 def _lse_bwd(plan, res, g):
@@ -432,16 +443,26 @@ def _sig_fwd(plan, q, k, scale, bias, positives):
   return out, (q, k, scale, bias, positives)
 
 
+def _sig_grad_q(plan, q, k, scale, bias, positives, g, acc=None):
+  """(acc + g, dbias (Bq,)), float32, of Σ_i g_i sig_i by the dq kernel (g as in `_lse_grad_q`,
+  dbias_i = Σ_j dS_ij); `acc` (None: zeros) is updated in place."""
+  return _kernels(plan.flavour).sigmoid_backward(
+      q, k, scale, bias, positives, g, vec_on="rows", tiles=plan.tiles, acc=acc
+  )
+
+
+def _sig_grad_k(plan, q, k, scale, bias, positives, g, acc=None):
+  """acc + dk, float32, of Σ_i g_i sig_i by the dk kernel (the dq kernel with q and k swapped)."""
+  dk, _ = _kernels(plan.flavour).sigmoid_backward(
+      k, q, scale, bias, _swap((positives,))[0], g, vec_on="cols", tiles=plan.tiles.swapped(), acc=acc
+  )
+  return dk
+
+
 def _sig_grads(plan, q, k, scale, bias, positives, g):
-  """(g, dk, dbias (Bq,)), float32, of Σ_i g_i sig_i by the dq and dk kernels (g as in `_lse_grads`)."""
-  kernels = _kernels(plan.flavour)
-  dq_raw, dbias = kernels.sigmoid_backward(
-      q, k, scale, bias, positives, g, vec_on="rows", tiles=plan.tiles
-  )
-  dk, _ = kernels.sigmoid_backward(
-      k, q, scale, bias, _swap((positives,))[0], g, vec_on="cols", tiles=plan.tiles.swapped()
-  )
-  return dq_raw, dk, dbias
+  """(g, dk, dbias (Bq,)), float32, of Σ_i g_i sig_i by the dq and dk kernels."""
+  g_q, dbias = _sig_grad_q(plan, q, k, scale, bias, positives, g)
+  return g_q, _sig_grad_k(plan, q, k, scale, bias, positives, g), dbias
 
 
 def _sig_bwd(plan, res, g):
@@ -480,11 +501,31 @@ engines.register_engine("pallas", logsumexp=logsumexp, sigmoid_sum=sigmoid_sum, 
 
 # ------------------------------------------------------------------------- one block, no custom VJP
 # The sharded ring (`jaxcl.ops.sharded`) reduces one block of S per hop and differentiates by its own
-# second ring: it needs a block's partial results forward, and a block's gradients from the GLOBAL
-# results backward. These are the kernels above with that split (the same four functions as in
-# `jaxcl.ops.blockwise`); every output is float32 and unpadded.
+# backward rings: it needs a block's partial results forward, and a block's gradients from the GLOBAL
+# results backward. These are the kernels above with that split; backward, the dq and the dk kernel
+# are separate functions that add into an accumulator in place (the ring runs one ring of key blocks
+# for g and one of query blocks for dk, each device holding one float32 accumulator). Every output is
+# float32 and unpadded.
 def _vector(x, n: int):
   return None if x is None else _pad(x.astype(jnp.float32), (n,))
+
+
+def _lse_vectors(plan: _Plan, row, g_row, col, g_col):
+  """The final row / column log-sum-exps and their cotangents, float32, padded to the tiles."""
+  na, nb = plan.tiles.padded_a, plan.tiles.padded_b
+  return _vector(row, na), _vector(g_row, na), _vector(col, nb), _vector(g_col, nb)
+
+
+def _kernel_acc(acc, padded_rows: int, plan: _Plan):
+  """The accumulator a kernel adds into in place: `acc` itself (float32) where it has the tiles' shape,
+  (padded_rows, padded D); else None, and `_added` adds the kernel's fresh output to it (padding acc,
+  then cutting the result back, would copy it twice per call: more memory than a fresh output)."""
+  return acc.astype(jnp.float32) if acc.shape == (padded_rows, plan.padded_d) else None
+
+
+def _added(out, acc, kernel_acc):
+  """acc + a kernel's contribution: `out` itself where the kernel added into `kernel_acc` in place."""
+  return out if kernel_acc is not None else acc + out[: acc.shape[0], : acc.shape[1]]
 
 
 def lse_block(q, k, scale, exclude, include, *, rows: bool, cols: bool, settings: Settings | None = None):
@@ -504,30 +545,51 @@ def lse_block(q, k, scale, exclude, include, *, rows: bool, cols: bool, settings
   return _per_platform(run, s)
 
 
-def lse_block_grads(q, k, scale, exclude, include, row, g_row, col, g_col, *,
-                    settings: Settings | None = None):
-  """(g (Bq, D), dk (Bk, D)), float32, of Σ_i g_row_i row_i + Σ_j g_col_j col_j for one block, where
-  `row` / `col` are the FINAL log-sum-exps (over every block; None where not wanted):
+def lse_block_grad_q(q, k, scale, exclude, include, row, g_row, col, g_col, acc, *,
+                     settings: Settings | None = None):
+  """acc + g (Bq, D), float32, for one block of Σ_i g_row_i row_i + Σ_j g_col_j col_j, where `row` /
+  `col` are the FINAL log-sum-exps (over every block; None where not wanted):
 
-      dS_ij = V_ij (g_row_i e^{S_ij − row_i} + g_col_j e^{S_ij − col_j}),
-      g_i = Σ_j dS_ij k_j,   dk_j = Σ_i scale_i dS_ij q_i
+      dS_ij = V_ij (g_row_i e^{S_ij − row_i} + g_col_j e^{S_ij − col_j}),   g_i = Σ_j dS_ij k_j
 
-  (dq and dscale from the g summed over blocks: `engines.scale_grads`).
+  by the dq kernel alone, added into `acc` (Bq, D): in place where Bq and D need no padding to the
+  kernel's tiles. dq and dscale follow from the g summed over blocks (`engines.scale_grads`).
 
   >>> import jax.numpy as jnp
   >>> lse = jnp.full(2, jnp.log(jnp.e + 1.0))
-  >>> g, dk = lse_block_grads(jnp.eye(2), jnp.eye(2), jnp.ones(2), None, None, lse, jnp.ones(2),
-  ...                         None, None)
+  >>> g = lse_block_grad_q(jnp.eye(2), jnp.eye(2), jnp.ones(2), None, None, lse, jnp.ones(2), None, None,
+  ...                      jnp.zeros((2, 2)))
   >>> [round(float(v), 4) for v in g[0]]  # softmax of row 0: (e, 1) / (e + 1)
   [0.7311, 0.2689]
   """
   s = checked(settings)
   def run(flavour, interpret):
-    operands = _lse_operands(s, flavour, interpret, q, k, scale, exclude, include, rows=row is not None,
-                             cols=col is not None)
-    na, nb = operands[0].tiles.padded_a, operands[0].tiles.padded_b
-    g, dk = _lse_grads(*operands, _vector(row, na), _vector(g_row, na), _vector(col, nb), _vector(g_col, nb))
-    return g[: q.shape[0], : q.shape[1]], dk[: k.shape[0], : k.shape[1]]
+    plan, *operands = _lse_operands(s, flavour, interpret, q, k, scale, exclude, include,
+                                    rows=row is not None, cols=col is not None)
+    into = _kernel_acc(acc, plan.tiles.padded_a, plan)
+    return _added(_lse_grad_q(plan, *operands, *_lse_vectors(plan, row, g_row, col, g_col), into), acc, into)
+
+  return _per_platform(run, s)
+
+
+def lse_block_grad_k(q, k, scale, exclude, include, row, g_row, col, g_col, acc, *,
+                     settings: Settings | None = None):
+  """acc + dk (Bk, D), float32, dk_j = Σ_i scale_i dS_ij q_i for one block (dS as in
+  `lse_block_grad_q`), by the dk kernel alone, added into `acc` (Bk, D) as there.
+
+  >>> import jax.numpy as jnp
+  >>> lse = jnp.full(2, jnp.log(jnp.e + 1.0))
+  >>> dk = lse_block_grad_k(jnp.eye(2), jnp.eye(2), jnp.ones(2), None, None, lse, jnp.ones(2), None,
+  ...                       None, jnp.ones((2, 2)))
+  >>> [round(float(v), 4) for v in dk[0]]  # 1 + column 0 of the row softmax: 1 + (e, 1) / (e + 1)
+  [1.7311, 1.2689]
+  """
+  s = checked(settings)
+  def run(flavour, interpret):
+    plan, *operands = _lse_operands(s, flavour, interpret, q, k, scale, exclude, include,
+                                    rows=row is not None, cols=col is not None)
+    into = _kernel_acc(acc, plan.tiles.padded_b, plan)
+    return _added(_lse_grad_k(plan, *operands, *_lse_vectors(plan, row, g_row, col, g_col), into), acc, into)
 
   return _per_platform(run, s)
 
@@ -549,20 +611,45 @@ def sigmoid_block(q, k, scale, bias, positives, *, settings: Settings | None = N
   return _per_platform(run, s)
 
 
-def sigmoid_block_grads(q, k, scale, bias, positives, g, *, settings: Settings | None = None):
-  """(g, dk, dbias scalar), float32, of Σ_i g_i sig_i for one block (`sigmoid_block`; g as in
-  `lse_block_grads`).
+def sigmoid_block_grad_q(q, k, scale, bias, positives, g, acc, *, settings: Settings | None = None):
+  """(acc + g (Bq, D), dbias scalar), float32, for one block of Σ_i g_i sig_i (`sigmoid_block`):
+
+      dS_ij = −g_i z_ij σ(−z_ij (S_ij + bias)),   g_i = Σ_j dS_ij k_j,   dbias = Σ_ij dS_ij
+
+  by the dq kernel alone, added into `acc` (Bq, D) as in `lse_block_grad_q`.
 
   >>> import jax.numpy as jnp
   >>> ids = jnp.arange(2)
-  >>> *_, dbias = sigmoid_block_grads(jnp.eye(2), jnp.eye(2), jnp.ones(2), 0.0, (ids, ids), jnp.ones(2))
+  >>> _, dbias = sigmoid_block_grad_q(jnp.eye(2), jnp.eye(2), jnp.ones(2), 0.0, (ids, ids), jnp.ones(2),
+  ...                                 jnp.zeros((2, 2)))
   >>> round(float(dbias), 4)  # 2 (-σ(-1) + σ(0))
   0.4621
   """
   s = checked(settings)
   def run(flavour, interpret):
-    operands = _sig_operands(s, flavour, interpret, q, k, scale, bias, positives)
-    g_q, dk, dbias = _sig_grads(*operands, _vector(g, operands[0].tiles.padded_a))
-    return g_q[: q.shape[0], : q.shape[1]], dk[: k.shape[0], : k.shape[1]], jnp.sum(dbias)
+    plan, *operands = _sig_operands(s, flavour, interpret, q, k, scale, bias, positives)
+    into = _kernel_acc(acc, plan.tiles.padded_a, plan)
+    g_q, dbias = _sig_grad_q(plan, *operands, _vector(g, plan.tiles.padded_a), into)
+    return _added(g_q, acc, into), jnp.sum(dbias)
+
+  return _per_platform(run, s)
+
+
+def sigmoid_block_grad_k(q, k, scale, bias, positives, g, acc, *, settings: Settings | None = None):
+  """acc + dk (Bk, D), float32, dk_j = Σ_i scale_i dS_ij q_i for one block (dS as in
+  `sigmoid_block_grad_q`), by the dk kernel alone, added into `acc` (Bk, D) as in `lse_block_grad_q`.
+
+  >>> import jax.numpy as jnp
+  >>> ids = jnp.arange(2)
+  >>> dk = sigmoid_block_grad_k(jnp.eye(2), jnp.eye(2), jnp.ones(2), 0.0, (ids, ids), jnp.ones(2),
+  ...                           jnp.zeros((2, 2)))
+  >>> [round(float(v), 4) for v in dk[0]]  # (-σ(-1), σ(0))
+  [-0.2689, 0.5]
+  """
+  s = checked(settings)
+  def run(flavour, interpret):
+    plan, *operands = _sig_operands(s, flavour, interpret, q, k, scale, bias, positives)
+    into = _kernel_acc(acc, plan.tiles.padded_b, plan)
+    return _added(_sig_grad_k(plan, *operands, _vector(g, plan.tiles.padded_a), into), acc, into)
 
   return _per_platform(run, s)

@@ -10,7 +10,8 @@ use IEEE precision (no TF32).
 
 The same four kernels as the TPU flavour (`jaxcl.ops.pallas_tpu`): `lse_forward` (row log-sum-exp; the
 column log-sum-exp is the same kernel with a and b swapped, since programs of a Triton grid cannot
-share column accumulators), `lse_backward`, `sigmoid_forward`, `sigmoid_backward`.
+share column accumulators), `lse_backward`, `sigmoid_forward`, `sigmoid_backward`; the backward
+kernels start from zero or add into a given accumulator in place (`input_output_aliases`).
 
 Called by `jaxcl.ops.pallas` (which pads, dispatches and defines the custom VJP); see docs/pallas.md.
 """
@@ -47,7 +48,15 @@ class _Call:
     else:
       self.specs.append(pl.BlockSpec(x.shape, lambda i: (0,) * x.ndim))
 
-  def __call__(self, kernel, name, out_shape, out_specs):
+  def accumulator(self, acc: jax.Array | None):
+    """The (N_a, D) float32 accumulator a backward kernel adds into, in place (None: start from zero):
+    read in the output's row blocks, and its buffer becomes output 0 (`input_output_aliases`)."""
+    if acc is None:
+      return {}
+    self.add(acc, "rows")
+    return {len(self.inputs) - 1: 0}
+
+  def __call__(self, kernel, name, out_shape, out_specs, aliases=None):
     t = self.tiles
     num_warps = t.num_warps or (8 if t.block_a * t.block_b >= 128 * 128 else 4)
     inputs, out_shape = _vma.kernel_io(self.inputs, out_shape)
@@ -59,6 +68,7 @@ class _Call:
         out_specs=out_specs,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=t.num_stages),
         interpret=t.interpret,
+        input_output_aliases=aliases or {},
         name=name,
     )(*inputs)
 
@@ -141,12 +151,18 @@ def lse_forward(a, b, scale, ids, *, kinds, scale_on, with_cols, tiles):
   return call(kernel, "jaxcl_lse_fwd", out_shape, out_spec), None
 
 
-def _lse_bwd_kernel(*refs, tiles, kinds, scale_on, with_rows, with_cols):
+def _acc_start(acc_ref, acc_in):
+  """A row block's accumulator start: the accumulator's block (in-place update) or zeros."""
+  return jnp.zeros(acc_ref.shape, jnp.float32) if acc_in is None else acc_in[...]
+
+
+def _lse_bwd_kernel(*refs, tiles, kinds, scale_on, with_rows, with_cols, with_acc):
   it = iter(refs)
   a_ref, b_ref, scale_ref = next(it), next(it), next(it)
   id_refs = [(next(it), next(it)) for _ in kinds]
   row_lse, g_row = (next(it)[...][:, None], next(it)[...][:, None]) if with_rows else (None, None)
   col_refs = (next(it), next(it)) if with_cols else None
+  acc_in = next(it) if with_acc else None
   acc_ref = next(it)
   tile = _Tile(tiles, kinds, a_ref, b_ref, scale_ref, scale_on, id_refs)
 
@@ -159,11 +175,12 @@ def _lse_bwd_kernel(*refs, tiles, kinds, scale_on, with_rows, with_cols):
     return acc + jax.lax.dot(ds.astype(b.dtype), b, preferred_element_type=jnp.float32,
                              precision=tile_math.dot_precision(b.dtype))
 
-  acc_ref[...] = jax.lax.fori_loop(0, tiles.grid[1], body, jnp.zeros(acc_ref.shape, jnp.float32))
+  acc_ref[...] = jax.lax.fori_loop(0, tiles.grid[1], body, _acc_start(acc_ref, acc_in))
 
 
-def lse_backward(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, scale_on, tiles):
-  """Σ_j dS_ij b_j (float32 (N_a, D)), dS = g_row e^{S − row} + g_col e^{S − col} on valid entries.
+def lse_backward(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, scale_on, tiles, acc=None):
+  """acc + Σ_j dS_ij b_j (float32 (N_a, D)), dS = g_row e^{S − row} + g_col e^{S − col} on valid
+  entries; `acc` (float32 (N_a, D), None: zeros) is updated in place (its buffer is the output's).
 
   With the scale along rows the factor scale_i is left out (the caller applies it and reuses the sum
   for the scale's gradient); along columns scale_j is inside the sum (the dk orientation).
@@ -193,12 +210,13 @@ def lse_backward(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, sca
   if with_cols:
     call.add(col_lse, "cols")
     call.add(g_col, "cols")
+  aliases = call.accumulator(acc)
   out_shape, out_spec = _row_out(tiles, a.shape[1])
   kernel = functools.partial(
       _lse_bwd_kernel, tiles=tiles, kinds=kinds, scale_on=scale_on, with_rows=with_rows,
-      with_cols=with_cols,
+      with_cols=with_cols, with_acc=acc is not None,
   )
-  return call(kernel, "jaxcl_lse_bwd", out_shape, out_spec)
+  return call(kernel, "jaxcl_lse_bwd", out_shape, out_spec, aliases)
 
 
 # ------------------------------------------------------------------------------------------ sigmoid
@@ -238,8 +256,10 @@ def sigmoid_forward(a, b, scale, bias, positives, *, tiles):
   return call(functools.partial(_sig_fwd_kernel, tiles=tiles), "jaxcl_sigmoid_fwd", out_shape, out_spec)
 
 
-def _sig_bwd_kernel(a_ref, b_ref, scale_ref, bias_ref, g_ref, pr_ref, pc_ref, acc_ref, *sum_ref, tiles,
-                    vec_on):
+def _sig_bwd_kernel(*refs, tiles, vec_on, with_acc):
+  a_ref, b_ref, scale_ref, bias_ref, g_ref, pr_ref, pc_ref = refs[:7]
+  acc_in = refs[7] if with_acc else None
+  acc_ref, *sum_ref = refs[7 + with_acc:]
   tile = _Tile(tiles, (), a_ref, b_ref, scale_ref, vec_on, ())
   row_ids = pr_ref[...][:, None]
   if vec_on == "rows":
@@ -260,15 +280,16 @@ def _sig_bwd_kernel(a_ref, b_ref, scale_ref, bias_ref, g_ref, pr_ref, pc_ref, ac
     return acc + jax.lax.dot(ds.astype(b.dtype), b, preferred_element_type=jnp.float32,
                              precision=tile_math.dot_precision(b.dtype)), total
 
-  init = (jnp.zeros(acc_ref.shape, jnp.float32), jnp.zeros((tiles.block_a,), jnp.float32))
+  init = (_acc_start(acc_ref, acc_in), jnp.zeros((tiles.block_a,), jnp.float32))
   acc, total = jax.lax.fori_loop(0, tiles.grid[1], body, init)
   acc_ref[...] = acc
   for ref in sum_ref:
     ref[...] = total
 
 
-def sigmoid_backward(a, b, scale, bias, positives, g, *, vec_on, tiles):
-  """(Σ_j dS_ij b_j float32 (N_a, D), Σ_j dS_ij (N_a,) or None) for the sigmoid sum.
+def sigmoid_backward(a, b, scale, bias, positives, g, *, vec_on, tiles, acc=None):
+  """(acc + Σ_j dS_ij b_j float32 (N_a, D), Σ_j dS_ij (N_a,) or None) for the sigmoid sum; `acc` as in
+  `lse_backward` (updated in place).
 
   dS_ij = −g z_ij σ(−z_ij (S_ij + bias)); scale, bias and g lie along `vec_on` ("rows": the dq
   orientation, which also returns the row sums for the bias gradient; "cols": the dk orientation).
@@ -291,12 +312,13 @@ def sigmoid_backward(a, b, scale, bias, positives, g, *, vec_on, tiles):
     call.add(v, vec_on)
   call.add(positives[0], "rows")
   call.add(positives[1], "cols")
+  aliases = call.accumulator(acc)
   acc_shape, acc_spec = _row_out(tiles, a.shape[1])
   out_shape, out_specs = [acc_shape], [acc_spec]
   if vec_on == "rows":
     sum_shape, sum_spec = _row_out(tiles)
     out_shape.append(sum_shape)
     out_specs.append(sum_spec)
-  outs = call(functools.partial(_sig_bwd_kernel, tiles=tiles, vec_on=vec_on), "jaxcl_sigmoid_bwd",
-              out_shape, out_specs)
+  outs = call(functools.partial(_sig_bwd_kernel, tiles=tiles, vec_on=vec_on, with_acc=acc is not None),
+              "jaxcl_sigmoid_bwd", out_shape, out_specs, aliases)
   return outs[0], (outs[1] if vec_on == "rows" else None)

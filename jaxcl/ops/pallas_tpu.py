@@ -14,7 +14,8 @@ Kernels (S = scale · a bᵀ tile by tile, V the validity from ids and padding):
   accumulators too, kept for all columns in a (n_col_blocks, 1, block) VMEM scratch and written at the
   last i (then the row axis must run sequentially: both axes "arbitrary").
 - `lse_backward`: Σ_j dS_ij b_j accumulated in the resident float32 output block (the dq kernel; the
-  dk kernel is the same call with a and b swapped and the scale along columns).
+  dk kernel is the same call with a and b swapped and the scale along columns), from zero or from a
+  given accumulator whose buffer becomes the output (`input_output_aliases`: an in-place update).
 - `sigmoid_forward`, `sigmoid_backward`: the same grids for Σ_j softplus(−z(S + b)) and its gradient.
 
 Called by `jaxcl.ops.pallas` (which pads, dispatches and defines the custom VJP); see docs/pallas.md.
@@ -59,8 +60,16 @@ class _Call:
     else:
       self.specs.append(pl.BlockSpec((1, self.tiles.block_b), lambda i, j: (0, j)))
 
+  def accumulator(self, acc: jax.Array | None):
+    """The (N_a, D) float32 accumulator a backward kernel adds into, in place (None: start from zero):
+    read in the output's row blocks, and its buffer becomes output 0 (`input_output_aliases`)."""
+    if acc is None:
+      return {}
+    self.matrix(acc, "rows")
+    return {len(self.inputs) - 1: 0}
+
   def __call__(self, kernel, name, out_shape, out_specs, *, scratch=(), semantics=("parallel", "arbitrary"),
-               cost=None):
+               cost=None, aliases=None):
     inputs, out_shape = _vma.kernel_io(self.inputs, out_shape)
     return pl.pallas_call(
         kernel,
@@ -72,6 +81,7 @@ class _Call:
         compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
         interpret=self.tiles.interpret,
         cost_estimate=cost,
+        input_output_aliases=aliases or {},
         name=name,
     )(*inputs)
 
@@ -201,17 +211,22 @@ def lse_forward(a, b, scale, ids, *, kinds, scale_on, with_cols, tiles):
   return row, col
 
 
-def _lse_bwd_kernel(*refs, tiles, kinds, scale_on, with_rows, with_cols):
+def _init_acc(acc_ref, acc_in):
+  """A resident output block's start: the accumulator's block (in-place update) or zeros."""
+  @pl.when(pl.program_id(1) == 0)
+  def _init():
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32) if acc_in is None else acc_in[...]
+
+
+def _lse_bwd_kernel(*refs, tiles, kinds, scale_on, with_rows, with_cols, with_acc):
   it = iter(refs)
   a_ref, b_ref, scale_ref = next(it), next(it), next(it)
   id_refs = [(next(it), next(it)) for _ in kinds]
   row_lse, g_row = (_column(next(it)[...]), _column(next(it)[...])) if with_rows else (None, None)
   col_lse, g_col = (next(it)[...], next(it)[...]) if with_cols else (None, None)
+  acc_in = next(it) if with_acc else None
   acc_ref = next(it)
-
-  @pl.when(pl.program_id(1) == 0)
-  def _init():
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+  _init_acc(acc_ref, acc_in)
 
   s = _scores(a_ref, b_ref, scale_ref, scale_on)
   valid = _valid(tiles, kinds, id_refs, s.shape)
@@ -223,8 +238,9 @@ def _lse_bwd_kernel(*refs, tiles, kinds, scale_on, with_rows, with_cols):
                               precision=tile_math.dot_precision(b.dtype))
 
 
-def lse_backward(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, scale_on, tiles):
-  """Σ_j dS_ij b_j (float32 (N_a, D)) with dS = g_row e^{S − row} + g_col e^{S − col} on valid entries.
+def lse_backward(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, scale_on, tiles, acc=None):
+  """acc + Σ_j dS_ij b_j (float32 (N_a, D)) with dS = g_row e^{S − row} + g_col e^{S − col} on valid
+  entries; `acc` (float32 (N_a, D), None: zeros) is updated in place (its buffer is the output's).
 
   With the scale along rows the row factor scale_i is left out (the caller applies it and reuses the
   sum for the scale's gradient); along columns scale_j is inside the sum (the dk orientation).
@@ -254,13 +270,14 @@ def lse_backward(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, sca
   if with_cols:
     call.vector(col_lse, "cols")
     call.vector(g_col, "cols")
+  aliases = call.accumulator(acc)
   out_shape, out_spec = _row_out(tiles, a.shape[1])
   kernel = functools.partial(
       _lse_bwd_kernel, tiles=tiles, kinds=kinds, scale_on=scale_on, with_rows=with_rows,
-      with_cols=with_cols,
+      with_cols=with_cols, with_acc=acc is not None,
   )
   return call(kernel, "jaxcl_lse_bwd", out_shape, out_spec,
-              cost=_cost(tiles, a.shape[1], a.dtype.itemsize, 2, with_rows + with_cols))
+              cost=_cost(tiles, a.shape[1], a.dtype.itemsize, 2, with_rows + with_cols), aliases=aliases)
 
 
 # ------------------------------------------------------------------------------------------ sigmoid
@@ -301,11 +318,14 @@ def sigmoid_forward(a, b, scale, bias, positives, *, tiles):
   return out[0]
 
 
-def _sig_bwd_kernel(a_ref, b_ref, scale_ref, bias_ref, g_ref, pr_ref, pc_ref, acc_ref, *sum_ref, tiles,
-                    vec_on):
+def _sig_bwd_kernel(*refs, tiles, vec_on, with_acc):
+  a_ref, b_ref, scale_ref, bias_ref, g_ref, pr_ref, pc_ref = refs[:7]
+  acc_in = refs[7] if with_acc else None
+  acc_ref, *sum_ref = refs[7 + with_acc:]
+  _init_acc(acc_ref, acc_in)
+
   @pl.when(pl.program_id(1) == 0)
   def _init():
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
     for ref in sum_ref:
       ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
@@ -322,8 +342,9 @@ def _sig_bwd_kernel(a_ref, b_ref, scale_ref, bias_ref, g_ref, pr_ref, pc_ref, ac
                               precision=tile_math.dot_precision(b.dtype))
 
 
-def sigmoid_backward(a, b, scale, bias, positives, g, *, vec_on, tiles):
-  """(Σ_j dS_ij b_j float32 (N_a, D), Σ_j dS_ij (N_a,) or None) for the sigmoid sum.
+def sigmoid_backward(a, b, scale, bias, positives, g, *, vec_on, tiles, acc=None):
+  """(acc + Σ_j dS_ij b_j float32 (N_a, D), Σ_j dS_ij (N_a,) or None) for the sigmoid sum; `acc` as in
+  `lse_backward` (updated in place).
 
   dS_ij = −g z_ij σ(−z_ij (S_ij + bias)); scale, bias and g lie along `vec_on` ("rows": the dq
   orientation, which also returns the row sums for the bias gradient; "cols": the dk orientation).
@@ -346,6 +367,7 @@ def sigmoid_backward(a, b, scale, bias, positives, g, *, vec_on, tiles):
     call.vector(v, vec_on)
   call.vector(positives[0], "rows")
   call.vector(positives[1], "cols")
+  aliases = call.accumulator(acc)
   acc_shape, acc_spec = _row_out(tiles, a.shape[1])
   out_shape, out_specs = [acc_shape], [acc_spec]
   if vec_on == "rows":
@@ -353,7 +375,8 @@ def sigmoid_backward(a, b, scale, bias, positives, g, *, vec_on, tiles):
     out_shape.append(sum_shape)
     out_specs.append(sum_spec)
   outs = call(
-      functools.partial(_sig_bwd_kernel, tiles=tiles, vec_on=vec_on), "jaxcl_sigmoid_bwd", out_shape,
-      out_specs, cost=_cost(tiles, a.shape[1], a.dtype.itemsize, 2, 1),
+      functools.partial(_sig_bwd_kernel, tiles=tiles, vec_on=vec_on, with_acc=acc is not None),
+      "jaxcl_sigmoid_bwd", out_shape, out_specs, cost=_cost(tiles, a.shape[1], a.dtype.itemsize, 2, 1),
+      aliases=aliases,
   )
   return outs[0], (outs[1][0] if vec_on == "rows" else None)

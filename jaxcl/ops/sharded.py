@@ -20,16 +20,23 @@ and columns, and the engine brings the column ids along with the columns.
   online log-sum-exp, and each block's column statistics follow the block and arrive home complete
   after the last hop ("Breaking the Memory Barrier: Near Infinite Batch Size Scaling for Contrastive
   Loss", Inf-CL, 2024; the chunked SigLIP loss of "Sigmoid Loss for Language Image Pre-Training" §3.3).
-  The backward pass is a second ring (a `jax.custom_vjp`): each step computes the gradients of the
-  block it holds from the saved GLOBAL row/column results, adds to dq locally and to the block's dk,
-  which follows the block and lands home after the last hop. Double buffered: a step sends its block
-  on, and the previous step's results one hop on, before it computes, so both transfers overlap the
+  The backward pass (a `jax.custom_vjp`) computes each block's gradients from the saved GLOBAL
+  row/column results. With the fused kernels, whose dq and dk are separate passes anyway, it is two
+  rings: the key blocks travel (with their ids and column results) while each device adds
+  g_i = Σ_j dS_ij k_j of its rows into its accumulator (the dq kernel), then the query blocks travel
+  (with their scales, ids and row results) while each device adds dk_j = Σ_i scale_i dS_ij q_i of its
+  columns (the dk kernel). Each device holds one float32 (B/n, D) accumulator at a time, which the
+  kernels update in place, and only the inputs' blocks travel. The blockwise tiles get dq and dk from
+  one S tile, so theirs is one ring: each step adds to g locally and to the block's dk, which follows
+  the block (float32) and lands home after the last hop. Double buffered: a step sends its block on,
+  and the previous step's results one hop on, before it computes, so the transfers overlap the
   compute. Per device memory O(B/n · D), flat in the device count.
 
 Each device reduces its block with a single-device engine, `local_impl`: "auto" runs the fused Pallas
-kernels (`jaxcl.ops.pallas`: `lse_block`, `lse_block_grads`, `sigmoid_block`, `sigmoid_block_grads`)
-where the program is compiled for a TPU or a CUDA GPU and the blockwise tiles (`jaxcl.ops.blockwise`,
-the same four functions) elsewhere; allgather uses the dense engine while its block is small.
+kernels (`jaxcl.ops.pallas`: `lse_block`, `lse_block_grad_q`, `lse_block_grad_k`, `sigmoid_block`,
+`sigmoid_block_grad_q`, `sigmoid_block_grad_k`) where the program is compiled for a TPU or a CUDA GPU
+and the blockwise tiles (`jaxcl.ops.blockwise`: `lse_block`, `lse_block_grads`, `sigmoid_block`,
+`sigmoid_block_grads`) elsewhere; allgather uses the dense engine while its block is small.
 
 Use them through `jaxcl.ops.logsumexp(..., axis_name=...)` / `sigmoid_sum(..., axis_name=...)` or through
 any loss's `axis_name=` argument; `impl` is "allgather", "ring" or "auto" (see `resolve`).
@@ -219,24 +226,64 @@ def _with_cols(pair, cols):
   return None if pair is None else (pair[0], cols)
 
 
+def _rows_of(pair):
+  return None if pair is None else pair[0]
+
+
+def _ids(rows, cols):
+  """An id pair of one block (None: that mask is not given)."""
+  return None if rows is None else (rows, cols)
+
+
 def _neg_inf(n):
   return jnp.full((n,), -jnp.inf, _F32)
 
 
+def _grad_rings(axis_name, grad_q, grad_k, rows, cols, acc_q, acc_k):
+  """The backward of a ring whose hop has separate dq and dk kernels (the fused kernels): two rings,
+  each device keeping one float32 accumulator and sending only its inputs' blocks on:
+
+      ring 1, the column blocks c (keys, their ids, column results) travel:  acc_q ← grad_q(rows, c, acc_q)
+      ring 2, the row blocks r (queries, ids, scales, row results) travel:   acc_k ← grad_k(r, cols, acc_k)
+
+  `rows` / `cols` are this device's own blocks; each `grad` adds its block's share into the accumulator
+  (in place for the kernels). Returns (acc_q, acc_k) summed over all n blocks.
+  """
+  n = axis_size(axis_name)
+  _, acc_q = _ring(axis_name, n, lambda c, acc: ((), grad_q(rows, c, acc)), cols, acc_q)
+  _, acc_k = _ring(axis_name, n, lambda r, acc: ((), grad_k(r, cols, acc)), rows, acc_k)
+  return acc_q, acc_k
+
+
+def _grad_ring(axis_name, grads, rows, cols, acc_q, acc_k):
+  """The backward of a ring whose hop computes dq and dk from one S tile (the blockwise tiles): one
+  ring of the column blocks c, `grads(rows, c, acc_q) -> (dk of c, acc_q)`; each block's dk follows it
+  one hop behind and lands home after the last hop (`_ring`'s results). Returns (acc_q, acc_k)."""
+  dk, acc_q = _ring(axis_name, axis_size(axis_name), lambda c, acc: grads(rows, c, acc), cols, acc_q,
+                    results=acc_k, combine=jnp.add)
+  return acc_q, dk
+
+
+def _is_kernel_hop(hop) -> bool:
+  """Whether a ring hop runs `pallas`'s fused kernels ("pallas" or pallas settings)."""
+  return engines.name_of(hop, "local_impl") == "pallas"
+
+
 def _hop(cfg):
   """The block functions each ring step runs: `blockwise`'s tiles, or `pallas`'s fused kernels (with
-  the settings `cfg.hop` carries, if any)."""
+  the settings `cfg.hop` carries, if any; their backward block functions are the separate dq and dk
+  kernels: `_grad_rings`)."""
   hop, tile = cfg.hop, cfg.tile
   if hop == "pallas":
     return pallas
-  if engines.name_of(hop, "local_impl") == "pallas":  # pallas settings
+  if _is_kernel_hop(hop):  # pallas settings
+    names = ("lse_block", "lse_block_grad_q", "lse_block_grad_k", "sigmoid_block", "sigmoid_block_grad_q",
+             "sigmoid_block_grad_k")
     module, options = pallas, {"settings": hop}
   else:
+    names = ("lse_block", "lse_block_grads", "sigmoid_block", "sigmoid_block_grads")
     module, options = blockwise, {"tile": tile}
-  return types.SimpleNamespace(**{
-      name: functools.partial(getattr(module, name), **options)
-      for name in ("lse_block", "lse_block_grads", "sigmoid_block", "sigmoid_block_grads")
-  })
+  return types.SimpleNamespace(**{name: functools.partial(getattr(module, name), **options) for name in names})
 
 
 def _by_hop(cfg, ring):
@@ -288,22 +335,29 @@ def _ring_lse_fwd(cfg, q, k, scale, exclude, include):
 def _ring_lse_bwd(cfg, res, g):
   q, k, scale, exclude, include, row, col = res
   g_row, g_col = g
+  rows = (q, scale, _rows_of(exclude), _rows_of(include), row, g_row)
+  cols = (k, _cols_of(exclude), _cols_of(include), col, g_col)
+
+  def args(rows, cols):
+    """The arguments (q, k, scale, exclude, include, row, g_row, col, g_col) of a block function."""
+    q, scale, ex_r, in_r, row, g_row = rows
+    k, ex_c, in_c, col, g_col = cols
+    return q, k, scale, _ids(ex_r, ex_c), _ids(in_r, in_c), row, g_row, col, g_col
 
   def ring(cfg):
     hop = _hop(cfg)
+    acc_q, acc_k = jnp.zeros(q.shape, _F32), jnp.zeros(k.shape, _F32)
+    if _is_kernel_hop(cfg.hop):
+      return _grad_rings(cfg.axis_name, lambda r, c, acc: hop.lse_block_grad_q(*args(r, c), acc),
+                         lambda r, c, acc: hop.lse_block_grad_k(*args(r, c), acc), rows, cols, acc_q, acc_k)
 
-    def step(block, g_q):
-      k_b, ex_c, in_c, col_b, g_col_b = block
-      g_s, dk_s = hop.lse_block_grads(
-          q, k_b, scale, _with_cols(exclude, ex_c), _with_cols(include, in_c), row, g_row, col_b, g_col_b
-      )
-      return dk_s, g_q + g_s
+    def grads(rows, cols, acc):
+      g_s, dk_s = hop.lse_block_grads(*args(rows, cols))
+      return dk_s, acc + g_s
 
-    block = (k, _cols_of(exclude), _cols_of(include), col, g_col)
-    return _ring(cfg.axis_name, axis_size(cfg.axis_name), step, block, jnp.zeros(q.shape, _F32),
-                 results=jnp.zeros(k.shape, _F32), combine=jnp.add)
+    return _grad_ring(cfg.axis_name, grads, rows, cols, acc_q, acc_k)
 
-  dk, g_q = _by_hop(cfg, ring)
+  g_q, dk = _by_hop(cfg, ring)
   dq, dscale = engines.scale_grads(q, scale, g_q)
   none = lambda pair: None if pair is None else (None, None)
   return dq.astype(q.dtype), dk.astype(k.dtype), dscale, none(exclude), none(include)
@@ -338,20 +392,33 @@ def _ring_sig_fwd(cfg, q, k, scale, bias, positives):
 
 def _ring_sig_bwd(cfg, res, g):
   q, k, scale, bias, positives = res
+  rows, cols = (q, scale, g, positives[0]), (k, positives[1])
+
+  def args(rows, cols):
+    """The arguments (q, k, scale, bias, positives, g) of a block function."""
+    q, scale, g, pos_r = rows
+    k, pos_c = cols
+    return q, k, scale, bias, (pos_r, pos_c), g
 
   def ring(cfg):
     hop = _hop(cfg)
+    acc_q, acc_k = (jnp.zeros(q.shape, _F32), jnp.zeros((), _F32)), jnp.zeros(k.shape, _F32)
+    if _is_kernel_hop(cfg.hop):
+      def grad_q(rows, cols, acc):
+        g_q, dbias = hop.sigmoid_block_grad_q(*args(rows, cols), acc[0])
+        return g_q, acc[1] + dbias
 
-    def step(block, acc):
-      k_b, pos_c = block
-      g_s, dk_s, dbias_s = hop.sigmoid_block_grads(q, k_b, scale, bias, (positives[0], pos_c), g)
+      return _grad_rings(cfg.axis_name, grad_q,
+                         lambda r, c, acc: hop.sigmoid_block_grad_k(*args(r, c), acc), rows, cols, acc_q,
+                         acc_k)
+
+    def grads(rows, cols, acc):
+      g_s, dk_s, dbias_s = hop.sigmoid_block_grads(*args(rows, cols))
       return dk_s, (acc[0] + g_s, acc[1] + dbias_s)
 
-    acc = (jnp.zeros(q.shape, _F32), jnp.zeros((), _F32))
-    return _ring(cfg.axis_name, axis_size(cfg.axis_name), step, (k, positives[1]), acc,
-                 results=jnp.zeros(k.shape, _F32), combine=jnp.add)
+    return _grad_ring(cfg.axis_name, grads, rows, cols, acc_q, acc_k)
 
-  dk, (g_q, dbias) = _by_hop(cfg, ring)
+  (g_q, dbias), dk = _by_hop(cfg, ring)
   dq, dscale = engines.scale_grads(q, scale, g_q)
   return dq.astype(q.dtype), dk.astype(k.dtype), dscale, dbias, (None, None)
 
