@@ -557,7 +557,8 @@ def test_isogclr_padded_batch_with_mask_equals_unpadded_batch_and_keeps_padding_
     np.testing.assert_allclose(np.asarray(g)[mask], w, rtol=1e-5, atol=1e-6)
     assert np.all(np.asarray(g)[~mask] == 0)
   for got_arr, want_arr, name in zip(got_state, want_state, IsogclrState._fields):
-    np.testing.assert_allclose(np.asarray(got_arr), np.asarray(want_arr), rtol=1e-6, err_msg=name)
+    # float32, summed in another order with the padding rows: a few ulp (1.1e-6 seen).
+    np.testing.assert_allclose(np.asarray(got_arr), np.asarray(want_arr), rtol=5e-6, err_msg=name)
   unchanged = np.setdiff1d(np.arange(9), ids)  # includes 2 and 3, the padding's own ids
   for got_arr, old, name in zip(got_state, state, IsogclrState._fields):
     np.testing.assert_array_equal(np.asarray(got_arr)[unchanged], np.asarray(old)[unchanged], err_msg=name)
