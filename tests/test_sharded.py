@@ -68,16 +68,26 @@ def _assert_close(got, want, rtol=1e-5):
     np.testing.assert_allclose(x / norm, y / norm, atol=rtol, err_msg=name)
 
 
+@functools.lru_cache(maxsize=None)
+def _every_loss_inputs_and_dense(n_devices):
+  """(a, b, {loss name: dense value and grads}) of `test_every_loss_equals_unsharded_dense` for a
+  device count: computed once for both sharded engines."""
+  batch, dim = 5 * n_devices, 6
+  a, b = jnp.asarray(randn(1, batch, dim)), jnp.asarray(randn(2, batch, dim))
+  cases = _cases(batch, dim)
+  return a, b, {name: _value_and_grads(functools.partial(loss, impl="dense"), a, b, 4.0)
+                for name, loss in cases.items()}
+
+
 @pytest.mark.parametrize("n_devices", [1, 3, 8])
 @pytest.mark.parametrize("impl", SHARDED)
 def test_every_loss_equals_unsharded_dense(n_devices, impl, monkeypatch):
   # 5 rows per device: not a multiple of the 2-column tiles the ring's blockwise steps use here.
   monkeypatch.setattr(blockwise, "DEFAULT_TILE", 2)
-  batch, dim = 5 * n_devices, 6
-  a, b = jnp.asarray(randn(1, batch, dim)), jnp.asarray(randn(2, batch, dim))
+  a, b, wants = _every_loss_inputs_and_dense(n_devices)
   mesh = _mesh(n_devices)
-  for name, loss in _cases(batch, dim).items():
-    want = _value_and_grads(functools.partial(loss, impl="dense"), a, b, 4.0)
+  for name, loss in _cases(*a.shape).items():
+    want = wants[name]
     got = _value_and_grads(functools.partial(loss, impl=impl, mesh=mesh), a, b, 4.0)
     try:
       _assert_close(got, want)
