@@ -379,6 +379,59 @@ def test_block_grads_add_into_the_accumulator(flavour, bq, bk, d, in_place):
   np.testing.assert_allclose(float(dbias), want_db, rtol=1e-4)
 
 
+@pytest.mark.parametrize("flavour, blocks, want_shape", [("tpu", (None, None), (32, 48, 128)),
+                                                        ("gpu", (16, 32), (64, 64, 16))])
+def test_blocks_padded_by_the_caller(flavour, blocks, want_shape):
+  """`valid=(n_q, n_k)`: the block functions take q, k, their vectors, ids and accumulator already
+  padded to `padded_shape` (as the sharded ring pads once for all its hops) and mask the padding by the
+  true counts: the valid part equals float64 numpy, the accumulator is updated in place. Rows and
+  columns share one padded length where that is a multiple of both blocks (the GPU case here), else
+  each is padded to its own block (TPU: whole-axis blocks of 32 and 48 rows)."""
+  bq, bk, d = 20, 37, 5
+  settings = _settings(flavour, *blocks)
+  rows, cols, dp = engine.padded_shape(settings, bq, bk, d)
+  assert (rows, cols, dp) == want_shape
+  q, k = randn(50, bq, d), randn(51, bk, d)
+  rng = np.random.default_rng(52)
+  scale = rng.uniform(0.5, 2.0, bq).astype(np.float32)
+  g_row, g_col, g = (rng.uniform(-1.0, 1.0, n).astype(np.float32) for n in (bq, bk, bq))
+  exclude = (jnp.arange(bq) % 5, jnp.arange(bk) % 5)
+  positives = (jnp.arange(bq) % 4, jnp.arange(bk) % 4)
+  acc_q, acc_k = randn(53, bq, d), randn(54, bk, d)
+  (want_g, want_dk), (want_sg, want_sdk, want_db), (row, col) = _np_block_grads(
+      q, k, scale, exclude, np.float64(g_row), np.float64(g_col), positives, np.float64(g), -1.5)
+  pad = lambda x, *shape: jnp.pad(jnp.asarray(x), [(0, n - m) for n, m in zip(shape, np.shape(x))])
+  ids = lambda pair: (pad(pair[0], rows), pad(pair[1], cols))
+  q_p, k_p, scale_p = pad(q, rows, dp), pad(k, cols, dp), pad(scale, rows)
+  lse_args = (q_p, k_p, scale_p, ids(exclude), None, pad(np.float32(row), rows), pad(g_row, rows),
+              pad(np.float32(col), cols), pad(g_col, cols))
+  sig_args = (q_p, k_p, scale_p, np.float32(-1.5), ids(positives), pad(g, rows))
+  kw = dict(settings=settings, valid=(bq, bk))
+  got_row, got_col = engine.lse_block(*lse_args[:5], rows=True, cols=True, **kw)
+  np.testing.assert_allclose(got_row[:bq], row, rtol=1e-5)
+  np.testing.assert_allclose(got_col[:bk], col, rtol=1e-5)
+  calls = {
+      "lse_q": (lambda acc: engine.lse_block_grad_q(*lse_args, acc, **kw), acc_q, rows, want_g),
+      "lse_k": (lambda acc: engine.lse_block_grad_k(*lse_args, acc, **kw), acc_k, cols, want_dk),
+      "sig_q": (lambda acc: engine.sigmoid_block_grad_q(*sig_args, acc, **kw)[0], acc_q, rows, want_sg),
+      "sig_k": (lambda acc: engine.sigmoid_block_grad_k(*sig_args, acc, **kw), acc_k, cols, want_sdk),
+  }
+  for name, (fn, acc, n, want) in calls.items():
+    acc_p = pad(acc, n, dp)
+    assert "input_output_aliases=((" in str(jax.make_jaxpr(fn)(acc_p)), name
+    got = np.float64(_compiled(fn, acc_p)(acc_p))[: acc.shape[0], :d]
+    want = np.float64(acc) + want
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.max(np.abs(want)), err_msg=name)
+  _, dbias = engine.sigmoid_block_grad_q(*sig_args, pad(acc_q, rows, dp), **kw)
+  np.testing.assert_allclose(float(dbias), want_db, rtol=1e-4)
+  sig = engine.sigmoid_block(*sig_args[:5], **kw)
+  assert sig.shape == (rows,)
+  with pytest.raises(ValueError, match="`valid`"):
+    engine.lse_block(q, k, scale, None, None, rows=True, cols=False, **kw)  # not padded
+  with pytest.raises(ValueError, match="one flavour"):
+    engine.padded_shape(engine.Settings(), bq, bk, d)
+
+
 def test_engine_is_registered_and_reachable_through_ops():
   assert "pallas" in ops.available_impls()
   q, k = randn(22, 9, 5), randn(23, 7, 5)

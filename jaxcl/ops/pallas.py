@@ -255,7 +255,10 @@ def _per_platform(run, settings: Settings):
   return jax.lax.platform_dependent(default=default, **branches)
 
 
-def _make_plan(s: Settings, flavour: str, interpret: Any, n_q: int, n_k: int, d: int, **flags) -> _Plan:
+def _make_plan(s: Settings, flavour: str, interpret: Any, n_q: int, n_k: int, d: int, padded=None,
+               **flags) -> _Plan:
+  """The plan of an (n_q, d) × (n_k, d) call; `padded` (rows, cols): the padded lengths, multiples of
+  the blocks at least the counts (None: each count rounded up to its block)."""
   if flavour == "tpu":
     bq = _tpu_block("block_rows", n_q, s.block_rows, 256)
     bk = _tpu_block("block_cols", n_k, s.block_cols, 512)
@@ -265,9 +268,10 @@ def _make_plan(s: Settings, flavour: str, interpret: Any, n_q: int, n_k: int, d:
     default = 64 if padded_d <= 128 else 32 if padded_d <= 512 else 16
     bq = _gpu_block("block_rows", n_q, s.block_rows, default)
     bk = _gpu_block("block_cols", n_k, s.block_cols, default)
+  padded_a, padded_b = (_round_up(n_q, bq), _round_up(n_k, bk)) if padded is None else padded
   tiles = Tiles(
-      block_a=bq, block_b=bk, n_a=n_q, n_b=n_k, padded_a=_round_up(n_q, bq),
-      padded_b=_round_up(n_k, bk), interpret=interpret, num_warps=s.num_warps,
+      block_a=bq, block_b=bk, n_a=n_q, n_b=n_k, padded_a=padded_a,
+      padded_b=padded_b, interpret=interpret, num_warps=s.num_warps,
       num_stages=s.num_stages,
   )
   fuse_cols = (
@@ -380,19 +384,70 @@ def _id_kinds(exclude, include):
   return tuple(kind for kind, _ in given), [pair for _, pair in given]
 
 
-def _lse_operands(settings, flavour, interpret, q, k, scale, exclude, include, *, rows: bool, cols: bool):
+def _valid_plan(settings, flavour, interpret, q, k, valid, **flags) -> _Plan:
+  """The plan of a (Bq, D) × (Bk, D) block; `valid` (n_q, n_k): q and k are already padded to the
+  tiles (`padded_shape`) and only their first n_q / n_k rows are valid (the kernels mask the rest)."""
+  if valid is None:
+    return _make_plan(settings, flavour, interpret, q.shape[0], k.shape[0], q.shape[1], **flags)
+  rows, cols, d = _padded_shape(settings, flavour, interpret, *valid, q.shape[1])
+  if (q.shape, k.shape) != ((rows, d), (cols, d)):
+    raise ValueError(f"With `valid`={valid}, q and k must be padded to the tiles, shapes {(rows, d)} and "
+                     f"{(cols, d)}; got {q.shape} and {k.shape}.")
+  return _make_plan(settings, flavour, interpret, *valid, d, padded=(rows, cols), **flags)
+
+
+def _padded_shape(settings, flavour, interpret, n_q: int, n_k: int, d: int) -> tuple[int, int, int]:
+  """(rows, cols, D) padded to the tiles; rows and cols both the larger where that is a multiple of both
+  blocks (then row- and column-shaped buffers, e.g. the ring's two accumulators, can share memory)."""
+  t = (plan := _make_plan(settings, flavour, interpret, n_q, n_k, d)).tiles
+  common = max(t.padded_a, t.padded_b)
+  if common % t.block_a == 0 and common % t.block_b == 0:
+    return common, common, plan.padded_d
+  return t.padded_a, t.padded_b, plan.padded_d
+
+
+def padded_shape(settings: Settings | None, n_q: int, n_k: int, d: int) -> tuple[int, int, int]:
+  """(rows, cols, features) the kernels pad an (n_q, d) × (n_k, d) block to, for settings of ONE
+  flavour and interpret mode (as `per_variant` gives): a caller that pads its blocks to this shape once
+  passes `valid=(n_q, n_k)` to the block functions, which then neither pad nor cut.
+
+  >>> padded_shape(Settings(flavour="tpu", interpret=True), 16000, 16000, 256)
+  (16384, 16384, 256)
+  """
+  variants = _variants(checked(settings))
+  if len(variants) != 1:
+    raise ValueError(f"`settings` must name one flavour and interpret mode (see `per_variant`), got "
+                     f"{settings!r}.")
+  (_, flavour, interpret), = variants
+  return _padded_shape(checked(settings), flavour, interpret, n_q, n_k, d)
+
+
+def per_variant(run, settings: Settings | None):
+  """`run(one)` for the variant of `settings` of the platform the program is lowered for, `one` being
+  `settings` narrowed to that variant's flavour and interpret mode (for `padded_shape`); `run`'s
+  results must have the same shapes for every variant."""
+  s = checked(settings)
+
+  def narrowed(flavour, interpret):
+    mode = interpret if isinstance(interpret, bool) else "tpu"
+    return run(s.replace(flavour=flavour, interpret=mode))
+
+  return _per_platform(narrowed, s)
+
+
+def _lse_operands(settings, flavour, interpret, q, k, scale, exclude, include, *, rows: bool, cols: bool,
+                  valid=None):
   """(plan, q, k, scale, ids) of a log-sum-exp kernel call: the inputs padded to the plan's tiles and
-  the id pairs of the masks given."""
+  the id pairs of the masks given (`valid`: see `_valid_plan`)."""
   kinds, pairs = _id_kinds(exclude, include)
-  plan = _make_plan(settings, flavour, interpret, q.shape[0], k.shape[0], q.shape[1], kinds=kinds,
-                    rows=rows, cols=cols)
+  plan = _valid_plan(settings, flavour, interpret, q, k, valid, kinds=kinds, rows=rows, cols=cols)
   return (plan, *_prepare(q, k, scale, plan), tuple(_pad_ids(p, plan) for p in pairs))
 
 
-def _sig_operands(settings, flavour, interpret, q, k, scale, bias, positives):
+def _sig_operands(settings, flavour, interpret, q, k, scale, bias, positives, valid=None):
   """(plan, q, k, scale, bias (padded rows,), positives) of a sigmoid kernel call, padded to the tiles;
-  `bias` a scalar or one value per row."""
-  plan = _make_plan(settings, flavour, interpret, q.shape[0], k.shape[0], q.shape[1])
+  `bias` a scalar or one value per row (`valid`: see `_valid_plan`)."""
+  plan = _valid_plan(settings, flavour, interpret, q, k, valid)
   bias = _pad(jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (q.shape[0],)), (plan.tiles.padded_a,))
   return (plan, *_prepare(q, k, scale, plan), bias, _pad_ids(positives, plan))
 
@@ -505,7 +560,10 @@ engines.register_engine("pallas", logsumexp=logsumexp, sigmoid_sum=sigmoid_sum, 
 # results backward. These are the kernels above with that split; backward, the dq and the dk kernel
 # are separate functions that add into an accumulator in place (the ring runs one ring of key blocks
 # for g and one of query blocks for dk, each device holding one float32 accumulator). Every output is
-# float32 and unpadded.
+# float32 and unpadded. `valid=(n_q, n_k)`: q, k, their scales / ids / vectors and the accumulator come
+# already padded to the tiles (`padded_shape`; padded ids and vectors 0), of which the first n_q rows
+# and n_k columns are valid; the outputs then stay padded, and the accumulator is always updated in
+# place (the ring pads once for all its hops).
 def _vector(x, n: int):
   return None if x is None else _pad(x.astype(jnp.float32), (n,))
 
@@ -528,7 +586,8 @@ def _added(out, acc, kernel_acc):
   return out if kernel_acc is not None else acc + out[: acc.shape[0], : acc.shape[1]]
 
 
-def lse_block(q, k, scale, exclude, include, *, rows: bool, cols: bool, settings: Settings | None = None):
+def lse_block(q, k, scale, exclude, include, *, rows: bool, cols: bool, settings: Settings | None = None,
+              valid=None):
   """(row (Bq,) or None, col (Bk,) or None): one block's log-sum-exp by the forward kernels.
 
   >>> import jax.numpy as jnp
@@ -539,14 +598,14 @@ def lse_block(q, k, scale, exclude, include, *, rows: bool, cols: bool, settings
   s = checked(settings)
   def run(flavour, interpret):
     row, col = _lse_forward(*_lse_operands(s, flavour, interpret, q, k, scale, exclude, include, rows=rows,
-                                           cols=cols))
+                                           cols=cols, valid=valid))
     return (row[: q.shape[0]] if rows else None), (col[: k.shape[0]] if cols else None)
 
   return _per_platform(run, s)
 
 
 def lse_block_grad_q(q, k, scale, exclude, include, row, g_row, col, g_col, acc, *,
-                     settings: Settings | None = None):
+                     settings: Settings | None = None, valid=None):
   """acc + g (Bq, D), float32, for one block of Σ_i g_row_i row_i + Σ_j g_col_j col_j, where `row` /
   `col` are the FINAL log-sum-exps (over every block; None where not wanted):
 
@@ -565,7 +624,7 @@ def lse_block_grad_q(q, k, scale, exclude, include, row, g_row, col, g_col, acc,
   s = checked(settings)
   def run(flavour, interpret):
     plan, *operands = _lse_operands(s, flavour, interpret, q, k, scale, exclude, include,
-                                    rows=row is not None, cols=col is not None)
+                                    rows=row is not None, cols=col is not None, valid=valid)
     into = _kernel_acc(acc, plan.tiles.padded_a, plan)
     return _added(_lse_grad_q(plan, *operands, *_lse_vectors(plan, row, g_row, col, g_col), into), acc, into)
 
@@ -573,7 +632,7 @@ def lse_block_grad_q(q, k, scale, exclude, include, row, g_row, col, g_col, acc,
 
 
 def lse_block_grad_k(q, k, scale, exclude, include, row, g_row, col, g_col, acc, *,
-                     settings: Settings | None = None):
+                     settings: Settings | None = None, valid=None):
   """acc + dk (Bk, D), float32, dk_j = Σ_i scale_i dS_ij q_i for one block (dS as in
   `lse_block_grad_q`), by the dk kernel alone, added into `acc` (Bk, D) as there.
 
@@ -587,14 +646,14 @@ def lse_block_grad_k(q, k, scale, exclude, include, row, g_row, col, g_col, acc,
   s = checked(settings)
   def run(flavour, interpret):
     plan, *operands = _lse_operands(s, flavour, interpret, q, k, scale, exclude, include,
-                                    rows=row is not None, cols=col is not None)
+                                    rows=row is not None, cols=col is not None, valid=valid)
     into = _kernel_acc(acc, plan.tiles.padded_b, plan)
     return _added(_lse_grad_k(plan, *operands, *_lse_vectors(plan, row, g_row, col, g_col), into), acc, into)
 
   return _per_platform(run, s)
 
 
-def sigmoid_block(q, k, scale, bias, positives, *, settings: Settings | None = None):
+def sigmoid_block(q, k, scale, bias, positives, *, settings: Settings | None = None, valid=None):
   """One block's Σ_j softplus(−z_ij (S_ij + bias)) per row by the forward kernel, float32 (Bq,);
   `positives` an id pair, `bias` a scalar.
 
@@ -605,13 +664,14 @@ def sigmoid_block(q, k, scale, bias, positives, *, settings: Settings | None = N
   """
   s = checked(settings)
   def run(flavour, interpret):
-    plan, *operands = _sig_operands(s, flavour, interpret, q, k, scale, bias, positives)
+    plan, *operands = _sig_operands(s, flavour, interpret, q, k, scale, bias, positives, valid)
     return _kernels(flavour).sigmoid_forward(*operands, tiles=plan.tiles)[: q.shape[0]]
 
   return _per_platform(run, s)
 
 
-def sigmoid_block_grad_q(q, k, scale, bias, positives, g, acc, *, settings: Settings | None = None):
+def sigmoid_block_grad_q(q, k, scale, bias, positives, g, acc, *, settings: Settings | None = None,
+                         valid=None):
   """(acc + g (Bq, D), dbias scalar), float32, for one block of Σ_i g_i sig_i (`sigmoid_block`):
 
       dS_ij = −g_i z_ij σ(−z_ij (S_ij + bias)),   g_i = Σ_j dS_ij k_j,   dbias = Σ_ij dS_ij
@@ -627,7 +687,7 @@ def sigmoid_block_grad_q(q, k, scale, bias, positives, g, acc, *, settings: Sett
   """
   s = checked(settings)
   def run(flavour, interpret):
-    plan, *operands = _sig_operands(s, flavour, interpret, q, k, scale, bias, positives)
+    plan, *operands = _sig_operands(s, flavour, interpret, q, k, scale, bias, positives, valid)
     into = _kernel_acc(acc, plan.tiles.padded_a, plan)
     g_q, dbias = _sig_grad_q(plan, *operands, _vector(g, plan.tiles.padded_a), into)
     return _added(g_q, acc, into), jnp.sum(dbias)
@@ -635,7 +695,8 @@ def sigmoid_block_grad_q(q, k, scale, bias, positives, g, acc, *, settings: Sett
   return _per_platform(run, s)
 
 
-def sigmoid_block_grad_k(q, k, scale, bias, positives, g, acc, *, settings: Settings | None = None):
+def sigmoid_block_grad_k(q, k, scale, bias, positives, g, acc, *, settings: Settings | None = None,
+                         valid=None):
   """acc + dk (Bk, D), float32, dk_j = Σ_i scale_i dS_ij q_i for one block (dS as in
   `sigmoid_block_grad_q`), by the dk kernel alone, added into `acc` (Bk, D) as in `lse_block_grad_q`.
 
@@ -648,7 +709,7 @@ def sigmoid_block_grad_k(q, k, scale, bias, positives, g, acc, *, settings: Sett
   """
   s = checked(settings)
   def run(flavour, interpret):
-    plan, *operands = _sig_operands(s, flavour, interpret, q, k, scale, bias, positives)
+    plan, *operands = _sig_operands(s, flavour, interpret, q, k, scale, bias, positives, valid)
     into = _kernel_acc(acc, plan.tiles.padded_b, plan)
     return _added(_sig_grad_k(plan, *operands, _vector(g, plan.tiles.padded_a), into), acc, into)
 

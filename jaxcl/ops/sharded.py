@@ -30,7 +30,9 @@ and columns, and the engine brings the column ids along with the columns.
   one S tile, so theirs is one ring: each step adds to g locally and to the block's dk, which follows
   the block (float32) and lands home after the last hop. Double buffered: a step sends its block on,
   and the previous step's results one hop on, before it computes, so the transfers overlap the
-  compute. Per device memory O(B/n · D), flat in the device count.
+  compute. Per device memory O(B/n · D), flat in the device count. With the kernels, a device's blocks
+  are padded to the kernels' tiles once for the whole ring (and cut back once after it), the true
+  counts going to the kernels, which mask the padding (`_Padding`).
 
 Each device reduces its block with a single-device engine, `local_impl`: "auto" runs the fused Pallas
 kernels (`jaxcl.ops.pallas`: `lse_block`, `lse_block_grad_q`, `lse_block_grad_k`, `sigmoid_block`,
@@ -279,20 +281,80 @@ def _hop(cfg):
   if _is_kernel_hop(hop):  # pallas settings
     names = ("lse_block", "lse_block_grad_q", "lse_block_grad_k", "sigmoid_block", "sigmoid_block_grad_q",
              "sigmoid_block_grad_k")
-    module, options = pallas, {"settings": hop}
+    module, options = pallas, {"settings": hop, "valid": cfg.valid}
   else:
     names = ("lse_block", "lse_block_grads", "sigmoid_block", "sigmoid_block_grads")
     module, options = blockwise, {"tile": tile}
   return types.SimpleNamespace(**{name: functools.partial(getattr(module, name), **options) for name in names})
 
 
-def _by_hop(cfg, ring):
-  """`ring(cfg)` with the per-step engine of `cfg.hop`; "auto": the fused kernels where the program is
-  lowered for a TPU or a CUDA GPU, the blockwise tiles elsewhere (`engines.by_platform`)."""
-  if cfg.hop != "auto":
-    return ring(cfg)
-  return engines.by_platform(lambda: ring(cfg._replace(hop="pallas")),
-                             lambda: ring(cfg._replace(hop="blockwise")))
+def _pad_to(x, shape):
+  """x zero padded at the end of each axis to `shape` (None stays None)."""
+  if x is None:
+    return None
+  widths = [(0, n - m) for n, m in zip(shape, x.shape)]
+  return jnp.pad(x, widths) if any(w for _, w in widths) else x
+
+
+class _Padding(NamedTuple):
+  """A device's blocks padded ONCE for a whole ring: q-like blocks (rows) to (rows, d), k-like blocks
+  (cols) to (cols, d), their vectors and ids with zeros; `cut` brings results back to the true counts
+  (n_rows, n_cols, n_d). The kernels mask the padding by the true counts (`pallas.padded_shape`,
+  `valid=`); for the blockwise tiles nothing is padded."""
+  n_rows: int
+  n_cols: int
+  n_d: int
+  rows: int
+  cols: int
+  d: int
+
+  def q(self, x):
+    return _pad_to(x, (self.rows, self.d))
+
+  def k(self, x):
+    return _pad_to(x, (self.cols, self.d))
+
+  def row(self, v):
+    return _pad_to(v, (self.rows,))
+
+  def col(self, v):
+    return _pad_to(v, (self.cols,))
+
+  def ids(self, pair):
+    return None if pair is None else (self.row(pair[0]), self.col(pair[1]))
+
+  def cut_rows(self, x):
+    return x[: self.n_rows, : self.n_d] if x.ndim == 2 else x[: self.n_rows]
+
+  def cut_cols(self, x):
+    return x[: self.n_cols, : self.n_d] if x.ndim == 2 else x[: self.n_cols]
+
+
+def _input_grads(pad, q, k, rows, acc_q, acc_k):
+  """(dq, dk, dscale) of the inputs q, k from a ring's (padded) accumulators (`engines.scale_grads` on
+  the padded q and scale, `rows[:2]`), cast to the inputs' dtypes before being cut back (the cut copies
+  the narrow dtype)."""
+  dq, dscale = engines.scale_grads(rows[0], rows[1], acc_q)
+  return pad.cut_rows(dq.astype(q.dtype)), pad.cut_cols(acc_k.astype(k.dtype)), pad.cut_rows(dscale)
+
+
+def _by_hop(cfg, q, k, ring):
+  """`ring(cfg, padding)` with the per-step engine of `cfg.hop`; "auto": the fused kernels where the
+  program is lowered for a TPU or a CUDA GPU, the blockwise tiles elsewhere (`engines.by_platform`).
+  For the kernels, once per pallas variant (`pallas.per_variant`), with the `_Padding` of its tiles
+  and `cfg.valid` the true counts, so no hop pads (and each accumulator is updated in place)."""
+  if cfg.hop == "auto":
+    return engines.by_platform(lambda: _by_hop(cfg._replace(hop="pallas"), q, k, ring),
+                               lambda: _by_hop(cfg._replace(hop="blockwise"), q, k, ring))
+  (n_q, d), n_k = q.shape, k.shape[0]
+  if not _is_kernel_hop(cfg.hop):
+    return ring(cfg, _Padding(n_q, n_k, d, n_q, n_k, d))
+
+  def padded(settings):
+    return ring(cfg._replace(hop=settings, valid=(n_q, n_k)),
+                _Padding(n_q, n_k, d, *pallas.padded_shape(settings, n_q, n_k, d)))
+
+  return pallas.per_variant(padded, None if cfg.hop == "pallas" else cfg.hop)
 
 
 class _RingConfig(NamedTuple):
@@ -301,25 +363,27 @@ class _RingConfig(NamedTuple):
   tile: int | None
   rows: bool = True
   cols: bool = False
+  valid: tuple[int, int] | None = None  # the kernels' true counts (n_q, n_k) of padded blocks
 
 
 def _ring_lse_forward(cfg, q, k, scale, exclude, include):
-  def ring(cfg):
+  def ring(cfg, pad):
     hop = _hop(cfg)
+    q_p, scale_p, ex, inc = pad.q(q), pad.row(scale), pad.ids(exclude), pad.ids(include)
 
     def step(block, row):
       k_b, ex_c, in_c = block
-      r, c = hop.lse_block(q, k_b, scale, _with_cols(exclude, ex_c), _with_cols(include, in_c),
+      r, c = hop.lse_block(q_p, k_b, scale_p, _with_cols(ex, ex_c), _with_cols(inc, in_c),
                            rows=cfg.rows, cols=cfg.cols)
       return (c if cfg.cols else ()), (jnp.logaddexp(row, r) if cfg.rows else row)
 
-    col0 = _neg_inf(k.shape[0]) if cfg.cols else ()
-    row0 = _neg_inf(q.shape[0] if cfg.rows else 0)
+    col0 = _neg_inf(pad.cols) if cfg.cols else ()
+    row0 = _neg_inf(pad.rows if cfg.rows else 0)
     col, row = _ring(cfg.axis_name, axis_size(cfg.axis_name), step,
-                     (k, _cols_of(exclude), _cols_of(include)), row0, results=col0, combine=jnp.logaddexp)
-    return (row if cfg.rows else None), (col if cfg.cols else None)
+                     (pad.k(k), _cols_of(ex), _cols_of(inc)), row0, results=col0, combine=jnp.logaddexp)
+    return (pad.cut_rows(row) if cfg.rows else None), (pad.cut_cols(col) if cfg.cols else None)
 
-  return _by_hop(cfg, ring)
+  return _by_hop(cfg, q, k, ring)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -335,8 +399,6 @@ def _ring_lse_fwd(cfg, q, k, scale, exclude, include):
 def _ring_lse_bwd(cfg, res, g):
   q, k, scale, exclude, include, row, col = res
   g_row, g_col = g
-  rows = (q, scale, _rows_of(exclude), _rows_of(include), row, g_row)
-  cols = (k, _cols_of(exclude), _cols_of(include), col, g_col)
 
   def args(rows, cols):
     """The arguments (q, k, scale, exclude, include, row, g_row, col, g_col) of a block function."""
@@ -344,41 +406,46 @@ def _ring_lse_bwd(cfg, res, g):
     k, ex_c, in_c, col, g_col = cols
     return q, k, scale, _ids(ex_r, ex_c), _ids(in_r, in_c), row, g_row, col, g_col
 
-  def ring(cfg):
+  def ring(cfg, pad):
     hop = _hop(cfg)
-    acc_q, acc_k = jnp.zeros(q.shape, _F32), jnp.zeros(k.shape, _F32)
+    ex, inc = pad.ids(exclude), pad.ids(include)
+    rows = (pad.q(q), pad.row(scale), _rows_of(ex), _rows_of(inc), pad.row(row), pad.row(g_row))
+    cols = (pad.k(k), _cols_of(ex), _cols_of(inc), pad.col(col), pad.col(g_col))
+    acc_q, acc_k = jnp.zeros((pad.rows, pad.d), _F32), jnp.zeros((pad.cols, pad.d), _F32)
     if _is_kernel_hop(cfg.hop):
-      return _grad_rings(cfg.axis_name, lambda r, c, acc: hop.lse_block_grad_q(*args(r, c), acc),
-                         lambda r, c, acc: hop.lse_block_grad_k(*args(r, c), acc), rows, cols, acc_q, acc_k)
+      acc_q, acc_k = _grad_rings(cfg.axis_name, lambda r, c, acc: hop.lse_block_grad_q(*args(r, c), acc),
+                                 lambda r, c, acc: hop.lse_block_grad_k(*args(r, c), acc), rows, cols,
+                                 acc_q, acc_k)
+    else:
+      def grads(rows, cols, acc):
+        g_s, dk_s = hop.lse_block_grads(*args(rows, cols))
+        return dk_s, acc + g_s
 
-    def grads(rows, cols, acc):
-      g_s, dk_s = hop.lse_block_grads(*args(rows, cols))
-      return dk_s, acc + g_s
+      acc_q, acc_k = _grad_ring(cfg.axis_name, grads, rows, cols, acc_q, acc_k)
+    return _input_grads(pad, q, k, rows, acc_q, acc_k)
 
-    return _grad_ring(cfg.axis_name, grads, rows, cols, acc_q, acc_k)
-
-  g_q, dk = _by_hop(cfg, ring)
-  dq, dscale = engines.scale_grads(q, scale, g_q)
+  dq, dk, dscale = _by_hop(cfg, q, k, ring)
   none = lambda pair: None if pair is None else (None, None)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dscale, none(exclude), none(include)
+  return dq, dk, dscale, none(exclude), none(include)
 
 
 _ring_lse.defvjp(_ring_lse_fwd, _ring_lse_bwd)
 
 
 def _ring_sig_forward(cfg, q, k, scale, bias, positives):
-  def ring(cfg):
+  def ring(cfg, pad):
     hop = _hop(cfg)
+    q_p, scale_p, (pos_r, pos_c) = pad.q(q), pad.row(scale), pad.ids(positives)
 
     def step(block, out):
-      k_b, pos_c = block
-      return (), out + hop.sigmoid_block(q, k_b, scale, bias, (positives[0], pos_c))
+      k_b, pos_b = block
+      return (), out + hop.sigmoid_block(q_p, k_b, scale_p, bias, (pos_r, pos_b))
 
-    _, out = _ring(cfg.axis_name, axis_size(cfg.axis_name), step, (k, positives[1]),
-                   jnp.zeros(q.shape[:1], _F32))
-    return out
+    _, out = _ring(cfg.axis_name, axis_size(cfg.axis_name), step, (pad.k(k), pos_c),
+                   jnp.zeros((pad.rows,), _F32))
+    return pad.cut_rows(out)
 
-  return _by_hop(cfg, ring)
+  return _by_hop(cfg, q, k, ring)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -392,7 +459,6 @@ def _ring_sig_fwd(cfg, q, k, scale, bias, positives):
 
 def _ring_sig_bwd(cfg, res, g):
   q, k, scale, bias, positives = res
-  rows, cols = (q, scale, g, positives[0]), (k, positives[1])
 
   def args(rows, cols):
     """The arguments (q, k, scale, bias, positives, g) of a block function."""
@@ -400,27 +466,30 @@ def _ring_sig_bwd(cfg, res, g):
     k, pos_c = cols
     return q, k, scale, bias, (pos_r, pos_c), g
 
-  def ring(cfg):
+  def ring(cfg, pad):
     hop = _hop(cfg)
-    acc_q, acc_k = (jnp.zeros(q.shape, _F32), jnp.zeros((), _F32)), jnp.zeros(k.shape, _F32)
+    pos_r, pos_c = pad.ids(positives)
+    rows, cols = (pad.q(q), pad.row(scale), pad.row(g), pos_r), (pad.k(k), pos_c)
+    acc_q = (jnp.zeros((pad.rows, pad.d), _F32), jnp.zeros((), _F32))
+    acc_k = jnp.zeros((pad.cols, pad.d), _F32)
     if _is_kernel_hop(cfg.hop):
       def grad_q(rows, cols, acc):
         g_q, dbias = hop.sigmoid_block_grad_q(*args(rows, cols), acc[0])
         return g_q, acc[1] + dbias
 
-      return _grad_rings(cfg.axis_name, grad_q,
-                         lambda r, c, acc: hop.sigmoid_block_grad_k(*args(r, c), acc), rows, cols, acc_q,
-                         acc_k)
+      (acc_q, dbias), acc_k = _grad_rings(
+          cfg.axis_name, grad_q, lambda r, c, acc: hop.sigmoid_block_grad_k(*args(r, c), acc), rows, cols,
+          acc_q, acc_k)
+    else:
+      def grads(rows, cols, acc):
+        g_s, dk_s, dbias_s = hop.sigmoid_block_grads(*args(rows, cols))
+        return dk_s, (acc[0] + g_s, acc[1] + dbias_s)
 
-    def grads(rows, cols, acc):
-      g_s, dk_s, dbias_s = hop.sigmoid_block_grads(*args(rows, cols))
-      return dk_s, (acc[0] + g_s, acc[1] + dbias_s)
+      (acc_q, dbias), acc_k = _grad_ring(cfg.axis_name, grads, rows, cols, acc_q, acc_k)
+    return _input_grads(pad, q, k, rows, acc_q, acc_k), dbias
 
-    return _grad_ring(cfg.axis_name, grads, rows, cols, acc_q, acc_k)
-
-  (g_q, dbias), dk = _by_hop(cfg, ring)
-  dq, dscale = engines.scale_grads(q, scale, g_q)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dscale, dbias, (None, None)
+  (dq, dk, dscale), dbias = _by_hop(cfg, q, k, ring)
+  return dq, dk, dscale, dbias, (None, None)
 
 
 _ring_sig.defvjp(_ring_sig_fwd, _ring_sig_bwd)
