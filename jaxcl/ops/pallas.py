@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl.ops import engines
-from jaxcl.ops.tiles import Tiles
+from jaxcl.ops.tiles import Tiles, pad_to
 
 FLAVOURS = ("auto", "tpu", "gpu")
 INTERPRET_MODES = ("auto", True, False, "tpu")
@@ -291,11 +291,6 @@ def _kernels(flavour: str):
   return pallas_gpu
 
 
-def _pad(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  widths = [(0, n - m) for n, m in zip(shape, x.shape)]
-  return jnp.pad(x, widths) if any(w for _, w in widths) else x
-
-
 # ---------------------------------------------------------------------------------- log-sum-exp
 def _lse_forward(plan: _Plan, q, k, scale, ids):
   kernels = _kernels(plan.flavour)
@@ -372,10 +367,10 @@ _lse.defvjp(_lse_fwd, _lse_bwd)
 def _prepare(q, k, scale, plan: _Plan):
   dtype = jnp.result_type(q.dtype, k.dtype)
   t = plan.tiles
-  qp = _pad(q.astype(dtype), (t.padded_a, plan.padded_d))
-  kp = _pad(k.astype(dtype), (t.padded_b, plan.padded_d))
+  qp = pad_to(q.astype(dtype), (t.padded_a, plan.padded_d))
+  kp = pad_to(k.astype(dtype), (t.padded_b, plan.padded_d))
   scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (q.shape[0],))
-  return qp, kp, _pad(scale, (t.padded_a,))
+  return qp, kp, pad_to(scale, (t.padded_a,))
 
 
 def _id_kinds(exclude, include):
@@ -448,14 +443,14 @@ def _sig_operands(settings, flavour, interpret, q, k, scale, bias, positives, va
   """(plan, q, k, scale, bias (padded rows,), positives) of a sigmoid kernel call, padded to the tiles;
   `bias` a scalar or one value per row (`valid`: see `_valid_plan`)."""
   plan = _valid_plan(settings, flavour, interpret, q, k, valid)
-  bias = _pad(jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (q.shape[0],)), (plan.tiles.padded_a,))
+  bias = pad_to(jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (q.shape[0],)), (plan.tiles.padded_a,))
   return (plan, *_prepare(q, k, scale, plan), bias, _pad_ids(positives, plan))
 
 
 def _pad_ids(pair, plan: _Plan):
   r, c = pair
   t = plan.tiles
-  return _pad(r.astype(jnp.int32), (t.padded_a,)), _pad(c.astype(jnp.int32), (t.padded_b,))
+  return pad_to(r.astype(jnp.int32), (t.padded_a,)), pad_to(c.astype(jnp.int32), (t.padded_b,))
 
 
 def logsumexp(q, k, *, scale, rows, cols, exclude, include, settings: Settings | None = None):
@@ -565,7 +560,7 @@ engines.register_engine("pallas", logsumexp=logsumexp, sigmoid_sum=sigmoid_sum, 
 # and n_k columns are valid; the outputs then stay padded, and the accumulator is always updated in
 # place (the ring pads once for all its hops).
 def _vector(x, n: int):
-  return None if x is None else _pad(x.astype(jnp.float32), (n,))
+  return None if x is None else pad_to(x.astype(jnp.float32), (n,))
 
 
 def _lse_vectors(plan: _Plan, row, g_row, col, g_col):
@@ -604,6 +599,21 @@ def lse_block(q, k, scale, exclude, include, *, rows: bool, cols: bool, settings
   return _per_platform(run, s)
 
 
+def _lse_block_grad(kernel_grad, side: str, q, k, scale, exclude, include, row, g_row, col, g_col, acc,
+                    settings, valid):
+  """acc + `kernel_grad` (`_lse_grad_q` or `_lse_grad_k`) of one block, `acc` along `side` ("rows":
+  (Bq, D), "cols": (Bk, D)): the body of `lse_block_grad_q` / `_k`."""
+  s = checked(settings)
+  def run(flavour, interpret):
+    plan, *operands = _lse_operands(s, flavour, interpret, q, k, scale, exclude, include,
+                                    rows=row is not None, cols=col is not None, valid=valid)
+    padded = plan.tiles.padded_a if side == "rows" else plan.tiles.padded_b
+    into = _kernel_acc(acc, padded, plan)
+    return _added(kernel_grad(plan, *operands, *_lse_vectors(plan, row, g_row, col, g_col), into), acc, into)
+
+  return _per_platform(run, s)
+
+
 def lse_block_grad_q(q, k, scale, exclude, include, row, g_row, col, g_col, acc, *,
                      settings: Settings | None = None, valid=None):
   """acc + g (Bq, D), float32, for one block of Σ_i g_row_i row_i + Σ_j g_col_j col_j, where `row` /
@@ -621,14 +631,8 @@ def lse_block_grad_q(q, k, scale, exclude, include, row, g_row, col, g_col, acc,
   >>> [round(float(v), 4) for v in g[0]]  # softmax of row 0: (e, 1) / (e + 1)
   [0.7311, 0.2689]
   """
-  s = checked(settings)
-  def run(flavour, interpret):
-    plan, *operands = _lse_operands(s, flavour, interpret, q, k, scale, exclude, include,
-                                    rows=row is not None, cols=col is not None, valid=valid)
-    into = _kernel_acc(acc, plan.tiles.padded_a, plan)
-    return _added(_lse_grad_q(plan, *operands, *_lse_vectors(plan, row, g_row, col, g_col), into), acc, into)
-
-  return _per_platform(run, s)
+  return _lse_block_grad(_lse_grad_q, "rows", q, k, scale, exclude, include, row, g_row, col, g_col, acc,
+                         settings, valid)
 
 
 def lse_block_grad_k(q, k, scale, exclude, include, row, g_row, col, g_col, acc, *,
@@ -643,14 +647,8 @@ def lse_block_grad_k(q, k, scale, exclude, include, row, g_row, col, g_col, acc,
   >>> [round(float(v), 4) for v in dk[0]]  # 1 + column 0 of the row softmax: 1 + (e, 1) / (e + 1)
   [1.7311, 1.2689]
   """
-  s = checked(settings)
-  def run(flavour, interpret):
-    plan, *operands = _lse_operands(s, flavour, interpret, q, k, scale, exclude, include,
-                                    rows=row is not None, cols=col is not None, valid=valid)
-    into = _kernel_acc(acc, plan.tiles.padded_b, plan)
-    return _added(_lse_grad_k(plan, *operands, *_lse_vectors(plan, row, g_row, col, g_col), into), acc, into)
-
-  return _per_platform(run, s)
+  return _lse_block_grad(_lse_grad_k, "cols", q, k, scale, exclude, include, row, g_row, col, g_col, acc,
+                         settings, valid)
 
 
 def sigmoid_block(q, k, scale, bias, positives, *, settings: Settings | None = None, valid=None):

@@ -288,14 +288,6 @@ def _hop(cfg):
   return types.SimpleNamespace(**{name: functools.partial(getattr(module, name), **options) for name in names})
 
 
-def _pad_to(x, shape):
-  """x zero padded at the end of each axis to `shape` (None stays None)."""
-  if x is None:
-    return None
-  widths = [(0, n - m) for n, m in zip(shape, x.shape)]
-  return jnp.pad(x, widths) if any(w for _, w in widths) else x
-
-
 class _Padding(NamedTuple):
   """A device's blocks padded ONCE for a whole ring: q-like blocks (rows) to (rows, d), k-like blocks
   (cols) to (cols, d), their vectors and ids with zeros; `cut` brings results back to the true counts
@@ -309,16 +301,16 @@ class _Padding(NamedTuple):
   d: int
 
   def q(self, x):
-    return _pad_to(x, (self.rows, self.d))
+    return tile_math.pad_to(x, (self.rows, self.d))
 
   def k(self, x):
-    return _pad_to(x, (self.cols, self.d))
+    return tile_math.pad_to(x, (self.cols, self.d))
 
   def row(self, v):
-    return _pad_to(v, (self.rows,))
+    return tile_math.pad_to(v, (self.rows,))
 
   def col(self, v):
-    return _pad_to(v, (self.cols,))
+    return tile_math.pad_to(v, (self.cols,))
 
   def ids(self, pair):
     return None if pair is None else (self.row(pair[0]), self.col(pair[1]))

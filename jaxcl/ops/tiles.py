@@ -62,6 +62,19 @@ class Tiles:
 
 
 
+def pad_to(x: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | None:
+  """x zero padded at the end of each axis to `shape` (x itself where nothing is missing; None stays
+  None): the padding of a block to the kernels' tiles.
+
+  >>> pad_to(jnp.ones((1, 2)), (2, 3)).tolist()
+  [[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+  """
+  if x is None:
+    return None
+  widths = [(0, n - m) for n, m in zip(shape, x.shape)]
+  return jnp.pad(x, widths) if any(w for _, w in widths) else x
+
+
 def tile_valid(row_pos, col_pos, tiles: Tiles, kinds: tuple[str, ...], id_tiles) -> jax.Array | None:
   """Validity of one tile, or None when every entry is valid.
 
