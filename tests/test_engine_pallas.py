@@ -344,6 +344,22 @@ def _np_block_grads(q, k, scale, exclude, g_row, g_col, positives, g, bias):
   return lse, sig, (row, col)
 
 
+def _block_grad_case(seed, bq, bk, d):
+  """Inputs of the block gradient functions (q, k, per-row scale, cotangents, an exclude mask, sigmoid
+  positives, two accumulators) from seeds seed .. seed + 4, and their float64 references
+  (`_np_block_grads`, sigmoid bias -1.5)."""
+  q, k = randn(seed, bq, d), randn(seed + 1, bk, d)
+  rng = np.random.default_rng(seed + 2)
+  scale = rng.uniform(0.5, 2.0, bq).astype(np.float32)
+  g_row, g_col, g = (rng.uniform(-1.0, 1.0, n).astype(np.float32) for n in (bq, bk, bq))
+  exclude = (jnp.arange(bq) % 5, jnp.arange(bk) % 5)
+  positives = (jnp.arange(bq) % 4, jnp.arange(bk) % 4)
+  acc_q, acc_k = randn(seed + 3, bq, d), randn(seed + 4, bk, d)
+  lse_grads, sig_grads, lses = _np_block_grads(
+      q, k, scale, exclude, np.float64(g_row), np.float64(g_col), positives, np.float64(g), -1.5)
+  return q, k, scale, g_row, g_col, g, exclude, positives, acc_q, acc_k, lse_grads, sig_grads, lses
+
+
 @pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize("bq, bk, d, in_place", [(32, 64, 128, True), (5, 7, 3, False)],
                          ids=["tiles-exact-in-place", "padded-fresh-output"])
@@ -352,15 +368,8 @@ def test_block_grads_add_into_the_accumulator(flavour, bq, bk, d, in_place):
   acc + the dq kernel's g and acc + the dk kernel's dk against float64 numpy, from the final
   log-sum-exps; the kernel adds into the accumulator in place (its buffer aliased to the output) where
   the block needs no padding to the tiles, and returns a fresh output that is added otherwise."""
-  q, k = randn(40, bq, d), randn(41, bk, d)
-  rng = np.random.default_rng(42)
-  scale = rng.uniform(0.5, 2.0, bq).astype(np.float32)
-  g_row, g_col, g = (rng.uniform(-1.0, 1.0, n).astype(np.float32) for n in (bq, bk, bq))
-  exclude = (jnp.arange(bq) % 5, jnp.arange(bk) % 5)
-  positives = (jnp.arange(bq) % 4, jnp.arange(bk) % 4)
-  acc_q, acc_k = randn(43, bq, d), randn(44, bk, d)
-  (want_g, want_dk), (want_sg, want_sdk, want_db), (row, col) = _np_block_grads(
-      q, k, scale, exclude, np.float64(g_row), np.float64(g_col), positives, np.float64(g), -1.5)
+  (q, k, scale, g_row, g_col, g, exclude, positives, acc_q, acc_k, (want_g, want_dk),
+   (want_sg, want_sdk, want_db), (row, col)) = _block_grad_case(40, bq, bk, d)
   lse_args = (q, k, scale, exclude, None, np.float32(row), g_row, np.float32(col), g_col)
   sig_args = (q, k, scale, np.float32(-1.5), positives, g)
   settings = _settings(flavour)
@@ -391,15 +400,8 @@ def test_blocks_padded_by_the_caller(flavour, blocks, want_shape):
   settings = _settings(flavour, *blocks)
   rows, cols, dp = engine.padded_shape(settings, bq, bk, d)
   assert (rows, cols, dp) == want_shape
-  q, k = randn(50, bq, d), randn(51, bk, d)
-  rng = np.random.default_rng(52)
-  scale = rng.uniform(0.5, 2.0, bq).astype(np.float32)
-  g_row, g_col, g = (rng.uniform(-1.0, 1.0, n).astype(np.float32) for n in (bq, bk, bq))
-  exclude = (jnp.arange(bq) % 5, jnp.arange(bk) % 5)
-  positives = (jnp.arange(bq) % 4, jnp.arange(bk) % 4)
-  acc_q, acc_k = randn(53, bq, d), randn(54, bk, d)
-  (want_g, want_dk), (want_sg, want_sdk, want_db), (row, col) = _np_block_grads(
-      q, k, scale, exclude, np.float64(g_row), np.float64(g_col), positives, np.float64(g), -1.5)
+  (q, k, scale, g_row, g_col, g, exclude, positives, acc_q, acc_k, (want_g, want_dk),
+   (want_sg, want_sdk, want_db), (row, col)) = _block_grad_case(50, bq, bk, d)
   pad = lambda x, *shape: jnp.pad(jnp.asarray(x), [(0, n - m) for n, m in zip(shape, np.shape(x))])
   ids = lambda pair: (pad(pair[0], rows), pad(pair[1], cols))
   q_p, k_p, scale_p = pad(q, rows, dp), pad(k, cols, dp), pad(scale, rows)
