@@ -129,6 +129,12 @@ def _checked_config(config, target):
 def compile_step(config, target):
   """(compiled and lowered train step, abstract TrainState, mesh) of `config` for the devices of `target`
   (a `jaxcl.targets.Target`)."""
+  lowered, abstract, mesh = lower_step(config, target)
+  return lowered.compile(), lowered, abstract, mesh
+
+
+def lower_step(config, target):
+  """(lowered train step, abstract TrainState, mesh) of `config` for the devices of `target`."""
   import jax
 
   from jaxcl.data import sources
@@ -146,8 +152,30 @@ def compile_step(config, target):
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   batch = abstract_batch(config, setup, mesh, int(config.batch_size))
   lowered = loop.jit_train_step(config, setup, shardings).lower(state, batch)
-  compiled = lowered.compile()
-  return compiled, lowered, abstract, mesh
+  return lowered, abstract, mesh
+
+
+_OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED: Ran out of memory.*?required for HLO temporaries "
+                            r"\((?P<need>[0-9.]+)(?P<unit>[KMGT]?)\) exceeds available HBM "
+                            r"\((?P<have>[0-9.]+)(?P<have_unit>[KMGT]?)\)", re.S)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def out_of_memory(message: str) -> tuple[int, int] | None:
+  """(temporaries needed, HBM available) in bytes, from the TPU compiler's refusal to compile a program
+  whose temporaries exceed a chip's memory (units as printed, binary: "G" is GiB, so the numbers are
+  rounded to 0.01 of the unit); None for any other message.
+
+  >>> out_of_memory("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+  ...               "temporaries (26.65G) exceeds available HBM (15.75G).")
+  (28615219610, 16911433728)
+  >>> out_of_memory("INVALID_ARGUMENT: something else") is None
+  True
+  """
+  m = _OUT_OF_MEMORY.search(message)
+  if m is None:
+    return None
+  return (round(float(m["need"]) * _UNITS[m["unit"]]), round(float(m["have"]) * _UNITS[m["have_unit"]]))
 
 
 def for_platform(config, platform: str):
@@ -183,15 +211,9 @@ def plan(config, topology: str) -> dict:
     target = targets.get(topology)
   except (ValueError, RuntimeError) as e:
     raise PlanError(str(e)) from e
-  compiled, lowered, abstract, mesh = compile_step(config, target)
-  memory = targets.memory(compiled)
-  cost = _cost(compiled)
-  flops = cost.get("flops")
-  if flops is None:  # the GPU compiler reports no cost analysis (None); the lowered program may
-    flops = _cost(lowered).get("flops")
+  lowered, abstract, mesh = lower_step(config, target)
   param_bytes = int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract.params)))
-  seconds = cost.get("optimal_seconds")
-  return {
+  head = {
       "topology": target.name,
       "device_kind": target.device_kind,
       "chips": target.chips,
@@ -201,6 +223,22 @@ def plan(config, topology: str) -> dict:
       "grad_accum_steps": int(config.grad_accum_steps),
       "param_bytes": param_bytes,
       "hbm_per_chip_bytes": target.hbm_bytes,
+  }
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    refused = out_of_memory(str(e))
+    if refused is None:
+      raise
+    return _refused_plan(head, refused, str(e))
+  memory = targets.memory(compiled)
+  cost = _cost(compiled)
+  flops = cost.get("flops")
+  if flops is None:  # the GPU compiler reports no cost analysis (None); the lowered program may
+    flops = _cost(lowered).get("flops")
+  seconds = cost.get("optimal_seconds")
+  return {
+      **head,
       "per_chip": {"argument_bytes": memory.argument_bytes, "temp_bytes": memory.temp_bytes,
                    "output_bytes": memory.output_bytes, "alias_bytes": memory.alias_bytes,
                    "total_bytes": memory.total_bytes},
@@ -212,6 +250,27 @@ def plan(config, topology: str) -> dict:
       "cost_model_note": "the compiler's cost model, not a measurement; None where it gives no positive "
                          "optimal_seconds (GPU; TPU programs it does not model)",
       "optimal_seconds_reported": float(seconds) if seconds is not None else None,
+      "compiler_refused": None,
+  }
+
+
+def _refused_plan(head: dict, refused: tuple[int, int], message: str) -> dict:
+  """The plan of a program the TPU compiler refused because its temporaries exceed a chip's HBM: does
+  not fit; the temporaries are the compiler's rounded figure (at least that much: the compiler stops at
+  the first shortfall), the other byte counts, FLOPs and collectives unknown (None)."""
+  need, available = refused
+  return {
+      **head,
+      "per_chip": {"argument_bytes": None, "temp_bytes": need, "output_bytes": None, "alias_bytes": None,
+                   "total_bytes": None},
+      "fits": False,
+      "flops_per_step": None,
+      "collectives": None,
+      "kernel_calls": None,
+      "cost_model_step_seconds": None,
+      "cost_model_note": "the compiler refused the program (temporaries exceed HBM): no cost model",
+      "optimal_seconds_reported": None,
+      "compiler_refused": {"temp_bytes": need, "available_bytes": available, "message": _one_line(message)},
   }
 
 
@@ -222,12 +281,16 @@ def batch_unit(config, topology: str) -> int:
   return len(targets.get(topology).devices)
 
 
-def max_batch(config, topology: str, *, limit: int = 1 << 20) -> tuple[dict, dict | None]:
-  """(plan of the largest fitting global batch, plan of the next multiple, which does not fit).
+def max_batch(config, topology: str, *, limit: int = 1 << 20,
+              tolerance: float = 0.0) -> tuple[dict, dict | None]:
+  """(plan of the largest fitting global batch, plan of the smallest batch found not to fit).
 
   Batches are k·m with m = `batch_unit`; memory is taken to grow with the batch. Doubling k from the
-  config's batch (rounded to a multiple of m) brackets the boundary, bisection finds it: about
-  2·log2(k) compiles. Raises PlanError when even m does not fit, or k·m reaches `limit` and still fits.
+  config's batch (rounded to a multiple of m) brackets the boundary, bisection narrows it: about
+  2·log2(k) compiles. With `tolerance` 0 the second plan is the next multiple (the exact answer); with
+  `tolerance` t > 0 the bisection stops once the bracket is at most t · (the fitting batch) wide (fewer
+  compiles; the largest batch lies in the bracket). Raises PlanError when even m does not fit, or k·m
+  reaches `limit` and still fits.
   """
   m = batch_unit(config, topology)
 
@@ -250,7 +313,8 @@ def max_batch(config, topology: str, *, limit: int = 1 << 20) -> tuple[dict, dic
   else:
     if k == 1:
       raise PlanError(f"even the smallest global batch, {m} (one example per device), does not fit "
-                      f"{topology!r}: {first['per_chip']['total_bytes']} bytes per chip > "
+                      f"{topology!r}: {first['per_chip']['total_bytes'] or first['per_chip']['temp_bytes']} "
+                      "bytes per chip > "
                       f"{first['hbm_per_chip_bytes']}. Use config.mesh.fsdp, a smaller model or more chips.")
     good, bad = None, (k, first)
     lo = 1
@@ -263,7 +327,7 @@ def max_batch(config, topology: str, *, limit: int = 1 << 20) -> tuple[dict, dic
         raise PlanError(f"even the smallest global batch, {m}, does not fit {topology!r}.")
       else:
         bad = (k, p)
-  while bad[0] - good[0] > 1:
+  while bad[0] - good[0] > max(1, int(tolerance * good[0])):
     k = (good[0] + bad[0]) // 2
     p = at(k)
     good, bad = ((k, p), bad) if p["fits"] else (good, (k, p))
@@ -276,6 +340,15 @@ def summary(p: dict) -> str:
   """A readable summary of a plan."""
   gib = lambda b: f"{b / (1 << 30):.2f} GiB"  # noqa: E731
   c = p["per_chip"]
+  if p["compiler_refused"] is not None:
+    r = p["compiler_refused"]
+    return "\n".join([
+        f"compiled for {p['topology']} ({p['chips']} chips, {p['devices']} devices, {p['device_kind']}), "
+        f"mesh {p['mesh']}, global batch {p['global_batch']}",
+        f"parameters: {gib(p['param_bytes'])} in all",
+        f"DOES NOT FIT: the compiler refused the step, its temporaries need {gib(r['temp_bytes'])} per chip "
+        f"of {gib(r['available_bytes'])} available (plan a smaller batch, or more chips)",
+    ])
   lines = [
       f"compiled for {p['topology']} ({p['chips']} chips, {p['devices']} devices, {p['device_kind']}), "
       f"mesh {p['mesh']}, global batch {p['global_batch']}"
@@ -342,10 +415,12 @@ def main(argv) -> int:
     return PLAN_ERROR_STATUS
   print(summary(p))
   if over is not None:
+    need = over["per_chip"]["total_bytes"] or over["per_chip"]["temp_bytes"]
     p["max_batch"] = {"fits": p["global_batch"], "next_does_not_fit": over["global_batch"],
                       "next_total_bytes": over["per_chip"]["total_bytes"]}
     print(f"largest global batch that fits: {p['global_batch']} (next, {over['global_batch']}, needs "
-          f"{over['per_chip']['total_bytes'] / (1 << 30):.2f} GiB per chip)")
+          f"{'' if over['per_chip']['total_bytes'] else 'temporaries of '}{need / (1 << 30):.2f} GiB "
+          "per chip)")
   print(json.dumps(p))
   return 0
 

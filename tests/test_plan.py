@@ -167,6 +167,13 @@ def test_max_batch_bisection_against_a_linear_memory_model(monkeypatch):
       assert best["global_batch"] == expected and best["fits"]
       assert over["global_batch"] == expected + 4 and not over["fits"]
       assert len(calls) <= 2 * np.log2(max(expected, start) / 4) + 3
+      if expected >= 100:  # with a 1/8 tolerance: a bracket at most 1/8 of the answer wide, fewer compiles
+        exact = len(calls)
+        calls.clear()
+        best, over = plan.max_batch(tiny_digits(batch_size=start), "v5e:2x2", limit=1 << 16, tolerance=0.125)
+        assert best["fits"] and not over["fits"]
+        assert best["global_batch"] <= expected < over["global_batch"] <= best["global_batch"] * 1.125 + 4
+        assert len(calls) < exact
     with pytest.raises(plan.PlanError, match="even the smallest global batch, 4"):
       hbm = a + b * 4 - 1
       plan.max_batch(tiny_digits(batch_size=start), "v5e:2x2")
@@ -176,6 +183,28 @@ def test_max_batch_bisection_against_a_linear_memory_model(monkeypatch):
 
 
 @pytest.mark.slow
+def test_a_step_the_compiler_refuses_is_a_plan_that_does_not_fit():
+  """SimCLR with the dense loss at global batch 65,536 on v5e:2x2: GSPMD's (B, B) temporaries exceed a
+  chip's 16 GiB and the TPU compiler refuses the program (RESOURCE_EXHAUSTED) instead of reporting its
+  memory. The plan says it does not fit, with the compiler's figure for the temporaries (a (B/4, B)
+  float32 similarity block alone is 4 GiB; the refusal names at least that), and the summary says so."""
+  p = plan.plan(tiny_digits(batch_size=65536, **{"loss.impl": "dense"}), "v5e:2x2")
+  assert not p["fits"] and p["global_batch"] == 65536
+  refused = p["compiler_refused"]
+  assert refused["temp_bytes"] == p["per_chip"]["temp_bytes"] >= 65536 * 65536 // 4 * 4
+  assert refused["temp_bytes"] > refused["available_bytes"] > 15 << 30
+  assert p["per_chip"]["total_bytes"] is None and p["collectives"] is None
+  assert "DOES NOT FIT" in plan.summary(p) and "RESOURCE_EXHAUSTED" in refused["message"]
+  json.dumps(p)
+
+
+def test_out_of_memory_reads_only_the_compilers_refusal():
+  assert plan.out_of_memory("... required for HLO temporaries (1.5G) exceeds available HBM (1G)") is None
+  message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+             "(512.00M) exceeds available HBM (15.75G).")
+  assert plan.out_of_memory(message) == (512 << 20, round(15.75 * (1 << 30)))
+
+
 def test_max_batch_with_the_compiler(monkeypatch):
   """The search over real compiles (64 px digits, so memory grows with the batch), in steps of 32 to
   keep it to three compiles (the exact steps are `test_max_batch_bisection_against_a_linear_memory_model`):
