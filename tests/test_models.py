@@ -1,6 +1,7 @@
 """Models: forward passes against float64 NumPy re-implementations, parameter counts, BatchNorm state,
 padding invariance, the dual encoder's temperature/bias, bf16, and the pretrained MiniLM encoder."""
 
+import re
 import sys
 
 import flax
@@ -642,6 +643,42 @@ def test_build_model_errors():
     build_model("resnet101")
   with pytest.raises(TypeError, match=r"unknown argument\(s\) \['widht'\]; `ResNet` accepts"):
     build_model("resnet18", widht=4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rematerialisation
+
+IMAGES = np.random.default_rng(11).normal(size=(2, 8, 8, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("name, kwargs, inputs", [
+    ("resnet18", {"width": 4}, IMAGES),
+    ("vit_b", {"hidden": 16, "depth": 2, "heads": 2, "mlp_dim": 32, "patch_size": 4}, IMAGES),
+    ("text_transformer", {"vocab_size": 10, "width": 16, "depth": 2, "heads": 2, "max_len": 12}, TOKENS),
+])
+def test_remat_recomputes_blocks_with_the_same_values_gradients_and_statistics(name, kwargs, inputs):
+  """remat=True: the same train-mode output, parameter gradients and BatchNorm running statistics as
+  remat=False (same variables), and the backward really recomputes: the gradient's jaxpr holds one
+  checkpoint per block (none without remat)."""
+  results = []
+  for remat in (False, True):
+    model = build_model(name, remat=remat, **kwargs)
+    variables = random_variables(model, inputs, train=False, seed=12)
+
+    def loss(params):
+      out, state = model.apply({**variables, "params": params}, inputs, train=True, mutable=["batch_stats"])
+      return jnp.sum(jnp.sin(out)), state
+
+    grad = jax.grad(loss, has_aux=True)
+    checkpoints = len(re.findall(r"\b(?:checkpoint|remat2)\[", str(jax.make_jaxpr(grad)(variables["params"]))))
+    (g, state) = jax.jit(grad)(variables["params"])
+    results.append((jax.jit(loss)(variables["params"])[0], g, state, checkpoints))
+  (value, g, state, none), (value_r, g_r, state_r, some) = results
+  blocks = 8 if name == "resnet18" else 2
+  assert none == 0 and some == blocks
+  np.testing.assert_allclose(value_r, value, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves((g_r, state_r)), jax.tree.leaves((g, state)), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------

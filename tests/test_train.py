@@ -166,6 +166,10 @@ def test_bad_config_fails_before_compute(data_dir, tmp_path):
   config.method = "simclr++"
   with pytest.raises(ValueError, match=r"`config.method` must be one of"):
     loop.train_and_evaluate(config, str(tmp_path), progress=False)
+  config = tiny(load_recipe("simclr_digits"), data_dir)
+  config.model.encoder, config.model.remat = "mlp", True
+  with pytest.raises(ValueError, match=r"`config.model.remat` = True needs an encoder made of blocks .*'mlp'"):
+    loop.train_and_evaluate(config, str(tmp_path), progress=False)
 
 
 def test_command_line_rejects_unknown_key(tmp_path):

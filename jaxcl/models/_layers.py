@@ -126,6 +126,14 @@ class PreLNBlock(nn.Module):
     return x + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
+def block_class(cls: type[nn.Module], remat: bool, static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+  """`cls`, or with `remat` its rematerialised version (`flax.linen.remat`, i.e. `jax.checkpoint`): the
+  block's activations are recomputed in the backward pass instead of kept from the forward, so a deep
+  tower holds one block's activations at a time (activation memory ~ 1/depth, about one more forward of
+  compute). `static_argnums` count `self` as 0 (a Python bool such as `train`)."""
+  return nn.remat(cls, static_argnums=static_argnums) if remat else cls
+
+
 NORMS = ("batch", "group", "layer")
 
 

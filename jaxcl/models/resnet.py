@@ -93,6 +93,8 @@ class ResNet(nn.Module):
     zero_init_residual: γ = 0 for the last norm of every residual branch (Goyal et al., 2017).
     groups: GroupNorm groups (gcd with the channel count is used).
     bn_momentum: running-average momentum of BatchNorm (new = m·old + (1 − m)·batch).
+    remat: recompute each residual block's activations in the backward pass (`jax.checkpoint`), as
+      `ViT.remat` (running statistics update as without it).
 
   `__call__(x, train)`: x is a (B, H, W, C) float image batch (NHWC). With norm="batch", call
   `apply(..., train=True, mutable=["batch_stats"])` to train; eval mode uses the running statistics.
@@ -115,6 +117,7 @@ class ResNet(nn.Module):
   zero_init_residual: bool = True
   groups: int = 32
   bn_momentum: float = 0.9
+  remat: bool = False
 
   @property
   def output_dim(self) -> int:
@@ -142,9 +145,10 @@ class ResNet(nn.Module):
     x = nn.relu(norm(self.width, name="stem_norm")(x))
     if not self.small_image:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    block = _layers.block_class(_Block, self.remat)
     for i, n in enumerate(self.stage_sizes):
       for j in range(int(n)):
-        x = _Block(
+        x = block(
             features=self.width * 2 ** i, strides=2 if (i > 0 and j == 0) else 1, block=self.block,
             norm=self.norm, train=train, zero_init_residual=self.zero_init_residual,
             groups=self.groups, bn_momentum=self.bn_momentum, dtype=self.dtype,

@@ -37,6 +37,7 @@ class TextTransformer(nn.Module):
     pool: "eos" or "mean". causal: causal attention mask (CLIP).
     mlp_dim: block MLP size (default 4·width). dropout: train-mode dropout rate.
     dtype: compute dtype; parameters are `param_dtype` (float32).
+    remat: recompute each block's activations in the backward pass (`jax.checkpoint`), as `ViT.remat`.
 
   >>> import jax, jax.numpy as jnp
   >>> model = TextTransformer(vocab_size=10, width=8, depth=1, heads=2, max_len=6)
@@ -58,6 +59,7 @@ class TextTransformer(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   ln_eps: float = 1e-5
+  remat: bool = False
 
   @property
   def output_dim(self) -> int:
@@ -82,8 +84,9 @@ class TextTransformer(nn.Module):
     mask = valid[:, None, None, :]  # (B, 1, 1, L): keys that may be attended to
     if self.causal:
       mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
+    block = _layers.block_class(_layers.PreLNBlock, self.remat, static_argnums=(3,))
     for i in range(self.depth):
-      x = _layers.PreLNBlock(
+      x = block(
           self.heads, self.mlp_dim or 4 * self.width, self.dropout, ln_eps=self.ln_eps,
           dtype=self.dtype, param_dtype=self.param_dtype, name=f"block{i}",
       )(x, mask, train)

@@ -36,6 +36,8 @@ class ViT(nn.Module):
     dropout: dropout rate on the embeddings and residual branches (train mode only; needs a "dropout"
       rng when > 0).
     dtype: compute dtype; parameters are `param_dtype` (float32).
+    remat: recompute each block's activations in the backward pass (`jax.checkpoint`) instead of
+      keeping them: activation memory of about one block instead of `depth`, for about one more forward.
 
   >>> import jax, jax.numpy as jnp
   >>> model = ViT(patch_size=4, hidden=8, depth=1, heads=2, mlp_dim=16)
@@ -55,6 +57,7 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   ln_eps: float = 1e-6
+  remat: bool = False
 
   @property
   def output_dim(self) -> int:
@@ -93,8 +96,9 @@ class ViT(nn.Module):
     )
     x = x + pos.astype(x.dtype)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    block = _layers.block_class(_layers.PreLNBlock, self.remat, static_argnums=(3,))
     for i in range(self.depth):
-      x = _layers.PreLNBlock(
+      x = block(
           self.heads, self.mlp_dim, self.dropout, ln_eps=self.ln_eps, dtype=self.dtype,
           param_dtype=self.param_dtype, name=f"block{i}",
       )(x, None, train)

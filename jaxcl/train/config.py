@@ -81,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.text_max_len = 16
   c.model.embed_dim = 128  # image-text joint space
   c.model.dtype = "float32"
+  c.model.remat = False  # recompute block activations in the backward pass (resnet*, vit*, text tower)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "digits"  # digits | tfds | folder

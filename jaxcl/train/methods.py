@@ -113,13 +113,18 @@ def check_encoder(config: ml_collections.ConfigDict) -> None:
   if encoder is None or isinstance(encoder, models.TextTransformer):
     raise ValueError(f"`config.model.encoder` must be one of {names} (an image encoder of "
                      f"jaxcl.models.build_model), got {config.model.encoder!r}.")
+  if not isinstance(config.model.remat, bool):
+    raise ValueError(f"`config.model.remat` must be True or False, got {config.model.remat!r}.")
+  if config.model.remat and not hasattr(encoder, "remat"):
+    raise ValueError(f"`config.model.remat` = True needs an encoder made of blocks (resnet*, vit*), got "
+                     f"`config.model.encoder` = {config.model.encoder!r}: set it False.")
 
 
 def build_model(config: ml_collections.ConfigDict, text_side: Any = None) -> nn.Module:
   """The model of `config.method`; image–text methods need the text side (vocabulary or locked tower)."""
   m = config.model
   dtype = jnp.dtype(m.dtype)
-  options = {"dtype": dtype}
+  options = {"dtype": dtype, **({"remat": True} if m.remat else {})}
   if m.encoder.startswith("resnet"):
     options.update(width=m.width, small_image=m.small_image, norm=m.norm)
   encoder = models.build_model(m.encoder, **options)
@@ -131,7 +136,7 @@ def build_model(config: ml_collections.ConfigDict, text_side: Any = None) -> nn.
     return models.DualEncoder(encoder, None, text_side.embed_dim, scale_init, bias, max_logit_scale=100.0)
   text = models.build_model(
       m.text_encoder, vocab_size=text_side.vocab_size, width=m.text_width, depth=m.text_depth,
-      heads=m.text_heads, max_len=m.text_max_len, dtype=dtype,
+      heads=m.text_heads, max_len=m.text_max_len, dtype=dtype, remat=m.remat,
   )
   return models.DualEncoder(encoder, text, m.embed_dim, scale_init, bias, max_logit_scale=100.0)
 
