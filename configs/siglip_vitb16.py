@@ -26,6 +26,7 @@ def get_config():
   c.model.text_max_len = 64
   c.model.embed_dim = 512
   c.model.dtype = "bfloat16"
+  c.model.remat = True  # gradient checkpointing: block activations recomputed in the backward pass
   c.optimizer = "adamw"
   c.learning_rate = 1e-3
   c.weight_decay = 1e-4

@@ -281,23 +281,25 @@ def batch_unit(config, topology: str) -> int:
   return len(targets.get(topology).devices)
 
 
-def max_batch(config, topology: str, *, limit: int = 1 << 20,
-              tolerance: float = 0.0) -> tuple[dict, dict | None]:
+def max_batch(config, topology: str, *, limit: int = 1 << 20, tolerance: float = 0.0,
+              planner=None) -> tuple[dict, dict | None]:
   """(plan of the largest fitting global batch, plan of the smallest batch found not to fit).
 
   Batches are k·m with m = `batch_unit`; memory is taken to grow with the batch. Doubling k from the
   config's batch (rounded to a multiple of m) brackets the boundary, bisection narrows it: about
   2·log2(k) compiles. With `tolerance` 0 the second plan is the next multiple (the exact answer); with
   `tolerance` t > 0 the bisection stops once the bracket is at most t · (the fitting batch) wide (fewer
-  compiles; the largest batch lies in the bracket). Raises PlanError when even m does not fit, or k·m
-  reaches `limit` and still fits.
+  compiles; the largest batch lies in the bracket). `planner(config, topology)` plans one batch (None:
+  `plan`; e.g. one that caches plans so that a long search can resume). Raises PlanError when even m
+  does not fit, or k·m reaches `limit` and still fits.
   """
   m = batch_unit(config, topology)
+  planner = planner or plan
 
   def at(k: int) -> dict:
     with config.unlocked():
       config.batch_size = k * m
-    return plan(config, topology)
+    return planner(config, topology)
 
   k = max(int(config.batch_size) // m, 1)
   first = at(k)
