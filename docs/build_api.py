@@ -3,7 +3,7 @@
     python docs/build_api.py           # rewrite docs/api.md
     python docs/build_api.py --check   # exit status 1 (and say so) when docs/api.md is out of date
 
-Public names: `__all__` of jaxcl.losses, jaxcl.ops, jaxcl.eval, jaxcl.models and jaxcl.data, and the
+Public names: `__all__` of jaxcl.losses, jaxcl.ops, jaxcl.grad_cache, jaxcl.eval, jaxcl.models and jaxcl.data, and the
 entry points of the training system listed in `TRAIN` below. Docstrings are reproduced verbatim (in
 text blocks, so formulas and doctest examples keep their layout). `tests/test_docs.py` checks that the
 committed file is what this script writes.
@@ -29,6 +29,7 @@ OUTPUT = os.path.join(HERE, "api.md")
 PACKAGES = (
     ("jaxcl.losses", "Losses"),
     ("jaxcl.ops", "Similarity engines"),
+    ("jaxcl.grad_cache", "Gradient caching"),
     ("jaxcl.eval", "Evaluation"),
     ("jaxcl.models", "Models"),
     ("jaxcl.data", "Data"),

@@ -1,0 +1,179 @@
+"""Gradient caching: the gradient of a contrastive loss over a whole batch, the encoders run chunk by chunk.
+
+"Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup" (Gao et al., 2021, GradCache).
+A contrastive loss compares every example with every other, so the batch cannot be cut into separately
+differentiated pieces (`optax.MultiSteps` / `grad_accum_steps` averages the losses of k smaller batches:
+each anchor then sees B/k − 1 negatives, a different objective). The loss itself needs only the
+embeddings (and the similarity engines keep it O(B·D)); what grows with the batch is the encoders'
+activations. With the batch X cut into chunks X_1 … X_k and e_c = f(θ, X_c):
+
+    1. e_c = f(θ, X_c) for every chunk, no activations kept          (k forwards)
+    2. L, (∂L/∂θ_loss, G) = value_and_grad of L(θ, [e_1 … e_k])       (the loss, once, any engine)
+    3. ∂L/∂θ = ∂L/∂θ_loss + Σ_c J_f(θ, X_c)ᵀ G_c                        (k forwards again + k backwards)
+
+Step 3 re-runs each chunk's forward under `jax.vjp` and pulls its slice G_c of the embedding gradient
+back to the parameters, so one chunk's activations are alive at a time: activation memory ≈ 1/k, for
+one extra forward of compute. The result equals `jax.value_and_grad` of the unchunked loss wherever
+f(θ, X_c) is what f(θ, X) gives for those rows: row-wise encoders (layer norm, attention within an
+example). Two exceptions, both as in GradCache:
+- BatchNorm normalises each chunk by the chunk's own statistics (the encoder sees batches of B/k);
+  `embed_has_aux=True` returns each chunk's aux (such as updated running statistics), stacked over the
+  chunks in order, for the caller to use.
+- Randomness (dropout, stochastic depth): with `key=`, chunk c gets `jax.random.fold_in(key, c)` in
+  both passes, so both see the same masks; the masks differ from an unchunked run's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["value_and_grad", "to_chunks", "from_chunks"]
+
+
+def _check(chunks: int, shards: int) -> None:
+  for name, value in (("chunks", chunks), ("shards", shards)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+
+
+def _batch_size(batch: Any, chunks: int, shards: int) -> int:
+  """B, the common leading size of the batch's arrays; B must split into `shards` × `chunks` pieces."""
+  leaves = jax.tree.leaves(batch)
+  if not leaves:
+    raise ValueError("`batch` must hold at least one array (leading axis: the examples), got none.")
+  sizes = {int(jnp.shape(x)[0]) if jnp.ndim(x) else None for x in leaves}
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError(f"every array of `batch` must have the same leading (example) axis, got sizes "
+                     f"{sorted(str(s) for s in sizes)}.")
+  (size,) = sizes
+  if size % (chunks * shards):
+    raise ValueError(f"`chunks`={chunks} must divide the batch of {size} examples"
+                     + (f" on each of the `shards`={shards} shards ({size} / {shards} per shard)"
+                        if shards > 1 else "") + ".")
+  return size
+
+
+def to_chunks(x: jax.Array, chunks: int, shards: int = 1) -> jax.Array:
+  """(B, ...) -> (chunks, B / chunks, ...): chunk c holds the c-th 1/chunks of each of the `shards`
+  contiguous pieces of the batch axis (the pieces a batch-sharded array keeps on each device), so every
+  chunk takes the same number of rows from every device and chunking moves no data between devices.
+
+  >>> to_chunks(jnp.arange(8), chunks=2, shards=2).tolist()  # shards [0 1 2 3], [4 5 6 7]
+  [[0, 1, 4, 5], [2, 3, 6, 7]]
+  """
+  rest = x.shape[1:]
+  rows = x.shape[0] // (shards * chunks)
+  x = jnp.reshape(x, (shards, chunks, rows) + rest)
+  return jnp.reshape(jnp.swapaxes(x, 0, 1), (chunks, shards * rows) + rest)
+
+
+def from_chunks(y: jax.Array, shards: int = 1) -> jax.Array:
+  """The inverse of `to_chunks`: (chunks, B / chunks, ...) -> (B, ...) in the batch's order.
+
+  >>> from_chunks(to_chunks(jnp.arange(8), chunks=2, shards=2), shards=2).tolist()
+  [0, 1, 2, 3, 4, 5, 6, 7]
+  """
+  chunks, rest = y.shape[0], y.shape[2:]
+  rows = y.shape[1] // shards
+  y = jnp.reshape(y, (chunks, shards, rows) + rest)
+  return jnp.reshape(jnp.swapaxes(y, 0, 1), (shards * chunks * rows,) + rest)
+
+
+def value_and_grad(
+    embed: Callable[..., Any],
+    loss: Callable[..., Any],
+    *,
+    chunks: int,
+    shards: int = 1,
+    has_aux: bool = False,
+    embed_has_aux: bool = False,
+) -> Callable[..., Any]:
+  """`jax.value_and_grad` of θ ↦ loss(θ, embed(θ, batch), *args), the encoder run `chunks` chunks at a
+  time (module docstring: the three steps, memory, BatchNorm and randomness).
+
+  Args:
+    embed: `embed(params, chunk)` (or `embed(params, chunk, key)` when the returned function gets a
+      `key`) -> a pytree of embeddings whose arrays have the chunk's examples on axis 0 (one tower:
+      both views; two towers: image and text), or `(embeddings, aux)` with `embed_has_aux`.
+    loss: `loss(params, embeddings, *args)` -> scalar (or `(scalar, aux)` with `has_aux`), over the
+      whole batch's embeddings, in the batch's order; `params` for what the loss learns itself (a
+      temperature, a bias), any engine (under a mesh the sharded ones).
+    chunks: k, the number of chunks; it must divide the examples of each shard.
+    shards: the number of contiguous pieces the batch axis is split into over devices (the product of
+      the batch mesh axes; 1 without a mesh): each chunk takes 1/k of every piece, so chunking stays on
+      each device (`to_chunks`).
+    has_aux, embed_has_aux: as above; with either, the value is `(loss, aux)` where aux is a dict with
+      "loss" (the loss's aux) and/or "embed" (each chunk's aux, stacked over the chunks in order).
+
+  Returns:
+    `f(params, batch, *args, key=None)` -> `(value, grads)` as `jax.value_and_grad` gives, grads in the
+    parameters' dtypes (accumulated in float32 for floating parameters).
+
+  >>> import numpy as np
+  >>> from jaxcl import losses
+  >>> params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32)}
+  >>> batch = {"a": jnp.ones((8, 4)) + jnp.arange(8.0)[:, None], "b": jnp.cos(jnp.arange(32.0)).reshape(8, 4)}
+  >>> embed = lambda p, x: {k: jnp.tanh(v @ p["w"]) for k, v in x.items()}
+  >>> clip = lambda p, e: losses.clip(e["a"], e["b"], logit_scale=10.0)
+  >>> value, grads = value_and_grad(embed, clip, chunks=4)(params, batch)
+  >>> want, want_grads = jax.value_and_grad(lambda p: clip(p, embed(p, batch)))(params)
+  >>> bool(jnp.allclose(value, want)), bool(jnp.allclose(grads["w"], want_grads["w"], atol=1e-6))
+  (True, True)
+  """
+  _check(chunks, shards)
+
+  def run(params, batch, *args, key=None):
+    _batch_size(batch, chunks, shards)
+    pieces = jax.tree.map(lambda x: to_chunks(jnp.asarray(x), chunks, shards), batch)
+    keys = None if key is None else jax.vmap(lambda c: jax.random.fold_in(key, c))(jnp.arange(chunks))
+
+    def forward(p, chunk, chunk_key):
+      out = embed(p, chunk) if chunk_key is None else embed(p, chunk, chunk_key)
+      return out if embed_has_aux else (out, None)
+
+    # 1. every chunk's embeddings, no activations kept (nothing here is differentiated)
+    def embed_chunk(_, xs):
+      chunk, chunk_key = xs
+      return None, forward(jax.lax.stop_gradient(params), chunk, chunk_key)
+
+    _, (stacked, embed_aux) = jax.lax.scan(embed_chunk, None, (pieces, keys))
+    embeddings = jax.tree.map(lambda y: from_chunks(y, shards), stacked)
+
+    # 2. the loss over the whole batch, and its gradient in the loss's own parameters and the embeddings
+    (value, loss_aux), (loss_grads, embedding_grads) = jax.value_and_grad(
+        lambda p, e: _with_aux(loss(p, e, *args), has_aux), argnums=(0, 1), has_aux=True)(params, embeddings)
+    chunk_grads = jax.tree.map(lambda g: to_chunks(g, chunks, shards), embedding_grads)
+
+    # 3. each chunk's forward again under vjp, its slice of the embedding gradient pulled back
+    def pull_back(total, xs):
+      chunk, chunk_key, g = xs
+      _, vjp = jax.vjp(lambda p: forward(p, chunk, chunk_key)[0], params)
+      (grads,) = vjp(g)
+      return jax.tree.map(lambda t, d: t + d.astype(t.dtype), total, grads), None
+
+    total, _ = jax.lax.scan(pull_back, jax.tree.map(_accumulator, loss_grads), (pieces, keys, chunk_grads))
+    grads = jax.tree.map(lambda t, p: t.astype(jnp.result_type(p)), total, params)
+    if not (has_aux or embed_has_aux):
+      return value, grads
+    aux = {}
+    if has_aux:
+      aux["loss"] = loss_aux
+    if embed_has_aux:
+      aux["embed"] = embed_aux
+    return (value, aux), grads
+
+  return run
+
+
+def _with_aux(out, has_aux: bool):
+  return out if has_aux else (out, None)
+
+
+def _accumulator(g: jax.Array) -> jax.Array:
+  """The running sum of a parameter's gradient: float32 for floating parameters of lower precision."""
+  if jnp.issubdtype(g.dtype, jnp.floating) and jnp.finfo(g.dtype).bits < 32:
+    return g.astype(jnp.float32)
+  return g
