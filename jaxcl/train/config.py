@@ -19,6 +19,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = "lars"  # lars | adamw | sgd
   c.grad_clip_norm = 0.0  # 0: off
   c.grad_accum_steps = 1
+  # k > 1: gradient caching (jaxcl.grad_cache): the encoders run k chunks of each device's batch at a
+  # time (activations ~1/k, one more forward) while the loss keeps every negative of the global batch.
+  c.grad_cache_chunks = 1
   c.checkpoint_every = 200
   c.keep_checkpoints = 3
   # False: a save completes before training goes on, so a kill -9 loses at most checkpoint_every steps.

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxcl import _paths
 from jaxcl import eval as eval_lib
+from jaxcl import grad_cache
 from jaxcl import losses
 from jaxcl.data import augment, digits, pipeline, sources
 from jaxcl.train import config as config_lib
@@ -81,9 +82,10 @@ def validate_config(config: ml_collections.ConfigDict, *, data: bool = True, num
         f"`config.batch_size` must divide evenly over {jax.process_count()} processes, got {config.batch_size}."
     )
   for key in ("total_steps", "checkpoint_every", "eval_every", "log_every", "keep_checkpoints",
-              "grad_accum_steps"):
+              "grad_accum_steps", "grad_cache_chunks"):
     if int(config[key]) <= 0:
       raise ValueError(f"`config.{key}` must be a positive integer, got {config[key]}.")
+  check_grad_cache(config, n)
   for key in ("learning_rate", "weight_decay", "grad_clip_norm", "warmup_steps"):
     if not config[key] >= 0 or not np.isfinite(config[key]):
       raise ValueError(f"`config.{key}` must be a finite number >= 0, got {config[key]}.")
@@ -124,6 +126,25 @@ def validate_config(config: ml_collections.ConfigDict, *, data: bool = True, num
         "neither captions nor class labels to make them from (for a folder: set "
         "`config.data.captions_file`, or put the images in class subfolders).")
   return infos
+
+
+def check_grad_cache(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """`config.grad_cache_chunks` = k > 1 needs a method whose step is one forward of the online model
+  and a loss over the batch (not an EMA target network, a queue or per-example loss state), and k must
+  divide each device's batch."""
+  k = int(config.grad_cache_chunks)
+  if k == 1:
+    return
+  reason = ("an EMA target network" if config.method in methods.WITH_TARGET_NETWORK else
+            "per-example loss state" if methods.has_loss_state(config) else
+            "a queue of keys" if config.momentum.queue_size else None)
+  if reason:
+    raise ValueError(f"`config.grad_cache_chunks` = {k} does not support method {config.method!r} with "
+                     f"loss {config.loss.name!r} ({reason}): set it to 1.")
+  per_device = config.batch_size // num_devices
+  if per_device % k:
+    raise ValueError(f"`config.grad_cache_chunks` = {k} must divide each device's batch: "
+                     f"`config.batch_size` {config.batch_size} over {num_devices} devices is {per_device}.")
 
 
 # ------------------------------------------------------------------------------------------- sharding
@@ -289,7 +310,11 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
 
   def loss_fn(params):
     out, mutated = apply(params, state.batch_stats, *inputs)
-    aux = {"batch_stats": mutated.get("batch_stats", {}), "target_batch_stats": state.target_batch_stats}
+    return loss_of(out, mutated.get("batch_stats", {}))
+
+  def loss_of(out, batch_stats):
+    """The loss of the model's outputs `out` for the whole batch, with the logged aux."""
+    aux = {"batch_stats": batch_stats, "target_batch_stats": state.target_batch_stats}
     if not self_supervised:
       aux["logit_scale"] = out["logit_scale"]
       aux["accuracy"] = logged_only(lambda: methods.in_batch_accuracy(config, out, mesh=setup.mesh))
@@ -310,7 +335,10 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
     return methods.self_supervised_loss(config, online, target, batch["label"], state.queue,
                                         mesh=setup.mesh), aux
 
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if config.grad_cache_chunks == 1:
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  else:
+    (loss, aux), grads = _cached_loss_and_grads(config, setup, state, inputs, apply, loss_of)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   grad_finite = jax.tree.map(lambda g: jnp.all(jnp.isfinite(g)), grads)
@@ -342,6 +370,33 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
     metrics["logit_scale"] = aux["logit_scale"]
   metrics.update(aux["accuracy"])  # in-batch top-1 retrieval, for methods with diagonal positives
   return new, metrics
+
+
+def _cached_loss_and_grads(config, setup: Setup, state: TrainState, inputs: tuple, apply, loss_of):
+  """`jax.value_and_grad` of the step's loss by gradient caching (`jaxcl.grad_cache`), the model run on
+  `config.grad_cache_chunks` chunks of each device's rows: the per-example outputs (projections;
+  image and text embeddings) of every chunk, the loss of the whole batch once (the learned logit scale
+  and bias read from the parameters), each chunk's forward again under vjp. BatchNorm normalises each
+  chunk by its own statistics; the new running statistics are the average of the chunks' updates (the
+  running mean as from the whole batch, the running variance from the within-chunk variances)."""
+  per_example = ("projection", "prediction", "image", "text")
+
+  def embed(params, chunk):
+    out, mutated = apply(params, state.batch_stats, *chunk)
+    return {k: out[k] for k in per_example if k in out}, mutated.get("batch_stats", {})
+
+  def loss(params, outputs):
+    out = dict(outputs)
+    if config.method in methods.IMAGE_TEXT:
+      out["logit_scale"], out["logit_bias"] = setup.model.apply({"params": params}, method="scale_and_bias")
+    return loss_of(out, {})
+
+  shards = 1 if setup.mesh is None else int(np.prod([setup.mesh.shape[a] for a in BATCH_AXES]))
+  run = grad_cache.value_and_grad(embed, loss, chunks=int(config.grad_cache_chunks), shards=shards,
+                                  has_aux=True, embed_has_aux=True)
+  (value, aux), grads = run(state.params, inputs)
+  loss_aux = dict(aux["loss"], batch_stats=jax.tree.map(lambda x: jnp.mean(x, axis=0), aux["embed"]))
+  return (value, loss_aux), grads
 
 
 def _floating_leaves(tree) -> list[tuple[str, jax.Array]]:
