@@ -10,7 +10,8 @@ Forward: a grid of (row blocks × column blocks); each step computes one tile of
 cores and folds it into online (max, sum-exp) accumulators, as in "FlashAttention: Fast and
 Memory-Efficient Exact Attention with IO-Awareness" (Dao et al., 2022); only the log-sum-exp vectors
 are saved. Backward: a dq kernel (grid over row blocks, loop over column blocks) and a dk kernel (the
-same kernel with the roles of q and k swapped) recompute each tile and use
+same kernel with the roles of q and k swapped) recompute each tile, or on TPU one fused kernel
+recomputes it once for both (`Settings.fused_backward`), and use
 
     dS_ij = V_ij · ( g_row_i · exp(S_ij − row_i) + g_col_j · exp(S_ij − col_j) )    (softmax family)
     dS_ij = −g_i z_ij σ(−z_ij (S_ij + b))                                              (sigmoid family)

@@ -2,7 +2,8 @@
 
 Every kernel runs over a grid (row blocks i × column blocks j), j innermost and "arbitrary" (it carries
 accumulators), i "parallel" (split across TensorCores on megacore chips) unless the column log-sum-exp
-is fused into the same pass. Block shapes follow the Mosaic (8, 128) rule: the q/k blocks are
+is fused into the same pass; the fused backward runs (column blocks j × row blocks i), both
+"arbitrary". Block shapes follow the Mosaic (8, 128) rule: the q/k blocks are
 (block, D) with block a multiple of 16 (bf16 packs 16 rows per vreg) and D the whole, 128-padded
 feature axis; every vector is a lane-dense (1, N) array in (1, block) blocks, block a multiple of 128
 or the whole axis, and a kernel turns a row vector's block into a (block, 1) column in VMEM (an (N, 1)
@@ -16,6 +17,9 @@ Kernels (S = scale · a bᵀ tile by tile, V the validity from ids and padding):
 - `lse_backward`: Σ_j dS_ij b_j accumulated in the resident float32 output block (the dq kernel; the
   dk kernel is the same call with a and b swapped and the scale along columns), from zero or from a
   given accumulator whose buffer becomes the output (`input_output_aliases`: an in-place update).
+- `lse_backward_fused`: both from one recomputation of each tile (3 matmuls per tile instead of 4): a
+  (column blocks × row blocks) grid, both "arbitrary", dk_j in its resident output block and the rows'
+  Σ_j dS_ij b_j in a float32 VMEM scratch; the rows split into calls of one kernel (`fused_layout`).
 - `sigmoid_forward`, `sigmoid_backward`: the same grids for Σ_j softplus(−z(S + b)) and its gradient.
 
 Called by `jaxcl.ops.pallas` (which pads, dispatches and defines the custom VJP); see docs/pallas.md.
