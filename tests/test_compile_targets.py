@@ -88,12 +88,12 @@ def _check_outputs(compiled, x):
 
 
 # Mosaic / Triton calls per compiled forward + backward: the forward one call, or two where the column
-# log-sum-exp is a second (swapped) pass; the backward one fused kernel for the log-sum-exp losses on a
-# TPU (`Settings.fused_backward`, the default: one call site, in a loop where the rows need several
-# calls), else a dq and a dk kernel (sigmoid, GPU, the ring's hops).
+# log-sum-exp is a second (swapped) pass; the backward one fused kernel on a TPU
+# (`Settings.fused_backward`, the default: one call site, in a loop where the rows need several calls),
+# else a dq and a dk kernel (GPU, the ring's hops).
 def _expected_calls(name, separate_cols, fused_backward):
   forward = 2 if name.startswith("clip") and separate_cols else 1
-  return forward + (1 if fused_backward and not name.startswith("siglip") else 2)
+  return forward + (1 if fused_backward else 2)
 
 
 def _rows(name, n):
@@ -147,24 +147,27 @@ def test_tpu_kernels_compile_with_mosaic(topo, name, dtype, d, separate_cols):
 
 @pytest.mark.parametrize("topo", ["v5e:2x2", "v4:2x2x1"])
 def test_tpu_fused_backward_is_one_kernel_of_three_matmuls(topo):
-  """`Settings.fused_backward` (the TPU default): clip's value and gradient are two Mosaic kernels, the
-  forward (rows + columns in one pass) and the backward (dq and dk from one recomputation of S), for
-  float32 and bf16, D = 128 and 768 (on v4, 16 MiB of VMEM, D = 768 splits the rows into calls of one
-  kernel in a loop). The compiled flops (the kernels' cost estimates) are those of 4 B²D-matmuls
-  against 5 with the dq and dk kernels (3 calls)."""
+  """`Settings.fused_backward` (the TPU default): clip's and siglip's value and gradient are two Mosaic
+  kernels, the forward (clip: rows + columns in one pass) and the backward (dq and dk from one
+  recomputation of S), for float32 and bf16, D = 128 and 768 (on v4, 16 MiB of VMEM, D = 768 splits the
+  rows into calls of one kernel in a loop). The compiled flops (the kernels' cost estimates) are those
+  of 4 B²D-matmuls against 5 with the dq and dk kernels (3 calls)."""
   one = SingleDeviceSharding(targets.get(topo).devices[0])
   flops = {}
-  for d, dtype, fused in ((128, F32, True), (128, F32, False), (768, F32, True), (128, BF16, True),
-                          (768, BF16, True)):
+  for name, d, dtype, fused in (("clip", 128, F32, True), ("clip", 128, F32, False), ("clip", 768, F32, True),
+                                ("clip", 128, BF16, True), ("clip", 768, BF16, True),
+                                ("siglip", 128, F32, True), ("siglip", 128, F32, False),
+                                ("siglip", 768, BF16, True)):
     x, y = _pair(d, dtype, one)
     settings = engine.Settings(flavour="tpu", interpret=False, fused_backward=fused)
-    compiled = _compile(_loss("clip", settings), x, y, ())
-    assert targets.kernel_calls(compiled) == {"mosaic": 2 if fused else 3, "triton": 0}, (d, dtype)
+    compiled = _compile(_loss(name, settings), x, y, ())
+    assert targets.kernel_calls(compiled) == {"mosaic": 2 if fused else 3, "triton": 0}, (name, d, dtype)
     _check_outputs(compiled, x)
     _check_temp_bytes(compiled, B, B, d, B)
     if d == 128 and dtype == F32:  # B rows in one call: no loop (whose body the flops count once)
-      flops[fused] = compiled.cost_analysis()["flops"]
-  assert flops[True] / flops[False] == pytest.approx(4 / 5, abs=1e-3)  # (padded) 4 matmuls against 5
+      flops[name, fused] = compiled.cost_analysis()["flops"]
+  for name in ("clip", "siglip"):  # (padded) 4 matmuls against 5
+    assert flops[name, True] / flops[name, False] == pytest.approx(4 / 5, abs=1e-3), name
 
 
 # ------------------------------------------------------------------------------------- GPU (Triton)

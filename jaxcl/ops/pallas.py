@@ -532,7 +532,12 @@ def _sig_grad_k(plan, q, k, scale, bias, positives, g, acc=None):
 
 
 def _sig_grads(plan, q, k, scale, bias, positives, g):
-  """(g, dk, dbias (Bq,)), float32, of Σ_i g_i sig_i by the dq and dk kernels."""
+  """(g, dk, dbias (Bq,)), float32, of Σ_i g_i sig_i: by the fused TPU backward (`Settings.fused_backward`)
+  or by the dq and dk kernels."""
+  if plan.fused_vmem is not None:
+    g_q, dk, dbias = _kernels(plan.flavour).sigmoid_backward_fused(
+        q, k, scale, bias, positives, g, tiles=plan.tiles, vmem=plan.fused_vmem)
+    return g_q, dk, dbias
   g_q, dbias = _sig_grad_q(plan, q, k, scale, bias, positives, g)
   return g_q, _sig_grad_k(plan, q, k, scale, bias, positives, g), dbias
 

@@ -295,7 +295,7 @@ def _dot(x, b, dims=(((1,), (0,)), ((), ()))):
 _TN = (((0,), (0,)), ((), ()))  # xᵀ · b
 
 
-def _lse_grad_inputs(call: _Call, a, b, scale, ids, row_lse, g_row, col_lse, g_col, scale_on):
+def _lse_grad_inputs(call: _Call, *, a, b, scale, ids, row_lse, g_row, col_lse, g_col, scale_on):
   """Adds the inputs of a log-sum-exp backward kernel to `call`: a, b, the scale, the id pairs, and
   the row / column log-sum-exps with their cotangents (where given)."""
   call.matrix(a, "rows")
@@ -354,7 +354,8 @@ def lse_backward(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, sca
   [0.7311, 0.2689]
   """
   call = _Call(tiles)
-  _lse_grad_inputs(call, a, b, scale, ids, row_lse, g_row, col_lse, g_col, scale_on)
+  _lse_grad_inputs(call, a=a, b=b, scale=scale, ids=ids, row_lse=row_lse, g_row=g_row, col_lse=col_lse,
+                   g_col=g_col, scale_on=scale_on)
   with_rows, with_cols = g_row is not None, g_col is not None
   aliases = call.accumulator(acc)
   out_shape, out_spec = _row_out(tiles, a.shape[1])
@@ -366,23 +367,32 @@ def lse_backward(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, sca
               cost=_cost(tiles, a.shape[1], a.dtype.itemsize, 2, with_rows + with_cols), aliases=aliases)
 
 
-def _lse_bwd_fused_kernel(first_ref, *refs, tiles, **tile):
+def _fused_bwd_kernel(first_ref, *refs, tiles, grad_tile, row_sums):
+  """One step of a fused backward: `grad_tile(refs iterator, ij)` gives (a_ref, b_ref, scale_ref, dS) of
+  the tile; refs end with dk in, the in-place g (and row sums), dk out, g out (row sums out), the g
+  scratch (row sums scratch)."""
+  n = 3 if row_sums else 2
+  tail = refs[len(refs) - (3 * n - 1):]
+  dk_in, (dk_ref, g_ref, *s_ref), (g_acc, *s_acc) = tail[0], tail[n:2 * n], tail[2 * n:]
   j, i = pl.program_id(0), pl.program_id(1)  # i: the row block within this call's rows
   ij = (i + first_ref[0], j)
-  dk_ref = refs[-3]
-  _init_acc(dk_ref, refs[-5])  # at i == 0, from the dk of the earlier calls: resident while i runs
+  _init_acc(dk_ref, dk_in)  # at i == 0, from the dk of the earlier calls: resident while i runs
 
   @pl.when(ij[0] < tiles.grid[0])  # past the last row block: nothing (the last call's overhang)
   def _step():
-    a_ref, b_ref, scale_ref, ds = _lse_grad_tile(iter(refs), tiles=tiles, scale_on="rows", ij=ij, **tile)
-    g_ref, g_acc = refs[-2], refs[-1]
+    a_ref, b_ref, scale_ref, ds = grad_tile(iter(refs), ij=ij)
+    last = j == pl.num_programs(0) - 1
     rows = pl.ds(pl.multiple_of(i * tiles.block_a, tiles.block_a), tiles.block_a)
     g_acc[rows] = jnp.where(j == 0, 0.0, g_acc[rows]) + _dot(ds, b_ref[...])
+    for acc in s_acc:
+      acc[i] = jnp.where(j == 0, 0.0, acc[i]) + _row(jnp.sum(ds, axis=1, keepdims=True))
     dk_ref[...] += _dot(ds * _column(scale_ref[...]), a_ref[...], _TN)
 
-    @pl.when(j == pl.num_programs(0) - 1)
-    def _store_g():
+    @pl.when(last)
+    def _store():
       g_ref[...] = g_acc[rows]
+      for acc, out in zip(s_acc, s_ref):
+        out[...] = acc[i]
 
 
 def fused_layout(tiles: tile_math.Tiles, d: int, itemsize: int, vmem: int) -> tuple[int, int, int]:
@@ -435,40 +445,57 @@ def lse_backward_fused(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kind
   >>> [round(float(v), 4) for v in dk[0, :2]]  # column 0 of the row softmaxes
   [0.7311, 0.2689]
   """
+  with_rows, with_cols = g_row is not None, g_col is not None
+  add_inputs = functools.partial(_lse_grad_inputs, a=a, b=b, scale=scale, ids=ids, row_lse=row_lse,
+                                 g_row=g_row, col_lse=col_lse, g_col=g_col, scale_on="rows")
+  grad_tile = functools.partial(_lse_grad_tile, kinds=kinds, scale_on="rows", with_rows=with_rows,
+                                with_cols=with_cols)
+  g, dk = _fused_backward("jaxcl_lse_bwd_fused", tiles, a, add_inputs, grad_tile, row_sums=False, vmem=vmem,
+                          acc=acc, exps=with_rows + with_cols)
+  return g, dk
+
+
+def _fused_backward(name, tiles, a, add_inputs, grad_tile, *, row_sums, vmem, acc, exps):
+  """(g, dk) or (g, dk, row sums) of a fused backward: `add_inputs(call)` adds the kernel's inputs,
+  `grad_tile` reads them (`_fused_bwd_kernel`); the rows in calls of one kernel (`fused_layout`)."""
   ba, d = tiles.block_a, a.shape[1]
   block_b, rows, need = fused_layout(tiles, d, a.dtype.itemsize, vmem)
   tiles = dataclasses.replace(tiles, block_b=block_b)
+  grad_tile = functools.partial(grad_tile, tiles=tiles)
   (n_blocks, nj), per_call = tiles.grid, rows // ba
   order = _Order(cols_outer=True, row_blocks=per_call)
+  # dk_j resident while i runs; g's block (and the row sums') stays at the call's first row block until
+  # the last column block, where it follows i: each block is written back once, after it was stored.
+  written = lambda j, i, first_ref: jnp.minimum(jnp.where(j == nj - 1, i, 0) + first_ref[0], n_blocks - 1)
   out_shape = [jax.ShapeDtypeStruct((tiles.padded_b, d), jnp.float32),
                jax.ShapeDtypeStruct((tiles.padded_a, d), jnp.float32)]
-  # dk_j resident while i runs; g's block stays at the call's first row block until the last column
-  # block, where it follows i: each block of g is written back once, after the step that stored it.
   out_specs = [pl.BlockSpec((tiles.block_b, d), order.index(tiles, lambda i, j: (j, 0))),
-               pl.BlockSpec((ba, d), lambda j, i, first_ref: (
-                   jnp.minimum(jnp.where(j == nj - 1, i, 0) + first_ref[0], n_blocks - 1), 0))]
-  with_rows, with_cols = g_row is not None, g_col is not None
-  kernel = functools.partial(_lse_bwd_fused_kernel, tiles=tiles, kinds=kinds, with_rows=with_rows,
-                             with_cols=with_cols)
+               pl.BlockSpec((ba, d), lambda *g: (written(*g), 0))]
+  scratch = [pltpu.VMEM((per_call * ba, d), jnp.float32)]
+  if row_sums:
+    out_shape.append(jax.ShapeDtypeStruct((1, tiles.padded_a), jnp.float32))
+    out_specs.append(pl.BlockSpec((1, ba), lambda *g: (0, written(*g))))
+    scratch.append(pltpu.VMEM((per_call, 1, ba), jnp.float32))
+  kernel = functools.partial(_fused_bwd_kernel, tiles=tiles, grad_tile=grad_tile, row_sums=row_sums)
 
   def step(c, carry):
     """Call c: the rows from block c · per_call, adding into dk and writing their g, in place."""
     call = _Call(tiles, order)
-    _lse_grad_inputs(call, a, b, scale, ids, row_lse, g_row, col_lse, g_col, "rows")
+    add_inputs(call)
     aliases = call.accumulator(carry[0], "cols", output=0, buffers=1)  # read at i == 0 only
-    aliases.update(call.in_place(carry[1], output=1))
+    for n, x in enumerate(carry[1:], 1):
+      aliases.update(call.in_place(x, output=n))
     return tuple(call(
-        kernel, "jaxcl_lse_bwd_fused", out_shape, out_specs, scalars=(c * per_call,),
-        scratch=[pltpu.VMEM((per_call * ba, d), jnp.float32)], semantics=("arbitrary", "arbitrary"),
-        cost=_cost(tiles, d, a.dtype.itemsize, 3, with_rows + with_cols, rows=per_call * ba),
+        kernel, name, out_shape, out_specs, scalars=(c * per_call,), scratch=scratch,
+        semantics=("arbitrary", "arbitrary"), cost=_cost(tiles, d, a.dtype.itemsize, 3, exps, rows=per_call * ba),
         aliases=aliases, vmem_limit=max(need, vmem) + (4 << 20),
     ))
 
   dk = jnp.zeros((tiles.padded_b, d), jnp.float32) if acc is None else acc
-  carry = _vma.like((dk, jnp.zeros((tiles.padded_a, d), jnp.float32)), a, b, scale)
+  carry = _vma.like((dk, *(jnp.zeros(s.shape, jnp.float32) for s in out_shape[1:])), a)
   calls = -(-n_blocks // per_call)
-  dk, g = step(0, carry) if calls == 1 else jax.lax.fori_loop(0, calls, step, carry)
-  return g, dk
+  dk, g, *sums = step(0, carry) if calls == 1 else jax.lax.fori_loop(0, calls, step, carry)
+  return (g, dk, *(s[0] for s in sums))
 
 
 # ------------------------------------------------------------------------------------------ sigmoid
@@ -509,10 +536,33 @@ def sigmoid_forward(a, b, scale, bias, positives, *, tiles):
   return out[0]
 
 
+def _sig_grad_inputs(call: _Call, *, a, b, scale, bias, positives, g, vec_on):
+  """Adds the inputs of a sigmoid backward kernel to `call`: a, b, scale / bias / g along `vec_on`, the
+  positive ids."""
+  call.matrix(a, "rows")
+  call.matrix(b, "cols")
+  for v in (scale, bias, g):
+    call.vector(v, vec_on)
+  call.vector(positives[0], "rows")
+  call.vector(positives[1], "cols")
+
+
+def _sig_grad_tile(it, *, tiles, vec_on, ij=None):
+  """(a_ref, b_ref, scale_ref, dS): reads the refs `_sig_grad_inputs` added from `it` and recomputes
+  this grid step's tile of dS = −g z σ(−z (S + bias)) on valid entries."""
+  a_ref, b_ref, scale_ref, bias_ref, g_ref, pr_ref, pc_ref = (next(it) for _ in range(7))
+  along = _column if vec_on == "rows" else (lambda x: x)
+  logits = _scores(a_ref, b_ref, scale_ref, vec_on) + along(bias_ref[...])
+  valid = _valid(tiles, (), (), logits.shape, ij)
+  ds = tile_math.sigmoid_grad_tile(logits, _column(pr_ref[...]) == pc_ref[...], valid, along(g_ref[...]))
+  return a_ref, b_ref, scale_ref, ds
+
+
 def _sig_bwd_kernel(*refs, tiles, vec_on, with_acc):
-  a_ref, b_ref, scale_ref, bias_ref, g_ref, pr_ref, pc_ref = refs[:7]
-  acc_in = refs[7] if with_acc else None
-  acc_ref, *sum_ref = refs[7 + with_acc:]
+  it = iter(refs)
+  _, b_ref, scale_ref, ds = _sig_grad_tile(it, tiles=tiles, vec_on=vec_on)
+  acc_in = next(it) if with_acc else None
+  acc_ref, *sum_ref = it
   _init_acc(acc_ref, acc_in)
 
   @pl.when(pl.program_id(1) == 0)
@@ -520,10 +570,6 @@ def _sig_bwd_kernel(*refs, tiles, vec_on, with_acc):
     for ref in sum_ref:
       ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
-  along = _column if vec_on == "rows" else (lambda x: x)
-  logits = _scores(a_ref, b_ref, scale_ref, vec_on) + along(bias_ref[...])
-  valid = _valid(tiles, (), (), logits.shape)
-  ds = tile_math.sigmoid_grad_tile(logits, _column(pr_ref[...]) == pc_ref[...], valid, along(g_ref[...]))
   for ref in sum_ref:
     ref[...] += _row(jnp.sum(ds, axis=1, keepdims=True))
   if vec_on == "cols":
@@ -550,12 +596,7 @@ def sigmoid_backward(a, b, scale, bias, positives, g, *, vec_on, tiles, acc=None
   0.2311
   """
   call = _Call(tiles)
-  call.matrix(a, "rows")
-  call.matrix(b, "cols")
-  for v in (scale, bias, g):
-    call.vector(v, vec_on)
-  call.vector(positives[0], "rows")
-  call.vector(positives[1], "cols")
+  _sig_grad_inputs(call, a=a, b=b, scale=scale, bias=bias, positives=positives, g=g, vec_on=vec_on)
   aliases = call.accumulator(acc)
   acc_shape, acc_spec = _row_out(tiles, a.shape[1])
   out_shape, out_specs = [acc_shape], [acc_spec]
@@ -569,3 +610,26 @@ def sigmoid_backward(a, b, scale, bias, positives, g, *, vec_on, tiles, acc=None
       aliases=aliases,
   )
   return outs[0], (outs[1][0] if vec_on == "rows" else None)
+
+
+def sigmoid_backward_fused(a, b, scale, bias, positives, g, *, tiles, vmem, acc=None):
+  """(Σ_j dS_ij b_j float32 (N_a, D), acc + Σ_i scale_i dS_ij a_i float32 (N_b, D), Σ_j dS_ij (N_a,))
+  from ONE recomputation of each tile (dS as in `sigmoid_backward`, scale, bias and g along rows): the
+  two orientations of `sigmoid_backward` in one pass, as `lse_backward_fused` does for log-sum-exp.
+
+  >>> import jax.numpy as jnp
+  >>> from jaxcl.ops.tiles import Tiles
+  >>> t = Tiles(16, 16, n_a=2, n_b=2, padded_a=16, padded_b=16, interpret=True, num_warps=None,
+  ...           num_stages=2)
+  >>> x = jnp.zeros((16, 128)).at[:2, :2].set(jnp.eye(2))  # two padded unit vectors
+  >>> ids = jnp.arange(16)
+  >>> g, dk, total = sigmoid_backward_fused(x, x, jnp.ones(16), jnp.zeros(16), (ids, ids), jnp.ones(16),
+  ...                                       tiles=t, vmem=1 << 20)
+  >>> round(float(total[0]), 4), [round(float(v), 4) for v in dk[0, :2]]  # -σ(-1) + σ(0); (-σ(-1), σ(0))
+  (0.2311, [-0.2689, 0.5])
+  """
+  add_inputs = functools.partial(_sig_grad_inputs, a=a, b=b, scale=scale, bias=bias, positives=positives,
+                                 g=g, vec_on="rows")
+  grad_tile = functools.partial(_sig_grad_tile, vec_on="rows")
+  return _fused_backward("jaxcl_sigmoid_bwd_fused", tiles, a, add_inputs, grad_tile, row_sums=True, vmem=vmem,
+                         acc=acc, exps=1)
