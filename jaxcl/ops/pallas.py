@@ -77,8 +77,8 @@ class Settings:
     max_fused_cols: TPU only; row and column log-sum-exp share one pass over S while the padded column
       count is at most this (the column accumulators live in VMEM: 64 bytes per column), else the column
       pass is a second call with q and k swapped.
-    fused_backward: TPU only; the log-sum-exp backward recomputes each tile of S once for both dq and
-      dk (one kernel, 3 matmuls per tile, both grid axes sequential) instead of in a dq and a dk kernel
+    fused_backward: TPU only; the backward (log-sum-exp and sigmoid) recomputes each tile of S once for
+      dq and dk (one kernel, 3 matmuls per tile, both grid axes sequential) instead of in a dq and a dk kernel
       (4 matmuls, the row axis "parallel": split across the two TensorCores of a megacore chip, v4 and
       v5p). The GPU flavour always runs the two kernels.
     fused_backward_vmem: TPU only; about the VMEM bytes one fused backward call may take (default

@@ -20,7 +20,8 @@ Kernels (S = scale · a bᵀ tile by tile, V the validity from ids and padding):
 - `lse_backward_fused`: both from one recomputation of each tile (3 matmuls per tile instead of 4): a
   (column blocks × row blocks) grid, both "arbitrary", dk_j in its resident output block and the rows'
   Σ_j dS_ij b_j in a float32 VMEM scratch; the rows split into calls of one kernel (`fused_layout`).
-- `sigmoid_forward`, `sigmoid_backward`: the same grids for Σ_j softplus(−z(S + b)) and its gradient.
+- `sigmoid_forward`, `sigmoid_backward`, `sigmoid_backward_fused`: the same grids for
+  Σ_j softplus(−z(S + b)) and its gradient.
 
 Called by `jaxcl.ops.pallas` (which pads, dispatches and defines the custom VJP); see docs/pallas.md.
 """
