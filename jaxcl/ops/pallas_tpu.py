@@ -451,9 +451,8 @@ def lse_backward_fused(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kind
                                  g_row=g_row, col_lse=col_lse, g_col=g_col, scale_on="rows")
   grad_tile = functools.partial(_lse_grad_tile, kinds=kinds, scale_on="rows", with_rows=with_rows,
                                 with_cols=with_cols)
-  g, dk = _fused_backward("jaxcl_lse_bwd_fused", tiles, a, add_inputs, grad_tile, row_sums=False, vmem=vmem,
-                          acc=acc, exps=with_rows + with_cols)
-  return g, dk
+  return _fused_backward("jaxcl_lse_bwd_fused", tiles, a, add_inputs, grad_tile, row_sums=False, vmem=vmem,
+                         acc=acc, exps=with_rows + with_cols)
 
 
 def _fused_backward(name, tiles, a, add_inputs, grad_tile, *, row_sums, vmem, acc, exps):
