@@ -87,10 +87,13 @@ def _check_outputs(compiled, x):
   assert (dy.shape, dy.dtype) == (x.shape, x.dtype)
 
 
-# Mosaic / Triton calls per compiled forward + backward: the backward is always a dq and a dk kernel; the
-# forward one call, or two where the column log-sum-exp is a second (swapped) pass.
-def _expected_calls(name, separate_cols):
-  return 2 + (2 if name.startswith("clip") and separate_cols else 1)
+# Mosaic / Triton calls per compiled forward + backward: the forward one call, or two where the column
+# log-sum-exp is a second (swapped) pass; the backward one fused kernel on a TPU
+# (`Settings.fused_backward`, the default: one call site, in a loop where the rows need several calls),
+# else a dq and a dk kernel (GPU, the ring's hops).
+def _expected_calls(name, separate_cols, fused_backward):
+  forward = 2 if name.startswith("clip") and separate_cols else 1
+  return forward + (1 if fused_backward else 2)
 
 
 def _rows(name, n):
@@ -136,10 +139,35 @@ def test_tpu_kernels_compile_with_mosaic(topo, name, dtype, d, separate_cols):
   fused_limit = 1024 if separate_cols else engine.Settings().max_fused_cols
   settings = engine.Settings(flavour="tpu", interpret=False, max_fused_cols=fused_limit)
   compiled = _compile(_loss(name, settings), x, y, _extras(name, B, one))
-  assert targets.kernel_calls(compiled) == {"mosaic": _expected_calls(name, separate_cols), "triton": 0}
+  assert targets.kernel_calls(compiled) == {"mosaic": _expected_calls(name, separate_cols, True), "triton": 0}
   _check_outputs(compiled, x)
   n = _rows(name, B)
   _check_temp_bytes(compiled, n, n, d, n)
+
+
+@pytest.mark.parametrize("topo", ["v5e:2x2", "v4:2x2x1"])
+def test_tpu_fused_backward_is_one_kernel_of_three_matmuls(topo):
+  """`Settings.fused_backward` (the TPU default): clip's and siglip's value and gradient are two Mosaic
+  kernels, the forward (clip: rows + columns in one pass) and the backward (dq and dk from one
+  recomputation of S), for float32 and bf16, D = 128 and 768 (on v4, 16 MiB of VMEM, D = 768 splits the
+  rows into calls of one kernel in a loop). The compiled flops (the kernels' cost estimates) are those
+  of 4 B²D-matmuls against 5 with the dq and dk kernels (3 calls)."""
+  one = SingleDeviceSharding(targets.get(topo).devices[0])
+  flops = {}
+  for name, d, dtype, fused in (("clip", 128, F32, True), ("clip", 128, F32, False), ("clip", 768, F32, True),
+                                ("clip", 128, BF16, True), ("clip", 768, BF16, True),
+                                ("siglip", 128, F32, True), ("siglip", 128, F32, False),
+                                ("siglip", 768, BF16, True)):
+    x, y = _pair(d, dtype, one)
+    settings = engine.Settings(flavour="tpu", interpret=False, fused_backward=fused)
+    compiled = _compile(_loss(name, settings), x, y, ())
+    assert targets.kernel_calls(compiled) == {"mosaic": 2 if fused else 3, "triton": 0}, (name, d, dtype)
+    _check_outputs(compiled, x)
+    _check_temp_bytes(compiled, B, B, d, B)
+    if d == 128 and dtype == F32:  # B rows in one call: no loop (whose body the flops count once)
+      flops[name, fused] = compiled.cost_analysis()["flops"]
+  for name in ("clip", "siglip"):  # (padded) 4 matmuls against 5
+    assert flops[name, True] / flops[name, False] == pytest.approx(4 / 5, abs=1e-3), name
 
 
 # ------------------------------------------------------------------------------------- GPU (Triton)
@@ -162,7 +190,7 @@ def test_gpu_kernels_compile_with_triton(topo, name, dtype, d):
   one = SingleDeviceSharding(targets.get(topo).devices[0])
   x, y = _pair(d, dtype, one)
   compiled = _compile(_loss(name, engine.Settings(flavour="gpu", interpret=False)), x, y, _extras(name, B, one))
-  assert targets.kernel_calls(compiled) == {"mosaic": 0, "triton": _expected_calls(name, True)}
+  assert targets.kernel_calls(compiled) == {"mosaic": 0, "triton": _expected_calls(name, True, False)}
   _check_outputs(compiled, x)
   n = _rows(name, B)
   _check_temp_bytes(compiled, n, n, d, n)
@@ -233,10 +261,12 @@ def test_engines_compile_for_a_slice(topo, impl, name, dtype, d, collective):
     assert collective in text
   if impl == "ring":
     assert "all-gather" not in text  # the keys travel, they are never gathered
-  # The fused kernels wherever a sharded engine runs on a TPU or GPU: on the gathered keys (allgather),
-  # at every hop of the ring (its loop body and its last step are two copies of the hop).
+  # The fused kernels wherever a sharded engine runs on a TPU or GPU: on the gathered keys (allgather,
+  # with the fused backward on TPU), at every hop of the ring (its loop body and its last step are two
+  # copies of the hop; its backward rings run the dq and the dk kernel).
   flavour = "triton" if target.platform == "gpu" else "mosaic"  # Triton: the column pass is separate
-  calls = {"blockwise": 0, "allgather": 1, "ring": 2}[impl] * _expected_calls(name, flavour == "triton")
+  calls = {"blockwise": 0, "allgather": _expected_calls(name, flavour == "triton", flavour == "mosaic"),
+           "ring": 2 * _expected_calls(name, flavour == "triton", False)}[impl]
   assert targets.kernel_calls(compiled) == {"mosaic": 0, "triton": 0, flavour: calls}
   if impl == "ring" and flavour == "mosaic":
     _check_double_buffered(text)

@@ -205,6 +205,109 @@ def test_unfused_column_pass_matches_fused():
     assert str(jaxpr).count("pallas_call[") == calls
 
 
+# ------------------------------------------------------------------------- the fused TPU backward
+def _np_lse_objective_grads(q, k, scale, exclude, include, w, u):
+  """float64 (dq, dk, dscale) of Σ_i w_i row_i + Σ_j u_j col_j (w or u None: that term left out),
+  with dS_ij = V_ij (w_i e^{S_ij − row_i} + u_j e^{S_ij − col_j}); dscale summed for a scalar scale."""
+  q64, k64 = np.float64(q), np.float64(k)
+  scale64 = np.broadcast_to(np.float64(scale), (q.shape[0],))[:, None]
+  dots = q64 @ k64.T
+  s = scale64 * dots
+  ds = np.zeros_like(s)
+  for weights, axis in ((w, 1), (u, 0)):
+    if weights is not None:
+      lse = np.expand_dims(_np_lse(q, k, scale, exclude, include, axis), axis)
+      ds += np.expand_dims(np.float64(weights), axis) * np.exp(s - lse)
+  valid = np.isfinite(_np_lse_valid_scores(s, exclude, include))
+  ds = np.where(valid, ds, 0.0)
+  dscale = np.sum(ds * dots, axis=1)
+  return scale64 * ds @ k64, (scale64 * ds).T @ q64, dscale if np.ndim(scale) else np.sum(dscale)
+
+
+def _np_lse_valid_scores(s, exclude, include):
+  valid = np.ones(s.shape, bool)
+  for pair, keep in ((exclude, np.not_equal), (include, np.equal)):
+    if pair is not None:
+      valid &= keep(np.asarray(pair[0])[:, None], np.asarray(pair[1])[None, :])
+  return np.where(valid, s, -np.inf)
+
+
+def _rows_per_call(settings, bq, bk, d, dtype):
+  """The rows of one fused backward call of these settings (`pallas_tpu.fused_layout`)."""
+  from jaxcl.ops import pallas_tpu
+
+  plan = engine._make_plan(settings, "tpu", True, bq, bk, d)
+  return pallas_tpu.fused_layout(plan.tiles, plan.padded_d, jnp.dtype(dtype).itemsize,
+                                 settings.fused_backward_vmem)[1]
+
+
+# (rows, cols, exclude, include, per-row scale) as in LSE_MODES; 300 rows in 3 blocks of 128 (84 padded)
+# against 190 columns in 2 (66 padded). `fused_backward_vmem` 1: one row block per call (3 calls);
+# 1,376,256 bytes: two blocks (2 calls, the second past the last block: skipped).
+FUSED_CASES = [
+    pytest.param("rows", jnp.float32, 1, id="rows-f32-3calls"),
+    pytest.param("cols-include", jnp.float32, 1_376_256, id="cols-include-f32-2calls-overhang"),
+    pytest.param("both-exclude-perrow", jnp.float32, 1_376_256, id="both-exclude-perrow-f32-2calls-overhang"),
+    pytest.param("both-exclude-include-perrow", jnp.bfloat16, 1, id="both-exclude-include-perrow-bf16-3calls"),
+]
+
+
+@pytest.mark.parametrize("mode, dtype, vmem", FUSED_CASES)
+def test_fused_backward_matches_unfused_dense_and_numpy(mode, dtype, vmem):
+  """`Settings.fused_backward` (the default on TPU): one kernel recomputing each tile of S once for dq
+  and dk, its rows split into calls of one kernel in a loop, equals the dq + dk kernels, the dense
+  engine and float64 numpy in q, k and the scale (scalar or per row), with every mask kind."""
+  rows, cols, use_exclude, use_include, per_row = LSE_MODES[mode]
+  bq, bk, d = 300, 190, 20
+  q, k = (jnp.asarray(randn(s, n, d), dtype) for s, n in ((60, bq), (61, bk)))
+  scale = np.random.default_rng(62).uniform(0.5, 2.0, bq).astype(np.float32) if per_row else np.float32(1.7)
+  exclude, include = _masks(bq, bk, use_exclude, use_include)
+  fused = _settings("tpu", 128, 128, fused_backward_vmem=vmem)
+  per_call = {1: 128, 1_376_256: 256}[vmem]
+  assert _rows_per_call(fused, bq, bk, d, dtype) == per_call
+  objective = lambda impl: _lse_objective(impl, bq, bk, rows, cols, exclude, include)
+  (_, (row, col)), grads = _run(objective(_lse(fused)), q, k, scale)
+  _, unfused = _run(objective(_lse(_settings("tpu", 128, 128, fused_backward=False))), q, k, scale)
+  _, dense_grads = _run(objective(dense.logsumexp), q, k, scale)
+  # The fused and the two kernels: the same sums in another order (bf16: dS rounded alike).
+  _assert_grads_close(grads, unfused, rtol=1e-5 if dtype == jnp.float32 else 1e-2)
+  _assert_grads_close(grads, dense_grads, rtol=1e-4 if dtype == jnp.float32 else 2e-2)
+  w, u = np.linspace(0.5, 1.5, bq), np.linspace(1.5, -0.5, bk)
+  want = _np_lse_objective_grads(np.float32(q), np.float32(k), scale, exclude, include, w if rows else None,
+                                 u if cols else None)
+  _assert_grads_close(grads, want, rtol=1e-4 if dtype == jnp.float32 else 2e-2)
+  assert grads[0].dtype == grads[1].dtype == dtype and grads[2].shape == np.shape(scale)
+  # The backward is one kernel: a pallas_call in the loop over calls, or a single one.
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda q, k: objective(_lse(fused))(q, k, scale)[0], (0, 1)))(q, k))
+  assert jaxpr.count("pallas_call[") == 2  # the forward (one pass here) and the fused backward
+  assert "scan[" in jaxpr  # the loop over calls (a fori_loop)
+
+
+def test_fused_backward_kernel_adds_into_the_accumulator_in_place():
+  """`pallas_tpu.lse_backward_fused` with `acc`: (g, acc + dk) against float64 numpy, across two calls
+  (two row blocks per call, three blocks), the accumulator's buffer being dk's (`input_output_aliases`)."""
+  from jaxcl.ops import pallas_tpu
+
+  bq, bk, d = 300, 190, 20
+  (q, k, scale, g_row, g_col, _, exclude, _, _, acc, (want_g, want_dk), _, (row, col)) = _block_grad_case(
+      63, bq, bk, d)
+  plan = engine._make_plan(_settings("tpu", 128, 128), "tpu", True, bq, bk, d, kinds=("exclude",), cols=True)
+  t = plan.tiles
+  pad = lambda x, *shape: jnp.pad(jnp.asarray(x), [(0, n - m) for n, m in zip(shape, np.shape(x))])
+  ids = ((pad(exclude[0], t.padded_a), pad(exclude[1], t.padded_b)),)
+  args = (pad(q, t.padded_a, 128), pad(k, t.padded_b, 128), pad(scale, t.padded_a), ids,
+          pad(np.float32(row), t.padded_a), pad(g_row, t.padded_a), pad(np.float32(col), t.padded_b),
+          pad(g_col, t.padded_b))
+  fn = lambda acc: pallas_tpu.lse_backward_fused(*args, kinds=plan.kinds, tiles=t, vmem=1_376_256, acc=acc)
+  acc_p = pad(acc, t.padded_b, 128)
+  jaxpr = str(jax.make_jaxpr(fn)(acc_p))
+  assert "input_output_aliases=((" in jaxpr and "scan[" in jaxpr
+  g, dk = _compiled(fn, acc_p)(acc_p)
+  for got, want in ((g[:bq, :d], want_g), (dk[:bk, :d], np.float64(acc) + want_dk)):
+    np.testing.assert_allclose(np.float64(got), want, rtol=1e-4, atol=1e-4 * np.max(np.abs(want)))
+  assert not np.any(g[bq:]) and not np.any(dk[bk:] - acc_p[bk:])  # padding: nothing added
+
+
 # ------------------------------------------------------------------------------------------ sigmoid
 def _sig_objective(impl, bq, positives):
   w = jnp.linspace(1.5, 0.5, bq)
@@ -229,6 +332,50 @@ def test_sigmoid_sum_matches_dense(flavour, bq, bk, d, block_rows, block_cols, p
   assert out.shape == (bq,) and out.dtype == jnp.float32
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
   _assert_grads_close(grads, d_grads)
+
+
+def _np_sig_objective_grads(q, k, scale, bias, positives, w):
+  """float64 (dq, dk, dscale, dbias) of Σ_i w_i Σ_j softplus(−z_ij (S_ij + bias)): dS = −w_i z σ(−z (S + b));
+  dscale summed for a scalar scale, dbias for a scalar bias."""
+  q64, k64 = np.float64(q), np.float64(k)
+  scale64 = np.broadcast_to(np.float64(scale), (q.shape[0],))[:, None]
+  dots = q64 @ k64.T
+  z = np.where(np.asarray(positives[0])[:, None] == np.asarray(positives[1])[None, :], 1.0, -1.0)
+  ds = -np.float64(w)[:, None] * z / (1.0 + np.exp(z * (scale64 * dots + np.float64(bias))))
+  dscale = np.sum(ds * dots, axis=1)
+  return (scale64 * ds @ k64, (scale64 * ds).T @ q64, dscale if np.ndim(scale) else np.sum(dscale),
+          np.sum(ds))
+
+
+@pytest.mark.parametrize("per_row, diagonal, dtype, vmem", [
+    pytest.param(True, False, jnp.float32, 1_376_256, id="perrow-ids-f32-2calls-overhang"),
+    pytest.param(False, True, jnp.float32, 1, id="scalar-diag-f32-3calls"),
+    pytest.param(True, False, jnp.bfloat16, 1, id="perrow-ids-bf16-3calls"),
+])
+def test_fused_sigmoid_backward_matches_unfused_dense_and_numpy(per_row, diagonal, dtype, vmem):
+  """The fused TPU backward of the sigmoid sum (`sigmoid_backward_fused`: g, dk and the row sums of dS
+  for the bias from one recomputation of each tile) equals the dq + dk kernels, the dense engine and
+  float64 numpy in q, k, the scale and the bias."""
+  bq, bk, d = 300, 300 if diagonal else 190, 20
+  q, k = (jnp.asarray(randn(s, n, d), dtype) for s, n in ((64, bq), (65, bk)))
+  scale = np.random.default_rng(66).uniform(0.5, 2.0, bq).astype(np.float32) if per_row else np.float32(1.5)
+  positives = (jnp.arange(bq), jnp.arange(bk)) if diagonal else (jnp.arange(bq) % 4, jnp.arange(bk) % 4)
+  args = (q, k, scale, np.float32(-1.5))
+  fused = _settings("tpu", 128, 128, fused_backward_vmem=vmem)
+  per_call = _rows_per_call(fused, bq, bk, d, dtype)
+  assert per_call == {1: 128, 1_376_256: 256}[vmem]
+  objective = lambda impl: _sig_objective(impl, bq, None if diagonal else positives)
+  (_, out), grads = _run(objective(_sig(fused)), *args)
+  _, unfused = _run(objective(_sig(_settings("tpu", 128, 128, fused_backward=False))), *args)
+  (_, want_out), dense_grads = _run(objective(dense.sigmoid_sum), *args)
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-4)
+  _assert_grads_close(grads, unfused, rtol=1e-5 if dtype == jnp.float32 else 1e-2)
+  _assert_grads_close(grads, dense_grads, rtol=1e-4 if dtype == jnp.float32 else 2e-2)
+  want = _np_sig_objective_grads(np.float32(q), np.float32(k), scale, -1.5, positives, np.linspace(1.5, 0.5, bq))
+  _assert_grads_close(grads, want, rtol=1e-4 if dtype == jnp.float32 else 2e-2)
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a: objective(_sig(fused))(*a)[0], (0, 1, 2, 3)))(*args))
+  assert jaxpr.count("pallas_call[") == 2  # the forward and the fused backward
+  assert "scan[" in jaxpr  # the loop over calls
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -494,14 +641,17 @@ def test_no_batch_by_batch_array_outside_the_kernels():
 
 
 # ------------------------------------------------------------------------- TPU semantics on CPU
-def test_tpu_interpret_mode_logsumexp_fused_rows_and_columns():
+@pytest.mark.parametrize("backward", [{"fused_backward": False}, {"fused_backward_vmem": 1}],
+                         ids=["dq-dk-kernels", "fused-2calls"])
+def test_tpu_interpret_mode_logsumexp_fused_rows_and_columns(backward):
   # TPU interpret mode: Mosaic block rules, VMEM scratch carried across the grid, uninitialised
-  # buffers full of NaN. 2 × 2 grid of 128 × 128 tiles with padding on both axes.
+  # buffers full of NaN. 2 × 2 grid of 128 × 128 tiles with padding on both axes; the fused backward
+  # in two calls of one row block (its g block written back once per call, dk updated in place).
   bq, bk = 136, 130
   q, k = randn(26, bq, 6), randn(27, bk, 6)
   scale = np.random.default_rng(28).uniform(0.5, 2.0, bq).astype(np.float32)
   exclude, include = _masks(bq, bk, True, True)
-  settings = engine.Settings(flavour="tpu", interpret="tpu", block_rows=128, block_cols=128)
+  settings = engine.Settings(flavour="tpu", interpret="tpu", block_rows=128, block_cols=128, **backward)
   (_, (row, col)), grads = _run(_lse_objective(_lse(settings), bq, bk, True, True, exclude, include),
                                 q, k, scale)
   (_, (d_row, d_col)), d_grads = _run(_lse_objective(dense.logsumexp, bq, bk, True, True, exclude, include),
@@ -526,10 +676,12 @@ def test_tpu_interpret_mode_sigmoid_bf16():
 # --------------------------------------------------------------------------- lowering for hardware
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("flavour,platform,target,calls,extra", [
-    ("tpu", "tpu", "tpu_custom_call", 5, {}),
-    ("tpu", "tpu", "tpu_custom_call", 6, {"max_fused_cols": 0}),
+    ("tpu", "tpu", "tpu_custom_call", 3, {}),
+    ("tpu", "tpu", "tpu_custom_call", 4, {"max_fused_cols": 0}),
+    ("tpu", "tpu", "tpu_custom_call", 5, {"fused_backward": False}),
+    ("tpu", "tpu", "tpu_custom_call", 3, {"fused_backward_vmem": 1}),
     ("gpu", "cuda", "__gpu$xla.gpu.triton", 6, {}),
-], ids=["mosaic", "mosaic-unfused", "triton"])
+], ids=["mosaic", "mosaic-unfused-cols", "mosaic-dq-dk", "mosaic-fused-3calls", "triton"])
 def test_gradients_lower_for_the_hardware(flavour, platform, target, calls, extra, dtype):
   # jax.export lowers for a platform this machine lacks: the Mosaic lowering checks the (8, 128) block
   # rules, the Triton lowering the power-of-two shapes and every op used in the kernels.
@@ -548,8 +700,9 @@ def test_gradients_lower_for_the_hardware(flavour, platform, target, calls, extr
       jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), platforms=[platform],
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)],
   )(*args)
-  # TPU: fused forward (rows + columns), dq and dk for each family; GPU and unfused TPU: the column
-  # pass is a second call. The sigmoid forward is dead code in a gradient.
+  # TPU: fused forward (rows + columns) and one fused backward per family (in a loop of 3 calls of one
+  # kernel with fused_backward_vmem=1); a dq and a dk kernel per family with fused_backward=False; GPU
+  # and max_fused_cols=0: the column pass is a second call. The sigmoid forward is dead code in a gradient.
   assert exported.mlir_module().count(f"@{target}") == calls
 
 
@@ -580,7 +733,7 @@ def test_kernel_matmuls_ignore_the_process_precision(flavour, dtype, process_pre
   with jax.default_matmul_precision(process_precision):
     jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(x, x)
   found = list(kernel_dots(jaxpr.jaxpr))
-  assert len(found) >= 6  # forward S; dq and dk kernels: S and dS·b each (log-sum-exp and sigmoid)
+  assert len(found) >= 6  # forward S; backward: S, dS·b and dSᵀ·a (fused) or S and dS·b per kernel
   assert set(found) == {(want, want)}
 
 
@@ -604,8 +757,8 @@ def test_auto_flavour_follows_the_platform_lowered_for():
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in targets.values()],
     )(*args).mlir_module()
     counts[platform] = tuple(mlir.count(f"@{t}") for t in targets.values())
-  # TPU: fused forward, dq, dk; GPU: row and column forward, dq, dk
-  assert counts == {"tpu": (3, 0), "cuda": (0, 4), "cpu": (0, 0)}
+  # TPU: fused forward, fused backward; GPU: row and column forward, dq, dk
+  assert counts == {"tpu": (2, 0), "cuda": (0, 4), "cpu": (0, 0)}
 
 
 # --------------------------------------------------------------------------------------- settings
@@ -625,6 +778,11 @@ def test_settings_from_environment_and_validation():
     engine.Settings(block_rows=0)
   with pytest.raises(ValueError, match="`num_stages` must be a non-negative integer, got True"):
     engine.Settings(num_stages=True)
+  with pytest.raises(ValueError, match=r"^`fused_backward` must be True or False, got 1\.$"):
+    engine.Settings(fused_backward=1)
+  with pytest.raises(ValueError, match=r"^`config.loss.pallas.fused_backward_vmem` must be a positive integer "
+                                       r"\(bytes\), got 0\.$"):
+    engine.DEFAULT.replace(where="config.loss.pallas.", fused_backward_vmem=0)
   with pytest.raises(ValueError, match=r"`config.loss.pallas.block_cols` must be a positive integer or None, "
                                        r"got '128'\.$"):
     engine.DEFAULT.replace(where="config.loss.pallas.", block_cols="128")
