@@ -1,6 +1,6 @@
 """Pod plans: the paper-scale recipes compiled for TPU slices with `jaxcl.plan` (issue 16, item 5).
 
-For CLIP ViT-B/16 at global batch 32,768 and 1,048,576, SigLIP B/16 at 32,768 and SimCLR ResNet-50 at
+For CLIP ViT-B/16 at global batch 32,768 and 1,048,576 (the latter with gradient caching too), SigLIP B/16 at 32,768 and SimCLR ResNet-50 at
 4,096, on v5e-64 (`v5e:8x8`), v5p-128 (`v5p:4x4x4`, 64 chips) and v5e-256 (`v5e:16x16`): the per-chip
 memory of the real train step with the loss left to GSPMD (`loss.impl="dense"`: XLA shards the (B, B)
 similarity matrix as it sees fit) and with the engine jaxcl chooses (the recipe's `impl="auto"`: a
@@ -41,7 +41,12 @@ RESULTS = os.path.join(ROOT, "experiments", "results")
 PLANS = os.path.join(RESULTS, "pod_plans.jsonl")
 ROWS = (("clip_vitb16", 32768), ("clip_vitb16", 1048576), ("siglip_vitb16", 32768), ("simclr_r50", 4096))
 SLICES = {"v5e-64": "v5e:8x8", "v5p-128": "v5p:4x4x4", "v5e-256": "v5e:16x16"}
+CHIPS = {"v5e:8x8": 64, "v5p:4x4x4": 64, "v5e:16x16": 256}
 ENGINES = {"dense": {"loss.impl": "dense"}, "chosen": {}}
+# Gradient caching (`config.grad_cache_chunks`) for batches whose encoders' activations do not fit: the
+# chunk count that leaves CHUNK_ROWS examples per device in each chunk.
+CHUNK_ROWS = 256
+CACHED_ROWS = (("clip_vitb16", 1048576),)
 TOLERANCE = 1 / 4
 GIB = 1 << 30
 
@@ -80,6 +85,8 @@ def compile_plan(recipe: str, topology: str, overrides: dict, made: dict) -> dic
     record = {"key": key, "plan": None,
               "error": error[-1] if error else (proc.stderr.strip().splitlines() or ["(no output)"])[-1]}
   record["compile_seconds"] = round(seconds, 1)
+  record["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                    text=True).stdout.strip()
   with open(PLANS, "a") as f:
     f.write(json.dumps(record) + "\n")
   made[key] = record
@@ -118,15 +125,28 @@ def _memory(record: dict | None) -> str:
   return f"{'yes' if p['fits'] else 'no'}: {c['total_bytes'] / GIB:.2f} GiB"
 
 
-def _engine(record: dict | None) -> str:
-  """What the compiled step's loss runs on, read from the program: Pallas kernel calls and the
-  collectives that carry the embeddings (collective-permute: the ring; all-gather)."""
+def grad_cache_chunks(topology: str, batch: int) -> int:
+  """The `config.grad_cache_chunks` that leaves `CHUNK_ROWS` examples per device in each chunk."""
+  return max(batch // CHIPS[topology] // CHUNK_ROWS, 1)
+
+
+def engine(recipe: str, topology: str, batch: int) -> str:
+  """The sharded engine the image-text loss's `impl="auto"` picks under the trainer's mesh
+  (`jaxcl.ops.sharded.resolve` of each device's rows × the global batch and the embedding width); ""
+  for SimCLR (its two-view loss is not an image-text pair)."""
+  from jaxcl.ops import sharded
+
+  if not recipe.startswith(("clip", "siglip")):
+    return ""
+  rows, dim = batch // CHIPS[topology], int(_runs.recipe(recipe).model.embed_dim)
+  return sharded.resolve("auto", rows, batch, dim)
+
+
+def _kernels(record: dict | None) -> str:
   p = record and record["plan"]
   if not p or p["compiler_refused"] is not None:
     return ""
-  kernels, coll = p["kernel_calls"]["mosaic"], p["collectives"]
-  ring = coll["collective-permute"]["count"]
-  return f"{kernels} Mosaic; {ring} permute, {coll['all-gather']['count']} all-gather"
+  return f" ({p['kernel_calls']['mosaic']} Mosaic calls)"
 
 
 def report(made: dict, searched: dict) -> str:
@@ -138,21 +158,25 @@ def report(made: dict, searched: dict) -> str:
       " recipe's real train step (`jaxcl.plan`); \"no: temporaries X\" is the compiler refusing the"
       " program because its temporaries alone exceed the chip's HBM (v5e 16 GiB, v5p 95 GiB per chip)."
       " Dense: `loss.impl=\"dense\"`, the (B, B) matrix left to GSPMD. Chosen: the recipe's default"
-      " (`impl=\"auto\"`). Largest: the largest global batch with the chosen engine, bisected to within"
+      " (`impl=\"auto\"`; the engine it picks for these shapes, and the Pallas kernel calls in the compiled"
+      " step). Gradient caching: `grad_cache_chunks` so that a chunk holds 256 examples per chip. Largest: the largest global batch with the chosen engine, bisected to within"
       " 1/4 (fits ≤ largest < does not fit).",
       "",
-      "| recipe | global batch | slice | dense: fits, per chip | chosen: fits, per chip | chosen engine in the program | largest batch that fits (chosen) |",
-      "|---|---|---|---|---|---|---|",
+      "| recipe | global batch | slice | dense: fits, per chip | chosen: fits, per chip | chosen engine | chosen + gradient caching | largest batch that fits (chosen) |",
+      "|---|---|---|---|---|---|---|---|",
   ]
   for recipe, batch in ROWS:
     for name, topology in SLICES.items():
       dense = made.get(_key(recipe, topology, {"batch_size": batch, **ENGINES["dense"]}))
       chosen = made.get(_key(recipe, topology, {"batch_size": batch}))
+      k = grad_cache_chunks(topology, batch)
+      cached = made.get(_key(recipe, topology, {"batch_size": batch, "grad_cache_chunks": k}))
+      cached_text = f"{_memory(cached)} ({k} chunks)" if cached else ""
       found = searched.get((recipe, topology))
       largest = ("not searched" if found is None else found if isinstance(found, str)
                  else f"{found[0]:,} (not {found[1]:,})")
       lines.append(f"| {recipe} | {batch:,} | {name} (`{topology}`) | {_memory(dense)} | {_memory(chosen)} | "
-                   f"{_engine(chosen)} | {largest} |")
+                   f"{engine(recipe, topology, batch)}{_kernels(chosen)} | {cached_text} | {largest} |")
   seconds = sum(r.get("compile_seconds", 0) for r in made.values())
   lines += ["", f"{len(made)} compiles, {seconds / 60:.0f} minutes of compiling in all."]
   return "\n".join(lines) + "\n"
@@ -170,6 +194,10 @@ def main() -> None:
       for topology in SLICES.values():
         for overrides in ENGINES.values():
           compile_plan(recipe, topology, {"batch_size": batch, **overrides}, made)
+    for recipe, batch in CACHED_ROWS:
+      for topology in SLICES.values():
+        compile_plan(recipe, topology, {"batch_size": batch, "grad_cache_chunks": grad_cache_chunks(topology, batch)},
+                     made)
   if not args.no_max_batch:
     for recipe in dict.fromkeys(r for r, _ in ROWS):
       for topology in SLICES.values():
