@@ -108,17 +108,23 @@ def test_every_recipe_trains_a_few_steps(name, data_dir, tmp_path):
       assert 0 <= hits <= 16 and abs(hits - round(hits)) < 1e-4, record
 
 
-def test_resume_gives_identical_parameters(data_dir, tmp_path):
-  straight = tiny(load_recipe("simclr_digits"), data_dir, steps=6)
+@pytest.mark.parametrize("grad_cache_chunks", [1, 2])
+def test_resume_gives_identical_parameters(data_dir, tmp_path, grad_cache_chunks):
+  def config():
+    c = tiny(load_recipe("simclr_digits"), data_dir, steps=6)
+    c.grad_cache_chunks = grad_cache_chunks
+    return c
+
+  straight = config()
   loop.train_and_evaluate(straight, str(tmp_path / "straight"), progress=False)
   # The interrupted run: the same config stopped after 3 of 6 steps (as a preemption would), resumed.
-  interrupted = tiny(load_recipe("simclr_digits"), data_dir, steps=6)
+  interrupted = config()
   stopped = loop.train_and_evaluate(interrupted, str(tmp_path / "resumed"), progress=False, stop_at=3)
   assert stopped == {"step": 3, "stopped": True}
   loop.train_and_evaluate(interrupted, str(tmp_path / "resumed"), progress=False)
 
   def final_params(workdir):
-    return jax.tree.leaves(final_state(tiny(load_recipe("simclr_digits"), data_dir, steps=6), workdir, 6).params)
+    return jax.tree.leaves(final_state(config(), workdir, 6).params)
 
   for a, b in zip(final_params(str(tmp_path / "straight")), final_params(str(tmp_path / "resumed"))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
