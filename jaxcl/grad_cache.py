@@ -90,6 +90,7 @@ def value_and_grad(
     shards: int = 1,
     has_aux: bool = False,
     embed_has_aux: bool = False,
+    unroll: bool = False,
 ) -> Callable[..., Any]:
   """`jax.value_and_grad` of θ ↦ loss(θ, embed(θ, batch), *args), the encoder run `chunks` chunks at a
   time (module docstring: the three steps, memory, BatchNorm and randomness).
@@ -107,6 +108,11 @@ def value_and_grad(
       each device (`to_chunks`).
     has_aux, embed_has_aux: as above; with either, the value is `(loss, aux)` where aux is a dict with
       "loss" (the loss's aux) and/or "embed" (each chunk's aux, stacked over the chunks in order).
+    unroll: run the chunk loops unrolled (`jax.lax.scan(unroll=True)`) instead of as loops. A loop
+      keeps one chunk's activations alive at a time; unrolled, the compiler may overlap chunks (more
+      memory) but schedules the chunks' operations as it would outside a loop. For backends that run
+      some operations slowly inside loop bodies: XLA:CPU computes convolution gradients inside a loop
+      about 10x slower (experiments/bench_grad_cache.py).
 
   Returns:
     `f(params, batch, *args, key=None)` -> `(value, grads)` as `jax.value_and_grad` gives, grads in the
@@ -139,7 +145,7 @@ def value_and_grad(
       chunk, chunk_key = xs
       return None, forward(jax.lax.stop_gradient(params), chunk, chunk_key)
 
-    _, (stacked, embed_aux) = jax.lax.scan(embed_chunk, None, (pieces, keys))
+    _, (stacked, embed_aux) = jax.lax.scan(embed_chunk, None, (pieces, keys), unroll=unroll)
     embeddings = jax.tree.map(lambda y: from_chunks(y, shards), stacked)
 
     # 2. the loss over the whole batch, and its gradient in the loss's own parameters and the embeddings
@@ -154,7 +160,8 @@ def value_and_grad(
       (grads,) = vjp(g)
       return jax.tree.map(lambda t, d: t + d.astype(t.dtype), total, grads), None
 
-    total, _ = jax.lax.scan(pull_back, jax.tree.map(_accumulator, loss_grads), (pieces, keys, chunk_grads))
+    total, _ = jax.lax.scan(pull_back, jax.tree.map(_accumulator, loss_grads), (pieces, keys, chunk_grads),
+                            unroll=unroll)
     grads = jax.tree.map(lambda t, p: t.astype(jnp.result_type(p)), total, params)
     if not (has_aux or embed_has_aux):
       return value, grads

@@ -95,6 +95,14 @@ def test_chunked_equals_unchunked(name, impl, chunk_counts):
   assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(want_grads))  # nothing trivially zero
 
 
+def test_unrolled_chunk_loops_give_the_same_gradient():
+  params, batch, embed, loss, _ = problem("siglip", "dense")
+  want, want_grads = jax.jit(jax.value_and_grad(lambda p: loss(p, embed(p, batch))))(params)
+  got, grads = jax.jit(grad_cache.value_and_grad(embed, loss, chunks=4, unroll=True))(params, batch)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert_trees_close(grads, want_grads)
+
+
 @pytest.mark.parametrize("name, impl", [("clip", "ring"), ("siglip", "ring"), ("nt_xent", "allgather")])
 def test_chunked_equals_unchunked_with_the_batch_split_over_devices(name, impl):
   """The batch split over 8 devices, the loss a sharded engine under `mesh=`: `shards=8` makes every
