@@ -680,8 +680,9 @@ def test_tpu_interpret_mode_sigmoid_bf16():
     ("tpu", "tpu", "tpu_custom_call", 4, {"max_fused_cols": 0}),
     ("tpu", "tpu", "tpu_custom_call", 5, {"fused_backward": False}),
     ("tpu", "tpu", "tpu_custom_call", 3, {"fused_backward_vmem": 1}),
-    ("gpu", "cuda", "__gpu$xla.gpu.triton", 6, {}),
-], ids=["mosaic", "mosaic-unfused-cols", "mosaic-dq-dk", "mosaic-fused-3calls", "triton"])
+    ("gpu", "cuda", "__gpu$xla.gpu.triton", 4, {}),
+    ("gpu", "cuda", "__gpu$xla.gpu.triton", 6, {"fused_backward": False}),
+], ids=["mosaic", "mosaic-unfused-cols", "mosaic-dq-dk", "mosaic-fused-3calls", "triton", "triton-dq-dk"])
 def test_gradients_lower_for_the_hardware(flavour, platform, target, calls, extra, dtype):
   # jax.export lowers for a platform this machine lacks: the Mosaic lowering checks the (8, 128) block
   # rules, the Triton lowering the power-of-two shapes and every op used in the kernels.
@@ -701,8 +702,9 @@ def test_gradients_lower_for_the_hardware(flavour, platform, target, calls, extr
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)],
   )(*args)
   # TPU: fused forward (rows + columns) and one fused backward per family (in a loop of 3 calls of one
-  # kernel with fused_backward_vmem=1); a dq and a dk kernel per family with fused_backward=False; GPU
-  # and max_fused_cols=0: the column pass is a second call. The sigmoid forward is dead code in a gradient.
+  # kernel with fused_backward_vmem=1); GPU: one fused backward per family (dk by atomics); a dq and a
+  # dk kernel per family with fused_backward=False; GPU and max_fused_cols=0: the column pass is a
+  # second call. The sigmoid forward is dead code in a gradient.
   assert exported.mlir_module().count(f"@{target}") == calls
 
 
@@ -757,8 +759,8 @@ def test_auto_flavour_follows_the_platform_lowered_for():
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in targets.values()],
     )(*args).mlir_module()
     counts[platform] = tuple(mlir.count(f"@{t}") for t in targets.values())
-  # TPU: fused forward, fused backward; GPU: row and column forward, dq, dk
-  assert counts == {"tpu": (2, 0), "cuda": (0, 4), "cpu": (0, 0)}
+  # TPU: fused forward, fused backward; GPU: row and column forward, fused backward
+  assert counts == {"tpu": (2, 0), "cuda": (0, 3), "cpu": (0, 0)}
 
 
 # --------------------------------------------------------------------------------------- settings
