@@ -88,9 +88,9 @@ def _check_outputs(compiled, x):
 
 
 # Mosaic / Triton calls per compiled forward + backward: the forward one call, or two where the column
-# log-sum-exp is a second (swapped) pass; the backward one fused kernel on a TPU
-# (`Settings.fused_backward`, the default: one call site, in a loop where the rows need several calls),
-# else a dq and a dk kernel (GPU, the ring's hops).
+# log-sum-exp is a second (swapped) pass; the backward one fused kernel (`Settings.fused_backward`, the
+# default; TPU: one call site, in a loop where the rows need several calls; GPU: dk summed by atomics),
+# else a dq and a dk kernel (fused_backward=False, the ring's hops).
 def _expected_calls(name, separate_cols, fused_backward):
   forward = 2 if name.startswith("clip") and separate_cols else 1
   return forward + (1 if fused_backward else 2)
@@ -190,10 +190,38 @@ def test_gpu_kernels_compile_with_triton(topo, name, dtype, d):
   one = SingleDeviceSharding(targets.get(topo).devices[0])
   x, y = _pair(d, dtype, one)
   compiled = _compile(_loss(name, engine.Settings(flavour="gpu", interpret=False)), x, y, _extras(name, B, one))
-  assert targets.kernel_calls(compiled) == {"mosaic": 0, "triton": _expected_calls(name, True, False)}
+  assert targets.kernel_calls(compiled) == {"mosaic": 0, "triton": _expected_calls(name, True, True)}
   _check_outputs(compiled, x)
   n = _rows(name, B)
   _check_temp_bytes(compiled, n, n, d, n)
+
+
+# (topology, loss, dtype, D): both families, float32 and bf16, both GPUs.
+GPU_FUSED_CASES = [
+    ("h100:1x1x1", "clip", F32, 64),
+    ("h200:1x1x1", "clip", BF16, 512),
+    ("h200:1x1x1", "siglip", F32, 64),
+    ("h100:1x1x1", "siglip", BF16, 256),
+]
+
+
+@pytest.mark.parametrize("topo, name, dtype, d", GPU_FUSED_CASES,
+                         ids=[f"{t}-{n}-{jnp.dtype(dt).name}-D{d}" for t, n, dt, d in GPU_FUSED_CASES])
+def test_gpu_fused_backward_is_one_triton_call_fewer(topo, name, dtype, d):
+  """`Settings.fused_backward` (the default) on GPU: the backward is one Triton kernel (dq in registers,
+  dk by float32 atomics: 3 matmuls per tile) where `fused_backward=False` compiles a dq and a dk kernel
+  (4); the forward is unchanged (clip: a row and a column pass). Same outputs, temporaries O(B·D)."""
+  one = SingleDeviceSharding(targets.get(topo).devices[0])
+  x, y = _pair(d, dtype, one)
+  calls = {}
+  for fused in (True, False):
+    settings = engine.Settings(flavour="gpu", interpret=False, fused_backward=fused)
+    compiled = _compile(_loss(name, settings), x, y, ())
+    calls[fused] = targets.kernel_calls(compiled)
+    _check_outputs(compiled, x)
+    _check_temp_bytes(compiled, B, B, d, B)
+  forward = 2 if name == "clip" else 1
+  assert calls == {True: {"mosaic": 0, "triton": forward + 1}, False: {"mosaic": 0, "triton": forward + 2}}
 
 
 def _transfer(line: str) -> str | None:
@@ -265,7 +293,7 @@ def test_engines_compile_for_a_slice(topo, impl, name, dtype, d, collective):
   # with the fused backward on TPU), at every hop of the ring (its loop body and its last step are two
   # copies of the hop; its backward rings run the dq and the dk kernel).
   flavour = "triton" if target.platform == "gpu" else "mosaic"  # Triton: the column pass is separate
-  calls = {"blockwise": 0, "allgather": _expected_calls(name, flavour == "triton", flavour == "mosaic"),
+  calls = {"blockwise": 0, "allgather": _expected_calls(name, flavour == "triton", True),
            "ring": 2 * _expected_calls(name, flavour == "triton", False)}[impl]
   assert targets.kernel_calls(compiled) == {"mosaic": 0, "triton": 0, flavour: calls}
   if impl == "ring" and flavour == "mosaic":

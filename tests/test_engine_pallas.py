@@ -378,6 +378,120 @@ def test_fused_sigmoid_backward_matches_unfused_dense_and_numpy(per_row, diagona
   assert "scan[" in jaxpr  # the loop over calls
 
 
+# ------------------------------------------------------------------------- the fused GPU backward
+# 50 rows in 4 blocks of 16 (14 padded) against 37 columns in 2 blocks of 32 (27 padded), D = 20 (padded
+# to 32): the Triton kernels in interpret mode, the fused backward (the default) against the dq + dk
+# kernels (`fused_backward=False`).
+GPU_FUSED_BLOCKS = (16, 32)
+
+
+def _gpu_backward_calls(fn, *args):
+  """(pallas_calls, atomic adds) in the jaxpr of fn's gradient in all its arguments."""
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a: fn(*a)[0], tuple(range(len(args)))))(*args))
+  return jaxpr.count("pallas_call["), jaxpr.count("atomic_rmw[")
+
+
+@pytest.mark.parametrize("mode, dtype", [
+    pytest.param("rows", jnp.float32, id="rows-f32"),
+    pytest.param("cols-include", jnp.float32, id="cols-include-f32"),
+    pytest.param("both-exclude-perrow", jnp.float32, id="both-exclude-perrow-f32"),
+    pytest.param("both-exclude-include-perrow", jnp.bfloat16, id="both-exclude-include-perrow-bf16"),
+])
+def test_gpu_fused_backward_matches_two_kernels_dense_and_numpy(mode, dtype):
+  """`Settings.fused_backward` on GPU (the default): one Triton kernel per row block recomputes each
+  tile once for g (in registers) and dk (float32 atomics into a (Bk, D) buffer); it equals the dq + dk
+  kernels, the dense engine and float64 numpy in q, k and the scale (scalar or per row), with every
+  mask kind and padding on both axes."""
+  rows, cols, use_exclude, use_include, per_row = LSE_MODES[mode]
+  bq, bk, d = 50, 37, 20
+  q, k = (jnp.asarray(randn(s, n, d), dtype) for s, n in ((70, bq), (71, bk)))
+  scale = np.random.default_rng(72).uniform(0.5, 2.0, bq).astype(np.float32) if per_row else np.float32(1.7)
+  exclude, include = _masks(bq, bk, use_exclude, use_include)
+  objective = lambda impl: _lse_objective(impl, bq, bk, rows, cols, exclude, include)
+  fused = objective(_lse(_settings("gpu", *GPU_FUSED_BLOCKS)))
+  two = objective(_lse(_settings("gpu", *GPU_FUSED_BLOCKS, fused_backward=False)))
+  (_, lses), grads = _run(fused, q, k, scale)
+  (_, two_lses), two_grads = _run(two, q, k, scale)
+  _, dense_grads = _run(objective(dense.logsumexp), q, k, scale)
+  for got, want in zip(lses, two_lses):  # the same forward kernels
+    assert (got is None and want is None) or np.array_equal(got, want)
+  # The same sums in another order (bf16: dS rounded alike).
+  _assert_grads_close(grads, two_grads, rtol=1e-5 if dtype == jnp.float32 else 1e-2)
+  _assert_grads_close(grads, dense_grads, rtol=1e-4 if dtype == jnp.float32 else 2e-2)
+  w, u = np.linspace(0.5, 1.5, bq), np.linspace(1.5, -0.5, bk)
+  want = _np_lse_objective_grads(np.float32(q), np.float32(k), scale, exclude, include, w if rows else None,
+                                 u if cols else None)
+  _assert_grads_close(grads, want, rtol=1e-4 if dtype == jnp.float32 else 2e-2)
+  assert grads[0].dtype == grads[1].dtype == dtype and grads[2].shape == np.shape(scale)
+  # The forward (a row and / or a column pass) and ONE backward kernel, which adds dk by atomics;
+  # fused_backward=False: a dq and a dk kernel, no atomics.
+  forward = int(rows) + int(cols)
+  assert _gpu_backward_calls(fused, q, k, scale) == (forward + 1, 1)
+  assert _gpu_backward_calls(two, q, k, scale) == (forward + 2, 0)
+
+
+@pytest.mark.parametrize("per_row, diagonal, dtype", [
+    pytest.param(True, False, jnp.float32, id="perrow-ids-f32"),
+    pytest.param(False, True, jnp.float32, id="scalar-diag-f32"),
+    pytest.param(True, False, jnp.bfloat16, id="perrow-ids-bf16"),
+])
+def test_gpu_fused_sigmoid_backward_matches_two_kernels_dense_and_numpy(per_row, diagonal, dtype):
+  """The fused GPU backward of the sigmoid sum (g, dk by atomics and the row sums of dS for the bias
+  from one recomputation of each tile) equals the dq + dk kernels, the dense engine and float64 numpy
+  in q, k, the scale and the bias."""
+  bq, bk, d = 50, 50 if diagonal else 37, 20
+  q, k = (jnp.asarray(randn(s, n, d), dtype) for s, n in ((73, bq), (74, bk)))
+  scale = np.random.default_rng(75).uniform(0.5, 2.0, bq).astype(np.float32) if per_row else np.float32(1.5)
+  positives = (jnp.arange(bq), jnp.arange(bk)) if diagonal else (jnp.arange(bq) % 4, jnp.arange(bk) % 4)
+  args = (q, k, scale, np.float32(-1.5))
+  objective = lambda impl: _sig_objective(impl, bq, None if diagonal else positives)
+  fused = objective(_sig(_settings("gpu", *GPU_FUSED_BLOCKS)))
+  two = objective(_sig(_settings("gpu", *GPU_FUSED_BLOCKS, fused_backward=False)))
+  (_, out), grads = _run(fused, *args)
+  (_, two_out), two_grads = _run(two, *args)
+  _, dense_grads = _run(objective(dense.sigmoid_sum), *args)
+  assert np.array_equal(out, two_out)
+  _assert_grads_close(grads, two_grads, rtol=1e-5 if dtype == jnp.float32 else 1e-2)
+  _assert_grads_close(grads, dense_grads, rtol=1e-4 if dtype == jnp.float32 else 2e-2)
+  want = _np_sig_objective_grads(np.float32(q), np.float32(k), scale, -1.5, positives, np.linspace(1.5, 0.5, bq))
+  _assert_grads_close(grads, want, rtol=1e-4 if dtype == jnp.float32 else 2e-2)
+  assert _gpu_backward_calls(fused, *args) == (2, 1)  # the forward and the fused backward
+  assert _gpu_backward_calls(two, *args) == (3, 0)
+
+
+def test_gpu_fused_backward_kernels_add_into_the_accumulator_in_place():
+  """`pallas_gpu.lse_backward_fused` and `sigmoid_backward_fused` with `acc`: (g, acc + dk) (and the
+  sigmoid's row sums of dS) against float64 numpy, the accumulator's buffer being dk's
+  (`input_output_aliases`); its padded rows get nothing added."""
+  from jaxcl.ops import pallas_gpu
+
+  bq, bk, d = 50, 37, 20
+  (q, k, scale, g_row, g_col, g, exclude, positives, _, acc, (want_g, want_dk), (want_sg, want_sdk, want_db),
+   (row, col)) = _block_grad_case(76, bq, bk, d)
+  plan = engine._make_plan(_settings("gpu", *GPU_FUSED_BLOCKS), "gpu", True, bq, bk, d, kinds=("exclude",),
+                           cols=True)
+  t, dp = plan.tiles, plan.padded_d
+  pad = lambda x, *shape: jnp.pad(jnp.asarray(x), [(0, n - m) for n, m in zip(shape, np.shape(x))])
+  pair = lambda p: (pad(p[0], t.padded_a), pad(p[1], t.padded_b))
+  q_p, k_p, scale_p = pad(q, t.padded_a, dp), pad(k, t.padded_b, dp), pad(scale, t.padded_a)
+  lse_args = (q_p, k_p, scale_p, (pair(exclude),), pad(np.float32(row), t.padded_a), pad(g_row, t.padded_a),
+              pad(np.float32(col), t.padded_b), pad(g_col, t.padded_b))
+  sig_args = (q_p, k_p, scale_p, jnp.full((t.padded_a,), -1.5), pair(positives), pad(g, t.padded_a))
+  calls = {
+      "lse": lambda acc: pallas_gpu.lse_backward_fused(*lse_args, kinds=plan.kinds, tiles=t, acc=acc),
+      "sigmoid": lambda acc: pallas_gpu.sigmoid_backward_fused(*sig_args, tiles=t, acc=acc),
+  }
+  wants = {"lse": (want_g, want_dk), "sigmoid": (want_sg, want_sdk)}
+  acc_p = pad(acc, t.padded_b, dp).at[bk:].set(7.0)  # padded rows: 7, to stay 7
+  for name, fn in calls.items():
+    assert "input_output_aliases=((" in str(jax.make_jaxpr(fn)(acc_p)), name
+    outs = _compiled(fn, acc_p)(acc_p)
+    for got, want in ((outs[0][:bq, :d], wants[name][0]), (outs[1][:bk, :d], np.float64(acc) + wants[name][1])):
+      np.testing.assert_allclose(np.float64(got), want, rtol=1e-4, atol=1e-4 * np.max(np.abs(want)), err_msg=name)
+    assert not np.any(outs[0][bq:]) and np.all(outs[1][bk:] == 7.0), name  # padding: nothing added
+  np.testing.assert_allclose(float(jnp.sum(outs[2])), want_db, rtol=1e-4)  # the sigmoid's Σ_ij dS
+
+
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_sigmoid_sum_gradients_match_finite_differences(flavour):
   bq, bk = 4, 6
@@ -680,8 +794,9 @@ def test_tpu_interpret_mode_sigmoid_bf16():
     ("tpu", "tpu", "tpu_custom_call", 4, {"max_fused_cols": 0}),
     ("tpu", "tpu", "tpu_custom_call", 5, {"fused_backward": False}),
     ("tpu", "tpu", "tpu_custom_call", 3, {"fused_backward_vmem": 1}),
-    ("gpu", "cuda", "__gpu$xla.gpu.triton", 6, {}),
-], ids=["mosaic", "mosaic-unfused-cols", "mosaic-dq-dk", "mosaic-fused-3calls", "triton"])
+    ("gpu", "cuda", "__gpu$xla.gpu.triton", 4, {}),
+    ("gpu", "cuda", "__gpu$xla.gpu.triton", 6, {"fused_backward": False}),
+], ids=["mosaic", "mosaic-unfused-cols", "mosaic-dq-dk", "mosaic-fused-3calls", "triton", "triton-dq-dk"])
 def test_gradients_lower_for_the_hardware(flavour, platform, target, calls, extra, dtype):
   # jax.export lowers for a platform this machine lacks: the Mosaic lowering checks the (8, 128) block
   # rules, the Triton lowering the power-of-two shapes and every op used in the kernels.
@@ -701,8 +816,9 @@ def test_gradients_lower_for_the_hardware(flavour, platform, target, calls, extr
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)],
   )(*args)
   # TPU: fused forward (rows + columns) and one fused backward per family (in a loop of 3 calls of one
-  # kernel with fused_backward_vmem=1); a dq and a dk kernel per family with fused_backward=False; GPU
-  # and max_fused_cols=0: the column pass is a second call. The sigmoid forward is dead code in a gradient.
+  # kernel with fused_backward_vmem=1); GPU: one fused backward per family (dk by atomics); a dq and a
+  # dk kernel per family with fused_backward=False; GPU and max_fused_cols=0: the column pass is a
+  # second call. The sigmoid forward is dead code in a gradient.
   assert exported.mlir_module().count(f"@{target}") == calls
 
 
@@ -757,8 +873,8 @@ def test_auto_flavour_follows_the_platform_lowered_for():
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in targets.values()],
     )(*args).mlir_module()
     counts[platform] = tuple(mlir.count(f"@{t}") for t in targets.values())
-  # TPU: fused forward, fused backward; GPU: row and column forward, dq, dk
-  assert counts == {"tpu": (2, 0), "cuda": (0, 4), "cpu": (0, 0)}
+  # TPU: fused forward, fused backward; GPU: row and column forward, fused backward
+  assert counts == {"tpu": (2, 0), "cuda": (0, 3), "cpu": (0, 0)}
 
 
 # --------------------------------------------------------------------------------------- settings

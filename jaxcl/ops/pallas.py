@@ -10,8 +10,8 @@ Forward: a grid of (row blocks × column blocks); each step computes one tile of
 cores and folds it into online (max, sum-exp) accumulators, as in "FlashAttention: Fast and
 Memory-Efficient Exact Attention with IO-Awareness" (Dao et al., 2022); only the log-sum-exp vectors
 are saved. Backward: a dq kernel (grid over row blocks, loop over column blocks) and a dk kernel (the
-same kernel with the roles of q and k swapped) recompute each tile, or on TPU one fused kernel
-recomputes it once for both (`Settings.fused_backward`), and use
+same kernel with the roles of q and k swapped) recompute each tile, or one fused kernel recomputes it
+once for both (`Settings.fused_backward`; on GPU dk is summed with float32 atomics), and use
 
     dS_ij = V_ij · ( g_row_i · exp(S_ij − row_i) + g_col_j · exp(S_ij − col_j) )    (softmax family)
     dS_ij = −g_i z_ij σ(−z_ij (S_ij + b))                                              (sigmoid family)
@@ -77,10 +77,12 @@ class Settings:
     max_fused_cols: TPU only; row and column log-sum-exp share one pass over S while the padded column
       count is at most this (the column accumulators live in VMEM: 64 bytes per column), else the column
       pass is a second call with q and k swapped.
-    fused_backward: TPU only; the backward (log-sum-exp and sigmoid) recomputes each tile of S once for
-      dq and dk (one kernel, 3 matmuls per tile, both grid axes sequential) instead of in a dq and a dk kernel
-      (4 matmuls, the row axis "parallel": split across the two TensorCores of a megacore chip, v4 and
-      v5p). The GPU flavour always runs the two kernels.
+    fused_backward: the backward (log-sum-exp and sigmoid) recomputes each tile of S once for dq and dk
+      (one kernel, 3 matmuls per tile) instead of in a dq and a dk kernel (4 matmuls). TPU: both grid
+      axes of the fused kernel run sequentially, where the dq and dk kernels split their row axis across
+      the two TensorCores of a megacore chip (v4, v5p). GPU: one program per row block adds its dk
+      contributions into a float32 (Bk, D) buffer with atomics, whose order varies, so dk may differ
+      in its last bits from run to run; False (the two kernels) is deterministic.
     fused_backward_vmem: TPU only; about the VMEM bytes one fused backward call may take (default
       14 MiB: v4 has 16): its blocks (the column block halved while they leave no room for 1024 rows)
       and the float32 (rows, D) sum of its rows (`pallas_tpu.fused_layout`); the rows are split into as
@@ -186,7 +188,7 @@ class _Plan:
   rows: bool = True
   cols: bool = False
   fuse_cols: bool = False
-  fused_vmem: int | None = None
+  fused: tuple[tuple[str, Any], ...] | None = None  # keywords of the fused backward; None: dq + dk kernels
 
 
 def _round_up(n: int, m: int) -> int:
@@ -294,9 +296,10 @@ def _make_plan(s: Settings, flavour: str, interpret: Any, n_q: int, n_k: int, d:
       flavour == "tpu" and flags.get("rows", False) and flags.get("cols", False)
       and tiles.padded_b <= s.max_fused_cols
   )
-  fused_vmem = s.fused_backward_vmem if flavour == "tpu" and s.fused_backward else None
-  return _Plan(flavour=flavour, tiles=tiles, padded_d=padded_d, fuse_cols=fuse_cols, fused_vmem=fused_vmem,
-               **flags)
+  fused = None
+  if s.fused_backward:  # TPU: the VMEM one call plans for (`pallas_tpu.fused_layout`)
+    fused = (("vmem", s.fused_backward_vmem),) if flavour == "tpu" else ()
+  return _Plan(flavour=flavour, tiles=tiles, padded_d=padded_d, fuse_cols=fuse_cols, fused=fused, **flags)
 
 
 def _kernels(flavour: str):
@@ -361,11 +364,11 @@ def _lse_grad_k(plan, q, k, scale, ids, row, g_row, col, g_col, acc=None):
 
 
 def _lse_grads(plan, q, k, scale, ids, row, g_row, col, g_col):
-  """(g, dk), float32, of Σ g_row·row + Σ g_col·col: by the fused TPU backward (one recomputation of
-  S for both, `Settings.fused_backward`) or by the dq and dk kernels (`_lse_grad_q`, `_lse_grad_k`)."""
-  if plan.fused_vmem is not None:
+  """(g, dk), float32, of Σ g_row·row + Σ g_col·col: by the fused backward (one recomputation of S
+  for both, `Settings.fused_backward`) or by the dq and dk kernels (`_lse_grad_q`, `_lse_grad_k`)."""
+  if plan.fused is not None:
     return _kernels(plan.flavour).lse_backward_fused(
-        q, k, scale, ids, row, g_row, col, g_col, kinds=plan.kinds, tiles=plan.tiles, vmem=plan.fused_vmem,
+        q, k, scale, ids, row, g_row, col, g_col, kinds=plan.kinds, tiles=plan.tiles, **dict(plan.fused),
     )
   args = (plan, q, k, scale, ids, row, g_row, col, g_col)
   return _lse_grad_q(*args), _lse_grad_k(*args)
@@ -532,11 +535,11 @@ def _sig_grad_k(plan, q, k, scale, bias, positives, g, acc=None):
 
 
 def _sig_grads(plan, q, k, scale, bias, positives, g):
-  """(g, dk, dbias (Bq,)), float32, of Σ_i g_i sig_i: by the fused TPU backward (`Settings.fused_backward`)
+  """(g, dk, dbias (Bq,)), float32, of Σ_i g_i sig_i: by the fused backward (`Settings.fused_backward`)
   or by the dq and dk kernels."""
-  if plan.fused_vmem is not None:
+  if plan.fused is not None:
     g_q, dk, dbias = _kernels(plan.flavour).sigmoid_backward_fused(
-        q, k, scale, bias, positives, g, tiles=plan.tiles, vmem=plan.fused_vmem)
+        q, k, scale, bias, positives, g, tiles=plan.tiles, **dict(plan.fused))
     return g_q, dk, dbias
   g_q, dbias = _sig_grad_q(plan, q, k, scale, bias, positives, g)
   return g_q, _sig_grad_k(plan, q, k, scale, bias, positives, g), dbias

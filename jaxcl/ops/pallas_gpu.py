@@ -8,10 +8,16 @@ D is zero-padded to a power of two; compiler parameters `num_warps` and `num_sta
 pipelining of the column loop) come from the engine settings. Dots accumulate in float32; f32 inputs
 use IEEE precision (no TF32).
 
-The same four kernels as the TPU flavour (`jaxcl.ops.pallas_tpu`): `lse_forward` (row log-sum-exp; the
-column log-sum-exp is the same kernel with a and b swapped, since programs of a Triton grid cannot
-share column accumulators), `lse_backward`, `sigmoid_forward`, `sigmoid_backward`; the backward
-kernels start from zero or add into a given accumulator in place (`input_output_aliases`).
+The kernels of the TPU flavour (`jaxcl.ops.pallas_tpu`): `lse_forward` (row log-sum-exp; the column
+log-sum-exp is the same kernel with a and b swapped, since programs of a Triton grid cannot share
+column accumulators), `lse_backward`, `sigmoid_forward`, `sigmoid_backward`; the backward kernels start
+from zero or add into a given accumulator in place (`input_output_aliases`). The fused backward
+(`lse_backward_fused`, `sigmoid_backward_fused`) is the dq kernel that also adds each tile's dk
+contribution, Σ_i scale_i dS_ij a_i, into a float32 (N_b, D) buffer with `atomic_add`: one
+recomputation of S for both, 3 matmuls per tile instead of 4, as in "FlashAttention-2: Faster
+Attention with Better Parallelism and Work Partitioning" (Dao, 2023). The order in which the programs'
+atomics land is not fixed, so float32 dk may differ in its last bits from run to run (the two kernels
+are deterministic).
 
 Called by `jaxcl.ops.pallas` (which pads, dispatches and defines the custom VJP); see docs/pallas.md.
 """
@@ -29,6 +35,7 @@ from jaxcl.ops import _vma
 from jaxcl.ops import tiles as tile_math
 
 _NT = (((1,), (1,)), ((), ()))  # a (m, d) · b (n, d)ᵀ
+_TN = (((0,), (0,)), ((), ()))  # a (m, n)ᵀ · b (m, d)
 
 
 class _Call:
@@ -48,13 +55,14 @@ class _Call:
     else:
       self.specs.append(pl.BlockSpec(x.shape, lambda i: (0,) * x.ndim))
 
-  def accumulator(self, acc: jax.Array | None):
-    """The (N_a, D) float32 accumulator a backward kernel adds into, in place (None: start from zero):
-    read in the output's row blocks, and its buffer becomes output 0 (`input_output_aliases`)."""
+  def accumulator(self, acc: jax.Array | None, side: str = "rows", output: int = 0):
+    """The float32 accumulator a backward kernel adds into, in place (None: start from zero): (N_a, D)
+    read in the output's row blocks, or (N_b, D) whole (side "cols", the fused backward's dk, which the
+    programs add into with atomics); its buffer becomes output `output` (`input_output_aliases`)."""
     if acc is None:
       return {}
-    self.add(acc, "rows")
-    return {len(self.inputs) - 1: 0}
+    self.add(acc, side)
+    return {len(self.inputs) - 1: output}
 
   def __call__(self, kernel, name, out_shape, out_specs, aliases=None):
     t = self.tiles
@@ -71,6 +79,17 @@ class _Call:
         input_output_aliases=aliases or {},
         name=name,
     )(*inputs)
+
+
+def _dk_out(tiles: tile_math.Tiles, width: int):
+  """The fused backward's float32 (N_b, D) dk: one whole block that every program adds into."""
+  shape = (tiles.padded_b, width)
+  return jax.ShapeDtypeStruct(shape, jnp.float32), pl.BlockSpec(shape, lambda i: (0, 0))
+
+
+def _dk_start(acc, tiles: tile_math.Tiles, width: int):
+  """The buffer the fused backward's atomics add dk into: `acc` (float32 (N_b, D)), or zeros."""
+  return jnp.zeros((tiles.padded_b, width), jnp.float32) if acc is None else acc
 
 
 def _row_out(tiles: tile_math.Tiles, width: int | None = None):
@@ -106,6 +125,38 @@ class _Tile:
     col_pos = (j * self.tiles.block_b + jnp.arange(self.tiles.block_b))[None, :]
     id_tiles = [(r, self.col_vector(c, j)) for r, (_, c) in zip(self.row_ids, self.id_refs)]
     return b, s, tile_math.tile_valid(self.row_pos, col_pos, self.tiles, self.kinds, id_tiles)
+
+
+def _dot(x, y, dims):
+  return jax.lax.dot_general(x, y, dims, preferred_element_type=jnp.float32,
+                             precision=tile_math.dot_precision(y.dtype))
+
+
+def _grad_loop(tile: _Tile, ds_of, acc, *, dk_ref=None, row_sums: bool = False):
+  """The column loop of a backward program, dS_ij = `ds_of(j, s, valid)` for column block j:
+
+      (acc + Σ_j dS_ij b_j,  Σ_j dS_ij per row if `row_sums` else None)
+
+  with scale_j inside the first sum where the scale lies along columns (the dk orientation) and scale_i
+  left out where it lies along rows (the caller applies it). With `dk_ref` (the fused backward, scale
+  along rows) each step also adds Σ_i scale_i dS_ij a_i into rows j of dk_ref with float32 atomics:
+  one recomputation of the tile for dq and dk. dS is cast to the input dtype for both matmuls."""
+  def body(j, carry):
+    acc, total = carry
+    b, s, valid = tile(j)
+    ds = ds_of(j, s, valid)
+    if row_sums:
+      total = total + jnp.sum(ds, axis=1)
+    if dk_ref is not None:
+      ds_k = (ds * tile.row_scale).astype(tile.a.dtype)
+      plgpu.atomic_add(dk_ref, (tile.cols(j), slice(None)), _dot(ds_k, tile.a, _TN))
+    if tile.scale_on == "cols":
+      ds = ds * tile.col_vector(tile.scale_ref, j)
+    return acc + jax.lax.dot(ds.astype(b.dtype), b, preferred_element_type=jnp.float32,
+                             precision=tile_math.dot_precision(b.dtype)), total
+
+  total = jnp.zeros((tile.tiles.block_a,), jnp.float32) if row_sums else None
+  return jax.lax.fori_loop(0, tile.tiles.grid[1], body, (acc, total))
 
 
 # ------------------------------------------------------------------------------------- log-sum-exp
@@ -156,26 +207,55 @@ def _acc_start(acc_ref, acc_in):
   return jnp.zeros(acc_ref.shape, jnp.float32) if acc_in is None else acc_in[...]
 
 
-def _lse_bwd_kernel(*refs, tiles, kinds, scale_on, with_rows, with_cols, with_acc):
+def _lse_bwd_kernel(*refs, tiles, kinds, scale_on, with_rows, with_cols, with_acc, fused):
   it = iter(refs)
   a_ref, b_ref, scale_ref = next(it), next(it), next(it)
   id_refs = [(next(it), next(it)) for _ in kinds]
   row_lse, g_row = (next(it)[...][:, None], next(it)[...][:, None]) if with_rows else (None, None)
   col_refs = (next(it), next(it)) if with_cols else None
   acc_in = next(it) if with_acc else None
+  if fused:
+    next(it)  # dk's starting buffer: the same buffer as dk_ref (input_output_aliases)
   acc_ref = next(it)
+  dk_ref = next(it) if fused else None
   tile = _Tile(tiles, kinds, a_ref, b_ref, scale_ref, scale_on, id_refs)
 
-  def body(j, acc):
-    b, s, valid = tile(j)
+  def ds_of(j, s, valid):
     col_lse, g_col = (tile.col_vector(r, j) for r in col_refs) if with_cols else (None, None)
-    ds = tile_math.softmax_grad_tile(s, valid, row_lse, g_row, col_lse, g_col)
-    if scale_on == "cols":
-      ds = ds * tile.col_vector(scale_ref, j)
-    return acc + jax.lax.dot(ds.astype(b.dtype), b, preferred_element_type=jnp.float32,
-                             precision=tile_math.dot_precision(b.dtype))
+    return tile_math.softmax_grad_tile(s, valid, row_lse, g_row, col_lse, g_col)
 
-  acc_ref[...] = jax.lax.fori_loop(0, tiles.grid[1], body, _acc_start(acc_ref, acc_in))
+  acc_ref[...], _ = _grad_loop(tile, ds_of, _acc_start(acc_ref, acc_in), dk_ref=dk_ref)
+
+
+def _lse_grad_call(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, scale_on, tiles, acc, fused):
+  """The pallas_call of `lse_backward` (fused False) or `lse_backward_fused` (True)."""
+  call = _Call(tiles)
+  call.add(a, "rows")
+  call.add(b, "cols")
+  call.add(scale, scale_on)
+  for r, c in ids:
+    call.add(r, "rows")
+    call.add(c, "cols")
+  with_rows, with_cols = g_row is not None, g_col is not None
+  if with_rows:
+    call.add(row_lse, "rows")
+    call.add(g_row, "rows")
+  if with_cols:
+    call.add(col_lse, "cols")
+    call.add(g_col, "cols")
+  width = a.shape[1]
+  out_shape, out_spec = _row_out(tiles, width)
+  if fused:
+    aliases = call.accumulator(_dk_start(acc, tiles, width), "cols", 1)
+    dk_shape, dk_spec = _dk_out(tiles, width)
+    out_shape, out_spec = [out_shape, dk_shape], [out_spec, dk_spec]
+  else:
+    aliases = call.accumulator(acc)
+  kernel = functools.partial(
+      _lse_bwd_kernel, tiles=tiles, kinds=kinds, scale_on=scale_on, with_rows=with_rows,
+      with_cols=with_cols, with_acc=acc is not None and not fused, fused=fused,
+  )
+  return call(kernel, "jaxcl_lse_bwd_fused" if fused else "jaxcl_lse_bwd", out_shape, out_spec, aliases)
 
 
 def lse_backward(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, scale_on, tiles, acc=None):
@@ -196,27 +276,35 @@ def lse_backward(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, sca
   >>> [round(float(v), 4) for v in out[0, :2]]  # softmax of row 0: (e, 1) / (e + 1)
   [0.7311, 0.2689]
   """
-  call = _Call(tiles)
-  call.add(a, "rows")
-  call.add(b, "cols")
-  call.add(scale, scale_on)
-  for r, c in ids:
-    call.add(r, "rows")
-    call.add(c, "cols")
-  with_rows, with_cols = g_row is not None, g_col is not None
-  if with_rows:
-    call.add(row_lse, "rows")
-    call.add(g_row, "rows")
-  if with_cols:
-    call.add(col_lse, "cols")
-    call.add(g_col, "cols")
-  aliases = call.accumulator(acc)
-  out_shape, out_spec = _row_out(tiles, a.shape[1])
-  kernel = functools.partial(
-      _lse_bwd_kernel, tiles=tiles, kinds=kinds, scale_on=scale_on, with_rows=with_rows,
-      with_cols=with_cols, with_acc=acc is not None,
-  )
-  return call(kernel, "jaxcl_lse_bwd", out_shape, out_spec, aliases)
+  return _lse_grad_call(a, b, scale, ids, row_lse, g_row, col_lse, g_col, kinds=kinds, scale_on=scale_on,
+                        tiles=tiles, acc=acc, fused=False)
+
+
+def lse_backward_fused(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, tiles, acc=None):
+  """(Σ_j dS_ij b_j float32 (N_a, D), acc + Σ_i scale_i dS_ij a_i float32 (N_b, D)) from ONE
+  recomputation of each tile of S (dS as in `lse_backward`, scale along rows): the dq and dk kernels of
+  `lse_backward` in one, 3 matmuls per tile instead of 4. As there, scale_i is left out of the first sum
+  and inside the second; `acc` (None: zeros) is updated in place.
+
+  One program per row block walks the column blocks, keeps its rows' sum in registers and adds each
+  tile's (block_b, D) dk contribution into the float32 dk buffer with `atomic_add` (the programs run
+  concurrently, so the order of the additions, and the last bits of dk, vary from run to run).
+
+  >>> import jax.numpy as jnp
+  >>> from jaxcl.ops.tiles import Tiles
+  >>> t = Tiles(16, 16, n_a=2, n_b=2, padded_a=16, padded_b=16, interpret=True, num_warps=None,
+  ...           num_stages=2)
+  >>> x = jnp.zeros((16, 16)).at[:2, :2].set(jnp.eye(2))  # two padded unit vectors
+  >>> lse = jnp.full(16, jnp.log(jnp.e + 1.0))
+  >>> g, dk = lse_backward_fused(x, x, jnp.ones(16), (), lse, jnp.ones(16), None, None, kinds=(), tiles=t)
+  >>> [round(float(v), 4) for v in g[0, :2]]  # softmax of row 0: (e, 1) / (e + 1)
+  [0.7311, 0.2689]
+  >>> [round(float(v), 4) for v in dk[0, :2]]  # column 0 of the row softmaxes
+  [0.7311, 0.2689]
+  """
+  g, dk = _lse_grad_call(a, b, scale, ids, row_lse, g_row, col_lse, g_col, kinds=kinds, scale_on="rows",
+                         tiles=tiles, acc=acc, fused=True)
+  return g, dk
 
 
 # ------------------------------------------------------------------------------------------ sigmoid
@@ -256,35 +344,60 @@ def sigmoid_forward(a, b, scale, bias, positives, *, tiles):
   return call(functools.partial(_sig_fwd_kernel, tiles=tiles), "jaxcl_sigmoid_fwd", out_shape, out_spec)
 
 
-def _sig_bwd_kernel(*refs, tiles, vec_on, with_acc):
+def _sig_bwd_kernel(*refs, tiles, vec_on, with_acc, fused):
   a_ref, b_ref, scale_ref, bias_ref, g_ref, pr_ref, pc_ref = refs[:7]
   acc_in = refs[7] if with_acc else None
-  acc_ref, *sum_ref = refs[7 + with_acc:]
+  outs = list(refs[7 + with_acc + fused:])  # fused: dk's starting buffer (aliased to dk_ref) skipped
+  acc_ref = outs.pop(0)
+  dk_ref = outs.pop(0) if fused else None
+  sum_ref = outs.pop(0) if vec_on == "rows" else None
   tile = _Tile(tiles, (), a_ref, b_ref, scale_ref, vec_on, ())
   row_ids = pr_ref[...][:, None]
   if vec_on == "rows":
     bias, g = bias_ref[...][:, None], g_ref[...][:, None]
 
-  def body(j, carry):
-    acc, total = carry
-    b, s, valid = tile(j)
+  def ds_of(j, s, valid):
     if vec_on == "rows":
       bias_j, g_j = bias, g
     else:
       bias_j, g_j = tile.col_vector(bias_ref, j), tile.col_vector(g_ref, j)
-    ds = tile_math.sigmoid_grad_tile(s + bias_j, row_ids == tile.col_vector(pc_ref, j), valid, g_j)
-    if sum_ref:
-      total = total + jnp.sum(ds, axis=1)
-    if vec_on == "cols":
-      ds = ds * tile.col_vector(scale_ref, j)
-    return acc + jax.lax.dot(ds.astype(b.dtype), b, preferred_element_type=jnp.float32,
-                             precision=tile_math.dot_precision(b.dtype)), total
+    return tile_math.sigmoid_grad_tile(s + bias_j, row_ids == tile.col_vector(pc_ref, j), valid, g_j)
 
-  init = (_acc_start(acc_ref, acc_in), jnp.zeros((tiles.block_a,), jnp.float32))
-  acc, total = jax.lax.fori_loop(0, tiles.grid[1], body, init)
+  acc, total = _grad_loop(tile, ds_of, _acc_start(acc_ref, acc_in), dk_ref=dk_ref,
+                          row_sums=sum_ref is not None)
   acc_ref[...] = acc
-  for ref in sum_ref:
-    ref[...] = total
+  if sum_ref is not None:
+    sum_ref[...] = total
+
+
+def _sig_grad_call(a, b, scale, bias, positives, g, *, vec_on, tiles, acc, fused):
+  """The pallas_call of `sigmoid_backward` (fused False) or `sigmoid_backward_fused` (True): its outputs
+  (Σ_j dS_ij b_j, dk if fused, Σ_j dS_ij if along rows)."""
+  call = _Call(tiles)
+  call.add(a, "rows")
+  call.add(b, "cols")
+  for v in (scale, bias, g):
+    call.add(v, vec_on)
+  call.add(positives[0], "rows")
+  call.add(positives[1], "cols")
+  width = a.shape[1]
+  acc_shape, acc_spec = _row_out(tiles, width)
+  out_shape, out_specs = [acc_shape], [acc_spec]
+  if fused:
+    aliases = call.accumulator(_dk_start(acc, tiles, width), "cols", 1)
+    dk_shape, dk_spec = _dk_out(tiles, width)
+    out_shape.append(dk_shape)
+    out_specs.append(dk_spec)
+  else:
+    aliases = call.accumulator(acc)
+  if vec_on == "rows":
+    sum_shape, sum_spec = _row_out(tiles)
+    out_shape.append(sum_shape)
+    out_specs.append(sum_spec)
+  kernel = functools.partial(_sig_bwd_kernel, tiles=tiles, vec_on=vec_on, with_acc=acc is not None and not fused,
+                             fused=fused)
+  return call(kernel, "jaxcl_sigmoid_bwd_fused" if fused else "jaxcl_sigmoid_bwd", out_shape, out_specs,
+              aliases)
 
 
 def sigmoid_backward(a, b, scale, bias, positives, g, *, vec_on, tiles, acc=None):
@@ -305,20 +418,27 @@ def sigmoid_backward(a, b, scale, bias, positives, g, *, vec_on, tiles, acc=None
   >>> round(float(total[0]), 4)  # -σ(-1) + σ(0)
   0.2311
   """
-  call = _Call(tiles)
-  call.add(a, "rows")
-  call.add(b, "cols")
-  for v in (scale, bias, g):
-    call.add(v, vec_on)
-  call.add(positives[0], "rows")
-  call.add(positives[1], "cols")
-  aliases = call.accumulator(acc)
-  acc_shape, acc_spec = _row_out(tiles, a.shape[1])
-  out_shape, out_specs = [acc_shape], [acc_spec]
-  if vec_on == "rows":
-    sum_shape, sum_spec = _row_out(tiles)
-    out_shape.append(sum_shape)
-    out_specs.append(sum_spec)
-  outs = call(functools.partial(_sig_bwd_kernel, tiles=tiles, vec_on=vec_on, with_acc=acc is not None),
-              "jaxcl_sigmoid_bwd", out_shape, out_specs, aliases)
+  outs = _sig_grad_call(a, b, scale, bias, positives, g, vec_on=vec_on, tiles=tiles, acc=acc, fused=False)
   return outs[0], (outs[1] if vec_on == "rows" else None)
+
+
+def sigmoid_backward_fused(a, b, scale, bias, positives, g, *, tiles, acc=None):
+  """(Σ_j dS_ij b_j float32 (N_a, D), acc + Σ_i scale_i dS_ij a_i float32 (N_b, D), Σ_j dS_ij (N_a,))
+  from ONE recomputation of each tile (dS as in `sigmoid_backward`, scale, bias and g along rows): the
+  two orientations of `sigmoid_backward` in one program per row block, dk added with float32 atomics as
+  in `lse_backward_fused` (its last bits vary from run to run).
+
+  >>> import jax.numpy as jnp
+  >>> from jaxcl.ops.tiles import Tiles
+  >>> t = Tiles(16, 16, n_a=2, n_b=2, padded_a=16, padded_b=16, interpret=True, num_warps=None,
+  ...           num_stages=2)
+  >>> x = jnp.zeros((16, 16)).at[:2, :2].set(jnp.eye(2))  # two padded unit vectors
+  >>> ids = jnp.arange(16)
+  >>> g, dk, total = sigmoid_backward_fused(x, x, jnp.ones(16), jnp.zeros(16), (ids, ids), jnp.ones(16),
+  ...                                       tiles=t)
+  >>> round(float(total[0]), 4), [round(float(v), 4) for v in dk[0, :2]]  # -σ(-1) + σ(0); (-σ(-1), σ(0))
+  (0.2311, [-0.2689, 0.5])
+  """
+  g_q, dk, total = _sig_grad_call(a, b, scale, bias, positives, g, vec_on="rows", tiles=tiles, acc=acc,
+                                  fused=True)
+  return g_q, dk, total

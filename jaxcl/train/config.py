@@ -48,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.pallas.num_warps = placeholder(int)  # Triton only
   c.loss.pallas.num_stages = placeholder(int)  # Triton only
   c.loss.pallas.max_fused_cols = placeholder(int)  # TPU only
-  c.loss.pallas.fused_backward = placeholder(bool)  # TPU only: one backward kernel for dq and dk
+  c.loss.pallas.fused_backward = placeholder(bool)  # one backward kernel for dq and dk (GPU: dk by atomics)
   c.loss.pallas.fused_backward_vmem = placeholder(int)  # TPU only: VMEM bytes of one fused backward call
   c.loss.sigma = 0.5  # dclw
   c.loss.logit_scale_init = 1 / 0.07  # clip / siglip / lit (learnable, log-parameterised)
