@@ -185,11 +185,13 @@ def report(made: dict, searched: dict) -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch searches")
+  parser.add_argument("--no-grid", action="store_true",
+                      help="only the largest-batch searches (e.g. in a second process beside the grid)")
   parser.add_argument("--report", action="store_true", help="only rewrite the table from the plans made")
   args = parser.parse_args()
   os.makedirs(RESULTS, exist_ok=True)
   made, searched = load(), {}
-  if not args.report:
+  if not args.report and not args.no_grid:
     for recipe, batch in ROWS:
       for topology in SLICES.values():
         for overrides in ENGINES.values():
@@ -199,8 +201,8 @@ def main() -> None:
         compile_plan(recipe, topology, {"batch_size": batch, "grad_cache_chunks": grad_cache_chunks(topology, batch)},
                      made)
   if not args.no_max_batch:
-    for recipe in dict.fromkeys(r for r, _ in ROWS):
-      for topology in SLICES.values():
+    for topology in SLICES.values():
+      for recipe in dict.fromkeys(r for r, _ in ROWS):
         searched[(recipe, topology)] = (largest_batch(recipe, topology, made) if not args.report
                                         else _cached_search(recipe, topology, made))
   table = report(made, searched)
