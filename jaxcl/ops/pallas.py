@@ -82,7 +82,9 @@ class Settings:
       axes of the fused kernel run sequentially, where the dq and dk kernels split their row axis across
       the two TensorCores of a megacore chip (v4, v5p). GPU: one program per row block adds its dk
       contributions into a float32 (Bk, D) buffer with atomics, whose order varies, so dk may differ
-      in its last bits from run to run; False (the two kernels) is deterministic.
+      in its last bits from run to run; False (the two kernels) is deterministic. Both flavours write
+      dq (in q's dtype) and dscale from each row block's complete float32 sum in the kernel's epilogue
+      (`engines.scale_grads`): no float32 (Bq, D) sum is live beside the float32 dk.
     fused_backward_vmem: TPU only; about the VMEM bytes one fused backward call may take (default
       14 MiB: v4 has 16): its blocks (the column block halved while they leave no room for 1024 rows)
       and the float32 (rows, D) sum of its rows (`pallas_tpu.fused_layout`); the rows are split into as

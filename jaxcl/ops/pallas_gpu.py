@@ -15,9 +15,10 @@ from zero or add into a given accumulator in place (`input_output_aliases`). The
 (`lse_backward_fused`, `sigmoid_backward_fused`) is the dq kernel that also adds each tile's dk
 contribution, Σ_i scale_i dS_ij a_i, into a float32 (N_b, D) buffer with `atomic_add`: one
 recomputation of S for both, 3 matmuls per tile instead of 4, as in "FlashAttention-2: Faster
-Attention with Better Parallelism and Work Partitioning" (Dao, 2023). The order in which the programs'
-atomics land is not fixed, so float32 dk may differ in its last bits from run to run (the two kernels
-are deterministic).
+Attention with Better Parallelism and Work Partitioning" (Dao, 2023). Its epilogue turns each row
+block's complete Σ_j dS_ij b_j into dq (q's dtype) and dscale by `engines.scale_grads`, so no float32
+(N_a, D) sum is written out beside the float32 dk. The order in which the programs' atomics land is not
+fixed, so float32 dk may differ in its last bits from run to run (the two kernels are deterministic).
 
 Called by `jaxcl.ops.pallas` (which pads, dispatches and defines the custom VJP); see docs/pallas.md.
 """

@@ -19,7 +19,8 @@ Kernels (S = scale · a bᵀ tile by tile, V the validity from ids and padding):
   given accumulator whose buffer becomes the output (`input_output_aliases`: an in-place update).
 - `lse_backward_fused`: both from one recomputation of each tile (3 matmuls per tile instead of 4): a
   (column blocks × row blocks) grid, both "arbitrary", dk_j in its resident output block and the rows'
-  Σ_j dS_ij b_j in a float32 VMEM scratch; the rows split into calls of one kernel (`fused_layout`).
+  Σ_j dS_ij b_j in a float32 VMEM scratch, turned into dq (a's dtype) and dscale by
+  `engines.scale_grads` at the last j; the rows split into calls of one kernel (`fused_layout`).
 - `sigmoid_forward`, `sigmoid_backward`, `sigmoid_backward_fused`: the same grids for
   Σ_j softplus(−z(S + b)) and its gradient.
 
