@@ -283,9 +283,25 @@ def test_fused_backward_matches_unfused_dense_and_numpy(mode, dtype, vmem):
   assert "scan[" in jaxpr  # the loop over calls (a fori_loop)
 
 
+def _assert_scale_grads(dq, dscale, q, scale, want_g, n: int, name: str = ""):
+  """The fused backward's epilogue: its (padded) dq and dscale are `engines.scale_grads` of the float64
+  g (in float32), and float64 numpy's scale_i g_i and <q_i, g_i>; its padded rows are exact zeros."""
+  from jaxcl.ops import engines
+
+  want_dq, want_ds = np.float64(scale)[:, None] * want_g, np.sum(np.float64(q) * want_g, axis=1)
+  formula = engines.scale_grads(jnp.asarray(q), jnp.asarray(scale), jnp.asarray(want_g, jnp.float32))
+  for got, want in ((dq[:n, :q.shape[1]], want_dq), (dscale[:n], want_ds)):
+    for ref in (want, np.float64(formula[0] if got.ndim == 2 else formula[1])):
+      np.testing.assert_allclose(np.float64(got), ref, rtol=1e-4, atol=1e-4 * np.max(np.abs(ref)), err_msg=name)
+  assert dq.dtype == q.dtype and dscale.dtype == jnp.float32, name
+  assert not np.any(dq[n:]) and not np.any(dscale[n:]), name  # padded rows: nothing leaks
+
+
 def test_fused_backward_kernel_adds_into_the_accumulator_in_place():
-  """`pallas_tpu.lse_backward_fused` with `acc`: (g, acc + dk) against float64 numpy, across two calls
-  (two row blocks per call, three blocks), the accumulator's buffer being dk's (`input_output_aliases`)."""
+  """`pallas_tpu.lse_backward_fused` with `acc`: (dq, acc + dk, dscale) against float64 numpy and
+  `engines.scale_grads` of the g, across two calls (two row blocks per call, three blocks), the
+  accumulator's buffer being dk's (`input_output_aliases`); padded rows of q and the scale hold junk,
+  which reaches neither dk nor dscale."""
   from jaxcl.ops import pallas_tpu
 
   bq, bk, d = 300, 190, 20
@@ -295,17 +311,18 @@ def test_fused_backward_kernel_adds_into_the_accumulator_in_place():
   t = plan.tiles
   pad = lambda x, *shape: jnp.pad(jnp.asarray(x), [(0, n - m) for n, m in zip(shape, np.shape(x))])
   ids = ((pad(exclude[0], t.padded_a), pad(exclude[1], t.padded_b)),)
-  args = (pad(q, t.padded_a, 128), pad(k, t.padded_b, 128), pad(scale, t.padded_a), ids,
-          pad(np.float32(row), t.padded_a), pad(g_row, t.padded_a), pad(np.float32(col), t.padded_b),
-          pad(g_col, t.padded_b))
+  args = (pad(q, t.padded_a, 128).at[bq:, :d].set(7.0), pad(k, t.padded_b, 128),
+          pad(scale, t.padded_a).at[bq:].set(3.0), ids, pad(np.float32(row), t.padded_a),
+          pad(g_row, t.padded_a), pad(np.float32(col), t.padded_b), pad(g_col, t.padded_b))
   fn = lambda acc: pallas_tpu.lse_backward_fused(*args, kinds=plan.kinds, tiles=t, vmem=1_376_256, acc=acc)
   acc_p = pad(acc, t.padded_b, 128)
   jaxpr = str(jax.make_jaxpr(fn)(acc_p))
   assert "input_output_aliases=((" in jaxpr and "scan[" in jaxpr
-  g, dk = _compiled(fn, acc_p)(acc_p)
-  for got, want in ((g[:bq, :d], want_g), (dk[:bk, :d], np.float64(acc) + want_dk)):
-    np.testing.assert_allclose(np.float64(got), want, rtol=1e-4, atol=1e-4 * np.max(np.abs(want)))
-  assert not np.any(g[bq:]) and not np.any(dk[bk:] - acc_p[bk:])  # padding: nothing added
+  dq, dk, dscale = _compiled(fn, acc_p)(acc_p)
+  want = np.float64(acc) + want_dk
+  np.testing.assert_allclose(np.float64(dk[:bk, :d]), want, rtol=1e-4, atol=1e-4 * np.max(np.abs(want)))
+  assert not np.any(dk[bk:] - acc_p[bk:])  # padding: nothing added
+  _assert_scale_grads(dq, dscale, q, scale, want_g, bq)
 
 
 # ------------------------------------------------------------------------------------------ sigmoid
@@ -460,9 +477,10 @@ def test_gpu_fused_sigmoid_backward_matches_two_kernels_dense_and_numpy(per_row,
 
 
 def test_gpu_fused_backward_kernels_add_into_the_accumulator_in_place():
-  """`pallas_gpu.lse_backward_fused` and `sigmoid_backward_fused` with `acc`: (g, acc + dk) (and the
-  sigmoid's row sums of dS) against float64 numpy, the accumulator's buffer being dk's
-  (`input_output_aliases`); its padded rows get nothing added."""
+  """`pallas_gpu.lse_backward_fused` and `sigmoid_backward_fused` with `acc`: (dq, acc + dk, dscale)
+  (and the sigmoid's row sums of dS) against float64 numpy and `engines.scale_grads` of the g, the
+  accumulator's buffer being dk's (`input_output_aliases`); its padded rows get nothing added, and the
+  junk in the padded rows of q and the scale reaches neither dk nor dscale."""
   from jaxcl.ops import pallas_gpu
 
   bq, bk, d = 50, 37, 20
@@ -473,7 +491,8 @@ def test_gpu_fused_backward_kernels_add_into_the_accumulator_in_place():
   t, dp = plan.tiles, plan.padded_d
   pad = lambda x, *shape: jnp.pad(jnp.asarray(x), [(0, n - m) for n, m in zip(shape, np.shape(x))])
   pair = lambda p: (pad(p[0], t.padded_a), pad(p[1], t.padded_b))
-  q_p, k_p, scale_p = pad(q, t.padded_a, dp), pad(k, t.padded_b, dp), pad(scale, t.padded_a)
+  q_p, k_p, scale_p = pad(q, t.padded_a, dp).at[bq:, :d].set(7.0), pad(k, t.padded_b, dp), pad(scale, t.padded_a)
+  scale_p = scale_p.at[bq:].set(3.0)
   lse_args = (q_p, k_p, scale_p, (pair(exclude),), pad(np.float32(row), t.padded_a), pad(g_row, t.padded_a),
               pad(np.float32(col), t.padded_b), pad(g_col, t.padded_b))
   sig_args = (q_p, k_p, scale_p, jnp.full((t.padded_a,), -1.5), pair(positives), pad(g, t.padded_a))
@@ -486,10 +505,12 @@ def test_gpu_fused_backward_kernels_add_into_the_accumulator_in_place():
   for name, fn in calls.items():
     assert "input_output_aliases=((" in str(jax.make_jaxpr(fn)(acc_p)), name
     outs = _compiled(fn, acc_p)(acc_p)
-    for got, want in ((outs[0][:bq, :d], wants[name][0]), (outs[1][:bk, :d], np.float64(acc) + wants[name][1])):
-      np.testing.assert_allclose(np.float64(got), want, rtol=1e-4, atol=1e-4 * np.max(np.abs(want)), err_msg=name)
-    assert not np.any(outs[0][bq:]) and np.all(outs[1][bk:] == 7.0), name  # padding: nothing added
-  np.testing.assert_allclose(float(jnp.sum(outs[2])), want_db, rtol=1e-4)  # the sigmoid's Σ_ij dS
+    want = np.float64(acc) + wants[name][1]
+    np.testing.assert_allclose(np.float64(outs[1][:bk, :d]), want, rtol=1e-4, atol=1e-4 * np.max(np.abs(want)),
+                               err_msg=name)
+    assert np.all(outs[1][bk:] == 7.0), name  # padding: nothing added
+    _assert_scale_grads(outs[0], outs[2], q, scale, wants[name][0], bq, name)
+  np.testing.assert_allclose(float(jnp.sum(outs[3])), want_db, rtol=1e-4)  # the sigmoid's Σ_ij dS
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)

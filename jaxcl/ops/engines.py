@@ -148,15 +148,22 @@ def engine(impl, reduction: str) -> Callable:
   return fn if settings is None else functools.partial(fn, settings=settings)
 
 
-def scale_grads(q: jax.Array, scale: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+def scale_grads(q: jax.Array, scale: jax.Array, g: jax.Array, *, columns: bool = False
+                ) -> tuple[jax.Array, jax.Array]:
   """(dq, dscale), float32, from g_i = Σ_j dS_ij k_j (float32 (Bq, D)), the one matmul every engine's
   backward pass accumulates for S_ij = scale_i <q_i, k_j>:
 
       dq_i = scale_i · g_i,    dscale_i = Σ_j dS_ij <q_i, k_j> = <q_i, g_i>   (no pass over S)
+
+  `scale` (Bq,) gives dscale (Bq,); with `columns`, scale is a (Bq, 1) column and so is dscale (the
+  layout of a TPU kernel's per-row values). Elementwise products and a row sum only, so that a kernel
+  runs it too: the fused Pallas backward (`pallas_gpu.lse_backward_fused`, `pallas_tpu.lse_backward_fused`
+  and their sigmoid twins) calls it on each row block's complete g in its epilogue.
 
   >>> import jax.numpy as jnp
   >>> dq, dscale = scale_grads(jnp.ones((1, 2)), jnp.full((1,), 3.0), jnp.array([[1.0, 2.0]]))
   >>> dq.tolist(), dscale.tolist()
   ([[3.0, 6.0]], [3.0])
   """
-  return scale[:, None] * g, jnp.einsum("id,id->i", q.astype(jnp.float32), g)
+  return (scale if columns else scale[:, None]) * g, jnp.sum(q.astype(jnp.float32) * g, axis=1,
+                                                             keepdims=columns)

@@ -82,7 +82,9 @@ class Settings:
       axes of the fused kernel run sequentially, where the dq and dk kernels split their row axis across
       the two TensorCores of a megacore chip (v4, v5p). GPU: one program per row block adds its dk
       contributions into a float32 (Bk, D) buffer with atomics, whose order varies, so dk may differ
-      in its last bits from run to run; False (the two kernels) is deterministic.
+      in its last bits from run to run; False (the two kernels) is deterministic. Both flavours write
+      dq (in q's dtype) and dscale from each row block's complete float32 sum in the kernel's epilogue
+      (`engines.scale_grads`): no float32 (Bq, D) sum is live beside the float32 dk.
     fused_backward_vmem: TPU only; about the VMEM bytes one fused backward call may take (default
       14 MiB: v4 has 16): its blocks (the column block halved while they leave no room for 1024 rows)
       and the float32 (rows, D) sum of its rows (`pallas_tpu.fused_layout`); the rows are split into as
@@ -364,14 +366,17 @@ def _lse_grad_k(plan, q, k, scale, ids, row, g_row, col, g_col, acc=None):
 
 
 def _lse_grads(plan, q, k, scale, ids, row, g_row, col, g_col):
-  """(g, dk), float32, of Σ g_row·row + Σ g_col·col: by the fused backward (one recomputation of S
-  for both, `Settings.fused_backward`) or by the dq and dk kernels (`_lse_grad_q`, `_lse_grad_k`)."""
+  """(dq in q's dtype, dk float32, dscale float32) of Σ g_row·row + Σ g_col·col: by the fused backward
+  (one recomputation of S for both, `Settings.fused_backward`), whose epilogue applies
+  `engines.scale_grads` to each row block's g, or by the dq and dk kernels (`_lse_grad_q`, `_lse_grad_k`)
+  and `engines.scale_grads` on the float32 g."""
   if plan.fused is not None:
     return _kernels(plan.flavour).lse_backward_fused(
         q, k, scale, ids, row, g_row, col, g_col, kinds=plan.kinds, tiles=plan.tiles, **dict(plan.fused),
     )
   args = (plan, q, k, scale, ids, row, g_row, col, g_col)
-  return _lse_grad_q(*args), _lse_grad_k(*args)
+  dq, dscale = engines.scale_grads(q, scale, _lse_grad_q(*args))
+  return dq.astype(q.dtype), _lse_grad_k(*args), dscale
 
 
 def _lse_bwd(plan, res, g):
@@ -381,9 +386,8 @@ def _lse_bwd(plan, res, g):
   g_col = g.pop(0) if plan.cols else None
   row = row if plan.rows else None
   col = col if plan.cols else None
-  g, dk = _lse_grads(plan, q, k, scale, ids, row, g_row, col, g_col)
-  dq, dscale = engines.scale_grads(q, scale, g)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dscale, jax.tree.map(lambda _: None, ids)
+  dq, dk, dscale = _lse_grads(plan, q, k, scale, ids, row, g_row, col, g_col)
+  return dq, dk.astype(k.dtype), dscale, jax.tree.map(lambda _: None, ids)
 
 
 _lse.defvjp(_lse_fwd, _lse_bwd)
@@ -535,21 +539,21 @@ def _sig_grad_k(plan, q, k, scale, bias, positives, g, acc=None):
 
 
 def _sig_grads(plan, q, k, scale, bias, positives, g):
-  """(g, dk, dbias (Bq,)), float32, of Σ_i g_i sig_i: by the fused backward (`Settings.fused_backward`)
-  or by the dq and dk kernels."""
+  """(dq in q's dtype, dk float32, dscale float32, dbias float32 (Bq,)) of Σ_i g_i sig_i: by the fused
+  backward (`Settings.fused_backward`, `engines.scale_grads` in its epilogue) or by the dq and dk
+  kernels (then `engines.scale_grads` here), as `_lse_grads`."""
   if plan.fused is not None:
-    g_q, dk, dbias = _kernels(plan.flavour).sigmoid_backward_fused(
+    return _kernels(plan.flavour).sigmoid_backward_fused(
         q, k, scale, bias, positives, g, tiles=plan.tiles, **dict(plan.fused))
-    return g_q, dk, dbias
   g_q, dbias = _sig_grad_q(plan, q, k, scale, bias, positives, g)
-  return g_q, _sig_grad_k(plan, q, k, scale, bias, positives, g), dbias
+  dq, dscale = engines.scale_grads(q, scale, g_q)
+  return dq.astype(q.dtype), _sig_grad_k(plan, q, k, scale, bias, positives, g), dscale, dbias
 
 
 def _sig_bwd(plan, res, g):
   q, k, scale, bias, positives = res
-  g, dk, dbias = _sig_grads(plan, q, k, scale, bias, positives, g)
-  dq, dscale = engines.scale_grads(q, scale, g)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dscale, dbias, (None, None)
+  dq, dk, dscale, dbias = _sig_grads(plan, q, k, scale, bias, positives, g)
+  return dq, dk.astype(k.dtype), dscale, dbias, (None, None)
 
 
 _sig.defvjp(_sig_fwd, _sig_bwd)

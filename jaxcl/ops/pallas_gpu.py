@@ -15,9 +15,10 @@ from zero or add into a given accumulator in place (`input_output_aliases`). The
 (`lse_backward_fused`, `sigmoid_backward_fused`) is the dq kernel that also adds each tile's dk
 contribution, Σ_i scale_i dS_ij a_i, into a float32 (N_b, D) buffer with `atomic_add`: one
 recomputation of S for both, 3 matmuls per tile instead of 4, as in "FlashAttention-2: Faster
-Attention with Better Parallelism and Work Partitioning" (Dao, 2023). The order in which the programs'
-atomics land is not fixed, so float32 dk may differ in its last bits from run to run (the two kernels
-are deterministic).
+Attention with Better Parallelism and Work Partitioning" (Dao, 2023). Its epilogue turns each row
+block's complete Σ_j dS_ij b_j into dq (q's dtype) and dscale by `engines.scale_grads`, so no float32
+(N_a, D) sum is written out beside the float32 dk. The order in which the programs' atomics land is not
+fixed, so float32 dk may differ in its last bits from run to run (the two kernels are deterministic).
 
 Called by `jaxcl.ops.pallas` (which pads, dispatches and defines the custom VJP); see docs/pallas.md.
 """
@@ -32,6 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxcl.ops import _vma
+from jaxcl.ops import engines
 from jaxcl.ops import tiles as tile_math
 
 _NT = (((1,), (1,)), ((), ()))  # a (m, d) · b (n, d)ᵀ
@@ -92,11 +94,30 @@ def _dk_start(acc, tiles: tile_math.Tiles, width: int):
   return jnp.zeros((tiles.padded_b, width), jnp.float32) if acc is None else acc
 
 
-def _row_out(tiles: tile_math.Tiles, width: int | None = None):
+def _row_out(tiles: tile_math.Tiles, width: int | None = None, dtype=jnp.float32):
   shape = (tiles.padded_a,) if width is None else (tiles.padded_a, width)
   block = (tiles.block_a,) if width is None else (tiles.block_a, width)
   index = lambda i: (i,) + (0,) * (len(shape) - 1)
-  return jax.ShapeDtypeStruct(shape, jnp.float32), pl.BlockSpec(block, index)
+  return jax.ShapeDtypeStruct(shape, dtype), pl.BlockSpec(block, index)
+
+
+def _fused_outs(tiles: tile_math.Tiles, a: jax.Array, with_sums: bool):
+  """(shapes, block specs) of the fused backward's outputs: dq (N_a, D) in a's dtype, dk float32
+  (N_b, D), dscale float32 (N_a,), and the row sums of dS float32 (N_a,) if `with_sums`."""
+  outs = [_row_out(tiles, a.shape[1], a.dtype), _dk_out(tiles, a.shape[1]), _row_out(tiles)]
+  if with_sums:
+    outs.append(_row_out(tiles))
+  return [shape for shape, _ in outs], [spec for _, spec in outs]
+
+
+def _store_scale_grads(tile: "_Tile", g: jax.Array, dq_ref, dscale_ref):
+  """The fused backward's epilogue, where a row block's g_i = Σ_j dS_ij b_j is complete: dq_i =
+  scale_i · g_i (stored in the input dtype) and dscale_i = <a_i, g_i> (float32), by
+  `engines.scale_grads`, the formula every engine applies to its g. Padded rows are invalid in every
+  tile, so their g, dq and dscale are exact zeros."""
+  dq, dscale = engines.scale_grads(tile.a, tile.scale_ref[...], g)
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+  dscale_ref[...] = dscale
 
 
 class _Tile:
@@ -214,17 +235,20 @@ def _lse_bwd_kernel(*refs, tiles, kinds, scale_on, with_rows, with_cols, with_ac
   row_lse, g_row = (next(it)[...][:, None], next(it)[...][:, None]) if with_rows else (None, None)
   col_refs = (next(it), next(it)) if with_cols else None
   acc_in = next(it) if with_acc else None
-  if fused:
-    next(it)  # dk's starting buffer: the same buffer as dk_ref (input_output_aliases)
-  acc_ref = next(it)
-  dk_ref = next(it) if fused else None
   tile = _Tile(tiles, kinds, a_ref, b_ref, scale_ref, scale_on, id_refs)
 
   def ds_of(j, s, valid):
     col_lse, g_col = (tile.col_vector(r, j) for r in col_refs) if with_cols else (None, None)
     return tile_math.softmax_grad_tile(s, valid, row_lse, g_row, col_lse, g_col)
 
-  acc_ref[...], _ = _grad_loop(tile, ds_of, _acc_start(acc_ref, acc_in), dk_ref=dk_ref)
+  if fused:
+    next(it)  # dk's starting buffer: the same buffer as dk_ref (input_output_aliases)
+    dq_ref, dk_ref, dscale_ref = next(it), next(it), next(it)
+    g, _ = _grad_loop(tile, ds_of, jnp.zeros(a_ref.shape, jnp.float32), dk_ref=dk_ref)
+    _store_scale_grads(tile, g, dq_ref, dscale_ref)
+  else:
+    acc_ref = next(it)
+    acc_ref[...], _ = _grad_loop(tile, ds_of, _acc_start(acc_ref, acc_in))
 
 
 def _lse_grad_call(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, scale_on, tiles, acc, fused):
@@ -244,13 +268,12 @@ def _lse_grad_call(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, s
     call.add(col_lse, "cols")
     call.add(g_col, "cols")
   width = a.shape[1]
-  out_shape, out_spec = _row_out(tiles, width)
   if fused:
     aliases = call.accumulator(_dk_start(acc, tiles, width), "cols", 1)
-    dk_shape, dk_spec = _dk_out(tiles, width)
-    out_shape, out_spec = [out_shape, dk_shape], [out_spec, dk_spec]
+    out_shape, out_spec = _fused_outs(tiles, a, with_sums=False)
   else:
     aliases = call.accumulator(acc)
+    out_shape, out_spec = _row_out(tiles, width)
   kernel = functools.partial(
       _lse_bwd_kernel, tiles=tiles, kinds=kinds, scale_on=scale_on, with_rows=with_rows,
       with_cols=with_cols, with_acc=acc is not None and not fused, fused=fused,
@@ -281,30 +304,38 @@ def lse_backward(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, sca
 
 
 def lse_backward_fused(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, tiles, acc=None):
-  """(Σ_j dS_ij b_j float32 (N_a, D), acc + Σ_i scale_i dS_ij a_i float32 (N_b, D)) from ONE
-  recomputation of each tile of S (dS as in `lse_backward`, scale along rows): the dq and dk kernels of
-  `lse_backward` in one, 3 matmuls per tile instead of 4. As there, scale_i is left out of the first sum
-  and inside the second; `acc` (None: zeros) is updated in place.
+  """(dq (N_a, D) in a's dtype, acc + Σ_i scale_i dS_ij a_i float32 (N_b, D), dscale float32 (N_a,))
+  from ONE recomputation of each tile of S (dS as in `lse_backward`, scale along rows): the dq and dk
+  kernels of `lse_backward` in one, 3 matmuls per tile instead of 4; `acc` (None: zeros) is updated in
+  place.
 
-  One program per row block walks the column blocks, keeps its rows' sum in registers and adds each
-  tile's (block_b, D) dk contribution into the float32 dk buffer with `atomic_add` (the programs run
-  concurrently, so the order of the additions, and the last bits of dk, vary from run to run).
+  One program per row block walks the column blocks, keeps its rows' g_i = Σ_j dS_ij b_j in registers
+  and adds each tile's (block_b, D) dk contribution into the float32 dk buffer with `atomic_add` (the
+  programs run concurrently, so the order of the additions, and the last bits of dk, vary from run to
+  run). Where its g is complete the program applies `engines.scale_grads` to it:
+
+      dq_i = scale_i · g_i,    dscale_i = <a_i, g_i>
+
+  so no float32 (N_a, D) g is written out (it would be live with the float32 dk).
 
   >>> import jax.numpy as jnp
   >>> from jaxcl.ops.tiles import Tiles
   >>> t = Tiles(16, 16, n_a=2, n_b=2, padded_a=16, padded_b=16, interpret=True, num_warps=None,
   ...           num_stages=2)
   >>> x = jnp.zeros((16, 16)).at[:2, :2].set(jnp.eye(2))  # two padded unit vectors
-  >>> lse = jnp.full(16, jnp.log(jnp.e + 1.0))
-  >>> g, dk = lse_backward_fused(x, x, jnp.ones(16), (), lse, jnp.ones(16), None, None, kinds=(), tiles=t)
-  >>> [round(float(v), 4) for v in g[0, :2]]  # softmax of row 0: (e, 1) / (e + 1)
-  [0.7311, 0.2689]
-  >>> [round(float(v), 4) for v in dk[0, :2]]  # column 0 of the row softmaxes
-  [0.7311, 0.2689]
+  >>> lse = jnp.full(16, jnp.log(jnp.e ** 2 + 1.0))  # at scale 2
+  >>> dq, dk, dscale = lse_backward_fused(x, x, jnp.full(16, 2.0), (), lse, jnp.ones(16), None, None,
+  ...                                     kinds=(), tiles=t)
+  >>> [round(float(v), 4) for v in dq[0, :2]]  # 2 · softmax of row 0: 2 (e², 1) / (e² + 1)
+  [1.7616, 0.2384]
+  >>> [round(float(v), 4) for v in dk[0, :2]]  # 2 · column 0 of the row softmaxes
+  [1.7616, 0.2384]
+  >>> round(float(dscale[0]), 4)  # <x_0, softmax of row 0>
+  0.8808
   """
-  g, dk = _lse_grad_call(a, b, scale, ids, row_lse, g_row, col_lse, g_col, kinds=kinds, scale_on="rows",
-                         tiles=tiles, acc=acc, fused=True)
-  return g, dk
+  dq, dk, dscale = _lse_grad_call(a, b, scale, ids, row_lse, g_row, col_lse, g_col, kinds=kinds,
+                                  scale_on="rows", tiles=tiles, acc=acc, fused=True)
+  return dq, dk, dscale
 
 
 # ------------------------------------------------------------------------------------------ sigmoid
@@ -348,8 +379,8 @@ def _sig_bwd_kernel(*refs, tiles, vec_on, with_acc, fused):
   a_ref, b_ref, scale_ref, bias_ref, g_ref, pr_ref, pc_ref = refs[:7]
   acc_in = refs[7] if with_acc else None
   outs = list(refs[7 + with_acc + fused:])  # fused: dk's starting buffer (aliased to dk_ref) skipped
-  acc_ref = outs.pop(0)
-  dk_ref = outs.pop(0) if fused else None
+  acc_ref = outs.pop(0)  # fused: dq
+  dk_ref, dscale_ref = (outs.pop(0), outs.pop(0)) if fused else (None, None)
   sum_ref = outs.pop(0) if vec_on == "rows" else None
   tile = _Tile(tiles, (), a_ref, b_ref, scale_ref, vec_on, ())
   row_ids = pr_ref[...][:, None]
@@ -363,16 +394,19 @@ def _sig_bwd_kernel(*refs, tiles, vec_on, with_acc, fused):
       bias_j, g_j = tile.col_vector(bias_ref, j), tile.col_vector(g_ref, j)
     return tile_math.sigmoid_grad_tile(s + bias_j, row_ids == tile.col_vector(pc_ref, j), valid, g_j)
 
-  acc, total = _grad_loop(tile, ds_of, _acc_start(acc_ref, acc_in), dk_ref=dk_ref,
-                          row_sums=sum_ref is not None)
-  acc_ref[...] = acc
+  start = jnp.zeros(a_ref.shape, jnp.float32) if fused else _acc_start(acc_ref, acc_in)
+  acc, total = _grad_loop(tile, ds_of, start, dk_ref=dk_ref, row_sums=sum_ref is not None)
+  if fused:
+    _store_scale_grads(tile, acc, acc_ref, dscale_ref)
+  else:
+    acc_ref[...] = acc
   if sum_ref is not None:
     sum_ref[...] = total
 
 
 def _sig_grad_call(a, b, scale, bias, positives, g, *, vec_on, tiles, acc, fused):
-  """The pallas_call of `sigmoid_backward` (fused False) or `sigmoid_backward_fused` (True): its outputs
-  (Σ_j dS_ij b_j, dk if fused, Σ_j dS_ij if along rows)."""
+  """The pallas_call of `sigmoid_backward` (fused False: Σ_j dS_ij b_j, and Σ_j dS_ij if along rows) or
+  `sigmoid_backward_fused` (True: dq, dk, dscale, Σ_j dS_ij)."""
   call = _Call(tiles)
   call.add(a, "rows")
   call.add(b, "cols")
@@ -381,19 +415,17 @@ def _sig_grad_call(a, b, scale, bias, positives, g, *, vec_on, tiles, acc, fused
   call.add(positives[0], "rows")
   call.add(positives[1], "cols")
   width = a.shape[1]
-  acc_shape, acc_spec = _row_out(tiles, width)
-  out_shape, out_specs = [acc_shape], [acc_spec]
   if fused:
     aliases = call.accumulator(_dk_start(acc, tiles, width), "cols", 1)
-    dk_shape, dk_spec = _dk_out(tiles, width)
-    out_shape.append(dk_shape)
-    out_specs.append(dk_spec)
+    out_shape, out_specs = _fused_outs(tiles, a, with_sums=True)
   else:
     aliases = call.accumulator(acc)
-  if vec_on == "rows":
-    sum_shape, sum_spec = _row_out(tiles)
-    out_shape.append(sum_shape)
-    out_specs.append(sum_spec)
+    acc_shape, acc_spec = _row_out(tiles, width)
+    out_shape, out_specs = [acc_shape], [acc_spec]
+    if vec_on == "rows":
+      sum_shape, sum_spec = _row_out(tiles)
+      out_shape.append(sum_shape)
+      out_specs.append(sum_spec)
   kernel = functools.partial(_sig_bwd_kernel, tiles=tiles, vec_on=vec_on, with_acc=acc is not None and not fused,
                              fused=fused)
   return call(kernel, "jaxcl_sigmoid_bwd_fused" if fused else "jaxcl_sigmoid_bwd", out_shape, out_specs,
@@ -423,10 +455,11 @@ def sigmoid_backward(a, b, scale, bias, positives, g, *, vec_on, tiles, acc=None
 
 
 def sigmoid_backward_fused(a, b, scale, bias, positives, g, *, tiles, acc=None):
-  """(Σ_j dS_ij b_j float32 (N_a, D), acc + Σ_i scale_i dS_ij a_i float32 (N_b, D), Σ_j dS_ij (N_a,))
-  from ONE recomputation of each tile (dS as in `sigmoid_backward`, scale, bias and g along rows): the
-  two orientations of `sigmoid_backward` in one program per row block, dk added with float32 atomics as
-  in `lse_backward_fused` (its last bits vary from run to run).
+  """(dq (N_a, D) in a's dtype, acc + Σ_i scale_i dS_ij a_i float32 (N_b, D), dscale float32 (N_a,),
+  Σ_j dS_ij float32 (N_a,)) from ONE recomputation of each tile (dS as in `sigmoid_backward`, scale,
+  bias and g along rows): the two orientations of `sigmoid_backward` in one program per row block, dk
+  added with float32 atomics and dq, dscale from the complete g by `engines.scale_grads`, as in
+  `lse_backward_fused` (the last bits of dk vary from run to run).
 
   >>> import jax.numpy as jnp
   >>> from jaxcl.ops.tiles import Tiles
@@ -434,11 +467,13 @@ def sigmoid_backward_fused(a, b, scale, bias, positives, g, *, tiles, acc=None):
   ...           num_stages=2)
   >>> x = jnp.zeros((16, 16)).at[:2, :2].set(jnp.eye(2))  # two padded unit vectors
   >>> ids = jnp.arange(16)
-  >>> g, dk, total = sigmoid_backward_fused(x, x, jnp.ones(16), jnp.zeros(16), (ids, ids), jnp.ones(16),
-  ...                                       tiles=t)
+  >>> dq, dk, dscale, total = sigmoid_backward_fused(x, x, jnp.ones(16), jnp.zeros(16), (ids, ids),
+  ...                                                jnp.ones(16), tiles=t)
   >>> round(float(total[0]), 4), [round(float(v), 4) for v in dk[0, :2]]  # -σ(-1) + σ(0); (-σ(-1), σ(0))
   (0.2311, [-0.2689, 0.5])
+  >>> round(float(dscale[0]), 4)  # <x_0, (-σ(-1), σ(0))>
+  -0.2689
   """
-  g_q, dk, total = _sig_grad_call(a, b, scale, bias, positives, g, vec_on="rows", tiles=tiles, acc=acc,
-                                  fused=True)
-  return g_q, dk, total
+  dq, dk, dscale, total = _sig_grad_call(a, b, scale, bias, positives, g, vec_on="rows", tiles=tiles,
+                                         acc=acc, fused=True)
+  return dq, dk, dscale, total

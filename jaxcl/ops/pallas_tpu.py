@@ -19,7 +19,8 @@ Kernels (S = scale · a bᵀ tile by tile, V the validity from ids and padding):
   given accumulator whose buffer becomes the output (`input_output_aliases`: an in-place update).
 - `lse_backward_fused`: both from one recomputation of each tile (3 matmuls per tile instead of 4): a
   (column blocks × row blocks) grid, both "arbitrary", dk_j in its resident output block and the rows'
-  Σ_j dS_ij b_j in a float32 VMEM scratch; the rows split into calls of one kernel (`fused_layout`).
+  Σ_j dS_ij b_j in a float32 VMEM scratch, turned into dq (a's dtype) and dscale by
+  `engines.scale_grads` at the last j; the rows split into calls of one kernel (`fused_layout`).
 - `sigmoid_forward`, `sigmoid_backward`, `sigmoid_backward_fused`: the same grids for
   Σ_j softplus(−z(S + b)) and its gradient.
 
@@ -37,6 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxcl.ops import _vma
+from jaxcl.ops import engines
 from jaxcl.ops import tiles as tile_math
 
 _NT = (((1,), (1,)), ((), ()))  # a (m, d) · b (n, d)ᵀ
@@ -370,11 +372,13 @@ def lse_backward(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, sca
 
 def _fused_bwd_kernel(first_ref, *refs, tiles, grad_tile, row_sums):
   """One step of a fused backward: `grad_tile(refs iterator, ij)` gives (a_ref, b_ref, scale_ref, dS) of
-  the tile; refs end with dk in, the in-place g (and row sums), dk out, g out (row sums out), the g
-  scratch (row sums scratch)."""
-  n = 3 if row_sums else 2
-  tail = refs[len(refs) - (3 * n - 1):]
-  dk_in, (dk_ref, g_ref, *s_ref), (g_acc, *s_acc) = tail[0], tail[n:2 * n], tail[2 * n:]
+  the tile; refs end with dk in, the in-place dq and dscale (and row sums), dk out, dq out, dscale out
+  (row sums out), the g scratch (row sums scratch). At the last column block a row block's
+  g_i = Σ_j dS_ij b_j is complete and the epilogue stores dq_i = scale_i · g_i (a's dtype) and
+  dscale_i = <a_i, g_i> by `engines.scale_grads`."""
+  n = 4 if row_sums else 3
+  tail = refs[len(refs) - (3 * n - 2):]
+  dk_in, (dk_ref, dq_ref, dscale_ref, *s_ref), (g_acc, *s_acc) = tail[0], tail[n:2 * n], tail[2 * n:]
   j, i = pl.program_id(0), pl.program_id(1)  # i: the row block within this call's rows
   ij = (i + first_ref[0], j)
   _init_acc(dk_ref, dk_in)  # at i == 0, from the dk of the earlier calls: resident while i runs
@@ -391,7 +395,9 @@ def _fused_bwd_kernel(first_ref, *refs, tiles, grad_tile, row_sums):
 
     @pl.when(last)
     def _store():
-      g_ref[...] = g_acc[rows]
+      dq, dscale = engines.scale_grads(a_ref[...], _column(scale_ref[...]), g_acc[rows], columns=True)
+      dq_ref[...] = dq.astype(dq_ref.dtype)
+      dscale_ref[...] = _row(dscale)
       for acc, out in zip(s_acc, s_ref):
         out[...] = acc[i]
 
@@ -399,7 +405,7 @@ def _fused_bwd_kernel(first_ref, *refs, tiles, grad_tile, row_sums):
 def fused_layout(tiles: tile_math.Tiles, d: int, itemsize: int, vmem: int) -> tuple[int, int, int]:
   """(column block, rows per call, VMEM bytes) of the fused backward within about `vmem` bytes of VMEM.
 
-  The blocks take 2 · block_a · D · (itemsize + 4) (a, g out) + block_b · D · (2 · itemsize + 12)
+  The blocks take 2 · block_a · D · (itemsize + 4) (a, and dq out counted at float32) + block_b · D · (2 · itemsize + 12)
   (b, dk in, dk out) + t · block_a · block_b bytes (float32 tile temporaries and spills: t = 40 for
   float32 inputs, 16 for bf16, as compiled); the column block is halved (while a multiple of 256) until
   they leave room for the float32 (rows, D) sum of 1024 rows (or of all rows, if fewer), and the rows
@@ -421,30 +427,33 @@ def fused_layout(tiles: tile_math.Tiles, d: int, itemsize: int, vmem: int) -> tu
 
 
 def lse_backward_fused(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, tiles, vmem, acc=None):
-  """(Σ_j dS_ij b_j float32 (N_a, D), acc + Σ_i scale_i dS_ij a_i float32 (N_b, D)) from ONE
-  recomputation of each tile of S (dS as in `lse_backward`, scale along rows): the dq and dk kernels
-  of `lse_backward` in one pass, 3 matmuls per tile instead of 4. As there, scale_i is left out of the
-  first sum and inside the second; `acc` (None: zeros) is updated in place.
+  """(dq (N_a, D) in a's dtype, acc + Σ_i scale_i dS_ij a_i float32 (N_b, D), dscale float32 (N_a,))
+  from ONE recomputation of each tile of S (dS as in `lse_backward`, scale along rows): the dq and dk
+  kernels of `lse_backward` in one pass, 3 matmuls per tile instead of 4; `acc` (None: zeros) is
+  updated in place.
 
   The grid runs over column blocks j (outer) and row blocks i (inner), both "arbitrary": dk_j stays in
-  its resident output block while i runs, and Σ_j dS_ij b_j of the call's rows in a float32 VMEM
-  scratch, written out at the last j. That scratch bounds the rows of one call: within about `vmem`
-  bytes of VMEM (`fused_layout`, which may also halve the column block), the rows are split into calls
-  of one kernel whose first row block is a scalar argument, run by a `fori_loop` where there are
-  several; the calls update dk and g in place.
+  its resident output block while i runs, and g_i = Σ_j dS_ij b_j of the call's rows in a float32 VMEM
+  scratch; at the last j the epilogue applies `engines.scale_grads` to it (dq_i = scale_i · g_i,
+  dscale_i = <a_i, g_i>), so no float32 (N_a, D) g reaches HBM. That scratch bounds the rows of one
+  call: within about `vmem` bytes of VMEM (`fused_layout`, which may also halve the column block), the
+  rows are split into calls of one kernel whose first row block is a scalar argument, run by a
+  `fori_loop` where there are several; the calls update dk, dq and dscale in place.
 
   >>> import jax.numpy as jnp
   >>> from jaxcl.ops.tiles import Tiles
   >>> t = Tiles(16, 16, n_a=2, n_b=2, padded_a=16, padded_b=16, interpret=True, num_warps=None,
   ...           num_stages=2)
   >>> x = jnp.zeros((16, 128)).at[:2, :2].set(jnp.eye(2))  # two padded unit vectors
-  >>> lse = jnp.full(16, jnp.log(jnp.e + 1.0))
-  >>> g, dk = lse_backward_fused(x, x, jnp.ones(16), (), lse, jnp.ones(16), None, None, kinds=(),
-  ...                            tiles=t, vmem=1 << 20)
-  >>> [round(float(v), 4) for v in g[0, :2]]  # softmax of row 0: (e, 1) / (e + 1)
-  [0.7311, 0.2689]
-  >>> [round(float(v), 4) for v in dk[0, :2]]  # column 0 of the row softmaxes
-  [0.7311, 0.2689]
+  >>> lse = jnp.full(16, jnp.log(jnp.e ** 2 + 1.0))  # at scale 2
+  >>> dq, dk, dscale = lse_backward_fused(x, x, jnp.full(16, 2.0), (), lse, jnp.ones(16), None, None,
+  ...                                     kinds=(), tiles=t, vmem=1 << 20)
+  >>> [round(float(v), 4) for v in dq[0, :2]]  # 2 · softmax of row 0: 2 (e², 1) / (e² + 1)
+  [1.7616, 0.2384]
+  >>> [round(float(v), 4) for v in dk[0, :2]]  # 2 · column 0 of the row softmaxes
+  [1.7616, 0.2384]
+  >>> round(float(dscale[0]), 4)  # <x_0, softmax of row 0>
+  0.8808
   """
   with_rows, with_cols = g_row is not None, g_col is not None
   add_inputs = functools.partial(_lse_grad_inputs, a=a, b=b, scale=scale, ids=ids, row_lse=row_lse,
@@ -456,30 +465,33 @@ def lse_backward_fused(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kind
 
 
 def _fused_backward(name, tiles, a, add_inputs, grad_tile, *, row_sums, vmem, acc, exps):
-  """(g, dk) or (g, dk, row sums) of a fused backward: `add_inputs(call)` adds the kernel's inputs,
-  `grad_tile` reads them (`_fused_bwd_kernel`); the rows in calls of one kernel (`fused_layout`)."""
+  """(dq, dk, dscale) or (dq, dk, dscale, row sums) of a fused backward: `add_inputs(call)` adds the
+  kernel's inputs, `grad_tile` reads them (`_fused_bwd_kernel`); the rows in calls of one kernel
+  (`fused_layout`)."""
   ba, d = tiles.block_a, a.shape[1]
   block_b, rows, need = fused_layout(tiles, d, a.dtype.itemsize, vmem)
   tiles = dataclasses.replace(tiles, block_b=block_b)
   grad_tile = functools.partial(grad_tile, tiles=tiles)
   (n_blocks, nj), per_call = tiles.grid, rows // ba
   order = _Order(cols_outer=True, row_blocks=per_call)
-  # dk_j resident while i runs; g's block (and the row sums') stays at the call's first row block until
-  # the last column block, where it follows i: each block is written back once, after it was stored.
+  # dk_j resident while i runs; the blocks of dq, dscale (and the row sums) stay at the call's first row
+  # block until the last column block, where they follow i: each is written back once, after it was
+  # stored.
   written = lambda j, i, first_ref: jnp.minimum(jnp.where(j == nj - 1, i, 0) + first_ref[0], n_blocks - 1)
-  out_shape = [jax.ShapeDtypeStruct((tiles.padded_b, d), jnp.float32),
-               jax.ShapeDtypeStruct((tiles.padded_a, d), jnp.float32)]
-  out_specs = [pl.BlockSpec((tiles.block_b, d), order.index(tiles, lambda i, j: (j, 0))),
-               pl.BlockSpec((ba, d), lambda *g: (written(*g), 0))]
+  row_vector = (jax.ShapeDtypeStruct((1, tiles.padded_a), jnp.float32),
+                pl.BlockSpec((1, ba), lambda *g: (0, written(*g))))
+  outs = [(jax.ShapeDtypeStruct((tiles.padded_b, d), jnp.float32),
+           pl.BlockSpec((tiles.block_b, d), order.index(tiles, lambda i, j: (j, 0)))),
+          (jax.ShapeDtypeStruct((tiles.padded_a, d), a.dtype), pl.BlockSpec((ba, d), lambda *g: (written(*g), 0))),
+          row_vector] + [row_vector] * row_sums
+  out_shape, out_specs = [shape for shape, _ in outs], [spec for _, spec in outs]
   scratch = [pltpu.VMEM((per_call * ba, d), jnp.float32)]
   if row_sums:
-    out_shape.append(jax.ShapeDtypeStruct((1, tiles.padded_a), jnp.float32))
-    out_specs.append(pl.BlockSpec((1, ba), lambda *g: (0, written(*g))))
     scratch.append(pltpu.VMEM((per_call, 1, ba), jnp.float32))
   kernel = functools.partial(_fused_bwd_kernel, tiles=tiles, grad_tile=grad_tile, row_sums=row_sums)
 
   def step(c, carry):
-    """Call c: the rows from block c · per_call, adding into dk and writing their g, in place."""
+    """Call c: the rows from block c · per_call, adding into dk and writing their dq, dscale, in place."""
     call = _Call(tiles, order)
     add_inputs(call)
     aliases = call.accumulator(carry[0], "cols", output=0, buffers=1)  # read at i == 0 only
@@ -492,10 +504,10 @@ def _fused_backward(name, tiles, a, add_inputs, grad_tile, *, row_sums, vmem, ac
     ))
 
   dk = jnp.zeros((tiles.padded_b, d), jnp.float32) if acc is None else acc
-  carry = _vma.like((dk, *(jnp.zeros(s.shape, jnp.float32) for s in out_shape[1:])), a)
+  carry = _vma.like((dk, *(jnp.zeros(s.shape, s.dtype) for s in out_shape[1:])), a)
   calls = -(-n_blocks // per_call)
-  dk, g, *sums = step(0, carry) if calls == 1 else jax.lax.fori_loop(0, calls, step, carry)
-  return (g, dk, *(s[0] for s in sums))
+  dk, dq, *vectors = step(0, carry) if calls == 1 else jax.lax.fori_loop(0, calls, step, carry)
+  return (dq, dk, *(v[0] for v in vectors))
 
 
 # ------------------------------------------------------------------------------------------ sigmoid
@@ -613,9 +625,10 @@ def sigmoid_backward(a, b, scale, bias, positives, g, *, vec_on, tiles, acc=None
 
 
 def sigmoid_backward_fused(a, b, scale, bias, positives, g, *, tiles, vmem, acc=None):
-  """(Σ_j dS_ij b_j float32 (N_a, D), acc + Σ_i scale_i dS_ij a_i float32 (N_b, D), Σ_j dS_ij (N_a,))
-  from ONE recomputation of each tile (dS as in `sigmoid_backward`, scale, bias and g along rows): the
-  two orientations of `sigmoid_backward` in one pass, as `lse_backward_fused` does for log-sum-exp.
+  """(dq (N_a, D) in a's dtype, acc + Σ_i scale_i dS_ij a_i float32 (N_b, D), dscale float32 (N_a,),
+  Σ_j dS_ij float32 (N_a,)) from ONE recomputation of each tile (dS as in `sigmoid_backward`, scale,
+  bias and g along rows): the two orientations of `sigmoid_backward` in one pass, dq and dscale by
+  `engines.scale_grads` in the epilogue, as `lse_backward_fused` does for log-sum-exp.
 
   >>> import jax.numpy as jnp
   >>> from jaxcl.ops.tiles import Tiles
@@ -623,10 +636,12 @@ def sigmoid_backward_fused(a, b, scale, bias, positives, g, *, tiles, vmem, acc=
   ...           num_stages=2)
   >>> x = jnp.zeros((16, 128)).at[:2, :2].set(jnp.eye(2))  # two padded unit vectors
   >>> ids = jnp.arange(16)
-  >>> g, dk, total = sigmoid_backward_fused(x, x, jnp.ones(16), jnp.zeros(16), (ids, ids), jnp.ones(16),
-  ...                                       tiles=t, vmem=1 << 20)
+  >>> dq, dk, dscale, total = sigmoid_backward_fused(x, x, jnp.ones(16), jnp.zeros(16), (ids, ids),
+  ...                                                jnp.ones(16), tiles=t, vmem=1 << 20)
   >>> round(float(total[0]), 4), [round(float(v), 4) for v in dk[0, :2]]  # -σ(-1) + σ(0); (-σ(-1), σ(0))
   (0.2311, [-0.2689, 0.5])
+  >>> round(float(dscale[0]), 4)  # <x_0, (-σ(-1), σ(0))>
+  -0.2689
   """
   add_inputs = functools.partial(_sig_grad_inputs, a=a, b=b, scale=scale, bias=bias, positives=positives,
                                  g=g, vec_on="rows")
