@@ -557,6 +557,22 @@ def test_augment_under_jit_and_views():
     augment.make_views(jax.random.key(4), x, 0, cfg)
 
 
+def test_augment_examples_with_per_example_keys_is_augment_batch_and_make_views_a_slice_at_a_time():
+  """Per-example keys (`example_keys`) give exactly `augment_batch` / `make_views` of the whole batch,
+  and the augmentation of any slice of examples (with its slice of the keys) is that slice of the
+  result: gradient caching augments each chunk on its own."""
+  cfg = augment.default_aug_config("simclr")
+  x = _images(8, 12, 12, 3)
+  key = jax.random.key(5)
+  one = augment.augment_examples(augment.example_keys(key, 8), x, cfg)
+  np.testing.assert_array_equal(one, augment.augment_batch(key, x, cfg))
+  keys = augment.example_keys(key, 8, 2)
+  views = augment.augment_examples(keys, x, cfg)
+  np.testing.assert_array_equal(views, augment.make_views(key, x, 2, cfg))
+  np.testing.assert_array_equal(augment.augment_examples(keys[3:6], x[3:6], cfg), views[:, 3:6])
+  assert not np.allclose(views[:, 0], views[:, 1])
+
+
 def _bilinear_reference(image, box, out_shape=None):
   """float64 NumPy: sample the box (top, left, h, w) at the output's pixel centres, clamped."""
   image = np.asarray(image, np.float64)

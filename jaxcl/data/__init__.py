@@ -1,7 +1,7 @@
 """Data: grain pipelines over the bundled digits, prepared tfds datasets and local image folders,
 and on-device augmentations (dm-pix)."""
 
-from jaxcl.data.augment import augment_batch, default_aug_config, make_views
+from jaxcl.data.augment import augment_batch, augment_examples, default_aug_config, example_keys, make_views
 from jaxcl.data.digits import CAPTION_TEMPLATES, CLASS_NAMES, Digits, captions_for_labels
 from jaxcl.data.pipeline import (
     iterator_checkpoint_args,
@@ -16,10 +16,12 @@ __all__ = [
     "CLASS_NAMES",
     "Digits",
     "augment_batch",
+    "augment_examples",
     "build_source",
     "captions_for_labels",
     "default_aug_config",
     "default_data_config",
+    "example_keys",
     "iterator_checkpoint_args",
     "load_arrays",
     "make_train_loader",

@@ -344,14 +344,17 @@ def augment_image(key: jax.Array, image: jax.Array, params: AugParams) -> jax.Ar
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
-def _augment_batch_f32(key: jax.Array, images: jax.Array, params: AugParams) -> jax.Array:
-  keys = jax.random.split(key, images.shape[0])
+def _augment_examples_f32(keys: jax.Array, images: jax.Array, params: AugParams) -> jax.Array:
   return jax.vmap(augment_image, in_axes=(0, 0, None))(keys, images, params)
 
 
-def _augment_batch(key: jax.Array, images: jax.Array, params: AugParams) -> jax.Array:
+def _augment_examples(keys: jax.Array, images: jax.Array, params: AugParams) -> jax.Array:
   # One compiled program per (config, shape) whatever the input dtype: compute in float32.
-  return _augment_batch_f32(key, images.astype(jnp.float32), params).astype(images.dtype)
+  return _augment_examples_f32(keys, images.astype(jnp.float32), params).astype(images.dtype)
+
+
+def _augment_batch(key: jax.Array, images: jax.Array, params: AugParams) -> jax.Array:
+  return _augment_examples(jax.random.split(key, images.shape[0]), images, params)
 
 
 def _check_images(images: Any) -> jax.Array:
@@ -380,6 +383,49 @@ def augment_batch(key: jax.Array, images: jax.Array, aug_config: Any) -> jax.Arr
   return _augment_batch(key, images, parse_aug_config(aug_config))
 
 
+def example_keys(key: jax.Array, num_examples: int, num_views: int | None = None) -> jax.Array:
+  """The per-example keys `augment_batch` (num_views None: shape (B,)) and `make_views` ((B,
+  num_views): view v of example i uses split(split(key, num_views)[v], B)[i]) draw from `key`, for
+  `augment_examples`: the same augmentations computed a slice of examples at a time.
+
+  >>> example_keys(jax.random.key(0), 5, 2).shape
+  (5, 2)
+  """
+  if num_views is None:
+    return jax.random.split(key, num_examples)
+  return jnp.stack([jax.random.split(k, num_examples) for k in jax.random.split(key, num_views)], axis=1)
+
+
+def augment_examples(keys: jax.Array, images: jax.Array, aug_config: Any | Sequence[Any]) -> jax.Array:
+  """The augmentations of `images` (B, H, W, C) with per-example `keys` (`example_keys`): keys of
+  shape (B,) give one view, (B, V) -> (V, B, H, W, C) as `make_views` (one config, or one per view).
+  `augment_examples(example_keys(key, B), x, c)` is `augment_batch(key, x, c)`, and any slice of
+  examples gives the same slice of the result.
+
+  >>> x = jnp.full((3, 8, 8, 1), 0.5)
+  >>> k = example_keys(jax.random.key(0), 3, 2)
+  >>> bool(jnp.all(augment_examples(k, x, default_aug_config("digits"))[:, 1:] ==
+  ...              augment_examples(k[1:], x[1:], default_aug_config("digits"))))
+  True
+  """
+  images = _check_images(images)
+  if keys.ndim == 1:
+    return _augment_examples(keys, images, parse_aug_config(aug_config))
+  params = _view_params(aug_config, keys.shape[1])
+  return jnp.stack([_augment_examples(keys[:, v], images, params[v]) for v in range(keys.shape[1])])
+
+
+def _view_params(aug_config: Any | Sequence[Any], num_views: int) -> list[AugParams]:
+  if isinstance(aug_config, (list, tuple)) and not isinstance(aug_config, AugParams):
+    if len(aug_config) != num_views:
+      raise ValueError(
+          f"`aug_config` must be one config or {num_views} configs (one per view), got "
+          f"{len(aug_config)}."
+      )
+    return [parse_aug_config(c) for c in aug_config]
+  return [parse_aug_config(aug_config)] * num_views
+
+
 def make_views(
     key: jax.Array, images: jax.Array, num_views: int, aug_config: Any | Sequence[Any]
 ) -> jax.Array:
@@ -395,14 +441,6 @@ def make_views(
   images = _check_images(images)
   if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1:
     raise ValueError(f"`num_views` must be a positive integer, got {num_views!r}.")
-  if isinstance(aug_config, (list, tuple)) and not isinstance(aug_config, AugParams):
-    if len(aug_config) != num_views:
-      raise ValueError(
-          f"`aug_config` must be one config or {num_views} configs (one per view), got "
-          f"{len(aug_config)}."
-      )
-    params = [parse_aug_config(c) for c in aug_config]
-  else:
-    params = [parse_aug_config(aug_config)] * num_views
+  params = _view_params(aug_config, num_views)
   keys = jax.random.split(key, num_views)
   return jnp.stack([_augment_batch(keys[v], images, params[v]) for v in range(num_views)])

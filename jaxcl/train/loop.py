@@ -289,13 +289,20 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
   b = images.shape[0]
   v = config.num_views
   self_supervised = config.method in methods.SELF_SUPERVISED
-  if self_supervised:
-    views = augment.make_views(key, images, v, setup.aug)
-    # Sample-major (b, v) order: each device keeps its own samples' views, so the batch sharding
-    # survives the merge (view-major would split no device-contiguous block and gather the batch).
-    inputs = (jnp.swapaxes(views, 0, 1).reshape((b * v,) + views.shape[2:]),)
-  else:
-    inputs = (augment.augment_batch(key, images, setup.aug), batch["text"])
+  # Per-example augmentation keys: the views of example i are the same whether the batch is augmented
+  # at once or a chunk at a time (gradient caching augments inside each chunk).
+  keys = augment.example_keys(key, b, v if self_supervised else None)
+
+  def model_inputs(images, keys, *rest):
+    """The model's inputs from raw images (augmented here) and the other fields of (a chunk of) the batch."""
+    if self_supervised:
+      views = augment.augment_examples(keys, images, setup.aug)
+      # Sample-major (b, v) order: each device keeps its own samples' views, so the batch sharding
+      # survives the merge (view-major would split no device-contiguous block and gather the batch).
+      return (jnp.swapaxes(views, 0, 1).reshape((-1,) + views.shape[2:]),)
+    return (augment.augment_examples(keys, images, setup.aug), *rest)
+
+  raw = (images, keys) if self_supervised else (images, keys, batch["text"])
 
   def apply(params, batch_stats, *xs):
     return model.apply({"params": params, "batch_stats": batch_stats}, *xs, train=True,
@@ -309,11 +316,16 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
     return jax.lax.cond(logged, metric, zeros)
 
   def loss_fn(params):
+    inputs = model_inputs(*raw)
     out, mutated = apply(params, state.batch_stats, *inputs)
+    if config.method in methods.WITH_TARGET_NETWORK:
+      t_out, t_mut = apply(state.target_params, state.target_batch_stats, *inputs)
+      return loss_of(out, mutated.get("batch_stats", {}), (t_out, t_mut))
     return loss_of(out, mutated.get("batch_stats", {}))
 
-  def loss_of(out, batch_stats):
-    """The loss of the model's outputs `out` for the whole batch, with the logged aux."""
+  def loss_of(out, batch_stats, target_outputs=None):
+    """The loss of the model's outputs `out` for the whole batch (and the target network's outputs
+    and batch statistics, for methods with one), with the logged aux."""
     aux = {"batch_stats": batch_stats, "target_batch_stats": state.target_batch_stats}
     if not self_supervised:
       aux["logit_scale"] = out["logit_scale"]
@@ -323,7 +335,7 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
     online = {k: by_view(out[k]) for k in ("projection", "prediction") if k in out}
     target = None
     if config.method in methods.WITH_TARGET_NETWORK:
-      t_out, t_mut = apply(state.target_params, state.target_batch_stats, *inputs)
+      t_out, t_mut = target_outputs
       target = {"projection": jax.lax.stop_gradient(by_view(t_out["projection"]))}
       aux["target_batch_stats"] = t_mut.get("batch_stats", {})
       aux["keys"] = target["projection"][1]
@@ -338,7 +350,7 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
   if config.grad_cache_chunks == 1:
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   else:
-    (loss, aux), grads = _cached_loss_and_grads(config, setup, state, inputs, apply, loss_of)
+    (loss, aux), grads = _cached_loss_and_grads(config, setup, state, raw, model_inputs, apply, loss_of)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   grad_finite = jax.tree.map(lambda g: jnp.all(jnp.isfinite(g)), grads)
@@ -372,17 +384,19 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
   return new, metrics
 
 
-def _cached_loss_and_grads(config, setup: Setup, state: TrainState, inputs: tuple, apply, loss_of):
+def _cached_loss_and_grads(config, setup: Setup, state: TrainState, raw: tuple, model_inputs, apply, loss_of):
   """`jax.value_and_grad` of the step's loss by gradient caching (`jaxcl.grad_cache`), the model run on
-  `config.grad_cache_chunks` chunks of each device's rows: the per-example outputs (projections;
-  image and text embeddings) of every chunk, the loss of the whole batch once (the learned logit scale
-  and bias read from the parameters), each chunk's forward again under vjp. BatchNorm normalises each
-  chunk by its own statistics; the new running statistics are the average of the chunks' updates (the
+  `config.grad_cache_chunks` chunks of each device's examples (`raw`: images, augmentation keys, text),
+  each chunk augmented inside (`model_inputs`; the same views as the whole batch's, and only one
+  chunk's augmented images alive): the per-example outputs (projections; image and text embeddings)
+  of every chunk, the loss of the whole batch once (the learned logit scale and bias read from the
+  parameters), each chunk's augmentation and forward again under vjp. BatchNorm normalises each chunk
+  by its own statistics; the new running statistics are the average of the chunks' updates (the
   running mean as from the whole batch, the running variance from the within-chunk variances)."""
   per_example = ("projection", "prediction", "image", "text")
 
   def embed(params, chunk):
-    out, mutated = apply(params, state.batch_stats, *chunk)
+    out, mutated = apply(params, state.batch_stats, *model_inputs(*chunk))
     return {k: out[k] for k in per_example if k in out}, mutated.get("batch_stats", {})
 
   def loss(params, outputs):
@@ -394,7 +408,7 @@ def _cached_loss_and_grads(config, setup: Setup, state: TrainState, inputs: tupl
   shards = 1 if setup.mesh is None else int(np.prod([setup.mesh.shape[a] for a in BATCH_AXES]))
   run = grad_cache.value_and_grad(embed, loss, chunks=int(config.grad_cache_chunks), shards=shards,
                                   has_aux=True, embed_has_aux=True)
-  (value, aux), grads = run(state.params, inputs)
+  (value, aux), grads = run(state.params, raw)
   loss_aux = dict(aux["loss"], batch_stats=jax.tree.map(lambda x: jnp.mean(x, axis=0), aux["embed"]))
   return (value, loss_aux), grads
 
