@@ -162,8 +162,8 @@ def report(made: dict, searched: dict) -> str:
       " step). Gradient caching: `grad_cache_chunks` so that a chunk holds 256 examples per chip. Largest: the largest global batch with the chosen engine, bisected to within"
       " 1/4 (fits ≤ largest < does not fit).",
       "",
-      "| recipe | global batch | slice | dense: fits, per chip | chosen: fits, per chip | chosen engine | chosen + gradient caching | largest batch that fits (chosen) |",
-      "|---|---|---|---|---|---|---|---|",
+      "| recipe | global batch | slice | dense: fits, per chip | chosen: fits, per chip | chosen engine | chosen + gradient caching | largest batch that fits (chosen) | commits |",
+      "|---|---|---|---|---|---|---|---|---|",
   ]
   for recipe, batch in ROWS:
     for name, topology in SLICES.items():
@@ -175,9 +175,10 @@ def report(made: dict, searched: dict) -> str:
       found = searched.get((recipe, topology))
       largest = ("not searched" if found is None else found if isinstance(found, str)
                  else f"{found[0]:,} (not {found[1]:,})")
+      commits = ", ".join(dict.fromkeys(r.get("commit", "?") for r in (dense, chosen, cached) if r))
       lines.append(f"| {recipe} | {batch:,} | {name} (`{topology}`) | {_memory(dense)} | {_memory(chosen)} | "
-                   f"{engine(recipe, topology, batch)}{_kernels(chosen)} | {cached_text} | {largest} |")
-  seconds = sum(r.get("compile_seconds", 0) for r in made.values())
+                   f"{engine(recipe, topology, batch)}{_kernels(chosen)} | {cached_text} | {largest} | {commits} |")
+  seconds = sum(r.get("compile_seconds") or 0 for r in made.values())
   lines += ["", f"{len(made)} compiles, {seconds / 60:.0f} minutes of compiling in all."]
   return "\n".join(lines) + "\n"
 
@@ -222,8 +223,11 @@ def _cached_search(recipe: str, topology: str, made: dict):
 
   try:
     best, over = plan.max_batch(_runs.recipe(recipe), topology, tolerance=TOLERANCE, planner=planner)
-  except LookupError:
-    return None
+  except LookupError:  # the search stopped before the end: the largest batch found to fit so far
+    fitting = [json.loads(k)["batch_size"] for k, r in made.items()
+               if r["plan"] and r["plan"]["fits"] and set(json.loads(k)) == {"recipe", "topology", "batch_size"}
+               and json.loads(k)["recipe"] == recipe and json.loads(k)["topology"] == topology]
+    return f">= {max(fitting):,} (search not finished)" if fitting else None
   except plan.PlanError as e:
     return str(e)
   return best["global_batch"], over["global_batch"]
