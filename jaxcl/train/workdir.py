@@ -134,11 +134,12 @@ def acquire_lock(workdir: str) -> str:
   path = os.path.join(workdir, LOCK_FILE)
   for _ in range(3):  # the holder may release (and remove) the file between our open and our flock
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    locked = _flock(fd)
-    if locked and not _same_file(fd, path):  # we locked a file its holder has just removed
-      os.close(fd)
-      continue
+    locked = False
     try:
+      locked = _flock(fd)
+      if locked and not _same_file(fd, path):  # we locked a file its holder has just removed
+        os.close(fd)
+        continue
       holder = read_lock(path)
       if not locked or (holder is not None and not _stale(holder, path)):
         raise WorkdirLockedError(_held_message(workdir, path, holder))
@@ -153,8 +154,10 @@ def acquire_lock(workdir: str) -> str:
       os.close(fd)
       raise
     except BaseException:  # e.g. SIGTERM right now: leave no lock file this process made behind
+      locked = locked or _flock(fd)  # interrupted before the flock: clean up only if nobody holds it
       mine = read_lock(path)
-      if _same_file(fd, path) and (not os.fstat(fd).st_size or (mine is not None and _is_this_process(mine))):
+      if locked and _same_file(fd, path) and (
+          not os.fstat(fd).st_size or (mine is not None and _is_this_process(mine))):
         os.remove(path)
       os.close(fd)
       raise
@@ -372,6 +375,8 @@ def claim(config, workdir: str):
       raise RuntimeError(f"process 0 could not start the run in {workdir} (its output says why).")
     yield
   finally:
+    if lock is None and _paths.is_local(workdir) and os.path.join(workdir, LOCK_FILE) in _HELD:
+      lock = os.path.join(workdir, LOCK_FILE)  # interrupted between acquire_lock's return and `lock =`
     if lock is not None:
       release_lock(lock)
 
