@@ -57,6 +57,16 @@ class _Call:
     else:
       self.specs.append(pl.BlockSpec(x.shape, lambda i: (0,) * x.ndim))
 
+  def lse_operands(self, a, b, scale, scale_on: str, ids):
+    """The operands every log-sum-exp kernel starts with: a (rows), b (columns), the scale along
+    `scale_on`, and each id pair (row ids, column ids)."""
+    self.add(a, "rows")
+    self.add(b, "cols")
+    self.add(scale, scale_on)
+    for r, c in ids:
+      self.add(r, "rows")
+      self.add(c, "cols")
+
   def accumulator(self, acc: jax.Array | None, side: str = "rows", output: int = 0):
     """The float32 accumulator a backward kernel adds into, in place (None: start from zero): (N_a, D)
     read in the output's row blocks, or (N_b, D) whole (side "cols", the fused backward's dk, which the
@@ -212,12 +222,7 @@ def lse_forward(a, b, scale, ids, *, kinds, scale_on, with_cols, tiles):
   if with_cols:
     raise ValueError("the GPU kernels compute the column log-sum-exp with a second, swapped call.")
   call = _Call(tiles)
-  call.add(a, "rows")
-  call.add(b, "cols")
-  call.add(scale, scale_on)
-  for r, c in ids:
-    call.add(r, "rows")
-    call.add(c, "cols")
+  call.lse_operands(a, b, scale, scale_on, ids)
   out_shape, out_spec = _row_out(tiles)
   kernel = functools.partial(_lse_fwd_kernel, tiles=tiles, kinds=kinds, scale_on=scale_on)
   return call(kernel, "jaxcl_lse_fwd", out_shape, out_spec), None
@@ -254,12 +259,7 @@ def _lse_bwd_kernel(*refs, tiles, kinds, scale_on, with_rows, with_cols, with_ac
 def _lse_grad_call(a, b, scale, ids, row_lse, g_row, col_lse, g_col, *, kinds, scale_on, tiles, acc, fused):
   """The pallas_call of `lse_backward` (fused False) or `lse_backward_fused` (True)."""
   call = _Call(tiles)
-  call.add(a, "rows")
-  call.add(b, "cols")
-  call.add(scale, scale_on)
-  for r, c in ids:
-    call.add(r, "rows")
-    call.add(c, "cols")
+  call.lse_operands(a, b, scale, scale_on, ids)
   with_rows, with_cols = g_row is not None, g_col is not None
   if with_rows:
     call.add(row_lse, "rows")

@@ -110,6 +110,16 @@ class _Call:
     else:
       self.specs.append(pl.BlockSpec((1, self.tiles.block_b), self.index(lambda i, j: (0, j))))
 
+  def lse_operands(self, a, b, scale, scale_on: str, ids):
+    """The operands every log-sum-exp kernel starts with: a (rows), b (columns), the scale along
+    `scale_on`, and each id pair (row ids, column ids)."""
+    self.matrix(a, "rows")
+    self.matrix(b, "cols")
+    self.vector(scale, scale_on)
+    for r, c in ids:
+      self.vector(r, "rows")
+      self.vector(c, "cols")
+
   def accumulator(self, acc: jax.Array | None, side: str = "rows", output: int = 0,
                   buffers: int | None = None):
     """The float32 (N, D) accumulator along `side` a backward kernel adds into, in place (None: start
@@ -255,12 +265,7 @@ def lse_forward(a, b, scale, ids, *, kinds, scale_on, with_cols, tiles):
   [2.6265, 2.6265]
   """
   call = _Call(tiles)
-  call.matrix(a, "rows")
-  call.matrix(b, "cols")
-  call.vector(scale, scale_on)
-  for r, c in ids:
-    call.vector(r, "rows")
-    call.vector(c, "cols")
+  call.lse_operands(a, b, scale, scale_on, ids)
   row_shape, row_spec = _row_out(tiles)
   out_shape, out_specs = [row_shape], [row_spec]
   scratch = [pltpu.VMEM((tiles.block_a, 1), jnp.float32)] * 2
@@ -301,12 +306,7 @@ _TN = (((0,), (0,)), ((), ()))  # xᵀ · b
 def _lse_grad_inputs(call: _Call, *, a, b, scale, ids, row_lse, g_row, col_lse, g_col, scale_on):
   """Adds the inputs of a log-sum-exp backward kernel to `call`: a, b, the scale, the id pairs, and
   the row / column log-sum-exps with their cotangents (where given)."""
-  call.matrix(a, "rows")
-  call.matrix(b, "cols")
-  call.vector(scale, scale_on)
-  for r, c in ids:
-    call.vector(r, "rows")
-    call.vector(c, "cols")
+  call.lse_operands(a, b, scale, scale_on, ids)
   if g_row is not None:
     call.vector(row_lse, "rows")
     call.vector(g_row, "rows")
