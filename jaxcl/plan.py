@@ -98,9 +98,11 @@ def _cost(stage) -> dict:
 
 def abstract_batch(config, setup, mesh, batch_size: int) -> dict:
   """The global batch `train_step` receives (after `setup.text.prepare`), as abstract arrays split along
-  the batch mesh axes: image (B, H, W, C) float32, label and index (B,) int32, and for image–text methods
-  the text side's input (tokens or locked embeddings)."""
+  the batch mesh axes: image (B, H·W·C) of `config.data.transfer_dtype` (the loop's `encode_images`),
+  label and index (B,) int32, and for image–text methods the text side's input (tokens or locked
+  embeddings)."""
   import jax
+  import numpy as np
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -108,7 +110,9 @@ def abstract_batch(config, setup, mesh, batch_size: int) -> dict:
 
   sharding = NamedSharding(mesh, P(loop.BATCH_AXES))
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
-  batch = {"image": spec((batch_size,) + tuple(setup.info["image_shape"]), jnp.float32),
+  image = loop.encode_images(np.zeros((1,) + tuple(setup.info["image_shape"]), np.float32),
+                             config.data.transfer_dtype)  # one image: the shape and dtype sent
+  batch = {"image": spec((batch_size,) + image.shape[1:], image.dtype),
            "label": spec((batch_size,), jnp.int32), "index": spec((batch_size,), jnp.int32)}
   if config.method in methods.IMAGE_TEXT:
     text = jax.eval_shape(lambda: setup.text.dummy(batch_size))

@@ -374,6 +374,11 @@ def test_recipe_data_path_on_an_imagenet_like_tfds_dataset(name, imagenet_like):
   host = next(iter(pipeline.make_train_loader(config.data, split="train", global_batch_size=4, seed=0)))
   assert host["image"].shape == (4, 224, 224, 3) and host["image"].dtype == np.float32
   assert 0.0 <= host["image"].min() and host["image"].max() <= 1.0
+  # sent as uint8 (the recipes' data.transfer_dtype), a quarter of the bytes: the images resized to 224 px
+  # by the source are rounded to the nearest of 256 levels
+  sent = loop.encode_images(host["image"], config.data.transfer_dtype)
+  assert sent.dtype == np.uint8 and sent.shape == (4, 224 * 224 * 3)
+  np.testing.assert_allclose(np.asarray(loop.decode_images(sent, (224, 224, 3))), host["image"], atol=0.5 / 255 + 1e-6)
   assert set(host["label"].tolist()) <= set(range(990, 998))
   batch = text_lib.build_text_side(config, infos["train"]).prepare(config, host, 0)
   if name == "simclr_r50":

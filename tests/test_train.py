@@ -227,6 +227,42 @@ def test_target_network_moves_once_per_optimizer_update_under_accumulation(data_
     np.testing.assert_allclose(np.asarray(got), np.asarray(w), rtol=1e-6, atol=1e-7)
 
 
+def test_uint8_transfer_is_the_step_on_the_images_rounded_to_8_bits(data_dir):
+  """`config.data.transfer_dtype = "uint8"`: the loop sends (b, H·W·C) uint8 (`encode_images`) and the
+  step decodes it; the result is the float32 step on the same images rounded to 256 levels (to float32
+  rounding; the images are perturbed off the digits' 8-bit levels so that rounding is visible). Also the flat
+  float32 form equals the (b, H, W, C) one."""
+  from jaxcl.data import pipeline
+
+  config = tiny(load_recipe("clip_digits"), data_dir)
+  setup = loop.build_setup(config)
+  state = jax.jit(functools.partial(loop.init_state, config, setup))(jax.random.key(0))
+  step = jax.jit(functools.partial(loop.train_step, config, setup))
+  host = setup.text.prepare(config, next(iter(pipeline.make_train_loader(
+      config.data, split="train", global_batch_size=config.batch_size, seed=0))), 0)
+  mesh = loop.make_mesh(config)
+  images = np.clip(host["image"] + np.random.default_rng(0).uniform(-0.002, 0.002, host["image"].shape), 0, 1)
+  host = dict(host, image=images.astype(np.float32))
+  rounded = (np.round(host["image"] * 255) / 255).astype(np.float32)
+  assert not np.array_equal(rounded, host["image"])
+  runs = {}
+  for name, image in {"uint8": loop.encode_images(host["image"], "uint8"), "rounded": rounded,
+                      "rounded_flat": loop.encode_images(rounded, "float32")}.items():
+    runs[name] = step(state, loop.to_global(dict(host, image=image), mesh))
+  assert loop.encode_images(host["image"], "uint8").dtype == np.uint8
+  pairs = {("rounded_flat", "rounded"): 0.0,  # the same float32 images, flat or not: the same step
+           ("uint8", "rounded"): 1e-6}  # the step's own u8 / 255 (the compiler may multiply by 1/255)
+  for (got, want), tol in pairs.items():
+    np.testing.assert_allclose(float(runs[got][1]["loss"]), float(runs[want][1]["loss"]), rtol=tol)
+    for a, b in zip(jax.tree.leaves(runs[got][0].params), jax.tree.leaves(runs[want][0].params), strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=10 * tol, atol=1e-7 if tol else 0)
+  with config.unlocked():
+    config.data.transfer_dtype = "float16"
+  with pytest.raises(ValueError, match=r"`config.data.transfer_dtype` must be one of \('float32', 'uint8'\), "
+                                       r"got 'float16'"):
+    loop.validate_config(config, data=False)
+
+
 def _steps_of(config, n):
   """(states after each of n train steps, their metrics) from the same init and batches."""
   from jaxcl.data import pipeline
