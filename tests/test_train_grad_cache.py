@@ -1,0 +1,86 @@
+"""The trainer's gradient caching (`config.grad_cache_chunks`, `jaxcl.train.loop` with
+`jaxcl.grad_cache`): the chunked run follows the unchunked one step for step, BatchNorm's running
+statistics, and the config errors. (Resume under caching: tests/test_train.py.)"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcl.train import loop
+from tests.test_train import data_dir, load_recipe, tiny  # noqa: F401  (data_dir is a fixture)
+
+
+def _steps_of(config, n):
+  """(states after each of n train steps, their metrics) from the same init and batches."""
+  from jaxcl.data import pipeline
+
+  setup = loop.build_setup(config)
+  state = jax.jit(functools.partial(loop.init_state, config, setup))(jax.random.key(0))
+  step = jax.jit(functools.partial(loop.train_step, config, setup))
+  it = iter(pipeline.make_train_loader(config.data, split="train", global_batch_size=config.batch_size, seed=0))
+  mesh = loop.make_mesh(config)
+  states, metrics = [], []
+  for i in range(n):
+    state, m = step(state, loop.to_global(setup.text.prepare(config, next(it), i), mesh))
+    states.append(state)
+    metrics.append(m)
+  return states, metrics
+
+
+@pytest.mark.parametrize("recipe", ["clip_digits", "simclr_digits"])
+def test_grad_cache_follows_the_unchunked_run_step_for_step(recipe, data_dir):
+  """`config.grad_cache_chunks = 4` (batch 32 over the 8 test devices: 4 chunks of 1 row per device)
+  with layer norms only: the same loss, gradient norm and parameters as the unchunked run at each of 3
+  steps, to float32 rounding; the logit scale (CLIP) is learned the same way. SGD: its update is linear
+  in the gradient (Adam's normalisation turns the rounding noise of a near-zero gradient into a full
+  step)."""
+  runs = []
+  for chunks in (1, 4):
+    config = tiny(load_recipe(recipe), data_dir, steps=3)
+    config.batch_size, config.model.norm, config.grad_cache_chunks = 32, "layer", chunks
+    config.optimizer, config.learning_rate = "sgd", 0.5
+    runs.append(_steps_of(config, 3))
+  (states, metrics), (cached_states, cached_metrics) = runs
+  for s, c, m, cm in zip(states, cached_states, metrics, cached_metrics):
+    np.testing.assert_allclose(cm["loss"], m["loss"], rtol=1e-5)
+    np.testing.assert_allclose(cm["grad_norm"], m["grad_norm"], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(c.params), jax.tree.leaves(s.params), strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  assert float(metrics[-1]["loss"]) != float(metrics[0]["loss"])  # it trained
+
+
+def test_grad_cache_with_batch_norm_keeps_the_running_mean_of_the_whole_batch(data_dir):
+  """BatchNorm under gradient caching normalises each chunk by its own statistics; the running mean
+  after a step is the whole batch's (the average of equal chunks' means), the running variance is
+  not (the within-chunk variances miss the between-chunk part: smaller)."""
+  stats = []
+  for chunks in (1, 2):
+    config = tiny(load_recipe("simclr_digits"), data_dir, steps=1)
+    config.batch_size, config.model.norm, config.grad_cache_chunks = 32, "batch", chunks
+    (state,), _ = _steps_of(config, 1)
+    stats.append(jax.tree_util.tree_flatten_with_path(state.batch_stats)[0])
+  for (path, whole), (_, chunked) in zip(*stats, strict=True):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['mean']"):
+      np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-5, atol=1e-6)
+    else:
+      assert name.endswith("['var']") and float(jnp.mean(chunked)) < float(jnp.mean(whole))
+
+
+def test_grad_cache_config_errors_name_the_key(data_dir, tmp_path):
+  config = tiny(load_recipe("clip_digits"), data_dir)
+  config.grad_cache_chunks = 4  # batch 16 over 8 devices: 2 per device
+  with pytest.raises(ValueError, match=r"^`config.grad_cache_chunks` = 4 must divide each device's batch: "
+                                       r"`config.batch_size` 16 over 8 devices is 2\.$"):
+    loop.train_and_evaluate(config, str(tmp_path), progress=False)
+  config = tiny(load_recipe("byol_digits"), data_dir)
+  config.grad_cache_chunks = 2
+  with pytest.raises(ValueError, match=r"`config.grad_cache_chunks` = 2 does not support method 'byol' .*"
+                                       r"\(an EMA target network\): set it to 1\."):
+    loop.train_and_evaluate(config, str(tmp_path), progress=False)
+  config.grad_cache_chunks = 0
+  with pytest.raises(ValueError, match=r"`config.grad_cache_chunks` must be a positive integer, got 0"):
+    loop.train_and_evaluate(config, str(tmp_path), progress=False)
