@@ -102,8 +102,8 @@ def abstract_batch(config, setup, mesh, batch_size: int) -> dict:
   label and index (B,) int32, and for image–text methods the text side's input (tokens or locked
   embeddings)."""
   import jax
-  import numpy as np
   import jax.numpy as jnp
+  import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from jaxcl.train import loop, methods
