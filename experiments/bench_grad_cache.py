@@ -9,8 +9,15 @@ quiet machine: nothing else should compute meanwhile). k = 1 is the plain `jax.v
 ResNet-18 also with the chunk loops unrolled (`unroll=True`: XLA:CPU runs convolution gradients
 inside a loop body about 10x slower than outside).
 
-    python experiments/bench_grad_cache.py                              # everything (about an hour)
+    python experiments/bench_grad_cache.py                              # everything (many hours here)
     python experiments/bench_grad_cache.py --models vit_ti --batches 1024 2048
+
+A second run with the same `--out` keeps the rows already measured. `--time-max-batch N` compiles the
+larger batches for their temporaries only. What results/ holds was run as:
+
+    python experiments/bench_grad_cache.py --models vit_ti --time-max-batch 2048 --repeats 1
+    python experiments/bench_grad_cache.py --models resnet18 --batches 1024 --chunks 1 2 4 --repeats 1
+    python experiments/bench_grad_cache.py --models resnet18 --batches 2048 4096 8192 --time-max-batch 0
 
 Writes `results/bench_grad_cache.json` and `results/bench_grad_cache.md`.
 """
@@ -59,7 +66,8 @@ def step_fn(model, chunks: int, unroll: bool):
     return jax.jit(grad_cache.value_and_grad(embed, loss, chunks=chunks, unroll=unroll))
 
 
-def measure(name: str, batch: int, chunks: int, repeats: int, unroll: bool = False) -> dict:
+def measure(name: str, batch: int, chunks: int, repeats: int, unroll: bool = False, timed: bool = True) -> dict:
+    """Temporaries of the compiled step, and (`timed`) the median time of `repeats` steps after one."""
     model = MODELS[name]()
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.uniform(size=(batch, IMAGE, IMAGE, 3)), jnp.float32)
@@ -70,14 +78,15 @@ def measure(name: str, batch: int, chunks: int, repeats: int, unroll: bool = Fal
     compiled = fn.lower(params, data).compile()
     compile_s = time.perf_counter() - start
     temp = compiled.memory_analysis().temp_size_in_bytes
-    jax.block_until_ready(compiled(params, data))  # warm-up
     times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(params, data))
-        times.append(time.perf_counter() - start)
+    if timed:
+        jax.block_until_ready(compiled(params, data))  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(params, data))
+            times.append(time.perf_counter() - start)
     return {"model": name, "batch": batch, "chunks": chunks, "unroll": unroll, "temp_bytes": int(temp),
-            "step_seconds": statistics.median(times), "compile_seconds": compile_s}
+            "step_seconds": statistics.median(times) if times else None, "compile_seconds": compile_s}
 
 
 def report(rows: list[dict]) -> str:
@@ -96,10 +105,12 @@ def report(rows: list[dict]) -> str:
     for r in rows:
         b = base.get((r["model"], r["batch"]))
         mem = f"{r['temp_bytes'] / b['temp_bytes']:.2f}" if b else ""
-        tim = f"{r['step_seconds'] / b['step_seconds']:.2f}" if b else ""
+        timed = r["step_seconds"] is not None
+        tim = f"{r['step_seconds'] / b['step_seconds']:.2f}" if b and timed and b["step_seconds"] else ""
         loops = "" if r["chunks"] == 1 else "unrolled" if r["unroll"] else "scan"
+        step = f"{r['step_seconds']:.2f} s" if timed else "not timed"
         lines.append(f"| {r['model']} | {r['batch']:,} | {r['chunks']} | {loops} | {r['temp_bytes'] / 2**20:,.0f} MiB | "
-                     f"{mem} | {r['step_seconds']:.2f} s | {tim} |")
+                     f"{mem} | {step} | {tim} |")
     return "\n".join(lines) + "\n"
 
 
@@ -111,17 +122,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--unroll", nargs="*", default=["resnet18"], choices=list(MODELS),
                         help="models also measured with unrolled chunk loops (k > 1)")
+    parser.add_argument("--time-max-batch", type=int, default=1 << 30,
+                        help="larger batches: temporaries only (compiled, not run)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "bench_grad_cache"))
     args = parser.parse_args()
-    rows = []
+    os.makedirs(RESULTS, exist_ok=True)
+    # Resumable: the rows of an earlier run with the same --out are kept, only the missing ones measured.
+    rows = json.load(open(args.out + ".json")) if os.path.exists(args.out + ".json") else []
+    done = {(r["model"], r["batch"], r["chunks"], r["unroll"], r["step_seconds"] is not None) for r in rows}
     for name in args.models:
         for batch in args.batches:
+            timed = batch <= args.time_max_batch
             for chunks in args.chunks:
                 for unroll in (False, True) if chunks > 1 and name in args.unroll else (False,):
-                    rows.append(measure(name, batch, chunks, args.repeats, unroll))
+                    if (name, batch, chunks, unroll, timed) in done:
+                        continue
+                    rows.append(measure(name, batch, chunks, args.repeats, unroll, timed))
                     print(json.dumps(rows[-1]), flush=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(rows, f, indent=1)
+                    with open(args.out + ".json", "w") as f:
+                        json.dump(rows, f, indent=1)
     table = report(rows)
     with open(args.out + ".md", "w") as f:
         f.write(table)
