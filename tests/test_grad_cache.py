@@ -125,7 +125,7 @@ def test_vision_transformer_tower(impl):
   gradient of the same chunk forwards to 1e-5 in float32."""
   from jaxcl.models import ViT
 
-  vit = ViT(patch_size=4, hidden=16, depth=2, heads=2, mlp_dim=32, dropout=0.1)
+  vit = ViT(patch_size=4, hidden=16, depth=1, heads=2, mlp_dim=32, dropout=0.1)
   rng = np.random.default_rng(5)
   batch = {"image": jnp.asarray(rng.uniform(size=(B, 8, 8, 3)), jnp.float32),
            "text": jnp.asarray(rng.normal(size=(B, D_IN)), jnp.float32)}
