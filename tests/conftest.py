@@ -35,16 +35,3 @@ import jax  # noqa: E402  (after the environment is set)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-
-# The longest test files first (about 3-8 minutes of CPU each on the 2-core CI machine). Under
-# `--dist loadfile` a file runs on one worker from start to end, so a long file that starts late keeps
-# one worker busy after the others are done; started first, it overlaps the many short ones. xdist's
-# own order (by the number of tests in a file) is turned off in pyproject.toml (--no-loadscope-reorder).
-LONG_FILES_FIRST = ("test_train.py", "test_reliability.py", "test_sharded.py", "test_plan.py",
-                    "test_notebooks.py", "test_train_grad_cache.py", "test_compile_targets.py",
-                    "test_train_mcl.py", "test_grad_cache.py", "test_models.py")
-
-
-def pytest_collection_modifyitems(config, items):
-  rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES_FIRST)))  # stable within a file
