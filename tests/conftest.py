@@ -34,4 +34,3 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import jax  # noqa: E402  (after the environment is set)
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
