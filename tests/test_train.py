@@ -203,18 +203,24 @@ def test_fsdp_mesh_and_gradient_accumulation(data_dir, tmp_path):
   assert results["step"] == 2 and np.isfinite(results["knn_accuracy"])
 
 
-def test_target_network_moves_once_per_optimizer_update_under_accumulation(data_dir):
-
+def step_and_batches(config):
+  """(setup, initial state, jitted `loop.train_step`, iterator of the loader's host batches, mesh) of
+  `config`, built as the loop builds them (init key 0, data seed 0)."""
   from jaxcl.data import pipeline
 
-  config = tiny(load_recipe("byol_digits"), data_dir, steps=4)
-  config.grad_accum_steps = 2
   setup = loop.build_setup(config)
   state = jax.jit(functools.partial(loop.init_state, config, setup))(jax.random.key(0))
   step = jax.jit(functools.partial(loop.train_step, config, setup))
-  it = iter(pipeline.make_train_loader(config.data, split="train", global_batch_size=16, seed=0))
+  batches = iter(pipeline.make_train_loader(config.data, split="train", global_batch_size=config.batch_size,
+                                            seed=0))
+  return setup, state, step, batches, loop.make_mesh(config)
+
+
+def test_target_network_moves_once_per_optimizer_update_under_accumulation(data_dir):
+  config = tiny(load_recipe("byol_digits"), data_dir, steps=4)
+  config.grad_accum_steps = 2
+  setup, state, step, it, mesh = step_and_batches(config)
   unchanged = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-  mesh = loop.make_mesh(config)
   first, _ = step(state, loop.to_global(setup.text.prepare(config, next(it), 0), mesh))
   # micro-step 1 of 2: no optimizer update, so neither the online nor the EMA target network moves
   assert unchanged(first.params, state.params) and unchanged(first.target_params, state.target_params)
@@ -231,15 +237,9 @@ def test_uint8_transfer_is_the_step_on_the_images_rounded_to_8_bits(data_dir):
   step decodes it; the result is the float32 step on the same images rounded to 256 levels (to float32
   rounding; the images are perturbed off the digits' 8-bit levels so that rounding is visible). Also the flat
   float32 form equals the (b, H, W, C) one."""
-  from jaxcl.data import pipeline
-
   config = tiny(load_recipe("clip_digits"), data_dir)
-  setup = loop.build_setup(config)
-  state = jax.jit(functools.partial(loop.init_state, config, setup))(jax.random.key(0))
-  step = jax.jit(functools.partial(loop.train_step, config, setup))
-  host = setup.text.prepare(config, next(iter(pipeline.make_train_loader(
-      config.data, split="train", global_batch_size=config.batch_size, seed=0))), 0)
-  mesh = loop.make_mesh(config)
+  setup, state, step, batches, mesh = step_and_batches(config)
+  host = setup.text.prepare(config, next(batches), 0)
   images = np.clip(host["image"] + np.random.default_rng(0).uniform(-0.002, 0.002, host["image"].shape), 0, 1)
   host = dict(host, image=images.astype(np.float32))
   rounded = (np.round(host["image"] * 255) / 255).astype(np.float32)

@@ -2,26 +2,18 @@
 `jaxcl.grad_cache`): the chunked run follows the unchunked one step for step, BatchNorm's running
 statistics, and the config errors. (Resume under caching: tests/test_train.py.)"""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxcl.train import loop
-from tests.test_train import data_dir, load_recipe, tiny  # noqa: F401  (data_dir is a fixture)
+from tests.test_train import data_dir, load_recipe, step_and_batches, tiny  # noqa: F401  (data_dir is a fixture)
 
 
 def _steps_of(config, n):
   """(states after each of n train steps, their metrics) from the same init and batches."""
-  from jaxcl.data import pipeline
-
-  setup = loop.build_setup(config)
-  state = jax.jit(functools.partial(loop.init_state, config, setup))(jax.random.key(0))
-  step = jax.jit(functools.partial(loop.train_step, config, setup))
-  it = iter(pipeline.make_train_loader(config.data, split="train", global_batch_size=config.batch_size, seed=0))
-  mesh = loop.make_mesh(config)
+  setup, state, step, it, mesh = step_and_batches(config)
   states, metrics = [], []
   for i in range(n):
     state, m = step(state, loop.to_global(setup.text.prepare(config, next(it), i), mesh))
