@@ -7,17 +7,20 @@ Memory: the compiled step's temporaries (XLA's memory analysis of the CPU progra
 take). Time: the median of `--repeats` steps after one warm-up, on this machine (2 cores; run it on a
 quiet machine: nothing else should compute meanwhile). k = 1 is the plain `jax.value_and_grad`;
 ResNet-18 also with the chunk loops unrolled (`unroll=True`: XLA:CPU runs convolution gradients
-inside a loop body about 10x slower than outside).
+inside a loop body about 10x slower than outside; unrolled, the chunks still run one at a time).
 
     python experiments/bench_grad_cache.py                              # everything (many hours here)
     python experiments/bench_grad_cache.py --models vit_ti --batches 1024 2048
 
 A second run with the same `--out` keeps the rows already measured. `--time-max-batch N` compiles the
-larger batches for their temporaries only. What results/ holds was run as:
+larger batches for their temporaries only; steps with more than `--time-max-gib` of temporaries are not
+run (this machine has 24 GiB); `--timed-loops unrolled` times only the unrolled loops for k > 1. What
+results/ holds was run as:
 
     python experiments/bench_grad_cache.py --models vit_ti --time-max-batch 2048 --repeats 1
+    python experiments/bench_grad_cache.py --models vit_ti --batches 4096 8192 --repeats 1
     python experiments/bench_grad_cache.py --models resnet18 --batches 1024 --chunks 1 2 4 --repeats 1
-    python experiments/bench_grad_cache.py --models resnet18 --batches 2048 4096 8192 --time-max-batch 0
+    python experiments/bench_grad_cache.py --models resnet18 --timed-loops unrolled --repeats 1
 
 Writes `results/bench_grad_cache.json` and `results/bench_grad_cache.md`.
 """
@@ -66,8 +69,10 @@ def step_fn(model, chunks: int, unroll: bool):
     return jax.jit(grad_cache.value_and_grad(embed, loss, chunks=chunks, unroll=unroll))
 
 
-def measure(name: str, batch: int, chunks: int, repeats: int, unroll: bool = False, timed: bool = True) -> dict:
-    """Temporaries of the compiled step, and (`timed`) the median time of `repeats` steps after one."""
+def measure(name: str, batch: int, chunks: int, repeats: int, unroll: bool = False, timed: bool = True,
+            max_temp_bytes: float = float("inf")) -> dict:
+    """Temporaries of the compiled step, and (`timed`, and the temporaries at most `max_temp_bytes`) the
+    median time of `repeats` steps after one."""
     model = MODELS[name]()
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.uniform(size=(batch, IMAGE, IMAGE, 3)), jnp.float32)
@@ -79,7 +84,7 @@ def measure(name: str, batch: int, chunks: int, repeats: int, unroll: bool = Fal
     compile_s = time.perf_counter() - start
     temp = compiled.memory_analysis().temp_size_in_bytes
     times = []
-    if timed:
+    if timed and temp <= max_temp_bytes:
         jax.block_until_ready(compiled(params, data))  # warm-up
         for _ in range(repeats):
             start = time.perf_counter()
@@ -102,7 +107,8 @@ def report(rows: list[dict]) -> str:
         "|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     base = {(r["model"], r["batch"]): r for r in rows if r["chunks"] == 1}
-    for r in rows:
+    models = list(dict.fromkeys(r["model"] for r in rows))  # in the order first measured
+    for r in sorted(rows, key=lambda r: (models.index(r["model"]), r["batch"], r["chunks"], r["unroll"])):
         b = base.get((r["model"], r["batch"]))
         mem = f"{r['temp_bytes'] / b['temp_bytes']:.2f}" if b else ""
         timed = r["step_seconds"] is not None
@@ -124,20 +130,28 @@ def main() -> None:
                         help="models also measured with unrolled chunk loops (k > 1)")
     parser.add_argument("--time-max-batch", type=int, default=1 << 30,
                         help="larger batches: temporaries only (compiled, not run)")
+    parser.add_argument("--time-max-gib", type=float, default=12.0,
+                        help="steps with more temporaries than this (GiB): not run (this machine has 24 GiB)")
+    parser.add_argument("--timed-loops", nargs="*", default=["scan", "unrolled"], choices=["scan", "unrolled"],
+                        help="for k > 1, the loop kinds that are timed (the others: temporaries only)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "bench_grad_cache"))
     args = parser.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
     # Resumable: the rows of an earlier run with the same --out are kept, only the missing ones measured.
     rows = json.load(open(args.out + ".json")) if os.path.exists(args.out + ".json") else []
-    done = {(r["model"], r["batch"], r["chunks"], r["unroll"], r["step_seconds"] is not None) for r in rows}
+    key = lambda r: (r["model"], r["batch"], r["chunks"], r["unroll"])  # noqa: E731
     for name in args.models:
         for batch in args.batches:
-            timed = batch <= args.time_max_batch
             for chunks in args.chunks:
                 for unroll in (False, True) if chunks > 1 and name in args.unroll else (False,):
-                    if (name, batch, chunks, unroll, timed) in done:
-                        continue
-                    rows.append(measure(name, batch, chunks, args.repeats, unroll, timed))
+                    loops = "unrolled" if unroll else "scan"
+                    timed = batch <= args.time_max_batch and (chunks == 1 or loops in args.timed_loops)
+                    old = [r for r in rows if key(r) == (name, batch, chunks, unroll)]
+                    too_big = old and old[0]["temp_bytes"] > args.time_max_gib * 2**30
+                    if old and (old[0]["step_seconds"] is not None or not timed or too_big):
+                        continue  # measured before, as far as this machine can
+                    rows = [r for r in rows if key(r) != (name, batch, chunks, unroll)]
+                    rows.append(measure(name, batch, chunks, args.repeats, unroll, timed, args.time_max_gib * 2**30))
                     print(json.dumps(rows[-1]), flush=True)
                     with open(args.out + ".json", "w") as f:
                         json.dump(rows, f, indent=1)

@@ -18,6 +18,7 @@ compiles in 1-5 minutes on a 2-core CPU).
     python experiments/pod_plans.py                   # everything (about 40 compiles)
     python experiments/pod_plans.py --no-max-batch    # the table without the largest-batch searches
     python experiments/pod_plans.py --report          # only rewrite results/pod_plans.md
+    python experiments/pod_plans.py --no-grid --search siglip_vitb16@v5p:4x4x4   # one search
 
 Writes `results/pod_plans.jsonl` and `results/pod_plans.md`.
 """
@@ -198,6 +199,9 @@ def main() -> None:
   parser.add_argument("--no-grid", action="store_true",
                       help="only the largest-batch searches (e.g. in a second process beside the grid)")
   parser.add_argument("--report", action="store_true", help="only rewrite the table from the plans made")
+  parser.add_argument("--search", nargs="*", metavar="RECIPE@TOPOLOGY",
+                      help="run only these largest-batch searches (e.g. simclr_r50@v5p:4x4x4); the "
+                           "others are replayed from the plans made")
   args = parser.parse_args()
   os.makedirs(RESULTS, exist_ok=True)
   made, searched = load(), {}
@@ -216,7 +220,8 @@ def main() -> None:
   if not args.no_max_batch:
     for topology in SLICES.values():
       for recipe in dict.fromkeys(r for r, _ in ROWS):
-        searched[(recipe, topology)] = (largest_batch(recipe, topology, made) if not args.report
+        run = not args.report and (args.search is None or f"{recipe}@{topology}" in args.search)
+        searched[(recipe, topology)] = (largest_batch(recipe, topology, made) if run
                                         else _cached_search(recipe, topology, made))
   table = report(made, searched)
   with open(os.path.join(RESULTS, "pod_plans.md"), "w") as f:

@@ -108,11 +108,12 @@ def value_and_grad(
       each device (`to_chunks`).
     has_aux, embed_has_aux: as above; with either, the value is `(loss, aux)` where aux is a dict with
       "loss" (the loss's aux) and/or "embed" (each chunk's aux, stacked over the chunks in order).
-    unroll: run the chunk loops unrolled (`jax.lax.scan(unroll=True)`) instead of as loops. A loop
-      keeps one chunk's activations alive at a time; unrolled, the compiler may overlap chunks (more
-      memory) but schedules the chunks' operations as it would outside a loop. For backends that run
+    unroll: write the k chunks' steps out instead of running them as loops (`jax.lax.scan`), still
+      one chunk at a time (each chunk is sliced at an index that depends on the previous chunk's
+      results), for the same memory; the program is k times longer to compile. For backends that run
       some operations slowly inside loop bodies: XLA:CPU computes convolution gradients inside a loop
-      about 10x slower (experiments/bench_grad_cache.py).
+      about 10x slower (experiments/bench_grad_cache.py: ResNet-18 unrolled is as fast as without
+      caching).
 
   Returns:
     `f(params, batch, *args, key=None)` -> `(value, grads)` as `jax.value_and_grad` gives, grads in the
@@ -136,18 +137,16 @@ def value_and_grad(
     # (shards, chunks, rows, ...) views of the batch (a reshape: no copy, each shard stays on its
     # device); chunk c is sliced out inside the loops, so no chunk-major copy of the batch is made.
     pieces = jax.tree.map(lambda x: _split(jnp.asarray(x), chunks, shards), batch)
-    indices = jnp.arange(chunks)
 
-    def forward(p, c):
-      chunk = jax.tree.map(lambda x: _take(x, c), pieces)
+    def forward(p, chunk, c):
       out = embed(p, chunk) if key is None else embed(p, chunk, jax.random.fold_in(key, c))
       return out if embed_has_aux else (out, None)
 
     # 1. every chunk's embeddings, no activations kept (nothing here is differentiated)
-    def embed_chunk(_, c):
-      return None, forward(jax.lax.stop_gradient(params), c)
+    def embed_chunk(_, chunk, c):
+      return None, forward(jax.lax.stop_gradient(params), chunk, c)
 
-    _, (stacked, embed_aux) = jax.lax.scan(embed_chunk, None, indices, unroll=unroll)
+    _, (stacked, embed_aux) = _over_chunks(embed_chunk, None, pieces, chunks, unroll)
     embeddings = jax.tree.map(lambda y: from_chunks(y, shards), stacked)
 
     # 2. the loss over the whole batch, and its gradient in the loss's own parameters and the embeddings
@@ -156,12 +155,14 @@ def value_and_grad(
     chunk_grads = jax.tree.map(lambda g: _split(g, chunks, shards), embedding_grads)
 
     # 3. each chunk's forward again under vjp, its slice of the embedding gradient pulled back
-    def pull_back(total, c):
-      _, vjp = jax.vjp(lambda p: forward(p, c)[0], params)
-      (grads,) = vjp(jax.tree.map(lambda g: _take(g, c), chunk_grads))
+    def pull_back(total, chunk_and_grads, c):
+      chunk, chunk_grad = chunk_and_grads
+      _, vjp = jax.vjp(lambda p: forward(p, chunk, c)[0], params)
+      (grads,) = vjp(chunk_grad)
       return jax.tree.map(lambda t, d: t + d.astype(t.dtype), total, grads), None
 
-    total, _ = jax.lax.scan(pull_back, jax.tree.map(_accumulator, loss_grads), indices, unroll=unroll)
+    total, _ = _over_chunks(pull_back, jax.tree.map(_accumulator, loss_grads), (pieces, chunk_grads), chunks,
+                            unroll)
     grads = jax.tree.map(lambda t, p: t.astype(jnp.result_type(p)), total, params)
     if not (has_aux or embed_has_aux):
       return value, grads
@@ -173,6 +174,39 @@ def value_and_grad(
     return (value, aux), grads
 
   return run
+
+
+def _over_chunks(body, carry, pieces, chunks: int, unroll: bool):
+  """`jax.lax.scan` of `body(carry, chunk_c, c) -> (carry, out_c)` over c = 0 … k−1, chunk_c the c-th
+  chunk of the `_split` arrays `pieces`; returns (carry, outs stacked on a new axis 0).
+
+  Unrolled, the k steps are written out, and chunk c+1 is sliced at an index that depends on step c's
+  results (the carry and out_c; `_after`): the compiler cannot overlap two chunks, so one chunk's
+  activations are alive at a time, as in the loop.
+  """
+  if not unroll:
+    return jax.lax.scan(lambda t, c: body(t, jax.tree.map(lambda x: _take(x, c), pieces), c), carry,
+                        jnp.arange(chunks))
+  outs, done = [], None
+  for c in range(chunks):
+    index = jnp.asarray(c)
+    if done is not None:
+      index = _after(done, index)
+    chunk = jax.tree.map(lambda x: _take(x, index), pieces)
+    carry, out = body(carry, chunk, jnp.asarray(c))
+    outs.append(out)
+    done = (carry, out)
+  return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
+def _after(done, index: jax.Array) -> jax.Array:
+  """`index`, computed only once every array of `done` is: one element of each is added up, and a NaN
+  sum (possible only when `done` already holds a NaN) selects 0 instead, which the compiler cannot
+  prove never happens. A data dependence, unlike `jax.lax.optimization_barrier`, which XLA:CPU drops
+  before it schedules."""
+  leaves = [x for x in jax.tree.leaves(done) if jnp.issubdtype(x.dtype, jnp.inexact) and x.size]
+  probe = sum(jnp.real(jnp.reshape(x, (-1,))[0]).astype(jnp.float32) for x in leaves)
+  return jnp.where(jnp.isnan(probe), 0, index)
 
 
 def _split(x: jax.Array, chunks: int, shards: int) -> jax.Array:

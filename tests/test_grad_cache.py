@@ -231,9 +231,11 @@ def test_bad_arguments_fail_before_compute():
     grad_cache.value_and_grad(embed, loss, chunks=2)(params, {"image": batch["image"], "text": batch["text"][:32]})
 
 
-def test_activation_memory_falls_with_the_chunks():
+@pytest.mark.parametrize("unroll", [False, True])
+def test_activation_memory_falls_with_the_chunks(unroll):
   """Compiled (XLA CPU) temporaries of a 6-layer, 1024-wide MLP's clip gradient at B = 4,096: with 8
-  chunks at most a third of the unchunked step's (the activations are about 1/8)."""
+  chunks at most a third of the unchunked step's (the activations are about 1/8), the chunk loops
+  as loops or unrolled (where only the order the chunks are sliced in keeps them apart)."""
   rng = np.random.default_rng(0)
   params = [jnp.asarray(rng.normal(size=(1024, 1024)) / 32, jnp.float32) for _ in range(6)]
 
@@ -250,7 +252,8 @@ def test_activation_memory_falls_with_the_chunks():
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   temps = {}
   for chunks in (1, 8):
-    compiled = jax.jit(grad_cache.value_and_grad(embed, loss, chunks=chunks)).lower(shapes, batch).compile()
+    run = grad_cache.value_and_grad(embed, loss, chunks=chunks, unroll=unroll)
+    compiled = jax.jit(run).lower(shapes, batch).compile()
     temps[chunks] = compiled.memory_analysis().temp_size_in_bytes
   unchunked = jax.jit(jax.value_and_grad(lambda p, b: loss(p, embed(p, b)))).lower(shapes, batch).compile()
   assert temps[1] >= 0.9 * unchunked.memory_analysis().temp_size_in_bytes

@@ -279,6 +279,44 @@ def _steps(folder):
   return sorted(int(s) for s in os.listdir(folder) if s.isdigit())
 
 
+def test_small_replicated_arrays_are_saved_without_per_replica_slices(tmp_path):
+  """`loop.checkpoint_manager` has orbax write a replicated array whole from one replica when its
+  per-replica slices would be under `MIN_REPLICA_SLICE_BYTES`: saving 20 small arrays replicated over
+  the 8 devices compiles nothing (replica-parallel would cut each into 8 slices on device, a compiled
+  slice per shape); an array with 1 MiB slices is still cut (one compile at least); both restore."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  mesh = jax.make_mesh((8,), ("data",), devices=jax.devices()[:8])
+  replicated = NamedSharding(mesh, P())
+  small = {f"w{i}": jax.device_put(np.full((8 + i, 16), i, np.float32), replicated) for i in range(20)}
+  big = {"big": jax.device_put(np.arange(8 * 2**18, dtype=np.float32).reshape(8 * 64, 2**12), replicated)}
+  compiles = []
+
+  def count(event, secs, **kwargs):
+    del secs, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    _save_and_restore(tiny(load_recipe("simclr_digits"), str(tmp_path)), tmp_path, small, big, compiles)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+
+
+def _save_and_restore(config, tmp_path, small, big, compiles):
+  for step, tree in ((1, small), (2, big)):
+    manager = loop.checkpoint_manager(config, str(tmp_path / str(step)))
+    before = len(compiles)
+    manager.save(step, args=loop.ocp.args.Composite(state=loop.ocp.args.StandardSave(tree)), force=True)
+    manager.wait_until_finished()
+    assert (len(compiles) - before == 0) if tree is small else (len(compiles) - before >= 1), compiles[before:]
+    restored = manager.restore(step, args=loop.ocp.args.Composite(state=loop.ocp.args.StandardRestore(tree)))
+    for k, v in tree.items():
+      np.testing.assert_array_equal(np.asarray(restored["state"][k]), np.asarray(v))
+    manager.close()
+
+
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_path, capsys):
   config = tiny(load_recipe("simclr_digits"), data_dir, steps=6)
   config.keep_checkpoints = 2

@@ -22,18 +22,18 @@ def _steps_of(config, n):
   return states, metrics
 
 
-@pytest.mark.parametrize("recipe", ["clip_digits", "simclr_digits"])
-def test_grad_cache_follows_the_unchunked_run_step_for_step(recipe, data_dir):
-  """`config.grad_cache_chunks = 4` (batch 32 over the 8 test devices: 4 chunks of 1 row per device)
-  with layer norms only: the same loss, gradient norm and parameters as the unchunked run at each of 3
+@pytest.mark.parametrize("recipe, chunks, unroll", [("clip_digits", 4, False), ("simclr_digits", 2, True)])
+def test_grad_cache_follows_the_unchunked_run_step_for_step(recipe, chunks, unroll, data_dir):
+  """`config.grad_cache_chunks` = 4 for CLIP (batch 32 over the 8 test devices: 4 chunks of 1 row per
+  device), 2 for SimCLR with the chunk loops unrolled (`config.grad_cache_unroll`), layer norms only: the same loss, gradient norm and parameters as the unchunked run at each of 3
   steps, to float32 rounding; the logit scale (CLIP) is learned the same way. SGD: its update is linear
   in the gradient (Adam's normalisation turns the rounding noise of a near-zero gradient into a full
   step)."""
   runs = []
-  for chunks in (1, 4):
+  for k in (1, chunks):
     config = tiny(load_recipe(recipe), data_dir, steps=3)
-    config.batch_size, config.model.norm, config.grad_cache_chunks = 32, "layer", chunks
-    config.optimizer, config.learning_rate = "sgd", 0.5
+    config.batch_size, config.model.norm, config.grad_cache_chunks = 32, "layer", k
+    config.optimizer, config.learning_rate, config.grad_cache_unroll = "sgd", 0.5, unroll
     runs.append(_steps_of(config, 3))
   (states, metrics), (cached_states, cached_metrics) = runs
   for s, c, m, cm in zip(states, cached_states, metrics, cached_metrics):

@@ -19,6 +19,7 @@ from jaxcl.ops.engines import SHARDED_IMPLS
 NORM_EPS = 1e-6
 
 
+@functools.partial(jax.jit, static_argnames=("axis", "eps"))  # called eagerly, one program, not ten
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = NORM_EPS) -> jax.Array:
   """x / max(‖x‖₂, eps), computed in float32 and returned in x's dtype (gradients flow through).
 

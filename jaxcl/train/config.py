@@ -22,6 +22,9 @@ def base_config() -> ml_collections.ConfigDict:
   # k > 1: gradient caching (jaxcl.grad_cache): the encoders run k chunks of each device's batch at a
   # time (activations ~1/k, one more forward) while the loss keeps every negative of the global batch.
   c.grad_cache_chunks = 1
+  # True: the chunk loops written out (same memory, k times the compile time): XLA:CPU runs convolution
+  # gradients ~10x slower inside a loop, so convolutional encoders on CPU want it; TPU and GPU do not.
+  c.grad_cache_unroll = False
   c.checkpoint_every = 200
   c.keep_checkpoints = 3
   # False: a save completes before training goes on, so a kill -9 loses at most checkpoint_every steps.

@@ -6,6 +6,9 @@ Captions come from the batch when the data has them, else from the label with a 
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -56,7 +59,12 @@ class TokenText(NoText):
     return out
 
   def encode_for_eval(self, model, variables, texts):
-    return model.apply(variables, jnp.asarray(self.tokens(texts)), train=False, method="encode_text")
+    """The text tower's embeddings of `texts`, compiled once per model (the zero-shot evaluation calls
+    it once per class with the same number of prompts)."""
+    if getattr(self, "_encoder_of", None) is not model:
+      self._encoder_of = model
+      self._encode = jax.jit(functools.partial(model.apply, train=False, method="encode_text"))
+    return self._encode(variables, jnp.asarray(self.tokens(texts)))
 
 
 class LockedText(NoText):
