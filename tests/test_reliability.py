@@ -588,16 +588,16 @@ def test_captions_file_with_missing_entries_is_an_error_before_compute(data_dir,
 
 # ------------------------------------------------------------------------------------------- soak
 @pytest.mark.slow
-def test_soak_kill_9_every_25_steps_ends_bit_identical(tmp_path):
-  """The short version of experiments/soak_resume.py: 100 steps, a kill -9 and restart every 25."""
+def test_soak_kill_9_every_20_steps_ends_bit_identical(tmp_path):
+  """The short version of experiments/soak_resume.py: 60 steps, a kill -9 and restart every 20."""
   import importlib.util  # pylint: disable=import-outside-toplevel
 
   spec = importlib.util.spec_from_file_location("soak_resume", ROOT / "experiments" / "soak_resume.py")
   soak = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(soak)
-  r = soak.soak(steps=100, every=25, checkpoint_every=5, root=str(tmp_path), seed=0, verbose=False)
+  r = soak.soak(steps=60, every=20, checkpoint_every=5, root=str(tmp_path), seed=0, verbose=False)
   assert not r["problems"], soak.report(r)
-  assert [k["killed_at"] is not None for k in r["kills"]] == [True, True, True, False]
+  assert [k["killed_at"] is not None for k in r["kills"]] == [True, True, False]
   assert not r["mismatched"] and r["arrays"] > 10
 
 

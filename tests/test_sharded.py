@@ -79,8 +79,10 @@ def _every_loss_inputs_and_dense(n_devices):
                 for name, loss in cases.items()}
 
 
-# Each engine on 8 devices; one device and an odd count (3) once each (the suite's time: ~12 s a case).
-@pytest.mark.parametrize("impl, n_devices", [("ring", 3), ("ring", 8), ("allgather", 1), ("allgather", 8)])
+# Each engine once (the suite's time: ~20 s a case): the ring on an odd count of devices (3: hops that
+# are not powers of two), allgather on the test mesh's 8. (A one-device mesh: the next test; the ring
+# on 8 devices: the trainer's tests.)
+@pytest.mark.parametrize("impl, n_devices", [("ring", 3), ("allgather", 8)])
 def test_every_loss_equals_unsharded_dense(impl, n_devices, monkeypatch):
   # 5 rows per device: not a multiple of the 2-column tiles the ring's blockwise steps use here.
   monkeypatch.setattr(blockwise, "DEFAULT_TILE", 2)
@@ -93,6 +95,22 @@ def test_every_loss_equals_unsharded_dense(impl, n_devices, monkeypatch):
       _assert_close(got, want)
     except AssertionError as e:
       raise AssertionError(f"{name} on {n_devices} devices with impl={impl}") from e
+
+
+@pytest.mark.parametrize("impl", SHARDED)
+def test_a_one_device_mesh_equals_dense(impl):
+  """A sharded engine on a mesh of one device (a ring of one hop, a gather of one shard) is the dense
+  loss, for the softmax (clip) and the sigmoid (siglip) families."""
+  a, b = jnp.asarray(randn(7, 10, 6)), jnp.asarray(randn(8, 10, 6))
+  for name, loss in (("clip", losses.clip), ("siglip", functools.partial(losses.siglip, logit_bias=-2.0))):
+    want = _value_and_grads(lambda a, b, s: loss(a, b, logit_scale=s, impl="dense"), a, b, 4.0)
+    sharded = lambda a, b, s: loss(a, b, logit_scale=s, impl=impl, mesh=_mesh(1))  # noqa: E731
+    assert "shard_map" in str(jax.make_jaxpr(sharded)(a, b, 4.0))  # the engine itself, not a fallback
+    got = _value_and_grads(sharded, a, b, 4.0)
+    try:
+      _assert_close(got, want)
+    except AssertionError as e:
+      raise AssertionError(f"{name} with impl={impl}") from e
 
 
 @pytest.mark.parametrize("impl", SHARDED + ("auto",))
