@@ -29,6 +29,7 @@ from jaxcl import eval as eval_lib
 from jaxcl import grad_cache
 from jaxcl import losses
 from jaxcl.data import augment, digits, pipeline, sources
+from jaxcl.train import checkpoints as checkpoints_lib
 from jaxcl.train import config as config_lib
 from jaxcl.train import mcl, methods, optim
 from jaxcl.train import metrics as metrics_lib
@@ -611,7 +612,7 @@ def restore_checkpoint(manager, abstract_state, shardings, data_iter) -> tuple[T
   steps = sorted(manager.all_steps(), reverse=True)
   errors = {}
   for step in steps:
-    other = checkpoint_shape_mismatches(manager, step, target)
+    other = checkpoints_lib.shape_mismatches(manager, step, target)
     if other:  # not read at all (orbax's reads would fail one by one)
       shown = "; ".join(other[:3]) + (f"; and {len(other) - 3} more" if len(other) > 3 else "")
       restored, errors[step] = None, f"holds arrays of other shapes than this config's ({shown})"
@@ -643,26 +644,6 @@ def restore_checkpoint(manager, abstract_state, shardings, data_iter) -> tuple[T
         "config (a changed model or optimizer setting?). Use another --workdir or remove them.\n"
         + "\n".join(f"step {s} {why}" for s, why in errors.items()))
   return None, 0
-
-
-def checkpoint_shape_mismatches(manager, step: int, target) -> list[str]:
-  """"path: saved (a, b), this config (c, d)" for every array of the state whose shape in the
-  checkpoint of `step` (orbax's metadata: no array is read) differs from `target`'s; [] when they agree,
-  or when the metadata cannot be read or matched (the restore then says what is wrong)."""
-  try:
-    saved = manager.item_metadata(step)["state"]
-  except Exception:  # pylint: disable=broad-except
-    return []
-  shapes = {_path_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]
-            if hasattr(m, "shape")}
-  return [f"{name}: saved {shapes[name]}, this config {tuple(t.shape)}"
-          for name, t in ((_path_name(p), t) for p, t in jax.tree_util.tree_flatten_with_path(target)[0])
-          if name in shapes and shapes[name] != tuple(t.shape)]
-
-
-def _path_name(path) -> str:
-  """A pytree path as "params/Dense_0/kernel", whatever its key kinds (attribute, dict key, index)."""
-  return "/".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
 
 
 def quarantine_checkpoint(manager, step: int) -> str:

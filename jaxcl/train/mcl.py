@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 
 from jaxcl import _paths
 from jaxcl import losses
+from jaxcl.train import checkpoints
 
 LOSS_NAME = "mcl_nt_xent"
 
@@ -114,6 +115,10 @@ def load_stage_variables(workdir: str, target: dict) -> dict:
   manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
   try:
+    other = checkpoints.shape_mismatches(manager, step, target)
+    if other:  # checked before reading (orbax's failed reads would not name the arrays)
+      raise ValueError("arrays of other shapes than this run's: " + "; ".join(other[:3])
+                       + (f"; and {len(other) - 3} more" if len(other) > 3 else ""))
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True)))
   except Exception as e:  # pylint: disable=broad-except
