@@ -32,3 +32,5 @@ def test_shape_mismatches_name_each_array_that_differs(tmp_path):
       "params/dense/bias: saved (8,), this config (6,)", "params/dense/kernel: saved (4, 8), this config (4, 6)"]
   assert checkpoints.shape_mismatches(manager, 7, other) == []
   manager.close()
+  assert checkpoints.summary(["a", "b", "c", "d", "e"]) == "a; b; c; and 2 more"
+  assert checkpoints.summary(["a", "b"]) == "a; b"

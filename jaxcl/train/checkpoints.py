@@ -28,6 +28,12 @@ def shape_mismatches(manager, step: int, target, item: str = "state") -> list[st
           for name, t in named if name in shapes and shapes[name] != tuple(t.shape)]
 
 
+def summary(mismatches: list[str], shown: int = 3) -> str:
+  """The first `shown` of `shape_mismatches`' lines joined, and how many more there are."""
+  more = len(mismatches) - shown
+  return "; ".join(mismatches[:shown]) + (f"; and {more} more" if more > 0 else "")
+
+
 def path_name(path) -> str:
   """A pytree path as "params/Dense_0/kernel", whatever its key kinds (attribute, dict key, index)."""
   return "/".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)

@@ -614,8 +614,8 @@ def restore_checkpoint(manager, abstract_state, shardings, data_iter) -> tuple[T
   for step in steps:
     other = checkpoints_lib.shape_mismatches(manager, step, target)
     if other:  # not read at all (orbax's reads would fail one by one)
-      shown = "; ".join(other[:3]) + (f"; and {len(other) - 3} more" if len(other) > 3 else "")
-      restored, errors[step] = None, f"holds arrays of other shapes than this config's ({shown})"
+      restored = None
+      errors[step] = f"holds arrays of other shapes than this config's ({checkpoints_lib.summary(other)})"
     else:
       try:
         restored = manager.restore(step, args=ocp.args.Composite(

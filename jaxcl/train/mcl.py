@@ -117,8 +117,7 @@ def load_stage_variables(workdir: str, target: dict) -> dict:
   try:
     other = checkpoints.shape_mismatches(manager, step, target)
     if other:  # checked before reading (orbax's failed reads would not name the arrays)
-      raise ValueError("arrays of other shapes than this run's: " + "; ".join(other[:3])
-                       + (f"; and {len(other) - 3} more" if len(other) > 3 else ""))
+      raise ValueError(f"arrays of other shapes than this run's: {checkpoints.summary(other)}")
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True)))
   except Exception as e:  # pylint: disable=broad-except
