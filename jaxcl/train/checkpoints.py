@@ -21,9 +21,8 @@ def shape_mismatches(manager, step: int, target, item: str = "state") -> list[st
     saved = manager.item_metadata(step)[item]
   except Exception:  # pylint: disable=broad-except
     return []
-  shapes = {path_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]
-            if hasattr(m, "shape")}
-  named = ((path_name(p), t) for p, t in jax.tree_util.tree_flatten_with_path(target)[0])
+  shapes = {_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(saved) if hasattr(m, "shape")}
+  named = ((_name(p), t) for p, t in jax.tree_util.tree_leaves_with_path(target))
   return [f"{name}: saved {shapes[name]}, this config {tuple(t.shape)}"
           for name, t in named if name in shapes and shapes[name] != tuple(t.shape)]
 
@@ -34,6 +33,6 @@ def summary(mismatches: list[str], shown: int = 3) -> str:
   return "; ".join(mismatches[:shown]) + (f"; and {more} more" if more > 0 else "")
 
 
-def path_name(path) -> str:
-  """A pytree path as "params/Dense_0/kernel", whatever its key kinds (attribute, dict key, index)."""
-  return "/".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+def _name(path) -> str:
+  """"params/Dense_0/kernel": the path as the loop names leaves elsewhere (`keystr`, simple, "/")."""
+  return jax.tree_util.keystr(path, simple=True, separator="/")
