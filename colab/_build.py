@@ -364,7 +364,8 @@ SIMCLR = [
     import numpy as np
 
     from jaxcl.data import augment, pipeline, sources
-    from jaxcl.train import loop
+    from jaxcl.train import checkpoints, devices, evaluation, loop
+    from jaxcl.train import state as state_lib
     from jaxcl.train import metrics as metrics_lib
     from jaxcl.train.config import base_config
 
@@ -458,17 +459,17 @@ SIMCLR = [
     head, which is what kNN and the linear probe evaluated).
     """),
     code("""
-    setup = loop.build_setup(config)
-    mesh = loop.make_mesh(config)
-    abstract, shardings = loop.state_shardings(config, setup, mesh)
-    manager = loop.checkpoint_manager(config, WORKDIR)
+    setup = state_lib.build_setup(config)
+    mesh = devices.make_mesh(config)
+    abstract, shardings = state_lib.state_shardings(config, setup, mesh)
+    manager = checkpoints.checkpoint_manager(config, WORKDIR)
     data_iter = iter(pipeline.make_train_loader(
         config.data, split="train", global_batch_size=config.batch_size, seed=config.seed))
-    state, step = loop.restore_checkpoint(manager, abstract, shardings, data_iter)
+    state, step = checkpoints.restore_checkpoint(manager, abstract, shardings, data_iter)
     manager.close()
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    train_emb = loop.embed_images(config, setup, variables, train["image"])["features"]
-    test_emb = loop.embed_images(config, setup, variables, test["image"])["features"]
+    train_emb = evaluation.embed_images(config, setup, variables, train["image"])["features"]
+    test_emb = evaluation.embed_images(config, setup, variables, test["image"])["features"]
     print("step", step, "| features", train_emb.shape, test_emb.shape)
     """),
     md("""
@@ -570,7 +571,8 @@ LIT = [
 
     from jaxcl import eval as eval_lib
     from jaxcl.data import digits, pipeline, sources
-    from jaxcl.train import loop
+    from jaxcl.train import checkpoints, devices, evaluation, loop
+    from jaxcl.train import state as state_lib
     from jaxcl.train.config import base_config
     """),
     md("""
@@ -599,7 +601,7 @@ LIT = [
     config.data.data_dir = DATA_DIR
     config.eval.baselines = False  # the random-init baseline is evaluated below, next to the trained tower
 
-    setup = loop.build_setup(config)  # loads MiniLM (the locked text side)
+    setup = state_lib.build_setup(config)  # loads MiniLM (the locked text side)
     minilm = setup.text
     class_emb = eval_lib.class_embeddings(minilm.encode, digits.CLASS_NAMES, digits.CAPTION_TEMPLATES)
     print("templates:", digits.CAPTION_TEMPLATES[:3], "...")
@@ -629,18 +631,18 @@ LIT = [
     baseline). Then each caption template on its own, and the confusion matrix.
     """),
     code("""
-    mesh = loop.make_mesh(config)
-    abstract, shardings = loop.state_shardings(config, setup, mesh)
-    manager = loop.checkpoint_manager(config, WORKDIR)
+    mesh = devices.make_mesh(config)
+    abstract, shardings = state_lib.state_shardings(config, setup, mesh)
+    manager = checkpoints.checkpoint_manager(config, WORKDIR)
     data_iter = iter(pipeline.make_train_loader(
         config.data, split="train", global_batch_size=config.batch_size, seed=config.seed))
-    state, step = loop.restore_checkpoint(manager, abstract, shardings, data_iter)
+    state, step = checkpoints.restore_checkpoint(manager, abstract, shardings, data_iter)
     manager.close()
     test = sources.load_arrays(config.data, "test")
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    image_emb = loop.embed_images(config, setup, variables, test["image"])["embedding"]
-    init = jax.jit(lambda key: loop.init_state(config, setup, key))(jax.random.key(config.seed))
-    init_emb = loop.embed_images(config, setup, {"params": init.params, "batch_stats": init.batch_stats},
+    image_emb = evaluation.embed_images(config, setup, variables, test["image"])["embedding"]
+    init = jax.jit(lambda key: state_lib.init_state(config, setup, key))(jax.random.key(config.seed))
+    init_emb = evaluation.embed_images(config, setup, {"params": init.params, "batch_stats": init.batch_stats},
                                  test["image"])["embedding"]
     labels = test["label"]
 

@@ -37,7 +37,7 @@ PACKAGES = (
 # The training system has no `__all__`; these are its entry points.
 TRAIN = (
     ("jaxcl.train.loop", "train_and_evaluate"),
-    ("jaxcl.train.loop", "TrainState"),
+    ("jaxcl.train.state", "TrainState"),
     ("jaxcl.train.config", "base_config"),
     ("jaxcl.train.optim", "make_optimizer"),
     ("jaxcl.train.optim", "learning_rate_schedule"),

@@ -20,13 +20,12 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxcl.data import augment
-from jaxcl.train import loop, methods, optim
+from jaxcl.train import devices
+from jaxcl.train import state as state_lib
+from jaxcl.train import step as step_lib
 from jaxcl.train.config import base_config
-from jaxcl.train.text import NoText
 
 
 def main() -> None:
@@ -45,18 +44,17 @@ def main() -> None:
   config.model.projection_dims = (2048, 128)
   config.augment.strength = "simclr"
   info = {"image_shape": (args.size, args.size, 3), "num_classes": 10, "class_names": [str(i) for i in range(10)]}
-  setup = loop.Setup(model=methods.build_model(config), tx=optim.make_optimizer(config), text=NoText(),
-                     aug=augment.default_aug_config("simclr"), info=info)
-  mesh = loop.make_mesh(config)
-  abstract, shardings = loop.state_shardings(config, setup, mesh)
-  state = jax.jit(functools.partial(loop.init_state, config, setup), out_shardings=shardings)(jax.random.key(0))
+  setup = state_lib.build_setup(config, info)
+  mesh = devices.make_mesh(config)
+  abstract, shardings = state_lib.state_shardings(config, setup, mesh)
+  state = jax.jit(functools.partial(state_lib.init_state, config, setup), out_shardings=shardings)(jax.random.key(0))
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   rng = np.random.default_rng(0)
   host = {"image": rng.random((args.batch, args.size, args.size, 3), np.float32),
           "label": rng.integers(0, 10, args.batch).astype(np.int32),
           "index": np.arange(args.batch, dtype=np.int32)}
-  batch = loop.to_global(host, mesh)
-  step = jax.jit(functools.partial(loop.train_step, config, setup), donate_argnums=(0,))
+  batch = devices.to_global(host, mesh)
+  step = jax.jit(functools.partial(step_lib.train_step, config, setup), donate_argnums=(0,))
 
   start = time.perf_counter()
   state, m = step(state, batch)

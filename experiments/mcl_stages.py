@@ -19,15 +19,16 @@ import argparse
 import os
 
 import _runs
-from jaxcl.train import loop
+from jaxcl.train import devices, evaluation
+from jaxcl.train import state as state_lib
 
 
 def concatenated_knn(config, workdirs: list[str]) -> dict:
   """kNN accuracy of the concatenated backbone features of the final models in `workdirs` (one
-  model config), with the loop's own evaluation (`loop.evaluate(..., earlier=...)`)."""
-  setup = loop.build_setup(config, mesh=loop.make_mesh(config))
-  variables = loop.final_variables(workdirs, *loop.state_shardings(config, setup, setup.mesh))
-  return loop.evaluate(config, setup, variables[-1], earlier=tuple(variables[:-1]))
+  model config), with the loop's own evaluation (`evaluation.evaluate(..., earlier=...)`)."""
+  setup = state_lib.build_setup(config, mesh=devices.make_mesh(config))
+  variables = evaluation.final_variables(workdirs, *state_lib.state_shardings(config, setup, setup.mesh))
+  return evaluation.evaluate(config, setup, variables[-1], earlier=tuple(variables[:-1]))
 
 
 def run_seed(args, seed: int) -> tuple[list, list]:

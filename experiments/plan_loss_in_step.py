@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from jaxcl import losses, plan, targets  # noqa: E402
 from jaxcl.train import methods  # noqa: E402
+from jaxcl.train.methods import image_text  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 MIB = 2**20
@@ -42,22 +43,23 @@ def recipe(batch: int):
   return config
 
 
-def linear_loss(config, out, *, mesh=None):
-  """A stand-in loss with no temporaries of its own: mean(image · text) · logit_scale."""
-  del config, mesh
-  return jnp.mean(out["image"] * out["text"]) * out["logit_scale"]
+class LinearLossCLIP(image_text.CLIP):
+  """CLIP with a stand-in loss that has no temporaries of its own: mean(image · text) · logit_scale."""
+
+  def loss(self, config, outputs, batch, state, *, mesh=None, forward=None):
+    return jnp.mean(outputs["image"] * outputs["text"]) * outputs["logit_scale"], state, {}
 
 
-def step_temporaries(config, target, loss=None) -> tuple[float, dict]:
-  """Per-chip temporaries (MiB) and kernel calls of the compiled train step, with `loss` standing in
-  for `methods.image_text_loss` if given."""
-  original = methods.image_text_loss
-  if loss is not None:
-    methods.image_text_loss = loss
+def step_temporaries(config, target, method=None) -> tuple[float, dict]:
+  """Per-chip temporaries (MiB) and kernel calls of the compiled train step, with `method` (a
+  `methods.Method`) registered in place of the config's method if given."""
+  original = methods.get(config.method)
+  if method is not None:
+    methods.register(method)
   try:
     compiled, *_ = plan.compile_step(config, target)
   finally:
-    methods.image_text_loss = original
+    methods.register(original)
   return targets.memory(compiled).temp_bytes / MIB, targets.kernel_calls(compiled)
 
 
@@ -73,15 +75,16 @@ def loss_alone(batch: int, dim: int, target) -> tuple[float, dict]:
 
 
 def trainer_loss_alone(config, batch: int, target) -> tuple[float, dict]:
-  """The same for the loss as the trainer calls it (`methods.image_text_loss`: the engine and mesh it
-  passes, the trainer's mesh over the target's devices)."""
-  from jaxcl.train import loop  # noqa: PLC0415
+  """The same for the loss as the trainer calls it (the method's `loss`: the engine and mesh it passes,
+  the trainer's mesh over the target's devices)."""
+  from jaxcl.train import devices
 
-  mesh = loop.make_mesh(config, target.devices)
+  mesh = devices.make_mesh(config, target.devices)
   dim = int(config.model.embed_dim)
-  x = jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=NamedSharding(mesh, P(loop.BATCH_AXES)))
+  x = jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=NamedSharding(mesh, P(devices.BATCH_AXES)))
   scale = jax.ShapeDtypeStruct((), jnp.float32)
-  loss = lambda a, b, s: methods.image_text_loss(config, {"image": a, "text": b, "logit_scale": s}, mesh=mesh)
+  method = methods.get(config.method)
+  loss = lambda a, b, s: method.loss(config, {"image": a, "text": b, "logit_scale": s}, {}, {}, mesh=mesh)[0]
   compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(x, x, scale).compile()
   return targets.memory(compiled).temp_bytes / MIB, targets.kernel_calls(compiled)
 
@@ -95,7 +98,7 @@ def main():
   target = targets.get(args.topology)
   config = plan.for_platform(recipe(args.batch), target.platform)
   real, real_kernels = step_temporaries(config, target)
-  free, _ = step_temporaries(config, target, linear_loss)
+  free, _ = step_temporaries(config, target, LinearLossCLIP())
   alone, alone_kernels = loss_alone(args.batch, int(config.model.embed_dim), target)
   trainer_alone, trainer_kernels = trainer_loss_alone(config, args.batch, target)
   row = {"topology": args.topology, "global_batch": args.batch, "step_mib": real, "step_kernels": real_kernels,

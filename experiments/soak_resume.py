@@ -105,15 +105,16 @@ def final_state(workdir: pathlib.Path, values: dict) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   from jaxcl.data import pipeline  # pylint: disable=import-outside-toplevel
-  from jaxcl.train import loop  # pylint: disable=import-outside-toplevel
+  from jaxcl.train import checkpoints, devices
+  from jaxcl.train import state as state_lib
 
   config = make_config(values)
-  setup = loop.build_setup(config)
-  abstract, shardings = loop.state_shardings(config, setup, loop.make_mesh(config))
-  manager = loop.checkpoint_manager(config, str(workdir))
+  setup = state_lib.build_setup(config)
+  abstract, shardings = state_lib.state_shardings(config, setup, devices.make_mesh(config))
+  manager = checkpoints.checkpoint_manager(config, str(workdir))
   it = iter(pipeline.make_train_loader(config.data, split="train", global_batch_size=config.batch_size,
                                        seed=config.seed))
-  state, step = loop.restore_checkpoint(manager, abstract, shardings, it)
+  state, step = checkpoints.restore_checkpoint(manager, abstract, shardings, it)
   manager.close()
   if step != config.total_steps:
     raise RuntimeError(f"the final checkpoint of {workdir} is at step {step}, not {config.total_steps}")

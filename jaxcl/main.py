@@ -27,14 +27,25 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a recipe in c
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _on_cloud_tpu_vm() -> bool:
-  """Whether JAX found TPU chips on a Cloud TPU VM when it was imported (then `initialize()` finds the
-  coordinator, the process count and this process's id itself, on one host or a whole pod slice)."""
-  try:
-    from jax._src import cloud_tpu_init  # pylint: disable=import-outside-toplevel
-  except ImportError:  # the module moved: fall back to the explicit variables
-    return False
-  return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
+GOOGLE_PCI_VENDOR = "0x1ae0"  # the PCI vendor id of TPU chips
+
+
+def on_cloud_tpu_vm(pci_devices: str = "/sys/bus/pci/devices") -> bool:
+  """Whether this machine has TPU chips (a PCI device of Google's vendor id) and libtpu is installed: a
+  Cloud TPU VM, where `jax.distributed.initialize()` finds the coordinator, the process count and this
+  process's id itself, on one host or a whole pod slice."""
+  import glob  # pylint: disable=import-outside-toplevel
+  import importlib.util  # pylint: disable=import-outside-toplevel
+
+  def vendor(path):
+    try:
+      with open(path) as f:
+        return f.read().strip()
+    except OSError:
+      return ""
+
+  chips = any(vendor(p) == GOOGLE_PCI_VENDOR for p in glob.glob(os.path.join(pci_devices, "*", "vendor")))
+  return chips and importlib.util.find_spec("libtpu") is not None
 
 
 def _maybe_initialize_distributed() -> None:
@@ -45,7 +56,7 @@ def _maybe_initialize_distributed() -> None:
     pid = os.environ.get("JAX_PROCESS_ID")
     jax.distributed.initialize(
         num_processes=int(num) if num else None, process_id=int(pid) if pid else None)
-  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") or _on_cloud_tpu_vm():
+  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") or on_cloud_tpu_vm():
     jax.distributed.initialize()  # a Cloud TPU VM or pod slice (GCE or GKE): auto-detected
 
 

@@ -106,15 +106,15 @@ def abstract_batch(config, setup, mesh, batch_size: int) -> dict:
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from jaxcl.train import loop, methods
+  from jaxcl.train import devices
 
-  sharding = NamedSharding(mesh, P(loop.BATCH_AXES))
+  sharding = NamedSharding(mesh, P(devices.BATCH_AXES))
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
-  image = loop.encode_images(np.zeros((1,) + tuple(setup.info["image_shape"]), np.float32),
-                             config.data.transfer_dtype)  # one image: the shape and dtype sent
+  image = devices.encode_images(np.zeros((1,) + tuple(setup.info["image_shape"]), np.float32),
+                                config.data.transfer_dtype)  # one image: the shape and dtype sent
   batch = {"image": spec((batch_size,) + image.shape[1:], image.dtype),
            "label": spec((batch_size,), jnp.int32), "index": spec((batch_size,), jnp.int32)}
-  if config.method in methods.IMAGE_TEXT:
+  if setup.method.image_text:
     text = jax.eval_shape(lambda: setup.text.dummy(batch_size))
     batch["text"] = spec(text.shape, text.dtype)
   return batch
@@ -122,10 +122,10 @@ def abstract_batch(config, setup, mesh, batch_size: int) -> dict:
 
 def _checked_config(config, target):
   """`config` validated as the loop validates it, against the target's device count (no data)."""
-  from jaxcl.train import loop
+  from jaxcl.train import validation
 
   try:
-    loop.validate_config(config, data=False, num_devices=len(target.devices))
+    validation.validate_config(config, data=False, num_devices=len(target.devices))
   except ValueError as e:
     raise PlanError(f"{e} (topology {target.name!r} has {len(target.devices)} devices)") from e
 
@@ -142,20 +142,22 @@ def lower_step(config, target):
   import jax
 
   from jaxcl.data import sources
-  from jaxcl.train import loop
+  from jaxcl.train import devices
+  from jaxcl.train import state as state_lib
+  from jaxcl.train import step as step_lib
 
   config = for_platform(config, target.platform)
   _checked_config(config, target)
   try:  # what the config says about the data and the mesh, checked before anything is traced
     info = sources.abstract_info(config.data, config.data.train_split)
-    mesh = loop.make_mesh(config, target.devices)
+    mesh = devices.make_mesh(config, target.devices)
   except ValueError as e:
     raise PlanError(str(e)) from e
-  setup = loop.build_setup(config, info, mesh)
-  abstract, shardings = loop.state_shardings(config, setup, mesh)
+  setup = state_lib.build_setup(config, info, mesh)
+  abstract, shardings = state_lib.state_shardings(config, setup, mesh)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   batch = abstract_batch(config, setup, mesh, int(config.batch_size))
-  lowered = loop.jit_train_step(config, setup, shardings).lower(state, batch)
+  lowered = step_lib.jit_train_step(config, setup, shardings).lower(state, batch)
   return lowered, abstract, mesh
 
 

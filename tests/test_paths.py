@@ -26,7 +26,7 @@ from PIL import Image
 
 from jaxcl import _paths
 from jaxcl.data import sources
-from jaxcl.train import loop, metrics
+from jaxcl.train import checkpoints, devices, loop, metrics
 from jaxcl.train import workdir as workdir_lib
 from tests.test_train import data_dir, load_recipe, tiny  # noqa: F401  (data_dir is a fixture)
 from tests.test_workdir import dead_pid
@@ -145,8 +145,8 @@ def test_a_gs_workdir_trains_resumes_and_writes_every_output_like_a_local_one(da
   tags = [sum(b"grad_norm" in r for r in event_records(run / "tensorboard" / f)) for f in events]
   assert tags == [1, 1]  # step 2 in the first run, step 4 after resuming
   with fake_gcs(gcs):  # a checkpoint moved aside on gs:// (as a restore that fails would)
-    manager = loop.checkpoint_manager(config, "gs://bucket/run")
-    moved = loop.quarantine_checkpoint(manager, 4)
+    manager = checkpoints.checkpoint_manager(config, "gs://bucket/run")
+    moved = checkpoints.quarantine_checkpoint(manager, 4)
     assert manager.all_steps() == [2]
     manager.close()
   assert moved.startswith("gs://bucket/run/checkpoints_quarantine/4-")
@@ -158,7 +158,7 @@ def test_an_unwritable_gs_workdir_fails_before_data_and_compute_naming_the_path(
     raise AssertionError("data or compute started before the problem was reported")
 
   monkeypatch.setattr(sources, "build_source", boom)
-  monkeypatch.setattr(loop, "make_mesh", boom)
+  monkeypatch.setattr(devices, "make_mesh", boom)
   config = tiny(load_recipe("simclr_digits"), data_dir)
   with fake_gcs(tmp_path, writable=False):
     with pytest.raises(ValueError, match=r"--workdir gs://bucket/run cannot be written: writing "

@@ -18,7 +18,8 @@ from PIL import Image
 
 from jaxcl import plan, targets
 from jaxcl.data import pipeline, sources
-from jaxcl.train import loop
+from jaxcl.train import devices, validation
+from jaxcl.train import state as state_lib
 from jaxcl.train import text as text_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -89,8 +90,8 @@ def _state_and_batch_bytes(config, num_devices):
   """Bytes of the train state (every leaf, replicated) and of one device's share of the batch,
   counted from the abstract arrays with NumPy, independently of the compiler."""
   info = sources.abstract_info(config.data, config.data.train_split)
-  setup = loop.build_setup(config, info)
-  state = jax.eval_shape(lambda: loop.init_state(config, setup, jax.random.key(0)))
+  setup = state_lib.build_setup(config, info)
+  state = jax.eval_shape(lambda: state_lib.init_state(config, setup, jax.random.key(0)))
   state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
   param_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state.params))
   b = config.batch_size // num_devices
@@ -280,8 +281,8 @@ def _vit_params(width, depth, mlp, tokens, patch_in=0):
 def _param_count(config):
   """Parameters of the recipe's model at its own image size, from an abstract `init` (no compile)."""
   info = sources.abstract_info(config.data, config.data.train_split)
-  setup = loop.build_setup(config, info)
-  state = jax.eval_shape(lambda: loop.init_state(config, setup, jax.random.key(0)))
+  setup = state_lib.build_setup(config, info)
+  state = jax.eval_shape(lambda: state_lib.init_state(config, setup, jax.random.key(0)))
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)), setup
 
 
@@ -368,7 +369,7 @@ def test_recipe_data_path_on_an_imagenet_like_tfds_dataset(name, imagenet_like):
   text tower's length."""
   config = recipe(name, batch_size=4, **{"data.tfds_name": "jaxcl_test_imagenet_like",
                                          "data.data_dir": imagenet_like, "data.worker_count": 0})
-  infos = loop.validate_config(config, num_devices=1)
+  infos = validation.validate_config(config, num_devices=1)
   assert infos["train"]["num_classes"] == 1000 and infos["validation"]["num_examples"] == 4
   assert infos["train"]["image_shape"] == sources.abstract_info(config.data, "train")["image_shape"]
   host = next(iter(pipeline.make_train_loader(config.data, split="train", global_batch_size=4, seed=0)))
@@ -376,9 +377,9 @@ def test_recipe_data_path_on_an_imagenet_like_tfds_dataset(name, imagenet_like):
   assert 0.0 <= host["image"].min() and host["image"].max() <= 1.0
   # sent as uint8 (the recipes' data.transfer_dtype), a quarter of the bytes: the images resized to 224 px
   # by the source are rounded to the nearest of 256 levels
-  sent = loop.encode_images(host["image"], config.data.transfer_dtype)
+  sent = devices.encode_images(host["image"], config.data.transfer_dtype)
   assert sent.dtype == np.uint8 and sent.shape == (4, 224 * 224 * 3)
-  np.testing.assert_allclose(np.asarray(loop.decode_images(sent, (224, 224, 3))), host["image"], atol=0.5 / 255 + 1e-6)
+  np.testing.assert_allclose(np.asarray(devices.decode_images(sent, (224, 224, 3))), host["image"], atol=0.5 / 255 + 1e-6)
   assert set(host["label"].tolist()) <= set(range(990, 998))
   batch = text_lib.build_text_side(config, infos["train"]).prepare(config, host, 0)
   if name == "simclr_r50":
@@ -388,4 +389,4 @@ def test_recipe_data_path_on_an_imagenet_like_tfds_dataset(name, imagenet_like):
   with config.unlocked():
     config.data.num_classes = 10
   with pytest.raises(ValueError, match="`data_config.num_classes` is 10 but the data has 1000"):
-    loop.validate_config(config, num_devices=1)
+    validation.validate_config(config, num_devices=1)

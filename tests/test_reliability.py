@@ -26,8 +26,9 @@ import optax
 import pytest
 
 from jaxcl.main import PREEMPTED_EXIT_STATUS
-from jaxcl.train import config as config_lib
-from jaxcl.train import loop
+from jaxcl.train import checkpoints, devices, finite, loop
+from jaxcl.train import state as state_lib
+from jaxcl.train import step as step_lib
 from jaxcl.train import metrics as metrics_lib
 from jaxcl.train import optim
 
@@ -145,11 +146,11 @@ def final_params(workdir: pathlib.Path, data_dir: str, step: int = TOTAL_STEPS):
   from jaxcl.data import pipeline  # pylint: disable=import-outside-toplevel
 
   config = tiny_config(data_dir)
-  setup = loop.build_setup(config)
-  abstract, shardings = loop.state_shardings(config, setup, loop.make_mesh(config))
-  manager = loop.checkpoint_manager(config, str(workdir))
+  setup = state_lib.build_setup(config)
+  abstract, shardings = state_lib.state_shardings(config, setup, devices.make_mesh(config))
+  manager = checkpoints.checkpoint_manager(config, str(workdir))
   it = iter(pipeline.make_train_loader(config.data, split="train", global_batch_size=16, seed=0))
-  state, restored = loop.restore_checkpoint(manager, abstract, shardings, it)
+  state, restored = checkpoints.restore_checkpoint(manager, abstract, shardings, it)
   manager.close()
   assert restored == step
   return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state)}
@@ -270,14 +271,14 @@ def test_kill_9_at_random_moments_and_during_a_checkpoint_write(data_dir, straig
 # -------------------------------------------------------------------------------- non-finite steps
 def poison_step(monkeypatch, bad_step: int) -> None:
   """Makes the images of training step `bad_step` (1-based) NaN, so its loss and gradients are NaN."""
-  original = loop.train_step
+  original = step_lib.train_step
 
   def poisoned(config, setup, state, batch):
     bad = state.step == bad_step - 1
     batch = dict(batch, image=jnp.where(bad, jnp.nan, batch["image"]))
     return original(config, setup, state, batch)
 
-  monkeypatch.setattr(loop, "train_step", poisoned)
+  monkeypatch.setattr(step_lib, "train_step", poisoned)
 
 
 def restore_full_state(workdir, config, step, target=None):
@@ -286,10 +287,10 @@ def restore_full_state(workdir, config, step, target=None):
   from jaxcl.data import pipeline  # pylint: disable=import-outside-toplevel
 
   if target is None:
-    setup = loop.build_setup(config)
-    abstract, shardings = loop.state_shardings(config, setup, loop.make_mesh(config))
+    setup = state_lib.build_setup(config)
+    abstract, shardings = state_lib.state_shardings(config, setup, devices.make_mesh(config))
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  manager = loop.checkpoint_manager(config, str(workdir))
+  manager = checkpoints.checkpoint_manager(config, str(workdir))
   try:
     # Restore exactly `step`: the manager restores the newest, so hide the newer ones from it.
     it = iter(pipeline.make_train_loader(config.data, split="train", global_batch_size=16, seed=0))
@@ -308,7 +309,7 @@ def restore_state(workdir, config, step):
 def test_nonfinite_step_stops_and_keeps_the_last_good_checkpoint(data_dir, monkeypatch, tmp_path):
   config = tiny_config(data_dir, total_steps=6, checkpoint_every=2)
   poison_step(monkeypatch, 4)  # a checkpoint step: its (bad) state must not be saved
-  with pytest.raises(loop.NonFiniteError) as e:
+  with pytest.raises(finite.NonFiniteError) as e:
     loop.train_and_evaluate(config, str(tmp_path), progress=False)
   message = str(e.value)
   assert message.startswith("step 4: non-finite values: the loss is nan; the gradient of ")
@@ -327,7 +328,7 @@ def test_nonfinite_step_between_checkpoints_is_named_one_step_late(data_dir, mon
   no checkpoint step is still named, and no checkpoint after it is saved."""
   config = tiny_config(data_dir, total_steps=6, checkpoint_every=4)
   poison_step(monkeypatch, 3)  # found while step 4 (a checkpoint step) is queued: 4 must not be saved
-  with pytest.raises(loop.NonFiniteError, match=r"^step 3: non-finite values: the loss is nan;.*"
+  with pytest.raises(finite.NonFiniteError, match=r"^step 3: non-finite values: the loss is nan;.*"
                      r"The last good checkpoint \(none yet\) is kept"):
     loop.train_and_evaluate(config, str(tmp_path), progress=False)
   assert checkpoint_steps(tmp_path) == []
@@ -368,7 +369,7 @@ def poison_update(monkeypatch, bad_step: int) -> None:
 def test_an_update_that_would_make_the_state_nonfinite_is_not_applied(data_dir, monkeypatch, tmp_path):
   config = tiny_config(data_dir, total_steps=6, checkpoint_every=2)
   poison_update(monkeypatch, 4)  # a checkpoint step: its (bad) state must not be saved
-  with pytest.raises(loop.NonFiniteError) as e:
+  with pytest.raises(finite.NonFiniteError) as e:
     loop.train_and_evaluate(config, str(tmp_path), progress=False)
   assert str(e.value) == (
       "step 4: non-finite values: the updated state would hold them in params; the update was not "
@@ -382,7 +383,7 @@ def test_an_update_that_would_make_the_state_nonfinite_is_not_applied(data_dir, 
 def test_nonfinite_message_names_the_gradient():
   grads_ok = {"params": {"encoder": {"kernel": True, "bias": True}, "head": {"kernel": False}}}
   m = {"loss": np.float32(1.5), "grad_norm": np.float32(np.inf), "grad_finite": grads_ok}
-  assert loop.nonfinite_message(7, m) == (
+  assert finite.nonfinite_message(7, m) == (
       "step 7: non-finite values: the gradient of 1 parameter array(s) is not finite "
       "(params/head/kernel; gradient norm inf)")
 
@@ -400,8 +401,8 @@ def flip_until_nonfinite(workdir: pathlib.Path, config, step: int, scratch: path
                    key=lambda f: f.stat().st_size)[-1:]
   relative = data.relative_to(workdir)
   original = data.read_bytes()
-  setup = loop.build_setup(config)
-  abstract, shardings = loop.state_shardings(config, setup, loop.make_mesh(config))
+  setup = state_lib.build_setup(config)
+  abstract, shardings = state_lib.state_shardings(config, setup, devices.make_mesh(config))
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   for offset in range(0, len(original) - 4096, 4096):
     flipped = bytearray(original)
@@ -447,8 +448,8 @@ def test_a_checkpoint_with_flipped_bytes_is_moved_aside_and_the_previous_one_res
 def test_nonfinite_leaves_names_the_arrays():
   tree = {"params": {"a": jnp.ones((3,)), "b": jnp.array([1.0, jnp.inf])},
           "opt_state": (jnp.zeros((2, 2)).at[1, 0].set(jnp.nan), jnp.int32(3)), "step": jnp.int32(1)}
-  assert loop.nonfinite_leaves(tree) == ["opt_state/0", "params/b"]
-  assert loop.nonfinite_leaves({"a": jnp.ones((2,), jnp.bfloat16), "i": jnp.int32(0)}) == []
+  assert finite.nonfinite_leaves(tree) == ["opt_state/0", "params/b"]
+  assert finite.nonfinite_leaves({"a": jnp.ones((2,), jnp.bfloat16), "i": jnp.int32(0)}) == []
 
 
 # --------------------------------------------------------------------- validation before any compute
@@ -459,7 +460,7 @@ def no_compute(monkeypatch):
   def boom(*args, **kwargs):
     raise AssertionError("compute started before the bad input was reported")
 
-  monkeypatch.setattr(loop, "make_mesh", boom)
+  monkeypatch.setattr(devices, "make_mesh", boom)
 
 
 def expect_error(config, workdir, match):

@@ -9,9 +9,12 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from jaxcl.train import loop
+from jaxcl.train import checkpoints, devices, evaluation, loop, validation
+from jaxcl.train import state as state_lib
+from jaxcl.train import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
@@ -59,12 +62,12 @@ def final_state(config, workdir, steps):
   """The state saved at the last step of a run in `workdir` (restored with the loop's shardings)."""
   from jaxcl.data import pipeline
 
-  setup = loop.build_setup(config)
-  abstract, shardings = loop.state_shardings(config, setup, loop.make_mesh(config))
-  manager = loop.checkpoint_manager(config, workdir)
+  setup = state_lib.build_setup(config)
+  abstract, shardings = state_lib.state_shardings(config, setup, devices.make_mesh(config))
+  manager = checkpoints.checkpoint_manager(config, workdir)
   it = iter(pipeline.make_train_loader(config.data, split="train", global_batch_size=config.batch_size,
                                        seed=config.seed))
-  state, step = loop.restore_checkpoint(manager, abstract, shardings, it)
+  state, step = checkpoints.restore_checkpoint(manager, abstract, shardings, it)
   manager.close()
   assert step == steps
   return state
@@ -193,10 +196,10 @@ def test_fsdp_mesh_and_gradient_accumulation(data_dir, tmp_path):
   config = tiny(load_recipe("simclr_digits"), data_dir, steps=2)
   config.mesh.fsdp = 2  # 4 data × 2 fsdp over the 8 test devices
   config.grad_accum_steps = 2
-  mesh = loop.make_mesh(config)
+  mesh = devices.make_mesh(config)
   assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
-  setup = loop.build_setup(config)
-  _, shardings = loop.state_shardings(config, setup, mesh)
+  setup = state_lib.build_setup(config)
+  _, shardings = state_lib.state_shardings(config, setup, mesh)
   specs = [s.spec for s in jax.tree.leaves(shardings.params, is_leaf=lambda x: hasattr(x, "spec"))]
   assert any("fsdp" in tuple(spec) for spec in specs)  # some parameters really are sharded
   results = loop.train_and_evaluate(config, str(tmp_path), progress=False)
@@ -204,16 +207,16 @@ def test_fsdp_mesh_and_gradient_accumulation(data_dir, tmp_path):
 
 
 def step_and_batches(config):
-  """(setup, initial state, jitted `loop.train_step`, iterator of the loader's host batches, mesh) of
+  """(setup, initial state, jitted `step_lib.train_step`, iterator of the loader's host batches, mesh) of
   `config`, built as the loop builds them (init key 0, data seed 0)."""
   from jaxcl.data import pipeline
 
-  setup = loop.build_setup(config)
-  state = jax.jit(functools.partial(loop.init_state, config, setup))(jax.random.key(0))
-  step = jax.jit(functools.partial(loop.train_step, config, setup))
+  setup = state_lib.build_setup(config)
+  state = jax.jit(functools.partial(state_lib.init_state, config, setup))(jax.random.key(0))
+  step = jax.jit(functools.partial(step_lib.train_step, config, setup))
   batches = iter(pipeline.make_train_loader(config.data, split="train", global_batch_size=config.batch_size,
                                             seed=0))
-  return setup, state, step, batches, loop.make_mesh(config)
+  return setup, state, step, batches, devices.make_mesh(config)
 
 
 def test_target_network_moves_once_per_optimizer_update_under_accumulation(data_dir):
@@ -221,14 +224,14 @@ def test_target_network_moves_once_per_optimizer_update_under_accumulation(data_
   config.grad_accum_steps = 2
   setup, state, step, it, mesh = step_and_batches(config)
   unchanged = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-  first, _ = step(state, loop.to_global(setup.text.prepare(config, next(it), 0), mesh))
+  first, _ = step(state, devices.to_global(setup.text.prepare(config, next(it), 0), mesh))
   # micro-step 1 of 2: no optimizer update, so neither the online nor the EMA target network moves
-  assert unchanged(first.params, state.params) and unchanged(first.target_params, state.target_params)
-  second, _ = step(first, loop.to_global(setup.text.prepare(config, next(it), 1), mesh))
+  assert unchanged(first.params, state.params) and unchanged(first.method_state["target"]["params"], state.method_state["target"]["params"])
+  second, _ = step(first, devices.to_global(setup.text.prepare(config, next(it), 1), mesh))
   assert not unchanged(second.params, first.params)
   want = jax.tree.map(lambda t, o: config.momentum.ema * t + (1 - config.momentum.ema) * o,
-                      first.target_params, second.params)
-  for got, w in zip(jax.tree.leaves(second.target_params), jax.tree.leaves(want)):
+                      first.method_state["target"]["params"], second.params)
+  for got, w in zip(jax.tree.leaves(second.method_state["target"]["params"]), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(w), rtol=1e-6, atol=1e-7)
 
 
@@ -245,10 +248,10 @@ def test_uint8_transfer_is_the_step_on_the_images_rounded_to_8_bits(data_dir):
   rounded = (np.round(host["image"] * 255) / 255).astype(np.float32)
   assert not np.array_equal(rounded, host["image"])
   runs = {}
-  for name, image in {"uint8": loop.encode_images(host["image"], "uint8"), "rounded": rounded,
-                      "rounded_flat": loop.encode_images(rounded, "float32")}.items():
-    runs[name] = step(state, loop.to_global(dict(host, image=image), mesh))
-  assert loop.encode_images(host["image"], "uint8").dtype == np.uint8
+  for name, image in {"uint8": devices.encode_images(host["image"], "uint8"), "rounded": rounded,
+                      "rounded_flat": devices.encode_images(rounded, "float32")}.items():
+    runs[name] = step(state, devices.to_global(dict(host, image=image), mesh))
+  assert devices.encode_images(host["image"], "uint8").dtype == np.uint8
   pairs = {("rounded_flat", "rounded"): 0.0,  # the same float32 images, flat or not: the same step
            ("uint8", "rounded"): 1e-6}  # the step's own u8 / 255 (the compiler may multiply by 1/255)
   for (got, want), tol in pairs.items():
@@ -259,7 +262,7 @@ def test_uint8_transfer_is_the_step_on_the_images_rounded_to_8_bits(data_dir):
     config.data.transfer_dtype = "float16"
   with pytest.raises(ValueError, match=r"`config.data.transfer_dtype` must be one of \('float32', 'uint8'\), "
                                        r"got 'float16'"):
-    loop.validate_config(config, data=False)
+    validation.validate_config(config, data=False)
 
 
 def test_learning_rate_schedule_counts_optimizer_updates():
@@ -280,7 +283,7 @@ def _steps(folder):
 
 
 def test_small_replicated_arrays_are_saved_without_per_replica_slices(tmp_path):
-  """`loop.checkpoint_manager` has orbax write a replicated array whole from one replica when its
+  """`checkpoints.checkpoint_manager` has orbax write a replicated array whole from one replica when its
   per-replica slices would be under `MIN_REPLICA_SLICE_BYTES`: saving 20 small arrays replicated over
   the 8 devices compiles nothing (replica-parallel would cut each into 8 slices on device, a compiled
   slice per shape); an array with 1 MiB slices is still cut (one compile at least); both restore."""
@@ -306,12 +309,12 @@ def test_small_replicated_arrays_are_saved_without_per_replica_slices(tmp_path):
 
 def _save_and_restore(config, tmp_path, small, big, compiles):
   for step, tree in ((1, small), (2, big)):
-    manager = loop.checkpoint_manager(config, str(tmp_path / str(step)))
+    manager = checkpoints.checkpoint_manager(config, str(tmp_path / str(step)))
     before = len(compiles)
-    manager.save(step, args=loop.ocp.args.Composite(state=loop.ocp.args.StandardSave(tree)), force=True)
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)), force=True)
     manager.wait_until_finished()
     assert (len(compiles) - before == 0) if tree is small else (len(compiles) - before >= 1), compiles[before:]
-    restored = manager.restore(step, args=loop.ocp.args.Composite(state=loop.ocp.args.StandardRestore(tree)))
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(tree)))
     for k, v in tree.items():
       np.testing.assert_array_equal(np.asarray(restored["state"][k]), np.asarray(v))
     manager.close()
@@ -345,9 +348,9 @@ def test_a_transient_read_error_moves_the_checkpoint_aside_intact(data_dir, tmp_
   loop.train_and_evaluate(config, str(tmp_path), progress=False)
   ckpt = tmp_path / "checkpoints"
   assert _steps(ckpt) == [2, 4]
-  setup = loop.build_setup(config)
-  abstract, shardings = loop.state_shardings(config, setup, loop.make_mesh(config))
-  manager = loop.checkpoint_manager(config, str(tmp_path))
+  setup = state_lib.build_setup(config)
+  abstract, shardings = state_lib.state_shardings(config, setup, devices.make_mesh(config))
+  manager = checkpoints.checkpoint_manager(config, str(tmp_path))
   restore = manager.restore
 
   def flaky(step, *args, **kwargs):  # a network file system that fails once on step 4
@@ -358,7 +361,7 @@ def test_a_transient_read_error_moves_the_checkpoint_aside_intact(data_dir, tmp_
   monkeypatch.setattr(manager, "restore", flaky)
   it = iter(pipeline.make_train_loader(config.data, split="train", global_batch_size=16, seed=0))
   capsys.readouterr()
-  state, step = loop.restore_checkpoint(manager, abstract, shardings, it)
+  state, step = checkpoints.restore_checkpoint(manager, abstract, shardings, it)
   assert step == 2 and int(state.step) == 2
   assert manager.all_steps() == [2] and manager.latest_step() == 2  # the manager does not see step 4
   manager.close()
@@ -400,91 +403,6 @@ def test_sharded_loss_engines_train_like_the_default(name, impl, data_dir, tmp_p
   np.testing.assert_allclose(losses[impl], losses["dense"], rtol=1e-4)
 
 
-def test_auto_loss_engine_is_sharded_on_a_mesh_of_several_devices():
-  """`config.loss.impl = "auto"` (the default) with a mesh of more than one device: the loss runs under
-  shard_map over every mesh axis (a sharded engine) and equals the single-device dense loss in value
-  and gradient; on a one-device mesh it stays a single-device loss."""
-  import jax.numpy as jnp  # noqa: PLC0415
-  from jaxcl import losses  # noqa: PLC0415
-  from jaxcl.train import methods  # noqa: PLC0415
-  from jaxcl.train.config import base_config  # noqa: PLC0415
-
-  config = base_config()
-  config.method, config.loss.name = "clip", "clip"
-  assert config.loss.impl == "auto"
-  rng = np.random.default_rng(5)
-  image, text = (jnp.asarray(rng.standard_normal((16, 8)), jnp.float32) for _ in range(2))
-  mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-
-  def loss(image, text, scale, mesh):
-    return methods.image_text_loss(config, {"image": image, "text": text, "logit_scale": scale}, mesh=mesh)
-
-  assert "shard_map" in str(jax.make_jaxpr(lambda *a: loss(*a, mesh))(image, text, 5.0))
-  one = jax.make_mesh((1, 1), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                      devices=jax.devices()[:1])
-  assert "shard_map" not in str(jax.make_jaxpr(lambda *a: loss(*a, one))(image, text, 5.0))
-  got = jax.jit(jax.value_and_grad(lambda *a: loss(*a, mesh), argnums=(0, 1, 2)))(image, text, 5.0)
-  want = jax.jit(jax.value_and_grad(lambda i, t, s: losses.clip(i, t, logit_scale=s, impl="dense"),
-                                    argnums=(0, 1, 2)))(image, text, 5.0)
-  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
-  for g, w in zip(got[1], want[1]):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
-
-
-def test_pallas_settings_from_the_config():
-  """`config.loss.pallas` with `config.loss.impl = "pallas"`: the losses get `impl=Settings(...)` with the
-  fields set (the others from the process default), which reach the kernels (their grid: 40 rows in
-  blocks of 16, 40 columns in blocks of 32), and the loss equals the dense engine's in value and
-  gradient. A field set with another impl, a bad value or an unknown key is an error naming the key."""
-  import re  # noqa: PLC0415
-
-  import jax.numpy as jnp  # noqa: PLC0415
-  from jaxcl.ops import pallas  # noqa: PLC0415
-  from jaxcl.train import methods  # noqa: PLC0415
-  from jaxcl.train.config import base_config  # noqa: PLC0415
-
-  def clip_config(impl, **fields):
-    config = base_config()
-    config.method, config.loss.name, config.loss.impl = "clip", "clip", impl
-    for key, value in fields.items():
-      config.loss.pallas[key] = value
-    return config
-
-  config = clip_config("pallas", flavour="gpu", interpret=True, block_rows=16, block_cols=32)
-  loop.validate_config(config, data=False)
-  assert methods.loss_impl(config) == pallas.Settings(
-      flavour="gpu", interpret=True, block_rows=16, block_cols=32, num_warps=pallas.DEFAULT.num_warps,
-      num_stages=pallas.DEFAULT.num_stages, max_fused_cols=pallas.DEFAULT.max_fused_cols)
-  assert methods.loss_impl(clip_config("pallas")) == "pallas"  # nothing set: the default engine
-  rng = np.random.default_rng(6)
-  image, text = (jnp.asarray(rng.standard_normal((40, 8)), jnp.float32) for _ in range(2))
-
-  def loss(config):
-    return jax.value_and_grad(lambda i, t, s: methods.image_text_loss(
-        config, {"image": i, "text": t, "logit_scale": s}), argnums=(0, 1, 2))
-
-  jaxpr = str(jax.make_jaxpr(loss(config))(image, text, 5.0))
-  assert sorted(set(re.findall(r"grid=\(([0-9]+),\)", jaxpr))) == ["2", "3"]  # ceil(40/32), ceil(40/16)
-  got, want = (jax.jit(loss(c))(image, text, 5.0) for c in (config, clip_config("dense")))
-  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
-  for g, w in zip(got[1], want[1]):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
-
-  with pytest.raises(ValueError, match=r"^`config.loss.pallas` \(block_rows=16\) sets the pallas engine's "
-                                       r"settings, which need `config.loss.impl='pallas'`; got 'auto'\.$"):
-    loop.validate_config(clip_config("auto", block_rows=16), data=False)
-  with pytest.raises(ValueError, match=r"^`config.loss.pallas.block_rows` must be a positive integer or None, "
-                                       r"got 0\.$"):
-    loop.validate_config(clip_config("pallas", block_rows=0), data=False)
-  with pytest.raises(ValueError, match=r"^`config.loss.pallas.flavour` must be one of .*got 'cuda'\.$"):
-    loop.validate_config(clip_config("pallas", flavour="cuda"), data=False)
-  config = clip_config("pallas")
-  with config.unlocked():
-    config.loss.pallas.blocks = 16
-  with pytest.raises(ValueError, match=r"Unknown config key `config.loss.pallas.blocks`"):
-    loop.validate_config(config, data=False)
-
-
 def test_sharded_engine_rejects_a_loss_without_axis_name(data_dir, tmp_path):
   config = tiny(load_recipe("multiview_digits"), data_dir)
   config.loss.impl = "ring"
@@ -496,7 +414,7 @@ def test_no_host_sync_on_the_step_just_dispatched(data_dir, tmp_path, monkeypatc
   """The host reads step s's outputs only after step s+1 is dispatched, except before a checkpoint (or an
   evaluation, or the end), and the batch of step s+1 is put on the devices before step s is read."""
   events, step_of = [], {}
-  jit_train_step, read_metrics, to_global = loop.jit_train_step, loop.read_metrics, loop.to_global
+  jit_train_step, read_metrics, to_global = step_lib.jit_train_step, loop.read_metrics, devices.to_global
 
   def recording_compile(*args):
     step_fn = jit_train_step(*args)
@@ -517,9 +435,9 @@ def test_no_host_sync_on_the_step_just_dispatched(data_dir, tmp_path, monkeypatc
     events.append(("batch", sum(e[0] == "batch" for e in events) + 1))
     return to_global(batch, mesh)
 
-  monkeypatch.setattr(loop, "jit_train_step", recording_compile)
+  monkeypatch.setattr(step_lib, "jit_train_step", recording_compile)
   monkeypatch.setattr(loop, "read_metrics", recording_read)
-  monkeypatch.setattr(loop, "to_global", recording_to_global)
+  monkeypatch.setattr(devices, "to_global", recording_to_global)
   config = tiny(load_recipe("simclr_digits"), data_dir, steps=6)
   config.checkpoint_every = 3
   loop.train_and_evaluate(config, str(tmp_path), progress=False)
@@ -540,13 +458,13 @@ def test_streamed_evaluation_equals_the_whole_split_in_memory(name, data_dir):
 
   config = tiny(load_recipe(name), data_dir)
   config.eval.linear_probe = name == "simclr_digits"
-  setup = loop.build_setup(config, mesh=loop.make_mesh(config))
-  state = jax.jit(lambda k: loop.init_state(config, setup, k))(jax.random.key(3))
-  variables = loop._variables(state)
-  got = loop.evaluate(config, setup, variables)
+  setup = state_lib.build_setup(config, mesh=devices.make_mesh(config))
+  state = jax.jit(lambda k: state_lib.init_state(config, setup, k))(jax.random.key(3))
+  variables = state_lib.variables(state)
+  got = evaluation.evaluate(config, setup, variables)
 
   train, test = (sources.load_arrays(config.data, s) for s in ("train", "test"))
-  tr, te = (loop.embed_images(config, setup, variables, d["image"]) for d in (train, test))
+  tr, te = (evaluation.embed_images(config, setup, variables, d["image"]) for d in (train, test))
   want = eval_lib.evaluate_embeddings(tr["features"], train["label"], te["features"], test["label"],
                                       num_classes=10, knn_k=20, knn_temperature=config.eval.knn_temperature,
                                       linear_probe=config.eval.linear_probe)
@@ -556,7 +474,7 @@ def test_streamed_evaluation_equals_the_whole_split_in_memory(name, data_dir):
     want["zero_shot_accuracy"] = float(eval_lib.zero_shot_accuracy(te["embedding"], class_emb, test["label"]))
   else:
     views = np.asarray(augment.make_views(jax.random.key(config.seed + 1), test["image"], 2, setup.aug))
-    a, b = (loop.embed_images(config, setup, variables, v)["projection"] for v in views)
+    a, b = (evaluation.embed_images(config, setup, variables, v)["projection"] for v in views)
     want.update({k: float(v) for k, v in eval_lib.alignment_uniformity(a, b).items()})
   assert {k for k in got if not k.startswith("_")} == set(want)
   for key, value in want.items():

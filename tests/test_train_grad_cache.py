@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcl.train import loop
+from jaxcl.train import devices, loop
 from tests.test_train import data_dir, load_recipe, step_and_batches, tiny  # noqa: F401  (data_dir is a fixture)
 
 
@@ -16,7 +16,7 @@ def _steps_of(config, n):
   setup, state, step, it, mesh = step_and_batches(config)
   states, metrics = [], []
   for i in range(n):
-    state, m = step(state, loop.to_global(setup.text.prepare(config, next(it), i), mesh))
+    state, m = step(state, devices.to_global(setup.text.prepare(config, next(it), i), mesh))
     states.append(state)
     metrics.append(m)
   return states, metrics

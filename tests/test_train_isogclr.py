@@ -2,7 +2,7 @@
 
 "Not All Semantics are Created Equal: Contrastive Self-supervised Learning with Automatic Temperature
 Individualization" (Qiu et al., 2023) keeps a temperature τ_i and a normaliser u_i per example, indexed by
-the stable example id `batch["index"]`, in `TrainState.loss_state`.
+the stable example id `batch["index"]`, in `TrainState.method_state`.
 """
 
 import functools
@@ -15,7 +15,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxcl.data import digits, pipeline
 from jaxcl.losses.temperature import IsogclrState
-from jaxcl.train import loop, methods
+from jaxcl.train import devices, loop, methods, validation
+from jaxcl.train import state as state_lib
+from jaxcl.train import step as step_lib
 from tests.test_train import data_dir, final_state, load_recipe, tiny  # noqa: F401  (data_dir is a fixture)
 
 TAU0 = 0.1  # base_config().loss.isogclr_tau_init
@@ -32,55 +34,55 @@ def _seen_ids(config, steps):
   return np.unique(np.concatenate([next(it)["index"] for _ in range(steps)]))
 
 
-def test_loss_state_size_covers_every_id_and_shards_evenly():
+def test_per_example_state_size_covers_every_id_and_shards_evenly():
   config = load_recipe("isogclr_digits")
   n = jax.device_count()
   assert n == 8  # tests/conftest.py
   # digits ids are positions in load_digits() (1797, both splits), padded to 1800 = 225 x 8.
-  assert loop.loss_state_size(config, {"num_examples": 1438}) == 1800 >= digits.NUM_EXAMPLES
+  assert state_lib.method_state_size(config, {"num_examples": 1438}) == 1800 >= digits.NUM_EXAMPLES
   config.data.name = "folder"  # ids are positions in the split
-  assert loop.loss_state_size(config, {"num_examples": 17}) == 24
-  assert loop.loss_state_size(config, {"num_examples": 17, "num_ids": 40}) == 40
+  assert state_lib.method_state_size(config, {"num_examples": 17}) == 24
+  assert state_lib.method_state_size(config, {"num_examples": 17, "num_ids": 40}) == 40
 
 
 def test_isogclr_is_only_for_simclr():
   config = load_recipe("isogclr_digits")
   config.method = "dcl"
-  with pytest.raises(ValueError, match=r"`config.loss.name='isogclr'` works with the methods \('simclr',\)"):
-    loop.validate_config(config, data=False)
-  other = load_recipe("simclr_digits")  # a stateless loss has an empty loss state
-  assert not methods.has_loss_state(other) and methods.init_loss_state(other, 10) == {}
+  with pytest.raises(ValueError, match=r"got 'isogclr', which works with the methods \('simclr',\)"):
+    validation.validate_config(config, data=False)
+  other = load_recipe("simclr_digits")  # a stateless loss has an empty method state
+  assert methods.get("simclr").init_state(other, {}, jax.random.key(0), 10) == {}
 
 
 def test_train_step_shards_updates_and_guards_the_loss_state(data_dir):
   config = _config(data_dir, steps=2)
   config.on_nonfinite = "skip"
-  infos = loop.validate_config(config)
-  mesh = loop.make_mesh(config)
-  setup = loop.build_setup(config, infos["train"], mesh)
-  abstract, shardings = loop.state_shardings(config, setup, mesh)
-  state = jax.jit(functools.partial(loop.init_state, config, setup), out_shardings=shardings)(
+  infos = validation.validate_config(config)
+  mesh = devices.make_mesh(config)
+  setup = state_lib.build_setup(config, infos["train"], mesh)
+  abstract, shardings = state_lib.state_shardings(config, setup, mesh)
+  state = jax.jit(functools.partial(state_lib.init_state, config, setup), out_shardings=shardings)(
       jax.random.key(0))
-  assert isinstance(state.loss_state, IsogclrState)
-  step = jax.jit(functools.partial(loop.train_step, config, setup), out_shardings=(shardings, None))
+  assert isinstance(state.method_state, IsogclrState)
+  step = jax.jit(functools.partial(step_lib.train_step, config, setup), out_shardings=(shardings, None))
   it = iter(pipeline.make_train_loader(config.data, split="train", global_batch_size=16, seed=0))
   host = next(it)
-  new, m = step(state, loop.to_global(setup.text.prepare(config, host, 0), mesh))
+  new, m = step(state, devices.to_global(setup.text.prepare(config, host, 0), mesh))
   assert bool(m["finite"])
-  for arr in new.loss_state:  # (1800,) split in 8 shards of 225 along the batch mesh axes
+  for arr in new.method_state:  # (1800,) split in 8 shards of 225 along the batch mesh axes
     assert arr.shape == (1800,)
-    assert arr.sharding.spec == P(loop.BATCH_AXES)
+    assert arr.sharding.spec == P(devices.BATCH_AXES)
     assert {s.data.shape for s in arr.addressable_shards} == {(225,)}
   ids = np.asarray(host["index"])
-  tau, u = np.asarray(new.loss_state.tau), np.asarray(new.loss_state.u)
+  tau, u = np.asarray(new.method_state.tau), np.asarray(new.method_state.u)
   others = np.setdiff1d(np.arange(1800), ids)
   assert np.all(tau[ids] != np.float32(TAU0)) and np.all(tau[others] == np.float32(TAU0))
   assert np.all(u[ids] > 0) and np.all(u[others] == 0)
   # A non-finite step (NaN images) keeps the old loss state, like the parameters.
   bad = dict(host, image=np.full_like(host["image"], np.nan), index=np.asarray(next(it)["index"]))
-  kept, m = step(new, loop.to_global(setup.text.prepare(config, bad, 1), mesh))
+  kept, m = step(new, devices.to_global(setup.text.prepare(config, bad, 1), mesh))
   assert not bool(m["finite"])
-  for a, b in zip(kept.loss_state, new.loss_state):
+  for a, b in zip(kept.method_state, new.method_state):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -98,12 +100,12 @@ def test_recipe_trains_and_resumes_with_the_saved_loss_state(data_dir, tmp_path)
 
   a = final_state(straight, str(tmp_path / "straight"), steps)
   b = final_state(straight, str(tmp_path / "resumed"), steps)
-  for x, y in zip(jax.tree.leaves((a.loss_state, a.params)), jax.tree.leaves((b.loss_state, b.params))):
+  for x, y in zip(jax.tree.leaves((a.method_state, a.params)), jax.tree.leaves((b.method_state, b.params))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # τ moved for exactly the examples the run saw; every other slot (incl. the padding) kept τ₀.
   seen = _seen_ids(straight, steps)
-  tau = np.asarray(a.loss_state.tau)
+  tau = np.asarray(a.method_state.tau)
   unseen = np.setdiff1d(np.arange(tau.shape[0]), seen)
   assert len(seen) > 16 and np.all(tau[seen] != np.float32(TAU0))
   assert np.all(tau[unseen] == np.float32(TAU0))
-  assert a.loss_state.tau.sharding.spec == P(loop.BATCH_AXES)
+  assert a.method_state.tau.sharding.spec == P(devices.BATCH_AXES)

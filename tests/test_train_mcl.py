@@ -15,7 +15,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxcl.data import digits, sources
-from jaxcl.train import loop, mcl
+from jaxcl.train import devices, evaluation, loop, mcl, validation
+from jaxcl.train import state as state_lib
 from tests.test_train import data_dir, final_state, load_recipe, tiny  # noqa: F401  (data_dir is a fixture)
 
 
@@ -41,22 +42,22 @@ def _losses(workdir):
 def test_mcl_config_errors(data_dir, stage_one, tmp_path):
   config = tiny(load_recipe("mcl_digits"), data_dir)
   with pytest.raises(ValueError, match=r"needs `config.loss.mcl_previous_stages`.*got none"):
-    loop.validate_config(config, data=False)
+    validation.validate_config(config, data=False)
   config.loss.mcl_previous_stages = f"{stage_one},{tmp_path}/nowhere"
   with pytest.raises(ValueError, match=r"names '.*nowhere', which has no checkpoints/ folder"):
-    loop.validate_config(config, data=False)
+    validation.validate_config(config, data=False)
   config.loss.mcl_previous_stages = stage_one
   config.loss.mcl_num_clusters = 0
   with pytest.raises(ValueError, match=r"`config.loss.mcl_num_clusters` must be >= 1, got 0"):
-    loop.validate_config(config, data=False)
+    validation.validate_config(config, data=False)
   config.loss.mcl_num_clusters = 4
   config.method = "dcl"
-  with pytest.raises(ValueError, match=r"`config.loss.name='mcl_nt_xent'` works with the methods \('simclr',\)"):
-    loop.validate_config(config, data=False)
+  with pytest.raises(ValueError, match=r"got 'mcl_nt_xent', which works with the methods \('simclr',\)"):
+    validation.validate_config(config, data=False)
   plain = tiny(load_recipe("simclr_digits"), data_dir)
   plain.loss.mcl_previous_stages = stage_one
   with pytest.raises(ValueError, match=r"is for `config.loss.name='mcl_nt_xent'`, got loss 'nt_xent'"):
-    loop.validate_config(plain, data=False)
+    validation.validate_config(plain, data=False)
   other_model = _stage_two(data_dir, stage_one, 4)
   other_model.model.projection_dims = (32, 8)
   with pytest.raises(ValueError, match=r"every MCL stage must use the same `config.model`"):
@@ -76,13 +77,13 @@ def test_an_unfinished_earlier_stage_is_an_error(data_dir, tmp_path):
   assert not (tmp_path / "stage2").exists()  # refused before anything was made
   loop.train_and_evaluate(first, stage, progress=False)  # the stage finishes
   assert mcl.stage_final_step(stage) == 4
-  loop.validate_config(config, data=False)
+  validation.validate_config(config, data=False)
   # its final checkpoint moved away (e.g. quarantined as unreadable): the newest is step 2 again
   os.rename(f"{stage}/checkpoints/4", tmp_path / "aside")
   with pytest.raises(ValueError, match=re.escape(
       f"names '{stage}', which has not finished: its newest checkpoint is step 2, expected step 4 (the "
       "final step of its results.json)")):
-    loop.validate_config(config, data=False)
+    validation.validate_config(config, data=False)
 
 
 def test_one_cluster_ring_stage_trains_like_nt_xent_and_resumes(data_dir, stage_one, tmp_path):
@@ -106,16 +107,16 @@ def test_stage_two_clusters_are_the_kmeans_of_stage_one_features(data_dir, stage
   clusters = 4
   config = _stage_two(data_dir, stage_one, clusters, steps=2)
   loop.train_and_evaluate(config, str(tmp_path), progress=False)
-  ids = final_state(config, str(tmp_path), 2).loss_state["cluster_ids"]
-  assert ids.shape == (1800,) and ids.sharding.spec == P(loop.BATCH_AXES)  # 1797 digit ids, padded
+  ids = final_state(config, str(tmp_path), 2).method_state["cluster_ids"]
+  assert ids.shape == (1800,) and ids.sharding.spec == P(devices.BATCH_AXES)  # 1797 digit ids, padded
   ids = np.asarray(ids)
 
   # Independently: stage 1's own final state, its features of the train split, k-means with key(seed, 0).
   first = tiny(load_recipe("simclr_digits"), data_dir, steps=2)
   state = final_state(first, stage_one, 2)
-  setup = loop.build_setup(first)
+  setup = state_lib.build_setup(first)
   train = sources.load_arrays(first.data, "train")
-  features = loop.embed_images(first, setup, loop._variables(state), train["image"])["features"]
+  features = evaluation.embed_images(first, setup, state_lib.variables(state), train["image"])["features"]
   want = mcl.stage_clusters(features, clusters, config.loss.mcl_kmeans_iters,
                             jax.random.fold_in(jax.random.key(config.seed), 0))
   # The same partition of the train examples (mcl_cluster_ids renumbers the clusters) ...

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from jaxcl.train import loop
+from jaxcl.train import devices, loop
 from jaxcl.train.config import base_config
 from jaxcl.train import workdir as workdir_lib
 from tests.test_train import ROOT, data_dir, load_recipe, tiny  # noqa: F401  (data_dir is a fixture)
@@ -24,7 +24,7 @@ def no_compute(monkeypatch):
   def boom(*args, **kwargs):
     raise AssertionError("compute started before the problem was reported")
 
-  monkeypatch.setattr(loop, "make_mesh", boom)
+  monkeypatch.setattr(devices, "make_mesh", boom)
 
 
 def write_lock(workdir, host, pid, since="2026-01-02T03:04:05+00:00"):
@@ -189,7 +189,7 @@ def test_resume_with_another_config_is_refused_listing_the_keys(data_dir, tmp_pa
   changed.batch_size, changed.learning_rate, changed.total_steps = 32, 0.5, 8
   changed.log_every = 1  # safe, but the others are not
   with monkeypatch.context() as m:
-    m.setattr(loop, "make_mesh", lambda *a, **k: pytest.fail("compute started"))
+    m.setattr(devices, "make_mesh", lambda *a, **k: pytest.fail("compute started"))
     with pytest.raises(ValueError) as e:
       loop.train_and_evaluate(changed, str(workdir), progress=False)
   message = str(e.value)

@@ -101,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.worker_count = 0
-  # The dtype images travel in from the host to the devices (jaxcl.train.loop.encode_images): float32,
+  # The dtype images travel in from the host to the devices (jaxcl.train.devices.encode_images): float32,
   # or uint8 (a quarter of the bytes in device memory and over the host link; exact for 8-bit images at
   # their stored size, such as the bundled digits; images a source resizes are rounded to the nearest of
   # 256 levels, at most 0.5/255 off, as in any uint8 image pipeline).

@@ -12,7 +12,7 @@ work directories of the earlier stages (same `config.model`). When stage t start
    (spherical: cosine similarity, `losses.subclass_kmeans` with one class; `config.loss.mcl_kmeans_iters`
    Lloyd steps, Forgy init from `config.seed`);
 3. the clusterings are combined, `losses.mcl_cluster_ids` (two examples share a cluster iff they do in
-   every earlier stage), and kept per example id in `TrainState.loss_state["cluster_ids"]`, so a resumed
+   every earlier stage), and kept per example id in `TrainState.method_state["cluster_ids"]`, so a resumed
    run uses the same clusters;
 4. the loss is `losses.mcl_nt_xent`: an anchor's negatives are the batch examples of its own cluster,
    which the earlier stages' features cannot tell apart, so the new model must find other features.

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl.data import digits
-from jaxcl.train import methods
 
 NUMERIC_KEYS = ("image", "label", "index")
 
@@ -98,11 +97,3 @@ class LockedText(NoText):
 
   def encode_for_eval(self, model, variables, texts):
     return jnp.asarray(self.embeddings(list(texts)))
-
-
-def build_text_side(config, info: dict):
-  if config.method not in methods.IMAGE_TEXT:
-    return NoText()
-  if config.method == "lit":
-    return LockedText(config, info["class_names"])
-  return TokenText(config, info["class_names"])

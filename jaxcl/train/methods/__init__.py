@@ -1,0 +1,21 @@
+"""Training methods as plug-ins: `config.method` names a registered `Method`.
+
+Built in: simclr, dcl (`simclr.py`), supcon, multiview, moco, byol (`momentum.py`), simsiam, and the
+image-text methods clip, siglip, lit (`image_text.py`). A new method is one file: a `Method` subclass
+(`base.py` says what each part does) registered with `register`, plus its recipe in `configs/`.
+
+>>> from jaxcl.train import methods
+>>> methods.get("moco").name, methods.get("clip").image_text
+('moco', True)
+"""
+
+from __future__ import annotations
+
+from jaxcl.train.methods.base import (SHARDABLE_LOSSES, ImageModel, Method, ViewsMethod, build_encoder,
+                                      check_loss_impl, engine_options, get, in_batch_accuracy, loss_impl, names,
+                                      register, unregister)
+
+from jaxcl.train.methods import simclr, supcon, multiview, momentum, simsiam, image_text  # noqa: E402,F401  registers
+
+__all__ = ["Method", "ViewsMethod", "ImageModel", "register", "unregister", "get", "names", "SHARDABLE_LOSSES",
+           "build_encoder", "check_loss_impl", "engine_options", "in_batch_accuracy", "loss_impl"]

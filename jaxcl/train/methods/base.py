@@ -1,0 +1,238 @@
+"""What a training method is (`Method`), the two model shapes methods share, and the loss engine options.
+
+A method tells the one train step (`jaxcl.train.step`) what differs between SimCLR, MoCo, CLIP, ...:
+
+- `image_text`: the model sees (image, caption) pairs (a `jaxcl.models.DualEncoder`), else `num_views`
+  augmented views of each image (an `ImageModel`);
+- `build_model(config, text_side)` and `text_side(config, info)` (what turns captions into model inputs);
+- `init_state(config, variables, key, num_ids)`: the method's own part of the train state
+  (`TrainState.method_state`: an EMA target network, a queue of keys, per-example loss state; {} when
+  it has none), laid out by `state_shardings(mesh, abstract)`;
+- `loss(config, outputs, batch, state, *, mesh, forward) -> (loss, new_state, extras)`: the loss of the
+  model's outputs for the batch; `forward(params, batch_stats)` runs the model on the step's inputs
+  again (for a target network);
+- `after_update(config, state, params, updated)`: the method state once the optimizer has updated the
+  parameters (EMA targets);
+- `positive_pairs(outputs, extras)`: the two (B, E) embeddings whose diagonal pairs are positives, for
+  the logged in-batch retrieval accuracy (None: not logged);
+- `check(config)` and `grad_cache_conflict(config)`: the method's own config checks.
+
+A method is registered under its name (`jaxcl.train.methods.register`); `config.method` picks it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxcl import losses
+from jaxcl import models
+from jaxcl import ops
+from jaxcl.ops import pallas
+from jaxcl.ops.engines import SHARDED_IMPLS
+from jaxcl.train import devices
+
+# The values of `config.loss.name` that have a sharded form (`impl="allgather" | "ring"`).
+SHARDABLE_LOSSES = ("nt_xent", "dcl", "dclw", "supcon", "infonce", "clip", "siglip", "macl", "hn_nce",
+                    "mcl_nt_xent")
+
+
+_REGISTRY: dict[str, "Method"] = {}
+
+
+def register(method: "Method") -> "Method":
+  """Makes `method` the one `config.method = method.name` selects (replacing one of the same name)."""
+  if not method.name:
+    raise ValueError(f"a method needs a name, got {method.name!r} ({type(method).__name__}).")
+  _REGISTRY[method.name] = method
+  return method
+
+
+def unregister(name: str) -> "Method":
+  """Removes the method registered as `name` and returns it (a ValueError if there is none)."""
+  return _REGISTRY.pop(get(name).name)
+
+
+def names() -> tuple[str, ...]:
+  """The registered method names, in registration order."""
+  return tuple(_REGISTRY)
+
+
+def get(name: str) -> "Method":
+  """The method registered as `name`; a ValueError names `config.method` and the choices otherwise."""
+  if name not in _REGISTRY:
+    raise ValueError(f"`config.method` must be one of {names()}, got {name!r}.")
+  return _REGISTRY[name]
+
+
+class Method:
+  """A training method: a loss over the outputs of one of two model shapes, and the state it keeps.
+
+  Subclass it, set `name` and `loss_names`, override what differs (see the module docstring), and
+  `register` an instance. The defaults: no method state, no accuracy logged, every loss of `loss_names`.
+  """
+
+  name: ClassVar[str] = ""
+  loss_names: ClassVar[tuple[str, ...]] = ()  # the values `config.loss.name` may take
+  image_text: ClassVar[bool] = False
+
+  def check(self, config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the config key when `config` does not suit the method."""
+    if config.loss.name in self.loss_names:
+      return
+    others = tuple(n for n in names() if config.loss.name in get(n).loss_names)
+    which = f", which works with the methods {others}" if others else ""
+    raise ValueError(f"`config.loss.name` for method {self.name!r} must be one of {self.loss_names}, got "
+                     f"{config.loss.name!r}{which}.")
+
+  def grad_cache_conflict(self, config: ml_collections.ConfigDict) -> str | None:
+    """Why the method cannot run with gradient caching (`config.grad_cache_chunks` > 1), or None."""
+    return None
+
+  def text_side(self, config: ml_collections.ConfigDict, info: dict) -> Any:
+    """What prepares the batch's text for the model (`jaxcl.train.text`): nothing for image methods."""
+    from jaxcl.train import text  # pylint: disable=import-outside-toplevel
+
+    return text.NoText()
+
+  def build_model(self, config: ml_collections.ConfigDict, text_side: Any) -> nn.Module:
+    raise NotImplementedError
+
+  def init_state(self, config: ml_collections.ConfigDict, variables: dict, key: jax.Array, num_ids: int) -> Any:
+    """The method's part of the train state; `variables` the model's initial {"params", "batch_stats"},
+    `num_ids` the length of per-example state (example ids are in [0, num_ids))."""
+    return {}
+
+  def state_shardings(self, mesh: jax.sharding.Mesh, abstract: Any) -> Any:
+    """How each array of the method state (`abstract`: its shapes) is laid out: as parameters are."""
+    return jax.tree.map(lambda x: devices.param_sharding(mesh, x), abstract)
+
+  def loss(self, config, outputs: dict, batch: dict, state: Any, *, mesh=None, forward=None) -> tuple[jax.Array, Any, dict]:
+    """(loss, new method state, extras for `positive_pairs`)."""
+    raise NotImplementedError
+
+  def after_update(self, config, state: Any, params: Any, updated: jax.Array) -> Any:
+    """The method state after the optimizer step; `updated` is False on gradient-accumulation micro-steps."""
+    return state
+
+  def positive_pairs(self, outputs: dict, extras: dict) -> tuple[jax.Array, jax.Array, tuple[str, str]] | None:
+    return None
+
+
+class ImageModel(nn.Module):
+  """encoder → projection head → (optional) prediction head."""
+
+  encoder: nn.Module
+  projection_dims: tuple[int, ...]
+  predictor_dim: int = 0
+  norm: str = "batch"
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    h = self.encoder(x, train=train)
+    z = models.ProjectionHead(
+        hidden_dims=tuple(self.projection_dims[:-1]), out_dim=self.projection_dims[-1], norm=self.norm
+    )(h, train=train)
+    out = {"features": h, "projection": z}
+    if self.predictor_dim:
+      out["prediction"] = models.PredictionHead(
+          hidden_dim=self.predictor_dim, out_dim=self.projection_dims[-1]
+      )(z, train=train)
+    return out
+
+
+def build_encoder(config: ml_collections.ConfigDict) -> nn.Module:
+  """The image encoder `config.model.encoder` with the model settings of `config.model`."""
+  m = config.model
+  options = {"dtype": jnp.dtype(m.dtype), **({"remat": True} if m.remat else {})}
+  if m.encoder.startswith("resnet"):
+    options.update(width=m.width, small_image=m.small_image, norm=m.norm)
+  return models.build_model(m.encoder, **options)
+
+
+class ViewsMethod(Method):
+  """A method over `num_views` augmented views of each image and an `ImageModel`; `outputs` of `loss` are
+  the model's (V, B, E) "projection" (and "prediction" with a predictor head)."""
+
+  num_views: ClassVar[int | None] = 2  # None: any number >= 2 (`config.num_views`)
+  needs_predictor: ClassVar[bool] = False
+
+  def check(self, config):
+    super().check(config)
+    if self.num_views is not None and config.num_views != self.num_views:
+      raise ValueError(f"`config.num_views` must be {self.num_views} for method {self.name!r}, got "
+                       f"{config.num_views}.")
+    if self.num_views is None and config.num_views < 2:
+      raise ValueError(f"`config.num_views` must be >= 2 for {self.name!r}, got {config.num_views}.")
+    if self.needs_predictor and not config.model.predictor_dim:
+      raise ValueError(f"method {self.name!r} needs `config.model.predictor_dim` > 0 (a predictor).")
+
+  def build_model(self, config, text_side):
+    m = config.model
+    return ImageModel(build_encoder(config), tuple(m.projection_dims), m.predictor_dim, norm=m.norm)
+
+
+def loss_impl(config: ml_collections.ConfigDict):
+  """The `impl=` of the losses: `config.loss.impl`, or for "pallas" with `config.loss.pallas` fields
+  set (not None), the pallas engine with those settings (`jaxcl.ops.pallas.Settings`, the other fields
+  from the process default). The fields apply only to the pallas engine: set with another impl, they
+  are an error.
+
+  >>> from jaxcl.train import config as config_lib
+  >>> c = config_lib.base_config()
+  >>> c.loss.impl, c.loss.pallas.block_rows = "pallas", 256
+  >>> loss_impl(c).block_rows
+  256
+  """
+  fields = {name: value for name, value in config.loss.pallas.items() if value is not None}
+  if not fields:
+    return config.loss.impl
+  if config.loss.impl != "pallas":
+    raise ValueError(
+        f"`config.loss.pallas` ({', '.join(f'{k}={v!r}' for k, v in fields.items())}) sets the pallas "
+        f"engine's settings, which need `config.loss.impl='pallas'`; got {config.loss.impl!r}.")
+  return pallas.DEFAULT.replace(where="config.loss.pallas.", **fields)
+
+
+def check_loss_impl(config: ml_collections.ConfigDict) -> None:
+  """`config.loss.impl` names an engine, a sharded one only for a loss with a sharded form, and
+  `config.loss.pallas` settings only with the pallas engine."""
+  impls = ("auto",) + ops.available_impls() + SHARDED_IMPLS
+  if config.loss.impl not in impls:
+    raise ValueError(f"`config.loss.impl` must be one of {impls}, got {config.loss.impl!r}.")
+  if config.loss.impl in SHARDED_IMPLS and config.loss.name not in SHARDABLE_LOSSES:
+    raise ValueError(
+        f"`config.loss.impl={config.loss.impl!r}` (a sharded engine) works with the losses "
+        f"{SHARDABLE_LOSSES}, not {config.loss.name!r}; use 'auto' (GSPMD partitions it).")
+  loss_impl(config)
+
+
+def engine_options(config: ml_collections.ConfigDict, mesh, shardable: bool | None = None) -> dict:
+  """The engine keyword arguments of the losses: `impl=`, plus `axis_name=` and `mesh=` (the batch is
+  split over every mesh axis) for the sharded engines: "allgather" / "ring", and "auto" when the mesh
+  has more than one device and the loss has a sharded form (`shardable`; default: `config.loss.name`
+  is in `SHARDABLE_LOSSES`), so that no device builds the global (B, B) similarity matrix."""
+  impl = loss_impl(config)
+  if shardable is None:
+    shardable = config.loss.name in SHARDABLE_LOSSES
+  if impl == "auto" and shardable and mesh is not None and mesh.size > 1:
+    return {"impl": impl, "axis_name": tuple(mesh.axis_names), "mesh": mesh}
+  if impl not in SHARDED_IMPLS:
+    return {"impl": impl}
+  if mesh is None:
+    raise ValueError(f"`config.loss.impl={impl!r}` splits the loss over the device mesh, but no mesh was given.")
+  return {"impl": impl, "axis_name": tuple(mesh.axis_names), "mesh": mesh}
+
+
+def in_batch_accuracy(config, pairs, *, mesh=None) -> dict:
+  """{names[0]: top-1 a → b, names[1]: b → a} of `pairs` = (a, b, names) (`losses.retrieval_accuracy`,
+  no gradient); {} for None."""
+  if pairs is None:
+    return {}
+  a, b, names = pairs
+  engine = engine_options(config, mesh, shardable=True)  # retrieval_accuracy has a sharded form for any loss
+  return dict(zip(names, losses.retrieval_accuracy(jax.lax.stop_gradient(a), jax.lax.stop_gradient(b), **engine)))

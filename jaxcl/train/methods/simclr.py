@@ -1,0 +1,98 @@
+"""SimCLR and DCL: two views of each image, a contrastive loss between them.
+
+`config.loss.name` picks the two-view loss (`TWO_VIEW_LOSSES`: NT-Xent, DCL, DCLW, MACL, HN-NCE,
+positive-aware InfoNCE). SimCLR also takes the losses that keep per-example state in
+`TrainState.method_state`, indexed by the batch's stable example id `batch["index"]` and split over the
+devices along the example axis:
+- `isogclr`: "Not All Semantics are Created Equal: Contrastive Self-supervised Learning with Automatic
+  Temperature Individualization" (Qiu et al., 2023): per-example temperatures and moving-average
+  normalisers (`losses.isogclr_state`), the `config.loss.isogclr_*` hyper-parameters. Under gradient
+  accumulation the state is updated at every micro-step (each micro-batch is its own iSogCLR step).
+- `mcl_nt_xent`: a later stage of Multistage Contrastive Learning (`jaxcl.train.mcl`): negatives
+  restricted to the anchor's cluster of the earlier stages' features; the clusters do not change.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from jaxcl import losses
+from jaxcl.train import devices, mcl
+from jaxcl.train.methods import base
+
+
+def two_view_losses(config) -> dict:
+  """name -> f(z1, z2, temperature, engine options) of the two-view losses."""
+  sigma = config.loss.sigma
+  return {
+      "nt_xent": lambda a, b, t, e: losses.nt_xent(a, b, temperature=t, **e),
+      "dcl": lambda a, b, t, e: losses.dcl(a, b, temperature=t, **e),
+      "dclw": lambda a, b, t, e: losses.dclw(a, b, temperature=t, sigma=sigma, **e),
+      # Objectives of docs/objectives.md that fit two views (positive_aware_infonce: single-device only):
+      "macl": lambda a, b, t, e: losses.macl(a, b, temperature=t, **e),
+      "hn_nce": lambda a, b, t, e: losses.hn_nce(a, b, temperature=t, **e),
+      "positive_aware_infonce": lambda a, b, t, e: 0.5 * (
+          losses.positive_aware_infonce(a, b, temperature=t) + losses.positive_aware_infonce(b, a, temperature=t)),
+  }
+
+
+TWO_VIEW_LOSSES = ("nt_xent", "dcl", "dclw", "macl", "hn_nce", "positive_aware_infonce")
+PER_EXAMPLE_LOSSES = ("isogclr", mcl.LOSS_NAME)
+
+
+class TwoViews(base.ViewsMethod):
+  """Two views of each image, a two-view loss of `TWO_VIEW_LOSSES` between their projections."""
+
+  loss_names = TWO_VIEW_LOSSES
+
+  def loss(self, config, outputs, batch, state, *, mesh=None, forward=None):
+    z = outputs["projection"]
+    engine = base.engine_options(config, mesh)
+    return two_view_losses(config)[config.loss.name](z[0], z[1], config.loss.temperature, engine), state, {}
+
+  def positive_pairs(self, outputs, extras):
+    z = outputs["projection"]
+    return z[0], z[1], ("accuracy_view1_to_view2", "accuracy_view2_to_view1")
+
+
+class SimCLR(TwoViews):
+  """The two-view losses, and the per-example-state losses `PER_EXAMPLE_LOSSES`."""
+
+  name = "simclr"
+  loss_names = TWO_VIEW_LOSSES + PER_EXAMPLE_LOSSES
+
+  def grad_cache_conflict(self, config):
+    return "per-example loss state" if config.loss.name in PER_EXAMPLE_LOSSES else None
+
+  def init_state(self, config, variables, key, num_ids):
+    """iSogCLR: `losses.isogclr_state(num_ids, tau_init=config.loss.isogclr_tau_init)` (u = 0, τ = τ₀).
+    MCL: {"cluster_ids": zeros}; the loop fills in the clusters of the earlier stages (`mcl.cluster_ids`)."""
+    if config.loss.name == mcl.LOSS_NAME:
+      return mcl.init_state(int(num_ids))
+    if config.loss.name == "isogclr":
+      return losses.isogclr_state(int(num_ids), tau_init=config.loss.isogclr_tau_init)
+    return {}
+
+  def state_shardings(self, mesh, abstract):
+    return jax.tree.map(lambda x: devices.example_sharding(mesh, x), abstract)
+
+  def loss(self, config, outputs, batch, state, *, mesh=None, forward=None):
+    if config.loss.name == mcl.LOSS_NAME:
+      return mcl.loss(config, outputs, batch["index"], state, **base.engine_options(config, mesh)), state, {}
+    if config.loss.name == "isogclr":  # single-device engines only (check_loss_impl rejects the sharded ones)
+      z, c = outputs["projection"], config.loss
+      out = losses.isogclr(
+          z[0], z[1], batch["index"], state, gamma=c.isogclr_gamma, rho=c.isogclr_rho, eta=c.isogclr_eta,
+          beta=c.isogclr_beta, tau_min=c.isogclr_tau_min, tau_max=c.isogclr_tau_max, impl=base.loss_impl(config))
+      return out.loss, out.state, {}
+    return super().loss(config, outputs, batch, state, mesh=mesh)
+
+
+class DCL(TwoViews):
+  """The two-view losses only (DCL's recipe: `config.loss.name = "dcl"`)."""
+
+  name = "dcl"
+
+
+base.register(SimCLR())
+base.register(DCL())
