@@ -5,7 +5,7 @@ Individualization" (Qiu et al., ICML 2023): the SimCLR views, encoder and projec
 DRO-robust global contrastive loss whose per-example temperatures τ_i and moving-average normalisers u_i
 live in `TrainState.method_state`, indexed by the stable example id `batch["index"]` (sharded along the
 batch mesh axes, checkpointed with the rest of the state). `config.loss.temperature` is not used:
-`config.loss.isogclr_*` set τ₀, γ, ρ, η, β and the τ range (defaults of the authors' LibAUC code).
+`config.isogclr.*` set τ₀, γ, ρ, η, β and the τ range (defaults of the authors' LibAUC code).
 """
 
 from jaxcl.train.config import base_config

@@ -8,9 +8,9 @@ finished (its results.json is of its newest checkpoint):
 
     python -m jaxcl.main --config=configs/simclr_digits.py --workdir=runs/mcl1
     python -m jaxcl.main --config=configs/mcl_digits.py --workdir=runs/mcl2 \\
-        --config.loss.mcl_previous_stages=runs/mcl1
+        --config.mcl.previous_stages=runs/mcl1
     python -m jaxcl.main --config=configs/mcl_digits.py --workdir=runs/mcl3 \\
-        --config.loss.mcl_previous_stages=runs/mcl1,runs/mcl2
+        --config.mcl.previous_stages=runs/mcl1,runs/mcl2
 
 experiments/mcl_stages.py runs the stages and compares them with independently seeded SimCLR runs.
 """
@@ -23,7 +23,7 @@ def get_config():
   c.method = "simclr"
   c.loss.name = "mcl_nt_xent"
   c.loss.temperature = 0.2
-  c.loss.mcl_num_clusters = 10
+  c.mcl.num_clusters = 10
   c.batch_size = 256
   c.total_steps = 400
   c.learning_rate = 1.0

@@ -42,8 +42,8 @@ def run_seed(args, seed: int) -> tuple[list, list]:
       own, joint = r["knn_accuracy"], r["knn_accuracy"]
     else:
       r = _runs.train("mcl_digits", workdir, dict(
-          _runs.short_run(args.steps, args.width, seed), **{"loss.mcl_previous_stages": ",".join(mcl_dirs),
-                                     "loss.mcl_num_clusters": args.clusters}))
+          _runs.short_run(args.steps, args.width, seed), **{"mcl.previous_stages": ",".join(mcl_dirs),
+                                     "mcl.num_clusters": args.clusters}))
       own, joint = r["knn_accuracy_this_stage"], r["knn_accuracy"]
     mcl_dirs.append(workdir)
     mcl_rows.append((own, joint))

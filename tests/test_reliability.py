@@ -526,6 +526,10 @@ def test_loss_name_logit_scale_and_encoder_are_checked_before_any_folder(data_di
       ({"model__encoder": "resnet19"}, r"`config.model.encoder` must be one of \('resnet18', .*'mlp'\) \(an "
                                        r"image encoder of jaxcl.models.build_model\), got 'resnet19'"),
       ({"model__encoder": "text_transformer"}, r"`config.model.encoder` must be one of .*got 'text_transformer'"),
+      ({"momentum__queue_size": 1024}, r"`config.momentum.queue_size` = 1024 is a setting of the methods "
+                                       r"\('moco', 'byol'\), not of 'simclr': leave it at 0"),
+      ({"method": "supcon", "loss__name": "supcon", "mcl__num_clusters": 4},
+       r"`config.mcl.num_clusters` = 4 is a setting of the methods \('simclr',\), not of 'supcon'"),
   ]:
     with pytest.raises(ValueError, match=message):
       loop.train_and_evaluate(tiny_config(data_dir, **changes), str(workdir), progress=False)

@@ -20,7 +20,7 @@ from jaxcl.train import state as state_lib
 from jaxcl.train import step as step_lib
 from tests.test_train import data_dir, final_state, load_recipe, tiny  # noqa: F401  (data_dir is a fixture)
 
-TAU0 = 0.1  # base_config().loss.isogclr_tau_init
+TAU0 = 0.1  # base_config().isogclr.tau_init
 
 
 def _config(data_dir, steps):
@@ -39,10 +39,10 @@ def test_per_example_state_size_covers_every_id_and_shards_evenly():
   n = jax.device_count()
   assert n == 8  # tests/conftest.py
   # digits ids are positions in load_digits() (1797, both splits), padded to 1800 = 225 x 8.
-  assert state_lib.method_state_size(config, {"num_examples": 1438}) == 1800 >= digits.NUM_EXAMPLES
+  assert state_lib.per_example_state_size(config, {"num_examples": 1438}) == 1800 >= digits.NUM_EXAMPLES
   config.data.name = "folder"  # ids are positions in the split
-  assert state_lib.method_state_size(config, {"num_examples": 17}) == 24
-  assert state_lib.method_state_size(config, {"num_examples": 17, "num_ids": 40}) == 40
+  assert state_lib.per_example_state_size(config, {"num_examples": 17}) == 24
+  assert state_lib.per_example_state_size(config, {"num_examples": 17, "num_ids": 40}) == 40
 
 
 def test_isogclr_is_only_for_simclr():

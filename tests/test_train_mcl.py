@@ -30,8 +30,8 @@ def stage_one(data_dir, tmp_path_factory):
 
 def _stage_two(data_dir, stage_one, clusters, steps=4):
   config = tiny(load_recipe("mcl_digits"), data_dir, steps=steps)
-  config.loss.mcl_previous_stages = stage_one
-  config.loss.mcl_num_clusters = clusters
+  config.mcl.previous_stages = stage_one
+  config.mcl.num_clusters = clusters
   return config
 
 
@@ -41,21 +41,21 @@ def _losses(workdir):
 
 def test_mcl_config_errors(data_dir, stage_one, tmp_path):
   config = tiny(load_recipe("mcl_digits"), data_dir)
-  with pytest.raises(ValueError, match=r"needs `config.loss.mcl_previous_stages`.*got none"):
+  with pytest.raises(ValueError, match=r"needs `config.mcl.previous_stages`.*got none"):
     validation.validate_config(config, data=False)
-  config.loss.mcl_previous_stages = f"{stage_one},{tmp_path}/nowhere"
+  config.mcl.previous_stages = f"{stage_one},{tmp_path}/nowhere"
   with pytest.raises(ValueError, match=r"names '.*nowhere', which has no checkpoints/ folder"):
     validation.validate_config(config, data=False)
-  config.loss.mcl_previous_stages = stage_one
-  config.loss.mcl_num_clusters = 0
-  with pytest.raises(ValueError, match=r"`config.loss.mcl_num_clusters` must be >= 1, got 0"):
+  config.mcl.previous_stages = stage_one
+  config.mcl.num_clusters = 0
+  with pytest.raises(ValueError, match=r"`config.mcl.num_clusters` must be >= 1, got 0"):
     validation.validate_config(config, data=False)
-  config.loss.mcl_num_clusters = 4
+  config.mcl.num_clusters = 4
   config.method = "dcl"
   with pytest.raises(ValueError, match=r"got 'mcl_nt_xent', which works with the methods \('simclr',\)"):
     validation.validate_config(config, data=False)
   plain = tiny(load_recipe("simclr_digits"), data_dir)
-  plain.loss.mcl_previous_stages = stage_one
+  plain.mcl.previous_stages = stage_one
   with pytest.raises(ValueError, match=r"is for `config.loss.name='mcl_nt_xent'`, got loss 'nt_xent'"):
     validation.validate_config(plain, data=False)
   other_model = _stage_two(data_dir, stage_one, 4)
@@ -70,7 +70,7 @@ def test_an_unfinished_earlier_stage_is_an_error(data_dir, tmp_path):
   assert loop.train_and_evaluate(first, stage, progress=False, stop_at=2)["stopped"]  # 2 of 4 steps
   config = _stage_two(data_dir, stage, 4)
   with pytest.raises(ValueError, match=re.escape(
-      f"`config.loss.mcl_previous_stages` names '{stage}', which has not finished: its newest checkpoint "
+      f"`config.mcl.previous_stages` names '{stage}', which has not finished: its newest checkpoint "
       "is step 2, and it has no results.json (a run writes it when it reaches its `total_steps`, the step "
       "expected).")):
     loop.train_and_evaluate(config, str(tmp_path / "stage2"), progress=False)
@@ -117,7 +117,7 @@ def test_stage_two_clusters_are_the_kmeans_of_stage_one_features(data_dir, stage
   setup = state_lib.build_setup(first)
   train = sources.load_arrays(first.data, "train")
   features = evaluation.embed_images(first, setup, state_lib.variables(state), train["image"])["features"]
-  want = mcl.stage_clusters(features, clusters, config.loss.mcl_kmeans_iters,
+  want = mcl.stage_clusters(features, clusters, config.mcl.kmeans_iters,
                             jax.random.fold_in(jax.random.key(config.seed), 0))
   # The same partition of the train examples (mcl_cluster_ids renumbers the clusters) ...
   got = ids[train["index"]]

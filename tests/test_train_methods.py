@@ -5,6 +5,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -28,19 +29,59 @@ def test_every_built_in_method_is_registered_under_its_name():
     methods.register(methods.Method())
 
 
+def test_method_config_sections_are_in_the_base_config_and_checked():
+  config = base_config()
+  assert config.momentum.to_dict() == {"ema": 0.99, "queue_size": 0}  # moco and byol
+  assert set(config.isogclr) == {"tau_init", "gamma", "rho", "eta", "beta", "tau_min", "tau_max"}  # simclr
+  assert methods.section_owners("momentum") == ("moco", "byol") and methods.section_owners("mcl") == ("simclr",)
+  config.method, config.loss.name, config.model.predictor_dim = "byol", "negative_cosine", 16
+  config.momentum.ema = 0.9  # its own section
+  validation.validate_config(config, data=False)
+  config.momentum.queue_size = 256
+  with pytest.raises(ValueError, match=r"`config.momentum.queue_size` is MoCo's queue of negatives"):
+    validation.validate_config(config, data=False)
+  config.method, config.loss.name, config.momentum.queue_size = "moco", "infonce", 300
+  with pytest.raises(ValueError, match=r"`config.momentum.queue_size` must be 0 or a positive multiple of the "
+                                       r"batch size 256, got 300"):
+    validation.validate_config(config, data=False)
+  with config.unlocked():
+    config.momentum.queuesize = 256
+  with pytest.raises(ValueError, match=r"Unknown config key `config.momentum.queuesize` \(did you mean "
+                                       r"`config.momentum.queue_size`\?\)"):
+    validation.validate_config(config, data=False)
+
+  class Conflicting(methods.ViewsMethod):
+    name = "test_conflicting"
+
+    def config_sections(self):
+      return {"momentum": ml_collections.ConfigDict({"ema": 0.5, "queue_size": 0})}
+
+  methods.register(Conflicting())
+  try:
+    with pytest.raises(ValueError, match=r"methods 'moco' and 'test_conflicting' both declare `config.momentum`"):
+      base_config()
+  finally:
+    methods.unregister("test_conflicting")
+
+
 class CountingBarlowTwins(methods.ViewsMethod):
-  """A method written outside the package: Barlow Twins on two views, with a state of its own (how many
-  steps it has taken, incremented by `after_update` on optimizer updates only)."""
+  """A method written outside the package: Barlow Twins on two views, with a config section and a state
+  of its own (how many optimizer updates it has seen, counted by `after_update`)."""
 
   name = "test_barlow_twins"
   loss_names = ("barlow_twins",)
+
+  def config_sections(self):
+    section = ml_collections.ConfigDict()
+    section.lambda_ = 5e-3
+    return {"test_barlow_twins": section}
 
   def init_state(self, config, variables, key, num_ids):
     return {"updates": jnp.zeros((), jnp.int32)}
 
   def loss(self, config, outputs, batch, state, *, mesh=None, forward=None):
     z = outputs["projection"]
-    return losses.barlow_twins(z[0], z[1]), state, {}
+    return losses.barlow_twins(z[0], z[1], lambda_=config.test_barlow_twins.lambda_), state, {}
 
   def after_update(self, config, state, params, updated):
     return {"updates": state["updates"] + jnp.asarray(updated, jnp.int32)}
@@ -54,7 +95,11 @@ def barlow_twins_method():
 
 
 def test_a_method_registered_from_outside_trains_and_keeps_its_state(barlow_twins_method, data_dir, tmp_path):
-  config = tiny(load_recipe("simclr_digits"), data_dir, steps=4)
+  config = tiny(load_recipe("simclr_digits"), data_dir, steps=4)  # base_config() has the new section
+  config.test_barlow_twins.lambda_ = 0.01
+  with pytest.raises(ValueError, match=r"`config.test_barlow_twins.lambda_` = 0.01 is a setting of the methods "
+                                       r"\('test_barlow_twins',\), not of 'simclr'"):
+    validation.validate_config(config, data=False)
   config.method = "test_barlow_twins"
   with pytest.raises(ValueError, match=r"for method 'test_barlow_twins' must be one of \('barlow_twins',\), "
                                        r"got 'nt_xent', which works with the methods \('simclr', 'dcl'\)"):

@@ -1,7 +1,9 @@
 """Shared defaults of every recipe in configs/: a recipe's `get_config()` starts from `base_config()`.
 
 Every key a recipe may set exists here, so a typo on the command line (`--config.batchsize=...`) is an
-error from ml_collections instead of a silently ignored setting.
+error from ml_collections instead of a silently ignored setting. The settings of one method live in
+that method's own sections (`Method.config_sections`: `config.momentum` of moco and byol,
+`config.isogclr` and `config.mcl` of simclr), merged in here from every registered method.
 """
 
 import ml_collections
@@ -56,24 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.sigma = 0.5  # dclw
   c.loss.logit_scale_init = 1 / 0.07  # clip / siglip / lit (learnable, log-parameterised)
   c.loss.logit_bias_init = -10.0  # siglip
-  # isogclr (method simclr): per-example temperatures τ_i kept in the train state. Defaults of the
-  # authors' implementation for unimodal tasks (LibAUC GCLoss_v1, enable_isogclr=True).
-  c.loss.isogclr_tau_init = 0.1  # τ₀ of every example
-  c.loss.isogclr_gamma = 0.9  # moving-average weight of the normaliser u
-  c.loss.isogclr_rho = 0.3  # DRO radius ρ
-  c.loss.isogclr_eta = 0.01  # step size of the temperature update
-  c.loss.isogclr_beta = 0.9  # momentum of the temperature gradient
-  c.loss.isogclr_tau_min = 0.05
-  c.loss.isogclr_tau_max = 0.7
-  # mcl_nt_xent (method simclr): a later stage of Multistage Contrastive Learning (jaxcl/train/mcl.py).
-  c.loss.mcl_previous_stages = ""  # comma-separated work directories of the earlier stages
-  c.loss.mcl_num_clusters = 10  # k-means clusters per earlier stage (our choice; the paper tunes it)
-  c.loss.mcl_kmeans_iters = 20  # Lloyd iterations
   c.num_views = 2
-
-  c.momentum = ml_collections.ConfigDict()  # moco / byol target network
-  c.momentum.ema = 0.99
-  c.momentum.queue_size = 0  # moco v2: > 0 (MoCo queue); moco v3: 0 (in-batch negatives)
 
   c.model = ml_collections.ConfigDict()
   c.model.encoder = "resnet18"  # see jaxcl.models.build_model
@@ -119,7 +104,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.knn_temperature = 0.1
   c.eval.linear_probe = True
   c.eval.baselines = True
+  for name, section in _method_sections().items():
+    c[name] = section
   return c
+
+
+def _method_sections() -> dict[str, ml_collections.ConfigDict]:
+  from jaxcl.train import methods  # pylint: disable=import-outside-toplevel  (the methods import jax)
+
+  return methods.config_sections()
 
 
 # Keys a data config may carry beyond base_config(): the tfds feature names (read by jaxcl.data.sources

@@ -169,7 +169,7 @@ def final_variables(workdirs, abstract: TrainState, shardings: TrainState) -> tu
 
 
 def mcl_earlier_stages(config, abstract: TrainState, shardings: TrainState) -> tuple:
-  """The variables of the earlier Multistage Contrastive Learning stages (`config.loss.mcl_previous_stages`,
+  """The variables of the earlier Multistage Contrastive Learning stages (`config.mcl.previous_stages`,
   see jaxcl/train/mcl.py); () for other losses."""
   if config.loss.name != mcl.LOSS_NAME:
     return ()

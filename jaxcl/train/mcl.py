@@ -3,13 +3,13 @@ earlier stages did not.
 
 "Learning the Unlearned: Mitigating Feature Suppression in Contrastive Learning" (Zhang et al., ECCV
 2024). Stage 1 is an ordinary SimCLR run (`config.loss.name = "nt_xent"`). Stage t > 1 is a SimCLR run
-with `config.loss.name = "mcl_nt_xent"` and `config.loss.mcl_previous_stages = "w_1,...,w_{t-1}"`, the
+with `config.loss.name = "mcl_nt_xent"` and `config.mcl.previous_stages = "w_1,...,w_{t-1}"`, the
 work directories of the earlier stages (same `config.model`). When stage t starts from scratch:
 
 1. every earlier stage's final model embeds the train split (backbone features, in example-id order);
    an earlier stage must have finished (`stage_final_step`: its results.json is of its newest checkpoint);
-2. each stage's features are clustered by k-means into `config.loss.mcl_num_clusters` clusters
-   (spherical: cosine similarity, `losses.subclass_kmeans` with one class; `config.loss.mcl_kmeans_iters`
+2. each stage's features are clustered by k-means into `config.mcl.num_clusters` clusters
+   (spherical: cosine similarity, `losses.subclass_kmeans` with one class; `config.mcl.kmeans_iters`
    Lloyd steps, Forgy init from `config.seed`);
 3. the clusterings are combined, `losses.mcl_cluster_ids` (two examples share a cluster iff they do in
    every earlier stage), and kept per example id in `TrainState.method_state["cluster_ids"]`, so a resumed
@@ -32,6 +32,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import orbax.checkpoint as ocp
 
 from jaxcl import _paths
@@ -41,11 +42,21 @@ from jaxcl.train import checkpoints
 LOSS_NAME = "mcl_nt_xent"
 
 
+def config_section() -> ml_collections.ConfigDict:
+  """`config.mcl`: the earlier stages of a later stage (`config.loss.name = "mcl_nt_xent"`), and their
+  clustering."""
+  c = ml_collections.ConfigDict()
+  c.previous_stages = ""  # comma-separated work directories of the earlier stages
+  c.num_clusters = 10  # k-means clusters per earlier stage (our choice; the paper tunes it)
+  c.kmeans_iters = 20  # Lloyd iterations
+  return c
+
+
 def previous_stages(config) -> list[str]:
-  """The work directories of the earlier stages, from `config.loss.mcl_previous_stages` (comma-separated;
+  """The work directories of the earlier stages, from `config.mcl.previous_stages` (comma-separated;
   local folders or URIs such as gs://bucket/stage1, `jaxcl._paths.resolve`)."""
   return [_paths.resolve(w.strip())
-          for w in str(config.loss.mcl_previous_stages).split(",") if w.strip()]
+          for w in str(config.mcl.previous_stages).split(",") if w.strip()]
 
 
 def check_config(config) -> None:
@@ -54,23 +65,23 @@ def check_config(config) -> None:
   if config.loss.name != LOSS_NAME:
     if stages:
       raise ValueError(
-          f"`config.loss.mcl_previous_stages` is for `config.loss.name={LOSS_NAME!r}`, got loss "
+          f"`config.mcl.previous_stages` is for `config.loss.name={LOSS_NAME!r}`, got loss "
           f"{config.loss.name!r}.")
     return
   if not stages:
     raise ValueError(
-        f"`config.loss.name={LOSS_NAME!r}` (a later MCL stage) needs `config.loss.mcl_previous_stages`: the "
+        f"`config.loss.name={LOSS_NAME!r}` (a later MCL stage) needs `config.mcl.previous_stages`: the "
         "work directories of the earlier stages, comma-separated; got none. Train stage 1 with 'nt_xent'.")
   for workdir in stages:
     if not (_paths.as_path(workdir) / "checkpoints").is_dir():
       raise ValueError(
-          f"`config.loss.mcl_previous_stages` names {workdir!r}, which has no checkpoints/ folder (train "
+          f"`config.mcl.previous_stages` names {workdir!r}, which has no checkpoints/ folder (train "
           "that stage first).")
     stage_final_step(workdir)
-  if int(config.loss.mcl_num_clusters) < 1:
-    raise ValueError(f"`config.loss.mcl_num_clusters` must be >= 1, got {config.loss.mcl_num_clusters}.")
-  if int(config.loss.mcl_kmeans_iters) < 0:
-    raise ValueError(f"`config.loss.mcl_kmeans_iters` must be >= 0, got {config.loss.mcl_kmeans_iters}.")
+  if int(config.mcl.num_clusters) < 1:
+    raise ValueError(f"`config.mcl.num_clusters` must be >= 1, got {config.mcl.num_clusters}.")
+  if int(config.mcl.kmeans_iters) < 0:
+    raise ValueError(f"`config.mcl.kmeans_iters` must be >= 0, got {config.mcl.kmeans_iters}.")
 
 
 def stage_final_step(workdir: str) -> int:
@@ -86,18 +97,18 @@ def stage_final_step(workdir: str) -> int:
   results = _paths.as_path(workdir) / "results.json"
   if not results.exists():
     raise ValueError(
-        f"`config.loss.mcl_previous_stages` names {workdir!r}, which has not finished: its newest checkpoint "
+        f"`config.mcl.previous_stages` names {workdir!r}, which has not finished: its newest checkpoint "
         f"is {found}, and it has no results.json (a run writes it when it reaches its `total_steps`, the "
         "step expected). Run that stage to the end first (the same command resumes it).")
   try:
     expected = int(json.loads(results.read_text())["step"])
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise ValueError(
-        f"`config.loss.mcl_previous_stages` names {workdir!r}, whose results.json cannot be read ({e!r}): "
+        f"`config.mcl.previous_stages` names {workdir!r}, whose results.json cannot be read ({e!r}): "
         "rerun that stage to the end to rewrite it.") from None
   if not steps or steps[-1] != expected:
     raise ValueError(
-        f"`config.loss.mcl_previous_stages` names {workdir!r}, which has not finished: its newest checkpoint "
+        f"`config.mcl.previous_stages` names {workdir!r}, which has not finished: its newest checkpoint "
         f"is {found}, expected step {expected} (the final step of its results.json). Run that stage to "
         "the end first.")
   return expected
@@ -150,7 +161,7 @@ def cluster_ids(config, stage_variables: list[dict], embed: Callable[[dict, np.n
   for s, variables in enumerate(stage_variables):
     key = jax.random.fold_in(jax.random.key(config.seed), s)
     per_stage.append(stage_clusters(
-        embed(variables, train["image"]), config.loss.mcl_num_clusters, config.loss.mcl_kmeans_iters, key))
+        embed(variables, train["image"]), config.mcl.num_clusters, config.mcl.kmeans_iters, key))
   joint = np.asarray(losses.mcl_cluster_ids(jnp.asarray(np.stack(per_stage))))
   out = np.zeros((num_ids,), np.int32)
   out[np.asarray(train["index"])] = joint

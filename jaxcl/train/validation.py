@@ -53,12 +53,6 @@ def validate_config(config: ml_collections.ConfigDict, *, data: bool = True, num
       value = value[part]
     if value not in allowed:
       raise ValueError(f"`config.{path}` must be one of {allowed}, got {value!r}.")
-  q = config.momentum.queue_size
-  if q and (config.method != "moco" or q % config.batch_size):
-    raise ValueError(
-        f"`config.momentum.queue_size` ({q}) is for method 'moco' and must be a multiple of the batch "
-        f"size {config.batch_size}."
-    )
   if not data:
     return {}
   infos = {}
@@ -97,8 +91,10 @@ def check_grad_cache(config: ml_collections.ConfigDict, num_devices: int) -> Non
 
 def check_method(config: ml_collections.ConfigDict) -> None:
   """`config.method` names a registered method and the config suits it (`Method.check`: its losses,
-  views, heads), the MCL stage keys, the image encoder and the loss engine."""
+  views, heads), no other method's config section is changed (`check_other_sections`), the MCL stage
+  keys, the image encoder and the loss engine."""
   methods.get(config.method).check(config)
+  check_other_sections(config)
   mcl.check_config(config)
   check_encoder(config)
   methods.check_loss_impl(config)
@@ -119,3 +115,18 @@ def check_encoder(config: ml_collections.ConfigDict) -> None:
   if config.model.remat and not hasattr(encoder, "remat"):
     raise ValueError(f"`config.model.remat` = True needs an encoder made of blocks (resnet*, vit*), got "
                      f"`config.model.encoder` = {config.model.encoder!r}: set it False.")
+
+
+def check_other_sections(config: ml_collections.ConfigDict) -> None:
+  """The config sections of other methods than `config.method` (`Method.config_sections`) keep their
+  defaults: a setting the run would ignore is an error naming the key and the methods it is for."""
+  own = methods.get(config.method).config_sections()
+  defaults = config_lib.base_config()
+  for name in methods.config_sections():
+    if name in own:
+      continue
+    for key, value in config[name].items():
+      if value != defaults[name][key]:
+        raise ValueError(f"`config.{name}.{key}` = {value!r} is a setting of the methods "
+                         f"{methods.section_owners(name)}, not of {config.method!r}: leave it at "
+                         f"{defaults[name][key]!r}.")

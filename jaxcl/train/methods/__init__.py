@@ -12,10 +12,11 @@ image-text methods clip, siglip, lit (`image_text.py`). A new method is one file
 from __future__ import annotations
 
 from jaxcl.train.methods.base import (SHARDABLE_LOSSES, ImageModel, Method, ViewsMethod, build_encoder,
-                                      check_loss_impl, engine_options, get, in_batch_accuracy, loss_impl, names,
-                                      register, unregister)
+                                      check_loss_impl, config_sections, engine_options, get, in_batch_accuracy,
+                                      loss_impl, names, register, section_owners, unregister)
 
 from jaxcl.train.methods import simclr, supcon, multiview, momentum, simsiam, image_text  # noqa: E402,F401  registers
 
 __all__ = ["Method", "ViewsMethod", "ImageModel", "register", "unregister", "get", "names", "SHARDABLE_LOSSES",
-           "build_encoder", "check_loss_impl", "engine_options", "in_batch_accuracy", "loss_impl"]
+           "build_encoder", "check_loss_impl", "config_sections", "engine_options", "in_batch_accuracy",
+           "loss_impl", "section_owners"]

@@ -15,7 +15,8 @@ A method tells the one train step (`jaxcl.train.step`) what differs between SimC
   parameters (EMA targets);
 - `positive_pairs(outputs, extras)`: the two (B, E) embeddings whose diagonal pairs are positives, for
   the logged in-batch retrieval accuracy (None: not logged);
-- `check(config)` and `grad_cache_conflict(config)`: the method's own config checks.
+- `config_sections()`: the method's own config sections (`config.momentum`, `config.isogclr`), merged
+  into `base_config()`; `check(config)` and `grad_cache_conflict(config)`: its config checks.
 
 A method is registered under its name (`jaxcl.train.methods.register`); `config.method` picks it.
 """
@@ -69,6 +70,25 @@ def get(name: str) -> "Method":
   return _REGISTRY[name]
 
 
+def config_sections() -> dict[str, ml_collections.ConfigDict]:
+  """{section name: its defaults} of every registered method (`Method.config_sections`), which
+  `base_config()` merges in. Two methods may share a section only with the same defaults."""
+  merged, owner = {}, {}
+  for method in _REGISTRY.values():
+    for name, section in method.config_sections().items():
+      if name in merged and merged[name].to_dict() != section.to_dict():
+        raise ValueError(f"methods {owner[name]!r} and {method.name!r} both declare `config.{name}`, with "
+                         "different defaults.")
+      merged.setdefault(name, section)
+      owner.setdefault(name, method.name)
+  return merged
+
+
+def section_owners(name: str) -> tuple[str, ...]:
+  """The registered methods that declare the config section `name`."""
+  return tuple(m.name for m in _REGISTRY.values() if name in m.config_sections())
+
+
 class Method:
   """A training method: a loss over the outputs of one of two model shapes, and the state it keeps.
 
@@ -88,6 +108,10 @@ class Method:
     which = f", which works with the methods {others}" if others else ""
     raise ValueError(f"`config.loss.name` for method {self.name!r} must be one of {self.loss_names}, got "
                      f"{config.loss.name!r}{which}.")
+
+  def config_sections(self) -> dict[str, ml_collections.ConfigDict]:
+    """The method's own config sections, {name: defaults} (`config.<name>.<key>`); a fresh copy each call."""
+    return {}
 
   def grad_cache_conflict(self, config: ml_collections.ConfigDict) -> str | None:
     """Why the method cannot run with gradient caching (`config.grad_cache_chunks` > 1), or None."""

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from jaxcl import losses
 from jaxcl.train.methods import base
@@ -23,8 +24,24 @@ def ema(target: Any, online: Any, decay: float) -> Any:
   return jax.tree.map(lambda t, o: decay * t + (1.0 - decay) * o, target, online)
 
 
+def momentum_section() -> ml_collections.ConfigDict:
+  """`config.momentum`: the EMA target network (both methods) and MoCo v2's queue."""
+  c = ml_collections.ConfigDict()
+  c.ema = 0.99  # m of target ← m · target + (1 − m) · online
+  c.queue_size = 0  # moco v2: > 0 (a queue of the last Q keys); moco v3 and byol: 0 (in-batch negatives)
+  return c
+
+
 class WithTargetNetwork(base.ViewsMethod):
   """A views method whose loss compares the online outputs with an EMA target network's."""
+
+  def config_sections(self):
+    return {"momentum": momentum_section()}
+
+  def check(self, config):
+    super().check(config)
+    if not 0.0 <= config.momentum.ema <= 1.0:
+      raise ValueError(f"`config.momentum.ema` must be in [0, 1], got {config.momentum.ema}.")
 
   def grad_cache_conflict(self, config):
     return "an EMA target network"
@@ -56,6 +73,13 @@ class MoCo(WithTargetNetwork):
 
   name = "moco"
   loss_names = ("infonce",)
+
+  def check(self, config):
+    super().check(config)
+    q = config.momentum.queue_size
+    if q < 0 or q % config.batch_size:
+      raise ValueError(f"`config.momentum.queue_size` must be 0 or a positive multiple of the batch size "
+                       f"{config.batch_size}, got {q}.")
 
   def init_state(self, config, variables, key, num_ids):
     state = super().init_state(config, variables, key, num_ids)
@@ -96,6 +120,12 @@ class BYOL(WithTargetNetwork):
   name = "byol"
   loss_names = ("negative_cosine",)
   needs_predictor = True
+
+  def check(self, config):
+    super().check(config)
+    if config.momentum.queue_size:
+      raise ValueError(f"`config.momentum.queue_size` is MoCo's queue of negatives; BYOL has no negatives: "
+                       f"set it to 0, got {config.momentum.queue_size}.")
 
   def loss(self, config, outputs, batch, state, *, mesh=None, forward=None):
     p = outputs["prediction"]

@@ -6,15 +6,17 @@ positive-aware InfoNCE). SimCLR also takes the losses that keep per-example stat
 devices along the example axis:
 - `isogclr`: "Not All Semantics are Created Equal: Contrastive Self-supervised Learning with Automatic
   Temperature Individualization" (Qiu et al., 2023): per-example temperatures and moving-average
-  normalisers (`losses.isogclr_state`), the `config.loss.isogclr_*` hyper-parameters. Under gradient
+  normalisers (`losses.isogclr_state`), the hyper-parameters in `config.isogclr`. Under gradient
   accumulation the state is updated at every micro-step (each micro-batch is its own iSogCLR step).
-- `mcl_nt_xent`: a later stage of Multistage Contrastive Learning (`jaxcl.train.mcl`): negatives
-  restricted to the anchor's cluster of the earlier stages' features; the clusters do not change.
+- `mcl_nt_xent`: a later stage of Multistage Contrastive Learning (`jaxcl.train.mcl`, settings in
+  `config.mcl`): negatives restricted to the anchor's cluster of the earlier stages' features; the
+  clusters do not change.
 """
 
 from __future__ import annotations
 
 import jax
+import ml_collections
 
 from jaxcl import losses
 from jaxcl.train import devices, mcl
@@ -55,8 +57,25 @@ class TwoViews(base.ViewsMethod):
     return z[0], z[1], ("accuracy_view1_to_view2", "accuracy_view2_to_view1")
 
 
+def isogclr_section() -> ml_collections.ConfigDict:
+  """`config.isogclr`: defaults of the authors' implementation for unimodal tasks (LibAUC GCLoss_v1,
+  enable_isogclr=True)."""
+  c = ml_collections.ConfigDict()
+  c.tau_init = 0.1  # τ₀ of every example
+  c.gamma = 0.9  # moving-average weight of the normaliser u
+  c.rho = 0.3  # DRO radius ρ
+  c.eta = 0.01  # step size of the temperature update
+  c.beta = 0.9  # momentum of the temperature gradient
+  c.tau_min = 0.05
+  c.tau_max = 0.7
+  return c
+
+
 class SimCLR(TwoViews):
   """The two-view losses, and the per-example-state losses `PER_EXAMPLE_LOSSES`."""
+
+  def config_sections(self):
+    return {"isogclr": isogclr_section(), "mcl": mcl.config_section()}
 
   name = "simclr"
   loss_names = TWO_VIEW_LOSSES + PER_EXAMPLE_LOSSES
@@ -65,12 +84,12 @@ class SimCLR(TwoViews):
     return "per-example loss state" if config.loss.name in PER_EXAMPLE_LOSSES else None
 
   def init_state(self, config, variables, key, num_ids):
-    """iSogCLR: `losses.isogclr_state(num_ids, tau_init=config.loss.isogclr_tau_init)` (u = 0, τ = τ₀).
+    """iSogCLR: `losses.isogclr_state(num_ids, tau_init=config.isogclr.tau_init)` (u = 0, τ = τ₀).
     MCL: {"cluster_ids": zeros}; the loop fills in the clusters of the earlier stages (`mcl.cluster_ids`)."""
     if config.loss.name == mcl.LOSS_NAME:
       return mcl.init_state(int(num_ids))
     if config.loss.name == "isogclr":
-      return losses.isogclr_state(int(num_ids), tau_init=config.loss.isogclr_tau_init)
+      return losses.isogclr_state(int(num_ids), tau_init=config.isogclr.tau_init)
     return {}
 
   def state_shardings(self, mesh, abstract):
@@ -80,10 +99,9 @@ class SimCLR(TwoViews):
     if config.loss.name == mcl.LOSS_NAME:
       return mcl.loss(config, outputs, batch["index"], state, **base.engine_options(config, mesh)), state, {}
     if config.loss.name == "isogclr":  # single-device engines only (check_loss_impl rejects the sharded ones)
-      z, c = outputs["projection"], config.loss
-      out = losses.isogclr(
-          z[0], z[1], batch["index"], state, gamma=c.isogclr_gamma, rho=c.isogclr_rho, eta=c.isogclr_eta,
-          beta=c.isogclr_beta, tau_min=c.isogclr_tau_min, tau_max=c.isogclr_tau_max, impl=base.loss_impl(config))
+      z, c = outputs["projection"], config.isogclr
+      out = losses.isogclr(z[0], z[1], batch["index"], state, gamma=c.gamma, rho=c.rho, eta=c.eta, beta=c.beta,
+                           tau_min=c.tau_min, tau_max=c.tau_max, impl=base.loss_impl(config))
       return out.loss, out.state, {}
     return super().loss(config, outputs, batch, state, mesh=mesh)
 
