@@ -21,9 +21,9 @@ import signal
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-FLAGS = flags.DEFINE_string(
+WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics, plots and results: a local path or a gs:// URL.")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a recipe in configs/.", lock_config=True)
+CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a recipe in configs/.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -88,7 +88,7 @@ def main(argv) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
   from jaxcl.train import loop  # after distributed init
 
-  return exit_status(loop.train_and_evaluate(_CONFIG.value, FLAGS.value))
+  return exit_status(loop.train_and_evaluate(CONFIG.value, WORKDIR.value))
 
 
 if __name__ == "__main__":

@@ -110,26 +110,29 @@ def test_every_recipe_trains_a_few_steps(name, data_dir, tmp_path):
       assert 0 <= hits <= 16 and abs(hits - round(hits)) < 1e-4, record
 
 
-@pytest.mark.parametrize("grad_cache_chunks", [1, 2])
-def test_resume_gives_identical_parameters(data_dir, tmp_path, grad_cache_chunks):
+@pytest.mark.parametrize("recipe,grad_cache_chunks", [("moco_digits", 1), ("simclr_digits", 2)])
+def test_resume_gives_identical_parameters(recipe, grad_cache_chunks, data_dir, tmp_path):
+  """A run stopped after 3 of 6 steps (as a preemption would) and resumed ends exactly where the
+  uninterrupted run does: the parameters and the method state (MoCo: the EMA target network, the queue
+  of keys and its pointer), with and without gradient caching."""
   def config():
-    c = tiny(load_recipe("simclr_digits"), data_dir, steps=6)
+    c = tiny(load_recipe(recipe), data_dir, steps=6)
     c.grad_cache_chunks = grad_cache_chunks
     return c
 
   straight = config()
   loop.train_and_evaluate(straight, str(tmp_path / "straight"), progress=False)
-  # The interrupted run: the same config stopped after 3 of 6 steps (as a preemption would), resumed.
   interrupted = config()
   stopped = loop.train_and_evaluate(interrupted, str(tmp_path / "resumed"), progress=False, stop_at=3)
   assert stopped == {"step": 3, "stopped": True}
   loop.train_and_evaluate(interrupted, str(tmp_path / "resumed"), progress=False)
 
-  def final_params(workdir):
-    return jax.tree.leaves(final_state(config(), workdir, 6).params)
-
-  for a, b in zip(final_params(str(tmp_path / "straight")), final_params(str(tmp_path / "resumed"))):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  a, b = (final_state(config(), str(tmp_path / w), 6) for w in ("straight", "resumed"))
+  if recipe == "moco_digits":
+    assert set(a.method_state) == {"target", "queue", "queue_ptr"}
+    assert int(a.method_state["queue_ptr"]) == 6 * 16 % 64
+  for x, y in zip(jax.tree.leaves((a.params, a.method_state)), jax.tree.leaves((b.params, b.method_state))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_outputs_of_a_run(data_dir, tmp_path):

@@ -34,6 +34,7 @@ float32 accumulation, -inf (with zero gradient) where a row or column has no val
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -148,14 +149,22 @@ def _slicer(start, tile):
   return lambda ids: lax.dynamic_slice_in_dim(ids, start, tile)
 
 
-def _no_inf(lse):
+def _empty_rows_to_pos_inf(lse):
   """-inf (nothing valid) becomes +inf, so exp(S − lse) is 0 there in the backward pass."""
   return jnp.where(lse == -jnp.inf, jnp.inf, lse)
 
 
 # ------------------------------------------------------------------------------------------ logsumexp
-def _lse_forward(cfg, q, k, scale, exclude, include):
-  tile, want_rows, want_cols = cfg
+class _Tiling(NamedTuple):
+  """The static part of a blockwise log-sum-exp: the key tile size and which reductions are wanted."""
+
+  tile: int
+  rows: bool  # the row log-sum-exps
+  cols: bool  # the column log-sum-exps
+
+
+def _lse_forward(tiling: _Tiling, q, k, scale, exclude, include):
+  tile, want_rows, want_cols = tiling
   n_rows, n_cols = q.shape[0], k.shape[0]
   n_tiles = -(-n_cols // tile)
   q_s, folded = _fold_scale(q, scale)
@@ -185,17 +194,17 @@ def _lse_forward(cfg, q, k, scale, exclude, include):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _lse(cfg, q, k, scale, exclude, include):
-  return _lse_forward(cfg, q, k, scale, exclude, include)
+def _lse(tiling: _Tiling, q, k, scale, exclude, include):
+  return _lse_forward(tiling, q, k, scale, exclude, include)
 
 
-def _lse_fwd(cfg, q, k, scale, exclude, include):
-  row, col = _lse_forward(cfg, q, k, scale, exclude, include)
+def _lse_fwd(tiling: _Tiling, q, k, scale, exclude, include):
+  row, col = _lse_forward(tiling, q, k, scale, exclude, include)
   return (row, col), (q, k, scale, exclude, include, row, col)
 
 
-def _lse_bwd(cfg, res, g):
-  tile, want_rows, want_cols = cfg
+def _lse_bwd(tiling: _Tiling, res, g):
+  tile, want_rows, want_cols = tiling
   q, k, scale, exclude, include, row, col = res
   g_row, g_col = g
   g_q, dk = _lse_grads(
@@ -214,9 +223,9 @@ def _lse_grads(tile, q, k, scale, exclude, include, row, g_row, col, g_col, *, d
   n_cols = k.shape[0]
   n_tiles = -(-n_cols // tile)
   if want_rows:
-    row, g_row = _no_inf(row), g_row.astype(_F32)
+    row, g_row = _empty_rows_to_pos_inf(row), g_row.astype(_F32)
   if want_cols:
-    col, g_col = _no_inf(col), g_col.astype(_F32)
+    col, g_col = _empty_rows_to_pos_inf(col), g_col.astype(_F32)
 
   q_s, folded = _fold_scale(q, scale)
 
@@ -275,7 +284,7 @@ def logsumexp(q, k, *, scale, rows, cols, exclude, include, tile: int | None = N
     raise ValueError("`rows` and `cols` are both False: nothing to compute.")
   tile = tile_size(tile, k.shape[0], k.shape[1])
   scale = jnp.broadcast_to(jnp.asarray(scale, _F32), (q.shape[0],))
-  return _lse((tile, bool(rows), bool(cols)), q, k, scale, exclude, include)
+  return _lse(_Tiling(tile, bool(rows), bool(cols)), q, k, scale, exclude, include)
 
 
 # ---------------------------------------------------------------------------------------- sigmoid_sum

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ml_collections
 import optax
 
+OPTIMIZERS = ("lars", "adamw", "sgd")  # the values of `config.optimizer`
+
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup over `warmup_steps` to `learning_rate`, cosine decay to 0 at `total_steps`.
@@ -57,7 +59,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     tx = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=_decay_mask),
                      optax.sgd(schedule, momentum=0.9))
   else:
-    raise ValueError(f"`config.optimizer` must be one of ('lars', 'adamw', 'sgd'), got {name!r}.")
+    raise ValueError(f"`config.optimizer` must be one of {OPTIMIZERS}, got {name!r}.")
   if config.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
   if config.grad_accum_steps > 1:

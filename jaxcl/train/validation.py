@@ -10,7 +10,7 @@ from jaxcl import models
 from jaxcl.data import sources
 from jaxcl.train import config as config_lib
 from jaxcl.train import devices
-from jaxcl.train import mcl, methods
+from jaxcl.train import mcl, methods, optim
 
 
 def validate_config(config: ml_collections.ConfigDict, *, data: bool = True, num_devices: int | None = None) -> dict:
@@ -44,7 +44,7 @@ def validate_config(config: ml_collections.ConfigDict, *, data: bool = True, num
       raise ValueError(f"`config.{key}` must be a finite number >= 0, got {config[key]}.")
   if not 0 <= config.seed < 2**32:
     raise ValueError(f"`config.seed` must be an integer in [0, 2**32), got {config.seed}.")
-  choices = {"on_nonfinite": ("stop", "skip"), "optimizer": ("lars", "adamw", "sgd"),
+  choices = {"on_nonfinite": ("stop", "skip"), "optimizer": optim.OPTIMIZERS,
              "model.dtype": ("float32", "bfloat16", "float16"), "data.name": sources.SOURCE_NAMES,
              "data.transfer_dtype": devices.TRANSFER_DTYPES}
   for path, allowed in choices.items():
