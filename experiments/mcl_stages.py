@@ -19,7 +19,7 @@ import argparse
 import os
 
 import _runs
-from jaxcl.train import devices, evaluation
+from jaxcl.train import devices, evaluation, mcl
 from jaxcl.train import state as state_lib
 
 
@@ -27,7 +27,7 @@ def concatenated_knn(config, workdirs: list[str]) -> dict:
   """kNN accuracy of the concatenated backbone features of the final models in `workdirs` (one
   model config), with the loop's own evaluation (`evaluation.evaluate(..., earlier=...)`)."""
   setup = state_lib.build_setup(config, mesh=devices.make_mesh(config))
-  variables = evaluation.final_variables(workdirs, *state_lib.state_shardings(config, setup, setup.mesh))
+  variables = mcl.final_variables(workdirs, *state_lib.state_shardings(config, setup, setup.mesh))
   return evaluation.evaluate(config, setup, variables[-1], earlier=tuple(variables[:-1]))
 
 

@@ -14,9 +14,7 @@ import numpy as np
 from jaxcl import eval as eval_lib
 from jaxcl.data import augment, sources
 from jaxcl.train import devices
-from jaxcl.train import mcl
-from jaxcl.train import state as state_lib
-from jaxcl.train.state import Setup, TrainState
+from jaxcl.train.state import Setup
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -91,7 +89,8 @@ def host_array(x: jax.Array) -> np.ndarray:
 def evaluate(config, setup: Setup, variables, earlier: tuple = ()) -> dict[str, Any]:
   """kNN / linear-probe accuracy of the backbone features, zero-shot accuracy (image-text) or alignment
   and uniformity (self-supervised), on `config.data.train_split` (reference) and `eval_split`.
-  `earlier`: the variables of earlier MCL stages, whose features are concatenated in front of this
+  `earlier`: the variables of the models the method builds on (`Method.earlier_models`: MCL's earlier
+  stages), whose features are concatenated in front of this
   model's (`knn_accuracy_this_stage` is this model's alone).
 
   Both splits are streamed (`stream_split`): every process reads its share a batch at a time, the
@@ -158,30 +157,6 @@ def raw_pixel_baseline(config, setup: Setup) -> dict[str, float]:
       num_classes=setup.info["num_classes"], knn_k=config.eval.knn_k, knn_temperature=config.eval.knn_temperature,
       linear_probe=config.eval.linear_probe)
   return {k: float(v) for k, v in r.items()}
-
-
-def final_variables(workdirs, abstract: TrainState, shardings: TrainState) -> tuple:
-  """The variables ({"params", "batch_stats"}) of the final checkpoint of each of `workdirs` (finished
-  runs), restored with this run's model structure and shardings (`mcl.load_stage_variables`)."""
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        state_lib.variables(abstract), state_lib.variables(shardings))
-  return tuple(mcl.load_stage_variables(w, target) for w in workdirs)
-
-
-def mcl_earlier_stages(config, abstract: TrainState, shardings: TrainState) -> tuple:
-  """The variables of the earlier Multistage Contrastive Learning stages (`config.mcl.previous_stages`,
-  see jaxcl/train/mcl.py); () for other losses."""
-  if config.loss.name != mcl.LOSS_NAME:
-    return ()
-  return final_variables(mcl.previous_stages(config), abstract, shardings)
-
-
-def mcl_method_state(config, setup: Setup, earlier: tuple, shardings: TrainState, train: dict) -> dict:
-  """{"cluster_ids": the joint k-means clusters of the earlier stages' features, per example id};
-  `train`: the train split's arrays (`sources.load_arrays`)."""
-  embed = lambda variables, images: embed_images(config, setup, variables, images)["features"]
-  ids = mcl.cluster_ids(config, list(earlier), embed, train, state_lib.per_example_state_size(config, setup.info))
-  return jax.device_put({"cluster_ids": ids}, shardings.method_state)
 
 
 def results_table(results: dict) -> str:

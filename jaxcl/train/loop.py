@@ -18,7 +18,7 @@ import jax
 import ml_collections
 
 from jaxcl import _paths
-from jaxcl.data import pipeline, sources
+from jaxcl.data import pipeline
 from jaxcl.train import checkpoints, devices, evaluation, finite
 from jaxcl.train import metrics as metrics_lib
 from jaxcl.train import preemption
@@ -117,14 +117,13 @@ def _train_and_evaluate(config, workdir: str, infos: dict, *, progress: bool, st
   manager = checkpoints.checkpoint_manager(config, workdir)
   state, start = checkpoints.restore_checkpoint(manager, abstract, shardings, data_iter)
   good = start if state is not None else None  # the newest checkpoint verified finite (restored or saved)
-  earlier = evaluation.mcl_earlier_stages(config, abstract, shardings)
+  earlier = setup.method.earlier_models(config, abstract, shardings)  # MCL's earlier stages; () mostly
   # One program for the run's initial state and the random-init baseline (compiled once).
   init_fn = jax.jit(functools.partial(state_lib.init_state, config, setup), out_shardings=shardings)
   if state is None:
     state = init_fn(jax.random.key(config.seed))
-    if earlier:  # a later MCL stage: the clusters of the earlier stages' features, once per run
-      train = sources.load_arrays(config.data, config.data.train_split)
-      state = state.replace(method_state=evaluation.mcl_method_state(config, setup, earlier, shardings, train))
+    embed = lambda variables, images: evaluation.embed_images(config, setup, variables, images)["features"]
+    state = setup.method.init_state_from_data(config, setup, state, earlier, embed)
   else:
     print(f"Resumed from checkpoint at step {start} in {workdir}")
 

@@ -140,6 +140,16 @@ def load_stage_variables(workdir: str, target: dict) -> dict:
   return dict(restored["state"])
 
 
+def final_variables(workdirs, abstract, shardings) -> tuple:
+  """The variables ({"params", "batch_stats"}) of the final checkpoint of each of `workdirs` (finished
+  runs), restored with this run's model structure and layout (`abstract`, `shardings`: the train state's
+  abstract form and shardings; `load_stage_variables`)."""
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        {"params": abstract.params, "batch_stats": abstract.batch_stats},
+                        {"params": shardings.params, "batch_stats": shardings.batch_stats})
+  return tuple(load_stage_variables(w, target) for w in workdirs)
+
+
 def stage_clusters(features: np.ndarray, num_clusters: int, iterations: int, key: jax.Array) -> np.ndarray:
   """(N,) k-means cluster ids in [0, num_clusters) of one stage's (N, D) features (spherical k-means)."""
   n = features.shape[0]

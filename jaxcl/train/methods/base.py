@@ -13,6 +13,8 @@ A method tells the one train step (`jaxcl.train.step`) what differs between SimC
   again (for a target network);
 - `after_update(config, state, params, updated)`: the method state once the optimizer has updated the
   parameters (EMA targets);
+- `earlier_models` and `init_state_from_data`: trained models the method builds on (MCL's earlier
+  stages: their features come first in the evaluation, and their clusters are a fresh run's state);
 - `positive_pairs(outputs, extras)`: the two (B, E) embeddings whose diagonal pairs are positives, for
   the logged in-batch retrieval accuracy (None: not logged);
 - `config_sections()`: the method's own config sections (`config.momentum`, `config.isogclr`), merged
@@ -134,6 +136,18 @@ class Method:
   def state_shardings(self, mesh: jax.sharding.Mesh, abstract: Any) -> Any:
     """How each array of the method state (`abstract`: its shapes) is laid out: as parameters are."""
     return jax.tree.map(lambda x: devices.param_sharding(mesh, x), abstract)
+
+  def earlier_models(self, config, abstract: Any, shardings: Any) -> tuple:
+    """The variables ({"params", "batch_stats"}) of trained models whose backbone features come before
+    this model's in the evaluation (MCL: the earlier stages), restored with this run's structure
+    (`abstract`, `shardings`: the train state's); () for most methods."""
+    return ()
+
+  def init_state_from_data(self, config, setup, state: Any, earlier: tuple, embed) -> Any:
+    """A fresh run's initial state once the data and the `earlier` models are at hand (MCL: the
+    clusters of the earlier stages' features of the train split); `embed(variables, images)` gives
+    backbone features. The state as it is for most methods."""
+    return state
 
   def loss(self, config, outputs: dict, batch: dict, state: Any, *, mesh=None, forward=None) -> tuple[jax.Array, Any, dict]:
     """(loss, new method state, extras for `positive_pairs`)."""

@@ -19,6 +19,7 @@ import jax
 import ml_collections
 
 from jaxcl import losses
+from jaxcl.data import sources
 from jaxcl.train import devices, mcl
 from jaxcl.train.methods import base
 
@@ -91,6 +92,21 @@ class SimCLR(TwoViews):
     if config.loss.name == "isogclr":
       return losses.isogclr_state(int(num_ids), tau_init=config.isogclr.tau_init)
     return {}
+
+  def earlier_models(self, config, abstract, shardings):
+    """MCL: the final variables of the earlier stages (`config.mcl.previous_stages`)."""
+    if config.loss.name != mcl.LOSS_NAME:
+      return ()
+    return mcl.final_variables(mcl.previous_stages(config), abstract, shardings)
+
+  def init_state_from_data(self, config, setup, state, earlier, embed):
+    """MCL: {"cluster_ids": the joint k-means clusters of the earlier stages' features, per example id}."""
+    if not earlier:
+      return state
+    train = sources.load_arrays(config.data, config.data.train_split)
+    ids = mcl.cluster_ids(config, list(earlier), embed, train, state.method_state["cluster_ids"].shape[0])
+    cluster_ids = jax.device_put(ids, state.method_state["cluster_ids"].sharding)
+    return state.replace(method_state={"cluster_ids": cluster_ids})
 
   def state_shardings(self, mesh, abstract):
     return jax.tree.map(lambda x: devices.example_sharding(mesh, x), abstract)
