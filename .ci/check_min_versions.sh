@@ -29,7 +29,8 @@ rm -rf "$VENV"
 # `name>=X` -> `name==X` for every dependency with a lower bound; jaxlib follows jax.
 "$VENV/bin/python" - > "$VENV/lower-bounds.txt" <<'PY'
 import re, tomllib
-for dep in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+for dep in project["dependencies"] + project["optional-dependencies"]["train"]:
   m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*>=\s*([^,;\s]+)\s*", dep)
   if m:
     print(f"{m[1]}=={m[2]}")

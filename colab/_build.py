@@ -17,19 +17,20 @@ import textwrap
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 INSTALL = '''\
-# jaxcl must be installed (locally: `pip install -e .` in your clone). On Colab, install it first, in a
-# cell above, from your own copy of the repository:
-#   your clone (on Google Drive, or cloned into /content):  !pip install -q /path/to/jaxcl
-#   or a wheel: `python -m build` in your clone, upload dist/jaxcl-*.whl, then  !pip install -q /content/jaxcl-*.whl
+# jaxcl must be installed with its training extra (locally: `pip install -e '.[train]'` in your clone). On
+# Colab, install it first, in a cell above, from your own copy of the repository:
+#   your clone (on Google Drive, or cloned into /content):  !pip install -q '/path/to/jaxcl[train]'
+#   or a wheel: `python -m build` in your clone, upload dist/jaxcl-*.whl, then
+#   !pip install -q "$(ls /content/jaxcl-*.whl)[train]"
 try:
   import jaxcl
 except ImportError as error:
   raise ImportError(
       "jaxcl is not installed. Install it from your copy of the repository in a cell above, then rerun:\\n"
-      "  your clone:  !pip install -q /path/to/jaxcl   (pip install -e for an editable install,\\n"
+      "  your clone:  !pip install -q '/path/to/jaxcl[train]'   (pip install -e for an editable install,\\n"
       "               then Runtime > Restart session)\\n"
       "  a wheel:     run `python -m build` in your clone, upload dist/jaxcl-*.whl to Colab, then\\n"
-      "               !pip install -q /content/jaxcl-*.whl"
+      "               !pip install -q \"$(ls /content/jaxcl-*.whl)[train]\""
   ) from error
 print("jaxcl", jaxcl.__version__)
 '''
@@ -202,7 +203,7 @@ LOSS_TOUR = [
             f"{float(jnp.linalg.norm(grad)):>10.4f}   {paper(fn)[:70]}")
 
     covered = {getattr(fn, "__name__", "") for fn, _ in tour.values()}
-    helpers = {"l2_normalize", "AMCLTemperature", "IsogclrState", "STARBUCKS_PAIRS", "filip_similarity",
+    helpers = {"l2_normalize", "IsogclrState", "STARBUCKS_PAIRS", "filip_similarity",
                "gram_volume", "half_aperture", "exterior_angle", "isogclr_state", "lorentz_distance",
                "lorentz_expmap0", "mcl_cluster_ids", "snr_distance", "subclass_kmeans", "IsogclrOutput"}
     missing = [n for n in losses.__all__ if n not in covered | helpers]

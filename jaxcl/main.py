@@ -18,6 +18,10 @@ from __future__ import annotations
 import os
 import signal
 
+from jaxcl import _extras
+
+_extras.require_train_extra("python -m jaxcl.main")  # before the imports below, which need it
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 

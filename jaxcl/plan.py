@@ -438,6 +438,9 @@ def _one_line(e: Exception) -> str:
 
 
 if __name__ == "__main__":
+  from jaxcl import _extras
+
+  _extras.require_train_extra("python -m jaxcl.plan")
   _use_cpu()
   from absl import app
 

@@ -16,7 +16,6 @@ import pytest
 from jaxcl.losses.clip import clip
 from jaxcl.losses.infonce import dcl, nt_xent
 from jaxcl.losses.temperature import (
-    AMCLTemperature,
     IsogclrOutput,
     IsogclrState,
     amcl,
@@ -25,6 +24,7 @@ from jaxcl.losses.temperature import (
     isogclr_state,
     macl,
 )
+from jaxcl.models import AMCLTemperature
 from tests import helpers
 from tests.helpers import randn
 from tests.reference import logsumexp, normalize

@@ -1,6 +1,10 @@
 """Data: grain pipelines over the bundled digits, prepared tfds datasets and local image folders,
 and on-device augmentations (dm-pix)."""
 
+from jaxcl import _extras
+
+_extras.require_train_extra("jaxcl.data")  # before the imports below, which need it
+
 from jaxcl.data.augment import augment_batch, augment_examples, default_aug_config, example_keys, make_views
 from jaxcl.data.digits import CAPTION_TEMPLATES, CLASS_NAMES, Digits, captions_for_labels
 from jaxcl.data.pipeline import (

@@ -4,6 +4,10 @@ Pure functions on (N, D) embedding arrays. Similarities are computed a chunk of 
 so no function materialises more than a (chunk, N) block.
 """
 
+from jaxcl import _extras
+
+_extras.require_train_extra("jaxcl.eval")  # before the imports below, which need it
+
 from jaxcl.eval.crossmodal import (
     dbnorm_scores,
     description_accuracy,

@@ -78,7 +78,6 @@ from jaxcl.losses.sparse_coding import (
 )
 from jaxcl.losses.supcon import supcon
 from jaxcl.losses.temperature import (
-    AMCLTemperature,
     IsogclrOutput,
     IsogclrState,
     amcl,
@@ -89,7 +88,6 @@ from jaxcl.losses.temperature import (
 )
 
 __all__ = [
-    "AMCLTemperature",
     "CSROutput",
     "CeClipOutput",
     "IsogclrOutput",

@@ -6,7 +6,7 @@ pair-adaptive multi-head temperatures (AMCL), focal re-weighting of the contrast
 | Not All Semantics are Created Equal: Contrastive Self-supervised Learning with Automatic Temperature Individualization | isogclr_state, isogclr | all |
 | Model-Aware Contrastive Learning: Towards Escaping the Dilemmas | macl | all, allgather, ring |
 | Multi-Modal Representation Learning with Text-Driven Soft Masks (focal ITC) | focal_clip | all |
-| Adaptive Multi-head Contrastive Learning | amcl, AMCLTemperature | dense only: needs per-pair temperatures |
+| Adaptive Multi-head Contrastive Learning | amcl (its temperature network: `jaxcl.models.AMCLTemperature`) | dense only: needs per-pair temperatures |
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -397,44 +396,6 @@ def isogclr(
 
 
 # ------------------------------------------------------------------------------------------------ AMCL
-class AMCLTemperature(nn.Module):
-  """The pair-adaptive temperature network of AMCL, shared by every projection head.
-
-  τ(a, b) = τ_min + (τ_max − τ_min) · σ(−<φ(a), φ(b)>), φ a two-layer MLP (Dense → ReLU → Dense back
-  to D) applied to the L2-normalised head embeddings. Similar pairs get low temperatures, dissimilar
-  (uncertain) pairs high ones. Defaults follow the authors' code (τ ∈ [1e-5, 2], hidden = D; their
-  SimCLR recipe sets hidden_dim = 128 with D = 128).
-
-  Called on (B, H, D) embeddings z1, z2 it returns the (H, 2B, 2B) temperatures of every pair of rows of
-  [z1; z2], the layout `amcl` takes.
-
-  >>> import jax, jax.numpy as jnp
-  >>> z = jnp.ones((4, 2, 3))
-  >>> net = AMCLTemperature()
-  >>> tau = net.apply(net.init(jax.random.key(0), z, z), z, z)
-  >>> tau.shape
-  (2, 8, 8)
-  """
-
-  hidden_dim: int | None = None
-  tau_min: float = 1e-5
-  tau_max: float = 2.0
-
-  @nn.compact
-  def __call__(self, z1: jax.Array, z2: jax.Array) -> jax.Array:
-    z1 = _checks.check_array("z1", z1, ndim=3)
-    z2 = _checks.check_array("z2", z2, ndim=3)
-    _checks.check_same_shape("z1", z1, "z2", z2)
-    if not 0.0 < self.tau_min < self.tau_max:
-      raise ValueError(f"need 0 < tau_min < tau_max, got tau_min={self.tau_min}, tau_max={self.tau_max}.")
-    d = z1.shape[-1]
-    z = _common.l2_normalize(jnp.concatenate([z1, z2], axis=0).astype(jnp.float32))  # (2B, H, D)
-    h = nn.relu(nn.Dense(self.hidden_dim or d, name="hidden")(z))
-    phi = nn.Dense(d, name="out")(h)
-    scores = jnp.einsum("ahd,bhd->hab", phi, phi)
-    return self.tau_min + (self.tau_max - self.tau_min) * jax.nn.sigmoid(-scores)
-
-
 @_common.keyword_only
 def amcl(
     z1: jax.Array,
@@ -451,7 +412,7 @@ def amcl(
 
   "Adaptive Multi-head Contrastive Learning" (Wang, Koniusz, Gedeon & Zheng, ECCV 2024). For head h,
   z = [z1_h; z2_h] (2B rows, normalised), c_ab = <z_a, z_b>, τ_ab = temperatures[h, a, b] (e.g. from
-  `AMCLTemperature`), p(a) the other view of a and N(a) the 2B − 2 rows that are neither a nor p(a):
+  `jaxcl.models.AMCLTemperature`), p(a) the other view of a and N(a) the 2B − 2 rows that are neither a nor p(a):
 
       Ω(τ) = (D/2) log τ + 1/τ                                    (D = embedding size)
       ℓ_a  = −c_{a,p}/τ_{a,p} + β Ω(τ_{a,p}) + NEG_a − β Σ_{n ∈ K(a)} (log τ_an + 1/τ_an)

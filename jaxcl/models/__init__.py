@@ -7,6 +7,10 @@ configurable compute `dtype` (float32 parameters), and `__call__(x, train)` retu
 
 from __future__ import annotations
 
+from jaxcl import _extras
+
+_extras.require_train_extra("jaxcl.models")  # before the imports below, which need it
+
 import dataclasses
 from typing import Any, Callable
 
@@ -26,6 +30,7 @@ from jaxcl.models.resnet import ResNet18
 from jaxcl.models.resnet import ResNet34
 from jaxcl.models.resnet import ResNet50
 from jaxcl.models.sparse_autoencoder import SparseAutoencoder
+from jaxcl.models.temperature import AMCLTemperature
 from jaxcl.models.text import SimpleTokenizer
 from jaxcl.models.text import TextTransformer
 from jaxcl.models.vit import ViT
@@ -79,6 +84,7 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 __all__ = [
+    "AMCLTemperature",
     "BertEncoder",
     "CLIP_LOGIT_SCALE_INIT",
     "DualEncoder",
