@@ -22,6 +22,7 @@ import time
 import jax
 import numpy as np
 
+from jaxcl.data import sources
 from jaxcl.train import devices
 from jaxcl.train import state as state_lib
 from jaxcl.train import step as step_lib
@@ -43,7 +44,10 @@ def main() -> None:
   config.model.encoder = "resnet18"
   config.model.projection_dims = (2048, 128)
   config.augment.strength = "simclr"
-  info = {"image_shape": (args.size, args.size, 3), "num_classes": 10, "class_names": [str(i) for i in range(10)]}
+  info = sources.SourceInfo(
+      num_examples=args.batch, image_shape=(args.size, args.size, 3), num_classes=10,
+      class_names=tuple(str(i) for i in range(10)), has_captions=False, captions_from_labels=False,
+      caption_templates=sources.GENERIC_CAPTION_TEMPLATES, num_ids=args.batch)
   setup = state_lib.build_setup(config, info)
   mesh = devices.make_mesh(config)
   abstract, shardings = state_lib.state_shardings(config, setup, mesh)

@@ -110,7 +110,7 @@ def abstract_batch(config, setup, mesh, batch_size: int) -> dict:
 
   sharding = NamedSharding(mesh, P(devices.BATCH_AXES))
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
-  image = devices.encode_images(np.zeros((1,) + tuple(setup.info["image_shape"]), np.float32),
+  image = devices.encode_images(np.zeros((1,) + tuple(setup.info.image_shape), np.float32),
                                 config.data.transfer_dtype)  # one image: the shape and dtype sent
   batch = {"image": spec((batch_size,) + image.shape[1:], image.dtype),
            "label": spec((batch_size,), jnp.int32), "index": spec((batch_size,), jnp.int32)}

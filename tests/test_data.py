@@ -125,9 +125,9 @@ def test_captions_bad_labels():
 def test_digits_source(digits_dir, sk_digits):
   images, target = sk_digits
   source, info = sources.build_source(digits_config(digits_dir), "train")
-  assert info["num_examples"] == len(source) == 1438
-  assert info["num_classes"] == 10 and info["image_shape"] == (8, 8, 1)
-  assert info["class_names"] == digits.CLASS_NAMES and info["has_captions"]
+  assert info.num_examples == len(source) == 1438
+  assert info.num_classes == 10 and info.image_shape == (8, 8, 1)
+  assert info.class_names == digits.CLASS_NAMES and info.has_captions
   for i in (0, 7, 1437):
     ex = source[i]
     assert ex["image"].dtype == np.float32 and ex["image"].shape == (8, 8, 1)
@@ -165,7 +165,7 @@ def test_split_batches_of_processes_cover_the_split_once_in_order(digits_dir):
 
 def test_digits_resize_and_load_arrays(digits_dir):
   source, info = sources.build_source(digits_config(digits_dir, image_size=16), "test")
-  assert info["image_shape"] == (16, 16, 1)
+  assert info.image_shape == (16, 16, 1)
   small = sources.build_source(digits_config(digits_dir), "test")[0][5]["image"]
   big = source[5]["image"]
   assert big.shape == (16, 16, 1) and 0 <= big.min() and big.max() <= 1
@@ -246,8 +246,8 @@ def test_tfds_source_with_png_images(tmp_path):
   cfg = sources.default_data_config("tfds")
   cfg.update(dict(tfds_name="jaxcl_test_png_images", data_dir=str(tmp_path), image_size=5))
   source, info = sources.build_source(cfg, "train")
-  assert len(source) == 6 and info["num_classes"] == 3
-  assert info["class_names"] == ("cat", "dog", "owl")
+  assert len(source) == 6 and info.num_classes == 3
+  assert info.class_names == ("cat", "dog", "owl")
   raw = tfds.data_source(
       "jaxcl_test_png_images", split="train", data_dir=str(tmp_path), download=False
   )
@@ -260,7 +260,7 @@ def test_tfds_source_with_png_images(tmp_path):
   # Captions from a Text feature, and resizing the variable-size Image feature.
   cfg.update(dict(caption_key="caption", image_size=4))
   source, info = sources.build_source(cfg, "test")
-  assert info["image_shape"] == (4, 4, 3) and info["has_captions"]
+  assert info.image_shape == (4, 4, 3) and info.has_captions
   assert sorted(source[k]["caption"] for k in range(3)) == ["picture 6", "picture 7", "picture 8"]
   cfg.update(dict(image_size=0, caption_key=""))
   with pytest.raises(ValueError, match="variable size"):
@@ -303,10 +303,9 @@ def test_folder_with_classes_and_tsv_captions(tmp_path):
   captions.write_text("filename\tcaption\n" + rows)
   cfg = _folder_config(tmp_path / "data", captions_file=str(captions))
   source, info = sources.build_source(cfg, "train")
-  assert info == dict(
-      num_examples=5, num_classes=2, image_shape=(6, 5, 3), class_names=("ant", "bird"),
-      has_captions=True, caption_templates=None,
-  )
+  assert info == sources.SourceInfo(
+      num_examples=5, image_shape=(6, 5, 3), num_classes=2, class_names=("ant", "bird"), has_captions=True,
+      captions_from_labels=False, caption_templates=sources.GENERIC_CAPTION_TEMPLATES, num_ids=5)
   order = sorted(arrays)  # ant/img0, ant/img1, ant/img2, bird/img0, bird/img1
   for i, key in enumerate(order):
     ex = source[i]
@@ -326,7 +325,7 @@ def test_folder_flat_grayscale_csv_captions_and_splits(tmp_path):
     w.writerows([("0.png", "zero, quoted"), ("1.png", "one"), ("2.png", "two"), ("x.png", "unused")])
   cfg = _folder_config(tmp_path / "flat", captions_file=str(tmp_path / "caps.csv"))
   source, info = sources.build_source(cfg, "any")
-  assert info["num_classes"] == 0 and info["image_shape"] == (4, 4, 1)
+  assert info.num_classes == 0 and info.image_shape == (4, 4, 1)
   assert [source[i]["label"] for i in range(3)] == [-1, -1, -1]
   assert source[0]["caption"] == "zero, quoted"
   np.testing.assert_array_equal(source[2]["image"], _pattern(2, 4, 4, 1) / np.float32(255))
@@ -336,7 +335,7 @@ def test_folder_flat_grayscale_csv_captions_and_splits(tmp_path):
   _save(tmp_path / "split" / "test" / "b" / "0.png", _pattern(2, 4, 4, 3))
   assert len(sources.build_source(_folder_config(tmp_path / "split"), "train")[0]) == 1
   test_source, test_info = sources.build_source(_folder_config(tmp_path / "split"), "test")
-  assert len(test_source) == 2 and test_info["class_names"] == ("a", "b")
+  assert len(test_source) == 2 and test_info.class_names == ("a", "b")
   with pytest.raises(ValueError, match="split subfolders.*'validation'"):
     sources.build_source(_folder_config(tmp_path / "split"), "validation")
 
@@ -385,7 +384,7 @@ def test_folder_errors(tmp_path):
   with pytest.raises(ValueError, match="different sizes.*image_size"):
     sources.build_source(_folder_config(sizes), "train")
   source, info = sources.build_source(_folder_config(sizes, image_size=3), "train")
-  assert info["image_shape"] == (3, 3, 3) and source[1]["image"].shape == (3, 3, 3)
+  assert info.image_shape == (3, 3, 3) and source[1]["image"].shape == (3, 3, 3)
 
   mixed = tmp_path / "mixed"
   _save(mixed / "cls" / "a.png", _pattern(0, 4, 4, 3))

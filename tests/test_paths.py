@@ -242,7 +242,7 @@ def test_an_image_folder_and_captions_on_gcs_read_as_the_local_copy(tmp_path):
       sources.build_source(dict(remote, captions_file="gs://bucket/missing.tsv"), "train")
   expected_source, expected_info = sources.build_source(local, "train")
   expected = sources.load_arrays(local, "train")
-  assert info == expected_info and info["class_names"] == ("ant", "bee") and repr(source) == repr(expected_source)
+  assert info == expected_info and info.class_names == ("ant", "bee") and repr(source) == repr(expected_source)
   assert arrays["caption"] == expected["caption"] == ["an ant", "another ant", "a bee"]
   for key in ("image", "label", "index"):
     np.testing.assert_array_equal(arrays[key], expected[key])

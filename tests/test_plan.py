@@ -18,9 +18,8 @@ from PIL import Image
 
 from jaxcl import plan, targets
 from jaxcl.data import pipeline, sources
-from jaxcl.train import devices, validation
+from jaxcl.train import devices, methods, validation
 from jaxcl.train import state as state_lib
-from jaxcl.train import text as text_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -95,7 +94,7 @@ def _state_and_batch_bytes(config, num_devices):
   state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
   param_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state.params))
   b = config.batch_size // num_devices
-  image_bytes = b * int(np.prod(info["image_shape"])) * 4  # float32 (labels and ids: SimCLR ignores them)
+  image_bytes = b * int(np.prod(info.image_shape)) * 4  # float32 (labels and ids: SimCLR ignores them)
   return state_bytes, param_bytes, image_bytes
 
 
@@ -370,8 +369,8 @@ def test_recipe_data_path_on_an_imagenet_like_tfds_dataset(name, imagenet_like):
   config = recipe(name, batch_size=4, **{"data.tfds_name": "jaxcl_test_imagenet_like",
                                          "data.data_dir": imagenet_like, "data.worker_count": 0})
   infos = validation.validate_config(config, num_devices=1)
-  assert infos["train"]["num_classes"] == 1000 and infos["validation"]["num_examples"] == 4
-  assert infos["train"]["image_shape"] == sources.abstract_info(config.data, "train")["image_shape"]
+  assert infos["train"].num_classes == 1000 and infos["validation"].num_examples == 4
+  assert infos["train"].image_shape == sources.abstract_info(config.data, "train").image_shape
   host = next(iter(pipeline.make_train_loader(config.data, split="train", global_batch_size=4, seed=0)))
   assert host["image"].shape == (4, 224, 224, 3) and host["image"].dtype == np.float32
   assert 0.0 <= host["image"].min() and host["image"].max() <= 1.0
@@ -381,7 +380,7 @@ def test_recipe_data_path_on_an_imagenet_like_tfds_dataset(name, imagenet_like):
   assert sent.dtype == np.uint8 and sent.shape == (4, 224 * 224 * 3)
   np.testing.assert_allclose(np.asarray(devices.decode_images(sent, (224, 224, 3))), host["image"], atol=0.5 / 255 + 1e-6)
   assert set(host["label"].tolist()) <= set(range(990, 998))
-  batch = text_lib.build_text_side(config, infos["train"]).prepare(config, host, 0)
+  batch = methods.get(config.method).text_side(config, infos["train"]).prepare(config, host, 0)
   if name == "simclr_r50":
     assert "text" not in batch
   else:

@@ -473,7 +473,7 @@ def test_streamed_evaluation_equals_the_whole_split_in_memory(name, data_dir):
                                       linear_probe=config.eval.linear_probe)
   if name == "clip_digits":
     encode = lambda texts: setup.text.encode_for_eval(setup.model, variables, texts)
-    class_emb = eval_lib.class_embeddings(encode, setup.info["class_names"], setup.text.templates)
+    class_emb = eval_lib.class_embeddings(encode, setup.info.class_names, setup.text.templates)
     want["zero_shot_accuracy"] = float(eval_lib.zero_shot_accuracy(te["embedding"], class_emb, test["label"]))
   else:
     views = np.asarray(augment.make_views(jax.random.key(config.seed + 1), test["image"], 2, setup.aug))

@@ -5,15 +5,16 @@ Individualization" (Qiu et al., 2023) keeps a temperature τ_i and a normaliser 
 the stable example id `batch["index"]`, in `TrainState.method_state`.
 """
 
+import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
+
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxcl.data import digits, pipeline
+from jaxcl.data import digits, pipeline, sources
 from jaxcl.losses.temperature import IsogclrState
 from jaxcl.train import devices, loop, methods, validation
 from jaxcl.train import state as state_lib
@@ -34,15 +35,18 @@ def _seen_ids(config, steps):
   return np.unique(np.concatenate([next(it)["index"] for _ in range(steps)]))
 
 
-def test_per_example_state_size_covers_every_id_and_shards_evenly():
+def test_per_example_state_size_covers_every_id_and_shards_evenly(data_dir):
   config = load_recipe("isogclr_digits")
+  config.data.data_dir = data_dir
   n = jax.device_count()
   assert n == 8  # tests/conftest.py
   # digits ids are positions in load_digits() (1797, both splits), padded to 1800 = 225 x 8.
-  assert state_lib.per_example_state_size(config, {"num_examples": 1438}) == 1800 >= digits.NUM_EXAMPLES
-  config.data.name = "folder"  # ids are positions in the split
-  assert state_lib.per_example_state_size(config, {"num_examples": 17}) == 24
-  assert state_lib.per_example_state_size(config, {"num_examples": 17, "num_ids": 40}) == 40
+  _, info = sources.build_source(config.data, "train")
+  assert info.num_examples == 1438 and info.num_ids == digits.NUM_EXAMPLES
+  assert state_lib.per_example_state_size(info) == 1800
+  info = dataclasses.replace(info, num_examples=17, num_ids=17)  # ids are positions in the split
+  assert state_lib.per_example_state_size(info) == 24
+  assert state_lib.per_example_state_size(dataclasses.replace(info, num_ids=40)) == 40
 
 
 def test_isogclr_is_only_for_simclr():

@@ -156,8 +156,8 @@ def make_train_loader(
       seed=int(seed),
   )
   operations = []
-  if info.get("caption_templates"):
-    operations.append(_RedrawCaption(info["caption_templates"], info["class_names"]))
+  if info.captions_from_labels:
+    operations.append(_RedrawCaption(info.caption_templates, info.class_names))
   operations.append(grain.transforms.Batch(batch_size, drop_remainder=True, batch_fn=_stack))
   return grain.DataLoader(
       data_source=source,

@@ -9,8 +9,8 @@
     caption  str, only when the data has captions
 
 and is picklable (grain worker processes) with a `repr` that is stable across runs (grain stores it in
-iterator checkpoints). `info` is a dict with num_examples, num_classes, image_shape, class_names, plus
-has_captions and caption_templates (the templates for zero-shot classification, or None).
+iterator checkpoints). `info` is a `SourceInfo`: what the rest of jaxcl learns about the split (its
+size, image shape, classes, captions and caption templates, and the range of its example ids).
 
 `data_config` is an `ml_collections.ConfigDict` (or a dict) with keys
     name           "digits" | "tfds" | "folder"
@@ -48,6 +48,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import csv
+import dataclasses
 import io
 import logging
 import os
@@ -69,6 +70,23 @@ IMAGE_EXTENSIONS = (
 SPLIT_FOLDERS = ("train", "test", "validation", "val")
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N")
 _HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+# Label → text for data without templates of its own: captions made from class labels (image–text
+# training on a labelled folder or tfds dataset) and zero-shot prompts (CLIP's prompt style).
+GENERIC_CAPTION_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceInfo:
+  """What a data source tells the rest of jaxcl about one split (`build_source`, `abstract_info`)."""
+
+  num_examples: int
+  image_shape: tuple[int, int, int]  # (H, W, C) of every example's image
+  num_classes: int  # 0: no labels
+  class_names: tuple[str, ...]  # one per class
+  has_captions: bool  # every example carries a "caption"
+  captions_from_labels: bool  # those captions are `caption_templates` filled with the class name
+  caption_templates: tuple[str, ...]  # label → text ("a photo of a {}."): made captions, zero-shot prompts
+  num_ids: int  # the stable example ids (`index`) lie in [0, num_ids)
 
 
 def default_data_config(name: str = "digits"):
@@ -314,7 +332,7 @@ class TfdsSource:
 
 def _tfds_source(
     config: Any, split: str, *, digits_data: bool
-) -> tuple[TfdsSource, dict[str, Any]]:
+) -> tuple[TfdsSource, SourceInfo]:
   image_size = _image_size(config)
   if digits_data:
     data_dir = prepare_digits(config_value(config, "data_dir", "") or DIGITS_DATA_DIR)
@@ -365,14 +383,13 @@ def _tfds_source(
         f"tfds dataset {source.tfds_name!r} has images of variable size {feature_shape}: set "
         "`data_config.image_size` to resize them to a square."
     )
-  info = {
-      "num_examples": len(source),
-      "num_classes": num_classes,
-      "image_shape": tuple(int(d) for d in first.shape),
-      "class_names": class_names,
-      "has_captions": bool(source.caption_key or source.caption_templates),
-      "caption_templates": source.caption_templates,
-  }
+  info = SourceInfo(
+      num_examples=len(source), image_shape=tuple(int(d) for d in first.shape), num_classes=num_classes,
+      class_names=class_names, has_captions=bool(source.caption_key or source.caption_templates),
+      captions_from_labels=bool(source.caption_templates),
+      caption_templates=source.caption_templates or GENERIC_CAPTION_TEMPLATES,
+      # the digits' ids are positions in load_digits(), over both splits
+      num_ids=digits.NUM_EXAMPLES if digits_data else len(source))
   return source, info
 
 
@@ -509,7 +526,7 @@ def read_captions_file(path: str | os.PathLike[str]) -> dict[str, str]:
   return captions
 
 
-def _folder_source(config: Any, split: str) -> tuple[FolderSource, dict[str, Any]]:
+def _folder_source(config: Any, split: str) -> tuple[FolderSource, SourceInfo]:
   folder_name = config_value(config, "folder", "")
   if not folder_name:
     raise ValueError("`data_config.folder` must name a folder of images, got ''.")
@@ -581,14 +598,10 @@ def _folder_source(config: Any, split: str) -> tuple[FolderSource, dict[str, Any
       str(root), [p.relative_to(root).as_posix() for p in paths], labels, captions=captions,
       image_size=image_size, channels=channels,
   )
-  info = {
-      "num_examples": len(source),
-      "num_classes": len(class_names),
-      "image_shape": image_shape,
-      "class_names": tuple(class_names),
-      "has_captions": captions is not None,
-      "caption_templates": None,
-  }
+  info = SourceInfo(
+      num_examples=len(source), image_shape=tuple(image_shape), num_classes=len(class_names),
+      class_names=tuple(class_names), has_captions=captions is not None, captions_from_labels=False,
+      caption_templates=GENERIC_CAPTION_TEMPLATES, num_ids=len(source))
   return source, info
 
 
@@ -596,17 +609,17 @@ def _folder_source(config: Any, split: str) -> tuple[FolderSource, dict[str, Any
 # Public entry points.
 
 
-def build_source(data_config: Any, split: str) -> tuple[Any, dict[str, Any]]:
-  """A grain random-access source of example dicts for `split`, and an info dict.
+def build_source(data_config: Any, split: str) -> tuple[Any, SourceInfo]:
+  """A grain random-access source of example dicts for `split`, and its `SourceInfo`.
 
-  See the module docstring for the keys of `data_config`, the example dict and the info dict.
+  See the module docstring for the keys of `data_config` and the example dict.
 
   >>> import tempfile
   >>> cfg = default_data_config("digits")
   >>> tmp = tempfile.TemporaryDirectory()
   >>> cfg.data_dir = tmp.name
   >>> source, info = build_source(cfg, "test")
-  >>> len(source), info["image_shape"], info["class_names"][:2], source[0]["image"].dtype
+  >>> len(source), info.image_shape, info.class_names[:2], source[0]["image"].dtype
   (359, (8, 8, 1), ('zero', 'one'), dtype('float32'))
   >>> tmp.cleanup()
   """
@@ -626,18 +639,18 @@ def build_source(data_config: Any, split: str) -> tuple[Any, dict[str, Any]]:
 DECLARED_KEYS = {"num_classes": "num_classes", "channels": "image_shape"}
 
 
-def _check_declared(data_config: Any, info: dict[str, Any]) -> None:
+def _check_declared(data_config: Any, info: SourceInfo) -> None:
   """A declared `data_config.num_classes` / `channels` (what the planner compiled with) equals the data's."""
   for key, field in DECLARED_KEYS.items():
     declared = config_value(data_config, key, 0)
-    actual = info[field][-1] if field == "image_shape" else info[field]
+    actual = getattr(info, field)[-1] if field == "image_shape" else getattr(info, field)
     if declared and int(declared) != int(actual):
       raise ValueError(f"`data_config.{key}` is {declared} but the data has {actual}: fix the recipe "
                        f"(or drop the key).")
 
 
-def abstract_info(data_config: Any, split: str) -> dict[str, Any]:
-  """The info dict of `build_source(data_config, split)` from the config alone, no data read (for
+def abstract_info(data_config: Any, split: str) -> SourceInfo:
+  """The `SourceInfo` of `build_source(data_config, split)` from the config alone, no data read (for
   compiling a run before the data is at hand, `jaxcl.plan`).
 
       image_shape  = (image_size, image_size, channels)     channels: `data_config.channels` or 3
@@ -649,7 +662,7 @@ def abstract_info(data_config: Any, split: str) -> dict[str, Any]:
   an image–text recipe a vocabulary of about the right size (one word per class).
 
   >>> info = abstract_info({"name": "tfds", "image_size": 224, "num_classes": 2}, "train")
-  >>> info["image_shape"], info["class_names"]
+  >>> info.image_shape, info.class_names
   ((224, 224, 3), ('class0', 'class1'))
   """
   name = config_value(data_config, "name", None)
@@ -669,14 +682,11 @@ def abstract_info(data_config: Any, split: str) -> dict[str, Any]:
   if values["channels"] not in (1, 3):
     raise ValueError(f"`data_config.channels` must be 1 or 3, got {values['channels']}.")
   num_classes = values["num_classes"]
-  return {
-      "num_examples": values["num_examples"],
-      "num_classes": num_classes,
-      "image_shape": (size, size, values["channels"]),
-      "class_names": tuple(f"class{i}" for i in range(num_classes)),
-      "has_captions": bool(config_value(data_config, "caption_key", "")),
-      "caption_templates": None,
-  }
+  return SourceInfo(
+      num_examples=values["num_examples"], image_shape=(size, size, values["channels"]), num_classes=num_classes,
+      class_names=tuple(f"class{i}" for i in range(num_classes)),
+      has_captions=bool(config_value(data_config, "caption_key", "")), captions_from_labels=False,
+      caption_templates=GENERIC_CAPTION_TEMPLATES, num_ids=values["num_examples"])
 
 
 def load_arrays(data_config: Any, split: str) -> dict[str, Any]:
@@ -696,7 +706,7 @@ def load_arrays(data_config: Any, split: str) -> dict[str, Any]:
   """
   source, info = build_source(data_config, split)
   n = len(source)
-  image = np.empty((n, *info["image_shape"]), np.float32)
+  image = np.empty((n, *info.image_shape), np.float32)
   label = np.empty((n,), np.int32)
   index = np.empty((n,), np.int32)
   captions = []
@@ -711,7 +721,7 @@ def load_arrays(data_config: Any, split: str) -> dict[str, Any]:
     if "caption" in example:
       captions.append(example["caption"])
   out = {"image": image, "label": label, "index": index}
-  if info["has_captions"]:
+  if info.has_captions:
     out["caption"] = captions
   return out
 
@@ -744,7 +754,7 @@ def split_batches(data_config: Any, split: str, batch_size: int, *, process_inde
     raise ValueError(f"`batch_size` must be a positive multiple of process_count={process_count}, got "
                      f"{batch_size!r}.")
   source, info = build_source(data_config, split)
-  n, b, shape = len(source), batch_size // process_count, tuple(info["image_shape"])
+  n, b, shape = len(source), batch_size // process_count, tuple(info.image_shape)
 
   def batches():
     for start in range(0, n, batch_size):

@@ -99,7 +99,7 @@ def evaluate(config, setup: Setup, variables, earlier: tuple = ()) -> dict[str, 
   the linear probe run on the devices. Also returns "_projection" (the test features) and "_labels"
   (the test labels) as NumPy arrays, for the plots.
   """
-  num_classes = setup.info["num_classes"]
+  num_classes = setup.info.num_classes
   image_text = setup.method.image_text
   embed = _embed_fn(setup.model, image_text)
 
@@ -138,7 +138,7 @@ def evaluate(config, setup: Setup, variables, earlier: tuple = ()) -> dict[str, 
     result["knn_accuracy_this_stage"] = own["knn_accuracy"]
   if image_text:
     encode = functools.partial(setup.text.encode_for_eval, setup.model, variables)
-    class_emb = eval_lib.class_embeddings(encode, setup.info["class_names"], setup.text.templates)
+    class_emb = eval_lib.class_embeddings(encode, setup.info.class_names, setup.text.templates)
     result["zero_shot_accuracy"] = float(eval_lib.zero_shot_accuracy(te["embedding"], class_emb, te["label"]))
   else:
     result.update(eval_lib.alignment_uniformity(te["view1"], te["view2"]))
@@ -154,7 +154,7 @@ def raw_pixel_baseline(config, setup: Setup) -> dict[str, float]:
   tr, te = (stream_split(config, setup, split, flat) for split in (config.data.train_split, config.data.eval_split))
   r = eval_lib.evaluate_embeddings(
       tr["features"], tr["label"], te["features"], te["label"],
-      num_classes=setup.info["num_classes"], knn_k=config.eval.knn_k, knn_temperature=config.eval.knn_temperature,
+      num_classes=setup.info.num_classes, knn_k=config.eval.knn_k, knn_temperature=config.eval.knn_temperature,
       linear_probe=config.eval.linear_probe)
   return {k: float(v) for k, v in r.items()}
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxcl.data import augment, digits, sources
+from jaxcl.data import augment, sources
 from jaxcl.train import devices
 from jaxcl.train import methods, optim
 
@@ -59,29 +59,18 @@ def build_setup(config: ml_collections.ConfigDict, info: dict | None = None, mes
 
 
 def sample_inputs(config, setup: Setup, batch: int) -> tuple:
-  image = jnp.zeros((batch,) + tuple(setup.info["image_shape"]), jnp.float32)
+  image = jnp.zeros((batch,) + tuple(setup.info.image_shape), jnp.float32)
   if setup.method.image_text:
     return image, setup.text.dummy(batch)
   return (image,)
 
 
-def per_example_state_size(config, info: dict, num_devices: int | None = None) -> int:
-  """The length N of the per-example loss state: one slot per possible example id, padded up to a
-  multiple of the device count so the state shards evenly along the batch mesh axes.
-
-  Ids are `batch["index"]`: the position in the split, except where the data has its own ids (the
-  bundled digits: the position in `load_digits()`, over both splits), so the id range is
-  `info["num_ids"]` when the source gives it, `digits.NUM_EXAMPLES` for the digits, else
-  `info["num_examples"]`. The padding slots are never indexed and keep their initial values.
-  """
-  if "num_ids" in info:
-    num_ids = int(info["num_ids"])
-  elif config.data.name == "digits":
-    num_ids = digits.NUM_EXAMPLES
-  else:
-    num_ids = int(info["num_examples"])
+def per_example_state_size(info: sources.SourceInfo, num_devices: int | None = None) -> int:
+  """The length N of per-example state: one slot per possible example id (`batch["index"]` lies in
+  [0, `info.num_ids`)), padded up to a multiple of the device count so the state shards evenly along
+  the batch mesh axes. The padding slots are never indexed and keep their initial values."""
   n = jax.device_count() if num_devices is None else int(num_devices)
-  return -(-num_ids // n) * n
+  return -(-int(info.num_ids) // n) * n
 
 
 def init_state(config, setup: Setup, key: jax.Array) -> TrainState:
@@ -89,7 +78,7 @@ def init_state(config, setup: Setup, key: jax.Array) -> TrainState:
   variables = setup.model.init({"params": key}, *sample_inputs(config, setup, 2), train=False)
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
-  num_ids = per_example_state_size(config, setup.info, setup.mesh.size if setup.mesh is not None else None)
+  num_ids = per_example_state_size(setup.info, setup.mesh.size if setup.mesh is not None else None)
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,

@@ -46,7 +46,7 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
 
   def model_inputs(images, keys, *rest):
     """The model's inputs from raw images (augmented here) and the other fields of (a chunk of) the batch."""
-    images = devices.decode_images(images, setup.info["image_shape"])
+    images = devices.decode_images(images, setup.info.image_shape)
     if views:
       augmented = augment.augment_examples(keys, images, setup.aug)
       # Sample-major (b, v) order: each device keeps its own samples' views, so the batch sharding

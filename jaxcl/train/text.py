@@ -1,7 +1,9 @@
 """The text side of image–text methods: captions → token ids (clip, siglip) or locked embeddings (lit).
 
 Captions come from the batch when the data has them, else from the label with a random caption template
-(`jaxcl.data.digits.CAPTION_TEMPLATES`, drawn deterministically from the seed and the step).
+of the data (`SourceInfo.caption_templates`: the digits' own, or generic photo prompts for a labelled
+folder or tfds dataset), drawn deterministically from the seed and the step. The same templates are the
+zero-shot prompts of the evaluation, and (with the class names) the trained text tower's vocabulary.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from jaxcl.data import digits
 NUMERIC_KEYS = ("image", "label", "index")
 
 
-def _captions(config, host: dict, step: int, class_names) -> list[str]:
+def _captions(config, host: dict, step: int, info) -> list[str]:
   if "caption" in host:
     return [str(c) for c in host["caption"]]
   rng = np.random.default_rng([config.seed, step])
-  return digits.captions_for_labels(host["label"], rng, class_names=class_names)
+  return digits.captions_for_labels(host["label"], rng, info.caption_templates, info.class_names)
 
 
 class NoText:
@@ -36,11 +38,12 @@ class NoText:
 class TokenText(NoText):
   """A trained text tower on token ids from an offline tokenizer."""
 
-  def __init__(self, config, class_names):
+  def __init__(self, config, info):
     from jaxcl import models
 
-    self.class_names = list(class_names)
-    self.templates = tuple(digits.CAPTION_TEMPLATES)
+    self.info = info
+    self.class_names = list(info.class_names)
+    self.templates = tuple(info.caption_templates)
     corpus = [t.format(c) for t in self.templates for c in self.class_names]
     self.tokenizer = models.SimpleTokenizer.from_texts(corpus)
     self.max_len = int(config.model.text_max_len)
@@ -54,7 +57,7 @@ class TokenText(NoText):
 
   def prepare(self, config, host: dict, step: int) -> dict:
     out = super().prepare(config, host, step)
-    out["text"] = self.tokens(_captions(config, host, step, self.class_names))
+    out["text"] = self.tokens(_captions(config, host, step, self.info))
     return out
 
   def encode_for_eval(self, model, variables, texts):
@@ -69,11 +72,12 @@ class TokenText(NoText):
 class LockedText(NoText):
   """LiT: the pretrained MiniLM sentence encoder, locked; embeddings are cached per caption."""
 
-  def __init__(self, config, class_names):
+  def __init__(self, config, info):
     from jaxcl.models import minilm
 
-    self.class_names = list(class_names)
-    self.templates = tuple(digits.CAPTION_TEMPLATES)
+    self.info = info
+    self.class_names = list(info.class_names)
+    self.templates = tuple(info.caption_templates)
     self.encoder = minilm.load_minilm()
     self.embed_dim = int(self.encode(["a"]).shape[1])
     self._cache: dict[str, np.ndarray] = {}
@@ -92,7 +96,7 @@ class LockedText(NoText):
 
   def prepare(self, config, host: dict, step: int) -> dict:
     out = super().prepare(config, host, step)
-    out["text"] = self.embeddings(_captions(config, host, step, self.class_names))
+    out["text"] = self.embeddings(_captions(config, host, step, self.info))
     return out
 
   def encode_for_eval(self, model, variables, texts):

@@ -58,13 +58,13 @@ def validate_config(config: ml_collections.ConfigDict, *, data: bool = True, num
   infos = {}
   for split in dict.fromkeys((config.data.train_split, config.data.eval_split)):
     _, infos[split] = sources.build_source(config.data, split)
-  shapes = {tuple(i["image_shape"]) for i in infos.values()}
+  shapes = {tuple(i.image_shape) for i in infos.values()}
   if len(shapes) > 1:
     raise ValueError(
         f"The train split {config.data.train_split!r} and the eval split {config.data.eval_split!r} have "
         f"different image shapes {sorted(shapes)}: set `config.data.image_size`.")
   train_info = infos[config.data.train_split]
-  if methods.get(config.method).image_text and not (train_info["has_captions"] or train_info["num_classes"]):
+  if methods.get(config.method).image_text and not (train_info.has_captions or train_info.num_classes):
     raise ValueError(
         f"method {config.method!r} trains on image-caption pairs, but the data {config.data.name!r} has "
         "neither captions nor class labels to make them from (for a folder: set "

@@ -36,7 +36,7 @@ class ImageText(base.Method):
                        f"logarithm), got {scale}.")
 
   def text_side(self, config, info):
-    return text.TokenText(config, info["class_names"])
+    return text.TokenText(config, info)
 
   def build_model(self, config, text_side):
     m = config.model
@@ -74,7 +74,7 @@ class LiT(ImageText):
   name = "lit"
 
   def text_side(self, config, info):
-    return text.LockedText(config, info["class_names"])
+    return text.LockedText(config, info)
 
   def build_model(self, config, text_side):
     return self.dual_encoder(config, None, text_side.embed_dim)
