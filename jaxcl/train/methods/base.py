@@ -36,8 +36,10 @@ from jaxcl import losses
 from jaxcl import models
 from jaxcl import ops
 from jaxcl.ops import pallas
+from jaxcl.data import sources
 from jaxcl.ops.engines import SHARDED_IMPLS
 from jaxcl.train import devices
+from jaxcl.train import text
 
 # The values of `config.loss.name` that have a sharded form (`impl="allgather" | "ring"`).
 SHARDABLE_LOSSES = ("nt_xent", "dcl", "dclw", "supcon", "infonce", "clip", "siglip", "macl", "hn_nce",
@@ -119,13 +121,12 @@ class Method:
     """Why the method cannot run with gradient caching (`config.grad_cache_chunks` > 1), or None."""
     return None
 
-  def text_side(self, config: ml_collections.ConfigDict, info: dict) -> Any:
+  def text_side(self, config: ml_collections.ConfigDict, info: sources.SourceInfo) -> Any:
     """What prepares the batch's text for the model (`jaxcl.train.text`): nothing for image methods."""
-    from jaxcl.train import text  # pylint: disable=import-outside-toplevel
-
     return text.NoText()
 
   def build_model(self, config: ml_collections.ConfigDict, text_side: Any) -> nn.Module:
+    """The Flax model whose outputs `loss` takes (`text_side`: what `text_side` returned)."""
     raise NotImplementedError
 
   def init_state(self, config: ml_collections.ConfigDict, variables: dict, key: jax.Array, num_ids: int) -> Any:
@@ -158,6 +159,8 @@ class Method:
     return state
 
   def positive_pairs(self, outputs: dict, extras: dict) -> tuple[jax.Array, jax.Array, tuple[str, str]] | None:
+    """(a, b, (name a → b, name b → a)): two (B, E) embeddings whose row i are positives, for the logged
+    in-batch top-1 accuracy (`in_batch_accuracy`); None: no accuracy is logged."""
     return None
 
 
