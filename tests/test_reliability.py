@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from jaxcl.main import PREEMPTED_EXIT_STATUS
@@ -294,8 +295,8 @@ def restore_full_state(workdir, config, step, target=None):
   try:
     # Restore exactly `step`: the manager restores the newest, so hide the newer ones from it.
     it = iter(pipeline.make_train_loader(config.data, split="train", global_batch_size=16, seed=0))
-    return manager.restore(step, args=loop.ocp.args.Composite(
-        state=loop.ocp.args.StandardRestore(target),
+    return manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target),
         data=__import__("grain").checkpoint.CheckpointRestore(it)))["state"]
   finally:
     manager.close()
@@ -437,7 +438,7 @@ def test_a_checkpoint_with_flipped_bytes_is_moved_aside_and_the_previous_one_res
           f"{shown}); trying an older one") in out
   (moved,) = (workdir / "checkpoints_quarantine").iterdir()
   assert moved.name.startswith("4-") and (moved / "state").is_dir()
-  assert f"warning: moved the checkpoint of step 4, which holds non-finite values" in out
+  assert "warning: moved the checkpoint of step 4, which holds non-finite values" in out
   assert f"to {moved}; resuming from step 2" in out and "Resumed from checkpoint at step 2" in out
   assert results["step"] == 6 and checkpoint_steps(workdir) == [2, 4, 6]
   state = restore_full_state(workdir, config, 6)
