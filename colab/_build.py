@@ -30,7 +30,7 @@ except ImportError as error:
       "  your clone:  !pip install -q '/path/to/jaxcl[train]'   (pip install -e for an editable install,\\n"
       "               then Runtime > Restart session)\\n"
       "  a wheel:     run `python -m build` in your clone, upload dist/jaxcl-*.whl to Colab, then\\n"
-      "               !pip install -q \"$(ls /content/jaxcl-*.whl)[train]\""
+      '               !pip install -q "$(ls /content/jaxcl-*.whl)[train]"'
   ) from error
 print("jaxcl", jaxcl.__version__)
 '''

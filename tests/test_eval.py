@@ -375,8 +375,8 @@ def test_alignment_uniformity_match_numpy(alpha, t):
 
 
 def test_alignment_uniformity_agree_with_the_loss_module():
-  # A second implementation: the training losses of jaxcl.losses.geometry (engine log-sum-exp).
-  losses_geometry = pytest.importorskip("jaxcl.losses.geometry")
+  # A second implementation: the training losses of jaxcl.losses.alignment_uniformity (engine log-sum-exp).
+  losses_geometry = pytest.importorskip("jaxcl.losses.alignment_uniformity")
   x, y = randn(24, 12, 5), randn(25, 12, 5)
   got = geometry.alignment_uniformity(x, y, alpha=1.5, t=3.0, chunk=5)
   np.testing.assert_allclose(float(got["alignment"]), float(losses_geometry.alignment(x, y, alpha=1.5)), rtol=1e-5)

@@ -10,10 +10,10 @@ import pytest
 
 from jaxcl import ops
 from jaxcl.losses.clip import clip
-from jaxcl.losses.geometry import alignment, uniformity
+from jaxcl.losses.alignment_uniformity import alignment, uniformity
 from jaxcl.losses.infonce import nt_xent
 from jaxcl.losses.matryoshka import matryoshka
-from jaxcl.losses.metric import batch_hard_triplet, triplet
+from jaxcl.losses.triplet import batch_hard_triplet, triplet
 from jaxcl.losses.predictive import negative_cosine
 from jaxcl.losses.redundancy import barlow_twins, vicreg
 from tests import reference, reference_other

@@ -75,7 +75,7 @@ def test_install_cell_points_at_no_url_and_stops_with_instructions(monkeypatch):
     exec(compile(source, "install cell", "exec"), {})  # pylint: disable=exec-used
   message = str(error.value)
   assert "jaxcl is not installed" in message
-  assert "pip install -q /path/to/jaxcl" in message and "python -m build" in message and ".whl" in message
+  assert "pip install -q '/path/to/jaxcl[train]'" in message and "python -m build" in message and ".whl" in message
 
 
 def test_install_cell_passes_when_jaxcl_is_importable(capsys):

@@ -11,7 +11,7 @@ import pytest
 from jaxcl import ops
 from jaxcl.losses.clip import clip
 from jaxcl.losses.geometric import cacr, contrastive_gap
-from jaxcl.losses.geometry import alignment
+from jaxcl.losses.alignment_uniformity import alignment
 from jaxcl.ops import pallas
 from tests import reference
 from tests.helpers import assert_value_and_grads, randn

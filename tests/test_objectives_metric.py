@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcl.losses.metric import triplet
-from jaxcl.losses.metric_extra import snr_distance, snr_triplet, spherical_z_contrastive, spherical_z_loss
+from jaxcl.losses.triplet import triplet
+from jaxcl.losses.snr import snr_distance, snr_triplet
+from jaxcl.losses.spherical_z import spherical_z_contrastive, spherical_z_loss
 from tests import reference
 from tests import helpers
 from tests.helpers import randn

@@ -37,7 +37,7 @@ from jaxcl.losses.clusters import focal_supcon, gated_pair_infonce, mlcd, sbcl, 
 from jaxcl.losses.crossmodal import cwcl, symile
 from jaxcl.losses.distill import albef_itc, m3co, similarity_distillation, softclip
 from jaxcl.losses.geometric import cacr, contrastive_gap, gram, gram_volume
-from jaxcl.losses.geometry import alignment, uniformity
+from jaxcl.losses.alignment_uniformity import alignment, uniformity
 from jaxcl.losses.hyperbolic import (
     entailment_cone,
     exterior_angle,
@@ -50,8 +50,9 @@ from jaxcl.losses.late_interaction import filip, filip_similarity
 from jaxcl.losses.infonce import dcl, dclw, infonce, nt_xent
 from jaxcl.losses.matryoshka import matryoshka
 from jaxcl.losses.matryoshka_2d import STARBUCKS_PAIRS, layer_kl, matryoshka_2d, starbucks
-from jaxcl.losses.metric import batch_hard_triplet, triplet
-from jaxcl.losses.metric_extra import snr_distance, snr_triplet, spherical_z_contrastive, spherical_z_loss
+from jaxcl.losses.triplet import batch_hard_triplet, triplet
+from jaxcl.losses.snr import snr_distance, snr_triplet
+from jaxcl.losses.spherical_z import spherical_z_contrastive, spherical_z_loss
 from jaxcl.losses.multipositive import one_to_k_clip, poly_view
 from jaxcl.losses.multiview import multiview_infonce, mv_dhel
 from jaxcl.losses.negatives import (

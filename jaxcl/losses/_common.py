@@ -232,7 +232,8 @@ def _axis_bound(axis_name) -> bool:
 def shardable(*batch_args: str):
   """Lets a loss run on globally sharded arrays as well as inside the user's `shard_map`.
 
-  The decorated loss takes `impl`, `axis_name=None` and `mesh=None`. It runs as written (on local
+  The decorated loss takes `impl` and `axis_name=None`; the decorator adds `mesh=None` to its signature
+  (after `axis_name`) and consumes it. It runs as written (on local
   arrays) when `axis_name` is None and `impl` is a single-device engine, or when `axis_name` is a mesh
   axis bound by an enclosing `jax.shard_map` (the inputs are then this device's shards). Otherwise (a
   sharded `impl` "allgather"/"ring", or a `mesh`, with no enclosing shard_map) the arguments named in
@@ -248,7 +249,17 @@ def shardable(*batch_args: str):
   """
 
   def wrap(loss):
-    signature = inspect.signature(loss)
+    inner = inspect.signature(loss)
+    params = list(inner.parameters.values())
+    if "mesh" in inner.parameters or "axis_name" not in inner.parameters:
+      raise TypeError(f"@shardable adds `mesh` after `axis_name`: {loss.__name__} must declare `axis_name` "
+                      "and not `mesh`.")
+    params.insert([p.name for p in params].index("axis_name") + 1, inspect.Parameter(
+        "mesh", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="jax.sharding.Mesh | None"))
+    signature = inner.replace(parameters=params)
+
+    def call(a: dict):
+      return loss(**{name: value for name, value in a.items() if name != "mesh"})
 
     @functools.wraps(loss)
     def wrapper(*args, **kwargs):
@@ -260,18 +271,19 @@ def shardable(*batch_args: str):
         axes = auto_batch_axes(*(a[name] for name in batch_args))
         if axes is not None:
           a["axis_name"] = axes if len(axes) > 1 else axes[0]
-          return _under_shard_map(loss, a, batch_args)
-        return loss(**a)
+          return _under_shard_map(call, a, batch_args)
+        return call(a)
       if mesh is None and (
           (axis_name is None and impl not in SHARDED_IMPLS)
           or (axis_name is not None and _axis_bound(axis_name))
       ):
-        return loss(**a)
+        return call(a)
       if impl == "auto" and mesh is not None and not _divides(
           mesh, "data" if axis_name is None else axis_name, [a[name] for name in batch_args]):
-        return loss(**dict(a, mesh=None, axis_name=None))  # auto: a batch that does not split evenly
-      return _under_shard_map(loss, a, batch_args)
+        return call(dict(a, axis_name=None))  # auto: a batch that does not split evenly
+      return _under_shard_map(call, a, batch_args)
 
+    wrapper.__signature__ = signature  # the loss's parameters and `mesh`, which the wrapper consumes
     return wrapper
 
   return wrap
@@ -318,7 +330,9 @@ def _divides(mesh, axis_name, values) -> bool:
   return all(v is None or (jnp.ndim(v) > 0 and jnp.shape(v)[0] % n_devices == 0) for v in values)
 
 
-def _under_shard_map(loss, a: dict, batch_args: tuple[str, ...]):
+def _under_shard_map(call, a: dict, batch_args: tuple[str, ...]):
+  """`call(arguments)` under `jax.shard_map` over the mesh axes `a["axis_name"]`, the `batch_args`
+  split along their leading axis, other arrays replicated."""
   axis_name = a["axis_name"] if a["axis_name"] is not None else "data"
   mesh = a["mesh"] if a["mesh"] is not None else jax.sharding.get_abstract_mesh()
   if mesh.empty:
@@ -345,7 +359,7 @@ def _under_shard_map(loss, a: dict, batch_args: tuple[str, ...]):
     elif isinstance(value, jax.Array):
       names.append(name), values.append(value), specs.append(PartitionSpec())
   static = {name: value for name, value in a.items() if name not in names}
-  static.update(axis_name=axis_name, mesh=None)
+  static.update(axis_name=axis_name, mesh=None)  # inside: this device's shards
   if static["impl"] not in SHARDED_IMPLS + ("auto",):
     raise ValueError(
         f"`impl` must be one of {SHARDED_IMPLS + ('auto',)} for a loss over a mesh, got "
@@ -353,7 +367,7 @@ def _under_shard_map(loss, a: dict, batch_args: tuple[str, ...]):
     )
 
   def local(*local_values):
-    return loss(**static, **dict(zip(names, local_values)))
+    return call(dict(static, **dict(zip(names, local_values))))
 
   if jax.sharding.AxisType.Explicit in mesh.axis_types:
     # (`jax.make_mesh`'s default) shard_map takes Explicit-axis arrays as they are sharded: put each

@@ -26,7 +26,6 @@ def retrieval_accuracy(
     mask: jax.Array | None = None,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
-    mesh: jax.sharding.Mesh | None = None,
 ) -> RetrievalAccuracy:
   r"""In-batch top-1 retrieval accuracy in both directions, without the (B, B) similarity matrix.
 
@@ -51,7 +50,6 @@ def retrieval_accuracy(
   >>> [round(float(x), 4) for x in retrieval_accuracy(jnp.eye(3), b)]  # rows 0 and 2 tie: misses
   [0.3333, 0.6667]
   """
-  del mesh  # handled by @shardable
   x, y = _common.pair("a", a, "b", b, normalize=normalize, axis_name=axis_name)
   mask = _common.sample_mask(mask, x.shape[0])
   hits = ops.top1(x, y, row_valid=mask, col_valid=mask, impl=impl, axis_name=axis_name)

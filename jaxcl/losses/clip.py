@@ -23,7 +23,6 @@ def clip(
     mask: jax.Array | None = None,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
-    mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
   r"""CLIP: symmetric cross-entropy over the image–text similarity matrix.
 
@@ -55,7 +54,6 @@ def clip(
   >>> round(float(clip(x, x, logit_scale=1.0)), 4)  # log(e + 3) - 1
   0.7437
   """
-  del mesh  # handled by @shardable
   i, t = _common.pair("image", image, "text", text, normalize=normalize, axis_name=axis_name)
   scale = _common.logit_scale(logit_scale)
   _common.check_reduction(reduction)
@@ -106,7 +104,6 @@ def siglip(
     mask: jax.Array | None = None,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
-    mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
   r"""SigLIP: independent binary classification of every image–text pair.
 
@@ -128,7 +125,6 @@ def siglip(
   >>> round(float(siglip(x, x, logit_scale=1.0, logit_bias=0.0)), 4)  # softplus(-1) + softplus(0)
   1.0064
   """
-  del mesh  # handled by @shardable
   i, t = _common.pair("image", image, "text", text, normalize=normalize, axis_name=axis_name)
   scale = _common.logit_scale(logit_scale)
   bias = _common.logit_bias(logit_bias)

@@ -14,7 +14,7 @@ from jaxcl import ops
 from jaxcl.ops import engines
 from jaxcl.losses import _common
 from jaxcl.losses.clip import clip
-from jaxcl.losses.geometry import alignment, uniformity
+from jaxcl.losses.alignment_uniformity import alignment, uniformity
 
 
 def _softmax_mean_similarity(q, k, scale, exclude, impl, valid=None):

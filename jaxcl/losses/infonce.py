@@ -25,7 +25,6 @@ def infonce(
     mask: jax.Array | None = None,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
-    mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
   r"""InfoNCE, one direction: each query's positive is the key in the same row.
 
@@ -80,7 +79,6 @@ def infonce(
   k = _common.maybe_normalize(key, normalize)
   positive = inv_t * _common.rowwise_dot(q, k)
 
-  del mesh  # handled by @shardable
   lse_rows = lambda keys, col_valid=None: ops.logsumexp(
       q, keys, scale=inv_t, row_valid=mask, col_valid=col_valid, impl=impl, axis_name=axis_name).rows
   terms = [lse_rows(k, mask)] if in_batch_negatives else [positive]
@@ -137,7 +135,6 @@ def nt_xent(
     mask: jax.Array | None = None,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
-    mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
   r"""NT-Xent, the SimCLR loss over 2B views.
 
@@ -160,7 +157,6 @@ def nt_xent(
   >>> round(float(nt_xent(x, x, temperature=1.0)), 4)  # log(e + 4) - 1
   0.9048
   """
-  del mesh  # handled by @shardable
   z, valid = _two_views(z1, z2, normalize, reduction, mask, axis_name)
   inv_t = _common.inverse_temperature(temperature)
   ids = _view_ids(z.shape[0] // 2, axis_name)
@@ -191,7 +187,6 @@ def dcl(
     mask: jax.Array | None = None,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
-    mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
   r"""Decoupled contrastive loss: NT-Xent with the positive removed from the denominator.
 
@@ -210,7 +205,6 @@ def dcl(
   >>> round(float(dcl(x, x, temperature=1.0)), 4)  # log 4 - 1
   0.3863
   """
-  del mesh  # handled by @shardable
   z, valid = _two_views(z1, z2, normalize, reduction, mask, axis_name)
   inv_t = _common.inverse_temperature(temperature)
   per_anchor = _decoupled_lse(z, inv_t, valid, impl, axis_name) - inv_t * _partner_dot(z)
@@ -230,7 +224,6 @@ def dclw(
     mask: jax.Array | None = None,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
-    mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
   r"""Weighted decoupled contrastive loss (DCLW), "Decoupled Contrastive Learning" (Yeh et al., 2022).
 
@@ -249,7 +242,6 @@ def dclw(
   >>> round(float(dclw(x, x, temperature=1.0)), 4)  # equal positives: w = 1, the DCL value
   0.3863
   """
-  del mesh  # handled by @shardable
   z, valid = _two_views(z1, z2, normalize, reduction, mask, axis_name)
   inv_t = _common.inverse_temperature(temperature)
   _checks.check_positive("sigma", sigma)

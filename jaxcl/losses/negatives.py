@@ -54,7 +54,6 @@ def hn_nce(
     mask: jax.Array | None = None,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
-    mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
   r"""HN-NCE: CLIP with the negatives importance-weighted towards the hard ones.
 
@@ -97,7 +96,6 @@ def hn_nce(
   >>> round(float(hn_nce(x, x, temperature=1.0, beta=0.0)), 4)  # = CLIP: log(e + 2) - 1
   0.5514
   """
-  del mesh  # handled by @shardable
   i, t = _common.pair("image", image, "text", text, normalize=normalize, axis_name=axis_name)
   inv_t = _common.inverse_temperature(temperature)
   _checks.check_non_negative("alpha", alpha)
@@ -390,7 +388,6 @@ def mcl_nt_xent(
     mask: jax.Array | None = None,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
-    mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
   r"""NT-Xent with cluster-aware negatives: an anchor only contrasts with examples of its own cluster.
 
@@ -425,7 +422,6 @@ def mcl_nt_xent(
   >>> round(float(mcl_nt_xent(x, x, jnp.array([0, 0, 1, 1]), temperature=1.0)), 4)  # log(e + 2) - 1
   0.5514
   """
-  del mesh  # handled by @shardable
   a, b = _common.pair("z1", z1, "z2", z2, normalize=normalize, axis_name=axis_name)
   c = _checks.check_labels("cluster_ids", cluster_ids, a.shape[0])
   inv_t = _common.inverse_temperature(temperature)

@@ -33,7 +33,6 @@ def supcon(
     mask: jax.Array | None = None,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
-    mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
   r"""Supervised contrastive loss L_out, every view an anchor (contrast_mode "all").
 
@@ -84,7 +83,6 @@ def supcon(
     base = _checks.check_scalar("base_temperature", base_temperature)
     factor = _checks.check_scalar("temperature", temperature) / base
 
-  del mesh  # handled by @shardable
   views = 1 if features.ndim == 2 else features.shape[1]
   concrete = _checks.concrete_value(labels)
   if mask is not None and concrete is not None:

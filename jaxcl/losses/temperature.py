@@ -45,7 +45,6 @@ def macl(
     mask: jax.Array | None = None,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
-    mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
   r"""MACL: NT-Xent whose temperature follows the alignment of the positives, with gradient reweighting.
 
@@ -92,7 +91,6 @@ def macl(
   >>> round(float(macl(x, x, temperature=1.0, reweight=False)), 4)  # log(e^(2/3) + 4) - 2/3
   1.1163
   """
-  del mesh  # handled by @shardable
   a, b = _common.pair("z1", z1, "z2", z2, normalize=normalize, axis_name=axis_name)
   _common.check_reduction(reduction)
   mask = _common.sample_mask(mask, a.shape[0])
