@@ -10,11 +10,8 @@ import pytest
 
 from jaxcl.train import checkpoints, devices, loop
 from jaxcl.train import state as state_lib
+from tests.test_reliability import checkpoint_steps
 from tests.test_train import data_dir, final_state, load_recipe, tiny  # noqa: F401  (data_dir is a fixture)
-
-
-def _steps(folder):
-  return sorted(int(s) for s in os.listdir(folder) if s.isdigit())
 
 
 def _saved(tmp_path, tree):
@@ -89,7 +86,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(data_dir, tm
   config.keep_checkpoints = 2
   loop.train_and_evaluate(config, str(tmp_path), progress=False, stop_at=4)
   ckpt = tmp_path / "checkpoints"
-  assert _steps(ckpt) == [2, 4]
+  assert checkpoint_steps(tmp_path) == [2, 4]
   for f in (ckpt / "4" / "state").rglob("*"):  # truncate every file of the latest state
     if f.is_file():
       f.write_bytes(b"")
@@ -102,7 +99,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(data_dir, tm
   assert "warning: moved the checkpoint of step 4, which is unreadable (" in out
   assert f"to {moved}; resuming from step 2" in out
   assert results["step"] == 6
-  assert _steps(ckpt) == [4, 6]  # keep_checkpoints=2 over the steps saved after the fallback
+  assert checkpoint_steps(tmp_path) == [4, 6]  # keep_checkpoints=2 over the steps saved after the fallback
 
 
 def test_a_transient_read_error_moves_the_checkpoint_aside_intact(data_dir, tmp_path, capsys, monkeypatch):
@@ -111,7 +108,7 @@ def test_a_transient_read_error_moves_the_checkpoint_aside_intact(data_dir, tmp_
   config = tiny(load_recipe("simclr_digits"), data_dir, steps=4)
   loop.train_and_evaluate(config, str(tmp_path), progress=False)
   ckpt = tmp_path / "checkpoints"
-  assert _steps(ckpt) == [2, 4]
+  assert checkpoint_steps(tmp_path) == [2, 4]
   setup = state_lib.build_setup(config)
   abstract, shardings = state_lib.state_shardings(config, setup, devices.make_mesh(config))
   manager = checkpoints.checkpoint_manager(config, str(tmp_path))

@@ -359,7 +359,7 @@ def _under_shard_map(call, a: dict, batch_args: tuple[str, ...]):
     elif isinstance(value, jax.Array):
       names.append(name), values.append(value), specs.append(PartitionSpec())
   static = {name: value for name, value in a.items() if name not in names}
-  static.update(axis_name=axis_name, mesh=None)  # inside: this device's shards
+  static["axis_name"] = axis_name  # (`call` drops `mesh`: inside, the loss sees this device's shards)
   if static["impl"] not in SHARDED_IMPLS + ("auto",):
     raise ValueError(
         f"`impl` must be one of {SHARDED_IMPLS + ('auto',)} for a loss over a mesh, got "

@@ -82,10 +82,14 @@ def decode_images(images: jax.Array, image_shape) -> jax.Array:
   return images.astype(jnp.float32)
 
 
+def batch_shards(mesh: jax.sharding.Mesh) -> int:
+  """The number of devices the batch is split over: the product of the `BATCH_AXES` sizes of `mesh`."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
 def example_sharding(mesh: jax.sharding.Mesh, x: Any) -> NamedSharding:
   """A per-example state array: split along its first (example) axis over the batch mesh axes."""
-  size = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
   shape = getattr(x, "shape", ())
-  if len(shape) >= 1 and shape[0] % size == 0:
+  if len(shape) >= 1 and shape[0] % batch_shards(mesh) == 0:
     return NamedSharding(mesh, P(BATCH_AXES))
   return NamedSharding(mesh, P())

@@ -8,7 +8,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxcl import grad_cache
@@ -146,7 +145,7 @@ def _cached_loss_and_grads(config, setup: Setup, state: TrainState, raw: tuple, 
       out["logit_scale"], out["logit_bias"] = setup.model.apply({"params": params}, method="scale_and_bias")
     return loss_of(out, {})
 
-  shards = 1 if setup.mesh is None else int(np.prod([setup.mesh.shape[a] for a in devices.BATCH_AXES]))
+  shards = 1 if setup.mesh is None else devices.batch_shards(setup.mesh)
   run = grad_cache.value_and_grad(embed, loss, chunks=int(config.grad_cache_chunks), shards=shards,
                                   has_aux=True, embed_has_aux=True, unroll=bool(config.grad_cache_unroll))
   (value, aux), grads = run(state.params, raw)
