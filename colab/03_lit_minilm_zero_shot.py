@@ -87,7 +87,8 @@ def find_configs(configs: str, recipe: str) -> str:
 
 def load_recipe(path: str):
   """`get_config()` of the recipe file at `path`: a new ConfigDict at every call."""
-  spec = importlib.util.spec_from_file_location(f"jaxcl_recipe_{RECIPE}", path)
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"jaxcl_recipe_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
