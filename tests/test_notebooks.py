@@ -1,11 +1,16 @@
-"""The Colab notebooks in colab/: generated from colab/_build.py, no outputs committed, and each one
-executed end to end with tiny settings (nbclient, a kernel on this interpreter)."""
+"""The Colab notebooks in colab/: each .ipynb generated from its jupytext source colab/NN_*.py by
+colab/_build.py, the sources linted like code, no outputs committed, and each notebook executed end to end
+with tiny settings (nbclient, a kernel on this interpreter)."""
 
 from __future__ import annotations
 
+import glob
 import importlib.util
+import io
 import os
+import shutil
 import sys
+import types
 
 import pytest
 
@@ -15,6 +20,7 @@ COLAB = os.path.join(ROOT, "colab")
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
+pytest.importorskip("jupytext")  # colab/_build.py reads the sources with it
 
 
 def _builder():
@@ -46,22 +52,98 @@ def test_every_notebook_has_tiny_settings():
   assert sorted(TINY) == NAMES
 
 
+def test_every_notebook_has_a_source():
+  notebooks = sorted(os.path.basename(p) for p in glob.glob(os.path.join(COLAB, "*.ipynb")))
+  assert notebooks == NAMES, "every colab/*.ipynb is generated from a colab/NN_*.py source of the same name"
+
+
+def _sources() -> list[str]:
+  return sorted(glob.glob(os.path.join(COLAB, "*.py")))
+
+
+def test_sources_compile():
+  """The notebook sources (and the builder) are plain Python: no `!` or `%` lines, which IPython would run
+  and Python would not parse."""
+  for path in _sources():
+    with open(path, encoding="utf-8") as f:
+      compile(f.read(), path, "exec")
+
+
+def test_sources_pass_pyflakes():
+  api = pytest.importorskip("pyflakes.api")
+  reporter = pytest.importorskip("pyflakes.reporter")
+  out = io.StringIO()
+  warnings = sum(api.checkPath(path, reporter.Reporter(out, out)) for path in _sources())
+  assert warnings == 0, out.getvalue()
+
+
+def test_recipe_notebooks_share_one_recipe_cell():
+  """02 and 03 read their settings from configs/<RECIPE>.py with the same cell (only RECIPE differs), and
+  the recipe they name exists."""
+  recipe_cells = {}
+  for name in NAMES:
+    for cell in BUILD.notebook(name).cells:
+      if cell.cell_type == "code" and "def load_recipe(" in cell.source:
+        recipe_cells[name] = cell.source
+  assert sorted(recipe_cells) == ["02_simclr_digits.ipynb", "03_lit_minilm_zero_shot.ipynb"]
+  shapes = set()
+  for name, source in recipe_cells.items():
+    lines = source.splitlines()
+    (recipe_line,) = [line for line in lines if line.startswith("RECIPE = ")]
+    recipe = recipe_line.split('"')[1]
+    assert os.path.isfile(os.path.join(ROOT, "configs", f"{recipe}.py")), f"{name}: no configs/{recipe}.py"
+    shapes.add("\n".join(line for line in lines if line != recipe_line))
+  assert len(shapes) == 1, "the recipe cells of the notebooks differ beyond their RECIPE line"
+
+
+def test_recipe_cell_finds_the_configs_folder(tmp_path, monkeypatch):
+  """jaxcl pip-installed (no configs/ next to the package), the working folder /content: without a clone
+  the recipe cell stops and names CONFIGS; a clone just below the working folder (/content/jaxcl) is
+  found; JAXCL_NB_CONFIGS names the folder explicitly."""
+  cell = next(c.source for c in BUILD.notebook("02_simclr_digits.ipynb").cells
+              if c.cell_type == "code" and "def load_recipe(" in c.source)
+  package = tmp_path / "site-packages" / "jaxcl"
+  package.mkdir(parents=True)
+  installed = types.SimpleNamespace(__file__=str(package / "__init__.py"))
+  content = tmp_path / "content"
+  content.mkdir()
+  monkeypatch.chdir(content)
+  monkeypatch.delenv("JAXCL_NB_CONFIGS", raising=False)
+  with pytest.raises(FileNotFoundError, match=r"configs/simclr_digits.py was not found .* set CONFIGS"):
+    exec(cell, {"jaxcl": installed})  # pylint: disable=exec-used
+
+  clone = content / "jaxcl" / "configs"
+  clone.mkdir(parents=True)
+  shutil.copy(os.path.join(ROOT, "configs", "simclr_digits.py"), clone)
+  found = {"jaxcl": installed}
+  exec(cell, found)  # pylint: disable=exec-used
+  assert found["RECIPE_PATH"] == str(clone / "simclr_digits.py")
+  expected = found["load_recipe"](os.path.join(ROOT, "configs", "simclr_digits.py")).to_dict()
+  assert found["recipe"].to_dict() == expected
+
+  monkeypatch.setenv("JAXCL_NB_CONFIGS", os.path.join(ROOT, "configs"))
+  explicit = {"jaxcl": installed}
+  exec(cell, explicit)  # pylint: disable=exec-used
+  assert explicit["RECIPE_PATH"] == os.path.join(ROOT, "configs", "simclr_digits.py")
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_is_generated_and_clean(name):
   path = os.path.join(COLAB, name)
   with open(path, encoding="utf-8") as f:
     text = f.read()
-  assert text == BUILD.render(name), f"colab/{name} is not what colab/_build.py writes: run `python colab/_build.py`."
+  assert text == BUILD.render(name), (
+      f"colab/{name} is not what colab/_build.py writes from its source: run `python colab/_build.py`.")
   nb = nbformat.reads(text, as_version=4)
   nbformat.validate(nb)
   code = [c for c in nb.cells if c.cell_type == "code"]
   assert all(not c.outputs and c.execution_count is None for c in code), "outputs must not be committed"
-  # The first code cell checks that jaxcl is importable (test_install_cell_*); every setting has an env
-  # override.
+  # The first code cell checks that jaxcl is importable (test_install_cell_*), the same in every notebook;
+  # every setting has an env override.
   assert code[0].source == BUILD.INSTALL.rstrip("\n")
-  params = next(c.source for c in code if "JAXCL_NB_" in c.source)
+  params = "".join(c.source for c in code if "JAXCL_NB_" in c.source)
   for var in TINY[name]:
-    assert var in params, f"{var} is not read by the parameter cell of {name}"
+    assert var in params, f"{var} is not read by the parameter cells of {name}"
 
 
 def test_install_cell_points_at_no_url_and_stops_with_instructions(monkeypatch):
