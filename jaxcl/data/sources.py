@@ -253,6 +253,6 @@ def read_captions(data_config: Any, split: str) -> tuple[str, ...]:
   _checks.check_choice("data_config.name", name, SOURCE_NAMES)
   if name == "folder":
     return folder_source.read_captions(data_config, split)
-  if name == "tfds" and config_value(data_config, "caption_key", ""):
+  if name == "tfds":
     return tfds_source.read_captions(data_config, split)
   return ()

@@ -242,9 +242,10 @@ def read_captions(config: Any, split: str) -> tuple[str, ...]:
   feature), read without decoding the images; () when the config names no caption feature."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
-  source = _tfds_config(config, split, digits_data=False)
-  if not source.caption_key:
+  if not config_value(config, "caption_key", ""):
     return ()
-  only_captions = tfds.decode.PartialDecoding({source.caption_key: True})
-  records = open_tfds(source.tfds_name, split, source.data_dir, decoders=only_captions)
+  source = _tfds_config(config, split, digits_data=False)
+  # the encoded images stay bytes (tfds' data sources take no PartialDecoding)
+  records = open_tfds(source.tfds_name, split, source.data_dir,
+                      decoders={source.image_key: tfds.decode.SkipDecoding()})
   return tuple(caption_text(records[i][source.caption_key]) for i in range(len(records)))

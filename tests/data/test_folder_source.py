@@ -4,13 +4,18 @@ import csv
 import re
 
 import numpy as np
+import PIL.Image
 import pytest
 
 from jaxcl.data import sources
 from tests.data.helpers import folder_config, pattern, save_image
 
 
-def test_folder_with_classes_and_tsv_captions(tmp_path):
+def _no_decoding(*args, **kwargs):
+  raise AssertionError("an image was decoded")
+
+
+def test_folder_with_classes_and_tsv_captions(tmp_path, monkeypatch):
   names = {"bird": 2, "ant": 3}  # classes are sorted: ant = 0, bird = 1
   arrays = {}
   for cls, n in names.items():
@@ -36,6 +41,11 @@ def test_folder_with_classes_and_tsv_captions(tmp_path):
   loaded = sources.load_arrays(cfg, "test")  # no split subfolders: the folder serves every split
   assert loaded["image"].shape == (5, 6, 5, 3)
   assert loaded["caption"][0] == "a ant/img0.png, with a comma"
+  # The captions alone (a text tower's vocabulary reads them), in the source's order, no image decoded.
+  with monkeypatch.context() as patch:
+    patch.setattr(PIL.Image, "open", _no_decoding)
+    assert sources.read_captions(cfg, "train") == tuple(f"a {key}, with a comma" for key in order)
+  assert sources.read_captions(folder_config(tmp_path / "data"), "train") == ()  # no captions file
 
 
 def test_folder_flat_grayscale_csv_captions_and_splits(tmp_path):

@@ -23,6 +23,8 @@ def test_split_batches_of_processes_cover_the_split_once_in_order(digits_dir):
   np.testing.assert_array_equal(glued["image"][:359], whole["image"])
   np.testing.assert_array_equal(glued["label"][:359], whole["label"])
   assert not glued["image"][359:].any() and glued["row"].tolist() == list(range(359)) + [358] * 25
+  np.testing.assert_array_equal(glued["index"][:359], whole["index"])  # the example ids
+  assert not glued["index"][359:].any() and not glued["label"][359:].any()
   with pytest.raises(ValueError, match=r"`batch_size` must be a positive multiple of process_count=3, got 100"):
     sources.split_batches(cfg, "test", 100, process_index=0, process_count=3)
   with pytest.raises(ValueError, match=r"`process_index` must lie in \[0, process_count\)"):
@@ -41,6 +43,7 @@ def test_digits_resize_and_load_arrays(digits_dir):
   assert arrays["image"].shape == (359, 8, 8, 1) and arrays["image"].dtype == np.float32
   assert arrays["label"].dtype == np.int32 and arrays["index"].dtype == np.int32
   assert len(arrays["caption"]) == 359
+  assert sources.read_captions(digits_config(digits_dir), "test") == ()  # made from labels: none of its own
   np.testing.assert_array_equal(arrays["image"][5], small)
   assert sorted(np.bincount(arrays["label"])) == sorted(
       round(0.2 * n) for n in np.bincount(sk_datasets.load_digits().target)
@@ -50,6 +53,8 @@ def test_digits_resize_and_load_arrays(digits_dir):
 def test_bad_data_config():
   with pytest.raises(ValueError, match="data_config.name"):
     sources.build_source({"name": "imagenet"}, "train")
+  with pytest.raises(ValueError, match="data_config.name"):
+    sources.read_captions({"name": "imagenet"}, "train")
   with pytest.raises(ValueError, match="image_size"):
     sources.build_source({"name": "digits", "image_size": -1}, "train")
   with pytest.raises(ValueError, match="tfds_name"):

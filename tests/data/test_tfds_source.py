@@ -3,6 +3,7 @@
 import pickle
 
 import numpy as np
+import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
@@ -60,7 +61,11 @@ class JaxclTestPngImages(tfds.core.GeneratorBasedBuilder):
       yield i, {"image": image, "label": i % 3, "caption": f"picture {i}", "id": i}
 
 
-def test_tfds_source_with_png_images(tmp_path):
+def _no_decoding(*args, **kwargs):
+  raise AssertionError("an image was decoded")
+
+
+def test_tfds_source_with_png_images(tmp_path, monkeypatch):
   builder = JaxclTestPngImages(data_dir=str(tmp_path), file_format="array_record")
   builder.download_and_prepare()
   cfg = sources.default_data_config("tfds")
@@ -82,6 +87,12 @@ def test_tfds_source_with_png_images(tmp_path):
   source, info = sources.build_source(cfg, "test")
   assert info.image_shape == (4, 4, 3) and info.has_captions
   assert sorted(source[k]["caption"] for k in range(3)) == ["picture 6", "picture 7", "picture 8"]
+  # The captions alone (a text tower's vocabulary reads them), in the source's order, no image decoded.
+  captions = tuple(source[k]["caption"] for k in range(3))
+  with monkeypatch.context() as patch:
+    patch.setattr(PIL.Image, "open", _no_decoding)
+    assert sources.read_captions(cfg, "test") == tfds_source.read_captions(cfg, "test") == captions
+  assert sources.read_captions(dict(cfg, caption_key=""), "test") == ()
   cfg.update(dict(image_size=0, caption_key=""))
   with pytest.raises(ValueError, match="variable size"):
     sources.build_source(cfg, "train")
