@@ -4,7 +4,7 @@ et al., 2021), ViT-B/16 image tower at 224 px and a 12-layer, 512-wide, 8-head c
 AdamW (β2 0.98, ε 1e-6, weight decay 0.2), batch 32768, bfloat16 compute.
 
 Data: a prepared tfds dataset in `config.data.data_dir` (ArrayRecord, nothing downloaded; see
-jaxcl/data/sources.py), by default ImageNet-1k (`imagenet2012`) with captions made from the class names
+jaxcl/data/tfds_source.py), by default ImageNet-1k (`imagenet2012`) with captions made from the class names
 and templates, as the training loop does for labelled data. The paper's 400M web pairs are not a tfds
 dataset; the text tower's vocabulary is the loop's word vocabulary of the class names and templates, not
 CLIP's 49408 BPE tokens. Too large to train on a CPU: plan it first,

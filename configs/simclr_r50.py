@@ -4,7 +4,7 @@ NT-Xent at temperature 0.1, LARS (learning rate 0.3 × batch / 256, weight decay
 100 epochs with 10 of warmup, the SimCLR augmentations, bfloat16 compute.
 
 Data: ImageNet-1k (`imagenet2012`) prepared as a tfds ArrayRecord dataset in `config.data.data_dir`
-(nothing is downloaded; see jaxcl/data/sources.py). Too large to train on a CPU: plan it first,
+(nothing is downloaded; see jaxcl/data/tfds_source.py). Too large to train on a CPU: plan it first,
 
     python -m jaxcl.plan --config=configs/simclr_r50.py --topology=v5e:4x4
 """

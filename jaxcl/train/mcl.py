@@ -6,7 +6,8 @@ earlier stages did not.
 with `config.loss.name = "mcl_nt_xent"` and `config.mcl.previous_stages = "w_1,...,w_{t-1}"`, the
 work directories of the earlier stages (same `config.model`). When stage t starts from scratch:
 
-1. every earlier stage's final model embeds the train split (backbone features, in example-id order);
+1. every earlier stage's final model embeds the train split (backbone features, with the example ids),
+   streamed `FEATURE_BATCH` examples at a time (`split_features`), so only the features stay in memory;
    an earlier stage must have finished (`stage_final_step`: its results.json is of its newest checkpoint);
 2. each stage's features are clustered by k-means into `config.mcl.num_clusters` clusters
    (spherical: cosine similarity, `losses.subclass_kmeans` with one class; `config.mcl.kmeans_iters`
@@ -27,6 +28,7 @@ features (not the projections), Forgy initialisation, ids of examples outside th
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any, Callable
 
 import jax
@@ -40,6 +42,9 @@ from jaxcl import losses
 from jaxcl.train import checkpoints
 
 LOSS_NAME = "mcl_nt_xent"
+# Examples embedded at a time: the chunk of `evaluation.embed_images` (the loop's `embed`), so a streamed
+# batch is one of the chunks the whole split would be cut into, the last one zero-padded alike.
+FEATURE_BATCH = 256
 
 
 def config_section() -> ml_collections.ConfigDict:
@@ -160,21 +165,38 @@ def stage_clusters(features: np.ndarray, num_clusters: int, iterations: int, key
   return np.asarray(ids)
 
 
+def split_features(stage_variables: list[dict], embed: Callable[[dict, np.ndarray], np.ndarray],
+                   batches: Iterable[dict]) -> tuple[list[np.ndarray], np.ndarray]:
+  """(each stage's (N, D) features, (N,) example ids) of a split read a batch at a time.
+
+  `batches`: dicts of image (b, H, W, C), index (b,) and valid (b,) (`sources.split_batches`), every stage
+  embedding each batch (`embed(variables, images)` → (b, D)); the rows past the split's end are dropped.
+  """
+  features: list[list[np.ndarray]] = [[] for _ in stage_variables]
+  ids = []
+  for batch in batches:
+    valid = np.asarray(batch["valid"])
+    for per_stage, variables in zip(features, stage_variables):
+      per_stage.append(np.asarray(embed(variables, batch["image"]))[valid])
+    ids.append(np.asarray(batch["index"])[valid])
+  return [np.concatenate(f) for f in features], np.concatenate(ids)
+
+
 def cluster_ids(config, stage_variables: list[dict], embed: Callable[[dict, np.ndarray], np.ndarray],
-                train: dict, num_ids: int) -> np.ndarray:
+                batches: Iterable[dict], num_ids: int) -> np.ndarray:
   """(num_ids,) int32 joint cluster id of every example id (0 for ids outside the train split).
 
-  `embed(variables, images)` gives (N, D) backbone features; `train` holds the split's "image" and
-  "index" arrays; each stage is clustered with its own key (from `config.seed`).
+  `embed(variables, images)` gives backbone features; `batches` streams the train split (`split_features`);
+  each stage is clustered with its own key (from `config.seed`).
   """
+  features, ids = split_features(stage_variables, embed, batches)
   per_stage = []
-  for s, variables in enumerate(stage_variables):
+  for s, stage_features in enumerate(features):
     key = jax.random.fold_in(jax.random.key(config.seed), s)
-    per_stage.append(stage_clusters(
-        embed(variables, train["image"]), config.mcl.num_clusters, config.mcl.kmeans_iters, key))
+    per_stage.append(stage_clusters(stage_features, config.mcl.num_clusters, config.mcl.kmeans_iters, key))
   joint = np.asarray(losses.mcl_cluster_ids(jnp.asarray(np.stack(per_stage))))
   out = np.zeros((num_ids,), np.int32)
-  out[np.asarray(train["index"])] = joint
+  out[ids] = joint
   return out
 
 

@@ -3,7 +3,9 @@
 Captions come from the batch when the data has them, else from the label with a random caption template
 of the data (`SourceInfo.caption_templates`: the digits' own, or generic photo prompts for a labelled
 folder or tfds dataset), drawn deterministically from the seed and the step. The same templates are the
-zero-shot prompts of the evaluation, and (with the class names) the trained text tower's vocabulary.
+zero-shot prompts of the evaluation. The trained text tower's vocabulary (`caption_vocabulary`) is what
+the run will see: the templates filled with the class names, plus the words of the data's own captions
+(a folder's captions file, a tfds `caption_key`), read from the train split once at setup.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl.data import digits
+from jaxcl.data import sources
 
 NUMERIC_KEYS = ("image", "label", "index")
+# At most this many words of the data's own captions join the vocabulary (the most frequent ones).
+CAPTION_WORDS_LIMIT = 32768
 
 
 def _captions(config, host: dict, step: int, info) -> list[str]:
@@ -35,17 +40,44 @@ class NoText:
     return {k: np.asarray(host[k]) for k in NUMERIC_KEYS if k in host}
 
 
+def own_captions(config, info) -> tuple[str, ...]:
+  """The captions of the train split when the data has its own (`info.has_captions`, not made from the
+  labels, and `info` read from the data, not planned from the config), else ()."""
+  if not (info.from_data and info.has_captions and not info.captions_from_labels):
+    return ()
+  return sources.read_captions(config.data, config.data.train_split)
+
+
+def caption_vocabulary(info, captions=(), *, limit: int = CAPTION_WORDS_LIMIT):
+  """A `SimpleTokenizer` of the words a run will see, in a fixed order:
+
+      vocab = words(templates × class names)          ranked as `SimpleTokenizer.from_texts` ranks
+            + words(captions) − those                 most frequent first, ties alphabetical, ≤ limit
+
+  so the templates' words keep their ids whatever the captions; without captions it is exactly
+  `SimpleTokenizer.from_texts(templates × class names)`.
+  """
+  from jaxcl import models
+
+  if int(limit) < 0:
+    raise ValueError(f"`limit` must be >= 0, got {limit!r}.")
+  corpus = [t.format(c) for t in info.caption_templates for c in info.class_names]
+  tokenizer = models.SimpleTokenizer.from_texts(corpus)
+  if not captions:
+    return tokenizer
+  known = set(tokenizer.vocab)
+  words = [w for w in models.SimpleTokenizer.from_texts(captions).vocab if w not in known]
+  return models.SimpleTokenizer(tokenizer.vocab + words[:int(limit)])
+
+
 class TokenText(NoText):
-  """A trained text tower on token ids from an offline tokenizer."""
+  """A trained text tower on token ids from an offline tokenizer (`caption_vocabulary`)."""
 
   def __init__(self, config, info):
-    from jaxcl import models
-
     self.info = info
     self.class_names = list(info.class_names)
     self.templates = tuple(info.caption_templates)
-    corpus = [t.format(c) for t in self.templates for c in self.class_names]
-    self.tokenizer = models.SimpleTokenizer.from_texts(corpus)
+    self.tokenizer = caption_vocabulary(info, own_captions(config, info))
     self.max_len = int(config.model.text_max_len)
     self.vocab_size = self.tokenizer.vocab_size
 

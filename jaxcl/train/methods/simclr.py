@@ -100,10 +100,11 @@ class SimCLR(TwoViews):
     return mcl.final_variables(mcl.previous_stages(config), abstract, shardings)
 
   def init_state_from_data(self, config, setup, state, earlier, embed):
-    """MCL: {"cluster_ids": the joint k-means clusters of the earlier stages' features, per example id}."""
+    """MCL: {"cluster_ids": the joint k-means clusters of the earlier stages' features, per example id};
+    every process streams the whole train split (`sources.split_batches`, `mcl.FEATURE_BATCH` at a time)."""
     if not earlier:
       return state
-    train = sources.load_arrays(config.data, config.data.train_split)
+    _, train = sources.split_batches(config.data, config.data.train_split, mcl.FEATURE_BATCH)
     ids = mcl.cluster_ids(config, list(earlier), embed, train, state.method_state["cluster_ids"].shape[0])
     cluster_ids = jax.device_put(ids, state.method_state["cluster_ids"].sharding)
     return state.replace(method_state={"cluster_ids": cluster_ids})

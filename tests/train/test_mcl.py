@@ -117,6 +117,12 @@ def test_stage_two_clusters_are_the_kmeans_of_stage_one_features(data_dir, stage
   setup = state_lib.build_setup(first)
   train = sources.load_arrays(first.data, "train")
   features = evaluation.embed_images(first, setup, state_lib.variables(state), train["image"])["features"]
+  # the run streamed the split (mcl.FEATURE_BATCH at a time): the very same features and ids
+  embed = lambda variables, images: evaluation.embed_images(first, setup, variables, images)["features"]  # noqa: E731
+  _, batches = sources.split_batches(first.data, "train", mcl.FEATURE_BATCH)
+  streamed, streamed_ids = mcl.split_features([state_lib.variables(state)], embed, batches)
+  np.testing.assert_array_equal(streamed[0], features)
+  np.testing.assert_array_equal(streamed_ids, train["index"])
   want = mcl.stage_clusters(features, clusters, config.mcl.kmeans_iters,
                             jax.random.fold_in(jax.random.key(config.seed), 0))
   # The same partition of the train examples (mcl_cluster_ids renumbers the clusters) ...
