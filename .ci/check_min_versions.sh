@@ -15,13 +15,13 @@ SUBSET=(
   tests/test_engine_pallas.py        # pallas_call in interpret mode, pltpu.InterpretParams
   tests/test_engine_blockwise.py     # custom_vjp, fori_loop/scan engines
   tests/test_losses_core.py
-  tests/test_models.py::test_minilm_matches_numpy_float64_bert   # safetensors, tokenizers
-  tests/test_models.py::test_minilm_tokenizer
+  tests/models/test_minilm.py::test_minilm_matches_numpy_float64_bert   # safetensors, tokenizers
+  tests/models/test_minilm.py::test_minilm_tokenizer
   # the trainer: flax, optax, orbax-checkpoint, grain, tensorflow-datasets, tensorboardX, matplotlib, scikit-learn
-  "tests/test_train.py::test_every_recipe_trains_a_few_steps[simclr_digits]"
-  tests/test_train.py::test_resume_gives_identical_parameters
-  tests/test_train.py::test_outputs_of_a_run
-  tests/test_train.py::test_sharded_loss_engines_train_like_the_default
+  "tests/test_configs.py::test_every_recipe_trains_a_few_steps[simclr_digits]"
+  tests/train/test_loop.py::test_resume_gives_identical_parameters
+  tests/train/test_loop.py::test_outputs_of_a_run
+  tests/train/methods/test_base.py::test_sharded_loss_engines_train_like_the_default
 )
 
 rm -rf "$VENV"

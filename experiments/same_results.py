@@ -1,6 +1,6 @@
 """Do two checkouts of jaxcl train the same? For refactors that must not change any number.
 
-Runs every digits recipe (shrunk as tests/test_train.py's `tiny`: 4 steps, batch 16, MLP encoder, on 8
+Runs every digits recipe (shrunk as tests/helpers.py's `tiny`: 4 steps, batch 16, MLP encoder, on 8
 CPU devices) with the jaxcl of a checkout, and writes each run's logged metrics (minus examples/s) and
 evaluation to a JSON file; `--compare` reports the recipes whose numbers differ between two such files.
 
@@ -27,7 +27,10 @@ def run(repo: str, out: str) -> None:
   sys.path.insert(0, repo)  # this checkout's jaxcl and tests, before an installed one
   os.chdir(repo)
   from jaxcl.train import loop  # pylint: disable=import-outside-toplevel
-  from tests.test_train import RECIPES, load_recipe, tiny  # pylint: disable=import-outside-toplevel
+  try:  # pylint: disable=import-outside-toplevel
+    from tests.helpers import RECIPES, load_recipe, tiny
+  except ImportError:  # a checkout from before the tests mirrored the code
+    from tests.test_train import RECIPES, load_recipe, tiny
 
   data_dir, runs = tempfile.mkdtemp(), {}
   for name in RECIPES:

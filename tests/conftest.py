@@ -34,3 +34,38 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import jax  # noqa: E402  (after the environment is set)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+# ------------------------------------------------------------------- fixtures shared across test files
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """The data folder of the tiny training runs (config.data.data_dir; the digits are bundled)."""
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="session")
+def straight(data_dir, tmp_path_factory):
+  """An uninterrupted run of the command line on `helpers.tiny_config`: its final parameters, which the
+  interrupted and resumed runs must match bit for bit. Compiled fresh, not loaded from the compilation
+  cache the interrupted and resumed runs share: a cached executable that computed differently would show
+  up as a mismatch."""
+  from tests import helpers  # pylint: disable=import-outside-toplevel
+
+  workdir = tmp_path_factory.mktemp("straight") / "run"
+  run = helpers.Run(workdir, data_dir, "straight", compilation_cache=False)
+  assert run.wait() == 0, run.output()[-3000:]
+  assert helpers.logged_steps(workdir) == list(range(1, helpers.TOTAL_STEPS + 1))
+  return helpers.final_params(workdir, data_dir)
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+  """Fails the test if training gets past its checks (the mesh is the first thing built after them)."""
+  from jaxcl.train import devices  # pylint: disable=import-outside-toplevel
+
+  def boom(*args, **kwargs):
+    raise AssertionError("compute started before the problem was reported")
+
+  monkeypatch.setattr(devices, "make_mesh", boom)

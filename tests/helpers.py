@@ -113,3 +113,330 @@ def assert_reductions_agree(loss, arrays, n_anchors: int, mask=None):
     n_valid = int(valid.sum())
   np.testing.assert_allclose(per.sum() / n_valid, mean, rtol=1e-6)
   np.testing.assert_allclose(total, per.sum(), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the training system
+# Recipes shrunk to run in seconds, runs of the command line, and reading their outputs back: shared by
+# tests/train/, tests/test_configs.py, tests/test_paths.py and others. The training system is imported
+# inside the functions, so that the tests of the losses do not import it.
+import os  # noqa: E402
+import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
+
+
+def load_recipe(name: str):
+  import importlib.util  # pylint: disable=import-outside-toplevel
+
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def tiny(config, data_dir, steps=4, encoder="mlp"):
+  """A recipe shrunk to run in seconds on the CPU (same code paths). The MLP encoder compiles in a
+  fraction of the ResNet's time; `encoder="resnet18"` keeps the recipe's convolutional encoder (width 8)."""
+  config.data.data_dir = data_dir
+  config.batch_size = 16
+  config.total_steps = steps
+  config.warmup_steps = 1
+  config.log_every = 2
+  config.checkpoint_every = 2
+  config.eval_every = 1000
+  config.model.encoder = encoder
+  config.model.width = 8
+  config.model.projection_dims = (32, 16)
+  if config.model.predictor_dim:
+    config.model.predictor_dim = 16
+  config.model.text_width = 32
+  config.model.text_depth = 1
+  config.model.embed_dim = 16
+  if config.momentum.queue_size:
+    config.momentum.queue_size = 64
+  config.eval.knn_k = 20
+  config.eval.linear_probe = False
+  config.eval.baselines = False
+  return config
+
+
+def final_state(config, workdir, steps):
+  """The state saved at the last step of a run in `workdir` (restored with the loop's shardings)."""
+  from jaxcl.data import pipeline  # pylint: disable=import-outside-toplevel
+  from jaxcl.train import checkpoints, devices  # pylint: disable=import-outside-toplevel
+  from jaxcl.train import state as state_lib  # pylint: disable=import-outside-toplevel
+
+  setup = state_lib.build_setup(config)
+  abstract, shardings = state_lib.state_shardings(config, setup, devices.make_mesh(config))
+  manager = checkpoints.checkpoint_manager(config, workdir)
+  it = iter(pipeline.make_train_loader(config.data, split="train", global_batch_size=config.batch_size,
+                                       seed=config.seed))
+  state, step = checkpoints.restore_checkpoint(manager, abstract, shardings, it)
+  manager.close()
+  assert step == steps
+  return state
+
+
+def step_and_batches(config):
+  """(setup, initial state, jitted `step_lib.train_step`, iterator of the loader's host batches, mesh) of
+  `config`, built as the loop builds them (init key 0, data seed 0)."""
+  import functools  # pylint: disable=import-outside-toplevel
+
+  from jaxcl.data import pipeline  # pylint: disable=import-outside-toplevel
+  from jaxcl.train import devices  # pylint: disable=import-outside-toplevel
+  from jaxcl.train import state as state_lib  # pylint: disable=import-outside-toplevel
+  from jaxcl.train import step as step_lib  # pylint: disable=import-outside-toplevel
+
+  setup = state_lib.build_setup(config)
+  state = jax.jit(functools.partial(state_lib.init_state, config, setup))(jax.random.key(0))
+  step = jax.jit(functools.partial(step_lib.train_step, config, setup))
+  batches = iter(pipeline.make_train_loader(config.data, split="train", global_batch_size=config.batch_size,
+                                            seed=0))
+  return setup, state, step, batches, devices.make_mesh(config)
+
+
+# The tiny run of every subprocess test: the default recipe with an MLP encoder, ~20 ms per step.
+TOTAL_STEPS = 40
+CHECKPOINT_EVERY = 5
+OVERRIDES = {
+    "batch_size": 16,
+    "total_steps": TOTAL_STEPS,
+    "warmup_steps": 2,
+    "log_every": 1,
+    "checkpoint_every": CHECKPOINT_EVERY,
+    "eval_every": 1000,
+    "model.encoder": "mlp",
+    "model.projection_dims": (32, 16),
+    "eval.knn_k": 20,
+    "eval.linear_probe": False,
+    "eval.baselines": False,
+}
+
+
+def tiny_config(data_dir: str, **changes):
+  """configs/simclr_digits.py with OVERRIDES (and `changes`, dotted keys with "__" for ".")."""
+  sys.path.insert(0, str(ROOT))
+  try:
+    from configs import simclr_digits  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  config = simclr_digits.get_config()
+  config.data.data_dir = data_dir
+  for key, value in {**OVERRIDES, **{k.replace("__", "."): v for k, v in changes.items()}}.items():
+    section = config
+    *path, last = key.split(".")
+    for part in path:
+      section = section[part]
+    section[last] = value
+  return config
+
+
+def cli_flags(data_dir: str, total_steps: int = TOTAL_STEPS, checkpoint_every: int = CHECKPOINT_EVERY) -> list[str]:
+  values = {**OVERRIDES, "total_steps": total_steps, "checkpoint_every": checkpoint_every, "data.data_dir": data_dir}
+  return [f"--config.{k}={v}".replace(" ", "") for k, v in values.items()]
+
+
+def subprocess_env(devices: int = 2, compilation_cache: bool = True) -> dict[str, str]:
+  """This environment on `devices` CPU devices, with the session's persistent compilation cache
+  (tests/conftest.py: the first run compiles, the others load the executables) unless
+  `compilation_cache=False` (a run compiled fresh)."""
+  env = dict(os.environ)
+  if not compilation_cache:
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+class Run:
+  """`python -m jaxcl.main` on `workdir` in the background, its output in workdir/../<name>.log."""
+
+  def __init__(self, workdir: pathlib.Path, data_dir: str, name: str, total_steps: int = TOTAL_STEPS,
+               compilation_cache: bool = True):
+    self.workdir = workdir
+    self.log_path = workdir.parent / f"{workdir.name}-{name}.log"
+    self._log = open(self.log_path, "w")
+    self.proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxcl.main", "--config=configs/simclr_digits.py", f"--workdir={workdir}",
+         *cli_flags(data_dir, total_steps)],
+        cwd=ROOT, env=subprocess_env(compilation_cache=compilation_cache), stdout=self._log,
+        stderr=subprocess.STDOUT)
+
+  def wait(self, timeout: float = 240) -> int:
+    try:
+      rc = self.proc.wait(timeout)
+    finally:
+      self._log.close()
+    return rc
+
+  def output(self) -> str:
+    return self.log_path.read_text()
+
+  def kill(self, sig: int) -> None:
+    self.proc.send_signal(sig)
+
+  def running(self) -> bool:
+    return self.proc.poll() is None
+
+
+def logged_steps(workdir: pathlib.Path) -> list[int]:
+  from jaxcl.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+
+  return [r["step"] for r in metrics_lib.read_metrics(str(workdir)) if "loss" in r]
+
+
+def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
+  d = workdir / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def wait_until(predicate, run: Run, timeout: float = 240, poll: float = 0.005) -> bool:
+  """Polls `predicate()` until it is true (True) or the run ends or times out (False)."""
+  end = time.monotonic() + timeout
+  while time.monotonic() < end:
+    if predicate():
+      return True
+    if not run.running():
+      return bool(predicate())
+    time.sleep(poll)
+  return False
+
+
+def final_params(workdir: pathlib.Path, data_dir: str, step: int = TOTAL_STEPS):
+  """The parameters of the checkpoint at `step` in `workdir` (restored as the loop restores them)."""
+  from jaxcl.data import pipeline  # pylint: disable=import-outside-toplevel
+  from jaxcl.train import checkpoints, devices  # pylint: disable=import-outside-toplevel
+  from jaxcl.train import state as state_lib  # pylint: disable=import-outside-toplevel
+
+  config = tiny_config(data_dir)
+  setup = state_lib.build_setup(config)
+  abstract, shardings = state_lib.state_shardings(config, setup, devices.make_mesh(config))
+  manager = checkpoints.checkpoint_manager(config, str(workdir))
+  it = iter(pipeline.make_train_loader(config.data, split="train", global_batch_size=16, seed=0))
+  state, restored = checkpoints.restore_checkpoint(manager, abstract, shardings, it)
+  manager.close()
+  assert restored == step
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def resumed_step(output: str) -> int:
+  """The step a run resumed from (its "Resumed from checkpoint at step N" line), 0 if it started afresh."""
+  lines = [l for l in output.splitlines() if l.startswith("Resumed from checkpoint at step ")]
+  assert len(lines) <= 1, lines
+  return int(lines[0].split()[5]) if lines else 0
+
+
+def restore_full_state(workdir, config, step, target=None):
+  """The whole state of checkpoint `step` in `workdir`, read by orbax alone (no check of its values);
+  `target`: the restore target (ShapeDtypeStructs with shardings), built from `config` when None."""
+  import grain  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  from jaxcl.data import pipeline  # pylint: disable=import-outside-toplevel
+  from jaxcl.train import checkpoints, devices  # pylint: disable=import-outside-toplevel
+  from jaxcl.train import state as state_lib  # pylint: disable=import-outside-toplevel
+
+  if target is None:
+    setup = state_lib.build_setup(config)
+    abstract, shardings = state_lib.state_shardings(config, setup, devices.make_mesh(config))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  manager = checkpoints.checkpoint_manager(config, str(workdir))
+  try:
+    # Restore exactly `step`: the manager restores the newest, so hide the newer ones from it.
+    it = iter(pipeline.make_train_loader(config.data, split="train", global_batch_size=16, seed=0))
+    return manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target),
+        data=grain.checkpoint.CheckpointRestore(it)))["state"]
+  finally:
+    manager.close()
+
+
+def write_images(folder: pathlib.Path, names, size=(8, 8)):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(0)
+  for name in names:
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(path)
+
+
+def dead_pid() -> int:
+  """The pid of a process that has ended and been reaped (as after a kill -9)."""
+  proc = subprocess.Popen([sys.executable, "-c", "pass"])
+  proc.wait()
+  return proc.pid
+
+
+# ------------------------------------------------------------------------------------ the models
+# Random variables without compiling an init, parameter counts, closeness to a float64 reference: shared
+# by tests/models/ (whose float64 NumPy references are in tests/models/reference.py).
+def key(seed):
+  # The rbg generator: initialising with threefry costs seconds of XLA compilation on CPU per model.
+  return jax.random.key(seed, impl="rbg")
+
+
+def random_variables(model, *args, seed=0, **kwargs):
+  """Variables of `model` with random values drawn in NumPy (no XLA compilation of an init): kernels
+  N(0, 1/fan_in), norm scales 1 + N(0, 0.3²), biases and running means N(0, 0.2²), running variances
+  U(0.5, 1.5), embeddings N(0, 0.5²). Random norm parameters and statistics make sure no γ = 0 or
+  identity statistics hide a mistake in a reference comparison."""
+  shapes = jax.eval_shape(lambda: model.init(key(0), *args, **kwargs))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path)
+    shape = leaf.shape
+    if "'scale'" in name:
+      value = 1.0 + 0.3 * rng.standard_normal(shape)
+    elif "'bias'" in name or "'mean'" in name:
+      value = 0.2 * rng.standard_normal(shape)
+    elif "'var'" in name:
+      value = rng.uniform(0.5, 1.5, shape)
+    elif "'kernel'" in name:
+      fan_in = shape[0] if (len(shape) == 3 and "'out'" not in name) else np.prod(shape[:-1])
+      value = rng.standard_normal(shape) / np.sqrt(fan_in)
+    else:  # embeddings, position embeddings, [CLS]
+      value = 0.5 * rng.standard_normal(shape)
+    return np.asarray(value, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def n_params(variables):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+
+
+def abstract_init(model, *shape, dtype=jnp.float32):
+  return jax.eval_shape(lambda: model.init(key(0), jnp.zeros(shape, dtype), train=False))
+
+
+def assert_close(got, want, rtol=1e-4, atol=1e-5):
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol, atol=atol)
+
+
+# ------------------------------------------------------------------------------------ the evaluation
+def unit(x):
+  x = np.asarray(x, np.float64)
+  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
+
+
+def blobs(seed, n_per_class, num_classes, d, spread):
+  """Gaussian clusters around random unit centres; returns (x, y) shuffled."""
+  rng = np.random.default_rng(seed)
+  centres = unit(rng.standard_normal((num_classes, d)))
+  y = np.repeat(np.arange(num_classes), n_per_class)
+  x = centres[y] + spread * rng.standard_normal((len(y), d))
+  perm = rng.permutation(len(y))
+  return x[perm].astype(np.float32), y[perm].astype(np.int32)

@@ -28,8 +28,7 @@ from jaxcl import _paths
 from jaxcl.data import sources
 from jaxcl.train import checkpoints, devices, loop, metrics
 from jaxcl.train import workdir as workdir_lib
-from tests.test_train import data_dir, load_recipe, tiny  # noqa: F401  (data_dir is a fixture)
-from tests.test_workdir import dead_pid
+from tests.helpers import dead_pid, load_recipe, tiny
 
 GS = "gs://"
 WRITES = ("copy", "makedirs", "mkdir", "remove", "rename", "replace", "rmtree")

@@ -1,7 +1,16 @@
-"""jaxcl.train.checkpoints: saving small arrays, falling back to an older checkpoint, moving bad ones
-aside, and a checkpoint's shapes against a run's from orbax's metadata alone."""
+"""jaxcl.train.checkpoints: saving small arrays, falling back to an older checkpoint, moving bad
+ones aside (unreadable, or holding NaN/inf), a checkpoint's shapes against a run's from orbax's metadata
+alone, and kill -9 at random moments and during a write (the command line in a subprocess, on 2 CPU
+devices, compared bit for bit with an uninterrupted run)."""
+
+from __future__ import annotations
 
 import os
+import pathlib
+import random
+import shutil
+import signal
+import time
 
 import jax
 import numpy as np
@@ -10,8 +19,9 @@ import pytest
 
 from jaxcl.train import checkpoints, devices, loop
 from jaxcl.train import state as state_lib
-from tests.test_reliability import checkpoint_steps
-from tests.test_train import data_dir, final_state, load_recipe, tiny  # noqa: F401  (data_dir is a fixture)
+from tests.helpers import (
+    assert_bit_identical, CHECKPOINT_EVERY, checkpoint_steps, final_params, final_state, load_recipe, logged_steps,
+    restore_full_state, resumed_step, Run, tiny, tiny_config, TOTAL_STEPS, wait_until)
 
 
 def _saved(tmp_path, tree):
@@ -144,3 +154,113 @@ def test_checkpoints_of_another_config_are_an_error(data_dir, tmp_path):
                                          r"shapes than this config's \(params/ProjectionHead_0/dense1/bias: "
                                          r"saved \(16,\), this config \(8,\);"):
     loop.train_and_evaluate(config, str(tmp_path), progress=False)
+
+
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+# ------------------------------------------------------------------------------------------ kill -9
+def tmp_checkpoints(workdir: pathlib.Path) -> list[str]:
+  d = workdir / "checkpoints"
+  return sorted(p.name for p in d.iterdir() if TMP_SUFFIX in p.name) if d.exists() else []
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_and_during_a_checkpoint_write(data_dir, straight, tmp_path):
+  seed = int(time.time())
+  rng = random.Random(seed)
+  why = f"(random seed {seed})"
+  workdir = tmp_path / "run"
+  kills = []  # (last logged step, newest complete checkpoint, a write was in flight)
+  for attempt, mode in enumerate(("random", "during-write", "random")):
+    run = Run(workdir, data_dir, f"{attempt}-{mode}")
+    if kills:
+      start = kills[-1][0]
+      if mode == "during-write":  # kill as soon as orbax starts writing a new step
+        hit = wait_until(lambda: bool(tmp_checkpoints(workdir)), run, poll=0.001)
+      else:
+        target = min(start + rng.randint(1, 2 * CHECKPOINT_EVERY), TOTAL_STEPS - 2)
+        hit = wait_until(lambda: (logged_steps(workdir) or [0])[-1] >= target, run)
+    else:
+      target = rng.randint(3, 2 * CHECKPOINT_EVERY + 3)
+      hit = wait_until(lambda: (logged_steps(workdir) or [0])[-1] >= target, run)
+    run.kill(signal.SIGKILL)
+    assert run.wait() == -signal.SIGKILL, run.output()[-3000:]
+    assert hit, f"{mode}: the run ended before the kill {why}\n" + run.output()[-3000:]
+    complete = checkpoint_steps(workdir)
+    in_flight = tmp_checkpoints(workdir)
+    if mode == "during-write":
+      assert in_flight, f"the kill missed the write {why}"  # a partial checkpoint is on disk
+    kills.append((logged_steps(workdir)[-1], complete[-1] if complete else 0, bool(in_flight)))
+    if attempt:  # this run resumed from the newest complete checkpoint the previous kill left
+      assert resumed_step(run.output()) == kills[-2][1], why
+
+  final = Run(workdir, data_dir, "final")
+  assert final.wait() == 0, final.output()[-3000:]
+  assert resumed_step(final.output()) == kills[-1][1], why  # not the partial one
+  for last_logged, newest_complete, in_flight in kills:
+    lost = last_logged - newest_complete
+    # At most checkpoint_every steps are lost: with async_checkpointing=False (the default) training
+    # waits for each save, so even a kill in the middle of a write loses only the steps since the
+    # checkpoint before it (with async writes that would be up to 2 x checkpoint_every).
+    assert lost <= CHECKPOINT_EVERY, (kills, why)
+  assert tmp_checkpoints(workdir) == []  # the partial writes were cleaned up
+  assert logged_steps(workdir) == list(range(1, TOTAL_STEPS + 1))  # re-run steps logged once
+  assert_bit_identical(final_params(workdir, data_dir), straight)
+
+
+# ---------------------------------------------------------------------- checkpoints with bad values
+def flip_until_nonfinite(workdir: pathlib.Path, config, step: int, scratch: pathlib.Path) -> list[str]:
+  """Flips (XOR 0xff) 4 KB of the largest data file of checkpoint `step` in `workdir`, at the first
+  4 KB-aligned offset where orbax still reads the checkpoint but some values come back NaN or inf
+  (found on copies in `scratch`, checked with numpy on the host). Returns the paths of those arrays.
+
+  The arrays are zstd-compressed without a checksum: a flip inside a block's data decodes silently to
+  other numbers; one in the framing makes orbax raise, the unreadable case (test_corrupted_latest_checkpoint_falls_back_to_the_previous_one).
+  """
+  (data,) = sorted((f for f in (workdir / "checkpoints" / str(step) / "state").rglob("*") if f.is_file()),
+                   key=lambda f: f.stat().st_size)[-1:]
+  relative = data.relative_to(workdir)
+  original = data.read_bytes()
+  setup = state_lib.build_setup(config)
+  abstract, shardings = state_lib.state_shardings(config, setup, devices.make_mesh(config))
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  for offset in range(0, len(original) - 4096, 4096):
+    flipped = bytearray(original)
+    flipped[offset:offset + 4096] = bytes(b ^ 0xFF for b in original[offset:offset + 4096])
+    copy = scratch / str(offset)  # a fresh path each time: nothing cached from an earlier read
+    (copy / "checkpoints").mkdir(parents=True)
+    shutil.copytree(workdir / "checkpoints" / str(step), copy / "checkpoints" / str(step))
+    (copy / relative).write_bytes(bytes(flipped))
+    try:
+      state = restore_full_state(copy, config, step, target)
+    except Exception:  # pylint: disable=broad-except
+      continue
+    bad = [jax.tree_util.keystr(p, simple=True, separator="/") for p, x in jax.tree_util.tree_leaves_with_path(state)
+           if np.issubdtype(x.dtype, np.floating) and not np.isfinite(np.asarray(x)).all()]
+    if bad:
+      data.write_bytes(bytes(flipped))
+      return bad
+  pytest.fail(f"no 4 KB flip in {data} gives a readable checkpoint with non-finite values")
+
+
+def test_a_checkpoint_with_flipped_bytes_is_moved_aside_and_the_previous_one_restored(data_dir, tmp_path, capsys):
+  config = tiny_config(data_dir, total_steps=6, checkpoint_every=2)
+  workdir = tmp_path / "run"
+  assert loop.train_and_evaluate(config, str(workdir), progress=False, stop_at=4)["stopped"]
+  assert checkpoint_steps(workdir) == [2, 4]
+  bad = flip_until_nonfinite(workdir, config, 4, tmp_path / "scan")
+  capsys.readouterr()
+  results = loop.train_and_evaluate(config, str(workdir), progress=False)
+  out = capsys.readouterr().out
+  shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+  assert (f"warning: checkpoint at step 4 holds non-finite values (NaN or inf in {len(bad)} array(s): "
+          f"{shown}); trying an older one") in out
+  (moved,) = (workdir / "checkpoints_quarantine").iterdir()
+  assert moved.name.startswith("4-") and (moved / "state").is_dir()
+  assert "warning: moved the checkpoint of step 4, which holds non-finite values" in out
+  assert f"to {moved}; resuming from step 2" in out and "Resumed from checkpoint at step 2" in out
+  assert results["step"] == 6 and checkpoint_steps(workdir) == [2, 4, 6]
+  state = restore_full_state(workdir, config, 6)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state)
+             if np.issubdtype(x.dtype, np.floating))

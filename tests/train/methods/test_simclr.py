@@ -1,25 +1,24 @@
-"""iSogCLR in the training system: per-example state in the train state (issue 8).
+"""iSogCLR in the training system (jaxcl.train.methods.simclr): per-example state in the train state
+(issue 8).
 
 "Not All Semantics are Created Equal: Contrastive Self-supervised Learning with Automatic Temperature
 Individualization" (Qiu et al., 2023) keeps a temperature τ_i and a normaliser u_i per example, indexed by
-the stable example id `batch["index"]`, in `TrainState.method_state`.
-"""
+the stable example id `batch["index"]`, in `TrainState.method_state`."""
 
-import dataclasses
 import functools
 
 import jax
-
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxcl.data import digits, pipeline, sources
+from jaxcl.data import pipeline
 from jaxcl.losses.temperature import IsogclrState
 from jaxcl.train import devices, loop, methods, validation
 from jaxcl.train import state as state_lib
 from jaxcl.train import step as step_lib
-from tests.test_train import data_dir, final_state, load_recipe, tiny  # noqa: F401  (data_dir is a fixture)
+from tests.helpers import final_state, load_recipe, tiny
+
 
 TAU0 = 0.1  # base_config().isogclr.tau_init
 
@@ -33,20 +32,6 @@ def _seen_ids(config, steps):
   it = iter(pipeline.make_train_loader(config.data, split=config.data.train_split,
                                        global_batch_size=config.batch_size, seed=config.seed))
   return np.unique(np.concatenate([next(it)["index"] for _ in range(steps)]))
-
-
-def test_per_example_state_size_covers_every_id_and_shards_evenly(data_dir):
-  config = load_recipe("isogclr_digits")
-  config.data.data_dir = data_dir
-  n = jax.device_count()
-  assert n == 8  # tests/conftest.py
-  # digits ids are positions in load_digits() (1797, both splits), padded to 1800 = 225 x 8.
-  _, info = sources.build_source(config.data, "train")
-  assert info.num_examples == 1438 and info.num_ids == digits.NUM_EXAMPLES
-  assert state_lib.per_example_state_size(info) == 1800
-  info = dataclasses.replace(info, num_examples=17, num_ids=17)  # ids are positions in the split
-  assert state_lib.per_example_state_size(info) == 24
-  assert state_lib.per_example_state_size(dataclasses.replace(info, num_ids=40)) == 40
 
 
 def test_isogclr_is_only_for_simclr():

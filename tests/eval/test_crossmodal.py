@@ -7,13 +7,12 @@ import pytest
 
 from jaxcl import ops
 from jaxcl.eval.crossmodal import (
-    dbnorm_scores, description_accuracy, description_scores, gallery_log_normalizer, hubness,
-    remove_modality_gap,
-)
+    dbnorm_scores, description_accuracy, description_scores, gallery_log_normalizer, hubness, remove_modality_gap)
 from jaxcl.eval.geometry import modality_gap
 from jaxcl.eval.zero_shot import zero_shot_logits
 from tests import reference
 from tests.helpers import randn
+
 
 normalize = reference.normalize
 

@@ -12,19 +12,9 @@ import time
 import pytest
 
 from jaxcl.train import devices, loop
-from jaxcl.train.config import base_config
 from jaxcl.train import workdir as workdir_lib
-from tests.test_train import ROOT, data_dir, load_recipe, tiny  # noqa: F401  (data_dir is a fixture)
-
-
-@pytest.fixture
-def no_compute(monkeypatch):
-  """Fails the test if training gets past the checks (the mesh is the first thing built after them)."""
-
-  def boom(*args, **kwargs):
-    raise AssertionError("compute started before the problem was reported")
-
-  monkeypatch.setattr(devices, "make_mesh", boom)
+from jaxcl.train.config import base_config
+from tests.helpers import dead_pid, load_recipe, ROOT, tiny
 
 
 def write_lock(workdir, host, pid, since="2026-01-02T03:04:05+00:00"):
@@ -33,13 +23,6 @@ def write_lock(workdir, host, pid, since="2026-01-02T03:04:05+00:00"):
   with open(path, "w") as f:
     json.dump({"host": host, "pid": pid, "since": since}, f)
   return path
-
-
-def dead_pid() -> int:
-  """The pid of a process that has ended and been reaped (as after a kill -9)."""
-  proc = subprocess.Popen([sys.executable, "-c", "pass"])
-  proc.wait()
-  return proc.pid
 
 
 # ---------------------------------------------------------------------------------------------- lock

@@ -1,6 +1,7 @@
-"""Methods as plug-ins (`jaxcl.train.methods`): the registry, the methods' config sections, a method
-defined outside the package trained by the one loop, and the loss engine options a method's loss gets.
-(The method state resumed bit for bit: tests/test_train.py::test_resume_gives_identical_parameters.)"""
+"""Methods as plug-ins (`jaxcl.train.methods.base`): the registry, the methods' config sections, a
+method defined outside the package trained by the one loop, and the loss engine options a method's loss
+gets (the single-device, sharded and pallas engines).
+(The method state resumed bit for bit: tests/train/test_loop.py::test_resume_gives_identical_parameters.)"""
 
 import re
 
@@ -14,7 +15,8 @@ from jaxcl import losses
 from jaxcl.ops import pallas
 from jaxcl.train import loop, methods, validation
 from jaxcl.train.config import base_config
-from tests.test_train import data_dir, final_state, load_recipe, tiny  # noqa: F401  (fixture)
+from tests.helpers import final_state, load_recipe, tiny
+
 
 BUILT_IN = ("simclr", "dcl", "supcon", "multiview", "moco", "byol", "simsiam", "clip", "siglip", "lit")
 
@@ -185,3 +187,28 @@ def test_pallas_settings_from_the_config():
     config.loss.pallas.blocks = 16
   with pytest.raises(ValueError, match=r"Unknown config key `config.loss.pallas.blocks`"):
     validation.validate_config(config, data=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,impl", [("simclr_digits", "ring"), ("clip_digits", "allgather")])
+def test_sharded_loss_engines_train_like_the_default(name, impl, data_dir, tmp_path):
+  """`config.loss.impl = "ring" | "allgather"`: the loss is split over the 8-device mesh (jaxcl.ops.sharded)
+  and training follows the single-device-engine run ("dense", partitioned by GSPMD) step for step."""
+  from jaxcl.train import metrics
+
+  losses = {}
+  for engine in ("dense", impl):
+    config = tiny(load_recipe(name), data_dir, steps=3)
+    config.log_every = 1
+    config.loss.impl = engine
+    loop.train_and_evaluate(config, str(tmp_path / engine), progress=False)
+    losses[engine] = [r["loss"] for r in metrics.read_metrics(str(tmp_path / engine)) if "loss" in r]
+  assert len(losses["dense"]) == 3
+  np.testing.assert_allclose(losses[impl], losses["dense"], rtol=1e-4)
+
+
+def test_sharded_engine_rejects_a_loss_without_axis_name(data_dir, tmp_path):
+  config = tiny(load_recipe("multiview_digits"), data_dir)
+  config.loss.impl = "ring"
+  with pytest.raises(ValueError, match="sharded engine"):
+    loop.train_and_evaluate(config, str(tmp_path), progress=False)

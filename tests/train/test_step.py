@@ -1,6 +1,6 @@
-"""The trainer's gradient caching (`config.grad_cache_chunks`, `jaxcl.train.loop` with
-`jaxcl.grad_cache`): the chunked run follows the unchunked one step for step, BatchNorm's running
-statistics, and the config errors. (Resume under caching: tests/test_train.py.)"""
+"""jaxcl.train.step under gradient caching (`config.grad_cache_chunks`, with `jaxcl.grad_cache`): the
+chunked run follows the unchunked one step for step, BatchNorm's running statistics, and the config
+errors. (Resume under caching: tests/train/test_loop.py::test_resume_gives_identical_parameters.)"""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxcl.train import devices, loop
-from tests.test_train import data_dir, load_recipe, step_and_batches, tiny  # noqa: F401  (data_dir is a fixture)
+from tests.helpers import load_recipe, step_and_batches, tiny
 
 
 def _steps_of(config, n):

@@ -11,7 +11,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 
 # A user who chose a backend (svg: non-interactive, so it runs headless), then imports the trainer and
 # writes the plots, first without pyplot imported, then with pyplot imported and a figure of their own.

