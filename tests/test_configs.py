@@ -21,7 +21,7 @@ def needs_minilm(name):
 
 
 # The recipes on the bundled digits; mcl_digits is a later stage of a multistage recipe (it needs an
-# earlier stage): tests/test_train_mcl.py. The paper-scale recipes (clip_vitb16, siglip_vitb16, simclr_r50)
+# earlier stage): tests/train/test_mcl.py. The paper-scale recipes (clip_vitb16, siglip_vitb16, simclr_r50)
 # read a prepared ImageNet and cannot train here: tests/test_plan.py compiles them and tests their data path.
 @pytest.mark.parametrize("name", [r for r in RECIPES if r.endswith("_digits") and r != "mcl_digits"])
 def test_every_recipe_trains_a_few_steps(name, data_dir, tmp_path):

@@ -37,7 +37,7 @@ NAMES = sorted(BUILD.NOTEBOOKS)
 TINY = {
     "01_loss_tour.ipynb": {"JAXCL_NB_BATCH": "32", "JAXCL_NB_DIM": "16", "JAXCL_NB_MEM_BATCHES": "64,128"},
     # An MLP encoder compiles in a fraction of ResNet-18's time (the recipes' ResNets are trained in
-    # tests/test_train.py); the notebooks' code paths are the same.
+    # tests/test_configs.py); the notebooks' code paths are the same.
     "02_simclr_digits.ipynb": {"JAXCL_NB_STEPS": "4", "JAXCL_NB_BATCH": "32", "JAXCL_NB_ENCODER": "mlp",
                                "JAXCL_NB_WIDTH": "4", "JAXCL_NB_KNN_K": "10", "JAXCL_NB_TSNE_ITERS": "250"},
     "03_lit_minilm_zero_shot.ipynb": {"JAXCL_NB_STEPS": "4", "JAXCL_NB_BATCH": "32", "JAXCL_NB_ENCODER": "mlp",

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 from jaxcl.data import digits, sources
 from jaxcl.train import devices, evaluation, loop, mcl, validation
 from jaxcl.train import state as state_lib
-from tests.test_train import data_dir, final_state, load_recipe, tiny  # noqa: F401  (data_dir is a fixture)
+from tests.helpers import final_state, load_recipe, tiny
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,7 @@ from jaxcl import models
 from jaxcl.data import digits, sources
 from jaxcl.train import text as text_lib
 from jaxcl.train.config import base_config
-from tests.test_reliability import write_images
-from tests.test_train import data_dir  # noqa: F401  (fixture)
+from tests.helpers import write_images
 
 
 def test_a_labelled_folder_gets_photo_captions_not_the_digits(tmp_path):
