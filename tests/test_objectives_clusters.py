@@ -9,9 +9,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxcl.losses import _tiled
-from jaxcl.losses.clusters import focal_supcon, gated_pair_infonce, mlcd, sbcl, subclass_kmeans
+from jaxcl.losses.clustering import mlcd, sbcl, subclass_kmeans
+from jaxcl.losses.gated_pairs import gated_pair_infonce
 from jaxcl.losses.infonce import infonce
-from jaxcl.losses.supcon import supcon
+from jaxcl.losses.supcon import focal_supcon, supcon
 from tests import reference
 from tests import helpers
 from tests.helpers import randn

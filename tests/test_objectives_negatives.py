@@ -16,15 +16,9 @@ import pytest
 from jaxcl import losses
 from jaxcl.losses.clip import clip
 from jaxcl.losses.infonce import infonce, nt_xent
-from jaxcl.losses.negatives import (
-    ce_clip,
-    decoupled_softmax,
-    dual_view_moco,
-    hn_nce,
-    mcl_cluster_ids,
-    mcl_nt_xent,
-    positive_aware_infonce,
-)
+from jaxcl.losses.clustering import mcl_cluster_ids, mcl_nt_xent
+from jaxcl.losses.false_negatives import decoupled_softmax, positive_aware_infonce
+from jaxcl.losses.hard_negatives import ce_clip, dual_view_moco, hn_nce
 from tests import helpers
 from tests.helpers import randn
 from tests.reference import logsumexp, normalize

@@ -1,5 +1,17 @@
-"""Label- and cluster-aware objectives: SBCL (with on-device k-means subclasses), focal SupCon
-(Core-tuning), gated arbitrary positive pairs (SimLAP / Hydra) and MLCD (multi-label centres)."""
+"""Clustering: losses in which clusters of the batch (or learned cluster centres) define the positives
+and negatives.
+
+The family of objectives built on a clustering: SBCL splits every class into k-means subclasses
+(`subclass_kmeans`, on device) and contrasts at both granularities; MCL restricts each anchor's
+negatives to its cluster in the earlier stages (`mcl_cluster_ids`, `mcl_nt_xent`); MLCD classifies
+against many cluster centres with its positive and negative centres in separate sums (`mlcd`).
+
+| paper | function | engines |
+|---|---|---|
+| Subclass-balancing Contrastive Learning for Long-tailed Recognition | subclass_kmeans, sbcl | sbcl: all |
+| Learning the Unlearned: Mitigating Feature Suppression in Contrastive Learning | mcl_cluster_ids, mcl_nt_xent | all, allgather, ring |
+| Multi-label Cluster Discrimination for Visual Representation Learning | mlcd | dense, blockwise, auto |
+"""
 
 from __future__ import annotations
 
@@ -14,11 +26,6 @@ from jaxcl.losses import _common
 from jaxcl.losses import _tiled
 
 
-def _compact_ids(labels: jax.Array) -> jax.Array:
-  """Equal labels -> equal ids in [0, n), different labels -> different ids; static shapes."""
-  return jnp.searchsorted(jnp.sort(labels), labels, side="left").astype(jnp.int32)
-
-
 def _pair_ids(a: jax.Array, b: jax.Array) -> jax.Array:
   """Ids in [0, n) equal exactly when both (a_i, b_i) pairs are equal (lexicographic ranks)."""
   order = jnp.lexsort((b, a))
@@ -26,37 +33,6 @@ def _pair_ids(a: jax.Array, b: jax.Array) -> jax.Array:
   new = jnp.concatenate([jnp.ones((1,), bool), (sa[1:] != sa[:-1]) | (sb[1:] != sb[:-1])])
   group = jnp.cumsum(new.astype(jnp.int32)) - 1
   return jnp.zeros_like(group).at[order].set(group)
-
-
-def _views_to_rows(name: str, features, labels):
-  """(N, D) or (N, V, D) features -> (N·V, D) view-major rows, labels tiled alike, and V."""
-  features = _checks.check_array(name, features, ndim=(2, 3))
-  n = features.shape[0]
-  _checks.check_min_batch(name, features, 2, why="a contrastive loss needs a negative")
-  labels = _checks.check_labels("labels", labels, n)
-  views = 1 if features.ndim == 2 else features.shape[1]
-  z = jnp.reshape(jnp.swapaxes(features, 0, 1), (-1, features.shape[-1])) if views > 1 else features
-  return z, labels, views
-
-
-def _segment_stats(z32: jax.Array, ids: jax.Array, valid: jax.Array | None = None):
-  """Per row: Σ of the valid rows sharing its id (including itself) and how many there are."""
-  m = z32.shape[0]
-  ones = jnp.ones((m,), jnp.float32) if valid is None else valid.astype(jnp.float32)
-  total = jax.ops.segment_sum(_common.zero_invalid(z32, None if valid is None else valid[:, None]), ids,
-                              num_segments=m)[ids]
-  count = jax.ops.segment_sum(ones, ids, num_segments=m)[ids]
-  return total, count
-
-
-def _row_mask(mask, n: int, views: int):
-  """The (N,) sample mask checked, and tiled over the views of the view-major rows (None: no mask)."""
-  mask = _common.sample_mask(mask, n)
-  return mask, None if mask is None else jnp.tile(mask, views)
-
-
-def _and(a: jax.Array, valid: jax.Array | None) -> jax.Array:
-  return a if valid is None else a & valid
 
 
 # ------------------------------------------------------------------------------------------ k-means
@@ -122,7 +98,7 @@ def subclass_kmeans(
   if not isinstance(slots, (int, np.integer)) or slots < 1:
     raise ValueError(f"`max_subclasses` must be an integer >= 1 or None, got {max_subclasses!r}.")
   x = _common.maybe_normalize(x, normalize).astype(jnp.float32)
-  cls = _compact_ids(labels)
+  cls = _common.compact_ids(labels)
   tiebreak = jnp.arange(n) if key is None else jax.random.permutation(key, n)
   order = jnp.lexsort((tiebreak, cls))
   sorted_cls = cls[order]
@@ -242,11 +218,11 @@ def sbcl(
   ...                  own_views_in_class_term=False)), 4)  # ℓ² = log 2
   0.7247
   """
-  z, labels, views = _views_to_rows("features", features, labels)
+  z, labels, views = _common.views_to_rows("features", features, labels)
   n = labels.shape[0]
   subclass_labels = _checks.check_labels("subclass_labels", subclass_labels, n)
   _common.check_reduction(reduction)
-  mask, valid = _row_mask(mask, n, views)
+  mask, valid = _common.row_mask(mask, n, views)
   inv_t1 = _common.inverse_temperature(temperature)
   _checks.check_non_negative("beta", beta)
   if not isinstance(own_views_in_class_term, (bool, np.bool_)):
@@ -274,18 +250,18 @@ def sbcl(
 
   z = _common.maybe_normalize(z, normalize)
   m = z.shape[0]
-  cls = jnp.tile(_compact_ids(labels), views)
+  cls = jnp.tile(_common.compact_ids(labels), views)
   sub = jnp.tile(_pair_ids(labels, subclass_labels), views)
   z32 = _common.zero_invalid(z.astype(jnp.float32), None if valid is None else valid[:, None])
   self_dot = _common.rowwise_dot(z32, z32)
-  class_sum, class_size = _segment_stats(z32, cls, valid)
-  sub_sum, sub_size = _segment_stats(z32, sub, valid)
+  class_sum, class_size = _common.segment_stats(z32, cls, valid)
+  sub_sum, sub_size = _common.segment_stats(z32, sub, valid)
 
   n1 = sub_size - 1.0
   pos1 = inv_t1 * (_common.rowwise_dot(z32, sub_sum) - self_dot) / jnp.maximum(n1, 1.0)
   lse1 = ops.logsumexp(z, z, scale=inv_t1, exclude=ops.diagonal(m), row_valid=valid, col_valid=valid,
                        impl=impl).rows
-  has1 = _and(n1 > 0, valid)
+  has1 = _common.and_valid(n1 > 0, valid)
   l1 = jnp.where(has1, lse1 - pos1, 0.0)
 
   # ℓ²: the other subclasses (an id mask on every engine), plus, optionally, the row's own other views.
@@ -304,7 +280,7 @@ def sbcl(
     pos2_dot = pos2_dot + jnp.sum(jnp.where(other_view, own, 0.0), axis=1)
     n2 = n2 + (views - 1)
   pos2 = inv_t2 * pos2_dot / jnp.maximum(n2, 1.0)
-  has2 = _and(n2 > 0, valid)
+  has2 = _common.and_valid(n2 > 0, valid)
   l2 = jnp.where(has2, lse2 - pos2, 0.0)
   beta = jnp.asarray(beta, jnp.float32)
   if reduction == "none":
@@ -312,279 +288,107 @@ def sbcl(
   return _common.reduce_loss(l1, reduction, has1) + beta * _common.reduce_loss(l2, reduction, has2)
 
 
-# ------------------------------------------------------------------------------------- focal SupCon
+# --------------------------------------------------------------------- cluster-restricted negatives (MCL)
 @_common.keyword_only
-def focal_supcon(
-    features: jax.Array,
-    labels: jax.Array,
+def mcl_cluster_ids(stage_cluster_ids) -> jax.Array:
+  r"""Joint cluster ids over several stages: equal iff the cluster agrees in *every* given stage.
+
+  "Learning the Unlearned: Mitigating Feature Suppression in Contrastive Learning" (Zhang et al., ECCV
+  2024, Multistage Contrastive Learning). Stage t trains with negatives drawn from the anchor's cluster
+  in the clusterings of the features of all previous stages 1..t−1; pass those clusterings here and
+  the result to `mcl_nt_xent`. The final representation concatenates the stage models' features.
+
+  Args:
+    stage_cluster_ids: (S, B) integers, row s the cluster id of each example at stage s.
+  Returns:
+    (B,) int32 ids in [0, B).
+
+  >>> import jax.numpy as jnp
+  >>> mcl_cluster_ids(jnp.array([[0, 0, 1, 1], [5, 6, 5, 5]])).tolist()
+  [0, 1, 2, 2]
+  """
+  _checks.check_int32("stage_cluster_ids", stage_cluster_ids)
+  ids = jnp.asarray(stage_cluster_ids)
+  if ids.ndim == 1:
+    ids = ids[None]
+  if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(
+        f"`stage_cluster_ids` must be an integer array of shape (S, B), got {ids.dtype} of shape {ids.shape}."
+    )
+  b = ids.shape[1]
+  if b * b >= 2**31:
+    raise ValueError(f"`stage_cluster_ids` has {b} examples; the joint ids need B² < 2³¹ (B <= 46340).")
+  # Compact each stage to [0, B), then fold the stages into one id (mixed radix B, re-compacted after
+  # every stage so the values stay below B² and fit int32 for any realistic batch).
+  joint = jnp.zeros((b,), jnp.int32)
+  for row in ids:
+    compact = jnp.searchsorted(jnp.sort(row), row, side="left").astype(jnp.int32)
+    combined = joint * b + compact
+    joint = jnp.searchsorted(jnp.sort(combined), combined, side="left").astype(jnp.int32)
+  return joint
+
+
+@_common.keyword_only
+@_common.shardable("z1", "z2", "cluster_ids", "mask")
+def mcl_nt_xent(
+    z1: jax.Array,
+    z2: jax.Array,
+    cluster_ids: jax.Array,
     *,
-    temperature: float | jax.Array = 0.07,
-    gamma: float | jax.Array = 1.0,
-    average: str = "batch",
+    temperature: float | jax.Array = 0.5,
     normalize: bool = True,
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
-  r"""Focal supervised contrastive loss: SupCon with hard positives weighted up.
+  r"""NT-Xent with cluster-aware negatives: an anchor only contrasts with examples of its own cluster.
 
-  The contrastive regulariser of Core-tuning, "Unleashing the Power of Contrastive Self-Supervised
-  Visual Models via Contrast-Regularized Fine-Tuning" (Zhang et al., NeurIPS 2021). With the M rows
-  (samples × views), p_ap = exp(s_ap/τ) / Σ_{b ≠ a} exp(s_ab/τ) and P(a) the same-label views of anchor a:
+  "Learning the Unlearned: Mitigating Feature Suppression in Contrastive Learning" (Zhang et al., ECCV
+  2024), cluster-aware negative sampling of Multistage Contrastive Learning (MCL). With z = [z1; z2]
+  (2B rows), p(i) the other view of row i and c the cluster ids (the same for both views):
 
-      loss = mean_{a: P(a) ≠ ∅} −1/n(a) Σ_{p ∈ P(a)} (1 − p_ap)^γ log p_ap
-      n(a) = M (`average="batch"`)  or  |P(a)| (`average="positives"`)
+      loss = mean_{i < 2B} [ −s_{i,p(i)} + log Σ_{j ≠ i, c_j = c_i} exp s_ij ],   s_ij = <z_i, z_j> / τ
 
-  The defaults follow the authors' code (Vanint/Core-tuning, `focal_SupConLoss`: the weight (1 − p) to
-  the first power, γ = 1; the per-anchor sum divided by the row count M, a `.mean(1)` over all
-  columns; τ = 0.07; anchors without positives left out of the mean). γ = 0 with
-  `average="positives"` is `supcon`; γ generalises the factor as in "Focal Loss for Dense Object
-  Detection". The denominator is one log-sum-exp per anchor on `impl`; the focal factor is a
-  non-linear function of each positive logit, so the positive sum is a separate row reduction: tiled
-  (O(M·tile) memory) on every engine but `dense`, where it uses the M×M matrix.
+  The positive is always in the anchor's cluster. Restricting negatives to the cluster removes the
+  features the previous stages already learned (they separate clusters) from the contrast, so the new
+  stage must learn others. The restriction is an `include` id mask, so every engine applies. With one
+  cluster this is `nt_xent`; a singleton cluster leaves only the positive in the denominator (loss 0).
 
   Args:
-    features: (N, D), or (N, V, D) with V views per sample.
-    labels: (N,) integer class labels.
-    temperature: τ > 0 (may be traced). gamma: γ >= 0 (may be traced).
-    average: "batch" (divide each anchor's sum by M, the authors' code) or "positives" (by |P(a)|,
-      SupCon's mean over positives).
-    normalize: L2-normalise the features first.
-    reduction: "mean" (over the anchors with a positive), "sum" or "none": the (N·V,) per-anchor
-      terms −1/n(a) Σ_p (1 − p_ap)^γ log p_ap in view-major order (row v·N + i is view v of sample i),
-      0 for anchors without a positive.
-    mask: None or bool (N,): False marks padding samples, whose views are neither anchors, positives
-      nor negatives (M then counts the real rows only, for `average="batch"`).
-    impl: similarity engine, see `jaxcl.ops.available_impls()`.
+    z1, z2: (B, D) two views.
+    cluster_ids: (B,) integer cluster of each example (e.g. `mcl_cluster_ids` of earlier stages).
+    temperature: τ > 0 (SimCLR's 0.5 by default).
+    normalize: L2-normalise first.
+    reduction: "mean" (the loss above), "sum" or "none": the (2B,) per-anchor terms in the order
+      [z1; z2] (this device's under `axis_name`, as in `nt_xent`), whose mean is the loss.
+    mask: None or bool (B,); False marks padding samples, whose two views are neither anchors nor
+      negatives of any cluster: a padded batch gives the loss of its valid samples.
+    impl: similarity engine; "allgather" | "ring" with `axis_name` / `mesh`: the batch split over
+      devices ("Sharded batches" in `jaxcl.losses`).
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`.
   Returns:
-    Scalar float32 loss, or (N·V,) with `reduction="none"`.
+    Float32 loss reduced by `reduction` (a scalar, or (2B,) for "none").
 
   >>> import jax.numpy as jnp
-  >>> x = jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
-  >>> # p = e / (e + 2) for every positive: (2 / (e + 2))^γ * (log(e + 2) - 1), then / M = 4
-  >>> round(float(focal_supcon(x, jnp.array([0, 0, 1, 1]), temperature=1.0)), 4)
-  0.0584
-  >>> round(float(focal_supcon(x, jnp.array([0, 0, 1, 1]), temperature=1.0, gamma=2.0, average="positives")), 4)
-  0.0991
+  >>> x = jnp.eye(4)
+  >>> round(float(mcl_nt_xent(x, x, jnp.array([0, 0, 1, 1]), temperature=1.0)), 4)  # log(e + 2) - 1
+  0.5514
   """
-  z, labels, views = _views_to_rows("features", features, labels)
+  a, b = _common.pair("z1", z1, "z2", z2, normalize=normalize, axis_name=axis_name)
+  c = _checks.check_labels("cluster_ids", cluster_ids, a.shape[0])
   inv_t = _common.inverse_temperature(temperature)
-  _checks.check_non_negative("gamma", gamma)
-  _checks.check_choice("average", average, ("batch", "positives"))
   _common.check_reduction(reduction)
-  mask, valid = _row_mask(mask, labels.shape[0], views)
-  gamma = jnp.asarray(gamma, jnp.float32)
-  z = _common.maybe_normalize(z, normalize)
-  m = z.shape[0]
-  ids = jnp.tile(_compact_ids(labels), views)
-  rows = jnp.arange(m, dtype=jnp.int32)
-  lse = ops.logsumexp(z, z, scale=inv_t, exclude=ops.diagonal(m), row_valid=valid, col_valid=valid,
-                      impl=impl).rows
-  lse = _common.zero_invalid(lse, valid)
-  # A padding id that equals no real one (compact ids lie in [0, m)): padding is nobody's positive.
-  ids = ids if valid is None else jnp.where(valid, ids, -1)
-
-  def focal(s, col_ids):
-    positive = (ids[:, None] == ids[col_ids][None, :]) & (rows[:, None] != col_ids[None, :])
-    positive = positive & (ids[:, None] >= 0)
-    log_p = jnp.where(positive, s - lse[:, None], 0.0)
-    weight = jnp.where(positive, -jnp.expm1(log_p), 0.0)  # 1 − p, accurate near p = 1
-    # weight^γ with 0^0 = 1 and a finite gradient at weight = 0.
-    safe = jnp.where(weight > 0, weight, 1.0)
-    factor = jnp.where(weight > 0, safe ** gamma, jnp.where(gamma == 0, 1.0, 0.0))
-    return jnp.where(positive, factor * log_p, 0.0)
-
-  def focal_clamped(s, col_ids):
-    # Padded columns of the last tile index past the ids: clamp them (row_sum drops their values).
-    return focal(s, jnp.minimum(col_ids, m - 1))
-
-  total = _tiled.row_sum(z, z, inv_t, focal_clamped, dense=engines.is_dense(impl, m, m))
-  _, count = _segment_stats(jnp.zeros((m, 1), jnp.float32), jnp.maximum(ids, 0), valid)
-  n_pos = count - 1.0
-  has = _and(n_pos > 0, valid)
-  n_rows = jnp.float32(m) if valid is None else jnp.sum(valid.astype(jnp.float32))
-  n_a = jnp.maximum(n_pos, 1.0) if average == "positives" else n_rows
-  per_anchor = jnp.where(has, -total / n_a, 0.0)
-  return _common.reduce_loss(per_anchor, reduction, has)
-
-
-# ------------------------------------------------------------------------------ gated arbitrary pairs
-@_common.keyword_only
-def gated_pair_infonce(
-    query: jax.Array,
-    key: jax.Array,
-    gates: jax.Array,
-    *,
-    query_labels: jax.Array | None = None,
-    pair_labels: jax.Array | None = None,
-    key_labels: jax.Array | None = None,
-    temperature: float | jax.Array = 0.1,
-    normalize: bool = True,
-    reduction: str = "mean",
-    mask: jax.Array | None = None,
-    impl: str = "auto",
-) -> jax.Array:
-  r"""InfoNCE for arbitrary positive pairs, each compared in its own gated feature subspace.
-
-  "Rethinking Positive Pairs in Contrastive Learning" (Wu et al., 2024; the framework is called Hydra
-  in v1 and SimLAP in v2). Any two samples, e.g. of two different classes (a, b), form a positive pair;
-  a gate vector g_i = g_{ab} ∈ [0, 1]^D selects the dimensions in which the pair should agree, and the
-  pair is contrasted inside that subspace. q and k are L2-normalised *before* gating, and
-
-      S_ij = <(g_i ⊙ g_i) ⊙ q_i, k_j> / τ
-
-  as in the authors' code (erow/FastSSL, `model/simlap.py`, `SimLAP.disparate_loss`: `contrast(z1 *
-  gate * gate, k2) * scale`, τ = 0.1 at initialisation, learnable there): the gate folds into the query
-  exactly, so the similarities run on any engine.
-
-  Class-level pairs (`query_labels` y1, `pair_labels` y2, `key_labels` y_k), the authors' objective:
-  query i of class y1_i is paired with class y2_i; its positives are *all* keys of class y2_i, and keys
-  of class y1_i or y2_i leave the denominator, so each positive is contrasted against itself plus the
-  keys of other classes (their `multipos_ce_loss` with `pos_mask = c2_mask`, `exclude_mask = c1_mask |
-  c2_mask`); the loss is the mean over all positive (i, p) pairs:
-
-      P(i) = {j : y_k,j = y2_i}      N(i) = {j : y_k,j ∉ {y1_i, y2_i}}
-      loss = 1/Σ_i |P(i)| · Σ_i Σ_{p ∈ P(i)} [ −S_ip + log(exp S_ip + Σ_{j ∈ N(i)} exp S_ij) ]
-
-  `key_labels` None means y1 (the authors' keys are the second views of the query samples). When no
-  key carries any query's pair label the loss is undefined: an error if the labels are concrete, 0
-  under `jit`. The negative log-sum-exp excludes two label sets and each positive term is non-linear
-  in S_ip, so both are this library's own row reductions: dense (the Bq×Bk matrix) or tiled
-  (O(Bq·tile) memory) on the other engines.
-
-  Without labels (row-aligned pairs): key i is query i's only positive and every other key is a negative
-  seen through gate i,
-
-      loss = mean_i [ −S_ii + log Σ_j exp S_ij ],
-
-  one log-sum-exp per row on `impl`. This is the class-level loss with every sample its own class
-  (y1 = y2 = y_k = arange(B)); it differs from the paper's class-level objective in that other keys of
-  the paired class are negatives rather than positives, and keys of the query's own class and of the
-  paired class stay in the denominator. With all gates 1 it is `infonce(query, key)`.
-
-  The gates (the authors' `BasicGate`: sigmoid(MLP((E[y1] + E[y2]) / 2)), symmetric in the pair), their
-  regulariser and how pairs are drawn are the caller's.
-
-  Args:
-    query: (Bq, D) embeddings. key: (Bk, D) embeddings; without labels Bk = Bq and row i is a pair.
-    gates: (Bq, D) gates in [0, 1] (or (D,) shared by every query); may be traced (learned).
-    query_labels, pair_labels: (Bq,) integer labels y1 and y2, given together (or both None).
-    key_labels: (Bk,) integer labels of the keys; None means `query_labels` (needs Bk = Bq).
-    temperature: τ > 0.
-    normalize: L2-normalise query and key first.
-    reduction: without labels "mean", "sum" or "none": the (B,) per-pair terms −S_ii + log Σ_j S_ij.
-      With labels only "mean": the loss is a mean over positive (i, p) pairs, not over queries.
-    mask: None or bool (Bq,): False marks padding queries, which are not anchors; when `key` has as
-      many rows as `query` (row i of both the same sample: always without labels or `key_labels`) the
-      key rows where it is False are neither positives nor negatives either. Keys of a different batch
-      size are all real.
-    impl: similarity engine, see `jaxcl.ops.available_impls()`.
-  Returns:
-    Scalar float32 loss, or (B,) with `reduction="none"`.
-
-  >>> import jax.numpy as jnp
-  >>> x = jnp.eye(2)
-  >>> round(float(gated_pair_infonce(x, x, jnp.ones((2, 2)), temperature=1.0)), 4)  # log(e + 1) - 1
-  0.3133
-  >>> # Classes 0, 1, 2 paired with 1, 1, 0: query 0 has key 1 (s = 0) against key 2, query 1 key 1
-  >>> # (s = 1) against keys 0 and 2, query 2 key 0 against key 1: (2 log 2 + log(e + 2) − 1) / 3.
-  >>> x = jnp.eye(3)
-  >>> round(float(gated_pair_infonce(x, x, jnp.ones(3), query_labels=jnp.array([0, 1, 2]),
-  ...                                pair_labels=jnp.array([1, 1, 0]), temperature=1.0)), 4)
-  0.6459
-  """
-  labelled = query_labels is not None or pair_labels is not None or key_labels is not None
-  _common.check_reduction(reduction, per_anchor=not labelled)
-  if not labelled:
-    q, k = _common.pair("query", query, "key", key, normalize=normalize)
-    mask = _common.sample_mask(mask, q.shape[0])
-    key_valid = mask
-  else:
-    if query_labels is None or pair_labels is None:
-      raise ValueError(
-          "`query_labels` and `pair_labels` must be given together (with `key_labels` optional), got "
-          f"query_labels={'None' if query_labels is None else 'an array'}, "
-          f"pair_labels={'None' if pair_labels is None else 'an array'}, "
-          f"key_labels={'None' if key_labels is None else 'an array'}."
-      )
-    q = _checks.check_array("query", query, ndim=2)
-    k = _checks.check_array("key", key, ndim=2)
-    if q.shape[1] != k.shape[1]:
-      raise ValueError(f"`query` and `key` must have the same feature size, got {q.shape} and {k.shape}.")
-    _checks.check_min_batch("query", q, 1, why="the mean needs a query")
-    _checks.check_min_batch("key", k, 1, why="a query needs a key")
-    y1 = _checks.check_labels("query_labels", query_labels, q.shape[0])
-    y2 = _checks.check_labels("pair_labels", pair_labels, q.shape[0])
-    if key_labels is None:
-      if k.shape[0] != q.shape[0]:
-        raise ValueError(
-            "`key_labels` is needed when `key` and `query` have different batch sizes, got "
-            f"{k.shape} and {q.shape}."
-        )
-      key_labels = y1
-    yk = _checks.check_labels("key_labels", key_labels, k.shape[0])
-    mask = _common.sample_mask(mask, q.shape[0])
-    key_valid = mask if k.shape[0] == q.shape[0] else None
-    c2, ck = _checks.concrete_value(y2), _checks.concrete_value(yk)
-    kept = None if mask is None else _checks.concrete_value(mask)
-    if mask is not None and kept is None:
-      c2 = None  # a traced mask: the real rows are unknown
-    elif kept is not None:
-      c2 = None if c2 is None else c2[kept]
-      ck = None if ck is None or key_valid is None else ck[kept]
-    if c2 is not None and ck is not None and not np.any(c2[:, None] == ck[None, :]):
-      raise ValueError(
-          f"no key has a query's pair label, so there is no positive pair: `pair_labels` {c2} and "
-          f"`key_labels` {ck}."
-      )
-    q, k = _common.maybe_normalize(q, normalize), _common.maybe_normalize(k, normalize)
-  gates = _checks.check_array("gates", gates, ndim=(1, 2))
-  if gates.shape not in (q.shape, (q.shape[1],)):
-    raise ValueError(f"`gates` must have shape {q.shape} or ({q.shape[1]},), got {gates.shape}.")
-  g = _checks.concrete_value(gates)
-  if g is not None and (not np.all(np.isfinite(g)) or g.min() < 0 or g.max() > 1):
-    raise ValueError("`gates` must lie in [0, 1], got an entry outside it.")
-  inv_t = _common.inverse_temperature(temperature)
-  g32 = jnp.broadcast_to(gates.astype(jnp.float32), q.shape)
-  gated_q = (g32 * g32 * q.astype(jnp.float32)).astype(q.dtype)
-  if not labelled:
-    lse = ops.logsumexp(gated_q, k, scale=inv_t, row_valid=mask, col_valid=mask, impl=impl).rows
-    positive = inv_t * _common.rowwise_dot(gated_q, k)
-    return _common.reduce_loss(lse - positive, reduction, mask)
-
-  bk = k.shape[0]
-  dense = engines.is_dense(impl, q.shape[0], bk)
-  row_ok = jnp.ones((q.shape[0], 1), bool) if mask is None else mask[:, None]
-
-  def key_ok(col_ids):
-    return row_ok if key_valid is None else row_ok & key_valid[jnp.minimum(col_ids, bk - 1)][None, :]
-
-  def key_label(col_ids):  # padded columns of the last tile: clamp (the reductions drop them)
-    return yk[jnp.minimum(col_ids, bk - 1)][None, :]
-
-  def negative(col_ids):
-    yc = key_label(col_ids)
-    return (yc != y1[:, None]) & (yc != y2[:, None]) & key_ok(col_ids)
-
-  neg = _tiled.row_logsumexp(gated_q, k, inv_t, negative, dense=dense)  # -inf: no negative
-  has_neg = jnp.isfinite(neg)[:, None]
-  neg = jnp.where(has_neg[:, 0], neg, 0.0)
-
-  def positive_terms(s, col_ids):
-    # −S_ip + log(exp S_ip + exp N_i) = softplus(N_i − S_ip); 0 when N(i) is empty.
-    is_pos = (key_label(col_ids) == y2[:, None]) & key_ok(col_ids)
-    return jnp.where(is_pos & has_neg, jax.nn.softplus(neg[:, None] - s), 0.0)
-
-  total = jnp.sum(_tiled.row_sum(gated_q, k, inv_t, positive_terms, dense=dense))
-  if key_valid is None:
-    sorted_yk = jnp.sort(yk)
-    n_pos = jnp.searchsorted(sorted_yk, y2, side="right") - jnp.searchsorted(sorted_yk, y2, side="left")
-  else:  # Bq = Bk: count the real keys of each pair label (a segment sum over shared compact ids)
-    ids = _compact_ids(jnp.concatenate([y2, yk.astype(y2.dtype)]))
-    per_label = jax.ops.segment_sum(key_valid.astype(jnp.int32), ids[q.shape[0]:], num_segments=ids.shape[0])
-    n_pos = per_label[ids[:q.shape[0]]]
-  n_pos = _common.zero_invalid(n_pos.astype(jnp.float32), mask)
-  return total / jnp.maximum(jnp.sum(n_pos), 1.0)
+  mask = _common.sample_mask(mask, a.shape[0])
+  valid = None if mask is None else jnp.tile(mask, 2)
+  z = jnp.concatenate([a, b], axis=0)
+  cid = jnp.tile(c.astype(jnp.int32), 2)
+  ids = _common.batch_ids(a.shape[0], axis_name)
+  rows = jnp.concatenate([ids, ids + _common.global_size(a.shape[0], axis_name)])  # view v of sample i: v·B + i
+  lse = ops.logsumexp(z, z, scale=inv_t, exclude=(rows, rows), include=(cid, cid), row_valid=valid,
+                      col_valid=valid, impl=impl, axis_name=axis_name).rows
+  partner = _common.rowwise_dot(z, jnp.roll(z, z.shape[0] // 2, axis=0))
+  return _common.reduce_loss(_common.zero_invalid(lse, valid) - inv_t * partner, reduction, valid, axis_name)
 
 
 # --------------------------------------------------------------------------------------------- MLCD
