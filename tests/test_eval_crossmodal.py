@@ -12,10 +12,10 @@ from jaxcl.eval.crossmodal import (
 )
 from jaxcl.eval.geometry import modality_gap
 from jaxcl.eval.zero_shot import zero_shot_logits
-from tests import reference
+from tests.losses import reference
 from tests.helpers import randn
 
-normalize = reference.normalize
+normalize = reference.common.normalize
 
 
 def ref_dbnorm(q, g, qb, gb, bq, bg):
