@@ -54,6 +54,9 @@ SPECS: dict[str, Spec] = {
     "cwcl": Spec(lambda a, y, t, impl: L.cwcl(a[0], a[1], temperature=t, impl=impl), engines=True),
     "dcl": Spec(lambda a, y, t, impl: L.dcl(a[0], a[1], temperature=t, impl=impl), engines=True),
     "dclw": Spec(lambda a, y, t, impl: L.dclw(a[0], a[1], temperature=t, impl=impl), engines=True),
+    # gates must lie in [0, 1] (checked only when concrete): |l2_normalize(x)| is in [0, 1] at any magnitude
+    "gated_pair_infonce": Spec(lambda a, y, t, impl: L.gated_pair_infonce(
+        a[0], a[1], jnp.abs(L.l2_normalize(a[2])), temperature=t, impl=impl), n_arrays=3),
     "infonce": Spec(lambda a, y, t, impl: L.infonce(a[0], a[1], temperature=t, impl=impl), engines=True),
     "l2_normalize": Spec(lambda a, y, t, impl: jnp.sum(L.l2_normalize(a[0]).astype(jnp.float32) * t),
                          n_arrays=1),
