@@ -11,10 +11,11 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-/tmp/jaxcl-min-versions}"
 SUBSET=(
-  tests/test_sharded.py              # jax.shard_map, lax.pcast, jax.typeof(x).mat, jax.set_mesh, get_abstract_mesh
-  tests/test_engine_pallas.py        # pallas_call in interpret mode, pltpu.InterpretParams
-  tests/test_engine_blockwise.py     # custom_vjp, fori_loop/scan engines
-  tests/test_losses_core.py
+  tests/ops/test_sharded.py          # jax.shard_map, lax.pcast, jax.typeof(x).mat, jax.set_mesh, get_abstract_mesh
+  tests/ops/test_pallas.py           # pallas_call in interpret mode, pltpu.InterpretParams
+  tests/ops/test_blockwise.py        # custom_vjp, fori_loop/scan engines
+  tests/losses/test_infonce.py
+  tests/losses/test_clip.py
   tests/models/test_minilm.py::test_minilm_matches_numpy_float64_bert   # safetensors, tokenizers
   tests/models/test_minilm.py::test_minilm_tokenizer
   # the trainer: flax, optax, orbax-checkpoint, grain, tensorflow-datasets, tensorboardX, matplotlib, scikit-learn

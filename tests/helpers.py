@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl import ops
-from tests import reference
+from tests.losses import reference
 
 
 def randn(seed: int, *shape, dtype=np.float32) -> np.ndarray:
@@ -34,7 +34,7 @@ def assert_value_and_grads(jax_loss, np_loss, args, *, rtol=2e-5, grad_rtol=1e-4
       xs[n] = x
       return np_loss(*xs)
 
-    want_g = reference.numerical_grad(f, np.asarray(a, np.float64))
+    want_g = reference.common.numerical_grad(f, np.asarray(a, np.float64))
     scale = np.max(np.abs(want_g)) + 1e-12
     np.testing.assert_allclose(
         np.asarray(g, np.float64) / scale, want_g / scale, rtol=grad_rtol, atol=grad_rtol,

@@ -6,13 +6,19 @@ takes `impl=` to choose the engine.
 | family | functions |
 |---|---|
 | softmax, positives on the diagonal | infonce, nt_xent, dcl, dclw, clip |
-| softmax, label / view / soft positives | supcon, multiview_infonce, mv_dhel, cwcl, symile |
+| softmax, label / view / soft positives | supcon, focal_supcon, multiview_infonce, mv_dhel, cwcl, symile |
+| softmax, hard negatives weighted or mined (`hard_negatives`) | hn_nce, ce_clip, dual_view_moco |
+| softmax, false negatives kept out of the denominator (`false_negatives`) | decoupled_softmax, positive_aware_infonce |
+| clusters define positives and negatives (`clustering`) | subclass_kmeans, sbcl, mcl_cluster_ids, mcl_nt_xent, mlcd |
+| arbitrary positive pairs in gated subspaces (`gated_pairs`) | gated_pair_infonce |
 | sigmoid | siglip |
 | metric learning | triplet, batch_hard_triplet |
 | geometry | alignment, uniformity |
 | non-contrastive | negative_cosine, barlow_twins, vicreg |
 | wrappers | matryoshka |
 | metric (no gradient) | retrieval_accuracy (in-batch top-1, both directions) |
+
+Each module of `jaxcl/losses` holds one family; docs/objectives.md lists every loss by its paper.
 
 Sharded batches. clip, siglip, infonce (with a MoCo queue too), nt_xent, dcl, dclw and supcon take
 `axis_name=` and `mesh=` to compute the loss of a batch split over devices, against every negative of
@@ -33,11 +39,14 @@ block of S per device. Ids in masks are global; see docs/distributed.md.
 from jaxcl.losses._common import l2_normalize
 from jaxcl.losses.accuracy import RetrievalAccuracy, retrieval_accuracy
 from jaxcl.losses.clip import clip, siglip
-from jaxcl.losses.clusters import focal_supcon, gated_pair_infonce, mlcd, sbcl, subclass_kmeans
+from jaxcl.losses.clustering import mcl_cluster_ids, mcl_nt_xent, mlcd, sbcl, subclass_kmeans
 from jaxcl.losses.crossmodal import cwcl, symile
 from jaxcl.losses.distill import albef_itc, m3co, similarity_distillation, softclip
+from jaxcl.losses.false_negatives import decoupled_softmax, positive_aware_infonce
+from jaxcl.losses.gated_pairs import gated_pair_infonce
 from jaxcl.losses.geometric import cacr, contrastive_gap, gram, gram_volume
 from jaxcl.losses.alignment_uniformity import alignment, uniformity
+from jaxcl.losses.hard_negatives import CeClipOutput, ce_clip, dual_view_moco, hn_nce
 from jaxcl.losses.hyperbolic import (
     entailment_cone,
     exterior_angle,
@@ -55,16 +64,6 @@ from jaxcl.losses.snr import snr_distance, snr_triplet
 from jaxcl.losses.spherical_z import spherical_z_contrastive, spherical_z_loss
 from jaxcl.losses.multipositive import one_to_k_clip, poly_view
 from jaxcl.losses.multiview import multiview_infonce, mv_dhel
-from jaxcl.losses.negatives import (
-    CeClipOutput,
-    ce_clip,
-    decoupled_softmax,
-    dual_view_moco,
-    hn_nce,
-    mcl_cluster_ids,
-    mcl_nt_xent,
-    positive_aware_infonce,
-)
 from jaxcl.losses.predictive import negative_cosine
 from jaxcl.losses.redundancy import barlow_twins, vicreg
 from jaxcl.losses.sparse_coding import (
@@ -77,7 +76,7 @@ from jaxcl.losses.sparse_coding import (
     topk_activation,
     topk_mask,
 )
-from jaxcl.losses.supcon import supcon
+from jaxcl.losses.supcon import focal_supcon, supcon
 from jaxcl.losses.temperature import (
     IsogclrOutput,
     IsogclrState,

@@ -1,5 +1,5 @@
-"""Helpers shared by the loss modules: L2 normalisation, temperatures, positive logits, and the global
-batch when it is split over devices (ids, sums, means, `shardable`)."""
+"""Helpers shared by the loss modules: L2 normalisation, temperatures, positive logits, label ids and
+multi-view rows, and the global batch when it is split over devices (ids, sums, means, `shardable`)."""
 
 from __future__ import annotations
 
@@ -172,6 +172,48 @@ def reduce_loss(per_anchor: jax.Array, reduction: str, valid: jax.Array | None =
     return total / global_size(x.size, axis_name)
   return total / jnp.maximum(batch_sum(valid.astype(jnp.float32), axis_name), 1.0)
 
+
+
+# ------------------------------------------------------------------- label ids and multi-view rows
+def compact_ids(labels: jax.Array) -> jax.Array:
+  """Compact ids in [0, n): the position of each label's first occurrence among the sorted labels.
+
+  Equal labels get equal ids and different labels different ids, whatever the label values (negative,
+  large, sparse), with static shapes so it works under `jit`.
+  """
+  return jnp.searchsorted(jnp.sort(labels), labels, side="left").astype(jnp.int32)
+
+
+def views_to_rows(name: str, features, labels):
+  """(N, D) or (N, V, D) features -> (N·V, D) view-major rows, labels tiled alike, and V."""
+  features = _checks.check_array(name, features, ndim=(2, 3))
+  n = features.shape[0]
+  _checks.check_min_batch(name, features, 2, why="a contrastive loss needs a negative")
+  labels = _checks.check_labels("labels", labels, n)
+  views = 1 if features.ndim == 2 else features.shape[1]
+  z = jnp.reshape(jnp.swapaxes(features, 0, 1), (-1, features.shape[-1])) if views > 1 else features
+  return z, labels, views
+
+
+def segment_stats(z32: jax.Array, ids: jax.Array, valid: jax.Array | None = None):
+  """Per row: Σ of the valid rows sharing its id (including itself) and how many there are."""
+  m = z32.shape[0]
+  ones = jnp.ones((m,), jnp.float32) if valid is None else valid.astype(jnp.float32)
+  total = jax.ops.segment_sum(zero_invalid(z32, None if valid is None else valid[:, None]), ids,
+                              num_segments=m)[ids]
+  count = jax.ops.segment_sum(ones, ids, num_segments=m)[ids]
+  return total, count
+
+
+def row_mask(mask, n: int, views: int):
+  """The (N,) sample mask checked, and tiled over the views of the view-major rows (None: no mask)."""
+  mask = sample_mask(mask, n)
+  return mask, None if mask is None else jnp.tile(mask, views)
+
+
+def and_valid(a: jax.Array, valid: jax.Array | None) -> jax.Array:
+  """a & valid, or a when there is no mask (valid None)."""
+  return a if valid is None else a & valid
 
 # --------------------------------------------------------------------------- batches split over devices
 def check_global_batch(name: str, x: jax.Array, minimum: int, axis_name, why: str = "") -> None:

@@ -14,6 +14,9 @@ Liu, Chen, Liu, Jegelka & You, ICML 2025). The pieces are pure functions of the 
 - `sae_pre_activation`, `sae_encode`, `sae_decode`: the autoencoder;
 - `csr_contrastive`: the contrastive term on the (L2-normalised) sparse codes, on every engine;
 - `csr`: the whole objective, returning a `CSROutput` (total and parts, and the dead-latent counters).
+
+The autoencoder functions stay here, jax-only, because the CSR loss is a function of the autoencoder's
+parameters; the Flax module that holds those parameters is `jaxcl.models.SparseAutoencoder`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Supervised contrastive learning (SupCon): every same-label view is a positive."""
+"""SupCon family: supervised contrastive losses in which every same-label view is a positive (SupCon,
+and focal SupCon of Core-tuning, which weights the hard positives up)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,9 @@ import numpy as np
 
 from jaxcl import _checks
 from jaxcl import ops
+from jaxcl.ops import engines
 from jaxcl.losses import _common
-
-
-def _class_ids(labels: jax.Array) -> jax.Array:
-  """Compact ids in [0, n): the position of each label's first occurrence among the sorted labels.
-
-  Equal labels get equal ids and different labels different ids, whatever the label values (negative,
-  large, sparse), with static shapes so it works under `jit`.
-  """
-  return jnp.searchsorted(jnp.sort(labels), labels, side="left").astype(jnp.int32)
+from jaxcl.losses import _tiled
 
 
 @_common.keyword_only
@@ -103,7 +97,7 @@ def supcon(
   z32 = _common.zero_invalid(z.astype(jnp.float32), None if valid is None else valid[:, None])
   ones = jnp.ones((m,), jnp.float32) if valid is None else valid.astype(jnp.float32)
   if axis_name is None:
-    ids = jnp.tile(_class_ids(labels), views)
+    ids = jnp.tile(_common.compact_ids(labels), views)
     class_sum = jax.ops.segment_sum(z32, ids, num_segments=m)[ids]
     class_size = jax.ops.segment_sum(ones, ids, num_segments=m)[ids]
   else:  # labels are compared across devices as they are (only equality matters)
@@ -123,3 +117,99 @@ def supcon(
                       impl=impl, axis_name=axis_name).rows
   per_anchor = factor * (_common.zero_invalid(lse, has_pos) - mean_pos)
   return _common.reduce_loss(per_anchor, reduction, has_pos, axis_name)
+
+
+# ------------------------------------------------------------------------------------- focal SupCon
+@_common.keyword_only
+def focal_supcon(
+    features: jax.Array,
+    labels: jax.Array,
+    *,
+    temperature: float | jax.Array = 0.07,
+    gamma: float | jax.Array = 1.0,
+    average: str = "batch",
+    normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
+    impl: str = "auto",
+) -> jax.Array:
+  r"""Focal supervised contrastive loss: SupCon with hard positives weighted up.
+
+  The contrastive regulariser of Core-tuning, "Unleashing the Power of Contrastive Self-Supervised
+  Visual Models via Contrast-Regularized Fine-Tuning" (Zhang et al., NeurIPS 2021). With the M rows
+  (samples × views), p_ap = exp(s_ap/τ) / Σ_{b ≠ a} exp(s_ab/τ) and P(a) the same-label views of anchor a:
+
+      loss = mean_{a: P(a) ≠ ∅} −1/n(a) Σ_{p ∈ P(a)} (1 − p_ap)^γ log p_ap
+      n(a) = M (`average="batch"`)  or  |P(a)| (`average="positives"`)
+
+  The defaults follow the authors' code (Vanint/Core-tuning, `focal_SupConLoss`: the weight (1 − p) to
+  the first power, γ = 1; the per-anchor sum divided by the row count M, a `.mean(1)` over all
+  columns; τ = 0.07; anchors without positives left out of the mean). γ = 0 with
+  `average="positives"` is `supcon`; γ generalises the factor as in "Focal Loss for Dense Object
+  Detection". The denominator is one log-sum-exp per anchor on `impl`; the focal factor is a
+  non-linear function of each positive logit, so the positive sum is a separate row reduction: tiled
+  (O(M·tile) memory) on every engine but `dense`, where it uses the M×M matrix.
+
+  Args:
+    features: (N, D), or (N, V, D) with V views per sample.
+    labels: (N,) integer class labels.
+    temperature: τ > 0 (may be traced). gamma: γ >= 0 (may be traced).
+    average: "batch" (divide each anchor's sum by M, the authors' code) or "positives" (by |P(a)|,
+      SupCon's mean over positives).
+    normalize: L2-normalise the features first.
+    reduction: "mean" (over the anchors with a positive), "sum" or "none": the (N·V,) per-anchor
+      terms −1/n(a) Σ_p (1 − p_ap)^γ log p_ap in view-major order (row v·N + i is view v of sample i),
+      0 for anchors without a positive.
+    mask: None or bool (N,): False marks padding samples, whose views are neither anchors, positives
+      nor negatives (M then counts the real rows only, for `average="batch"`).
+    impl: similarity engine, see `jaxcl.ops.available_impls()`.
+  Returns:
+    Scalar float32 loss, or (N·V,) with `reduction="none"`.
+
+  >>> import jax.numpy as jnp
+  >>> x = jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+  >>> # p = e / (e + 2) for every positive: (2 / (e + 2))^γ * (log(e + 2) - 1), then / M = 4
+  >>> round(float(focal_supcon(x, jnp.array([0, 0, 1, 1]), temperature=1.0)), 4)
+  0.0584
+  >>> round(float(focal_supcon(x, jnp.array([0, 0, 1, 1]), temperature=1.0, gamma=2.0, average="positives")), 4)
+  0.0991
+  """
+  z, labels, views = _common.views_to_rows("features", features, labels)
+  inv_t = _common.inverse_temperature(temperature)
+  _checks.check_non_negative("gamma", gamma)
+  _checks.check_choice("average", average, ("batch", "positives"))
+  _common.check_reduction(reduction)
+  mask, valid = _common.row_mask(mask, labels.shape[0], views)
+  gamma = jnp.asarray(gamma, jnp.float32)
+  z = _common.maybe_normalize(z, normalize)
+  m = z.shape[0]
+  ids = jnp.tile(_common.compact_ids(labels), views)
+  rows = jnp.arange(m, dtype=jnp.int32)
+  lse = ops.logsumexp(z, z, scale=inv_t, exclude=ops.diagonal(m), row_valid=valid, col_valid=valid,
+                      impl=impl).rows
+  lse = _common.zero_invalid(lse, valid)
+  # A padding id that equals no real one (compact ids lie in [0, m)): padding is nobody's positive.
+  ids = ids if valid is None else jnp.where(valid, ids, -1)
+
+  def focal(s, col_ids):
+    positive = (ids[:, None] == ids[col_ids][None, :]) & (rows[:, None] != col_ids[None, :])
+    positive = positive & (ids[:, None] >= 0)
+    log_p = jnp.where(positive, s - lse[:, None], 0.0)
+    weight = jnp.where(positive, -jnp.expm1(log_p), 0.0)  # 1 − p, accurate near p = 1
+    # weight^γ with 0^0 = 1 and a finite gradient at weight = 0.
+    safe = jnp.where(weight > 0, weight, 1.0)
+    factor = jnp.where(weight > 0, safe ** gamma, jnp.where(gamma == 0, 1.0, 0.0))
+    return jnp.where(positive, factor * log_p, 0.0)
+
+  def focal_clamped(s, col_ids):
+    # Padded columns of the last tile index past the ids: clamp them (row_sum drops their values).
+    return focal(s, jnp.minimum(col_ids, m - 1))
+
+  total = _tiled.row_sum(z, z, inv_t, focal_clamped, dense=engines.is_dense(impl, m, m))
+  _, count = _common.segment_stats(jnp.zeros((m, 1), jnp.float32), jnp.maximum(ids, 0), valid)
+  n_pos = count - 1.0
+  has = _common.and_valid(n_pos > 0, valid)
+  n_rows = jnp.float32(m) if valid is None else jnp.sum(valid.astype(jnp.float32))
+  n_a = jnp.maximum(n_pos, 1.0) if average == "positives" else n_rows
+  per_anchor = jnp.where(has, -total / n_a, 0.0)
+  return _common.reduce_loss(per_anchor, reduction, has)

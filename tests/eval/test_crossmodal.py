@@ -10,11 +10,11 @@ from jaxcl.eval.crossmodal import (
     dbnorm_scores, description_accuracy, description_scores, gallery_log_normalizer, hubness, remove_modality_gap)
 from jaxcl.eval.geometry import modality_gap
 from jaxcl.eval.zero_shot import zero_shot_logits
-from tests import reference
+from tests.losses import reference
 from tests.helpers import randn
 
 
-normalize = reference.normalize
+normalize = reference.common.normalize
 
 
 def ref_dbnorm(q, g, qb, gb, bq, bg):

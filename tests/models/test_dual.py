@@ -12,7 +12,7 @@ from jaxcl.models.dual import DualEncoder
 from jaxcl.models.mlp import MLP
 from jaxcl.models.resnet import ResNet
 from jaxcl.models.text import TextTransformer
-from tests import reference
+from tests.losses import reference
 from tests.helpers import key, randn, random_variables
 from tests.models.reference import TOKENS
 
@@ -71,11 +71,11 @@ def test_dual_encoder_gradients_reach_scale_and_bias(loss):
   # d loss / d log-scale (and d bias) by central differences of the float64 reference loss.
   def ref(theta):
     if loss == "clip":
-      return reference.clip(img, txt, np.exp(theta[0]))
-    return reference.siglip(img, txt, np.exp(theta[0]), theta[1])
+      return reference.clip.clip(img, txt, np.exp(theta[0]))
+    return reference.clip.siglip(img, txt, np.exp(theta[0]), theta[1])
 
   theta = np.array([np.log(3.0), -2.0])
-  want = reference.numerical_grad(ref, theta)
+  want = reference.common.numerical_grad(ref, theta)
   np.testing.assert_allclose(float(grads["logit_scale"]), want[0], rtol=1e-4, atol=1e-6)
   assert abs(want[0]) > 1e-3
   if loss == "siglip":

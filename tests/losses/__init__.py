@@ -1,0 +1,1 @@
+"""Tests of jaxcl/losses, one test_<module>.py per module of the package."""
