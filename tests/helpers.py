@@ -440,3 +440,45 @@ def blobs(seed, n_per_class, num_classes, d, spread):
   x = centres[y] + spread * rng.standard_normal((len(y), d))
   perm = rng.permutation(len(y))
   return x[perm].astype(np.float32), y[perm].astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------ data
+# Shared by tests/data/: the digits and image-folder configs, small images (PNG files and bytes).
+def digits_config(data_dir, **overrides):
+  from jaxcl.data import sources  # pylint: disable=import-outside-toplevel
+
+  cfg = sources.default_data_config("digits")
+  cfg.data_dir = str(data_dir)
+  cfg.update(overrides)
+  return cfg
+
+
+def pattern(i, h, w, c):
+  rng = np.random.default_rng(100 + i)
+  return rng.integers(0, 256, (h, w, c), dtype=np.uint8)
+
+
+def png_bytes(array):
+  import io  # pylint: disable=import-outside-toplevel
+
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  buf = io.BytesIO()
+  Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def save_image(path, array):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
+
+
+def folder_config(folder, **overrides):
+  from jaxcl.data import sources  # pylint: disable=import-outside-toplevel
+
+  cfg = sources.default_data_config("folder")
+  cfg.folder = str(folder)
+  cfg.update(overrides)
+  return cfg

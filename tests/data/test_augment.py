@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxcl.data import augment
-from tests.data.helpers import bilinear_reference
+from tests.data.reference import bilinear_reference
 
 
 def _config(**overrides):

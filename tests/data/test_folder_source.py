@@ -8,7 +8,7 @@ import PIL.Image
 import pytest
 
 from jaxcl.data import sources
-from tests.data.helpers import folder_config, pattern, save_image
+from tests.helpers import folder_config, pattern, save_image
 
 
 def _no_decoding(*args, **kwargs):

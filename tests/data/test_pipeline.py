@@ -6,7 +6,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxcl.data import digits, pipeline, sources
-from tests.data.helpers import digits_config
+from tests.helpers import digits_config
 
 
 def _indices(loader, n):

@@ -6,7 +6,8 @@ import pytest
 from sklearn import datasets as sk_datasets
 
 from jaxcl.data import sources
-from tests.data.helpers import bilinear_reference, digits_config
+from tests.data.reference import bilinear_reference
+from tests.helpers import digits_config
 
 
 def test_split_batches_of_processes_cover_the_split_once_in_order(digits_dir):

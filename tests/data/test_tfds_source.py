@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from jaxcl.data import digits, sources, tfds_source
-from tests.data.helpers import digits_config, pattern, png_bytes
+from tests.helpers import digits_config, pattern, png_bytes
 
 
 def test_digits_source(digits_dir, sk_digits):
