@@ -10,6 +10,7 @@ takes `impl=` to choose the engine.
 | sigmoid | siglip |
 | metric learning | triplet, batch_hard_triplet |
 | geometry | alignment, uniformity |
+| softmax, nearest-neighbour positives from a support set | nnclr |
 | non-contrastive | negative_cosine, barlow_twins, vicreg |
 | wrappers | matryoshka |
 | metric (no gradient) | retrieval_accuracy (in-batch top-1, both directions) |
@@ -50,6 +51,7 @@ from jaxcl.losses.late_interaction import filip, filip_similarity
 from jaxcl.losses.infonce import dcl, dclw, infonce, nt_xent
 from jaxcl.losses.matryoshka import matryoshka
 from jaxcl.losses.matryoshka_2d import STARBUCKS_PAIRS, layer_kl, matryoshka_2d, starbucks
+from jaxcl.losses.nearest_neighbour import nnclr
 from jaxcl.losses.triplet import batch_hard_triplet, triplet
 from jaxcl.losses.snr import snr_distance, snr_triplet
 from jaxcl.losses.spherical_z import spherical_z_contrastive, spherical_z_loss
@@ -140,6 +142,7 @@ __all__ = [
     "multiview_infonce",
     "mv_dhel",
     "negative_cosine",
+    "nnclr",
     "nt_xent",
     "one_to_k_clip",
     "poly_view",

@@ -43,7 +43,7 @@ from jaxcl.train import text
 
 # The values of `config.loss.name` that have a sharded form (`impl="allgather" | "ring"`).
 SHARDABLE_LOSSES = ("nt_xent", "dcl", "dclw", "supcon", "infonce", "clip", "siglip", "macl", "hn_nce",
-                    "mcl_nt_xent")
+                    "mcl_nt_xent", "nnclr")
 
 
 _REGISTRY: dict[str, "Method"] = {}
@@ -162,6 +162,14 @@ class Method:
     """(a, b, (name a → b, name b → a)): two (B, E) embeddings whose row i are positives, for the logged
     in-batch top-1 accuracy (`in_batch_accuracy`); None: no accuracy is logged."""
     return None
+
+
+def fifo_enqueue(queue: jax.Array, ptr: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A first-in first-out queue of embeddings (a MoCo queue, an NNCLR support set): `rows` (n, E) written
+  over the oldest n entries of `queue` (Q, E) at `ptr`, and the next pointer (ptr + n) mod Q. Q must be
+  a multiple of n (the methods check it), so a write never wraps."""
+  queue = jax.lax.dynamic_update_slice(queue, rows.astype(queue.dtype), (ptr, 0))
+  return queue, (ptr + rows.shape[0]) % queue.shape[0]
 
 
 class ImageModel(nn.Module):
