@@ -11,6 +11,7 @@ takes `impl=` to choose the engine.
 | metric learning | triplet, batch_hard_triplet |
 | geometry | alignment, uniformity |
 | softmax, nearest-neighbour positives from a support set | nnclr |
+| online clustering against prototypes | swav, sinkhorn_knopp |
 | non-contrastive | negative_cosine, barlow_twins, vicreg |
 | wrappers | matryoshka |
 | metric (no gradient) | retrieval_accuracy (in-batch top-1, both directions) |
@@ -52,6 +53,7 @@ from jaxcl.losses.infonce import dcl, dclw, infonce, nt_xent
 from jaxcl.losses.matryoshka import matryoshka
 from jaxcl.losses.matryoshka_2d import STARBUCKS_PAIRS, layer_kl, matryoshka_2d, starbucks
 from jaxcl.losses.nearest_neighbour import nnclr
+from jaxcl.losses.prototypes import sinkhorn_knopp, swav
 from jaxcl.losses.triplet import batch_hard_triplet, triplet
 from jaxcl.losses.snr import snr_distance, snr_triplet
 from jaxcl.losses.spherical_z import spherical_z_contrastive, spherical_z_loss
@@ -154,6 +156,7 @@ __all__ = [
     "sbcl",
     "siglip",
     "similarity_distillation",
+    "sinkhorn_knopp",
     "snr_distance",
     "snr_triplet",
     "softclip",
@@ -162,6 +165,7 @@ __all__ = [
     "starbucks",
     "subclass_kmeans",
     "supcon",
+    "swav",
     "symile",
     "topk_activation",
     "topk_mask",
