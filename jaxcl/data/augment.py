@@ -5,7 +5,8 @@ The SimCLR recipe ("A Simple Framework for Contrastive Learning of Visual Repres
 
     1. random resized crop: area fraction s ~ U(crop_scale), aspect r ~ logU(crop_ratio),
        box (h, w) = (√(s·H·W/r), √(s·H·W·r)), up to 10 tries to fit (else the central box of the
-       clamped aspect), offset uniform; resampled back to (H, W) bilinearly
+       clamped aspect), offset uniform; resampled bilinearly back to (H, W), or to (S, S) with
+       `output_size` S > 0 (the small views of multi-crop, SwAV)
     2. horizontal flip with probability 1/2                                   (if `flip`)
     3. colour jitter with probability jitter_prob, the four ops in random order, each clipped to [0, 1]:
        x·b, b ~ U(1−brightness, 1+brightness);  contrast c ~ U(1−contrast, 1+contrast) about the mean;
@@ -41,7 +42,7 @@ REQUIRED_KEYS = (
     "crop_scale", "crop_ratio", "flip", "jitter_prob", "brightness", "contrast", "saturation",
     "hue", "grayscale_prob", "blur_prob", "blur_sigma",
 )
-OPTIONAL_KEYS = {"solarize_prob": 0.0}
+OPTIONAL_KEYS = {"solarize_prob": 0.0, "output_size": 0}
 CROP_ATTEMPTS = 10
 _NUM_CROP = 2 * CROP_ATTEMPTS + 2
 _NUM_JITTER = 8
@@ -62,6 +63,7 @@ class AugParams(NamedTuple):
   blur_prob: float
   blur_sigma: tuple[float, float]
   solarize_prob: float
+  output_size: int = 0  # the side of the square output; 0: the input's (H, W)
 
 
 def default_aug_config(strength: str = "simclr"):
@@ -118,6 +120,12 @@ def _number(name: str, value: Any, low: float, high: float) -> float:
   return float(value)
 
 
+def _size(name: str, value: Any) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise ValueError(f"`aug_config.{name}` must be an int >= 0 (0: the input's size), got {value!r}.")
+  return int(value)
+
+
 def parse_aug_config(aug_config: Any) -> AugParams:
   """Validates an aug_config (ConfigDict, dict or AugParams) into a hashable `AugParams`.
 
@@ -155,6 +163,7 @@ def parse_aug_config(aug_config: Any) -> AugParams:
       blur_prob=_number("blur_prob", c["blur_prob"], 0.0, 1.0),
       blur_sigma=_range("blur_sigma", c["blur_sigma"], 0.0, math.inf),
       solarize_prob=_number("solarize_prob", c["solarize_prob"], 0.0, 1.0),
+      output_size=_size("output_size", c["output_size"]),
   )
 
 
@@ -212,29 +221,36 @@ def _sample_crop_box(key, height, width, scale, ratio):
   return _crop_box(_uniforms(key, _NUM_CROP), height, width, scale, ratio)
 
 
-def _interpolation_matrix(start: jax.Array, size: jax.Array, n: int) -> jax.Array:
-  """(n, n) bilinear weights: row i samples start + (i + ½)·size/n − ½, clamped to [0, n−1]."""
+def _interpolation_matrix(start: jax.Array, size: jax.Array, n: int, n_out: int | None = None) -> jax.Array:
+  """(n_out, n) bilinear weights (n_out = n by default): row i samples start + (i + ½)·size/n_out − ½,
+  clamped to [0, n−1]."""
+  n_out = n if n_out is None else n_out
   grid = jnp.arange(n, dtype=jnp.float32)
-  centres = jnp.clip(start + (grid + 0.5) * (size / n) - 0.5, 0.0, n - 1.0)
+  rows = jnp.arange(n_out, dtype=jnp.float32)
+  centres = jnp.clip(start + (rows + 0.5) * (size / n_out) - 0.5, 0.0, n - 1.0)
   return jnp.maximum(0.0, 1.0 - jnp.abs(centres[:, None] - grid[None, :]))
 
 
-@jax.jit
-def crop_and_resize(image: jax.Array, box: jax.Array) -> jax.Array:
-  """Bilinear resampling of the box (top, left, h, w) of an (H, W, C) image back to (H, W, C).
+@functools.partial(jax.jit, static_argnames=("output_size",))
+def crop_and_resize(image: jax.Array, box: jax.Array, output_size: int = 0) -> jax.Array:
+  """Bilinear resampling of the box (top, left, h, w) of an (H, W, C) image to (H, W, C), or to
+  (S, S, C) with `output_size` S > 0.
 
-  Output pixel (i, j) reads the input at y = top + (i + ½)·h/H − ½, x = left + (j + ½)·w/W − ½
-  (pixel centres; coordinates outside the image are clamped to the border). Written as two small
-  interpolation matrices, out = W_y · image · W_xᵀ (cheap to compile, MXU-friendly on TPU).
+  Output pixel (i, j) reads the input at y = top + (i + ½)·h/H' − ½, x = left + (j + ½)·w/W' − ½, with
+  (H', W') the output size (pixel centres; coordinates outside the image are clamped to the border).
+  Written as two small interpolation matrices, out = W_y · image · W_xᵀ (cheap to compile, MXU-friendly
+  on TPU).
 
   >>> x = jnp.arange(16.0).reshape(4, 4, 1)
   >>> crop_and_resize(x, jnp.array([0.0, 0.0, 4.0, 4.0]))[..., 0].tolist() == x[..., 0].tolist()
   True
+  >>> crop_and_resize(x, jnp.array([0.0, 0.0, 4.0, 4.0]), output_size=2)[..., 0].tolist()  # 2x2 means
+  [[2.5, 4.5], [10.5, 12.5]]
   """
   height, width = image.shape[0], image.shape[1]
   box = jnp.asarray(box, jnp.float32)
-  w_y = _interpolation_matrix(box[0], box[2], height)
-  w_x = _interpolation_matrix(box[1], box[3], width)
+  w_y = _interpolation_matrix(box[0], box[2], height, output_size or None)
+  w_x = _interpolation_matrix(box[1], box[3], width, output_size or None)
   out = jnp.einsum(
       "iy,yxc,jx->ijc", w_y, image.astype(jnp.float32), w_x, precision=jax.lax.Precision.HIGHEST
   )
@@ -325,7 +341,7 @@ def augment_image(key: jax.Array, image: jax.Array, params: AugParams) -> jax.Ar
   height, width = image.shape[0], image.shape[1]
   x = image.astype(jnp.float32)
   box = _crop_box(u_crop, height, width, params.crop_scale, params.crop_ratio)
-  x = jnp.clip(crop_and_resize(x, box), 0.0, 1.0)
+  x = jnp.clip(crop_and_resize(x, box, params.output_size), 0.0, 1.0)
   if params.flip:
     x = jnp.where(u[0] < 0.5, x[:, ::-1, :], x)
   p = params

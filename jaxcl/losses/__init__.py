@@ -14,6 +14,8 @@ takes `impl=` to choose the engine.
 | sigmoid | siglip |
 | metric learning | triplet, batch_hard_triplet |
 | geometry | alignment, uniformity |
+| softmax, nearest-neighbour positives from a support set | nnclr |
+| online clustering against prototypes | swav, sinkhorn_knopp |
 | non-contrastive | negative_cosine, barlow_twins, vicreg |
 | wrappers | matryoshka |
 | metric (no gradient) | retrieval_accuracy (in-batch top-1, both directions) |
@@ -59,6 +61,8 @@ from jaxcl.losses.late_interaction import filip, filip_similarity
 from jaxcl.losses.infonce import dcl, dclw, infonce, nt_xent
 from jaxcl.losses.matryoshka import matryoshka
 from jaxcl.losses.matryoshka_2d import STARBUCKS_PAIRS, layer_kl, matryoshka_2d, starbucks
+from jaxcl.losses.nearest_neighbour import nnclr
+from jaxcl.losses.prototypes import sinkhorn_knopp, swav
 from jaxcl.losses.triplet import batch_hard_triplet, triplet
 from jaxcl.losses.snr import snr_distance, snr_triplet
 from jaxcl.losses.spherical_z import spherical_z_contrastive, spherical_z_loss
@@ -139,6 +143,7 @@ __all__ = [
     "multiview_infonce",
     "mv_dhel",
     "negative_cosine",
+    "nnclr",
     "nt_xent",
     "one_to_k_clip",
     "poly_view",
@@ -150,6 +155,7 @@ __all__ = [
     "sbcl",
     "siglip",
     "similarity_distillation",
+    "sinkhorn_knopp",
     "snr_distance",
     "snr_triplet",
     "softclip",
@@ -158,6 +164,7 @@ __all__ = [
     "starbucks",
     "subclass_kmeans",
     "supcon",
+    "swav",
     "symile",
     "topk_activation",
     "topk_mask",

@@ -11,7 +11,9 @@ from jaxcl.ops.engines import (
 from jaxcl.ops.masks import diagonal
 from jaxcl.ops.reductions import (
     LogSumExp,
+    Nearest,
     logsumexp,
+    nearest,
     sigmoid_sum,
     top1,
     Top1,
@@ -25,6 +27,8 @@ __all__ = [
     "available_impls",
     "diagonal",
     "logsumexp",
+    "nearest",
+    "Nearest",
     "register_engine",
     "resolve_impl",
     "sigmoid_sum",

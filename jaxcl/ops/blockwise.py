@@ -474,5 +474,28 @@ def top1_scores(q, k, *, positives, include, tile: int | None = None):
   return lax.fori_loop(0, -(-n_cols // tile), body, _vma.like(init, q, k, positives, include))
 
 
+# ------------------------------------------------------------------------------------ nearest neighbour
+def nearest(q, k, *, tile: int | None = None):
+  """`jaxcl.ops.dense.nearest` one column tile at a time: (index, score) of each row's largest
+  <q_i, k_j>. Tiles run in column order and a later tile wins only with a strictly larger score, so ties
+  go to the smallest j as in the dense engine (the slid-back last tile's repeated columns never win).
+  No gradient."""
+  q, k = lax.stop_gradient(q), lax.stop_gradient(k)
+  n_rows, n_cols = q.shape[0], k.shape[0]
+  tile = tile_size(tile, n_cols, k.shape[1])
+
+  def body(t, carry):
+    best_index, best_score = carry
+    start, _ = tile_window(t, tile, n_cols)
+    s = _scores(q, lax.dynamic_slice_in_dim(k, start, tile))
+    j = jnp.argmax(s, axis=1).astype(jnp.int32)
+    score = jnp.take_along_axis(s, j[:, None], axis=1)[:, 0]
+    better = score > best_score
+    return jnp.where(better, start + j, best_index), jnp.where(better, score, best_score)
+
+  init = (jnp.zeros((n_rows,), jnp.int32), _neg_inf(n_rows))
+  return lax.fori_loop(0, -(-n_cols // tile), body, _vma.like(init, q, k))
+
+
 def _neg_inf(n):
   return jnp.full((n,), -jnp.inf, _F32)

@@ -54,3 +54,11 @@ def top1_scores(q, k, *, positives, include):
   over rows; −inf where there is none. No gradient."""
   s = jax.lax.stop_gradient(jnp.einsum("id,jd->ij", q, k, preferred_element_type=jnp.float32))
   return masks_lib.split_max(s, positives[0][:, None] == positives[1][None, :], masks_lib.dense_valid(None, include))
+
+
+def nearest(q, k):
+  """(index, score): per row the column j with the largest <q_i, k_j> (the smallest j on ties) and that
+  score, float32. No gradient."""
+  s = jax.lax.stop_gradient(jnp.einsum("id,jd->ij", q, k, preferred_element_type=jnp.float32))
+  index = jnp.argmax(s, axis=1).astype(jnp.int32)
+  return index, jnp.take_along_axis(s, index[:, None], axis=1)[:, 0]

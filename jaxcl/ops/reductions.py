@@ -248,3 +248,36 @@ def top1(
     scores = local.top1_scores(q, k, positives=positives, include=include)
   row_pos, row_neg, col_pos, col_neg = scores
   return Top1(row_pos > row_neg, col_pos > col_neg)
+
+
+class Nearest(NamedTuple):
+  index: jax.Array
+  score: jax.Array
+
+
+def nearest(q: jax.Array, k: jax.Array, *, impl: str = "auto") -> Nearest:
+  """Each query's nearest key by inner product, without the (Bq, Bk) matrix:
+
+      index_i = argmax_j <q_i, k_j>   (the smallest j on ties),      score_i = <q_i, k_{index_i}>
+
+  For cosine neighbours, L2-normalise q and k first. "dense" materialises S; "auto" is dense while
+  Bq·Bk <= DENSE_MAX_ELEMENTS; otherwise (and for any other single-device engine: an argmax needs no
+  fused kernel) `blockwise`'s loop over column tiles keeps a running maximum. Scores accumulate in
+  float32. No gradient: a neighbour is a selection (NNCLR's positives, kNN lookups).
+
+  Args:
+    q: (Bq, D) queries. k: (Bk, D) keys (a support set, a memory bank), Bk >= 1.
+  Returns:
+    Nearest(index=(Bq,) int32, score=(Bq,) float32).
+
+  >>> import jax.numpy as jnp
+  >>> k = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+  >>> nearest(jnp.array([[2.0, 1.0], [0.0, 3.0]]), k).index.tolist()  # row 0 ties columns 0 and 2
+  [0, 1]
+  """
+  q, k = _check_qk(q, k)
+  if k.shape[0] < 1:
+    raise ValueError(f"`k` must hold at least one key to search, got shape {k.shape}.")
+  local = dense if _local_impl(impl, q.shape[0], k.shape[0]) == "dense" else blockwise
+  return Nearest(*local.nearest(q, k))
+

@@ -147,9 +147,10 @@ def _compatible(value, default) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
   if isinstance(default, str):
     return isinstance(value, str)
-  if isinstance(default, (tuple, list)):
+  if isinstance(default, (tuple, list)):  # of ints, or of numbers when the default holds a float
+    kinds = (int, float) if any(isinstance(v, float) for v in default) else (int,)
     return isinstance(value, (tuple, list)) and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value)
+        isinstance(v, kinds) and not isinstance(v, bool) for v in value)
   return True
 
 
@@ -185,7 +186,10 @@ def check_config_schema(config) -> None:
           f"`config.{path}` must be {'a section (ConfigDict)' if default is dict else 'a value'}, got "
           f"{'a section' if value is dict else repr(value)}.")
     if default is not dict and not _compatible(value, default):
-      want = "a tuple of ints" if isinstance(default, (tuple, list)) else _type_name(default)
+      if isinstance(default, (tuple, list)):
+        want = f"a tuple of {'numbers' if any(isinstance(v, float) for v in default) else 'ints'}"
+      else:
+        want = _type_name(default)
       raise ValueError(
           f"`config.{path}` must be {want} (like the default {default!r}), got {value!r} of type "
           f"{_type_name(value)}.")

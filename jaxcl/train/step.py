@@ -8,6 +8,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxcl import grad_cache
@@ -37,35 +38,57 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
   key = jax.random.fold_in(jax.random.key(config.seed), state.step)
   images = batch["image"]
   b = images.shape[0]
-  v = config.num_views
   views = not method.image_text
+  groups = method.view_groups(config, setup.aug) if views else ()  # ((count, augmentation), ...)
+  v = sum(count for count, _ in groups)
   # Per-example augmentation keys: the views of example i are the same whether the batch is augmented
   # at once or a chunk at a time (gradient caching augments inside each chunk).
   keys = augment.example_keys(key, b, v if views else None)
 
   def model_inputs(images, keys, *rest):
-    """The model's inputs from raw images (augmented here) and the other fields of (a chunk of) the batch."""
+    """The model's inputs from raw images (augmented here) and the other fields of (a chunk of) the
+    batch: a views method's (b·count, H, W, C) images of each view group."""
     images = devices.decode_images(images, setup.info.image_shape)
     if views:
-      augmented = augment.augment_examples(keys, images, setup.aug)
-      # Sample-major (b, v) order: each device keeps its own samples' views, so the batch sharding
-      # survives the merge (view-major would split no device-contiguous block and gather the batch).
-      return (jnp.swapaxes(augmented, 0, 1).reshape((-1,) + augmented.shape[2:]),)
+      inputs, start = [], 0
+      for count, aug in groups:
+        augmented = augment.augment_examples(keys[:, start:start + count], images, aug)
+        start += count
+        # Sample-major (b, v) order: each device keeps its own samples' views, so the batch sharding
+        # survives the merge (view-major would split no device-contiguous block and gather the batch).
+        inputs.append(jnp.swapaxes(augmented, 0, 1).reshape((-1,) + augmented.shape[2:]))
+      return tuple(inputs)
     return (augment.augment_examples(keys, images, setup.aug), *rest)
 
   raw = (images, keys) if views else (images, keys, batch["text"])
 
   def apply(params, batch_stats, *xs):
-    return model.apply({"params": params, "batch_stats": batch_stats}, *xs, train=True,
-                       mutable=["batch_stats"])
+    """The model on the inputs: one call, or for a views method one call per view group (its batch
+    statistics passed on from group to group) with the outputs concatenated along the examples."""
+    run = lambda stats, *inputs: model.apply({"params": params, "batch_stats": stats}, *inputs, train=True,
+                                             mutable=["batch_stats"])
+    if len(groups) <= 1:
+      return run(batch_stats, *xs)
+    outs = []
+    for x in xs:
+      out, mutated = run(batch_stats, x)
+      batch_stats = mutated.get("batch_stats", batch_stats)
+      outs.append(out)
+    return {k: jnp.concatenate([o[k] for o in outs]) for k in outs[0]}, {"batch_stats": batch_stats}
 
   def by_view(out: dict) -> dict:
-    """The model's outputs as the method's loss sees them: (V, B, E) projections (and predictions) of a
-    views method; an image-text model's as they are."""
+    """The model's outputs as the method's loss sees them: (V, B, E) projections (and predictions,
+    prototype scores) of a views method, its view groups in order; an image-text model's as they are."""
     if not views:
       return out
-    split = lambda x: jnp.swapaxes(x.reshape((b, v) + x.shape[1:]), 0, 1)  # (b·v, ...) -> (v, b, ...)
-    return {k: split(out[k]) for k in ("projection", "prediction") if k in out}
+    by_sample = lambda x, count: jnp.swapaxes(x.reshape((b, count) + x.shape[1:]), 0, 1)  # (b·c, ...) -> (c, b, ...)
+
+    def split(x):  # (b·count_1 + b·count_2 + ..., ...) -> (v, b, ...)
+      if len(groups) == 1:
+        return by_sample(x, v)
+      ends = np.cumsum([b * count for count, _ in groups])[:-1]
+      return jnp.concatenate([by_sample(part, count) for part, (count, _) in zip(jnp.split(x, ends), groups)])
+    return {k: split(out[k]) for k in ("projection", "prediction", "prototype_scores") if k in out}
 
   def logged_only(metric):
     """metric() on the steps whose metrics the loop writes (every `config.log_every`-th and the last),
@@ -106,7 +129,7 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   grad_finite = jax.tree.map(lambda g: jnp.all(jnp.isfinite(g)), grads)
   updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params = method.constrain_params(config, optax.apply_updates(state.params, updates), state.params, state.step)
   # Gradient accumulation: whether this micro-step applied the optimizer update.
   updated = setup.tx.has_updated(opt_state) if isinstance(setup.tx, optax.MultiSteps) else True
   method_state = method.after_update(config, jax.lax.stop_gradient(aux["method_state"]), params, updated)
@@ -133,7 +156,7 @@ def _cached_loss_and_grads(config, setup: Setup, state: TrainState, raw: tuple, 
   parameters), each chunk's augmentation and forward again under vjp. BatchNorm normalises each chunk
   by its own statistics; the new running statistics are the average of the chunks' updates (the
   running mean as from the whole batch, the running variance from the within-chunk variances)."""
-  per_example = ("projection", "prediction", "image", "text")
+  per_example = ("projection", "prediction", "prototype_scores", "image", "text")
 
   def embed(params, chunk):
     out, mutated = apply(params, state.batch_stats, *model_inputs(*chunk))

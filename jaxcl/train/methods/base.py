@@ -43,7 +43,7 @@ from jaxcl.train import text
 
 # The values of `config.loss.name` that have a sharded form (`impl="allgather" | "ring"`).
 SHARDABLE_LOSSES = ("nt_xent", "dcl", "dclw", "supcon", "infonce", "clip", "siglip", "macl", "hn_nce",
-                    "mcl_nt_xent")
+                    "mcl_nt_xent", "nnclr")
 
 
 _REGISTRY: dict[str, "Method"] = {}
@@ -158,19 +158,35 @@ class Method:
     """The method state after the optimizer step; `updated` is False on gradient-accumulation micro-steps."""
     return state
 
+  def constrain_params(self, config, params: Any, previous: Any, step: jax.Array) -> Any:
+    """The parameters the optimizer step at `step` ends with, from its update `params` and the step's
+    starting parameters `previous`: where a method keeps parameters on a constraint set or holds some
+    fixed for a while (SwAV: unit-norm prototypes, frozen over the first steps). Also applied to the
+    initial parameters (`params` = `previous`, step 0). The update as it is for most methods."""
+    return params
+
   def positive_pairs(self, outputs: dict, extras: dict) -> tuple[jax.Array, jax.Array, tuple[str, str]] | None:
     """(a, b, (name a → b, name b → a)): two (B, E) embeddings whose row i are positives, for the logged
     in-batch top-1 accuracy (`in_batch_accuracy`); None: no accuracy is logged."""
     return None
 
 
+def fifo_enqueue(queue: jax.Array, ptr: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A first-in first-out queue of embeddings (a MoCo queue, an NNCLR support set): `rows` (n, E) written
+  over the oldest n entries of `queue` (Q, E) at `ptr`, and the next pointer (ptr + n) mod Q. Q must be
+  a multiple of n (the methods check it), so a write never wraps."""
+  queue = jax.lax.dynamic_update_slice(queue, rows.astype(queue.dtype), (ptr, 0))
+  return queue, (ptr + rows.shape[0]) % queue.shape[0]
+
+
 class ImageModel(nn.Module):
-  """encoder → projection head → (optional) prediction head."""
+  """encoder → projection head → (optional) prediction head and prototype scores."""
 
   encoder: nn.Module
   projection_dims: tuple[int, ...]
   predictor_dim: int = 0
   norm: str = "batch"
+  num_prototypes: int = 0  # > 0: "prototype_scores" <ẑ, c_k> against K learned prototypes (SwAV)
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -183,6 +199,9 @@ class ImageModel(nn.Module):
       out["prediction"] = models.PredictionHead(
           hidden_dim=self.predictor_dim, out_dim=self.projection_dims[-1]
       )(z, train=train)
+    if self.num_prototypes:  # a bias-free Dense whose (E, K) kernel columns are the prototypes
+      out["prototype_scores"] = nn.Dense(self.num_prototypes, use_bias=False, name="prototypes")(
+          losses.l2_normalize(z))
     return out
 
 
@@ -215,6 +234,13 @@ class ViewsMethod(Method):
   def build_model(self, config, text_side):
     m = config.model
     return ImageModel(build_encoder(config), tuple(m.projection_dims), m.predictor_dim, norm=m.norm)
+
+  def view_groups(self, config, aug) -> tuple[tuple[int, Any], ...]:
+    """The views of each example as groups of one image shape, ((count, augmentation config), ...); the
+    model runs once per group and `loss` sees the groups' views in this order along V. Default: one
+    group of `config.num_views` views of the run's augmentation `aug`. (SwAV's multi-crop adds a group
+    of small crops.)"""
+    return ((config.num_views, aug),)
 
 
 def loss_impl(config: ml_collections.ConfigDict):

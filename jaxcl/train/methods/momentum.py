@@ -99,10 +99,8 @@ class MoCo(WithTargetNetwork):
       loss = 0.5 * (
           losses.infonce(q[0], k[1], temperature=t, negatives=neg, in_batch_negatives=False, **engine)
           + losses.infonce(q[1], k[0], temperature=t, negatives=neg, in_batch_negatives=False, **engine))
-      keys = losses.l2_normalize(k[1])
-      queue = jax.lax.dynamic_update_slice(state["queue"], keys.astype(state["queue"].dtype), (state["queue_ptr"], 0))
-      state = {**state, "queue": queue,
-               "queue_ptr": (state["queue_ptr"] + k.shape[1]) % config.momentum.queue_size}
+      queue, ptr = base.fifo_enqueue(state["queue"], state["queue_ptr"], losses.l2_normalize(k[1]))
+      state = {**state, "queue": queue, "queue_ptr": ptr}
     else:  # MoCo v3: symmetric, in-batch negatives
       loss = 0.5 * (losses.infonce(q[0], k[1], temperature=t, **engine)
                     + losses.infonce(q[1], k[0], temperature=t, **engine))

@@ -1,0 +1,106 @@
+"""SwAV: "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments" (Caron et al.,
+NeurIPS 2020).
+
+The `ImageModel` scores each view's L2-normalised projection against K learned prototypes (the columns
+of a bias-free Dense layer named "prototypes"); each of the first two views' scores give Sinkhorn-Knopp
+codes over the global batch, which the other views predict (`losses.swav`). As in the authors'
+`main_swav.py`: the prototypes are renormalised to unit length before every step (here: at
+initialisation and after every optimizer update, `constrain_params`), and held fixed over the first
+`config.swav.freeze_prototypes_steps` steps (their update is discarded). Multi-crop
+(`config.swav.small_crops`): small views of another image size, run through the model as a second view
+group (`view_groups`; the encoder's BatchNorm normalises each group by its own statistics, as the
+authors' per-resolution forward passes do, and so does the projection head here, which the authors run
+on the concatenated groups). SwAV's queue of earlier embeddings (for small batches) is not wired into this
+method yet; `losses.swav` takes queue scores.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxcl import losses
+from jaxcl.train.methods import base
+
+
+def swav_section() -> ml_collections.ConfigDict:
+  """`config.swav`: prototypes and the Sinkhorn-Knopp codes (the authors' ImageNet defaults)."""
+  c = ml_collections.ConfigDict()
+  c.num_prototypes = 3000  # K
+  c.epsilon = 0.05  # ε of the codes' entropic regularisation
+  c.sinkhorn_iterations = 3
+  c.freeze_prototypes_steps = 313  # the prototypes stay fixed over the first steps (about one epoch)
+  # Multi-crop: besides the config.num_views = 2 views of the run's augmentation, `small_crops` views
+  # cropped from `small_crop_scale` of the area and resized to small_crop_size² (SwAV: 6 of 96² from
+  # 5-14 %, next to 2 of 224² from 14-100 %). They predict the codes of the two large views.
+  c.small_crops = 0
+  c.small_crop_size = 96
+  c.small_crop_scale = (0.05, 0.14)
+  return c
+
+
+def _unit_columns(kernel: jax.Array) -> jax.Array:
+  """Each prototype (a column of the (E, K) kernel) scaled to unit length."""
+  return kernel / jnp.maximum(jnp.linalg.norm(kernel, axis=0, keepdims=True), 1e-12)
+
+
+class SwAV(base.ViewsMethod):
+  name = "swav"
+  loss_names = ("swav",)
+
+  def config_sections(self):
+    return {"swav": swav_section()}
+
+  def check(self, config):
+    super().check(config)
+    s = config.swav
+    if s.num_prototypes < 2:
+      raise ValueError(f"`config.swav.num_prototypes` must be >= 2, got {s.num_prototypes}.")
+    if not s.epsilon > 0:
+      raise ValueError(f"`config.swav.epsilon` must be > 0, got {s.epsilon}.")
+    if s.sinkhorn_iterations < 1:
+      raise ValueError(f"`config.swav.sinkhorn_iterations` must be >= 1, got {s.sinkhorn_iterations}.")
+    if s.freeze_prototypes_steps < 0:
+      raise ValueError(f"`config.swav.freeze_prototypes_steps` must be >= 0, got {s.freeze_prototypes_steps}.")
+    if s.small_crops < 0 or s.small_crop_size < 1:
+      raise ValueError(f"`config.swav.small_crops` must be >= 0 and `config.swav.small_crop_size` >= 1, got "
+                       f"{s.small_crops} and {s.small_crop_size}.")
+    if s.small_crops and not config.model.encoder.startswith("resnet"):
+      raise ValueError(f"`config.swav.small_crops` > 0 (views of another image size) needs a convolutional "
+                       f"encoder (`config.model.encoder` 'resnet*'), got {config.model.encoder!r}.")
+
+  def grad_cache_conflict(self, config):
+    return "multi-crop views (`config.swav.small_crops` > 0)" if config.swav.small_crops else None
+
+  def view_groups(self, config, aug):
+    large = ((config.num_views, aug),)
+    s = config.swav
+    if not s.small_crops:
+      return large
+    small = {**dict(aug), "crop_scale": tuple(s.small_crop_scale), "output_size": int(s.small_crop_size)}
+    return large + ((s.small_crops, small),)
+
+  def build_model(self, config, text_side):
+    m = config.model
+    return base.ImageModel(base.build_encoder(config), tuple(m.projection_dims), m.predictor_dim, norm=m.norm,
+                           num_prototypes=config.swav.num_prototypes)
+
+  def constrain_params(self, config, params, previous, step):
+    frozen = step < config.swav.freeze_prototypes_steps
+    kernel = jnp.where(frozen, previous["prototypes"]["kernel"], params["prototypes"]["kernel"])
+    return {**params, "prototypes": {**params["prototypes"], "kernel": _unit_columns(kernel)}}
+
+  def loss(self, config, outputs, batch, state, *, mesh=None, forward=None):
+    scores = jnp.swapaxes(outputs["prototype_scores"], 0, 1)  # (V, B, K) -> (B, V, K)
+    s = config.swav
+    loss = losses.swav(scores, temperature=config.loss.temperature, epsilon=s.epsilon,
+                       iterations=s.sinkhorn_iterations, assign_views=(0, 1))
+    return loss, state, {}
+
+  def positive_pairs(self, outputs, extras):
+    z = outputs["projection"]
+    return z[0], z[1], ("accuracy_view1_to_view2", "accuracy_view2_to_view1")
+
+
+base.register(SwAV())
