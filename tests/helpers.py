@@ -158,6 +158,8 @@ def tiny(config, data_dir, steps=4, encoder="mlp"):
   config.model.embed_dim = 16
   if config.momentum.queue_size:
     config.momentum.queue_size = 64
+  if encoder == "mlp":  # an MLP takes one image size: no multi-crop views of another
+    config.swav.small_crops = 0
   config.eval.knn_k = 20
   config.eval.linear_probe = False
   config.eval.baselines = False

@@ -76,7 +76,7 @@ def per_example_state_size(info: sources.SourceInfo, num_devices: int | None = N
 def init_state(config, setup: Setup, key: jax.Array) -> TrainState:
   """The initial state: the model initialised from `key`, the optimizer state, and the method's state."""
   variables = setup.model.init({"params": key}, *sample_inputs(config, setup, 2), train=False)
-  params = setup.method.constrain_params(config, variables["params"], variables["params"], jnp.zeros((), jnp.int32))
+  params = setup.method.constrain_params(config, variables["params"])
   batch_stats = variables.get("batch_stats", {})
   num_ids = per_example_state_size(setup.info, setup.mesh.size if setup.mesh is not None else None)
   return TrainState(

@@ -94,6 +94,24 @@ def test_crop_and_resize_matches_reference():
     np.testing.assert_allclose(got, bilinear_reference(x, box), atol=2e-5)
 
 
+def test_crop_and_resize_to_another_size_matches_reference():
+  """`output_size` S samples the box at the S x S output's pixel centres (multi-crop's small views)."""
+  x = np.asarray(_images(2, 9, 7, 2)[0])
+  for box, size in (([0.0, 0.0, 9.0, 7.0], 4), ([1.3, 0.7, 4.2, 5.1], 3), ([0.2, 3.1, 8.5, 2.0], 11)):
+    got = augment.crop_and_resize(jnp.asarray(x), jnp.asarray(box, jnp.float32), output_size=size)
+    np.testing.assert_allclose(got, bilinear_reference(x, box, (size, size)), atol=2e-5)
+
+
+def test_small_views_of_a_multi_crop():
+  cfg = {**augment.default_aug_config("digits").to_dict(), "output_size": 5}
+  x = _images(3, 8, 8, 1)
+  views = augment.augment_examples(augment.example_keys(jax.random.key(0), 3, 4), x, cfg)
+  assert views.shape == (4, 3, 5, 5, 1)
+  assert float(views.min()) >= 0.0 and float(views.max()) <= 1.0
+  with pytest.raises(ValueError, match="`aug_config.output_size` must be an int >= 0"):
+    augment.augment_examples(augment.example_keys(jax.random.key(0), 3, 2), x, {**cfg, "output_size": -1})
+
+
 def test_crop_boxes_respect_scale_and_ratio():
   keys = jax.random.split(jax.random.key(0), 512)
   sample = lambda k: augment.sample_crop_box(k, 16, 24, (0.2, 0.6), (0.5, 2.0))  # noqa: E731

@@ -111,6 +111,7 @@ TEMPERATURE_LOSSES = {
     "mcl_nt_xent": lambda a, p, t: L.mcl_nt_xent(a, p, LABELS, temperature=t),
     "multiview_infonce": lambda a, p, t: L.multiview_infonce(jnp.stack([a, p, VIEWS[0]]), temperature=t),
     "mv_dhel": lambda a, p, t: L.mv_dhel(jnp.stack([a, p, VIEWS[0]]), temperature=t),
+    "nnclr": lambda a, p, t: L.nnclr(a, p, VIEWS[0], temperature=t),
     "nt_xent": lambda a, p, t: L.nt_xent(a, p, temperature=t),
     "poly_view": lambda a, p, t: L.poly_view(jnp.stack([a, p, VIEWS[0]]), temperature=t),
     "positive_aware_infonce": lambda a, p, t: L.positive_aware_infonce(a, p, temperature=t),
@@ -118,6 +119,7 @@ TEMPERATURE_LOSSES = {
     "similarity_distillation": lambda a, p, t: L.similarity_distillation(a, p, temperature=t),
     "softclip": lambda a, p, t: L.softclip(a, p, a, p, temperature=t),
     "supcon": lambda a, p, t: L.supcon(jnp.stack([a, p], 1), LABELS, temperature=t),
+    "swav": lambda a, p, t: L.swav(jnp.stack([a, p], 1) @ VIEWS[0].T, temperature=t),  # (B, 2, K) scores
 }
 SCALE_LOSSES = {
     "ce_clip": lambda a, p, s: jax.tree.leaves(L.ce_clip(a, p, VIEWS[:2].transpose(1, 0, 2), logit_scale=s))[0],

@@ -11,6 +11,7 @@ from jaxcl import losses
 from jaxcl import ops
 from tests.helpers import assert_padded_equals_unpadded, assert_reductions_agree, assert_value_and_grads, randn
 from tests.losses.reference import nearest_neighbour as ref
+from tests.losses.reference import common
 
 
 def _inputs(b=6, q=10, d=5, seed=0):
@@ -35,7 +36,7 @@ def test_no_gradient_reaches_the_view_or_the_support_set():
 
 def test_is_infonce_with_the_nearest_support_rows_as_queries():
   z, p, support = _inputs(b=8, q=12, seed=3)
-  index, _ = ref.nearest(ref._unit(z), ref._unit(support))
+  index, _ = ref.nearest(common.normalize(z), common.normalize(support))
   np.testing.assert_allclose(float(losses.nnclr(z, p, support, temperature=0.2)),
                              float(losses.infonce(support[index], p, temperature=0.2)), rtol=1e-6)
 

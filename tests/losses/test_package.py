@@ -17,7 +17,7 @@ def test_package_exports():
 NOT_LOSSES = {"exterior_angle", "filip_similarity", "gram_volume", "half_aperture", "isogclr_state",
               "l2_normalize", "lorentz_distance", "lorentz_expmap0", "matryoshka", "matryoshka_2d",
               "mcl_cluster_ids", "retrieval_accuracy", "sae_decode", "sae_encode", "sae_pre_activation",
-              "snr_distance", "starbucks", "subclass_kmeans", "topk_activation", "topk_mask"}
+              "sinkhorn_knopp", "snr_distance", "starbucks", "subclass_kmeans", "topk_activation", "topk_mask"}
 
 
 def test_every_loss_takes_reduction_and_mask():

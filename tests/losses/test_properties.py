@@ -72,6 +72,8 @@ SPECS: dict[str, Spec] = {
     "nt_xent": Spec(lambda a, y, t, impl: L.nt_xent(a[0], a[1], temperature=t, impl=impl), engines=True),
     "siglip": Spec(lambda a, y, t, impl: L.siglip(a[0], a[1], logit_scale=1 / t, logit_bias=-1 / t, impl=impl),
                    engines=True),
+    # SwAV's scores (B, V = 2, K = D) are cosines in practice; any magnitude is fair game (log domain).
+    "swav": Spec(lambda a, y, t, impl: L.swav(jnp.stack(a, axis=1), temperature=t), scale_free=False),
     "supcon": Spec(lambda a, y, t, impl: L.supcon(jnp.stack(a, axis=1), y, temperature=t, impl=impl),
                    engines=True, labels=True),
     "symile": Spec(lambda a, y, t, impl: L.symile(*a, logit_scale=1 / t, impl=impl), n_arrays=3, engines=True),

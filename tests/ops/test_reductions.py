@@ -305,3 +305,57 @@ def test_auto_inside_shard_map_runs_by_platform(monkeypatch):
   with jax.default_matmul_precision("default"):
     compiled = jax.jit(per_device("auto", tpu)).lower(spec, spec).compile()
   assert targets.kernel_calls(compiled) == {"mosaic": 1, "triton": 0}  # rows and columns in one pass
+
+
+# ----------------------------------------------------------------------------------- nearest neighbour
+def _nearest_reference(q, k):
+  """(index, score) of each row's largest <q_i, k_j> in float64, the smallest j on ties."""
+  s = np.asarray(q, np.float64) @ np.asarray(k, np.float64).T
+  index = np.argmax(s, axis=1)
+  return index, s[np.arange(len(q)), index]
+
+
+@pytest.mark.parametrize("impl,n_keys,tile", [("dense", 37, None), ("blockwise", 37, 8), ("blockwise", 40, 8),
+                                              ("pallas", 37, None)])
+def test_nearest_equals_the_float64_argmax(impl, n_keys, tile):
+  q, k = randn(0, 9, 6), randn(1, n_keys, 6)
+  want_index, want_score = _nearest_reference(q, k)
+  if tile is None:
+    got = ops.nearest(q, k, impl=impl)
+  else:  # several tiles, the last one slid back over columns already seen when 8 does not divide n_keys
+    got = ops.Nearest(*blockwise.nearest(jnp.asarray(q), jnp.asarray(k), tile=tile))
+  np.testing.assert_array_equal(np.asarray(got.index), want_index)
+  np.testing.assert_allclose(np.asarray(got.score), want_score, rtol=1e-6)
+  assert got.index.dtype == jnp.int32 and got.score.dtype == jnp.float32
+
+
+def test_nearest_ties_go_to_the_first_key_in_every_engine():
+  """Key rows 3, 11 and 19 are equal (the nearest for every query): every engine returns 3, whichever
+  tile holds each copy."""
+  q, k = np.abs(randn(2, 5, 4)), randn(3, 24, 4) * 0.01
+  k[[3, 11, 19]] = 10.0
+  for got in (ops.nearest(q, k, impl="dense").index, ops.nearest(q, k, impl="blockwise").index,
+              blockwise.nearest(jnp.asarray(q), jnp.asarray(k), tile=8)[0],
+              blockwise.nearest(jnp.asarray(q), jnp.asarray(k), tile=7)[0]):
+    np.testing.assert_array_equal(np.asarray(got), np.full(5, 3))
+
+
+def test_nearest_auto_searches_by_tiles_above_the_dense_size(monkeypatch):
+  q, k = randn(4, 12, 5), randn(5, 50, 5)
+  monkeypatch.setattr(engines, "DENSE_MAX_ELEMENTS", 10)
+  np.testing.assert_array_equal(np.asarray(ops.nearest(q, k).index), _nearest_reference(q, k)[0])
+
+
+def test_nearest_has_no_gradient():
+  q, k = jnp.asarray(randn(6, 4, 3)), jnp.asarray(randn(7, 9, 3))
+  gq, gk = jax.grad(lambda q, k: jnp.sum(ops.nearest(q, k, impl="blockwise").score), argnums=(0, 1))(q, k)
+  assert not np.any(np.asarray(gq)) and not np.any(np.asarray(gk))
+
+
+def test_nearest_errors_name_the_argument():
+  with pytest.raises(ValueError, match="`k` must hold at least one key"):
+    ops.nearest(np.ones((2, 3), np.float32), np.ones((0, 3), np.float32))
+  with pytest.raises(ValueError, match="same feature size"):
+    ops.nearest(np.ones((2, 3), np.float32), np.ones((4, 2), np.float32))
+  with pytest.raises(ValueError, match="sharded engine"):
+    ops.nearest(np.ones((2, 3), np.float32), np.ones((4, 3), np.float32), impl="ring")

@@ -158,11 +158,11 @@ class Method:
     """The method state after the optimizer step; `updated` is False on gradient-accumulation micro-steps."""
     return state
 
-  def constrain_params(self, config, params: Any, previous: Any, step: jax.Array) -> Any:
+  def constrain_params(self, config, params: Any, previous: Any = None, step: jax.Array | None = None) -> Any:
     """The parameters the optimizer step at `step` ends with, from its update `params` and the step's
     starting parameters `previous`: where a method keeps parameters on a constraint set or holds some
     fixed for a while (SwAV: unit-norm prototypes, frozen over the first steps). Also applied to the
-    initial parameters (`params` = `previous`, step 0). The update as it is for most methods."""
+    initial parameters (`previous` and `step` None). The parameters as they are for most methods."""
     return params
 
   def positive_pairs(self, outputs: dict, extras: dict) -> tuple[jax.Array, jax.Array, tuple[str, str]] | None:

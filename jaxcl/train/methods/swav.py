@@ -86,10 +86,11 @@ class SwAV(base.ViewsMethod):
     return base.ImageModel(base.build_encoder(config), tuple(m.projection_dims), m.predictor_dim, norm=m.norm,
                            num_prototypes=config.swav.num_prototypes)
 
-  def constrain_params(self, config, params, previous, step):
-    frozen = step < config.swav.freeze_prototypes_steps
-    kernel = jnp.where(frozen, previous["prototypes"]["kernel"], params["prototypes"]["kernel"])
-    return {**params, "prototypes": {**params["prototypes"], "kernel": _unit_columns(kernel)}}
+  def constrain_params(self, config, params, previous=None, step=None):
+    kernel = _unit_columns(params["prototypes"]["kernel"])
+    if previous is not None:  # frozen: the step's starting prototypes, unit-norm already
+      kernel = jnp.where(step < config.swav.freeze_prototypes_steps, previous["prototypes"]["kernel"], kernel)
+    return {**params, "prototypes": {**params["prototypes"], "kernel": kernel}}
 
   def loss(self, config, outputs, batch, state, *, mesh=None, forward=None):
     scores = jnp.swapaxes(outputs["prototype_scores"], 0, 1)  # (V, B, K) -> (B, V, K)

@@ -19,7 +19,9 @@ from tests.losses.reference import matryoshka
 from tests.losses.reference import matryoshka_2d
 from tests.losses.reference import multipositive
 from tests.losses.reference import multiview
+from tests.losses.reference import nearest_neighbour
 from tests.losses.reference import predictive
+from tests.losses.reference import prototypes
 from tests.losses.reference import redundancy
 from tests.losses.reference import snr
 from tests.losses.reference import sparse_coding
@@ -27,4 +29,4 @@ from tests.losses.reference import supcon
 from tests.losses.reference import temperature
 from tests.losses.reference import triplet
 
-__all__ = ["alignment_uniformity", "clip", "clustering", "common", "crossmodal", "distill", "false_negatives", "gated_pairs", "geometric", "hard_negatives", "hyperbolic", "infonce", "late_interaction", "matryoshka", "matryoshka_2d", "multipositive", "multiview", "predictive", "redundancy", "snr", "sparse_coding", "supcon", "temperature", "triplet"]
+__all__ = ["alignment_uniformity", "clip", "clustering", "common", "crossmodal", "distill", "false_negatives", "gated_pairs", "geometric", "hard_negatives", "hyperbolic", "infonce", "late_interaction", "matryoshka", "matryoshka_2d", "multipositive", "multiview", "nearest_neighbour", "predictive", "prototypes", "redundancy", "snr", "sparse_coding", "supcon", "temperature", "triplet"]

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _unit(x):
-  x = np.asarray(x, np.float64)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+from tests.losses.reference import common
 
 
 def nearest(q, k):
@@ -27,7 +24,7 @@ def nearest(q, k):
 def nnclr(z, p, support, temperature=0.1, normalize=True):
   """mean_i −log exp(<NN(z_i), p_i>/τ) / Σ_k exp(<NN(z_i), p_k>/τ), NN(z_i) the support row nearest z_i."""
   if normalize:
-    z, p, support = _unit(z), _unit(p), _unit(support)
+    z, p, support = common.normalize(z), common.normalize(p), common.normalize(support)
   index, _ = nearest(z, support)
   total = 0.0
   for i in range(len(z)):

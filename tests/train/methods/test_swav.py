@@ -1,0 +1,61 @@
+"""jaxcl.train.methods.swav: unit-norm prototypes, frozen over the first steps."""
+
+import numpy as np
+import pytest
+
+from jaxcl.train import devices, methods
+from tests.helpers import load_recipe, step_and_batches, tiny
+
+
+def _prototypes(state):
+  return np.asarray(state.params["prototypes"]["kernel"])  # (E, K): a prototype per column
+
+
+def test_prototypes_are_unit_vectors_and_stay_fixed_while_frozen(data_dir):
+  config = tiny(load_recipe("swav_digits"), data_dir, steps=3)
+  config.swav.freeze_prototypes_steps = 1
+  setup, state, step, it, mesh = step_and_batches(config)
+  initial = _prototypes(state)
+  np.testing.assert_allclose(np.linalg.norm(initial, axis=0), 1.0, rtol=1e-5)
+  batch = lambda s: devices.to_global(setup.text.prepare(config, next(it), s), mesh)
+  first, metrics = step(state, batch(0))
+  assert bool(metrics["finite"])
+  np.testing.assert_array_equal(_prototypes(first), initial)  # step 0 < freeze_prototypes_steps
+  second, _ = step(first, batch(1))
+  assert not np.allclose(_prototypes(second), initial)
+  np.testing.assert_allclose(np.linalg.norm(_prototypes(second), axis=0), 1.0, rtol=1e-5)
+
+
+def test_multi_crop_views_reach_the_loss_as_a_second_view_group(data_dir):
+  """2 large views and the recipe's 4 small crops (5x5) through a ResNet: the loss sees V = 6 views; one
+  step trains and its loss is the SwAV loss of those 6 views' scores."""
+  config = tiny(load_recipe("swav_digits"), data_dir, steps=1, encoder="resnet18")
+  assert config.swav.small_crops == 4
+  groups = methods.get("swav").view_groups(config, {"crop_scale": (0.5, 1.0)})
+  assert [count for count, _ in groups] == [2, 4] and groups[1][1]["output_size"] == 5
+  setup, state, step, it, mesh = step_and_batches(config)
+  new, metrics = step(state, devices.to_global(setup.text.prepare(config, next(it), 0), mesh))
+  assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
+  assert float(metrics["loss"]) > 0
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("num_prototypes", 1, "`config.swav.num_prototypes` must be >= 2"),
+    ("epsilon", 0.0, "`config.swav.epsilon` must be > 0"),
+    ("sinkhorn_iterations", 0, "`config.swav.sinkhorn_iterations` must be >= 1"),
+    ("freeze_prototypes_steps", -1, "`config.swav.freeze_prototypes_steps` must be >= 0"),
+    ("small_crop_size", 0, "`config.swav.small_crop_size` >= 1"),
+])
+def test_config_errors_name_the_key(key, value, match):
+  config = load_recipe("swav_digits")
+  config.swav[key] = value
+  with pytest.raises(ValueError, match=match):
+    methods.get("swav").check(config)
+
+
+def test_multi_crop_needs_a_convolutional_encoder_and_no_gradient_cache():
+  config = load_recipe("swav_digits")
+  config.model.encoder = "mlp"
+  with pytest.raises(ValueError, match="`config.swav.small_crops` > 0 .* needs a convolutional encoder"):
+    methods.get("swav").check(config)
+  assert "multi-crop" in methods.get("swav").grad_cache_conflict(load_recipe("swav_digits"))
