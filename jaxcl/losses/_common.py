@@ -173,7 +173,6 @@ def reduce_loss(per_anchor: jax.Array, reduction: str, valid: jax.Array | None =
   return total / jnp.maximum(batch_sum(valid.astype(jnp.float32), axis_name), 1.0)
 
 
-
 # ------------------------------------------------------------------- label ids and multi-view rows
 def compact_ids(labels: jax.Array) -> jax.Array:
   """Compact ids in [0, n): the position of each label's first occurrence among the sorted labels.
@@ -214,6 +213,7 @@ def row_mask(mask, n: int, views: int):
 def and_valid(a: jax.Array, valid: jax.Array | None) -> jax.Array:
   """a & valid, or a when there is no mask (valid None)."""
   return a if valid is None else a & valid
+
 
 # --------------------------------------------------------------------------- batches split over devices
 def check_global_batch(name: str, x: jax.Array, minimum: int, axis_name, why: str = "") -> None:

@@ -322,9 +322,7 @@ def mcl_cluster_ids(stage_cluster_ids) -> jax.Array:
   # every stage so the values stay below B² and fit int32 for any realistic batch).
   joint = jnp.zeros((b,), jnp.int32)
   for row in ids:
-    compact = jnp.searchsorted(jnp.sort(row), row, side="left").astype(jnp.int32)
-    combined = joint * b + compact
-    joint = jnp.searchsorted(jnp.sort(combined), combined, side="left").astype(jnp.int32)
+    joint = _common.compact_ids(joint * b + _common.compact_ids(row))
   return joint
 
 

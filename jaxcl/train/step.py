@@ -125,6 +125,7 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   else:
     (loss, aux), grads = _cached_loss_and_grads(config, setup, state, raw, model_inputs, apply, loss_of)
+  grads = method.constrain_grads(config, grads, state.step)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   grad_finite = jax.tree.map(lambda g: jnp.all(jnp.isfinite(g)), grads)

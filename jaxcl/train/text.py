@@ -40,10 +40,15 @@ class NoText:
     return {k: np.asarray(host[k]) for k in NUMERIC_KEYS if k in host}
 
 
+def has_own_captions(info) -> bool:
+  """The data carries captions of its own (not made from the labels)."""
+  return bool(info.has_captions and not info.captions_from_labels)
+
+
 def own_captions(config, info) -> tuple[str, ...]:
-  """The captions of the train split when the data has its own (`info.has_captions`, not made from the
-  labels, and `info` read from the data, not planned from the config), else ()."""
-  if not (info.from_data and info.has_captions and not info.captions_from_labels):
+  """The captions of the train split when the data has its own and `info` was read from the data (not
+  planned from the config), else ()."""
+  if not (info.from_data and has_own_captions(info)):
     return ()
   return sources.read_captions(config.data, config.data.train_split)
 
@@ -79,7 +84,10 @@ class TokenText(NoText):
     self.templates = tuple(info.caption_templates)
     self.tokenizer = caption_vocabulary(info, own_captions(config, info))
     self.max_len = int(config.model.text_max_len)
-    self.vocab_size = self.tokenizer.vocab_size
+    # A planned run (`jaxcl.plan`) cannot read the captions: it sizes the embedding table for the most
+    # caption words a run may add, so the plan's memory is an upper bound of the run's.
+    planned = 0 if info.from_data or not has_own_captions(info) else CAPTION_WORDS_LIMIT
+    self.vocab_size = self.tokenizer.vocab_size + planned
 
   def tokens(self, texts) -> np.ndarray:
     return np.asarray(self.tokenizer.encode(list(texts), self.max_len), np.int32)

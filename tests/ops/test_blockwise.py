@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxcl.ops.blockwise  # noqa: F401  (registers impl="blockwise")
 from jaxcl import losses
 from jaxcl import ops
 from jaxcl.ops import blockwise

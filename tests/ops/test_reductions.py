@@ -340,6 +340,17 @@ def test_nearest_ties_go_to_the_first_key_in_every_engine():
     np.testing.assert_array_equal(np.asarray(got), np.full(5, 3))
 
 
+def test_nearest_a_tie_in_the_slid_back_last_tile_keeps_the_first_key():
+  """37 keys in tiles of 8: the last tile starts at 29 and sees 29-31 again. Equal best keys at 30 (tile
+  3, and again in the last tile) and 34 (the last tile only): 30, as the dense argmax says."""
+  q, k = np.abs(randn(4, 3, 4)), randn(5, 37, 4) * 0.01
+  k[[30, 34]] = 10.0
+  assert blockwise.tile_size(8, 37, 4) == 8
+  got = blockwise.nearest(jnp.asarray(q), jnp.asarray(k), tile=8)[0]
+  np.testing.assert_array_equal(np.asarray(got), np.full(3, 30))
+  np.testing.assert_array_equal(np.asarray(ops.nearest(q, k, impl="dense").index), np.full(3, 30))
+
+
 def test_nearest_auto_searches_by_tiles_above_the_dense_size(monkeypatch):
   q, k = randn(4, 12, 5), randn(5, 50, 5)
   monkeypatch.setattr(engines, "DENSE_MAX_ELEMENTS", 10)

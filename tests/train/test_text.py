@@ -27,7 +27,8 @@ def test_a_labelled_folder_gets_photo_captions_not_the_digits(tmp_path):
     made = {side.tokenizer.decode(side.tokens([t.format(info.class_names[label])]))[0] for t in info.caption_templates}
     assert caption in made and "digit" not in caption, (caption, made)
 
-def test_the_digits_keep_their_own_templates(data_dir):  # noqa: F811
+
+def test_the_digits_keep_their_own_templates(data_dir):
   config = base_config()
   config.data.data_dir = data_dir
   _, info = sources.build_source(config.data, "train")
@@ -79,3 +80,5 @@ def test_a_planned_run_reads_no_captions(tmp_path):
   side = text_lib.TokenText(config, info)
   assert side.tokenizer.vocab == text_lib.caption_vocabulary(info).vocab
   assert "class1" in side.tokenizer.vocab
+  # ... but the text tower it plans is sized for the most caption words a run may add (an upper bound)
+  assert side.vocab_size == side.tokenizer.vocab_size + text_lib.CAPTION_WORDS_LIMIT

@@ -15,6 +15,11 @@ A method tells the one train step (`jaxcl.train.step`) what differs between SimC
   parameters (EMA targets);
 - `earlier_models` and `init_state_from_data`: trained models the method builds on (MCL's earlier
   stages: their features come first in the evaluation, and their clusters are a fresh run's state);
+- `constrain_grads(config, grads, step)` and `constrain_params(config, params, previous, step)`: the
+  gradients the optimizer gets and the parameters a step ends with, where a method holds some fixed or
+  on a constraint set (SwAV's prototypes: frozen over the first steps, unit-norm after every update);
+- `view_groups(config, aug)` (views methods): the views as groups of one image size, each run through
+  the model once (SwAV's multi-crop small views);
 - `positive_pairs(outputs, extras)`: the two (B, E) embeddings whose diagonal pairs are positives, for
   the logged in-batch retrieval accuracy (None: not logged);
 - `config_sections()`: the method's own config sections (`config.momentum`, `config.isogclr`), merged
@@ -158,6 +163,12 @@ class Method:
     """The method state after the optimizer step; `updated` is False on gradient-accumulation micro-steps."""
     return state
 
+  def constrain_grads(self, config, grads: Any, step: jax.Array) -> Any:
+    """The gradients the optimizer gets at `step` (a train step, a micro-step under gradient
+    accumulation): where a method holds parameters fixed for a while (SwAV's prototypes: zero, so their
+    optimizer state does not move either). The gradients as they are for most methods."""
+    return grads
+
   def constrain_params(self, config, params: Any, previous: Any = None, step: jax.Array | None = None) -> Any:
     """The parameters the optimizer step at `step` ends with, from its update `params` and the step's
     starting parameters `previous`: where a method keeps parameters on a constraint set or holds some
@@ -169,6 +180,24 @@ class Method:
     """(a, b, (name a → b, name b → a)): two (B, E) embeddings whose row i are positives, for the logged
     in-batch top-1 accuracy (`in_batch_accuracy`); None: no accuracy is logged."""
     return None
+
+
+VIEW_ACCURACY_NAMES = ("accuracy_view1_to_view2", "accuracy_view2_to_view1")
+
+
+def first_two_views(z: jax.Array) -> tuple[jax.Array, jax.Array, tuple[str, str]]:
+  """`positive_pairs` of (V, B, E) view embeddings: view 1 and view 2, row by row."""
+  return z[0], z[1], VIEW_ACCURACY_NAMES
+
+
+def check_queue_size(key: str, size: int, batch_size: int, *, allow_zero: bool) -> None:
+  """A queue written a whole batch at a time (`fifo_enqueue`) holds a positive multiple of the batch
+  size rows (or is off, 0, when `allow_zero`); the ValueError names the config key."""
+  if (size == 0 and allow_zero) or (size > 0 and size % batch_size == 0):
+    return
+  what = "0 or a positive multiple" if allow_zero else "a positive multiple"
+  raise ValueError(f"`{key}` must be {what} of the batch size {batch_size} (each step writes a whole "
+                   f"batch), got {size}.")
 
 
 def fifo_enqueue(queue: jax.Array, ptr: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:

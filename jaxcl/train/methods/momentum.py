@@ -76,10 +76,8 @@ class MoCo(WithTargetNetwork):
 
   def check(self, config):
     super().check(config)
-    q = config.momentum.queue_size
-    if q < 0 or q % config.batch_size:
-      raise ValueError(f"`config.momentum.queue_size` must be 0 or a positive multiple of the batch size "
-                       f"{config.batch_size}, got {q}.")
+    base.check_queue_size("config.momentum.queue_size", config.momentum.queue_size, config.batch_size,
+                          allow_zero=True)
 
   def init_state(self, config, variables, key, num_ids):
     state = super().init_state(config, variables, key, num_ids)
@@ -108,7 +106,7 @@ class MoCo(WithTargetNetwork):
 
   def positive_pairs(self, outputs, extras):
     q = outputs.get("prediction", outputs["projection"])
-    return q[0], extras["keys"][1], ("accuracy_view1_to_view2", "accuracy_view2_to_view1")
+    return q[0], extras["keys"][1], base.VIEW_ACCURACY_NAMES
 
 
 class BYOL(WithTargetNetwork):

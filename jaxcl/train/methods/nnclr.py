@@ -38,10 +38,8 @@ class NNCLR(base.ViewsMethod):
 
   def check(self, config):
     super().check(config)
-    q = config.nnclr.support_size
-    if q < 1 or q % config.batch_size:
-      raise ValueError(f"`config.nnclr.support_size` must be a positive multiple of the batch size "
-                       f"{config.batch_size} (each step writes a whole batch), got {q}.")
+    base.check_queue_size("config.nnclr.support_size", config.nnclr.support_size, config.batch_size,
+                          allow_zero=False)
 
   def init_state(self, config, variables, key, num_ids):
     shape = (config.nnclr.support_size, config.model.projection_dims[-1])
@@ -60,8 +58,7 @@ class NNCLR(base.ViewsMethod):
     return loss, {"support": support, "support_ptr": ptr}, {}
 
   def positive_pairs(self, outputs, extras):
-    z = outputs["projection"]
-    return z[0], z[1], ("accuracy_view1_to_view2", "accuracy_view2_to_view1")
+    return base.first_two_views(outputs["projection"])
 
 
 base.register(NNCLR())

@@ -54,8 +54,7 @@ class TwoViews(base.ViewsMethod):
     return two_view_losses(config)[config.loss.name](z[0], z[1], config.loss.temperature, engine), state, {}
 
   def positive_pairs(self, outputs, extras):
-    z = outputs["projection"]
-    return z[0], z[1], ("accuracy_view1_to_view2", "accuracy_view2_to_view1")
+    return base.first_two_views(outputs["projection"])
 
 
 def isogclr_section() -> ml_collections.ConfigDict:

@@ -6,7 +6,9 @@ of a bias-free Dense layer named "prototypes"); each of the first two views' sco
 codes over the global batch, which the other views predict (`losses.swav`). As in the authors'
 `main_swav.py`: the prototypes are renormalised to unit length before every step (here: at
 initialisation and after every optimizer update, `constrain_params`), and held fixed over the first
-`config.swav.freeze_prototypes_steps` steps (their update is discarded). Multi-crop
+`config.swav.freeze_prototypes_steps` train steps (micro-steps under gradient accumulation): their
+gradient is zero (`constrain_grads`: the optimizer's state for them does not move, as with the authors'
+`p.grad = None`) and their value is the step's starting one (weight decay does not move them either). Multi-crop
 (`config.swav.small_crops`): small views of another image size, run through the model as a second view
 group (`view_groups`; the encoder's BatchNorm normalises each group by its own statistics, as the
 authors' per-resolution forward passes do, and so does the projection head here, which the authors run
@@ -86,6 +88,11 @@ class SwAV(base.ViewsMethod):
     return base.ImageModel(base.build_encoder(config), tuple(m.projection_dims), m.predictor_dim, norm=m.norm,
                            num_prototypes=config.swav.num_prototypes)
 
+  def constrain_grads(self, config, grads, step):
+    frozen = step < config.swav.freeze_prototypes_steps
+    kernel = grads["prototypes"]["kernel"]
+    return {**grads, "prototypes": {**grads["prototypes"], "kernel": jnp.where(frozen, 0.0, kernel).astype(kernel.dtype)}}
+
   def constrain_params(self, config, params, previous=None, step=None):
     kernel = _unit_columns(params["prototypes"]["kernel"])
     if previous is not None:  # frozen: the step's starting prototypes, unit-norm already
@@ -100,8 +107,7 @@ class SwAV(base.ViewsMethod):
     return loss, state, {}
 
   def positive_pairs(self, outputs, extras):
-    z = outputs["projection"]
-    return z[0], z[1], ("accuracy_view1_to_view2", "accuracy_view2_to_view1")
+    return base.first_two_views(outputs["projection"])
 
 
 base.register(SwAV())
