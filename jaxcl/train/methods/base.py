@@ -196,8 +196,8 @@ def check_queue_size(key: str, size: int, batch_size: int, *, allow_zero: bool) 
   if (size == 0 and allow_zero) or (size > 0 and size % batch_size == 0):
     return
   what = "0 or a positive multiple" if allow_zero else "a positive multiple"
-  raise ValueError(f"`{key}` must be {what} of the batch size {batch_size} (each step writes a whole "
-                   f"batch), got {size}.")
+  raise ValueError(f"`{key}` must be {what} of the batch size {batch_size}, got {size} (each step writes "
+                   "a whole batch).")
 
 
 def fifo_enqueue(queue: jax.Array, ptr: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
