@@ -13,29 +13,13 @@ def _prototypes(state):
   return np.asarray(state.params["prototypes"]["kernel"])  # (E, K): a prototype per column
 
 
-def test_prototypes_are_unit_vectors_and_stay_fixed_while_frozen(data_dir):
-  config = tiny(load_recipe("swav_digits"), data_dir, steps=3)
-  config.swav.freeze_prototypes_steps = 1
-  setup, state, step, it, mesh = step_and_batches(config)
-  initial = _prototypes(state)
-  np.testing.assert_allclose(np.linalg.norm(initial, axis=0), 1.0, rtol=1e-5)
-  batch = lambda s: devices.to_global(setup.text.prepare(config, next(it), s), mesh)
-  first, metrics = step(state, batch(0))
-  assert bool(metrics["finite"])
-  np.testing.assert_array_equal(_prototypes(first), initial)  # step 0 < freeze_prototypes_steps
-  # no gradient reached them, so the optimizer's state of the prototypes (momentum) did not move either
-  moments = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(first.opt_state)
-             if "prototypes" in jax.tree_util.keystr(path)]
-  assert moments and all(not np.any(np.asarray(m)) for m in moments)
-  second, _ = step(first, batch(1))
-  assert not np.allclose(_prototypes(second), initial)
-  np.testing.assert_allclose(np.linalg.norm(_prototypes(second), axis=0), 1.0, rtol=1e-5)
-
-
-def test_multi_crop_views_reach_the_loss_as_a_second_view_group(data_dir, monkeypatch):
+def test_multi_crop_prototypes_frozen_then_unit_norm(data_dir, monkeypatch):
   """2 large views and the recipe's 4 small crops (5x5) through a ResNet: the SwAV loss gets the scores
-  of 6 views of each example, the codes of views 0 and 1 as targets; one step trains."""
-  config = tiny(load_recipe("swav_digits"), data_dir, steps=1, encoder="resnet18")
+  of 6 views of each example, the codes of views 0 and 1 as targets. The prototypes start unit-norm, stay
+  exactly as they were over the frozen first step (no gradient: their optimizer state does not move
+  either), then move and stay unit-norm."""
+  config = tiny(load_recipe("swav_digits"), data_dir, steps=2, encoder="resnet18")
+  config.swav.freeze_prototypes_steps = 1
   assert config.swav.small_crops == 4
   groups = methods.get("swav").view_groups(config, {"crop_scale": (0.5, 1.0)})
   assert [count for count, _ in groups] == [2, 4] and groups[1][1]["output_size"] == 5
@@ -43,9 +27,19 @@ def test_multi_crop_views_reach_the_loss_as_a_second_view_group(data_dir, monkey
   swav = losses.swav
   monkeypatch.setattr(losses, "swav", lambda scores, **kw: seen.append((scores.shape, kw["assign_views"])) or swav(scores, **kw))
   setup, state, step, it, mesh = step_and_batches(config)
-  new, metrics = step(state, devices.to_global(setup.text.prepare(config, next(it), 0), mesh))
+  initial = _prototypes(state)
+  np.testing.assert_allclose(np.linalg.norm(initial, axis=0), 1.0, rtol=1e-5)
+  batch = lambda s: devices.to_global(setup.text.prepare(config, next(it), s), mesh)
+  first, metrics = step(state, batch(0))
   assert seen == [((16, 6, config.swav.num_prototypes), (0, 1))]
   assert bool(metrics["finite"]) and float(metrics["loss"]) > 0
+  np.testing.assert_array_equal(_prototypes(first), initial)  # step 0 < freeze_prototypes_steps
+  moments = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(first.opt_state)
+             if "prototypes" in jax.tree_util.keystr(path)]
+  assert moments and all(not np.any(np.asarray(m)) for m in moments)
+  second, _ = step(first, batch(1))
+  assert not np.allclose(_prototypes(second), initial)
+  np.testing.assert_allclose(np.linalg.norm(_prototypes(second), axis=0), 1.0, rtol=1e-5)
 
 
 @pytest.mark.parametrize("key,value,match", [
