@@ -69,22 +69,3 @@ def no_compute(monkeypatch):
     raise AssertionError("compute started before the problem was reported")
 
   monkeypatch.setattr(devices, "make_mesh", boom)
-
-
-# The longest test files first. Under `--dist loadfile` a file runs whole on one worker; a long file
-# scheduled near the end keeps one worker busy while the others have nothing left (longest first is the
-# classic cure for that tail). Measured on the 2-core CPU (`--durations`); the order changes no result.
-LONGEST_FIRST = (
-    "tests/test_configs.py", "tests/train/test_preemption.py", "tests/train/test_loop.py",
-    "tests/test_notebooks.py", "tests/ops/test_sharded.py", "tests/test_plan.py",
-    "tests/train/test_checkpoints.py", "tests/train/test_step.py", "tests/train/test_mcl.py",
-    "tests/train/methods/test_base.py", "tests/train/test_devices.py", "tests/ops/test_pallas.py",
-    "tests/losses/test_properties.py", "tests/test_compile_targets.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-  del config
-  rank = lambda item: next((i for i, path in enumerate(LONGEST_FIRST) if item.nodeid.startswith(path)),
-                           len(LONGEST_FIRST))
-  items.sort(key=rank)  # stable: the other files keep their order, and every file its tests' order
