@@ -118,6 +118,39 @@ def assert_reductions_agree(loss, arrays, n_anchors: int, mask=None):
 # ----------------------------------------------------------------------------- the training system
 # Recipes shrunk to run in seconds, runs of the command line, and reading their outputs back: shared by
 # tests/train/, tests/test_configs.py, tests/test_paths.py and others. The training system is imported
+
+def device_mesh(n_devices: int) -> jax.sharding.Mesh:
+  """A one-axis ("data") mesh over the first n_devices of the test process's 8 CPU devices."""
+  return jax.make_mesh((n_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:n_devices])
+
+
+def assert_sharded_equals_dense(loss, args, *, impl: str, n_devices: int, rtol: float = 1e-5):
+  """`loss(*args, impl=impl, mesh=mesh)` on a mesh of n_devices (the loss splits its batch arguments
+  over the mesh itself, `shardable`) has the value and the gradients, with respect to every float
+  argument, of `loss(*args, impl="dense")` on one device.
+
+  `loss` is a closure over the loss's other options, `lambda *args, **kw: losses.x(*args, t=…, **kw)`.
+  Gradients are compared relative to the largest entry of the dense gradient (an argument the loss does
+  not depend on has a zero gradient on both sides). The sharded call must run under `shard_map` (the
+  engine itself, not a one-device fallback).
+  """
+  args = [jnp.asarray(a) for a in args]
+  argnums = tuple(i for i, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.floating))
+
+  def value_and_grads(**kw):
+    fn = lambda *a: loss(*a, **kw)  # noqa: E731
+    return fn, jax.jit(jax.value_and_grad(fn, argnums=argnums))(*args)
+
+  _, (want, want_grads) = value_and_grads(impl="dense")
+  sharded, (got, got_grads) = value_and_grads(impl=impl, mesh=device_mesh(n_devices))
+  assert "shard_map" in str(jax.make_jaxpr(sharded)(*args)), "the sharded call fell back to one device"
+  np.testing.assert_allclose(float(got), float(want), rtol=rtol, err_msg="value")
+  for n, g, w in zip(argnums, got_grads, want_grads):
+    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+    norm = max(np.max(np.abs(w)), 1e-30)
+    np.testing.assert_allclose(g / norm, w / norm, atol=rtol, err_msg=f"gradient of argument {n}")
+
 # inside the functions, so that the tests of the losses do not import it.
 import os  # noqa: E402
 import pathlib  # noqa: E402
