@@ -50,13 +50,24 @@ def straight(data_dir, tmp_path_factory):
   """An uninterrupted run of the command line on `helpers.tiny_config`: its final parameters, which the
   interrupted and resumed runs must match bit for bit. Compiled fresh, not loaded from the compilation
   cache the interrupted and resumed runs share: a cached executable that computed differently would show
-  up as a mismatch."""
+  up as a mismatch. One run for the whole session: under pytest-xdist the first worker that needs it
+  runs it in the folder all workers share, under a file lock; the others wait for it and read it."""
+  import fcntl  # pylint: disable=import-outside-toplevel
+
   from tests import helpers  # pylint: disable=import-outside-toplevel
 
-  workdir = tmp_path_factory.mktemp("straight") / "run"
-  run = helpers.Run(workdir, data_dir, "straight", compilation_cache=False)
-  assert run.wait() == 0, run.output()[-3000:]
-  assert helpers.logged_steps(workdir) == list(range(1, helpers.TOTAL_STEPS + 1))
+  shared = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    shared = shared.parent  # the session's folder above every worker's own
+  workdir, done = shared / "straight" / "run", shared / "straight.done"
+  with open(shared / "straight.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      workdir.parent.mkdir(exist_ok=True)
+      run = helpers.Run(workdir, data_dir, "straight", compilation_cache=False)
+      assert run.wait() == 0, run.output()[-3000:]
+      assert helpers.logged_steps(workdir) == list(range(1, helpers.TOTAL_STEPS + 1))
+      done.touch()
   return helpers.final_params(workdir, data_dir)
 
 
