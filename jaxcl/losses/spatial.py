@@ -196,7 +196,7 @@ def _offsets(offsets, k: int, length: int) -> np.ndarray:
   values = np.asarray(offsets)
   if values.shape != (k,) or values.dtype.kind not in "iu":
     raise ValueError(
-        f"`offsets` must be {k} ints (one per prediction in `predictions`), got {offsets!r}."
+        f"`offsets` must be a sequence of K = {k} ints (one per prediction of `predictions`), got {offsets!r}."
     )
   if np.any(values < 1) or np.any(values >= length):
     raise ValueError(

@@ -192,7 +192,7 @@ BOX = np.ones((2, 4), np.float32)
         (lambda: patch_nce(X, X, temperature=0.0), ValueError, r"`temperature` must be positive"),
         (lambda: patch_nce(X[0], X[0]), ValueError, r"`feat_q` must have rank 3 or rank 4"),
         (lambda: cpc(X[None], X, offsets=(3,)), ValueError, r"`offsets` must be in \[1, 2\].*\(3,\)"),
-        (lambda: cpc(X[None], X, offsets=(1, 2)), ValueError, r"`offsets` must be 1 ints"),
+        (lambda: cpc(X[None], X, offsets=(1, 2)), ValueError, r"`offsets` must be a sequence of K = 1 ints.*\(1, 2\)"),
         (lambda: cpc(X, X), ValueError, r"`predictions` must have rank 4"),
         (lambda: cpc(X[None, :, :2], X), ValueError, r"`predictions` must have shape \(K,\) \+ \(2, 3, 4\)"),
         (lambda: cpc(X[None], X, mask=np.ones(3, bool)), ValueError, r"`mask` must have shape \(2,\)"),
