@@ -17,6 +17,7 @@ takes `impl=` to choose the engine.
 | softmax, nearest-neighbour positives from a support set | nnclr |
 | online clustering against prototypes | swav, sinkhorn_knopp |
 | non-contrastive | negative_cosine, barlow_twins, vicreg |
+| dense and sequence: feature maps, patches, positions (`spatial`) | patch_nce, cpc, pixpro |
 | wrappers | matryoshka |
 | metric (no gradient) | retrieval_accuracy (in-batch top-1, both directions) |
 
@@ -66,6 +67,7 @@ from jaxcl.losses.nearest_neighbour import nnclr
 from jaxcl.losses.prototypes import sinkhorn_knopp, swav
 from jaxcl.losses.triplet import batch_hard_triplet, triplet
 from jaxcl.losses.snr import snr_distance, snr_triplet
+from jaxcl.losses.spatial import cpc, patch_nce, pixpro
 from jaxcl.losses.spherical_z import spherical_z_contrastive, spherical_z_loss
 from jaxcl.losses.multipositive import one_to_k_clip, poly_view
 from jaxcl.losses.multiview import multiview_infonce, mv_dhel
@@ -108,6 +110,7 @@ __all__ = [
     "ce_clip",
     "clip",
     "contrastive_gap",
+    "cpc",
     "csr",
     "csr_contrastive",
     "cwcl",
@@ -147,6 +150,8 @@ __all__ = [
     "nnclr",
     "nt_xent",
     "one_to_k_clip",
+    "patch_nce",
+    "pixpro",
     "poly_view",
     "positive_aware_infonce",
     "retrieval_accuracy",

@@ -2,7 +2,9 @@
 
 Every model is a Flax Linen module with pure `init`/`apply` (parameters are plain pytrees), a
 configurable compute `dtype` (float32 parameters), and `__call__(x, train)` returning pooled features
-(B, F). BatchNorm models keep running statistics in the "batch_stats" collection.
+(B, F); `ResNet` and `ViT` also return their last (B, H', W', F) feature map with
+`apply(variables, x, method="feature_map")`, the same parameters as `__call__`. BatchNorm models keep
+running statistics in the "batch_stats" collection.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ResNet encoders (basic and bottleneck blocks) returning globally pooled features.
+"""ResNet encoders (basic and bottleneck blocks) returning globally pooled features or the last feature map.
 
 "Deep Residual Learning for Image Recognition" (He et al., 2016), with the stride of a bottleneck block
 on its 3x3 convolution ("v1.5", as in torchvision and the Flax ImageNet example) and, for small images,
@@ -99,12 +99,19 @@ class ResNet(nn.Module):
   `__call__(x, train)`: x is a (B, H, W, C) float image batch (NHWC). With norm="batch", call
   `apply(..., train=True, mutable=["batch_stats"])` to train; eval mode uses the running statistics.
 
+  `feature_map(x, train)`: the last stage's output before the pool, (B, H', W', F) with H' = H / s
+  (s = 2^(len(stage_sizes) − 1), ×4 more with the ImageNet stem), for the dense objectives of
+  `jaxcl.losses.spatial`. Call it with `apply(variables, x, method="feature_map")`: the same parameters
+  (and running statistics) as `__call__`, whose output is exactly `mean(feature_map(x), axis=(1, 2))`.
+
   >>> import jax, jax.numpy as jnp
   >>> model = ResNet(stage_sizes=(1,), width=4)
   >>> x = jnp.ones((2, 8, 8, 3))
   >>> variables = model.init(jax.random.key(0), x, train=False)
   >>> model.apply(variables, x, train=False).shape
   (2, 4)
+  >>> model.apply(variables, x, train=False, method="feature_map").shape
+  (2, 8, 8, 4)
   """
 
   stage_sizes: Sequence[int]
@@ -124,8 +131,14 @@ class ResNet(nn.Module):
     """F, the size of the pooled features."""
     return self.width * 2 ** (len(self.stage_sizes) - 1) * _EXPANSION[self.block]
 
-  @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """(B, F) globally average-pooled features of the (B, H, W, C) images `x`."""
+    # Global average pool (jnp.mean accumulates low-precision inputs in float32).
+    return jnp.mean(self.feature_map(x, train), axis=(1, 2)).astype(self.dtype)
+
+  @nn.compact
+  def feature_map(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """(B, H', W', F) output of the last stage, before the pool, of the (B, H, W, C) images `x`."""
     _checks.check_choice("block", self.block, BLOCKS)
     _checks.check_choice("norm", self.norm, _layers.NORMS)
     if not self.stage_sizes or any(int(n) < 1 for n in self.stage_sizes):
@@ -154,8 +167,7 @@ class ResNet(nn.Module):
             groups=self.groups, bn_momentum=self.bn_momentum, dtype=self.dtype,
             param_dtype=self.param_dtype, name=f"stage{i + 1}_block{j + 1}",
         )(x)
-    # Global average pool (jnp.mean accumulates low-precision inputs in float32).
-    return jnp.mean(x, axis=(1, 2)).astype(self.dtype)
+    return x
 
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block="basic")

@@ -1,4 +1,5 @@
-"""Vision Transformer encoders returning a pooled (B, hidden) representation (no classification head)."""
+"""Vision Transformer encoders returning a pooled (B, hidden) representation (no classification head),
+the final tokens, or the patch tokens as a feature map."""
 
 from __future__ import annotations
 
@@ -39,12 +40,20 @@ class ViT(nn.Module):
     remat: recompute each block's activations in the backward pass (`jax.checkpoint`) instead of
       keeping them: activation memory of about one block instead of `depth`, for about one more forward.
 
+  Methods (each with the parameters of `__call__`; call as `apply(variables, x, method="...")`):
+  `tokens(x, train)` is LN(z_L), the (B, 1 + N, D) final tokens ([CLS] first with pool="cls") or
+  (B, N, D); `feature_map(x, train)` is its N = h·w patch tokens as a (B, h, w, D) grid, h = H / p and
+  w = W / p in row-major patch order (without the [CLS] token), for the dense objectives of
+  `jaxcl.losses.spatial`. With pool="gap", `__call__` is the mean of the feature map.
+
   >>> import jax, jax.numpy as jnp
   >>> model = ViT(patch_size=4, hidden=8, depth=1, heads=2, mlp_dim=16)
   >>> x = jnp.ones((2, 8, 8, 3))
   >>> variables = model.init(jax.random.key(0), x, train=False)
   >>> model.apply(variables, x, train=False).shape
   (2, 8)
+  >>> model.apply(variables, x, train=False, method="feature_map").shape
+  (2, 2, 2, 8)
   """
 
   patch_size: int
@@ -63,8 +72,24 @@ class ViT(nn.Module):
   def output_dim(self) -> int:
     return self.hidden
 
-  @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """(B, D): the final [CLS] token (pool="cls") or the mean of the patch tokens (pool="gap")."""
+    x = self.tokens(x, train)
+    if self.pool == "cls":
+      return x[:, 0]
+    return jnp.mean(x, axis=1).astype(self.dtype)
+
+  def feature_map(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """(B, H / p, W / p, D): the final patch tokens of the (B, H, W, C) images `x` on their grid."""
+    tokens = self.tokens(x, train)  # checks x first
+    b, h, w = jnp.shape(x)[:3]
+    if self.pool == "cls":
+      tokens = tokens[:, 1:]
+    return jnp.reshape(tokens, (b, h // self.patch_size, w // self.patch_size, self.hidden))
+
+  @nn.compact
+  def tokens(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """(B, [1 +] N, D): LN(z_L), every final token ([CLS] first with pool="cls")."""
     _checks.check_choice("pool", self.pool, POOLS)
     _layers.check_heads(self.hidden, self.heads, name="hidden")
     x = _layers.check_images("x", x)
@@ -105,9 +130,7 @@ class ViT(nn.Module):
     x = nn.LayerNorm(
         epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="encoder_norm"
     )(x)
-    if self.pool == "cls":
-      return x[:, 0]
-    return jnp.mean(x, axis=1).astype(self.dtype)
+    return x
 
 
 def _config(name, hidden, depth, heads):

@@ -113,6 +113,8 @@ TEMPERATURE_LOSSES = {
     "mv_dhel": lambda a, p, t: L.mv_dhel(jnp.stack([a, p, VIEWS[0]]), temperature=t),
     "nnclr": lambda a, p, t: L.nnclr(a, p, VIEWS[0], temperature=t),
     "nt_xent": lambda a, p, t: L.nt_xent(a, p, temperature=t),
+    "cpc": lambda a, p, t: L.cpc(a.reshape(1, 2, 4, D), p.reshape(2, 4, D), temperature=t),  # raw scores
+    "patch_nce": lambda a, p, t: L.patch_nce(a.reshape(2, 4, D), p.reshape(2, 4, D), temperature=t, detach_key=False),
     "poly_view": lambda a, p, t: L.poly_view(jnp.stack([a, p, VIEWS[0]]), temperature=t),
     "positive_aware_infonce": lambda a, p, t: L.positive_aware_infonce(a, p, temperature=t),
     "sbcl": lambda a, p, t: L.sbcl(jnp.stack([a, p], 1), LABELS, jnp.arange(B), temperature=t),

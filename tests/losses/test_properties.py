@@ -45,6 +45,7 @@ class Spec:
   raw_range: tuple[float, float] = (1e6, 1e-6)  # (huge, near zero) when not scale_free
 
 
+PIXPRO_BOX = jnp.array([[0.1, 0.2, 0.9, 0.6]])
 SPECS: dict[str, Spec] = {
     "alignment": Spec(lambda a, y, t, impl: L.alignment(a[0], a[1])),
     "barlow_twins": Spec(lambda a, y, t, impl: L.barlow_twins(a[0], a[1]), scale_free=False),
@@ -69,6 +70,12 @@ SPECS: dict[str, Spec] = {
     "mv_dhel": Spec(lambda a, y, t, impl: L.mv_dhel(jnp.stack(a), temperature=t, impl=impl), n_arrays=3,
                     engines=True),
     "negative_cosine": Spec(lambda a, y, t, impl: L.negative_cosine(a[0], a[1])),
+    # the dense objectives: the B rows as the patches / steps / pixels of one image
+    "patch_nce": Spec(lambda a, y, t, impl: L.patch_nce(a[0][None], a[1][None], temperature=t, detach_key=False,
+                                                        impl=impl)),
+    "cpc": Spec(lambda a, y, t, impl: L.cpc(a[0][None, None], a[1][None], temperature=t, normalize=True, impl=impl)),
+    "pixpro": Spec(lambda a, y, t, impl: L.pixpro(a[0][None, None], a[1][None, :, None], PIXPRO_BOX, PIXPRO_BOX,
+                                                  value=a[2][None, None], sharpness=t), n_arrays=3),
     "nt_xent": Spec(lambda a, y, t, impl: L.nt_xent(a[0], a[1], temperature=t, impl=impl), engines=True),
     "siglip": Spec(lambda a, y, t, impl: L.siglip(a[0], a[1], logit_scale=1 / t, logit_bias=-1 / t, impl=impl),
                    engines=True),

@@ -111,3 +111,22 @@ def test_resnet_bad_inputs():
     jax.eval_shape(lambda: ResNet(stage_sizes=(1,), block="wide").init(key(0), jnp.zeros((1, 8, 8, 3))))
   with pytest.raises(TypeError, match=r"`x` must be a floating-point array"):
     jax.eval_shape(lambda: model.init(key(0), jnp.zeros((1, 8, 8, 3), jnp.int32), train=False))
+
+
+
+def test_resnet_feature_map_is_the_last_stage_before_the_pool():
+  model = ResNet(stage_sizes=(1, 1), width=4)  # 8x8 → stage 2 (stride 2) 4x4
+  x = randn(6, 2, 8, 8, 3)
+  variables = random_variables(model, x, train=False, seed=5)
+
+  def run(v, x):
+    train_map = model.apply(v, x, train=True, method="feature_map", mutable=["batch_stats"])[1]
+    train_call = model.apply(v, x, train=True, mutable=["batch_stats"])[1]
+    return model.apply(v, x, method="feature_map"), model.apply(v, x), train_map, train_call
+
+  fmap, pooled, stats_map, stats_call = jax.jit(run)(variables, x)
+  assert fmap.shape == (2, 4, 4, model.output_dim)
+  np.testing.assert_array_equal(np.asarray(jnp.mean(fmap, axis=(1, 2))), np.asarray(pooled))
+  # Train mode: the same running-statistics update whichever method runs.
+  for a, b in zip(jax.tree.leaves(stats_map), jax.tree.leaves(stats_call)):
+    np.testing.assert_array_equal(a, b)

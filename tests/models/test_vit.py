@@ -56,3 +56,22 @@ def test_vit_bad_inputs():
   with pytest.raises(ValueError, match=r"`hidden` \(8\) must be divisible by `heads`, got heads=3"):
     bad = ViT(patch_size=4, hidden=8, depth=1, heads=3, mlp_dim=8)
     jax.eval_shape(lambda: bad.init(key(0), jnp.zeros((1, 8, 8, 3))))
+
+
+@pytest.mark.parametrize("pool", ["cls", "gap"])
+def test_vit_feature_map_is_the_patch_tokens_on_their_grid(pool):
+  # depth 0: a patch's token depends on its own pixels only, so the grid layout is visible.
+  model = ViT(patch_size=4, hidden=8, depth=0, heads=2, mlp_dim=8, pool=pool)
+  x = randn(7, 2, 8, 12, 3)
+  variables = random_variables(model, x, train=False, seed=6)
+  moved = x.copy()
+  moved[:, 4:8, 8:12] += 1.0  # the patch at grid row 1, column 2
+  run = jax.jit(lambda v, x: (model.apply(v, x, method="feature_map"), model.apply(v, x),
+                              model.apply(v, x, method="tokens")))
+  (fmap, pooled, tokens), (fmap2, _, _) = run(variables, x), run(variables, moved)
+  assert fmap.shape == (2, 2, 3, 8) and tokens.shape == (2, 6 + (pool == "cls"), 8)
+  changed = np.any(np.asarray(fmap) != np.asarray(fmap2), axis=(0, 3))
+  np.testing.assert_array_equal(changed, np.arange(6).reshape(2, 3) == 5)
+  np.testing.assert_array_equal(np.asarray(fmap).reshape(2, 6, 8), np.asarray(tokens)[:, pool == "cls":])
+  want = tokens[:, 0] if pool == "cls" else jnp.mean(fmap, axis=(1, 2))
+  np.testing.assert_allclose(np.asarray(pooled), np.asarray(want), rtol=1e-6, atol=1e-6)

@@ -24,9 +24,10 @@ from tests.losses.reference import predictive
 from tests.losses.reference import prototypes
 from tests.losses.reference import redundancy
 from tests.losses.reference import snr
+from tests.losses.reference import spatial
 from tests.losses.reference import sparse_coding
 from tests.losses.reference import supcon
 from tests.losses.reference import temperature
 from tests.losses.reference import triplet
 
-__all__ = ["alignment_uniformity", "clip", "clustering", "common", "crossmodal", "distill", "false_negatives", "gated_pairs", "geometric", "hard_negatives", "hyperbolic", "infonce", "late_interaction", "matryoshka", "matryoshka_2d", "multipositive", "multiview", "nearest_neighbour", "predictive", "prototypes", "redundancy", "snr", "sparse_coding", "supcon", "temperature", "triplet"]
+__all__ = ["alignment_uniformity", "clip", "clustering", "common", "crossmodal", "distill", "false_negatives", "gated_pairs", "geometric", "hard_negatives", "hyperbolic", "infonce", "late_interaction", "matryoshka", "matryoshka_2d", "multipositive", "multiview", "nearest_neighbour", "predictive", "prototypes", "redundancy", "snr", "sparse_coding", "spatial", "supcon", "temperature", "triplet"]
