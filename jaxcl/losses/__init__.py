@@ -5,7 +5,7 @@ takes `impl=` to choose the engine.
 
 | family | functions |
 |---|---|
-| softmax, positives on the diagonal | infonce, nt_xent, dcl, dclw, clip |
+| softmax, positives on the diagonal | infonce, nt_xent, dcl, dclw, clip, grouped_itc (CLIP within groups) |
 | softmax, label / view / soft positives | supcon, focal_supcon, multiview_infonce, mv_dhel, cwcl, symile |
 | softmax, hard negatives weighted or mined (`hard_negatives`) | hn_nce, ce_clip, dual_view_moco |
 | softmax, false negatives kept out of the denominator (`false_negatives`) | decoupled_softmax, positive_aware_infonce |
@@ -22,8 +22,8 @@ takes `impl=` to choose the engine.
 
 Each module of `jaxcl/losses` holds one family; docs/objectives.md lists every loss by its paper.
 
-Sharded batches. clip, siglip, infonce (with a MoCo queue too), nt_xent, dcl, dclw, supcon, macl,
-hn_nce, mcl_nt_xent and nnclr take `axis_name=` and `mesh=` to compute the loss of a batch split over
+Sharded batches. clip, grouped_itc, siglip, infonce (with a MoCo queue too), nt_xent, dcl, dclw,
+supcon, macl, hn_nce, mcl_nt_xent and nnclr take `axis_name=` and `mesh=` to compute the loss of a batch split over
 devices, against every negative of the global batch, with `impl="allgather" | "ring" | "auto"`
 (`jaxcl.ops.sharded`):
 
@@ -41,7 +41,7 @@ block of S per device. Ids in masks are global; see docs/distributed.md.
 
 from jaxcl.losses._common import l2_normalize
 from jaxcl.losses.accuracy import RetrievalAccuracy, retrieval_accuracy
-from jaxcl.losses.clip import clip, siglip
+from jaxcl.losses.clip import clip, grouped_itc, siglip
 from jaxcl.losses.clustering import mcl_cluster_ids, mcl_nt_xent, mlcd, sbcl, subclass_kmeans
 from jaxcl.losses.crossmodal import cwcl, symile
 from jaxcl.losses.distill import albef_itc, m3co, similarity_distillation, softclip
@@ -124,6 +124,7 @@ __all__ = [
     "gated_pair_infonce",
     "gram",
     "gram_volume",
+    "grouped_itc",
     "half_aperture",
     "hn_nce",
     "infonce",
