@@ -12,6 +12,7 @@ takes `impl=` to choose the engine.
 | clusters define positives and negatives (`clustering`) | subclass_kmeans, sbcl, mcl_cluster_ids, mcl_nt_xent, mlcd |
 | arbitrary positive pairs in gated subspaces (`gated_pairs`) | gated_pair_infonce |
 | sigmoid | siglip |
+| classification of caption nouns / identities (`classification`) | catlip (+ catlip_targets), unpg |
 | metric learning | triplet, batch_hard_triplet |
 | geometry | alignment, uniformity |
 | softmax, nearest-neighbour positives from a support set | nnclr |
@@ -41,6 +42,7 @@ block of S per device. Ids in masks are global; see docs/distributed.md.
 
 from jaxcl.losses._common import l2_normalize
 from jaxcl.losses.accuracy import RetrievalAccuracy, retrieval_accuracy
+from jaxcl.losses.classification import catlip, catlip_targets, unpg
 from jaxcl.losses.clip import clip, grouped_itc, siglip
 from jaxcl.losses.clustering import mcl_cluster_ids, mcl_nt_xent, mlcd, sbcl, subclass_kmeans
 from jaxcl.losses.crossmodal import cwcl, symile
@@ -105,6 +107,8 @@ __all__ = [
     "barlow_twins",
     "batch_hard_triplet",
     "cacr",
+    "catlip",
+    "catlip_targets",
     "ce_clip",
     "clip",
     "contrastive_gap",
@@ -172,5 +176,6 @@ __all__ = [
     "topk_mask",
     "triplet",
     "uniformity",
+    "unpg",
     "vicreg",
 ]

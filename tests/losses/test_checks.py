@@ -37,6 +37,7 @@ def _with_labels(labels):
           lambda: L.sbcl(feats, labels, ids),
           lambda: L.spherical_z_loss(A[:, :4], labels % 4 if labels.max() < 4 else labels, a=1.0, b=0.0),
           lambda: L.subclass_kmeans(A, labels, subclass_size=2),
+          lambda: L.unpg(A, labels, VIEWS[0]),
       ],
       "query_labels": [
           lambda: L.gated_pair_infonce(A, P, jnp.ones((D,)), query_labels=labels, pair_labels=labels),
