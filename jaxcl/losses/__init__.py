@@ -9,7 +9,7 @@ takes `impl=` to choose the engine.
 | softmax, label / view / soft positives | supcon, focal_supcon, multiview_infonce, mv_dhel, cwcl, symile |
 | softmax, hard negatives weighted or mined (`hard_negatives`) | hn_nce, ce_clip, dual_view_moco |
 | softmax, false negatives kept out of the denominator (`false_negatives`) | decoupled_softmax, positive_aware_infonce |
-| clusters define positives and negatives (`clustering`) | subclass_kmeans, sbcl, mcl_cluster_ids, mcl_nt_xent, mlcd |
+| clusters define positives and negatives (`clustering`) | subclass_kmeans, sbcl, mcl_cluster_ids, mcl_nt_xent, mlcd, pamc |
 | arbitrary positive pairs in gated subspaces (`gated_pairs`) | gated_pair_infonce |
 | sigmoid | siglip |
 | classification of caption nouns / identities (`classification`) | catlip (+ catlip_targets), unpg |
@@ -44,7 +44,7 @@ from jaxcl.losses._common import l2_normalize
 from jaxcl.losses.accuracy import RetrievalAccuracy, retrieval_accuracy
 from jaxcl.losses.classification import catlip, catlip_targets, unpg
 from jaxcl.losses.clip import clip, grouped_itc, siglip
-from jaxcl.losses.clustering import mcl_cluster_ids, mcl_nt_xent, mlcd, sbcl, subclass_kmeans
+from jaxcl.losses.clustering import mcl_cluster_ids, mcl_nt_xent, mlcd, pamc, sbcl, subclass_kmeans
 from jaxcl.losses.crossmodal import cwcl, symile
 from jaxcl.losses.distill import albef_itc, m3co, similarity_distillation, softclip
 from jaxcl.losses.false_negatives import decoupled_softmax, positive_aware_infonce
@@ -152,6 +152,7 @@ __all__ = [
     "nnclr",
     "nt_xent",
     "one_to_k_clip",
+    "pamc",
     "poly_view",
     "positive_aware_infonce",
     "retrieval_accuracy",
