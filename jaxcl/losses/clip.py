@@ -152,12 +152,14 @@ def grouped_itc(
   r"""Grouped image–text contrastive loss: CLIP within each group of the batch, averaged over the batch.
 
   "M2-Encoder: Advancing Bilingual Image-Text Understanding by Large-scale Efficient Pretraining" (Guo et
-  al., Ant Group, 2024), its grouped aggregation for ITC (GBA-ITC). The global batch is split into
-  groups (in the paper, the ranks of a few nodes); an image contrasts only with the texts of its own
-  group and a text only with the images of its group, so the features are gathered within a group, not
-  over every device. With g the group ids and S = logit_scale · image @ textᵀ:
+  al., Ant Group, 2024), its grouped aggregation for the image-text contrastive loss. The batch is
+  split into groups (the ranks of a few nodes, in the released config's terms); an image contrasts only
+  with the texts of its own group and a text only with the images of its group, so the features are
+  gathered within a group, not over every device. With g the group ids and
+  S = logit_scale · image @ textᵀ:
 
-      ℓ_i(image) = −S_ii + log Σ_{j: g_j = g_i} exp S_ij,   ℓ_j(text) = −S_jj + log Σ_{i: g_i = g_j} exp S_ij
+      ℓ_i(image) = −S_ii + log Σ_{j: g_j = g_i} exp S_ij
+      ℓ_j(text)  = −S_jj + log Σ_{i: g_i = g_j} exp S_ij
       loss = ½ mean_i ℓ_i(image) + ½ mean_j ℓ_j(text)
 
   With equal groups this is the mean over the groups of each group's CLIP loss (what data-parallel
