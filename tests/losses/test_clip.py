@@ -89,18 +89,16 @@ def test_grouped_itc_matches_reference(scale):
   )
 
 
-def test_grouped_itc_with_one_group_is_clip():
-  i, t = randn(96, 6, 5), randn(97, 6, 5)
-  got = jax.jit(lambda i, t: losses.grouped_itc(i, t, jnp.full(6, 7), logit_scale=10.0))(i, t)
-  np.testing.assert_allclose(float(got), float(losses.clip(i, t, logit_scale=10.0)), rtol=1e-6)
-
-
-def test_grouped_itc_of_equal_contiguous_groups_is_the_mean_of_their_clip_losses():
-  """Groups of 3 consecutive pairs (3 ranks' shards in M2-Encoder): the mean of the 3 groups' CLIP."""
+def test_grouped_itc_with_one_group_is_clip_and_with_equal_groups_the_mean_of_their_clip_losses():
+  """One group: `clip`. Groups of 3 consecutive pairs (3 ranks' shards in M2-Encoder): the mean of the
+  3 groups' CLIP losses (the float64 reference)."""
   i, t = randn(98, 9, 4), randn(99, 9, 4)
-  got = float(losses.grouped_itc(i, t, np.arange(9) // 3, logit_scale=5.0))
+  one, three, whole = jax.jit(lambda i, t: (losses.grouped_itc(i, t, jnp.full(9, 7), logit_scale=5.0),
+                                            losses.grouped_itc(i, t, jnp.arange(9) // 3, logit_scale=5.0),
+                                            losses.clip(i, t, logit_scale=5.0)))(i, t)
+  np.testing.assert_allclose(float(one), float(whole), rtol=1e-6)
   want = np.mean([reference.clip.clip(i[k:k + 3], t[k:k + 3], 5.0) for k in (0, 3, 6)])
-  np.testing.assert_allclose(got, want, rtol=2e-5)
+  np.testing.assert_allclose(float(three), want, rtol=2e-5)
 
 
 def test_grouped_itc_engines_agree(monkeypatch):
