@@ -5,13 +5,14 @@ takes `impl=` to choose the engine.
 
 | family | functions |
 |---|---|
-| softmax, positives on the diagonal | infonce, nt_xent, dcl, dclw, clip |
+| softmax, positives on the diagonal | infonce, nt_xent, dcl, dclw, clip, grouped_itc (CLIP within groups) |
 | softmax, label / view / soft positives | supcon, focal_supcon, multiview_infonce, mv_dhel, cwcl, symile |
 | softmax, hard negatives weighted or mined (`hard_negatives`) | hn_nce, ce_clip, dual_view_moco |
 | softmax, false negatives kept out of the denominator (`false_negatives`) | decoupled_softmax, positive_aware_infonce |
-| clusters define positives and negatives (`clustering`) | subclass_kmeans, sbcl, mcl_cluster_ids, mcl_nt_xent, mlcd |
+| clusters define positives and negatives (`clustering`) | subclass_kmeans, sbcl, mcl_cluster_ids, mcl_nt_xent, mlcd, pamc |
 | arbitrary positive pairs in gated subspaces (`gated_pairs`) | gated_pair_infonce |
 | sigmoid | siglip |
+| classification of caption nouns / identities (`classification`) | catlip (+ catlip_targets), unpg |
 | metric learning | triplet, batch_hard_triplet |
 | geometry | alignment, uniformity |
 | softmax, nearest-neighbour positives from a support set | nnclr |
@@ -23,8 +24,8 @@ takes `impl=` to choose the engine.
 
 Each module of `jaxcl/losses` holds one family; docs/objectives.md lists every loss by its paper.
 
-Sharded batches. clip, siglip, infonce (with a MoCo queue too), nt_xent, dcl, dclw, supcon, macl,
-hn_nce, mcl_nt_xent and nnclr take `axis_name=` and `mesh=` to compute the loss of a batch split over
+Sharded batches. clip, grouped_itc, siglip, infonce (with a MoCo queue too), nt_xent, dcl, dclw,
+supcon, macl, hn_nce, mcl_nt_xent and nnclr take `axis_name=` and `mesh=` to compute the loss of a batch split over
 devices, against every negative of the global batch, with `impl="allgather" | "ring" | "auto"`
 (`jaxcl.ops.sharded`):
 
@@ -42,8 +43,9 @@ block of S per device. Ids in masks are global; see docs/distributed.md.
 
 from jaxcl.losses._common import l2_normalize
 from jaxcl.losses.accuracy import RetrievalAccuracy, retrieval_accuracy
-from jaxcl.losses.clip import clip, siglip
-from jaxcl.losses.clustering import mcl_cluster_ids, mcl_nt_xent, mlcd, sbcl, subclass_kmeans
+from jaxcl.losses.classification import catlip, catlip_targets, unpg
+from jaxcl.losses.clip import clip, grouped_itc, siglip
+from jaxcl.losses.clustering import mcl_cluster_ids, mcl_nt_xent, mlcd, pamc, sbcl, subclass_kmeans
 from jaxcl.losses.crossmodal import cwcl, symile
 from jaxcl.losses.distill import albef_itc, m3co, similarity_distillation, softclip
 from jaxcl.losses.false_negatives import decoupled_softmax, positive_aware_infonce
@@ -107,6 +109,8 @@ __all__ = [
     "barlow_twins",
     "batch_hard_triplet",
     "cacr",
+    "catlip",
+    "catlip_targets",
     "ce_clip",
     "clip",
     "contrastive_gap",
@@ -127,6 +131,7 @@ __all__ = [
     "gated_pair_infonce",
     "gram",
     "gram_volume",
+    "grouped_itc",
     "half_aperture",
     "hn_nce",
     "infonce",
@@ -150,6 +155,7 @@ __all__ = [
     "nnclr",
     "nt_xent",
     "one_to_k_clip",
+    "pamc",
     "patch_nce",
     "pixpro",
     "poly_view",
@@ -176,5 +182,6 @@ __all__ = [
     "topk_mask",
     "triplet",
     "uniformity",
+    "unpg",
     "vicreg",
 ]

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from jaxcl import losses
-from tests.helpers import assert_padded_equals_unpadded, assert_reductions_agree, assert_value_and_grads, randn
+from tests.helpers import (
+    assert_engines_agree,
+    assert_padded_equals_unpadded,
+    assert_reductions_agree,
+    assert_value_and_grads,
+    randn,
+)
 from tests.losses import reference
 import jaxcl
 
@@ -70,8 +76,67 @@ def test_clip_is_mean_of_two_infonce_directions():
   np.testing.assert_allclose(float(losses.clip(i, t, logit_scale=10.0)), float(both), rtol=1e-6)
 
 
+# ------------------------------------------------------------------------------------------ grouped_itc
+GROUPS = np.array([2, 0, 0, 1, 2, 1, 1, 2], np.int32)  # uneven groups, not contiguous
+
+
+@pytest.mark.parametrize("scale", [1.0, 1 / 0.07])
+def test_grouped_itc_matches_reference(scale):
+  assert_value_and_grads(
+      lambda i, t, s: losses.grouped_itc(i, t, GROUPS, logit_scale=s),
+      lambda i, t, s: reference.clip.grouped_itc(i, t, GROUPS, s),
+      [randn(94, 8, 4), randn(95, 8, 4), np.float32(scale)], jit=True,
+  )
+
+
+def test_grouped_itc_with_one_group_is_clip_and_with_equal_groups_the_mean_of_their_clip_losses():
+  """One group: `clip`. Groups of 3 consecutive pairs (3 ranks' shards in M2-Encoder): the mean of the
+  3 groups' CLIP losses (the float64 reference)."""
+  i, t = randn(98, 9, 4), randn(99, 9, 4)
+  one, three, whole = jax.jit(lambda i, t: (losses.grouped_itc(i, t, jnp.full(9, 7), logit_scale=5.0),
+                                            losses.grouped_itc(i, t, jnp.arange(9) // 3, logit_scale=5.0),
+                                            losses.clip(i, t, logit_scale=5.0)))(i, t)
+  np.testing.assert_allclose(float(one), float(whole), rtol=1e-6)
+  want = np.mean([reference.clip.clip(i[k:k + 3], t[k:k + 3], 5.0) for k in (0, 3, 6)])
+  np.testing.assert_allclose(float(three), want, rtol=2e-5)
+
+
+def test_grouped_itc_engines_agree(monkeypatch):
+  monkeypatch.setattr(jaxcl.ops.blockwise, "DEFAULT_TILE", 3)
+  make = lambda impl: lambda i, t: losses.grouped_itc(i, t, GROUPS, logit_scale=4.0, impl=impl)  # noqa: E731
+  assert_engines_agree("grouped_itc", make, [jnp.asarray(randn(100, 8, 4)), jnp.asarray(randn(101, 8, 4))])
+
+
+def test_grouped_itc_padded_batch_with_mask_equals_unpadded_batch():
+  loss = lambda i, t, g, **kw: losses.grouped_itc(i, t, g, logit_scale=4.0, **kw)  # noqa: E731
+  assert_padded_equals_unpadded(loss, [randn(102, 8, 4), randn(103, 8, 4), GROUPS], n_diff=2)
+
+
+def test_grouped_itc_reduction_none_and_sum():
+  """(2B,) per-anchor terms (images, then texts) whose masked mean is the loss; padding terms are 0."""
+  a, b = randn(106, 6, 4), randn(107, 6, 4)
+  assert_reductions_agree(_pairs_of_two, [a, b], 12)
+  assert_reductions_agree(_pairs_of_two, [a, b], 12, mask=np.array([1, 0, 1, 1, 0, 1], bool))
+
+
+@pytest.mark.parametrize("groups,error,match", [
+    (None, TypeError, r"`group_ids` must be an integer array of shape \(8,\), got None"),
+    (np.zeros(7, np.int32), ValueError, r"`group_ids` must have shape \(8,\), got \(7,\)"),
+    (np.zeros(8, np.float32), TypeError, r"`group_ids` must have an integer dtype, got float32"),
+])
+def test_grouped_itc_bad_group_ids_raise(groups, error, match):
+  with pytest.raises(error, match=match):
+    losses.grouped_itc(randn(104, 8, 4), randn(105, 8, 4), groups, logit_scale=1.0)
+
+
+def _pairs_of_two(a, b, **kw):
+  """grouped_itc with groups of two consecutive pairs (B even)."""
+  return losses.grouped_itc(a, b, jnp.arange(a.shape[0]) // 2, logit_scale=1 / 0.07, **kw)
+
+
 ALL_PAIR_LOSSES = {
     "clip": functools.partial(losses.clip, logit_scale=1 / 0.07),
+    "grouped_itc": _pairs_of_two,
     "siglip": functools.partial(losses.siglip, logit_scale=10.0, logit_bias=-10.0),
 }
 

@@ -9,14 +9,22 @@ import numpy as np
 import pytest
 
 from jaxcl.losses.clustering import mcl_cluster_ids, mcl_nt_xent
-from jaxcl.losses.clustering import mlcd, sbcl, subclass_kmeans
+from jaxcl.losses.clustering import mlcd, pamc, sbcl, subclass_kmeans
 from jaxcl.losses.gated_pairs import gated_pair_infonce
 from jaxcl.losses.infonce import nt_xent
 from jaxcl.losses.supcon import focal_supcon, supcon
 from tests import helpers
 from tests.helpers import randn
 from tests.losses import reference
-from tests.losses.reference.clustering import ref_kmeans, ref_mcl, ref_mlcd, ref_sbcl, ref_sbcl_authors
+from tests.losses.reference.clustering import (
+    ref_kmeans,
+    ref_mcl,
+    ref_mlcd,
+    ref_ncontrast,
+    ref_pamc,
+    ref_sbcl,
+    ref_sbcl_authors,
+)
 
 
 assert_value_and_grads = functools.partial(helpers.assert_value_and_grads, jit=True)
@@ -440,3 +448,69 @@ BAD = [
 def test_bad_inputs_raise_with_the_argument_name(call, message):
   with pytest.raises((ValueError, TypeError), match=message):
     call()
+
+
+# --------------------------------------------------------------------------------------------- PAMC
+# A ring of 7 nodes with self-loops (both directions), weights as a normalised 2-hop adjacency would give
+RING = np.array([[i, (i + d) % 7] for i in range(7) for d in (0, 1, 6)], np.int32).T
+RING_WEIGHTS = np.random.default_rng(3).uniform(0.2, 1.0, RING.shape[1]).astype(np.float32)
+CLUSTERS = np.array([0, 0, 1, 1, 2, 2, 0], np.int32)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_pamc_matches_reference(scale):
+  helpers.assert_value_and_grads(
+      lambda z: pamc(z, RING, CLUSTERS, num_clusters=3, edge_weights=RING_WEIGHTS, scale=scale),
+      lambda z: ref_pamc(z, RING, RING_WEIGHTS, CLUSTERS, scale),
+      [randn(60, 7, 4)], jit=True)
+
+
+def test_pamc_with_every_node_its_own_cluster_is_graph_mlp_ncontrast():
+  """Meta-nodes of one node each: the negatives are all N nodes, the exact loss PAMC approximates."""
+  z = randn(61, 7, 4)
+  adjacency = np.zeros((7, 7))
+  adjacency[RING[0], RING[1]] = RING_WEIGHTS
+  got = jax.jit(lambda z: pamc(z, RING, np.arange(7), num_clusters=7, edge_weights=RING_WEIGHTS, scale=1.5))(z)
+  np.testing.assert_allclose(float(got), ref_ncontrast(z, adjacency, 1.5), rtol=1e-5)
+
+
+def test_pamc_empty_clusters_are_left_out_and_padding_changes_nothing():
+  z = randn(62, 7, 4)
+  unpadded = lambda z: pamc(z, RING, CLUSTERS, num_clusters=3, edge_weights=RING_WEIGHTS)  # noqa: E731
+  relabelled = np.array([0, 3, 5])[CLUSTERS]  # clusters 1, 2, 4, 6, 7 empty
+  got, want = jax.jit(lambda z: (pamc(z, RING, relabelled, num_clusters=8, edge_weights=RING_WEIGHTS), unpadded(z)))(z)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+  _, mask = helpers.pad_batch(63, [z], 2)  # the mask assert_padded_equals_unpadded draws with this seed
+  where = np.flatnonzero(mask)  # node i of the graph is node where[i] of the padded batch
+  ids = np.zeros(9, np.int32)
+  ids[where] = CLUSTERS
+  loss = lambda z, **kw: pamc(z, where[RING], ids, num_clusters=3, edge_weights=RING_WEIGHTS, **kw)  # noqa: E731
+  helpers.assert_padded_equals_unpadded(loss, [z], n_pad=2, seed=63, unpadded_loss=unpadded, rtol=1e-5)
+  helpers.assert_reductions_agree(lambda z, **kw: pamc(z, RING, CLUSTERS, num_clusters=3, **kw), [z], 7,
+                                  mask=np.array([1, 1, 0, 1, 1, 1, 0], bool))
+
+
+def test_pamc_bf16_and_extremes_are_finite():
+  z = randn(64, 7, 4)
+  loss = jax.jit(lambda z: pamc(z, RING, CLUSTERS, num_clusters=3, edge_weights=RING_WEIGHTS))
+  lo = loss(jnp.asarray(z, jnp.bfloat16))
+  assert lo.dtype == jnp.float32
+  np.testing.assert_allclose(float(lo), float(loss(z)), rtol=2e-2)
+  for x in (np.zeros_like(z), 1e30 * z):
+    value, grad = jax.value_and_grad(loss)(jnp.asarray(x))
+    assert np.isfinite(float(value)) and np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"edges": np.array([[0, 1, 2]])}, ValueError, r"`edges` must be an integer \(2, E\) array"),
+    ({"edges": np.array([[0, 3], [1, 0]])}, ValueError, r"`edges` must lie in \[0, 3\), got values in \[0, 3\]"),
+    ({"cluster_ids": np.array([0, 1, 2])}, ValueError, r"`cluster_ids` must lie in \[0, 2\), got values in \[0, 2\]"),
+    ({"num_clusters": 2.0}, ValueError, r"`num_clusters` must be a positive Python int, got 2.0"),
+    ({"edge_weights": np.ones(3, np.float32)}, ValueError, r"`edge_weights` must have shape \(2,\), one per edge"),
+    ({"edge_weights": -np.ones(2, np.float32)}, ValueError, r"`edge_weights` must be >= 0"),
+])
+def test_pamc_bad_inputs_raise_clear_errors(kwargs, error, match):
+  args = {"edges": np.array([[0, 1], [1, 0]]), "cluster_ids": np.array([0, 1, 1]), "num_clusters": 2}
+  args.update(kwargs)
+  with pytest.raises(error, match=match):
+    pamc(np.ones((3, 4), np.float32), args.pop("edges"), args.pop("cluster_ids"), **args)

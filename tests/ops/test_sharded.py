@@ -52,6 +52,7 @@ def _cases(batch, dim, seed=0):
       "macl": lambda a, b, s, **kw: losses.macl(a, b, temperature=0.3, **kw),  # τ₀: a Python number
       "hn_nce": lambda a, b, s, **kw: losses.hn_nce(a, b, temperature=1 / s, **kw),
       "mcl_nt_xent": lambda a, b, s, **kw: losses.mcl_nt_xent(a, b, labels, temperature=1 / s, **kw),
+      "grouped_itc": lambda a, b, s, **kw: losses.grouped_itc(a, b, labels, logit_scale=s, **kw),
       "nnclr": lambda a, b, s, **kw: losses.nnclr(a, b, queue, temperature=1 / s, **kw),  # queue: the support set
   }
 

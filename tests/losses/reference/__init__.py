@@ -3,6 +3,7 @@ shared primitives in `common`. Use as `from tests.losses import reference` then 
 or import one module: `from tests.losses.reference import infonce as ref`."""
 
 from tests.losses.reference import alignment_uniformity
+from tests.losses.reference import classification
 from tests.losses.reference import clip
 from tests.losses.reference import clustering
 from tests.losses.reference import common
@@ -30,4 +31,4 @@ from tests.losses.reference import supcon
 from tests.losses.reference import temperature
 from tests.losses.reference import triplet
 
-__all__ = ["alignment_uniformity", "clip", "clustering", "common", "crossmodal", "distill", "false_negatives", "gated_pairs", "geometric", "hard_negatives", "hyperbolic", "infonce", "late_interaction", "matryoshka", "matryoshka_2d", "multipositive", "multiview", "nearest_neighbour", "predictive", "prototypes", "redundancy", "snr", "sparse_coding", "spatial", "supcon", "temperature", "triplet"]
+__all__ = ["alignment_uniformity", "classification", "clip", "clustering", "common", "crossmodal", "distill", "false_negatives", "gated_pairs", "geometric", "hard_negatives", "hyperbolic", "infonce", "late_interaction", "matryoshka", "matryoshka_2d", "multipositive", "multiview", "nearest_neighbour", "predictive", "prototypes", "redundancy", "snr", "sparse_coding", "spatial", "supcon", "temperature", "triplet"]

@@ -1,4 +1,4 @@
-"""Float64 NumPy references for jaxcl/losses/clip.py: CLIP (with label smoothing) and SigLIP.
+"""Float64 NumPy references for jaxcl/losses/clip.py: CLIP (with label smoothing), grouped ITC and SigLIP.
 
 Written from the papers' formulas with explicit loops or full matrices, sharing no code with jaxcl.
 """
@@ -31,3 +31,13 @@ def siglip(image, text, logit_scale, logit_bias):
   s = logit_scale * normalize(image) @ normalize(text).T + logit_bias
   z = 2 * np.eye(s.shape[0]) - 1
   return np.mean(np.sum(softplus(-z * s), axis=1))
+
+
+def grouped_itc(image, text, group_ids, logit_scale):
+  """M2-Encoder's grouped ITC with explicit loops: each anchor's softmax over its own group only."""
+  s = logit_scale * normalize(image) @ normalize(text).T
+  g = np.asarray(group_ids)
+  b = s.shape[0]
+  rows = [logsumexp(s[i, g == g[i]], 0) - s[i, i] for i in range(b)]
+  cols = [logsumexp(s[g == g[j], j], 0) - s[j, j] for j in range(b)]
+  return 0.5 * (np.mean(rows) + np.mean(cols))

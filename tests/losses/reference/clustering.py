@@ -120,3 +120,28 @@ def ref_mcl(z1, z2, clusters, tau):
     logits = np.array([z[i] @ z[j] for j in range(n) if j != i and c[j] == c[i]]) / tau
     total += logsumexp(logits) - z[i] @ z[p] / tau
   return total / n
+
+
+def ref_pamc(z, edges, weights, cluster_ids, scale):
+  """PAMC as the released code's `NcontrastCCSP`: edge cosines (0 on self-loops) weighted by A, meta-nodes
+  summed per cluster (every cluster non-empty here), their cosines with the diagonal set to 0."""
+  z = np.asarray(z, np.float64)
+  n = len(z)
+  pos = np.zeros(n)
+  for (i, j), a in zip(np.asarray(edges).T, weights):
+    c = 0.0 if i == j else z[i] @ z[j] / (np.linalg.norm(z[i]) * np.linalg.norm(z[j]))
+    pos[i] += a * np.exp(scale * c)
+  k = int(np.max(cluster_ids)) + 1
+  meta = np.stack([z[np.asarray(cluster_ids) == c].sum(0) for c in range(k)])
+  cos = norm(meta) @ norm(meta).T
+  np.fill_diagonal(cos, 0.0)
+  neg = np.exp(scale * cos).sum(1)
+  return -np.mean(np.log(pos + 1e-10)) + np.mean(np.log(neg + 1e-10))
+
+
+def ref_ncontrast(z, adjacency, scale):
+  """Graph-MLP's Ncontrast over all N nodes (dense A; cosines with the diagonal set to 0)."""
+  cos = norm(z) @ norm(z).T
+  np.fill_diagonal(cos, 0.0)
+  e = np.exp(scale * cos)
+  return np.mean(-np.log(np.sum(e * adjacency, 1)) + np.log(np.sum(e, 1)))
