@@ -76,6 +76,10 @@ SPECS: dict[str, Spec] = {
     "cpc": Spec(lambda a, y, t, impl: L.cpc(a[0][None, None], a[1][None], temperature=t, normalize=True, impl=impl)),
     "pixpro": Spec(lambda a, y, t, impl: L.pixpro(a[0][None, None], a[1][None, :, None], PIXPRO_BOX, PIXPRO_BOX,
                                                   value=a[2][None, None], sharpness=t), n_arrays=3),
+    # PAMC: the B rows as the nodes of a ring graph in two clusters
+    "pamc": Spec(lambda a, y, t, impl: L.pamc(
+        a[0], jnp.stack([jnp.arange(a[0].shape[0]), jnp.roll(jnp.arange(a[0].shape[0]), 1)]),
+        jnp.arange(a[0].shape[0]) % 2, num_clusters=2, scale=1 / t)),
     "nt_xent": Spec(lambda a, y, t, impl: L.nt_xent(a[0], a[1], temperature=t, impl=impl), engines=True),
     "siglip": Spec(lambda a, y, t, impl: L.siglip(a[0], a[1], logit_scale=1 / t, logit_bias=-1 / t, impl=impl),
                    engines=True),
@@ -141,6 +145,7 @@ SKIP = {
     "spherical_z_loss": "takes logits and its a/b constants, not embeddings",
     "csr": "takes sparse-autoencoder parameters and returns a structured output (CSROutput)",
     "sae_encode": "takes sparse-autoencoder parameters; a TopK encoder, not a loss",
+    "catlip_targets": "builds CatLIP's multi-hot targets from integer word ids: nothing to differentiate",
 }
 
 
