@@ -24,10 +24,12 @@ takes `impl=` to choose the engine.
 
 Each module of `jaxcl/losses` holds one family; docs/objectives.md lists every loss by its paper.
 
-Sharded batches. clip, grouped_itc, siglip, infonce (with a MoCo queue too), nt_xent, dcl, dclw,
-supcon, macl, hn_nce, mcl_nt_xent and nnclr take `axis_name=` and `mesh=` to compute the loss of a batch split over
-devices, against every negative of the global batch, with `impl="allgather" | "ring" | "auto"`
-(`jaxcl.ops.sharded`):
+Sharded batches. clip, grouped_itc, siglip, infonce (with a MoCo queue too), nt_xent, dcl, dclw, supcon, macl,
+hn_nce, mcl_nt_xent, nnclr, albef_itc, m3co, similarity_distillation, softclip, cacr, contrastive_gap,
+gram, cwcl and symile take `axis_name=` and `mesh=` to compute the loss of a batch split over devices,
+against every negative of the global batch, with `impl="allgather" | "ring" | "auto"`
+(`jaxcl.ops.sharded`; a formula that needs every pair, e.g. gram's volumes, gathers the batch on
+either engine and computes this device's rows densely):
 
 - inside your own `jax.shard_map(..., in_specs=P("data"))`: pass the local shards and
   `axis_name="data"`; the result is the global loss, the same on every device;

@@ -244,6 +244,15 @@ def global_size(n_local: int, axis_name) -> int:
   return n_local if axis_name is None else n_local * sharded.axis_size(axis_name)
 
 
+def gather_batch(x: jax.Array | None, axis_name, axis: int = 0) -> jax.Array | None:
+  """The global batch from this device's shard x: x itself when `axis_name` is None, else every
+  device's shard concatenated along `axis` in device order (`lax.all_gather(tiled=True)`,
+  differentiable: the cotangents of the other devices' rows are sent back to them). None stays None."""
+  if x is None or axis_name is None:
+    return x
+  return jax.lax.all_gather(x, axis_name, axis=axis, tiled=True)
+
+
 def batch_sum(x: jax.Array, axis_name) -> jax.Array:
   """Σ over every element of x on every device."""
   total = jnp.sum(x)
@@ -271,7 +280,7 @@ def _axis_bound(axis_name) -> bool:
   return True
 
 
-def shardable(*batch_args: str):
+def shardable(*batch_args: str, batch_axis: dict[str, int] | None = None):
   """Lets a loss run on globally sharded arrays as well as inside the user's `shard_map`.
 
   The decorated loss takes `impl` and `axis_name=None`; the decorator adds `mesh=None` to its signature
@@ -288,7 +297,12 @@ def shardable(*batch_args: str):
   `impl="auto"` with neither `axis_name` nor `mesh` takes the sharded path by itself when the batch is
   split over more than one device (`auto_batch_axes`), so a loss on batch-sharded global arrays under
   `jax.set_mesh` never builds the global (B, B) similarity matrix on one device.
+
+  A batch argument may be the loss's `*args` (several arrays, each split alike), and `batch_axis` names
+  the arguments whose batch axis is not the leading one (e.g. {"views": 1} for (V, B, D) views). A
+  batch argument given as a scalar (a per-row value given once for every row) is replicated.
   """
+  batch_axis = dict(batch_axis or {})
 
   def wrap(loss):
     inner = inspect.signature(loss)
@@ -301,7 +315,17 @@ def shardable(*batch_args: str):
     signature = inner.replace(parameters=params)
 
     def call(a: dict):
-      return loss(**{name: value for name, value in a.items() if name != "mesh"})
+      bound = inspect.BoundArguments(inner, {name: value for name, value in a.items() if name != "mesh"})
+      return loss(*bound.args, **bound.kwargs)  # (positionally where the loss takes `*args`)
+
+    def batch_values(a: dict):
+      """[(array or None, its batch axis)] of the batch arguments, a `*args` tuple unpacked."""
+      out = []
+      for name in batch_args:
+        value = a[name]
+        for v in (value if isinstance(value, tuple) else (value,)):
+          out.append((v, batch_axis.get(name, 0)))
+      return out
 
     @functools.wraps(loss)
     def wrapper(*args, **kwargs):
@@ -310,10 +334,11 @@ def shardable(*batch_args: str):
       a = dict(arguments.arguments)
       axis_name, mesh, impl = a["axis_name"], a["mesh"], a["impl"]
       if mesh is None and axis_name is None and impl == "auto":
-        axes = auto_batch_axes(*(a[name] for name in batch_args))
+        values = batch_values(a)
+        axes = auto_batch_axes(*(v for v, _ in values), batch_axes=tuple(k for _, k in values))
         if axes is not None:
           a["axis_name"] = axes if len(axes) > 1 else axes[0]
-          return _under_shard_map(call, a, batch_args)
+          return _under_shard_map(call, a, batch_args, batch_axis)
         return call(a)
       if mesh is None and (
           (axis_name is None and impl not in SHARDED_IMPLS)
@@ -321,9 +346,9 @@ def shardable(*batch_args: str):
       ):
         return call(a)
       if impl == "auto" and mesh is not None and not _divides(
-          mesh, "data" if axis_name is None else axis_name, [a[name] for name in batch_args]):
+          mesh, "data" if axis_name is None else axis_name, batch_values(a)):
         return call(dict(a, axis_name=None))  # auto: a batch that does not split evenly
-      return _under_shard_map(call, a, batch_args)
+      return _under_shard_map(call, a, batch_args, batch_axis)
 
     wrapper.__signature__ = signature  # the loss's parameters and `mesh`, which the wrapper consumes
     return wrapper
@@ -331,17 +356,19 @@ def shardable(*batch_args: str):
   return wrap
 
 
-def auto_batch_axes(x, *others) -> tuple[str, ...] | None:
+def auto_batch_axes(x, *others, batch_axes: tuple[int, ...] | None = None) -> tuple[str, ...] | None:
   """The mesh axes `impl="auto"` splits a loss over, or None (run on one device, GSPMD partitions it).
 
   With the mesh set by `jax.set_mesh` (axes not already manual, i.e. outside `shard_map`): the axes the
-  leading dimension of the global batch array `x` is sharded over when its type says so (Explicit mesh
+  batch dimension of the global batch array `x` is sharded over when its type says so (Explicit mesh
   axes), else the mesh's "data" axis if it has one; None when those axes hold a single device, when
-  the leading size of x or of one of the `others` batch arguments (None: absent) is not a multiple of
-  their device count, or without a mesh.
+  the batch size of x or of one of the `others` batch arguments (None: absent) is not a multiple of
+  their device count, or without a mesh. `batch_axes`: the batch axis of x and of each of the others
+  (None: the leading axis of each).
   """
+  batch_axes = batch_axes or (0,) * (1 + len(others))
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or x is None or jnp.ndim(x) == 0:
+  if mesh.empty or x is None or jnp.ndim(x) <= batch_axes[0]:
     return None
   free = [name for name, kind in zip(mesh.axis_names, mesh.axis_types)
           if kind != jax.sharding.AxisType.Manual]
@@ -351,30 +378,33 @@ def auto_batch_axes(x, *others) -> tuple[str, ...] | None:
     sharding = None
   spec = getattr(sharding, "spec", None)
   if spec is not None and len(spec) and any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-    lead = spec[0]
+    lead = spec[batch_axes[0]] if len(spec) > batch_axes[0] else None
     axes = () if lead is None else (lead,) if isinstance(lead, str) else tuple(lead)
   else:
     axes = ("data",) if "data" in free else ()
   axes = tuple(a for a in axes if a in free)
-  if math.prod(mesh.shape[a] for a in axes) <= 1 or not _divides(mesh, axes, (x,) + others):
+  if math.prod(mesh.shape[a] for a in axes) <= 1 or not _divides(
+      mesh, axes, list(zip((x,) + others, batch_axes))):
     return None
   return axes
 
 
 def _divides(mesh, axis_name, values) -> bool:
-  """Whether every array in `values` (None: absent) has a leading size that splits evenly over the
-  devices of mesh axis (or axes) `axis_name` (True for an axis the mesh lacks: `_under_shard_map`
-  reports that)."""
+  """Whether every array in `values`, (array or None (absent), its batch axis) pairs, has a batch size
+  that splits evenly over the devices of mesh axis (or axes) `axis_name` (True for an axis the mesh
+  lacks: `_under_shard_map` reports that)."""
   axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
   if any(a not in mesh.axis_names for a in axes):
     return True
   n_devices = math.prod(mesh.shape[a] for a in axes)
-  return all(v is None or (jnp.ndim(v) > 0 and jnp.shape(v)[0] % n_devices == 0) for v in values)
+  return all(v is None or jnp.ndim(v) == 0 or (jnp.ndim(v) > k and jnp.shape(v)[k] % n_devices == 0)
+             for v, k in values)
 
 
-def _under_shard_map(call, a: dict, batch_args: tuple[str, ...]):
+def _under_shard_map(call, a: dict, batch_args: tuple[str, ...], batch_axis: dict[str, int]):
   """`call(arguments)` under `jax.shard_map` over the mesh axes `a["axis_name"]`, the `batch_args`
-  split along their leading axis, other arrays replicated."""
+  split along their batch axis (`batch_axis`, default the leading one; each array of a `*args` tuple
+  alike), other arrays replicated."""
   axis_name = a["axis_name"] if a["axis_name"] is not None else "data"
   mesh = a["mesh"] if a["mesh"] is not None else jax.sharding.get_abstract_mesh()
   if mesh.empty:
@@ -387,20 +417,28 @@ def _under_shard_map(call, a: dict, batch_args: tuple[str, ...]):
     if axis not in mesh.axis_names:
       raise ValueError(f"`axis_name` {axis!r} is not an axis of the mesh, whose axes are {mesh.axis_names}.")
   n_devices = math.prod(mesh.shape[axis] for axis in axes)
-  names, values, specs = [], [], []
+  names, values, specs = [], [], []  # names: (argument, index in its `*args` tuple or None)
   for name, value in a.items():
-    if name in batch_args and value is not None:
-      _checks.check_int32(name, value)  # before jnp.asarray wraps values beyond int32
-      value = jnp.asarray(value)
-      if value.ndim == 0 or value.shape[0] % n_devices:
-        raise ValueError(
-            f"`{name}` of shape {value.shape} cannot be split over {n_devices} devices along mesh axis "
-            f"{axis_name!r}: its leading (batch) size must be a multiple of {n_devices}."
-        )
-      names.append(name), values.append(value), specs.append(PartitionSpec(axis_name))
-    elif isinstance(value, jax.Array):
-      names.append(name), values.append(value), specs.append(PartitionSpec())
-  static = {name: value for name, value in a.items() if name not in names}
+    if name in batch_args and isinstance(value, tuple):
+      items = [(f"{name}[{k}]", (name, k), v) for k, v in enumerate(value)]
+    else:
+      items = [(name, (name, None), value)]
+    for shown, slot, value in items:
+      if name in batch_args and value is not None and jnp.ndim(value) > 0:
+        _checks.check_int32(shown, value)  # before jnp.asarray wraps values beyond int32
+        value = jnp.asarray(value)
+        axis = batch_axis.get(name, 0)
+        if value.ndim <= axis or value.shape[axis] % n_devices:
+          which = "leading (batch)" if axis == 0 else f"batch (axis {axis})"
+          raise ValueError(
+              f"`{shown}` of shape {value.shape} cannot be split over {n_devices} devices along mesh axis "
+              f"{axis_name!r}: its {which} size must be a multiple of {n_devices}."
+          )
+        names.append(slot), values.append(value), specs.append(PartitionSpec(*([None] * axis), axis_name))
+      elif isinstance(value, jax.Array):
+        names.append(slot), values.append(value), specs.append(PartitionSpec())
+  static = {name: value for name, value in a.items() if (name, None) not in names
+            and not (name in batch_args and isinstance(value, tuple))}
   static["axis_name"] = axis_name  # (`call` drops `mesh`: inside, the loss sees this device's shards)
   if static["impl"] not in SHARDED_IMPLS + ("auto",):
     raise ValueError(
@@ -409,7 +447,13 @@ def _under_shard_map(call, a: dict, batch_args: tuple[str, ...]):
     )
 
   def local(*local_values):
-    return call(dict(static, **dict(zip(names, local_values))))
+    shards = dict(static)
+    for (name, k), value in zip(names, local_values):
+      if k is None:
+        shards[name] = value
+      else:  # one array of a `*args` tuple
+        shards[name] = shards.get(name, ()) + (value,)
+    return call(shards)
 
   if jax.sharding.AxisType.Explicit in mesh.axis_types:
     # (`jax.make_mesh`'s default) shard_map takes Explicit-axis arrays as they are sharded: put each

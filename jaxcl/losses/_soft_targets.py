@@ -33,6 +33,7 @@ def expected_dot(
     k: jax.Array | None,
     *,
     exclude_self: bool = False,
+    row_ids: jax.Array | None = None,
     row_valid: jax.Array | None = None,
     col_valid: jax.Array | None = None,
     dense: bool,
@@ -40,7 +41,9 @@ def expected_dot(
 ) -> jax.Array:
   """(Bq,) float32: Σ_j P_ij <q_i, k_j>, P_ij = exp(t_scale_i <tq_i, tk_j> − t_lse_i) on valid pairs.
 
-  `exclude_self` leaves the diagonal (j = i) out of P; `row_valid` / `col_valid` (bool (Bq,) / (Bk,),
+  `exclude_self` leaves the diagonal (j = i) out of P, i being the row's position among the columns:
+  `row_ids` (int (Bq,), e.g. the global ids of a device's rows against the gathered batch) or by default
+  its own position 0..Bq−1; `row_valid` / `col_valid` (bool (Bq,) / (Bk,),
   a padded batch) leave invalid rows (their result is 0) and columns out of P. `dense` materialises the (Bq, Bk) matrices;
   otherwise column tiles of width `tile` are visited by a rematerialised scan. With q = k = None it
   returns Σ_j P_ij log P_ij (minus the teacher's entropy), each log P_ij formed before the sum so that
@@ -53,7 +56,7 @@ def expected_dot(
   entropy = q is None
   q32 = None if entropy else _f32(q)
   k32 = jnp.zeros((bk, 0), jnp.float32) if entropy else _f32(k)
-  rows = jnp.arange(bq, dtype=jnp.int32)
+  rows = jnp.arange(bq, dtype=jnp.int32) if row_ids is None else row_ids.astype(jnp.int32)
 
   def weighted(tk_tile, k_tile, col_ids, in_range):
     logits = t_scale[:, None] * (tq @ tk_tile.T)

@@ -29,9 +29,10 @@ def _check_alpha(name: str, value) -> None:
     raise ValueError(f"`{name}` must be a scalar in [0, 1], got {v if v.size != 1 else v.item()}.")
 
 
-def _candidates(name: str, x, image: jax.Array) -> jax.Array:
+def _candidates(name: str, x, image: jax.Array, b: int) -> jax.Array:
+  """(N, D) candidates, N >= b (the global batch size), D the feature size of `image`."""
   x = _checks.check_array(name, x, ndim=2)
-  b, d = image.shape
+  d = image.shape[1]
   if x.shape[1] != d or x.shape[0] < b:
     raise ValueError(
         f"`{name}` must have shape (N, {d}) with N >= {b} (the batch's momentum features in the first {b} "
@@ -40,7 +41,20 @@ def _candidates(name: str, x, image: jax.Array) -> jax.Array:
   return x
 
 
+def _local_dense(impl, n_rows: int, n_cols: int, axis_name) -> bool:
+  """Whether a soft-target contraction of n_rows against n_cols is formed densely: as `impl` decides on
+  one device; by the size alone under `axis_name` (this device's rows against gathered columns)."""
+  return engines.is_dense("auto" if axis_name is not None else impl, n_rows, n_cols)
+
+
+def _local_impl(impl, axis_name) -> str:
+  """The engine of a log-sum-exp of this device's rows against replicated columns (a candidate queue,
+  an anchor bank): `impl` on one device, "auto" (a one-device engine) under `axis_name`."""
+  return "auto" if axis_name is not None else impl
+
+
 @_common.keyword_only
+@_common.shardable("image", "text", "momentum_image", "momentum_text", "mask")
 def albef_itc(
     image: jax.Array,
     text: jax.Array,
@@ -55,6 +69,7 @@ def albef_itc(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""ALBEF image–text contrastive loss with momentum distillation (ITC + MoD).
 
@@ -93,6 +108,12 @@ def albef_itc(
   negatives=image_queue)`] at τ, in value (no gradient into the momentum side). The log-sum-exps run
   on `impl`; Σ_n T_in S_in is a tiled contraction that never forms B×N outside the `dense` engine.
 
+  Sharded (`axis_name` / `mesh`): the four batches are split over the devices. In the single-matrix
+  form the log-sum-exps run on the allgather or ring engine, and Σ_j T_ij S_ij needs every pair: each
+  device contracts its rows against the gathered batches (ring gathers them too). The candidates are
+  replicated (every device holds all N; they carry no gradient), rows 0..B−1 the global batch, and
+  each device scores its own rows against them on a one-device engine.
+
   Args:
     image, text: (B, D) embeddings of the model being trained, row i a matching pair.
     momentum_image, momentum_text: (B, D) embeddings of the same pairs from the momentum model.
@@ -107,9 +128,11 @@ def albef_itc(
     mask: None or bool (B,): False marks padding pairs: rows of `image`, `text` and both momentum
       batches, and the first B rows of the candidates, which are then neither anchors, positives,
       negatives nor part of a teacher's softmax. Extra candidate rows (a queue) are always real.
-    impl: similarity engine, see `jaxcl.ops.available_impls()`.
+    impl: similarity engine, see `jaxcl.ops.available_impls()`; "allgather" | "ring" with `axis_name` /
+      `mesh`: the batch split over devices ("Sharded batches" in `jaxcl.losses`).
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`.
   Returns:
-    Scalar float32 loss, or (B,) with `reduction="none"`.
+    Scalar float32 loss, or (B,) with `reduction="none"` (this device's pairs under `axis_name`).
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(2)  # S = S' = [[1, 0], [0, 1]], q = softmax([1, 0]) = [e/(e+1), 1/(e+1)]
@@ -123,8 +146,9 @@ def albef_itc(
   >>> round(float(albef(jnp.concatenate([x, queue]), 0.0)), 4)  # log(e + 2 + 1/e) - 1
   0.6265
   """
-  i, t = _common.pair("image", image, "text", text, normalize=normalize)
-  mi, mt = _common.pair("momentum_image", momentum_image, "momentum_text", momentum_text, normalize=normalize)
+  i, t = _common.pair("image", image, "text", text, normalize=normalize, axis_name=axis_name)
+  mi, mt = _common.pair("momentum_image", momentum_image, "momentum_text", momentum_text, normalize=normalize,
+                        axis_name=axis_name)
   _checks.check_same_shape("image", image, "momentum_image", momentum_image)
   if (text_candidates is None) != (image_candidates is None):
     raise ValueError(
@@ -137,43 +161,53 @@ def albef_itc(
   inv_t = _common.inverse_temperature(temperature)
   alpha = jnp.asarray(alpha, jnp.float32)
   b = i.shape[0]
+  b_all = _common.global_size(b, axis_name)
   t_scale = jax.lax.stop_gradient(inv_t)
   mi, mt = jax.lax.stop_gradient(mi), jax.lax.stop_gradient(mt)
-  valid = dict(row_valid=mask, col_valid=mask)
+  all_mask = _common.gather_batch(mask, axis_name)
+  gather = lambda x: _common.gather_batch(x, axis_name)  # noqa: E731
 
   if text_candidates is None:
-    lse = ops.logsumexp(i, t, scale=inv_t, rows=True, cols=True, impl=impl, **valid)
+    valid = dict(row_valid=mask, col_valid=mask)
+    lse = ops.logsumexp(i, t, scale=inv_t, rows=True, cols=True, impl=impl, axis_name=axis_name, **valid)
     positive = inv_t * _common.rowwise_dot(i, t)
-    teacher = ops.logsumexp(mi, mt, scale=t_scale, rows=True, cols=True, impl=impl, **valid)
-    dense = engines.is_dense(impl, b, b)
-    soft_rows = _soft_targets.expected_dot(mi, mt, t_scale, teacher.rows, i, t, dense=dense, **valid)
-    soft_cols = _soft_targets.expected_dot(mt, mi, t_scale, teacher.cols, t, i, dense=dense, **valid)
+    teacher = ops.logsumexp(mi, mt, scale=t_scale, rows=True, cols=True, impl=impl, axis_name=axis_name,
+                            **valid)
+    dense = _local_dense(impl, b, b_all, axis_name)
+    valid = dict(row_valid=mask, col_valid=all_mask)  # this device's rows against the whole batch
+    soft_rows = _soft_targets.expected_dot(mi, gather(mt), t_scale, teacher.rows, i, gather(t), dense=dense,
+                                           **valid)
+    soft_cols = _soft_targets.expected_dot(mt, gather(mi), t_scale, teacher.cols, t, gather(i), dense=dense,
+                                           **valid)
     rows = _common.zero_invalid(lse.rows, mask) - (1.0 - alpha) * positive - alpha * inv_t * soft_rows
     cols = _common.zero_invalid(lse.cols, mask) - (1.0 - alpha) * positive - alpha * inv_t * soft_cols
-    return _common.reduce_loss(0.5 * (rows + cols), reduction, mask)
+    return _common.reduce_loss(0.5 * (rows + cols), reduction, mask, axis_name)
 
-  tc = _candidates("text_candidates", text_candidates, i)
-  ic = _candidates("image_candidates", image_candidates, i)
+  tc = _candidates("text_candidates", text_candidates, i, b_all)
+  ic = _candidates("image_candidates", image_candidates, i, b_all)
   tc = jax.lax.stop_gradient(_common.maybe_normalize(tc, normalize))
   ic = jax.lax.stop_gradient(_common.maybe_normalize(ic, normalize))
+  ids = _common.batch_ids(b, axis_name)
+  local_impl = _local_impl(impl, axis_name)
 
   def direction(q, teacher_q, cands):
     # LSE_n <q_i, c_n>/τ − (1 − α) <q_i, c_i>/τ − α Σ_n softmax_n(<teacher_q_i, c_n>/τ) <q_i, c_n>/τ
     n = cands.shape[0]
-    cand_valid = None if mask is None else jnp.concatenate([mask, jnp.ones((n - b,), bool)])
+    cand_valid = None if mask is None else jnp.concatenate([all_mask, jnp.ones((n - b_all,), bool)])
     valid = dict(row_valid=mask, col_valid=cand_valid)
-    lse = ops.logsumexp(q, cands, scale=inv_t, impl=impl, **valid).rows
-    teacher = ops.logsumexp(teacher_q, cands, scale=t_scale, impl=impl, **valid).rows
-    dense = engines.is_dense(impl, b, n)
+    lse = ops.logsumexp(q, cands, scale=inv_t, impl=local_impl, **valid).rows
+    teacher = ops.logsumexp(teacher_q, cands, scale=t_scale, impl=local_impl, **valid).rows
+    dense = _local_dense(impl, b, n, axis_name)
     soft = _soft_targets.expected_dot(teacher_q, cands, t_scale, teacher, q, cands, dense=dense, **valid)
-    positive = _common.rowwise_dot(q, cands[:b].astype(jnp.float32))
+    positive = _common.rowwise_dot(q, cands[ids].astype(jnp.float32))
     return _common.zero_invalid(lse, mask) - inv_t * ((1.0 - alpha) * positive + alpha * soft)
 
   per_pair = 0.5 * (direction(i, mi, tc) + direction(t, mt, ic))
-  return _common.reduce_loss(per_pair, reduction, mask)
+  return _common.reduce_loss(per_pair, reduction, mask, axis_name)
 
 
 @_common.keyword_only
+@_common.shardable("student", "teacher", "mask")
 def similarity_distillation(
     student: jax.Array,
     teacher: jax.Array,
@@ -186,6 +220,7 @@ def similarity_distillation(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""KL distillation of similarity distributions: the student copies the teacher's neighbourhoods.
 
@@ -212,6 +247,12 @@ def similarity_distillation(
   `infonce(student, student_anchors, temperature=τ)`. The log-sum-exps run on `impl`; Σ_j p^T_ij S_ij
   is a tiled contraction that never forms B×N outside the `dense` engine.
 
+  Sharded (`axis_name` / `mesh`): `student` and `teacher` are split over the devices. With in-batch
+  anchors the log-sum-exps run on the allgather or ring engine and Σ_j p^T_ij S_ij, which needs every
+  pair, contracts each device's rows against the gathered batches (ring gathers them too). Anchor
+  banks are replicated (every device holds all N) and scored by each device's rows on a one-device
+  engine.
+
   Args:
     student: (B, D_s) embeddings being trained. teacher: (B, D_t) embeddings of the same samples.
     student_anchors, teacher_anchors: (N, D_s) and (N, D_t) anchors (row j the same anchor), or both None.
@@ -222,9 +263,11 @@ def similarity_distillation(
     mask: None or bool (B,): False marks padding rows of `student` and `teacher`: they are not
       anchors, nor (with in-batch anchors) anchors of the other samples. Given anchor banks are
       always real.
-    impl: similarity engine, see `jaxcl.ops.available_impls()`.
+    impl: similarity engine, see `jaxcl.ops.available_impls()`; "allgather" | "ring" with `axis_name` /
+      `mesh`: the batch split over devices ("Sharded batches" in `jaxcl.losses`).
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`.
   Returns:
-    Scalar float32 loss (>= 0), or (B,) with `reduction="none"`.
+    Scalar float32 loss (>= 0), or (B,) with `reduction="none"` (this device's rows under `axis_name`).
 
   >>> import jax.numpy as jnp
   >>> s = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
@@ -247,7 +290,8 @@ def similarity_distillation(
   mask = _common.sample_mask(mask, student.shape[0])
   in_batch = student_anchors is None
   if in_batch:
-    _checks.check_min_batch("student", student, 3, why="in-batch anchors leave B - 1 >= 2 per sample")
+    _common.check_global_batch("student", student, 3, axis_name,
+                               why="in-batch anchors leave B - 1 >= 2 per sample")
     student_anchors, teacher_anchors = student, teacher
   else:
     student_anchors = _checks.check_array("student_anchors", student_anchors, ndim=2)
@@ -272,20 +316,30 @@ def similarity_distillation(
   s, sa = _common.maybe_normalize(student, normalize), _common.maybe_normalize(student_anchors, normalize)
   t = jax.lax.stop_gradient(_common.maybe_normalize(teacher, normalize))
   ta = jax.lax.stop_gradient(_common.maybe_normalize(teacher_anchors, normalize))
-  b, n = s.shape[0], sa.shape[0]
-  exclude = ops.diagonal(b) if in_batch else None
-  valid = dict(row_valid=mask, col_valid=mask if in_batch else None)
-  s_lse = ops.logsumexp(s, sa, scale=inv_t, exclude=exclude, impl=impl, **valid).rows
-  t_lse = ops.logsumexp(t, ta, scale=t_scale, exclude=exclude, impl=impl, **valid).rows
-  dense = engines.is_dense(impl, b, n)
-  cross = _soft_targets.expected_dot(t, ta, t_scale, t_lse, s, sa, exclude_self=in_batch, dense=dense, **valid)
-  neg_entropy = _soft_targets.expected_dot(t, ta, t_scale, t_lse, None, None, exclude_self=in_batch,
-                                           dense=dense, **valid)
+  b = s.shape[0]
+  ids = _common.batch_ids(b, axis_name)
+  if in_batch:  # the global batch, each row's own column left out
+    valid = dict(row_valid=mask, col_valid=mask)
+    lse = lambda q, k, scale: ops.logsumexp(q, k, scale=scale, exclude=(ids, ids), impl=impl,  # noqa: E731
+                                            axis_name=axis_name, **valid).rows
+    s_lse, t_lse = lse(s, sa, inv_t), lse(t, ta, t_scale)
+    sa, ta = _common.gather_batch(sa, axis_name), _common.gather_batch(ta, axis_name)
+    valid = dict(row_valid=mask, col_valid=_common.gather_batch(mask, axis_name))
+  else:  # replicated banks: this device's rows against all of them
+    valid = dict(row_valid=mask, col_valid=None)
+    local_impl = _local_impl(impl, axis_name)
+    s_lse = ops.logsumexp(s, sa, scale=inv_t, impl=local_impl, **valid).rows
+    t_lse = ops.logsumexp(t, ta, scale=t_scale, impl=local_impl, **valid).rows
+  dense = _local_dense(impl, b, sa.shape[0], axis_name)
+  soft = dict(exclude_self=in_batch, row_ids=ids, dense=dense, **valid)
+  cross = _soft_targets.expected_dot(t, ta, t_scale, t_lse, s, sa, **soft)
+  neg_entropy = _soft_targets.expected_dot(t, ta, t_scale, t_lse, None, None, **soft)
   kl = neg_entropy + _common.zero_invalid(s_lse, mask) - inv_t * cross
-  return _common.reduce_loss(kl, reduction, mask)
+  return _common.reduce_loss(kl, reduction, mask, axis_name)
 
 
 @_common.keyword_only
+@_common.shardable("mixed", "other", "mix_index", "mix_weight", "mask")
 def m3co(
     mixed: jax.Array,
     other: jax.Array,
@@ -298,6 +352,7 @@ def m3co(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""M3Co: mixup contrastive loss aligning mixed samples of one modality with both sources in another.
 
@@ -320,7 +375,10 @@ def m3co(
   λ expresses; where k_i = i it overwrites the target to 1 − λ_i, here it is λ_i + (1 − λ_i) = 1. The
   targets have two entries per row, so the linear part is two row-wise dots and w a scatter-add: every
   engine, nothing B×B. With λ = 1 (or k = identity) it is `clip(mixed, other, logit_scale=1/τ)`, and
-  with `bidirectional=False` it is `infonce(mixed, other, temperature=τ)`.
+  with `bidirectional=False` it is `infonce(mixed, other, temperature=τ)`. Sharded (`axis_name` /
+  `mesh`; `mix_index` holds global row numbers, split with the batch), the log-sum-exps run on the
+  allgather or ring engine; the partner rows o_{k_i} are read from the gathered `other` (B×D, for
+  "ring" too) and w is summed over the devices.
 
   Args:
     mixed: (B, D) embeddings of the mixed inputs of one modality. other: (B, D) embeddings of the
@@ -337,9 +395,11 @@ def m3co(
     mask: None or bool (B,): False marks padding rows of `mixed` and `other`, neither anchors nor
       candidates; their `mix_index` and `mix_weight` entries are ignored (not checked). A real row's
       k_i must be a real row.
-    impl: similarity engine, see `jaxcl.ops.available_impls()`.
+    impl: similarity engine, see `jaxcl.ops.available_impls()`; "allgather" | "ring" with `axis_name` /
+      `mesh`: the batch split over devices ("Sharded batches" in `jaxcl.losses`).
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`.
   Returns:
-    Scalar float32 loss, or (B,) with `reduction="none"`.
+    Scalar float32 loss, or (B,) with `reduction="none"` (this device's rows under `axis_name`).
 
   >>> import jax.numpy as jnp
   >>> x, y = jnp.array([[1.0, 0.0], [1.0, 0.0]]), jnp.eye(2)  # S = [[1, 0], [1, 0]]
@@ -349,8 +409,9 @@ def m3co(
   >>> round(float(loss()), 4)  # col: w = [1, 1], (log 2e + log 2)/2 - 1/2 = log 2; loss = (row + col)/2
   0.7532
   """
-  m, o = _common.pair("mixed", mixed, "other", other, normalize=normalize)
+  m, o = _common.pair("mixed", mixed, "other", other, normalize=normalize, axis_name=axis_name)
   b = m.shape[0]
+  b_all = _common.global_size(b, axis_name)
   _common.check_reduction(reduction)
   mask = _common.sample_mask(mask, b)
   kept = None if mask is None else _checks.concrete_value(mask)
@@ -358,8 +419,8 @@ def m3co(
   idx = _checks.concrete_value(mix_index)
   if idx is not None and mask is not None:  # padding rows' entries are ignored
     idx = None if kept is None else idx[kept]
-  if idx is not None and idx.size and (idx.min() < 0 or idx.max() >= b):
-    raise ValueError(f"`mix_index` must hold indices in [0, {b}), got {idx}.")
+  if idx is not None and idx.size and (idx.min() < 0 or idx.max() >= b_all):
+    raise ValueError(f"`mix_index` must hold indices in [0, {b_all}), got {idx}.")
   lam = _checks.check_scalar_or_vector("mix_weight", mix_weight, b)
   v = _checks.concrete_value(lam)
   if v is not None and mask is not None and v.ndim == 1:
@@ -369,25 +430,30 @@ def m3co(
   if v is not None and v.size and (v.min() < 0 or v.max() > 1):
     raise ValueError(f"`mix_weight` must lie in [0, 1], got {v if v.size > 1 else v.item()}.")
   lam = jnp.broadcast_to(lam.astype(jnp.float32), (b,))
+  ids = _common.batch_ids(b, axis_name)
   if mask is not None:  # padding rows: λ = 1 and k_i = i, so they point at nothing else
     lam = jnp.where(mask, lam, 1.0)
-    mix_index = jnp.where(mask, mix_index, jnp.arange(b, dtype=mix_index.dtype))
+    mix_index = jnp.where(mask, mix_index, ids.astype(mix_index.dtype))
   inv_t = _common.inverse_temperature(temperature)
   lse = ops.logsumexp(m, o, scale=inv_t, rows=True, cols=bool(bidirectional), row_valid=mask, col_valid=mask,
-                      impl=impl)
+                      impl=impl, axis_name=axis_name)
   o32 = o.astype(jnp.float32)
   own = _common.rowwise_dot(m, o32)
-  partner = _common.rowwise_dot(m, o32[mix_index])
+  partner = _common.rowwise_dot(m, _common.gather_batch(o32, axis_name)[mix_index])
   linear = inv_t * (lam * own + (1.0 - lam) * partner)
   row = _common.zero_invalid(lse.rows, mask) - linear
   if not bidirectional:
-    return _common.reduce_loss(row, reduction, mask)
-  col_weight = lam + jnp.zeros((b,), jnp.float32).at[mix_index].add(1.0 - lam)
+    return _common.reduce_loss(row, reduction, mask, axis_name)
+  spread = jnp.zeros((b_all,), jnp.float32).at[mix_index].add(1.0 - lam)  # Σ_{i: k_i = j} (1 − λ_i)
+  if axis_name is not None:
+    spread = jax.lax.psum(spread, axis_name)
+  col_weight = lam + spread[ids]
   col = col_weight * _common.zero_invalid(lse.cols, mask) - linear
-  return _common.reduce_loss(0.5 * (row + col), reduction, mask)
+  return _common.reduce_loss(0.5 * (row + col), reduction, mask, axis_name)
 
 
 @_common.keyword_only
+@_common.shardable("image", "text", "image_fine", "text_fine", "mask")
 def softclip(
     image: jax.Array,
     text: jax.Array,
@@ -402,6 +468,7 @@ def softclip(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""SoftCLIP: CLIP with soft targets from intra-modal self-similarity, plus a KL on the negatives.
 
@@ -424,7 +491,9 @@ def softclip(
   `clip(image, text, logit_scale=1/τ)`; with β = 0, τ_t = τ and both fine features equal to x it is the
   single-matrix form of `albef_itc(image, text, x, x, alpha=α)` (the momentum model replaced by x).
   Log-sum-exps run on `impl`; the target-weighted sums are tiled contractions that never form B×B
-  outside the `dense` engine.
+  outside the `dense` engine. Sharded (`axis_name` / `mesh`; all four inputs split over the devices),
+  the log-sum-exps run on the allgather or ring engine and the target-weighted sums, which need every
+  pair, contract each device's rows against the gathered batches (ring gathers them too).
 
   Args:
     image, text: (B, D) embeddings being trained, row i a matching pair.
@@ -436,16 +505,18 @@ def softclip(
       β ½ [KL of row i + KL of column i], whose mean is the loss.
     mask: None or bool (B,): False marks padding pairs (rows of all four inputs), neither anchors,
       positives, negatives nor part of any target distribution.
-    impl: similarity engine, see `jaxcl.ops.available_impls()`.
+    impl: similarity engine, see `jaxcl.ops.available_impls()`; "allgather" | "ring" with `axis_name` /
+      `mesh`: the batch split over devices ("Sharded batches" in `jaxcl.losses`).
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`.
   Returns:
-    Scalar float32 loss, or (B,) with `reduction="none"`.
+    Scalar float32 loss, or (B,) with `reduction="none"` (this device's pairs under `axis_name`).
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(3)  # every distribution over the negatives is uniform: L_neg = 0
   >>> round(float(softclip(x, x, x, x, temperature=1.0, target_temperature=1.0, alpha=0.0)), 4)
   0.5514
   """
-  i, t = _common.pair("image", image, "text", text, normalize=normalize)
+  i, t = _common.pair("image", image, "text", text, normalize=normalize, axis_name=axis_name)
   fi = _checks.check_array("image_fine", image_fine, ndim=2)
   ft = _checks.check_array("text_fine", text_fine, ndim=2)
   b = i.shape[0]
@@ -462,29 +533,33 @@ def softclip(
   alpha = jnp.asarray(alpha, jnp.float32)
   fi = jax.lax.stop_gradient(_common.maybe_normalize(fi, normalize))
   ft = jax.lax.stop_gradient(_common.maybe_normalize(ft, normalize))
-  dense = engines.is_dense(impl, b, b)
-  diag = ops.diagonal(b)
+  ids = _common.batch_ids(b, axis_name)
+  diag = (ids, ids)
+  lse = lambda q, k, scale, **kw: ops.logsumexp(q, k, scale=scale, impl=impl, axis_name=axis_name,  # noqa: E731
+                                                **valid, **kw)
+  # The target-weighted sums: this device's rows against the whole (gathered) batch.
+  gather = lambda x: _common.gather_batch(x, axis_name)  # noqa: E731
+  fi_all, ft_all, i_all, t_all = gather(fi), gather(ft), gather(i), gather(t)
+  soft = dict(row_ids=ids, row_valid=mask, col_valid=gather(mask),
+              dense=_local_dense(impl, b, _common.global_size(b, axis_name), axis_name))
 
-  lse = ops.logsumexp(i, t, scale=inv_t, rows=True, cols=True, impl=impl, **valid)
+  both = lse(i, t, inv_t, rows=True, cols=True)
   positive = inv_t * _common.rowwise_dot(i, t)
-  q_i = ops.logsumexp(fi, fi, scale=t_scale, impl=impl, **valid).rows
-  q_t = ops.logsumexp(ft, ft, scale=t_scale, impl=impl, **valid).rows
-  soft_rows = _soft_targets.expected_dot(fi, fi, t_scale, q_i, i, t, dense=dense, **valid)
-  soft_cols = _soft_targets.expected_dot(ft, ft, t_scale, q_t, t, i, dense=dense, **valid)
-  rows = _common.zero_invalid(lse.rows, mask) - (1.0 - alpha) * positive - alpha * inv_t * soft_rows
-  cols = _common.zero_invalid(lse.cols, mask) - (1.0 - alpha) * positive - alpha * inv_t * soft_cols
+  q_i, q_t = lse(fi, fi, t_scale).rows, lse(ft, ft, t_scale).rows
+  soft_rows = _soft_targets.expected_dot(fi, fi_all, t_scale, q_i, i, t_all, **soft)
+  soft_cols = _soft_targets.expected_dot(ft, ft_all, t_scale, q_t, t, i_all, **soft)
+  rows = _common.zero_invalid(both.rows, mask) - (1.0 - alpha) * positive - alpha * inv_t * soft_rows
+  cols = _common.zero_invalid(both.cols, mask) - (1.0 - alpha) * positive - alpha * inv_t * soft_cols
   l_soft = 0.5 * (rows + cols)
 
   # Negatives only: every distribution over j ≠ i, renormalised.
-  neg = ops.logsumexp(i, t, scale=inv_t, rows=True, cols=True, exclude=diag, impl=impl, **valid)
-  qn_i = ops.logsumexp(fi, fi, scale=t_scale, exclude=diag, impl=impl, **valid).rows
-  qn_t = ops.logsumexp(ft, ft, scale=t_scale, exclude=diag, impl=impl, **valid).rows
+  neg = lse(i, t, inv_t, rows=True, cols=True, exclude=diag)
+  qn_i, qn_t = lse(fi, fi, t_scale, exclude=diag).rows, lse(ft, ft, t_scale, exclude=diag).rows
 
-  def kl(tq, t_lse, q, k, s_lse):
-    cross = _soft_targets.expected_dot(tq, tq, t_scale, t_lse, q, k, exclude_self=True, dense=dense, **valid)
-    neg_entropy = _soft_targets.expected_dot(tq, tq, t_scale, t_lse, None, None, exclude_self=True,
-                                             dense=dense, **valid)
+  def kl(tq, tq_all, t_lse, q, k_all, s_lse):
+    cross = _soft_targets.expected_dot(tq, tq_all, t_scale, t_lse, q, k_all, exclude_self=True, **soft)
+    neg_entropy = _soft_targets.expected_dot(tq, tq_all, t_scale, t_lse, None, None, exclude_self=True, **soft)
     return neg_entropy + _common.zero_invalid(s_lse, mask) - inv_t * cross
 
-  l_neg = 0.5 * (kl(fi, qn_i, i, t, neg.rows) + kl(ft, qn_t, t, i, neg.cols))
-  return _common.reduce_loss(l_soft + jnp.asarray(beta, jnp.float32) * l_neg, reduction, mask)
+  l_neg = 0.5 * (kl(fi, fi_all, qn_i, i, t_all, neg.rows) + kl(ft, ft_all, qn_t, t, i_all, neg.cols))
+  return _common.reduce_loss(l_soft + jnp.asarray(beta, jnp.float32) * l_neg, reduction, mask, axis_name)

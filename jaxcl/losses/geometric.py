@@ -4,8 +4,6 @@ contrastive-gap losses (CLIP + alignment + uniformity) and GRAM (Gram-matrix vol
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
@@ -14,27 +12,33 @@ from jaxcl import ops
 from jaxcl.ops import engines
 from jaxcl.losses import _common
 from jaxcl.losses.clip import clip
-from jaxcl.losses.alignment_uniformity import alignment, uniformity
+from jaxcl.losses.alignment_uniformity import alignment
 
 
-def _softmax_mean_similarity(q, k, scale, exclude, impl, valid=None):
-  """E_{j ~ softmax_j(scale · <q_i, k_j>)} <q_i, k_j> per row, fully differentiable (B,) float32.
+def _softmax_mean_similarity(q, k, scale, exclude, impl, valid=None, col_valid=None, axis_name=None):
+  """E_{j ~ softmax_j(scale · <q_i, k_j>)} <q_i, k_j> per row, fully differentiable (Bq,) float32.
 
   The softmax-weighted mean of the similarities is the derivative of the row log-sum-exp with
   respect to the row's scale: ∂/∂a_i log Σ_j exp(a_i s_ij) = Σ_j softmax_j(a_i s_i·) s_ij. Its gradient
-  (through the weights too) is a second derivative of the engine's log-sum-exp. Rows and columns
-  that are not `valid` (None: all are) are left out; an invalid row's value is 0.
+  (through the weights too) is a second derivative of the engine's log-sum-exp. Rows that are not
+  `valid` and columns that are not `col_valid` (None: all are; `col_valid` defaults to `valid`) are
+  left out; an invalid row's value is 0. Under `axis_name` (q this device's rows) the scales are
+  marked device-varying, so that the derivative is this device's, not summed over the devices.
   """
   scales = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (q.shape[0],))
+  if axis_name is not None:
+    scales = ops.sharded.varying(scales, axis_name)
+  col_valid = valid if col_valid is None else col_valid
 
   def row_lse(a):
-    lse = ops.logsumexp(q, k, scale=a, exclude=exclude, row_valid=valid, col_valid=valid, impl=impl).rows
+    lse = ops.logsumexp(q, k, scale=a, exclude=exclude, row_valid=valid, col_valid=col_valid, impl=impl).rows
     return jnp.sum(_common.zero_invalid(lse, valid))
 
   return jax.grad(row_lse)(scales)
 
 
 @_common.keyword_only
+@_common.shardable("views", "mask", batch_axis={"views": 1})
 def cacr(
     views: jax.Array,
     *,
@@ -46,6 +50,7 @@ def cacr(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""CACR: contrastive attraction and contrastive repulsion as conditional transport.
 
@@ -75,6 +80,11 @@ def cacr(
   do not, so `impl="pallas"` is an error and `impl="auto"` uses `blockwise` where it would pick
   `pallas`. L_CA only needs the B·V² same-instance distances. With V = 2, L_CA = α·`alignment`.
 
+  Sharded (`axis_name` / `mesh`, the instances split over the devices: axis 1 of `views`), L_CR needs
+  that second derivative, which the sharded engines do not offer: each device gathers the u-views and
+  scores its own rows against them on a one-device engine (`dense` or `blockwise` by size), for
+  `impl` "allgather" and "ring" alike (ring gathers them too).
+
   Args:
     views: (V, B, D) with V >= 2 views and B >= 2 instances.
     alpha, beta: weights of the attraction and repulsion costs (> 0).
@@ -82,10 +92,11 @@ def cacr(
     normalize: L2-normalise the views first (the paper's encoder ends with an L2 normalisation).
     reduction: "mean", "sum" or "none": the (B,) per-instance terms
       ℓ_i = (1/V) Σ_v Σ_{u ≠ v} π⁺_i(u | v) α ‖z^v_i − z^u_i‖² + mean_{v<u} Σ_{j ≠ i} π⁻_i(j | v, u) (−β ‖z^v_i − z^u_j‖²),
-      in instance order, whose mean is the loss.
+      in instance order (this device's under `axis_name`), whose mean is the loss.
     mask: None or bool (B,): False marks padding instances (all their views), which are neither anchors
       nor negatives; the means run over the valid instances.
-    impl: "dense", "blockwise" or "auto" (see above).
+    impl: "dense", "blockwise" or "auto" (see above); "allgather" | "ring" with `axis_name` / `mesh`.
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`; the batch axis of `views` is axis 1.
   Returns:
     Scalar float32 (negative: the repulsion term is a negated cost), or (B,) with `reduction="none"`.
 
@@ -100,13 +111,18 @@ def cacr(
         f"`views` must hold at least 2 views along axis 0 (shape (V, B, D) with V >= 2), got shape "
         f"{views.shape}."
     )
-  _checks.check_min_batch("views", views, 2, axis=1, why="the repulsion term needs a negative")
+  if axis_name is None:
+    _checks.check_min_batch("views", views, 2, axis=1, why="the repulsion term needs a negative")
+  else:
+    _common.check_global_batch("views[0]", views[0], 2, axis_name, why="the repulsion term needs a negative")
   for name, value in (("alpha", alpha), ("beta", beta), ("t_pos", t_pos), ("t_neg", t_neg)):
     _checks.check_positive(name, value)
   _common.check_reduction(reduction)
   n_views, b = views.shape[:2]
+  b_all = _common.global_size(b, axis_name)
   mask = _common.sample_mask(mask, b)
-  impl = engines.twice_differentiable(impl, b, b, "the CACR repulsion term")
+  impl = engines.twice_differentiable("auto" if axis_name is not None else impl, b, b_all,
+                                      "the CACR repulsion term")
   z = _common.maybe_normalize(views, normalize)
   z32 = z.astype(jnp.float32)
   alpha, beta, t_pos, t_neg = (jnp.asarray(v, jnp.float32) for v in (alpha, beta, t_pos, t_neg))
@@ -117,38 +133,52 @@ def cacr(
   weights = jax.nn.softmax(jnp.where(other, t_pos * sq, -jnp.inf), axis=1)
   attraction = jnp.mean(jnp.sum(jnp.where(other, weights * alpha * sq, 0.0), axis=1), axis=0)  # (B,)
 
-  # Repulsion: one masked log-sum-exp per view pair (v < u), rows z^v against columns z^u.
+  # Repulsion: one masked log-sum-exp per view pair (v < u), rows z^v against columns z^u (this
+  # device's rows against the gathered columns under `axis_name`).
   norms = jnp.sum(z32 * z32, axis=-1)  # (V, B)
   ones = jnp.ones((b, 1), z.dtype)
+  own = (_common.batch_ids(b, axis_name), jnp.arange(b_all, dtype=jnp.int32))  # j ≠ i
+  col_valid = _common.gather_batch(mask, axis_name)
   repulsion = []
   for v in range(n_views):
     q = jnp.concatenate([z[v], ones], axis=1)
     for u in range(v + 1, n_views):
       k = jnp.concatenate([z[u], (-0.5 * norms[u])[:, None].astype(z.dtype)], axis=1)
-      mean_sim = _softmax_mean_similarity(q, k, 2.0 * t_neg, ops.diagonal(b), impl, mask)
+      k = _common.gather_batch(k, axis_name)
+      mean_sim = _softmax_mean_similarity(q, k, 2.0 * t_neg, own, impl, mask, col_valid, axis_name)
       repulsion.append(-beta * (norms[v] - 2.0 * mean_sim))  # (B,)
-  return _common.reduce_loss(attraction + sum(repulsion) / len(repulsion), reduction, mask)
+  return _common.reduce_loss(attraction + sum(repulsion) / len(repulsion), reduction, mask, axis_name)
 
 
-def _cross_uniformity(x, y, t, impl, mask=None):
-  """log mean_{i≠j} exp(−t ‖x_i − y_j‖²) for unit rows, through the engine's masked log-sum-exp; over
-  the valid rows i, j only when `mask` is given (0 when fewer than two are valid)."""
+def _uniformity(x, y, t, impl, mask=None, axis_name=None):
+  """log mean_{i≠j} exp(−t ‖x_i − y_j‖²) for unit rows (x = y: Wang & Isola's uniformity; x ≠ y: the
+  cross-modal one) through the engine's masked log-sum-exp, over the valid rows i, j of the global
+  batch (this device's rows against every device's under `axis_name`); 0 when fewer than two are
+  valid."""
   b = x.shape[0]
-  rows = ops.logsumexp(x, y, scale=2.0 * t, exclude=ops.diagonal(b), row_valid=mask, col_valid=mask,
-                       impl=impl).rows
+  ids = _common.batch_ids(b, axis_name)
+  rows = ops.logsumexp(x, y, scale=2.0 * t, exclude=(ids, ids), row_valid=mask, col_valid=mask, impl=impl,
+                       axis_name=axis_name).rows
   if mask is None:
-    return jax.nn.logsumexp(rows) - 2.0 * t - math.log(b * (b - 1))
-  n = jnp.sum(mask, dtype=jnp.float32)
+    n = jnp.float32(_common.global_size(b, axis_name))
+    keep = jnp.ones((b,), bool)
+  else:
+    n = _common.batch_sum(mask.astype(jnp.float32), axis_name)
+    keep = mask
   enough = n >= 2
-  rows = jnp.where(mask & enough, rows, 0.0)  # no -inf enters the arithmetic
-  m = jax.lax.stop_gradient(jnp.max(jnp.where(mask, rows, -jnp.inf), initial=-jnp.inf))
+  keep = keep & enough
+  rows = jnp.where(keep, rows, 0.0)  # no -inf enters the arithmetic
+  m = jax.lax.stop_gradient(jnp.max(jnp.where(keep, rows, -jnp.inf), initial=-jnp.inf))
+  if axis_name is not None:
+    m = jax.lax.pmax(m, axis_name)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
-  total = jnp.sum(jnp.where(mask, jnp.exp(rows - m), 0.0))
+  total = _common.batch_sum(jnp.where(keep, jnp.exp(rows - m), 0.0), axis_name)
   value = jnp.log(jnp.where(enough, total, 1.0)) + m - 2.0 * t - jnp.log(jnp.where(enough, n * (n - 1.0), 1.0))
   return jnp.where(enough, value, 0.0)
 
 
 @_common.keyword_only
+@_common.shardable("image", "text", "mask")
 def contrastive_gap(
     image: jax.Array,
     text: jax.Array,
@@ -161,6 +191,7 @@ def contrastive_gap(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""CLIP plus alignment and uniformity terms that close the contrastive (modality) gap.
 
@@ -178,8 +209,9 @@ def contrastive_gap(
   cross-modal one over the off-diagonal (non-matching) pairs, as in the public code that defines the
   paper's `compute_CUA_loss` / `compute_CUAXU_loss` (the authors' repository abrar-fahim/contrastive-gap
   switches these terms on by config flags). `cross_uniformity=True` gives L_CUAXU. Every term goes through
-  `jaxcl.ops.logsumexp` on the chosen engine; with both weights 0 and `cross_uniformity=False` this is
-  `clip`. The gap itself is measured by `jaxcl.eval.modality_gap`.
+  `jaxcl.ops.logsumexp` on the chosen engine (the allgather or ring engine when sharded: `axis_name` /
+  `mesh`, the uniformities' log-means combined over the devices); with both weights 0 and
+  `cross_uniformity=False` this is `clip`. The gap itself is measured by `jaxcl.eval.modality_gap`.
 
   Args:
     image, text: (B, D) paired embeddings, B >= 2 (always L2-normalised).
@@ -191,7 +223,9 @@ def contrastive_gap(
       decomposition.
     mask: None or bool (B,): False marks padding pairs, left out of every term (neither anchors, nor
       negatives, nor pairs of a uniformity; every mean runs over the valid pairs).
-    impl: similarity engine, see `jaxcl.ops.available_impls()`.
+    impl: similarity engine, see `jaxcl.ops.available_impls()`; "allgather" | "ring" with `axis_name` /
+      `mesh`: the batch split over devices ("Sharded batches" in `jaxcl.losses`).
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`.
   Returns:
     Scalar float32.
 
@@ -201,7 +235,7 @@ def contrastive_gap(
   -3.6867
   """
   x, y = _common.pair("image", image, "text", text, normalize=True,
-                      why="uniformity averages over pairs i != j")
+                      why="uniformity averages over pairs i != j", axis_name=axis_name)
   _checks.check_non_negative("alignment_weight", alignment_weight)
   _checks.check_non_negative("uniformity_weight", uniformity_weight)
   _checks.check_positive("t", t)
@@ -209,11 +243,13 @@ def contrastive_gap(
   mask = _common.sample_mask(mask, x.shape[0])
   wa = jnp.asarray(alignment_weight, jnp.float32)
   wu = jnp.asarray(uniformity_weight, jnp.float32)
-  loss = clip(x, y, logit_scale=logit_scale, normalize=False, mask=mask, impl=impl)
-  loss = loss + wa * alignment(x, y, alpha=2, normalize=False, mask=mask)
-  unif = 0.5 * (uniformity(x, t=t, mask=mask, impl=impl) + uniformity(y, t=t, mask=mask, impl=impl))
+  t = jnp.asarray(t, jnp.float32)
+  loss = clip(x, y, logit_scale=logit_scale, normalize=False, mask=mask, impl=impl, axis_name=axis_name)
+  align = alignment(x, y, alpha=2, normalize=False, reduction="none", mask=mask)  # (B,), 0 where padded
+  loss = loss + wa * _common.reduce_loss(align, "mean", mask, axis_name)
+  unif = 0.5 * (_uniformity(x, x, t, impl, mask, axis_name) + _uniformity(y, y, t, impl, mask, axis_name))
   if cross_uniformity:
-    unif = unif + _cross_uniformity(x, y, jnp.asarray(t, jnp.float32), impl, mask)
+    unif = unif + _uniformity(x, y, t, impl, mask, axis_name)
   return loss + wu * unif
 
 
@@ -295,6 +331,7 @@ def gram_volume(anchor: jax.Array, *others: jax.Array, normalize: bool = True) -
 
 
 @_common.keyword_only
+@_common.shardable("anchor", "others", "mask")
 def gram(
     anchor: jax.Array,
     *others: jax.Array,
@@ -304,6 +341,7 @@ def gram(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""GRAM: contrastive loss with the Gramian volume across k >= 2 modalities as the (negative) score.
 
@@ -324,7 +362,10 @@ def gram(
   L2-normalised (the paper's setting) unless `normalize=False`.
 
   Engines: the volume is a determinant of inner products, not a scaled dot product, so the B×B logits
-  are built densely; `impl` accepts "dense" and "auto" only.
+  are built densely; `impl` accepts "dense" and "auto" on one device. Sharded (`axis_name` / `mesh`,
+  `impl` "allgather", "ring" or "auto"), every modality is gathered and each device builds the
+  (B/n, B) rows of its anchors and the (B, B/n) columns of its samples densely: ring gathers the
+  inputs too (the formula needs every pair).
 
   Args:
     anchor: (B, D) anchor modality. *others: k − 1 >= 1 arrays (B, D), row-aligned with `anchor`.
@@ -332,10 +373,11 @@ def gram(
     label_smoothing: ε in [0, 1) (the targets (1 − ε) one-hot + ε/B).
     normalize: L2-normalise every modality first.
     reduction: "mean", "sum" or "none": the (2B,) per-anchor terms, the B anchor rows i of L_D2A, then
-      the B samples j of L_A2D, whose mean is the loss.
+      the B samples j of L_A2D (this device's B/n of each under `axis_name`), whose mean is the loss.
     mask: None or bool (B,): False marks padding samples (all modalities), which are neither anchors nor
       negatives; B above is then the number of valid samples.
-    impl: "dense" or "auto".
+    impl: "dense" or "auto"; "allgather" | "ring" with `axis_name` / `mesh` (see above).
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`.
   Returns:
     Scalar float32, or (2B,) with `reduction="none"`.
 
@@ -347,33 +389,39 @@ def gram(
   0.3633
   """
   a, xs = _gram_inputs(anchor, others, normalize)
-  _checks.check_min_batch("anchor", a, 2, why="a contrastive loss needs a negative")
+  _common.check_global_batch("anchor", a, 2, axis_name, why="a contrastive loss needs a negative")
   for k, x in enumerate(xs):
     if x.shape[0] != a.shape[0]:
       raise ValueError(
           f"`others[{k}]` must have as many rows as `anchor` ({a.shape[0]}), got shape {x.shape}."
       )
-  _checks.check_choice("impl", impl, ("auto", "dense"))
+  _checks.check_choice("impl", impl, ("auto", "dense") + (engines.SHARDED_IMPLS if axis_name else ()))
   if not 0.0 <= float(label_smoothing) < 1.0:
     raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}.")
   _common.check_reduction(reduction)
-  mask = _common.sample_mask(mask, a.shape[0])
+  b = a.shape[0]
+  mask = _common.sample_mask(mask, b)
   inv_t = _common.inverse_temperature(temperature)
-  logits = -inv_t * _volumes(a, xs)
   eps = float(label_smoothing)
-  diagonal = jnp.diagonal(logits)
-  if mask is None:
-    lse = lambda axis: jax.nn.logsumexp(logits, axis=axis)
-    mean_logit = lambda axis: jnp.mean(logits, axis=axis)
-  else:  # padding rows and columns out of every sum; B is the number of valid samples
-    pairs = mask[:, None] & mask[None, :]
-    same = mask[:, None] == mask[None, :]  # a padding row keeps the padding columns: finite, zeroed after
-    lse = lambda axis: jax.nn.logsumexp(jnp.where(same, logits, -jnp.inf), axis=axis)
-    n_valid = jnp.maximum(jnp.sum(mask, dtype=jnp.float32), 1.0)
-    mean_logit = lambda axis: jnp.sum(jnp.where(pairs, logits, 0.0), axis=axis) / n_valid
+  gather = lambda x: _common.gather_batch(x, axis_name)  # noqa: E731
+  # rows: this device's anchors i against every sample j; cols: every anchor against its samples j
+  rows = -inv_t * _volumes(a, [gather(x) for x in xs])  # (B/n, B)
+  cols = rows.T if axis_name is None else (-inv_t * _volumes(gather(a), xs)).T  # (B/n, B), [j, i]
+  ids = _common.batch_ids(b, axis_name)
+  diagonal = rows[jnp.arange(b), ids]
+  all_mask = gather(mask)
 
-  def smoothed_ce(axis):  # (B,) per anchor
-    return _common.zero_invalid(lse(axis), mask) - (1.0 - eps) * diagonal - eps * mean_logit(axis)
+  def smoothed_ce(logits):  # (B/n,) per anchor, each row's logits against the whole batch
+    if mask is None:
+      lse, mean_logit = jax.nn.logsumexp(logits, axis=1), jnp.mean(logits, axis=1)
+    else:  # padding rows and columns out of every sum; B is the number of valid samples
+      pairs = mask[:, None] & all_mask[None, :]
+      same = mask[:, None] == all_mask[None, :]  # a padding row keeps the padding columns: finite, zeroed after
+      lse = jax.nn.logsumexp(jnp.where(same, logits, -jnp.inf), axis=1)
+      n_valid = jnp.maximum(_common.batch_sum(mask.astype(jnp.float32), axis_name), 1.0)
+      mean_logit = jnp.sum(jnp.where(pairs, logits, 0.0), axis=1) / n_valid
+    return _common.zero_invalid(lse, mask) - (1.0 - eps) * diagonal - eps * mean_logit
 
   valid = None if mask is None else jnp.concatenate([mask, mask])
-  return _common.reduce_loss(jnp.concatenate([smoothed_ce(1), smoothed_ce(0)]), reduction, valid)
+  return _common.reduce_loss(jnp.concatenate([smoothed_ce(rows), smoothed_ce(cols)]), reduction, valid,
+                             axis_name)

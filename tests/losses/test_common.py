@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxcl import losses
+from jaxcl.losses import _common
 
 
 # ------------------------------------------------------------------------------------ l2_normalize
@@ -114,3 +115,31 @@ def test_l2_normalize_inside_shard_map():
   np.testing.assert_allclose(float(value), np.sum(want_y * t), rtol=1e-5)
   scale = np.abs(want_g).max(axis=1, keepdims=True)
   assert np.all(np.abs(np.asarray(g) - want_g) <= 1e-5 * scale), np.abs(np.asarray(g) - want_g).max(axis=1)
+
+
+# ------------------------------------------------------------------------------------------ shardable
+@_common.shardable("xs", "views", "weight", batch_axis={"views": 1})
+def _toy_loss(*xs, views, weight, impl="auto", axis_name=None):
+  """Σ_k Σ_i id_i Σ_d xs[k][i, d] + Σ_i id_i Σ_{v,d} views[v, i, d], each row by its global id, times
+  the per-row `weight` (a scalar or (B,))."""
+  ids = _common.batch_ids(views.shape[1], axis_name).astype(jnp.float32)
+  w = jnp.broadcast_to(jnp.asarray(weight, jnp.float32), ids.shape)
+  per_row = sum(jnp.sum(x, axis=1) for x in xs) + jnp.sum(views, axis=(0, 2))
+  return _common.batch_sum(w * ids * per_row, axis_name)
+
+
+def test_shardable_splits_star_args_and_a_non_leading_batch_axis():
+  """`*args` arrays are each split along the batch, `batch_axis` splits views along axis 1, a scalar
+  batch argument is replicated and a (B,) one split: the same value as on one device, through
+  shard_map; a views batch that does not split names its axis."""
+  mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
+  rng = np.random.default_rng(5)
+  xs = [jnp.asarray(rng.standard_normal((6, 3)), jnp.float32) for _ in range(2)]
+  views = jnp.asarray(rng.standard_normal((2, 6, 3)), jnp.float32)
+  for weight in (jnp.float32(2.0), jnp.arange(6, dtype=jnp.float32)):
+    want = _toy_loss(*xs, views=views, weight=weight)
+    sharded = lambda *xs: _toy_loss(*xs, views=views, weight=weight, impl="ring", mesh=mesh)  # noqa: E731
+    assert "shard_map" in str(jax.make_jaxpr(sharded)(*xs))
+    np.testing.assert_allclose(float(sharded(*xs)), float(want), rtol=1e-6)
+  with pytest.raises(ValueError, match=r"`views` of shape \(2, 5, 3\).*batch \(axis 1\) size must be a multiple of 2"):
+    _toy_loss(*xs, views=views[:, :5], weight=1.0, impl="ring", mesh=mesh)

@@ -233,3 +233,28 @@ def test_crossmodal_padded_batch_with_mask_equals_unpadded_batch(name):
   if name != "cwcl_weights":
     helpers.assert_reductions_agree(loss, arrays, anchors)
     helpers.assert_reductions_agree(loss, arrays, anchors, mask=np.array([1, 1, 0, 1, 1], bool))
+
+
+# ------------------------------------------------------------------------------------ sharded batches
+PADDED = np.arange(24) % 5 != 2  # 24 rows split over 3 and 8 devices, every fifth one padding
+
+
+@pytest.mark.parametrize("impl,n_devices", [("ring", 3), ("allgather", 8)])
+@pytest.mark.parametrize("name", ["cwcl", "symile"])
+def test_sharded_batch_equals_dense(name, impl, n_devices):
+  """Over a mesh the value and the gradients (a traced temperature or logit scale included) are those
+  of the dense loss on one device, with padding rows (ring) and without (allgather); CWCL's explicit
+  weights are split by rows with the batch."""
+  x = [randn(seed, 24, 4) for seed in range(3)]
+  if name == "cwcl" and impl == "ring":
+    cases = [(lambda f, t, **kw: cwcl(f, t, temperature=0.3, mask=PADDED, **kw), x[:2])]
+  elif name == "cwcl":
+    weights = np.abs(randn(7, 24, 24))
+    cases = [(lambda f, t, tau, **kw: cwcl(f, t, temperature=tau, **kw), [x[0], x[1], 0.3]),
+             (lambda f, t, w, **kw: cwcl(f, t, weights=w, temperature=0.3, mask=PADDED, **kw), x[:2] + [weights])]
+  elif impl == "ring":
+    cases = [(lambda *a, **kw: symile(*a, logit_scale=3.0, mask=PADDED, **kw), x)]
+  else:
+    cases = [(lambda *a, **kw: symile(*a[:-1], logit_scale=a[-1], **kw), x + [3.0])]
+  for loss, args in cases:
+    helpers.assert_sharded_equals_dense(loss, args, impl=impl, n_devices=n_devices)

@@ -471,3 +471,61 @@ def test_padding_rows_of_m3co_are_not_checked():
 def test_bad_mask_or_reduction_raises_clear_errors(call, match):
   with pytest.raises((ValueError, TypeError), match=match):
     call()
+
+
+# ------------------------------------------------------------------------------------ sharded batches
+SHARDED = [("ring", 3), ("allgather", 8)]
+PADDED = np.arange(24) % 5 != 2  # 24 rows split over 3 and 8 devices, every fifth one padding
+
+
+def _mix_index(mask):
+  """A permutation of the real rows (a padding row points at itself), as M3Co's mix draws it."""
+  index = np.arange(mask.size)
+  real = np.flatnonzero(mask)
+  index[real] = np.random.default_rng(3).permutation(real)
+  return index
+
+
+def _sharded_cases(name, impl):
+  """(loss closure, arguments, rtol) triples. "ring": the masked batch (padding rows); "allgather": the
+  unmasked one with a traced temperature (or α), and the loss's other form where it has one
+  (replicated candidates or anchor banks, scored on a one-device engine whatever the sharded `impl`)."""
+  x = lambda seed, d=4: randn(seed, 24, d)  # noqa: E731
+  if name == "albef_itc":
+    four = [x(1), x(2), x(3), x(4)]
+    if impl == "ring":
+      return [(lambda a, b, c, d, **kw: albef_itc(a, b, c, d, temperature=0.3, mask=PADDED, **kw), four, 1e-5)]
+    queue = randn(9, 8, 4)
+    cands = lambda c, d: dict(text_candidates=jnp.concatenate([d, queue]),  # noqa: E731
+                              image_candidates=jnp.concatenate([c, queue]))
+    return [(lambda a, b, c, d, tau, **kw: albef_itc(a, b, c, d, temperature=tau, **kw), four + [0.3], 1e-5),
+            (lambda a, b, c, d, **kw: albef_itc(a, b, c, d, temperature=0.3, **cands(c, d), **kw), four, 1e-5)]
+  if name == "similarity_distillation":
+    loss = functools.partial(similarity_distillation, temperature=0.2)
+    if impl == "ring":
+      return [(functools.partial(loss, mask=PADDED), [x(1), x(2, 3)], 1e-5)]
+    banks = dict(student_anchors=randn(10, 16, 4), teacher_anchors=randn(11, 16, 3))
+    return [(loss, [x(1), x(2, 3)], 1e-5), (functools.partial(loss, mask=PADDED, **banks), [x(1), x(2, 3)], 1e-5)]
+  if name == "m3co":
+    if impl == "ring":
+      return [(lambda a, b, k, **kw: m3co(a, b, mix_index=k, mix_weight=0.3, mask=PADDED, **kw),
+               [x(1), x(2), _mix_index(PADDED)], 1e-5)]
+    lam = np.random.default_rng(4).uniform(size=24).astype(np.float32)
+    return [(lambda a, b, k, w, **kw: m3co(a, b, mix_index=k, mix_weight=w, **kw),
+             [x(1), x(2), _mix_index(np.ones(24, bool)), lam], 1e-5)]
+  loss = functools.partial(softclip, temperature=0.3, target_temperature=0.5)
+  args = [x(1), x(2), x(3, 5), x(4, 3)]
+  if impl == "ring":
+    return [(functools.partial(loss, mask=PADDED), args, 1e-5)]
+  # d/dα is a sum over every pair: float32 round-off of a few 1e-5 between the two orders of summation
+  return [(lambda a, b, c, d, alpha, **kw: loss(a, b, c, d, alpha=alpha, **kw), args + [0.4], 1e-4)]
+
+
+@pytest.mark.parametrize("impl,n_devices", SHARDED)
+@pytest.mark.parametrize("name", ["albef_itc", "similarity_distillation", "m3co", "softclip"])
+def test_sharded_batch_equals_dense(name, impl, n_devices):
+  """Over a mesh (allgather and ring engines, the target sums against the gathered batch) the value and
+  the gradients, a traced temperature or α included, are those of the dense loss on one device, with
+  padding rows (ring) and without (allgather)."""
+  for loss, args, rtol in _sharded_cases(name, impl):
+    helpers.assert_sharded_equals_dense(loss, args, impl=impl, n_devices=n_devices, rtol=rtol)

@@ -308,3 +308,29 @@ def test_gram_per_anchor_terms_match_reference():
 def test_geometric_bad_reduction_or_mask(call, match):
   with pytest.raises((ValueError, TypeError), match=match):
     call(randn(152, 4, 3))
+
+
+# ------------------------------------------------------------------------------------ sharded batches
+PADDED = np.arange(24) % 5 != 2  # 24 rows split over 3 and 8 devices, every fifth one padding
+
+
+def _sharded_case(name, masked):
+  """(loss closure, arguments): the masked loss or the unmasked one with a traced scale."""
+  x = lambda seed: randn(seed, 24, 4)  # noqa: E731
+  if name == "cacr":  # the instances are axis 1 of the (V, B, D) views
+    loss, args = lambda v, **kw: cacr(v, t_neg=2.0, **kw), [randn(12, 3, 24, 4)]
+  elif name == "contrastive_gap":  # the cross-modal uniformity (the in-modal ones' code) unmasked only
+    loss = lambda a, b, s, **kw: contrastive_gap(a, b, logit_scale=s, cross_uniformity=not masked, **kw)  # noqa: E731
+    args = [x(1), x(2), 3.0]
+  else:  # three modalities: the `*others` of gram split alike
+    loss, args = lambda *a, **kw: gram(*a[:-1], temperature=a[-1], **kw), [x(1), x(2), x(3), 0.5]
+  return (lambda *a, **kw: loss(*a, mask=PADDED, **kw), args) if masked else (loss, args)
+
+
+@pytest.mark.parametrize("impl,n_devices", [("ring", 3), ("allgather", 8)])
+@pytest.mark.parametrize("name", ["cacr", "contrastive_gap", "gram"])
+def test_sharded_batch_equals_dense(name, impl, n_devices):
+  """Over a mesh the value and the gradients (a traced logit scale or temperature included) are those
+  of the dense loss on one device, with padding rows (ring) and without (allgather)."""
+  loss, args = _sharded_case(name, masked=impl == "ring")
+  helpers.assert_sharded_equals_dense(loss, args, impl=impl, n_devices=n_devices)
