@@ -139,12 +139,13 @@ def assert_sharded_equals_dense(loss, args, *, impl: str, n_devices: int, rtol: 
   argnums = tuple(i for i, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.floating))
 
   def value_and_grads(**kw):
-    fn = lambda *a: loss(*a, **kw)  # noqa: E731
-    return fn, jax.jit(jax.value_and_grad(fn, argnums=argnums))(*args)
+    """(the jaxpr, the value and gradients): traced once, compiled once."""
+    traced = jax.jit(jax.value_and_grad(lambda *a: loss(*a, **kw), argnums=argnums)).trace(*args)
+    return traced.jaxpr, traced.lower().compile()(*args)
 
   _, (want, want_grads) = value_and_grads(impl="dense")
-  sharded, (got, got_grads) = value_and_grads(impl=impl, mesh=device_mesh(n_devices))
-  assert "shard_map" in str(jax.make_jaxpr(sharded)(*args)), "the sharded call fell back to one device"
+  jaxpr, (got, got_grads) = value_and_grads(impl=impl, mesh=device_mesh(n_devices))
+  assert "shard_map" in str(jaxpr), "the sharded call fell back to one device"
   np.testing.assert_allclose(float(got), float(want), rtol=rtol, err_msg="value")
   for n, g, w in zip(argnums, got_grads, want_grads):
     g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
