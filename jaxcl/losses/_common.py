@@ -183,11 +183,12 @@ def compact_ids(labels: jax.Array) -> jax.Array:
   return jnp.searchsorted(jnp.sort(labels), labels, side="left").astype(jnp.int32)
 
 
-def views_to_rows(name: str, features, labels):
-  """(N, D) or (N, V, D) features -> (N·V, D) view-major rows, labels tiled alike, and V."""
+def views_to_rows(name: str, features, labels, axis_name=None):
+  """(N, D) or (N, V, D) features -> (N·V, D) view-major rows, the (N,) labels checked, and V. Under
+  `axis_name` the features are one device's shards and the global batch needs two samples."""
   features = _checks.check_array(name, features, ndim=(2, 3))
   n = features.shape[0]
-  _checks.check_min_batch(name, features, 2, why="a contrastive loss needs a negative")
+  check_global_batch(name, features, 2, axis_name, why="a contrastive loss needs a negative")
   labels = _checks.check_labels("labels", labels, n)
   views = 1 if features.ndim == 2 else features.shape[1]
   z = jnp.reshape(jnp.swapaxes(features, 0, 1), (-1, features.shape[-1])) if views > 1 else features
@@ -271,7 +272,7 @@ def _axis_bound(axis_name) -> bool:
   return True
 
 
-def shardable(*batch_args: str):
+def shardable(*batch_args: str, batch_axis: dict[str, int] | None = None, split_output: bool = True):
   """Lets a loss run on globally sharded arrays as well as inside the user's `shard_map`.
 
   The decorated loss takes `impl` and `axis_name=None`; the decorator adds `mesh=None` to its signature
@@ -288,7 +289,13 @@ def shardable(*batch_args: str):
   `impl="auto"` with neither `axis_name` nor `mesh` takes the sharded path by itself when the batch is
   split over more than one device (`auto_batch_axes`), so a loss on batch-sharded global arrays under
   `jax.set_mesh` never builds the global (B, B) similarity matrix on one device.
+
+  `batch_axis` names the arguments whose batch axis is not the leading one (a (V, B, D) stack of views:
+  `batch_axis={"views": 1}`); they are split along that axis. `split_output=False`: the loss's output is
+  the same on every device for every `reduction` (the batch arguments are not the anchors, e.g. sharded
+  class centres), so "none" comes back whole rather than split.
   """
+  axis_of = {name: (batch_axis or {}).get(name, 0) for name in batch_args}
 
   def wrap(loss):
     inner = inspect.signature(loss)
@@ -310,10 +317,10 @@ def shardable(*batch_args: str):
       a = dict(arguments.arguments)
       axis_name, mesh, impl = a["axis_name"], a["mesh"], a["impl"]
       if mesh is None and axis_name is None and impl == "auto":
-        axes = auto_batch_axes(*(a[name] for name in batch_args))
+        axes = auto_batch_axes(*(a[name] for name in batch_args), batch_axes=tuple(axis_of.values()))
         if axes is not None:
           a["axis_name"] = axes if len(axes) > 1 else axes[0]
-          return _under_shard_map(call, a, batch_args)
+          return _under_shard_map(call, a, axis_of, split_output)
         return call(a)
       if mesh is None and (
           (axis_name is None and impl not in SHARDED_IMPLS)
@@ -321,9 +328,10 @@ def shardable(*batch_args: str):
       ):
         return call(a)
       if impl == "auto" and mesh is not None and not _divides(
-          mesh, "data" if axis_name is None else axis_name, [a[name] for name in batch_args]):
+          mesh, "data" if axis_name is None else axis_name, [a[name] for name in batch_args],
+          tuple(axis_of.values())):
         return call(dict(a, axis_name=None))  # auto: a batch that does not split evenly
-      return _under_shard_map(call, a, batch_args)
+      return _under_shard_map(call, a, axis_of, split_output)
 
     wrapper.__signature__ = signature  # the loss's parameters and `mesh`, which the wrapper consumes
     return wrapper
@@ -331,17 +339,19 @@ def shardable(*batch_args: str):
   return wrap
 
 
-def auto_batch_axes(x, *others) -> tuple[str, ...] | None:
+def auto_batch_axes(x, *others, batch_axes: tuple[int, ...] = ()) -> tuple[str, ...] | None:
   """The mesh axes `impl="auto"` splits a loss over, or None (run on one device, GSPMD partitions it).
 
   With the mesh set by `jax.set_mesh` (axes not already manual, i.e. outside `shard_map`): the axes the
-  leading dimension of the global batch array `x` is sharded over when its type says so (Explicit mesh
+  batch dimension of the global batch array `x` is sharded over when its type says so (Explicit mesh
   axes), else the mesh's "data" axis if it has one; None when those axes hold a single device, when
-  the leading size of x or of one of the `others` batch arguments (None: absent) is not a multiple of
-  their device count, or without a mesh.
+  the batch size of x or of one of the `others` batch arguments (None: absent) is not a multiple of
+  their device count, or without a mesh. `batch_axes[i]` is the batch dimension of (x, *others)[i]
+  (0, the leading one, where not given).
   """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or x is None or jnp.ndim(x) == 0:
+  lead_axis = batch_axes[0] if batch_axes else 0
+  if mesh.empty or x is None or jnp.ndim(x) <= lead_axis:
     return None
   free = [name for name, kind in zip(mesh.axis_names, mesh.axis_types)
           if kind != jax.sharding.AxisType.Manual]
@@ -350,31 +360,34 @@ def auto_batch_axes(x, *others) -> tuple[str, ...] | None:
   except TypeError:  # not an array type (a list): no sharding to read
     sharding = None
   spec = getattr(sharding, "spec", None)
-  if spec is not None and len(spec) and any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-    lead = spec[0]
+  if spec is not None and len(spec) > lead_axis and any(
+      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    lead = spec[lead_axis]
     axes = () if lead is None else (lead,) if isinstance(lead, str) else tuple(lead)
   else:
     axes = ("data",) if "data" in free else ()
   axes = tuple(a for a in axes if a in free)
-  if math.prod(mesh.shape[a] for a in axes) <= 1 or not _divides(mesh, axes, (x,) + others):
+  if math.prod(mesh.shape[a] for a in axes) <= 1 or not _divides(mesh, axes, (x,) + others, batch_axes):
     return None
   return axes
 
 
-def _divides(mesh, axis_name, values) -> bool:
-  """Whether every array in `values` (None: absent) has a leading size that splits evenly over the
-  devices of mesh axis (or axes) `axis_name` (True for an axis the mesh lacks: `_under_shard_map`
-  reports that)."""
+def _divides(mesh, axis_name, values, batch_axes: tuple[int, ...] = ()) -> bool:
+  """Whether every array in `values` (None: absent) has a batch size (its dimension `batch_axes[i]`,
+  the leading one where not given) that splits evenly over the devices of mesh axis (or axes)
+  `axis_name` (True for an axis the mesh lacks: `_under_shard_map` reports that)."""
   axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
   if any(a not in mesh.axis_names for a in axes):
     return True
   n_devices = math.prod(mesh.shape[a] for a in axes)
-  return all(v is None or (jnp.ndim(v) > 0 and jnp.shape(v)[0] % n_devices == 0) for v in values)
+  dims = list(batch_axes) + [0] * (len(values) - len(batch_axes))
+  return all(v is None or (jnp.ndim(v) > d and jnp.shape(v)[d] % n_devices == 0)
+             for v, d in zip(values, dims))
 
 
-def _under_shard_map(call, a: dict, batch_args: tuple[str, ...]):
-  """`call(arguments)` under `jax.shard_map` over the mesh axes `a["axis_name"]`, the `batch_args`
-  split along their leading axis, other arrays replicated."""
+def _under_shard_map(call, a: dict, axis_of: dict[str, int], split_output: bool = True):
+  """`call(arguments)` under `jax.shard_map` over the mesh axes `a["axis_name"]`, the batch arguments
+  (the keys of `axis_of`) split along their batch axis (its value), other arrays replicated."""
   axis_name = a["axis_name"] if a["axis_name"] is not None else "data"
   mesh = a["mesh"] if a["mesh"] is not None else jax.sharding.get_abstract_mesh()
   if mesh.empty:
@@ -389,15 +402,17 @@ def _under_shard_map(call, a: dict, batch_args: tuple[str, ...]):
   n_devices = math.prod(mesh.shape[axis] for axis in axes)
   names, values, specs = [], [], []
   for name, value in a.items():
-    if name in batch_args and value is not None:
+    if name in axis_of and value is not None:
       _checks.check_int32(name, value)  # before jnp.asarray wraps values beyond int32
       value = jnp.asarray(value)
-      if value.ndim == 0 or value.shape[0] % n_devices:
+      dim = axis_of[name]
+      if value.ndim <= dim or value.shape[dim] % n_devices:
+        where = "leading (batch)" if dim == 0 else f"batch (axis {dim})"
         raise ValueError(
             f"`{name}` of shape {value.shape} cannot be split over {n_devices} devices along mesh axis "
-            f"{axis_name!r}: its leading (batch) size must be a multiple of {n_devices}."
+            f"{axis_name!r}: its {where} size must be a multiple of {n_devices}."
         )
-      names.append(name), values.append(value), specs.append(PartitionSpec(axis_name))
+      names.append(name), values.append(value), specs.append(PartitionSpec(*[None] * dim, axis_name))
     elif isinstance(value, jax.Array):
       names.append(name), values.append(value), specs.append(PartitionSpec())
   static = {name: value for name, value in a.items() if name not in names}
@@ -418,5 +433,5 @@ def _under_shard_map(call, a: dict, batch_args: tuple[str, ...]):
                                    else jax.sharding.NamedSharding(mesh, spec))
               for v, spec in zip(values, specs)]
   # reduction="none": each device returns its own anchors' losses, concatenated along the batch axis.
-  out_spec = PartitionSpec(axis_name) if a.get("reduction") == "none" else PartitionSpec()
+  out_spec = PartitionSpec(axis_name) if split_output and a.get("reduction") == "none" else PartitionSpec()
   return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=out_spec)(*values)

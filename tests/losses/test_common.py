@@ -114,3 +114,19 @@ def test_l2_normalize_inside_shard_map():
   np.testing.assert_allclose(float(value), np.sum(want_y * t), rtol=1e-5)
   scale = np.abs(want_g).max(axis=1, keepdims=True)
   assert np.all(np.abs(np.asarray(g) - want_g) <= 1e-5 * scale), np.abs(np.asarray(g) - want_g).max(axis=1)
+
+
+def test_auto_batch_axes_reads_the_batch_axis_it_is_given():
+  """A (V, B, D) stack of views split along B over an Explicit mesh: `batch_axes=(1,)` finds the split
+  axis; read as a leading batch axis (V = 3, not split), it is not sharded."""
+  from jaxcl.losses import _common  # noqa: PLC0415
+  from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: PLC0415
+
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,),
+                       devices=jax.devices()[:4])
+  views = jax.device_put(np.zeros((3, 8, 2), np.float32), NamedSharding(mesh, P(None, "data")))
+  mask = np.ones((8,), bool)
+  with jax.set_mesh(mesh):
+    assert _common.auto_batch_axes(views, mask, batch_axes=(1,)) == ("data",)
+    assert _common.auto_batch_axes(views, mask) is None
+    assert _common.auto_batch_axes(views, np.ones((6,), bool), batch_axes=(1,)) is None  # 6 % 4 != 0
