@@ -24,12 +24,15 @@ takes `impl=` to choose the engine.
 
 Each module of `jaxcl/losses` holds one family; docs/objectives.md lists every loss by its paper.
 
-Sharded batches. clip, grouped_itc, siglip, infonce (with a MoCo queue too), nt_xent, dcl, dclw, supcon, macl,
-hn_nce, mcl_nt_xent, nnclr, albef_itc, m3co, similarity_distillation, softclip, cacr, contrastive_gap,
-gram, cwcl and symile take `axis_name=` and `mesh=` to compute the loss of a batch split over devices,
-against every negative of the global batch, with `impl="allgather" | "ring" | "auto"`
-(`jaxcl.ops.sharded`; a formula that needs every pair, e.g. gram's volumes, gathers the batch on
-either engine and computes this device's rows densely):
+Sharded batches. clip, grouped_itc, siglip, infonce (with a MoCo queue too), nt_xent, dcl, dclw,
+supcon, macl, hn_nce, mcl_nt_xent, nnclr, albef_itc, m3co, similarity_distillation, softclip, cacr,
+contrastive_gap, gram, cwcl, symile, gated_pair_infonce, meru, sbcl, multiview_infonce, mv_dhel,
+one_to_k_clip, poly_view and uniformity take `axis_name=` and `mesh=` to compute the loss of a batch
+split over devices, against every negative of the global batch, with `impl="allgather" | "ring" |
+"auto"` (`jaxcl.ops.sharded`; a loss whose formula needs every pair, e.g. gram's volumes or meru's
+Lorentz distances, gathers the keys for "ring" too, computes this device's rows densely, and says so).
+A stack of views (V, B, D) is split along B. mlcd takes them too, with its class centres, not the
+batch, split over the devices:
 
 - inside your own `jax.shard_map(..., in_specs=P("data"))`: pass the local shards and
   `axis_name="data"`; the result is the global loss, the same on every device;

@@ -183,11 +183,12 @@ def compact_ids(labels: jax.Array) -> jax.Array:
   return jnp.searchsorted(jnp.sort(labels), labels, side="left").astype(jnp.int32)
 
 
-def views_to_rows(name: str, features, labels):
-  """(N, D) or (N, V, D) features -> (N·V, D) view-major rows, labels tiled alike, and V."""
+def views_to_rows(name: str, features, labels, axis_name=None):
+  """(N, D) or (N, V, D) features -> (N·V, D) view-major rows, the (N,) labels checked, and V. Under
+  `axis_name` the features are one device's shards and the global batch needs two samples."""
   features = _checks.check_array(name, features, ndim=(2, 3))
   n = features.shape[0]
-  _checks.check_min_batch(name, features, 2, why="a contrastive loss needs a negative")
+  check_global_batch(name, features, 2, axis_name, why="a contrastive loss needs a negative")
   labels = _checks.check_labels("labels", labels, n)
   views = 1 if features.ndim == 2 else features.shape[1]
   z = jnp.reshape(jnp.swapaxes(features, 0, 1), (-1, features.shape[-1])) if views > 1 else features
@@ -280,7 +281,7 @@ def _axis_bound(axis_name) -> bool:
   return True
 
 
-def shardable(*batch_args: str, batch_axis: dict[str, int] | None = None):
+def shardable(*batch_args: str, batch_axis: dict[str, int] | None = None, split_output: bool = True):
   """Lets a loss run on globally sharded arrays as well as inside the user's `shard_map`.
 
   The decorated loss takes `impl` and `axis_name=None`; the decorator adds `mesh=None` to its signature
@@ -301,6 +302,8 @@ def shardable(*batch_args: str, batch_axis: dict[str, int] | None = None):
   A batch argument may be the loss's `*args` (several arrays, each split alike), and `batch_axis` names
   the arguments whose batch axis is not the leading one (e.g. {"views": 1} for (V, B, D) views). A
   batch argument given as a scalar (a per-row value given once for every row) is replicated.
+  `split_output=False`: the loss's output is the same on every device for every `reduction` (the batch
+  arguments are not the anchors, e.g. sharded class centres), so "none" comes back whole, not split.
   """
   batch_axis = dict(batch_axis or {})
 
@@ -338,7 +341,7 @@ def shardable(*batch_args: str, batch_axis: dict[str, int] | None = None):
         axes = auto_batch_axes(*(v for v, _ in values), batch_axes=tuple(k for _, k in values))
         if axes is not None:
           a["axis_name"] = axes if len(axes) > 1 else axes[0]
-          return _under_shard_map(call, a, batch_args, batch_axis)
+          return _under_shard_map(call, a, batch_args, batch_axis, split_output)
         return call(a)
       if mesh is None and (
           (axis_name is None and impl not in SHARDED_IMPLS)
@@ -348,7 +351,7 @@ def shardable(*batch_args: str, batch_axis: dict[str, int] | None = None):
       if impl == "auto" and mesh is not None and not _divides(
           mesh, "data" if axis_name is None else axis_name, batch_values(a)):
         return call(dict(a, axis_name=None))  # auto: a batch that does not split evenly
-      return _under_shard_map(call, a, batch_args, batch_axis)
+      return _under_shard_map(call, a, batch_args, batch_axis, split_output)
 
     wrapper.__signature__ = signature  # the loss's parameters and `mesh`, which the wrapper consumes
     return wrapper
@@ -363,10 +366,10 @@ def auto_batch_axes(x, *others, batch_axes: tuple[int, ...] | None = None) -> tu
   batch dimension of the global batch array `x` is sharded over when its type says so (Explicit mesh
   axes), else the mesh's "data" axis if it has one; None when those axes hold a single device, when
   the batch size of x or of one of the `others` batch arguments (None: absent) is not a multiple of
-  their device count, or without a mesh. `batch_axes`: the batch axis of x and of each of the others
-  (None: the leading axis of each).
+  their device count, or without a mesh. `batch_axes[i]`: the batch axis of (x, *others)[i] (the
+  leading one where not given).
   """
-  batch_axes = batch_axes or (0,) * (1 + len(others))
+  batch_axes = tuple(batch_axes or ()) + (0,) * (1 + len(others) - len(batch_axes or ()))  # 0 where not given
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or x is None or jnp.ndim(x) <= batch_axes[0]:
     return None
@@ -401,7 +404,8 @@ def _divides(mesh, axis_name, values) -> bool:
              for v, k in values)
 
 
-def _under_shard_map(call, a: dict, batch_args: tuple[str, ...], batch_axis: dict[str, int]):
+def _under_shard_map(call, a: dict, batch_args: tuple[str, ...], batch_axis: dict[str, int],
+                     split_output: bool = True):
   """`call(arguments)` under `jax.shard_map` over the mesh axes `a["axis_name"]`, the `batch_args`
   split along their batch axis (`batch_axis`, default the leading one; each array of a `*args` tuple
   alike), other arrays replicated."""
@@ -462,5 +466,5 @@ def _under_shard_map(call, a: dict, batch_args: tuple[str, ...], batch_axis: dic
                                    else jax.sharding.NamedSharding(mesh, spec))
               for v, spec in zip(values, specs)]
   # reduction="none": each device returns its own anchors' losses, concatenated along the batch axis.
-  out_spec = PartitionSpec(axis_name) if a.get("reduction") == "none" else PartitionSpec()
+  out_spec = PartitionSpec(axis_name) if split_output and a.get("reduction") == "none" else PartitionSpec()
   return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=out_spec)(*values)

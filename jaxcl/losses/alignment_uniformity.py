@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jaxcl import _checks
 from jaxcl import ops
 from jaxcl.losses import _common
+from jaxcl.ops.engines import SHARDED_IMPLS
 
 
 @_common.keyword_only
@@ -63,6 +64,7 @@ def alignment(
 
 
 @_common.keyword_only
+@_common.shardable("x", "mask")
 def uniformity(
     x: jax.Array,
     *,
@@ -71,6 +73,7 @@ def uniformity(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""Uniformity: log of the mean Gaussian potential between distinct embeddings.
 
@@ -85,9 +88,11 @@ def uniformity(
       L_uniform = log Σ_i exp( LSE_{j ≠ i} 2t <x_i, x_j> ) − 2t − log(B(B − 1)),
 
   computed by the similarity engine `impl` without a B×B matrix (a row whose norm is below the
-  normalisation eps counts as unit length there). With `normalize=False` the distances are explicit:
-  a dense (B, B) matrix ‖x_i‖² + ‖x_j‖² − 2<x_i, x_j> in float32, whatever `impl` says.
-  Ranges over [−4t, 0] for unit vectors; lower is more uniform.
+  normalisation eps counts as unit length there); with `axis_name` the rows' log-sum-exps run on the
+  sharded engines and the outer one over the global batch. With `normalize=False` the distances are
+  explicit: a dense (B, B) matrix ‖x_i‖² + ‖x_j‖² − 2<x_i, x_j> in float32, whatever `impl` says (with
+  `axis_name`, this device's (B/n, B) rows against the gathered batch, for "ring" too: the formula
+  needs every pair's distance). Ranges over [−4t, 0] for unit vectors; lower is more uniform.
 
   Args:
     x: (B, D) embeddings, B >= 2.
@@ -96,47 +101,63 @@ def uniformity(
     reduction: "mean" only: the log of a mean over pairs has no per-sample decomposition.
     mask: None or bool (B,): False marks padding rows, left out of every pair (B is then the number of
       valid rows; 0 when fewer than two are valid).
-    impl: similarity engine, see `jaxcl.ops.available_impls()`.
+    impl: similarity engine, see `jaxcl.ops.available_impls()`; "allgather" | "ring" with `axis_name` /
+      `mesh`: the batch split over devices.
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`.
   Returns:
-    Scalar float32.
+    Scalar float32 (the same on every device under `axis_name`).
 
   >>> import jax.numpy as jnp
   >>> float(uniformity(jnp.eye(2)))  # one pair at squared distance 2: log exp(-2 * 2)
   -4.0
   """
   x = _checks.check_array("x", x, ndim=2)
-  _checks.check_min_batch("x", x, 2, why="uniformity averages over pairs i != j")
+  _common.check_global_batch("x", x, 2, axis_name, why="uniformity averages over pairs i != j")
   _checks.check_positive("t", t)
   _common.check_reduction(reduction, per_anchor=False)
   b = x.shape[0]
   mask = _common.sample_mask(mask, b)
   t = jnp.asarray(t, jnp.float32)
   if mask is None:
-    log_pairs = math.log(b * (b - 1))
+    n_global = _common.global_size(b, axis_name)
+    log_pairs = math.log(n_global * (n_global - 1))
   else:  # fewer than two valid rows: no pair, the loss is 0
-    n = jnp.sum(mask, dtype=jnp.float32)
+    n = _common.batch_sum(mask.astype(jnp.float32), axis_name)
     enough = n >= 2
     log_pairs = jnp.log(jnp.where(enough, n * (n - 1.0), 1.0))
+  ids = _common.batch_ids(b, axis_name)
   if normalize:
     z = _common.l2_normalize(x)
-    rows = ops.logsumexp(z, z, scale=2.0 * t, exclude=ops.diagonal(b), row_valid=mask, col_valid=mask,
-                         impl=impl).rows
-    value = _masked_logsumexp(rows, mask) - 2.0 * t - log_pairs
+    rows = ops.logsumexp(z, z, scale=2.0 * t, exclude=(ids, ids), row_valid=mask, col_valid=mask,
+                         impl=impl, axis_name=axis_name).rows
+    value = _masked_logsumexp(rows, mask, axis_name) - 2.0 * t - log_pairs
   else:
-    ops.resolve_impl(impl, b, b)  # validates `impl`; the explicit-distance form is dense
-    gram = jnp.einsum("id,jd->ij", x, x, preferred_element_type=jnp.float32)
-    norms = jnp.diagonal(gram)
-    sq = jnp.maximum(norms[:, None] + norms[None, :] - 2.0 * gram, 0.0)
-    drop = jnp.eye(b, dtype=bool) if mask is None else jnp.eye(b, dtype=bool) | ~(mask[:, None] & mask[None, :])
-    value = _masked_logsumexp(jnp.where(drop, -jnp.inf, -t * sq).ravel(), None) - log_pairs
+    if axis_name is None:
+      ops.resolve_impl(impl, b, b)  # validates `impl`; the explicit-distance form is dense
+      keys, key_mask = x, mask
+    else:
+      _checks.check_choice("impl", impl, ("auto",) + SHARDED_IMPLS)
+      keys = jax.lax.all_gather(x, axis_name, tiled=True)  # every pair's distance: the keys gathered
+      key_mask = None if mask is None else jax.lax.all_gather(mask, axis_name, tiled=True)
+    gram = jnp.einsum("id,jd->ij", x, keys, preferred_element_type=jnp.float32)
+    row_norms = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=1)
+    key_norms = jnp.sum(jnp.square(keys.astype(jnp.float32)), axis=1)
+    sq = jnp.maximum(row_norms[:, None] + key_norms[None, :] - 2.0 * gram, 0.0)
+    drop = ids[:, None] == jnp.arange(keys.shape[0])[None, :]
+    if mask is not None:
+      drop = drop | ~(mask[:, None] & key_mask[None, :])
+    value = _masked_logsumexp(jnp.where(drop, -jnp.inf, -t * sq).ravel(), None, axis_name) - log_pairs
   return value if mask is None else jnp.where(enough, value, 0.0)
 
 
-def _masked_logsumexp(x: jax.Array, valid: jax.Array | None) -> jax.Array:
-  """log Σ exp x over the valid finite entries; 0 (not -inf, and no NaN gradient) when there is none."""
+def _masked_logsumexp(x: jax.Array, valid: jax.Array | None, axis_name=None) -> jax.Array:
+  """log Σ exp x over the valid finite entries (of every device under `axis_name`); 0 (not -inf, and
+  no NaN gradient) when there is none."""
   keep = jnp.isfinite(x) if valid is None else valid & jnp.isfinite(x)
   safe = jnp.where(keep, x, 0.0)
   m = jax.lax.stop_gradient(jnp.max(jnp.where(keep, safe, -jnp.inf), initial=-jnp.inf))
+  if axis_name is not None:
+    m = jax.lax.pmax(m, axis_name)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
-  total = jnp.sum(jnp.where(keep, jnp.exp(safe - m), 0.0))
+  total = _common.batch_sum(jnp.where(keep, jnp.exp(safe - m), 0.0), axis_name)
   return jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + m, 0.0)

@@ -9,9 +9,9 @@ contrasts graph neighbours against the clusters' meta-nodes instead of every nod
 
 | paper | function | engines |
 |---|---|---|
-| Subclass-balancing Contrastive Learning for Long-tailed Recognition | subclass_kmeans, sbcl | sbcl: all |
+| Subclass-balancing Contrastive Learning for Long-tailed Recognition | subclass_kmeans, sbcl | sbcl: all, allgather, ring |
 | Learning the Unlearned: Mitigating Feature Suppression in Contrastive Learning | mcl_cluster_ids, mcl_nt_xent | all, allgather, ring |
-| Multi-label Cluster Discrimination for Visual Representation Learning | mlcd | dense, blockwise, auto |
+| Multi-label Cluster Discrimination for Visual Representation Learning | mlcd | dense, blockwise, auto; centres split over devices (allgather, ring) |
 | Efficient block contrastive learning via parameter-free meta-node approximation | pamc | — (edges and K×K) |
 """
 
@@ -24,6 +24,7 @@ import numpy as np
 from jaxcl import _checks
 from jaxcl import ops
 from jaxcl.ops import engines
+from jaxcl.ops.engines import SHARDED_IMPLS
 from jaxcl.losses import _common
 from jaxcl.losses import _tiled
 
@@ -131,6 +132,7 @@ def subclass_kmeans(
 
 # --------------------------------------------------------------------------------------------- SBCL
 @_common.keyword_only
+@_common.shardable("features", "labels", "subclass_labels", "mask")
 def sbcl(
     features: jax.Array,
     labels: jax.Array,
@@ -144,6 +146,7 @@ def sbcl(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""SBCL: the bi-granularity (subclass + class) supervised contrastive loss.
 
@@ -186,6 +189,10 @@ def sbcl(
   (subclass ids = arange(N)) and V >= 2 it is `supcon(features, arange(N), temperature=τ₁) + β ·
   supcon(features, labels, temperature=τ₂)`.
 
+  Sharded (`axis_name` / `mesh`): both log-sum-exps run on the sharded engines; the class and subclass
+  sums are `jaxcl.ops.sharded.matched_sum` over the global batch, and the (N,) labels are gathered to
+  number the (label, subclass) pairs globally.
+
   Args:
     features: (N, D), or (N, V, D) with V views per sample (views share label and subclass).
     labels: (N,) integer class labels. subclass_labels: (N,) integer subclass ids (only equality of
@@ -199,10 +206,14 @@ def sbcl(
       [i ∈ A¹] ℓ¹_i + β [i ∈ A²] ℓ²_i in view-major order (row v·N + s is view v of sample s), where
       A¹ = {i : S(i) ≠ ∅} and A² = {i : P²(i) ≠ ∅}; "sum" is their sum, Σ_{A¹} ℓ¹ + β Σ_{A²} ℓ². Each
       term of "mean" is averaged over its own anchor set, so "mean" is the mean of "none" whenever
-      A¹ = A² = every row (always with V >= 2).
+      A¹ = A² = every row (always with V >= 2). Under `axis_name`, "none" gives this device's rows,
+      view-major over its own samples.
     mask: None or bool (N,): False marks padding samples, whose views are neither anchors, positives
       nor negatives, in either term, nor count in any class or subclass.
-    impl: similarity engine, see `jaxcl.ops.available_impls()`.
+    impl: similarity engine, see `jaxcl.ops.available_impls()`; "allgather" | "ring" with `axis_name` /
+      `mesh`: the samples split over devices.
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`; `features`, `labels`, `subclass_labels` and
+      `mask` are split along the samples; `class_temperature` is replicated.
   Returns:
     Scalar float32 loss, or (N·V,) with `reduction="none"`.
 
@@ -220,7 +231,7 @@ def sbcl(
   ...                  own_views_in_class_term=False)), 4)  # ℓ² = log 2
   0.7247
   """
-  z, labels, views = _common.views_to_rows("features", features, labels)
+  z, labels, views = _common.views_to_rows("features", features, labels, axis_name)
   n = labels.shape[0]
   subclass_labels = _checks.check_labels("subclass_labels", subclass_labels, n)
   _common.check_reduction(reduction)
@@ -252,23 +263,35 @@ def sbcl(
 
   z = _common.maybe_normalize(z, normalize)
   m = z.shape[0]
-  cls = jnp.tile(_common.compact_ids(labels), views)
-  sub = jnp.tile(_pair_ids(labels, subclass_labels), views)
   z32 = _common.zero_invalid(z.astype(jnp.float32), None if valid is None else valid[:, None])
   self_dot = _common.rowwise_dot(z32, z32)
-  class_sum, class_size = _common.segment_stats(z32, cls, valid)
-  sub_sum, sub_size = _common.segment_stats(z32, sub, valid)
+  if axis_name is None:
+    cls = jnp.tile(_common.compact_ids(labels), views)
+    sub = jnp.tile(_pair_ids(labels, subclass_labels), views)
+    class_sum, class_size = _common.segment_stats(z32, cls, valid)
+    sub_sum, sub_size = _common.segment_stats(z32, sub, valid)
+  else:  # subclass ids numbered over the gathered (N,) labels; sums over the global batch
+    gathered = [jax.lax.all_gather(y, axis_name, tiled=True) for y in (labels, subclass_labels)]
+    sub = jnp.tile(_pair_ids(*gathered)[_common.batch_ids(n, axis_name)], views)
+    ones = jnp.ones((m, 1), jnp.float32) if valid is None else valid[:, None].astype(jnp.float32)
+    with_ones = jnp.concatenate([z32, ones], axis=1)
+    class_stats, sub_stats = (ops.sharded.matched_sum(ids, with_ones, axis_name=axis_name, impl=impl)
+                              for ids in (jnp.tile(labels, views), sub))
+    class_sum, class_size = class_stats[:, :-1], class_stats[:, -1]
+    sub_sum, sub_size = sub_stats[:, :-1], sub_stats[:, -1]
 
   n1 = sub_size - 1.0
   pos1 = inv_t1 * (_common.rowwise_dot(z32, sub_sum) - self_dot) / jnp.maximum(n1, 1.0)
-  lse1 = ops.logsumexp(z, z, scale=inv_t1, exclude=ops.diagonal(m), row_valid=valid, col_valid=valid,
-                       impl=impl).rows
+  rows = jnp.concatenate([_common.batch_ids(n, axis_name) + v * _common.global_size(n, axis_name)
+                          for v in range(views)])  # global row ids: view v of sample i is v·N + i
+  lse1 = ops.logsumexp(z, z, scale=inv_t1, exclude=(rows, rows), row_valid=valid, col_valid=valid,
+                       impl=impl, axis_name=axis_name).rows
   has1 = _common.and_valid(n1 > 0, valid)
   l1 = jnp.where(has1, lse1 - pos1, 0.0)
 
   # ℓ²: the other subclasses (an id mask on every engine), plus, optionally, the row's own other views.
   lse2 = ops.logsumexp(z, z, scale=inv_t2, exclude=(sub, sub), row_valid=valid, col_valid=valid,
-                       impl=impl).rows
+                       impl=impl, axis_name=axis_name).rows
   lse2 = _common.zero_invalid(lse2, valid)
   pos2_dot = _common.rowwise_dot(z32, class_sum - sub_sum)
   n2 = class_size - sub_size
@@ -287,7 +310,8 @@ def sbcl(
   beta = jnp.asarray(beta, jnp.float32)
   if reduction == "none":
     return l1 + beta * l2
-  return _common.reduce_loss(l1, reduction, has1) + beta * _common.reduce_loss(l2, reduction, has2)
+  return (_common.reduce_loss(l1, reduction, has1, axis_name)
+          + beta * _common.reduce_loss(l2, reduction, has2, axis_name))
 
 
 # --------------------------------------------------------------------- cluster-restricted negatives (MCL)
@@ -393,6 +417,7 @@ def mcl_nt_xent(
 
 # --------------------------------------------------------------------------------------------- MLCD
 @_common.keyword_only
+@_common.shardable("centers", split_output=False)
 def mlcd(
     features: jax.Array,
     centers: jax.Array,
@@ -403,8 +428,8 @@ def mlcd(
     normalize: bool = True,
     reduction: str = "mean",
     mask: jax.Array | None = None,
-    axis_name: str | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""MLCD: multi-label classification against many cluster centres, positives and negatives apart.
 
@@ -430,7 +455,10 @@ def mlcd(
 
       LSE = M + log Σ_d exp(LSE_d − M),   M = pmax_d LSE_d,
 
-  so the result equals the single-device loss on all N centres.
+  so the result equals the single-device loss on all N centres. The centres are never gathered, for
+  `impl="allgather"` and `"ring"` alike: each device reduces its own block (dense or tiled, as "auto"
+  picks). On global arrays (`mesh=`, or `jax.set_mesh`) the decorator splits `centers` over the mesh
+  axis and replicates the rest; the result, "none" included, is the same on every device.
 
   Args:
     features: (B, D) image embeddings. centers: (N, D) cluster centres (learned classifier weights in
@@ -442,8 +470,10 @@ def mlcd(
     reduction: "mean", "sum" or "none": the (B,) loss_i, in the order of `features`.
     mask: None or bool (B,): False marks padding rows of `features` (and of `positives`, which are then
       not checked), left out of the loss; the centres are never masked.
+    impl: "auto", "dense" or "blockwise"; "allgather" | "ring" (or "auto") with `axis_name` / `mesh`.
     axis_name: the mesh axis the centres are sharded over, or None.
-    impl: "auto", "dense" or "blockwise".
+    mesh: the device mesh for `centers` given as a global array (see "Sharded batches" in
+      `jaxcl.losses`; here the centres, not the batch, are split).
   Returns:
     Scalar float32 loss, or (B,) with `reduction="none"`.
 
@@ -465,7 +495,8 @@ def mlcd(
     raise ValueError(f"`positives` must have shape ({f.shape[0]}, k), got {positives.shape}.")
   if not jnp.issubdtype(positives.dtype, jnp.integer):
     raise TypeError(f"`positives` must have an integer dtype, got {positives.dtype}.")
-  _checks.check_choice("impl", impl, ("auto", "dense", "blockwise"))
+  local_impls = ("auto", "dense", "blockwise")
+  _checks.check_choice("impl", impl, local_impls if axis_name is None else local_impls + SHARDED_IMPLS)
   _common.check_reduction(reduction)
   mask = _common.sample_mask(mask, f.shape[0])
   _checks.check_positive("scale", scale)
@@ -498,7 +529,7 @@ def mlcd(
   def not_positive(col_ids):
     return jnp.all(local[:, :, None] != col_ids[None, None, :], axis=1)
 
-  dense = engines.is_dense(impl, f.shape[0], n_local)
+  dense = engines.is_dense("auto" if impl in SHARDED_IMPLS else impl, f.shape[0], n_local)
   neg_lse = _tiled.row_logsumexp(f, c, s, not_positive, dense=dense)
   if axis_name is not None:
     pos_lse = _combine_lse(pos_lse, axis_name)
@@ -508,7 +539,7 @@ def mlcd(
   return _common.reduce_loss(per_row, reduction, mask)  # the features are replicated over `axis_name`
 
 
-def _combine_lse(lse: jax.Array, axis_name: str) -> jax.Array:
+def _combine_lse(lse: jax.Array, axis_name) -> jax.Array:
   """log Σ_d exp(lse_d) over the devices of `axis_name`, exact and differentiable."""
   big = jax.lax.pmax(jax.lax.stop_gradient(lse), axis_name)  # the shift: no gradient needed
   big = jnp.where(jnp.isfinite(big), big, 0.0)

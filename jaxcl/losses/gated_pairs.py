@@ -1,7 +1,15 @@
 """Gated pairs: InfoNCE for arbitrary positive pairs, each contrasted in its own gated feature subspace
-(SimLAP / Hydra)."""
+(SimLAP / Hydra).
+
+| paper | function | engines |
+|---|---|---|
+| Rethinking Positive Pairs in Contrastive Learning | gated_pair_infonce | all, allgather, ring (labelled: tiled row reductions, keys gathered) |
+"""
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -10,12 +18,33 @@ import numpy as np
 from jaxcl import _checks
 from jaxcl import ops
 from jaxcl.ops import engines
+from jaxcl.ops.engines import SHARDED_IMPLS
 from jaxcl.losses import _common
 from jaxcl.losses import _tiled
 
 
+def _gates_per_query(loss):
+  """Broadcasts shared (D,) gates to one row per query, (Bq, D), outside `shard_map` (without
+  `axis_name`), so that `shardable` splits them with the queries; the gradient of the shared gates is
+  the sum over their rows."""
+  signature = inspect.signature(loss)
+
+  @functools.wraps(loss)
+  def wrapper(*args, **kwargs):
+    a = signature.bind(*args, **kwargs)
+    query, gates = a.arguments.get("query"), a.arguments.get("gates")
+    if (a.arguments.get("axis_name") is None and jnp.ndim(gates) == 1 and jnp.ndim(query) == 2
+        and jnp.shape(gates)[0] == jnp.shape(query)[1]):
+      a.arguments["gates"] = jnp.broadcast_to(jnp.asarray(gates), jnp.shape(query))
+    return loss(*a.args, **a.kwargs)
+
+  return wrapper
+
+
 # ------------------------------------------------------------------------------ gated arbitrary pairs
 @_common.keyword_only
+@_gates_per_query
+@_common.shardable("query", "key", "gates", "query_labels", "pair_labels", "key_labels", "mask")
 def gated_pair_infonce(
     query: jax.Array,
     key: jax.Array,
@@ -29,6 +58,7 @@ def gated_pair_infonce(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""InfoNCE for arbitrary positive pairs, each compared in its own gated feature subspace.
 
@@ -71,6 +101,11 @@ def gated_pair_infonce(
   The gates (the authors' `BasicGate`: sigmoid(MLP((E[y1] + E[y2]) / 2)), symmetric in the pair), their
   regulariser and how pairs are drawn are the caller's.
 
+  Sharded (`axis_name` / `mesh`; queries, keys, gates, labels and mask split along the batch): without
+  labels the log-sum-exp runs on the sharded engines; with labels each device gathers the keys, their
+  labels and validity and reduces its own queries against all of them (for "ring" too: the label
+  masks and the per-pair softplus need every pair), then the sums are added over devices.
+
   Args:
     query: (Bq, D) embeddings. key: (Bk, D) embeddings; without labels Bk = Bq and row i is a pair.
     gates: (Bq, D) gates in [0, 1] (or (D,) shared by every query); may be traced (learned).
@@ -84,7 +119,10 @@ def gated_pair_infonce(
       many rows as `query` (row i of both the same sample: always without labels or `key_labels`) the
       key rows where it is False are neither positives nor negatives either. Keys of a different batch
       size are all real.
-    impl: similarity engine, see `jaxcl.ops.available_impls()`.
+    impl: similarity engine, see `jaxcl.ops.available_impls()`; "allgather" | "ring" with `axis_name` /
+      `mesh`: the batch split over devices.
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`; shared (D,) gates are broadcast to one row
+      per query first (inside your own `shard_map` pass them replicated, or per query and split).
   Returns:
     Scalar float32 loss, or (B,) with `reduction="none"`.
 
@@ -102,7 +140,7 @@ def gated_pair_infonce(
   labelled = query_labels is not None or pair_labels is not None or key_labels is not None
   _common.check_reduction(reduction, per_anchor=not labelled)
   if not labelled:
-    q, k = _common.pair("query", query, "key", key, normalize=normalize)
+    q, k = _common.pair("query", query, "key", key, normalize=normalize, axis_name=axis_name)
     mask = _common.sample_mask(mask, q.shape[0])
     key_valid = mask
   else:
@@ -154,10 +192,17 @@ def gated_pair_infonce(
   g32 = jnp.broadcast_to(gates.astype(jnp.float32), q.shape)
   gated_q = (g32 * g32 * q.astype(jnp.float32)).astype(q.dtype)
   if not labelled:
-    lse = ops.logsumexp(gated_q, k, scale=inv_t, row_valid=mask, col_valid=mask, impl=impl).rows
+    lse = ops.logsumexp(gated_q, k, scale=inv_t, row_valid=mask, col_valid=mask, impl=impl,
+                        axis_name=axis_name).rows
     positive = inv_t * _common.rowwise_dot(gated_q, k)
-    return _common.reduce_loss(lse - positive, reduction, mask)
+    return _common.reduce_loss(lse - positive, reduction, mask, axis_name)
 
+  if axis_name is not None:  # label masks and per-pair terms: this device's queries against every key
+    _checks.check_choice("impl", impl, ("auto",) + SHARDED_IMPLS)
+    gather = functools.partial(jax.lax.all_gather, axis_name=axis_name, tiled=True)
+    k, yk = gather(k), gather(yk)
+    key_valid = None if key_valid is None else gather(key_valid)
+    impl = "auto"  # the local engine for the gathered keys
   bk = k.shape[0]
   dense = engines.is_dense(impl, q.shape[0], bk)
   row_ok = jnp.ones((q.shape[0], 1), bool) if mask is None else mask[:, None]
@@ -190,4 +235,4 @@ def gated_pair_infonce(
     per_label = jax.ops.segment_sum(key_valid.astype(jnp.int32), ids[q.shape[0]:], num_segments=ids.shape[0])
     n_pos = per_label[ids[:q.shape[0]]]
   n_pos = _common.zero_invalid(n_pos.astype(jnp.float32), mask)
-  return total / jnp.maximum(jnp.sum(n_pos), 1.0)
+  return _common.batch_sum(total, axis_name) / jnp.maximum(_common.batch_sum(n_pos, axis_name), 1.0)

@@ -4,9 +4,15 @@ entailment cones and the MERU loss.
 Points of the hyperboloid of curvature −c, {x ∈ R^{D+1} : <x, x>_L = −1/c, x_time > 0}, are stored by
 their space components x_s (D,) only; the time component is x_t = sqrt(1/c + ‖x_s‖²) and the Lorentzian
 inner product is <x, y>_L = <x_s, y_s> − x_t y_t.
+
+| paper | function | engines |
+|---|---|---|
+| Hyperbolic Image-Text Representations | meru | dense, allgather, ring (keys gathered) |
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +21,7 @@ import numpy as np
 from jaxcl import _checks
 from jaxcl import ops
 from jaxcl.losses import _common
+from jaxcl.ops.engines import SHARDED_IMPLS
 
 _EPS = 1e-6  # float32 guard for acosh / asin / acos arguments and norms
 
@@ -175,6 +182,7 @@ def _entailment_terms(general, specific, curvature, min_radius) -> jax.Array:
 
 
 @_common.keyword_only
+@_common.shardable("image", "text", "mask")
 def meru(
     image: jax.Array,
     text: jax.Array,
@@ -187,6 +195,7 @@ def meru(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""MERU: CLIP-style contrastive loss on negative Lorentz distances plus an entailment-cone loss.
 
@@ -202,8 +211,10 @@ def meru(
   λ = 0.2, K = 0.1. `curvature` and `logit_scale` may be traced (learned).
 
   Engines: the distance is arccosh of a Lorentzian inner product, not a scaled dot product, so the
-  B×B logits are built densely; `impl` accepts "dense" and "auto" only (dense only: the log-sum-exp is
-  over a non-linear function of <x, y>).
+  B×B logits are built densely; `impl` accepts "dense" and "auto" (dense only: the log-sum-exp is
+  over a non-linear function of <x, y>), and "allgather" | "ring" with `axis_name` / `mesh`: each
+  device gathers the images and texts and builds its (B/n, B) blocks of rows and of columns densely
+  (ring gathers the keys too: the formula needs every pair's distance).
 
   Args:
     image, text: (B, D) tangent vectors at the origin (or space components if `expmap=False`), B >= 2.
@@ -211,10 +222,12 @@ def meru(
     expmap: apply `lorentz_expmap0` to both inputs first.
     reduction: "mean", "sum" or "none": the (2B,) per-anchor terms, the B images i
       (−S_ii + log Σ_j exp S_ij + λ e_i), then the B texts j (−S_jj + log Σ_i exp S_ij + λ e_j), with
-      e_i the entailment term of pair i; their mean is the loss.
+      e_i the entailment term of pair i; their mean is the loss (this device's 2B/n under
+      `axis_name`: its images, then its texts).
     mask: None or bool (B,): False marks padding pairs, which are neither anchors nor negatives, and
       have no entailment term.
-    impl: "dense" or "auto".
+    impl: "dense" or "auto"; "allgather" | "ring" (or "auto") with `axis_name` / `mesh`.
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`.
   Returns:
     Scalar float32, or (2B,) with `reduction="none"`.
 
@@ -226,8 +239,8 @@ def meru(
   image = _checks.check_array("image", image, ndim=2)
   text = _checks.check_array("text", text, ndim=2)
   _checks.check_same_shape("image", image, "text", text)
-  _checks.check_min_batch("image", image, 2, why="a contrastive loss needs a negative")
-  _checks.check_choice("impl", impl, ("auto", "dense"))
+  _common.check_global_batch("image", image, 2, axis_name, why="a contrastive loss needs a negative")
+  _checks.check_choice("impl", impl, ("auto", "dense") if axis_name is None else ("auto",) + SHARDED_IMPLS)
   scale = _common.logit_scale(logit_scale)
   _checks.check_non_negative("entailment_weight", entailment_weight)
   _common.check_reduction(reduction)
@@ -236,11 +249,26 @@ def meru(
   if expmap:
     image = lorentz_expmap0(image, curvature=curvature)
     text = lorentz_expmap0(text, curvature=curvature)
-  logits = -scale * lorentz_distance(image, text, curvature=curvature)
-  diagonal = jnp.diagonal(logits)
-  if mask is not None:  # a padding row keeps only padding columns: finite, dropped by the reduction
-    logits = jnp.where(mask[:, None] == mask[None, :], logits, -jnp.inf)
   entail = jnp.asarray(entailment_weight, jnp.float32) * _entailment_terms(text, image, curvature, min_radius)
-  per_anchor = jnp.concatenate([jax.nn.logsumexp(logits, axis=1) - diagonal + entail,
-                                jax.nn.logsumexp(logits, axis=0) - diagonal + entail])
-  return _common.reduce_loss(per_anchor, reduction, None if mask is None else jnp.concatenate([mask, mask]))
+  valid = None if mask is None else jnp.concatenate([mask, mask])
+  if axis_name is None:
+    logits = -scale * lorentz_distance(image, text, curvature=curvature)
+    diagonal = jnp.diagonal(logits)
+    if mask is not None:  # a padding row keeps only padding columns: finite, dropped by the reduction
+      logits = jnp.where(mask[:, None] == mask[None, :], logits, -jnp.inf)
+    per_anchor = jnp.concatenate([jax.nn.logsumexp(logits, axis=1) - diagonal + entail,
+                                  jax.nn.logsumexp(logits, axis=0) - diagonal + entail])
+    return _common.reduce_loss(per_anchor, reduction, valid)
+  # This device's image rows against every text, and its text columns against every image.
+  gather = functools.partial(jax.lax.all_gather, axis_name=axis_name, tiled=True)
+  rows = -scale * lorentz_distance(image, gather(text), curvature=curvature)  # (B/n, B)
+  cols = -scale * lorentz_distance(gather(image), text, curvature=curvature)  # (B, B/n)
+  ids = _common.batch_ids(image.shape[0], axis_name)
+  diagonal = jnp.take_along_axis(rows, ids[:, None], axis=1)[:, 0]
+  if mask is not None:
+    every = gather(mask)
+    rows = jnp.where(mask[:, None] == every[None, :], rows, -jnp.inf)
+    cols = jnp.where(every[:, None] == mask[None, :], cols, -jnp.inf)
+  per_anchor = jnp.concatenate([jax.nn.logsumexp(rows, axis=1) - diagonal + entail,
+                                jax.nn.logsumexp(cols, axis=0) - diagonal + entail])
+  return _common.reduce_loss(per_anchor, reduction, valid, axis_name)

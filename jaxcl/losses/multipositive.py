@@ -2,8 +2,8 @@
 
 | paper | function | engines |
 |---|---|---|
-| Improving the Consistency in Cross-Lingual Cross-Modal Retrieval with 1-to-K Contrastive Learning | one_to_k_clip | all |
-| Poly-View Contrastive Learning | poly_view | all |
+| Improving the Consistency in Cross-Lingual Cross-Modal Retrieval with 1-to-K Contrastive Learning | one_to_k_clip | all, allgather, ring |
+| Poly-View Contrastive Learning | poly_view | all, allgather, ring |
 
 (The multi-view objectives of Koromilas et al. 2025 are `jaxcl.losses.multiview_infonce` / `mv_dhel`.)
 """
@@ -21,6 +21,7 @@ from jaxcl.losses import _common
 
 
 @_common.keyword_only
+@_common.shardable("image", "texts", "mask", batch_axis={"texts": 1})
 def one_to_k_clip(
     image: jax.Array,
     texts: jax.Array,
@@ -30,6 +31,7 @@ def one_to_k_clip(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""1-to-K contrastive loss: each image against its K captions (one per language) at once.
 
@@ -46,7 +48,8 @@ def one_to_k_clip(
   The 1/K on the text-to-image term follows the authors' code (BUAADreamer/CCRK, `models/xvlm.py`
   `get_unialign_contrastive_loss` with its default `need_divm=0`: the i2t sum over the K positives and
   the whole symmetric loss are divided by K). With K = 1 this is `clip`. One engine pass over the (B, K·B) image–text matrix gives both
-  directions (row and column log-sum-exp); the positive term is linear in S (<v_i, Σ_k t_ik>).
+  directions (row and column log-sum-exp), on the sharded engines too; the positive term is linear in
+  S (<v_i, Σ_k t_ik>).
 
   Args:
     image: (B, D). texts: (K, B, D), texts[k, i] the caption of image i in language k.
@@ -54,10 +57,14 @@ def one_to_k_clip(
     normalize: L2-normalise first.
     reduction: "mean", "sum" or "none": the (B,) per-image terms
       ℓ_i = ½ [ LSE_{j,k'} s(v_i, t_jk') − (1/K) Σ_k s(v_i, t_ik) + (1/K²) Σ_k (LSE_j s(t_ik, v_j) − s(t_ik, v_i)) ]
-      (image i's i2t term and its K captions' t2i terms), whose mean is the loss.
+      (image i's i2t term and its K captions' t2i terms, this device's under `axis_name`), whose mean
+      is the loss.
     mask: None or bool (B,): False marks padding samples: image i and its K captions texts[:, i] are
       neither anchors, positives nor negatives.
-    impl: similarity engine.
+    impl: similarity engine; "allgather" | "ring" with `axis_name` / `mesh`: the samples split over
+      devices.
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`; `image`, `mask` and axis 1 of `texts` (the
+      samples) are split, every device holding the K captions of its images.
   Returns:
     Scalar float32 loss, or (B,) with `reduction="none"`.
 
@@ -68,7 +75,9 @@ def one_to_k_clip(
 
   (i2t: log(2e + 2) − 1, the 4 texts against the mean positive 1; t2i: log(e + 1) − 1, halved; their mean.)
   """
-  v = _common.embeddings("image", image, normalize=normalize)
+  v = _checks.check_array("image", image, ndim=2)
+  _common.check_global_batch("image", v, 2, axis_name, why="a contrastive loss needs a negative")
+  v = _common.maybe_normalize(v, normalize)
   t = _checks.check_array("texts", texts, ndim=3)
   if t.shape[1:] != v.shape:
     raise ValueError(f"`texts` must have shape (K, {v.shape[0]}, {v.shape[1]}) to match `image`, got {t.shape}.")
@@ -80,24 +89,28 @@ def one_to_k_clip(
   scale = _common.logit_scale(logit_scale)
   flat = jnp.reshape(t, (k * b, d))
   lse = ops.logsumexp(v, flat, scale=scale, rows=True, cols=True, row_valid=mask, col_valid=text_valid,
-                      impl=impl)
+                      impl=impl, axis_name=axis_name)
   v32 = v.astype(jnp.float32)
   pos = scale * jnp.einsum("id,kid->ki", v32, t.astype(jnp.float32))  # (K, B)
   i2t = _common.zero_invalid(lse.rows, mask) - jnp.mean(pos, axis=0)
   t2i = _common.zero_invalid(lse.cols, text_valid).reshape(k, b) - pos
   per_image = 0.5 * (i2t + jnp.mean(t2i, axis=0) / k)
-  return _common.reduce_loss(per_image, reduction, mask)
+  return _common.reduce_loss(per_image, reduction, mask, axis_name)
 
 
-def _views(views, normalize):
+def _views(views, normalize, axis_name=None):
   views = _checks.check_array("views", views, ndim=3)
   if views.shape[0] < 2:
     raise ValueError(f"`views` must hold at least 2 views along axis 0 (shape (M, B, D)), got {views.shape}.")
-  _checks.check_min_batch("views", views, 2, axis=1, why="a contrastive loss needs a negative")
+  if axis_name is None:
+    _checks.check_min_batch("views", views, 2, axis=1, why="a contrastive loss needs a negative")
+  else:
+    _common.check_global_batch("views", views[0], 2, axis_name, why="a contrastive loss needs a negative")
   return _common.maybe_normalize(views, normalize)
 
 
 @_common.keyword_only
+@_common.shardable("views", "mask", batch_axis={"views": 1})
 def poly_view(
     views: jax.Array,
     *,
@@ -107,6 +120,7 @@ def poly_view(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""Poly-view contrastive loss (PVC) with the geometric or arithmetic aggregation over positives.
 
@@ -138,7 +152,7 @@ def poly_view(
 
   Engines: one (MB)² log-sum-exp over all views with the anchor's own sample left out (`exclude` on
   sample ids) gives N_iα = log Σ_{j≠i, γ} e^{f}; then ℓ_{iαβ} = softplus(N_iα − f(x_iα, x_iβ)) from the
-  per-sample M×M Gram matrices. Every engine applies.
+  per-sample M×M Gram matrices. Every engine applies, the sharded ones too (sample ids global).
 
   Args:
     views: (M, B, D), views[α, i] the α-th view of sample i.
@@ -146,10 +160,14 @@ def poly_view(
     temperature: τ > 0 (may be traced).
     normalize: L2-normalise every view first.
     reduction: "mean" (over the M·B anchors), "sum" or "none": the (M·B,) L_iα in view-major order
-      (row α·B + i is view α of sample i).
+      (row α·B + i is view α of sample i; under `axis_name` this device's M·B/n, view-major over its
+      own samples).
     mask: None or bool (B,): False marks padding samples, all of whose M views are neither anchors,
       positives nor negatives.
-    impl: similarity engine.
+    impl: similarity engine; "allgather" | "ring" with `axis_name` / `mesh`: the samples split over
+      devices.
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`; the samples (axis 1 of `views`, and
+      `mask`) are split, every device holding all M views of its samples.
   Returns:
     Scalar float32 loss, or (M·B,) with `reduction="none"`.
 
@@ -159,16 +177,16 @@ def poly_view(
   0.7437
   """
   _checks.check_choice("critic", critic, ("geometric", "arithmetic"))
-  x = _views(views, normalize)
+  x = _views(views, normalize, axis_name)
   inv_t = _common.inverse_temperature(temperature)
   m, b, d = x.shape
   _common.check_reduction(reduction)
   mask = _common.sample_mask(mask, b)
   valid = None if mask is None else jnp.tile(mask, m)
-  sample = jnp.tile(jnp.arange(b, dtype=jnp.int32), m)
+  sample = jnp.tile(_common.batch_ids(b, axis_name), m)  # global sample ids
   z = jnp.reshape(x, (m * b, d))
   others = ops.logsumexp(z, z, scale=inv_t, exclude=(sample, sample), row_valid=valid, col_valid=valid,
-                         impl=impl).rows  # (M·B,): N_iα
+                         impl=impl, axis_name=axis_name).rows  # (M·B,): N_iα
   others = _common.zero_invalid(others, valid)
   x32 = x.astype(jnp.float32)
   pos = inv_t * jnp.einsum("aid,cid->iac", x32, x32)  # (B, M, M): f(x_iα, x_iβ)
@@ -178,4 +196,4 @@ def poly_view(
     per_anchor = jnp.sum(jnp.where(off, nll, 0.0), axis=2) / (m - 1)
   else:
     per_anchor = math.log(m - 1) - jax.nn.logsumexp(-nll, axis=2, where=off)
-  return _common.reduce_loss(jnp.reshape(per_anchor.T, (m * b,)), reduction, valid)
+  return _common.reduce_loss(jnp.reshape(per_anchor.T, (m * b,)), reduction, valid, axis_name)

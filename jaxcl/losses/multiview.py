@@ -9,7 +9,12 @@ different views of the same instance:
 
 and differ in the energy (denominator). The pos_i term only needs the B·V² same-instance dot products
 (a per-instance V×V Gram matrix), never the (VB)² similarity matrix; the denominators are
-`jaxcl.ops.logsumexp` reductions, so every engine applies.
+`jaxcl.ops.logsumexp` reductions, so every engine applies, and with `axis_name=` / `mesh=` the
+instances (axis 1 of the views) split over devices, on the sharded engines "allgather" and "ring".
+
+| paper | function | engines |
+|---|---|---|
+| A Principled Framework for Multi-View Contrastive Learning | multiview_infonce, mv_dhel | all, allgather, ring |
 """
 
 from __future__ import annotations
@@ -22,16 +27,26 @@ from jaxcl import ops
 from jaxcl.losses import _common
 
 
-def _check_views(views, normalize: bool) -> jax.Array:
-  """Validates a (V, B, D) stack of views and L2-normalises it if asked."""
+def _check_views(views, normalize: bool, axis_name=None) -> jax.Array:
+  """Validates a (V, B, D) stack of views (B instances in the global batch under `axis_name`) and
+  L2-normalises it if asked."""
   views = _checks.check_array("views", views, ndim=3)
   if views.shape[0] < 2:
     raise ValueError(
         f"`views` must hold at least 2 views along axis 0 (shape (V, B, D) with V >= 2), got shape "
         f"{views.shape}."
     )
-  _checks.check_min_batch("views", views, 2, axis=1, why="a contrastive loss needs a negative")
+  if axis_name is None:
+    _checks.check_min_batch("views", views, 2, axis=1, why="a contrastive loss needs a negative")
+  else:
+    _common.check_global_batch("views", views[0], 2, axis_name, why="a contrastive loss needs a negative")
   return _common.maybe_normalize(views, normalize)
+
+
+def _row_ids(v: int, b: int, axis_name) -> jax.Array:
+  """The global id l·B + i of each flattened local row [view 0; view 1; ...] (B the global batch)."""
+  ids = _common.batch_ids(b, axis_name)
+  return jnp.concatenate([ids + view * _common.global_size(b, axis_name) for view in range(v)])
 
 
 def _check_reduction_and_mask(reduction, mask, shape):
@@ -55,6 +70,7 @@ def _view_ids(v: int, b: int) -> jax.Array:
 
 
 @_common.keyword_only
+@_common.shardable("views", "mask", batch_axis={"views": 1})
 def multiview_infonce(
     views: jax.Array,
     *,
@@ -63,6 +79,7 @@ def multiview_infonce(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""MV-InfoNCE: InfoNCE over all V views of an instance in one term per instance.
 
@@ -90,10 +107,13 @@ def multiview_infonce(
     views: (V, B, D) embeddings, V >= 2 views of B >= 2 instances (views[l, i] is view l of i).
     temperature: τ > 0 (scalar, may be traced).
     normalize: L2-normalise each embedding first.
-    reduction: "mean", "sum" or "none" (the (B,) per-instance terms).
+    reduction: "mean", "sum" or "none" (the (B,) per-instance terms, this device's under `axis_name`).
     mask: None or bool (B,): False marks padding instances, whose views are neither anchors nor
       negatives.
-    impl: similarity engine for the (VB)² denominator, see `jaxcl.ops.available_impls()`.
+    impl: similarity engine for the (VB)² denominator, see `jaxcl.ops.available_impls()`; "allgather" |
+      "ring" with `axis_name` / `mesh`: the instances split over devices.
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`; the instances (axis 1 of `views`, and
+      `mask`) are split, every device holding all V views of its instances.
   Returns:
     Scalar float32 loss (>= 0), or (B,) with `reduction="none"`.
 
@@ -102,18 +122,20 @@ def multiview_infonce(
   >>> round(float(multiview_infonce(v, temperature=1.0)), 4)  # log(1 + 3 / (2e))
   0.4394
   """
-  views = _check_views(views, normalize)
+  views = _check_views(views, normalize, axis_name)
   inv_t = _common.inverse_temperature(temperature)
   mask, valid = _check_reduction_and_mask(reduction, mask, views.shape)
   v, b, d = views.shape
   z = jnp.reshape(views, (v * b, d))
-  lse = ops.logsumexp(z, z, scale=inv_t, exclude=ops.diagonal(v * b), row_valid=valid, col_valid=valid,
-                      impl=impl).rows
+  rows = _row_ids(v, b, axis_name)
+  lse = ops.logsumexp(z, z, scale=inv_t, exclude=(rows, rows), row_valid=valid, col_valid=valid,
+                      impl=impl, axis_name=axis_name).rows
   energy = jax.nn.logsumexp(jnp.reshape(_common.zero_invalid(lse, valid), (v, b)), axis=0)
-  return _common.reduce_loss(energy - _alignment(views, inv_t), reduction, mask)
+  return _common.reduce_loss(energy - _alignment(views, inv_t), reduction, mask, axis_name)
 
 
 @_common.keyword_only
+@_common.shardable("views", "mask", batch_axis={"views": 1})
 def mv_dhel(
     views: jax.Array,
     *,
@@ -122,6 +144,7 @@ def mv_dhel(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""MV-DHEL: multi-view decoupled hyperspherical energy loss.
 
@@ -145,11 +168,14 @@ def mv_dhel(
     views: (V, B, D) embeddings, V >= 2 views of B >= 2 instances (views[l, i] is view l of i).
     temperature: τ > 0 (scalar, may be traced).
     normalize: L2-normalise each embedding first.
-    reduction: "mean", "sum" or "none" (the (B,) per-instance terms).
+    reduction: "mean", "sum" or "none" (the (B,) per-instance terms, this device's under `axis_name`).
     mask: None or bool (B,): False marks padding instances, whose views are neither anchors nor
       negatives.
-    impl: similarity engine, see `jaxcl.ops.available_impls()`. The same-view restriction is an
-      `include=` mask on view ids over the (VB)² matrix.
+    impl: similarity engine, see `jaxcl.ops.available_impls()`; "allgather" | "ring" with `axis_name` /
+      `mesh`: the instances split over devices. The same-view restriction is an `include=` mask on
+      view ids over the (VB)² matrix.
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`; the instances (axis 1 of `views`, and
+      `mask`) are split, every device holding all V views of its instances.
   Returns:
     Scalar float32 loss, or (B,) with `reduction="none"`.
 
@@ -158,15 +184,16 @@ def mv_dhel(
   >>> round(float(mv_dhel(v, temperature=1.0)), 4)  # 3 · log(e⁰) − log(6e)
   -2.7918
   """
-  views = _check_views(views, normalize)
+  views = _check_views(views, normalize, axis_name)
   inv_t = _common.inverse_temperature(temperature)
   mask, valid = _check_reduction_and_mask(reduction, mask, views.shape)
   v, b, d = views.shape
   z = jnp.reshape(views, (v * b, d))
   view = _view_ids(v, b)
+  rows = _row_ids(v, b, axis_name)
   lse = ops.logsumexp(
-      z, z, scale=inv_t, exclude=ops.diagonal(v * b), include=(view, view), row_valid=valid,
-      col_valid=valid, impl=impl
+      z, z, scale=inv_t, exclude=(rows, rows), include=(view, view), row_valid=valid, col_valid=valid,
+      impl=impl, axis_name=axis_name
   ).rows
   uniformity = jnp.sum(jnp.reshape(_common.zero_invalid(lse, valid), (v, b)), axis=0)
-  return _common.reduce_loss(uniformity - _alignment(views, inv_t), reduction, mask)
+  return _common.reduce_loss(uniformity - _alignment(views, inv_t), reduction, mask, axis_name)

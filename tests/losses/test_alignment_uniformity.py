@@ -9,6 +9,7 @@ import pytest
 
 from jaxcl import ops
 from jaxcl.losses.alignment_uniformity import alignment, uniformity
+from tests import helpers
 from tests.helpers import assert_value_and_grads, randn
 from tests.losses import reference
 
@@ -181,3 +182,13 @@ def test_reduction_none_and_sum_or_mean_only(name):
     arrays = [arrays[0], np.array([0, 1, 0, 1, 0, 1], np.int32)]
   assert_reductions_agree(loss, arrays, 2 * 6 if name.startswith("matryoshka") else 6)
   assert_reductions_agree(loss, arrays, 2 * 6 if name.startswith("matryoshka") else 6, mask=mask)
+
+
+@pytest.mark.parametrize("impl, n_devices, normalize, masked",
+                         [("ring", 3, True, False), ("allgather", 8, True, True), ("ring", 3, False, True)])
+def test_uniformity_sharded_equals_dense(impl, n_devices, normalize, masked):
+  """The batch split over 3 or 8 devices (a padded batch; the explicit distances of normalize=False
+  against the gathered rows): the value and gradients of the one-device loss."""
+  mask = np.arange(24) % 5 != 2
+  loss = lambda x, m, **kw: uniformity(x, t=1.5, normalize=normalize, mask=m if masked else None, **kw)  # noqa: E731
+  helpers.assert_sharded_equals_dense(loss, [randn(70, 24, 4), mask], impl=impl, n_devices=n_devices)

@@ -514,3 +514,32 @@ def test_pamc_bad_inputs_raise_clear_errors(kwargs, error, match):
   args.update(kwargs)
   with pytest.raises(error, match=match):
     pamc(np.ones((3, 4), np.float32), args.pop("edges"), args.pop("cluster_ids"), **args)
+
+
+@pytest.mark.parametrize("impl, n_devices, masked", [("ring", 3, False), ("allgather", 8, True)])
+def test_sbcl_sharded_equals_dense(impl, n_devices, masked):
+  """The samples split over 3 or 8 devices (a padded batch on 8), two views and per-class τ₂ (replicated,
+  its gradient summed over devices): the value and gradients of the one-device loss."""
+  rng = np.random.default_rng(5)
+  labels, sub = rng.integers(0, 3, 24), rng.integers(0, 2, 24)
+  mask = np.arange(24) % 5 != 2
+  loss = lambda f, y, s, tau2, m, **kw: sbcl(f, y, s, temperature=0.3, class_temperature=tau2,  # noqa: E731
+                                             mask=m if masked else None, **kw)
+  args = [randn(71, 24, 2, 4), labels, sub, np.array([0.4, 0.5, 0.6], np.float32), mask]
+  helpers.assert_sharded_equals_dense(loss, args, impl=impl, n_devices=n_devices)
+
+
+@pytest.mark.parametrize("impl, n_devices, masked", [("ring", 3, False), ("allgather", 8, True)])
+def test_mlcd_sharded_equals_dense(impl, n_devices, masked):
+  """`mesh=`: the 24 centres split over 3 or 8 devices, the features replicated (a padded batch on 8):
+  the value and gradients of the one-device loss; with reduction="none" every row comes back once."""
+  positives = np.array([[0, 23, 4], [9, 10, 11], [1, 2, 3], [20, 5, 17], [8, 16, 12]])
+  mask = np.array([True, False, True, True, True])
+  loss = lambda f, c, p, m, **kw: mlcd(f, c, p, scale=8.0, margin=0.1, mask=m if masked else None, **kw)  # noqa: E731
+  args = [randn(18, 5, 6), randn(19, 24, 6), positives, mask]
+  helpers.assert_sharded_equals_dense(loss, args, impl=impl, n_devices=n_devices)
+  if masked:
+    none = lambda **kw: jax.jit(lambda f, c: mlcd(f, c, positives, scale=8.0, reduction="none", **kw))(  # noqa: E731
+        *args[:2])
+    np.testing.assert_allclose(np.asarray(none(impl=impl, mesh=helpers.device_mesh(n_devices))),
+                               np.asarray(none()), rtol=1e-5)

@@ -143,3 +143,19 @@ def test_shardable_splits_star_args_and_a_non_leading_batch_axis():
     np.testing.assert_allclose(float(sharded(*xs)), float(want), rtol=1e-6)
   with pytest.raises(ValueError, match=r"`views` of shape \(2, 5, 3\).*batch \(axis 1\) size must be a multiple of 2"):
     _toy_loss(*xs, views=views[:, :5], weight=1.0, impl="ring", mesh=mesh)
+
+
+def test_auto_batch_axes_reads_the_batch_axis_it_is_given():
+  """A (V, B, D) stack of views split along B over an Explicit mesh: `batch_axes=(1,)` finds the split
+  axis; read as a leading batch axis (V = 3, not split), it is not sharded."""
+  from jaxcl.losses import _common  # noqa: PLC0415
+  from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: PLC0415
+
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,),
+                       devices=jax.devices()[:4])
+  views = jax.device_put(np.zeros((3, 8, 2), np.float32), NamedSharding(mesh, P(None, "data")))
+  mask = np.ones((8,), bool)
+  with jax.set_mesh(mesh):
+    assert _common.auto_batch_axes(views, mask, batch_axes=(1,)) == ("data",)
+    assert _common.auto_batch_axes(views, mask) is None
+    assert _common.auto_batch_axes(views, np.ones((6,), bool), batch_axes=(1,)) is None  # 6 % 4 != 0

@@ -139,3 +139,22 @@ def test_gated_pair_infonce_mask_covers_only_the_queries_when_the_keys_are_anoth
   loss = lambda q, g, y1, y2, **kw: gated_pair_infonce(q, keys, jnp.clip(g, 0.0, 1.0), query_labels=y1, pair_labels=y2,
                                                        key_labels=key_labels, temperature=0.3, impl=impl, **kw)
   helpers.assert_padded_equals_unpadded(loss, [randn(167, 5, 3), _GATES5, _Y5, np.roll(_Y5, 1)], n_diff=2, rtol=2e-6)
+
+
+@pytest.mark.parametrize("impl, n_devices, labelled", [("ring", 3, False), ("allgather", 8, True)])
+def test_sharded_equals_dense(impl, n_devices, labelled):
+  """The batch split over 3 or 8 devices: row-aligned pairs with shared (D,) gates (broadcast to the
+  queries, their gradient summed), and class-level pairs on a padded batch (the keys gathered): the
+  value and gradients of the one-device loss."""
+  rng = np.random.default_rng(6)
+  q, k = randn(90, 24, 4), randn(91, 24, 4)
+  if labelled:
+    y1, y2 = rng.integers(0, 4, 24), rng.integers(0, 4, 24)
+    mask = np.arange(24) % 5 != 2
+    loss = lambda a, b, g, y, p, m, **kw: gated_pair_infonce(  # noqa: E731
+        a, b, g, query_labels=y, pair_labels=p, mask=m, temperature=0.3, **kw)
+    args = [q, k, rng.uniform(0.2, 1.0, (24, 4)).astype(np.float32), y1, y2, mask]
+  else:
+    loss = lambda a, b, g, **kw: gated_pair_infonce(a, b, g, temperature=0.3, **kw)  # noqa: E731
+    args = [q, k, rng.uniform(0.2, 1.0, 4).astype(np.float32)]
+  helpers.assert_sharded_equals_dense(loss, args, impl=impl, n_devices=n_devices)

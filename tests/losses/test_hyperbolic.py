@@ -164,3 +164,14 @@ def test_entailment_cone_padded_batch_with_mask_equals_unpadded_batch():
 def test_hyperbolic_bad_reduction_or_mask(call, match):
   with pytest.raises((ValueError, TypeError), match=match):
     call(randn(166, 4, 3))
+
+
+@pytest.mark.parametrize("impl, n_devices, masked", [("ring", 3, False), ("allgather", 8, True)])
+def test_meru_sharded_equals_dense(impl, n_devices, masked):
+  """The pairs split over 3 or 8 devices (a padded batch on 8; the keys gathered): the value and the
+  gradients, also of the replicated curvature and logit scale, of the one-device loss."""
+  mask = np.arange(24) % 5 != 2
+  loss = lambda x, y, c, s, m, **kw: meru(x, y, curvature=c, logit_scale=s, mask=m if masked else None, **kw)  # noqa: E731
+  args = [0.5 * randn(80, 24, 4), 0.5 * randn(81, 24, 4), np.float32(0.8), np.float32(5.0), mask]
+  # rtol 5e-5: the curvature's gradient sums ~2·24² float32 terms in a different order on 8 devices.
+  helpers.assert_sharded_equals_dense(loss, args, impl=impl, n_devices=n_devices, rtol=5e-5)

@@ -178,3 +178,19 @@ def test_reduction_none_terms_by_hand():
 def test_bad_mask_or_reduction_raises_clear_errors(call, message):
   with pytest.raises((ValueError, TypeError), match=message):
     call()
+
+
+@pytest.mark.parametrize("impl, n_devices, masked", [("ring", 3, False), ("allgather", 8, True)])
+@pytest.mark.parametrize("name", ["one_to_k_clip", "poly_view_arithmetic"])
+def test_sharded_equals_dense(name, impl, n_devices, masked):
+  """The samples (axis 0 of image, axis 1 of texts / views) split over 3 or 8 devices (a padded batch
+  on 8): the value and gradients of the one-device loss."""
+  mask = np.arange(24) % 5 != 2
+  pick = lambda m: m if masked else None  # noqa: E731
+  if name == "one_to_k_clip":
+    loss = lambda v, t, m, **kw: one_to_k_clip(v, t, logit_scale=4.0, mask=pick(m), **kw)  # noqa: E731
+    args = [randn(60, 24, 4), randn(61, 2, 24, 4), mask]
+  else:
+    loss = lambda x, m, **kw: poly_view(x, critic="arithmetic", temperature=0.3, mask=pick(m), **kw)  # noqa: E731
+    args = [randn(62, 3, 24, 4), mask]
+  helpers.assert_sharded_equals_dense(loss, args, impl=impl, n_devices=n_devices)

@@ -271,3 +271,14 @@ def test_multiview_padded_batch_with_mask_equals_unpadded_batch(fn, impl, monkey
   helpers.assert_padded_equals_unpadded(loss, [by_instance], rtol=2e-6)
   helpers.assert_reductions_agree(loss, [by_instance], 5)
   helpers.assert_reductions_agree(loss, [by_instance], 5, mask=np.array([1, 0, 1, 1, 1], bool))
+
+
+@pytest.mark.parametrize("impl, n_devices, masked", [("ring", 3, False), ("allgather", 8, True)])
+@pytest.mark.parametrize("fn", [multiview_infonce, mv_dhel], ids=["multiview_infonce", "mv_dhel"])
+def test_sharded_equals_dense(fn, impl, n_devices, masked):
+  """The instances (axis 1 of the views) split over 3 or 8 devices (a padded batch on 8): the value and
+  gradients of the one-device loss."""
+  views = randn(121, 3, 24, 4)
+  mask = np.arange(24) % 5 != 2
+  loss = lambda v, m, **kw: fn(v, temperature=0.3, mask=m if masked else None, **kw)
+  helpers.assert_sharded_equals_dense(loss, [views, mask], impl=impl, n_devices=n_devices)
