@@ -183,11 +183,12 @@ def compact_ids(labels: jax.Array) -> jax.Array:
   return jnp.searchsorted(jnp.sort(labels), labels, side="left").astype(jnp.int32)
 
 
-def views_to_rows(name: str, features, labels):
-  """(N, D) or (N, V, D) features -> (N·V, D) view-major rows, labels tiled alike, and V."""
+def views_to_rows(name: str, features, labels, axis_name=None):
+  """(N, D) or (N, V, D) features -> (N·V, D) view-major rows, labels tiled alike, and V. Under
+  `axis_name` the features are one device's shard and the GLOBAL batch needs two samples."""
   features = _checks.check_array(name, features, ndim=(2, 3))
   n = features.shape[0]
-  _checks.check_min_batch(name, features, 2, why="a contrastive loss needs a negative")
+  check_global_batch(name, features, 2, axis_name, why="a contrastive loss needs a negative")
   labels = _checks.check_labels("labels", labels, n)
   views = 1 if features.ndim == 2 else features.shape[1]
   z = jnp.reshape(jnp.swapaxes(features, 0, 1), (-1, features.shape[-1])) if views > 1 else features
@@ -250,6 +251,18 @@ def batch_sum(x: jax.Array, axis_name) -> jax.Array:
   return total if axis_name is None else jax.lax.psum(total, axis_name)
 
 
+def batch_sum_rows(x: jax.Array, axis_name) -> jax.Array:
+  """Σ over the rows (axis 0) of x on every device: the column sums of the global batch."""
+  total = jnp.sum(x, axis=0)
+  return total if axis_name is None else jax.lax.psum(total, axis_name)
+
+
+def gather_batch(x: jax.Array, axis_name) -> jax.Array:
+  """The global batch of x on every device (its shards along axis 0 in device order; differentiable:
+  the gradient is summed back to each device's shard), or x itself on one device."""
+  return x if axis_name is None else jax.lax.all_gather(x, axis_name, tiled=True)
+
+
 def batch_mean(x: jax.Array, axis_name) -> jax.Array:
   """The mean over the global batch of the per-row values x (same length on every device)."""
   return batch_sum(x, axis_name) / global_size(x.size, axis_name)
@@ -271,7 +284,7 @@ def _axis_bound(axis_name) -> bool:
   return True
 
 
-def shardable(*batch_args: str):
+def shardable(*batch_args: str, out_specs=None):
   """Lets a loss run on globally sharded arrays as well as inside the user's `shard_map`.
 
   The decorated loss takes `impl` and `axis_name=None`; the decorator adds `mesh=None` to its signature
@@ -288,6 +301,13 @@ def shardable(*batch_args: str):
   `impl="auto"` with neither `axis_name` nor `mesh` takes the sharded path by itself when the batch is
   split over more than one device (`auto_batch_axes`), so a loss on batch-sharded global arrays under
   `jax.set_mesh` never builds the global (B, B) similarity matrix on one device.
+
+  A batch argument may be a tuple of arrays (an id pair), each split alike; a non-batch argument that
+  is a pytree of arrays (a state, a parameter dict) is replicated. `out_specs`, for a loss that returns
+  more than a loss (a NamedTuple with a state, per-sample codes): a function
+  `(batch_spec, reduction) -> PartitionSpec pytree prefix of the output`, batch_spec being
+  `PartitionSpec(axis_name)`; by default the whole output is `batch_spec` for `reduction="none"`, else
+  replicated.
   """
 
   def wrap(loss):
@@ -313,7 +333,7 @@ def shardable(*batch_args: str):
         axes = auto_batch_axes(*(a[name] for name in batch_args))
         if axes is not None:
           a["axis_name"] = axes if len(axes) > 1 else axes[0]
-          return _under_shard_map(call, a, batch_args)
+          return _under_shard_map(call, a, batch_args, out_specs)
         return call(a)
       if mesh is None and (
           (axis_name is None and impl not in SHARDED_IMPLS)
@@ -323,7 +343,7 @@ def shardable(*batch_args: str):
       if impl == "auto" and mesh is not None and not _divides(
           mesh, "data" if axis_name is None else axis_name, [a[name] for name in batch_args]):
         return call(dict(a, axis_name=None))  # auto: a batch that does not split evenly
-      return _under_shard_map(call, a, batch_args)
+      return _under_shard_map(call, a, batch_args, out_specs)
 
     wrapper.__signature__ = signature  # the loss's parameters and `mesh`, which the wrapper consumes
     return wrapper
@@ -369,12 +389,20 @@ def _divides(mesh, axis_name, values) -> bool:
   if any(a not in mesh.axis_names for a in axes):
     return True
   n_devices = math.prod(mesh.shape[a] for a in axes)
-  return all(v is None or (jnp.ndim(v) > 0 and jnp.shape(v)[0] % n_devices == 0) for v in values)
+  leaves = [x for v in values for x in (v if isinstance(v, (tuple, list)) else (v,))]
+  return all(v is None or (jnp.ndim(v) > 0 and jnp.shape(v)[0] % n_devices == 0) for v in leaves)
 
 
-def _under_shard_map(call, a: dict, batch_args: tuple[str, ...]):
+def _is_array_tree(value) -> bool:
+  """A jax.Array, or a pytree (a NamedTuple state, a dict of parameters) whose leaves all are."""
+  leaves = jax.tree.leaves(value)
+  return bool(leaves) and all(isinstance(x, jax.Array) for x in leaves)
+
+
+def _under_shard_map(call, a: dict, batch_args: tuple[str, ...], out_specs=None):
   """`call(arguments)` under `jax.shard_map` over the mesh axes `a["axis_name"]`, the `batch_args`
-  split along their leading axis, other arrays replicated."""
+  split along their leading axis (each array of a tuple alike), other arrays and pytrees of arrays
+  replicated; the output split by `out_specs(batch_spec, reduction)` (see `shardable`)."""
   axis_name = a["axis_name"] if a["axis_name"] is not None else "data"
   mesh = a["mesh"] if a["mesh"] is not None else jax.sharding.get_abstract_mesh()
   if mesh.empty:
@@ -390,15 +418,20 @@ def _under_shard_map(call, a: dict, batch_args: tuple[str, ...]):
   names, values, specs = [], [], []
   for name, value in a.items():
     if name in batch_args and value is not None:
-      _checks.check_int32(name, value)  # before jnp.asarray wraps values beyond int32
-      value = jnp.asarray(value)
-      if value.ndim == 0 or value.shape[0] % n_devices:
-        raise ValueError(
-            f"`{name}` of shape {value.shape} cannot be split over {n_devices} devices along mesh axis "
-            f"{axis_name!r}: its leading (batch) size must be a multiple of {n_devices}."
-        )
+      parts = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+      checked = []
+      for part in parts:
+        _checks.check_int32(name, part)  # before jnp.asarray wraps values beyond int32
+        part = jnp.asarray(part)
+        if part.ndim == 0 or part.shape[0] % n_devices:
+          raise ValueError(
+              f"`{name}` of shape {part.shape} cannot be split over {n_devices} devices along mesh axis "
+              f"{axis_name!r}: its leading (batch) size must be a multiple of {n_devices}."
+          )
+        checked.append(part)
+      value = tuple(checked) if isinstance(value, (tuple, list)) else checked[0]
       names.append(name), values.append(value), specs.append(PartitionSpec(axis_name))
-    elif isinstance(value, jax.Array):
+    elif _is_array_tree(value):
       names.append(name), values.append(value), specs.append(PartitionSpec())
   static = {name: value for name, value in a.items() if name not in names}
   static["axis_name"] = axis_name  # (`call` drops `mesh`: inside, the loss sees this device's shards)
@@ -414,9 +447,13 @@ def _under_shard_map(call, a: dict, batch_args: tuple[str, ...]):
   if jax.sharding.AxisType.Explicit in mesh.axis_types:
     # (`jax.make_mesh`'s default) shard_map takes Explicit-axis arrays as they are sharded: put each
     # on its spec first (a no-op for an array already sharded so).
-    values = [jax.sharding.reshard(v, spec if isinstance(mesh, jax.sharding.AbstractMesh)
-                                   else jax.sharding.NamedSharding(mesh, spec))
+    values = [jax.tree.map(lambda x, spec=spec: jax.sharding.reshard(
+        x, spec if isinstance(mesh, jax.sharding.AbstractMesh) else jax.sharding.NamedSharding(mesh, spec)), v)
               for v, spec in zip(values, specs)]
   # reduction="none": each device returns its own anchors' losses, concatenated along the batch axis.
-  out_spec = PartitionSpec(axis_name) if a.get("reduction") == "none" else PartitionSpec()
+  batch_spec = PartitionSpec(axis_name)
+  if out_specs is not None:
+    out_spec = out_specs(batch_spec, a.get("reduction"))
+  else:
+    out_spec = batch_spec if a.get("reduction") == "none" else PartitionSpec()
   return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=out_spec)(*values)
