@@ -23,9 +23,11 @@ takes `impl=` to choose the engine.
 Each module of `jaxcl/losses` holds one family; docs/objectives.md lists every loss by its paper.
 
 Sharded batches. clip, siglip, infonce (with a MoCo queue too), nt_xent, dcl, dclw, supcon, macl,
-hn_nce, mcl_nt_xent and nnclr take `axis_name=` and `mesh=` to compute the loss of a batch split over
-devices, against every negative of the global batch, with `impl="allgather" | "ring" | "auto"`
-(`jaxcl.ops.sharded`):
+hn_nce, mcl_nt_xent, nnclr, ce_clip, dual_view_moco, csr, csr_contrastive, decoupled_softmax, filip,
+focal_clip, isogclr and focal_supcon take `axis_name=` and `mesh=` to compute the loss of a batch split
+over devices, against every negative of the global batch, with `impl="allgather" | "ring" | "auto"`
+(`jaxcl.ops.sharded`; a loss whose formula needs every pair, e.g. a top k or a token-wise max, gathers
+the keys on both engines and says so):
 
 - inside your own `jax.shard_map(..., in_specs=P("data"))`: pass the local shards and
   `axis_name="data"`; the result is the global loss, the same on every device;
