@@ -260,6 +260,12 @@ def batch_sum(x: jax.Array, axis_name) -> jax.Array:
   return total if axis_name is None else jax.lax.psum(total, axis_name)
 
 
+def batch_sum_rows(x: jax.Array, axis_name) -> jax.Array:
+  """Σ over the rows (axis 0) of x on every device: the column sums of the global batch."""
+  total = jnp.sum(x, axis=0)
+  return total if axis_name is None else jax.lax.psum(total, axis_name)
+
+
 def batch_mean(x: jax.Array, axis_name) -> jax.Array:
   """The mean over the global batch of the per-row values x (same length on every device)."""
   return batch_sum(x, axis_name) / global_size(x.size, axis_name)
@@ -281,7 +287,8 @@ def _axis_bound(axis_name) -> bool:
   return True
 
 
-def shardable(*batch_args: str, batch_axis: dict[str, int] | None = None, split_output: bool = True):
+def shardable(*batch_args: str, batch_axis: dict[str, int] | None = None, split_output: bool = True,
+              out_specs=None):
   """Lets a loss run on globally sharded arrays as well as inside the user's `shard_map`.
 
   The decorated loss takes `impl` and `axis_name=None`; the decorator adds `mesh=None` to its signature
@@ -304,6 +311,12 @@ def shardable(*batch_args: str, batch_axis: dict[str, int] | None = None, split_
   batch argument given as a scalar (a per-row value given once for every row) is replicated.
   `split_output=False`: the loss's output is the same on every device for every `reduction` (the batch
   arguments are not the anchors, e.g. sharded class centres), so "none" comes back whole, not split.
+  A batch argument may also be a tuple of arrays (an id pair), each split alike; a non-batch argument
+  that is a pytree of arrays (a state, a parameter dict) is replicated. `out_specs`, for a loss that
+  returns more than a loss (a NamedTuple with a state, per-sample codes): a function
+  `(batch_spec, reduction) -> PartitionSpec pytree prefix of the output`, batch_spec being
+  `PartitionSpec(axis_name)`; by default the whole output is `batch_spec` for `reduction="none"` (and
+  `split_output`), else replicated.
   """
   batch_axis = dict(batch_axis or {})
 
@@ -326,7 +339,7 @@ def shardable(*batch_args: str, batch_axis: dict[str, int] | None = None, split_
       out = []
       for name in batch_args:
         value = a[name]
-        for v in (value if isinstance(value, tuple) else (value,)):
+        for v in (value if isinstance(value, (tuple, list)) else (value,)):
           out.append((v, batch_axis.get(name, 0)))
       return out
 
@@ -341,7 +354,7 @@ def shardable(*batch_args: str, batch_axis: dict[str, int] | None = None, split_
         axes = auto_batch_axes(*(v for v, _ in values), batch_axes=tuple(k for _, k in values))
         if axes is not None:
           a["axis_name"] = axes if len(axes) > 1 else axes[0]
-          return _under_shard_map(call, a, batch_args, batch_axis, split_output)
+          return _under_shard_map(call, a, batch_args, batch_axis, split_output, out_specs)
         return call(a)
       if mesh is None and (
           (axis_name is None and impl not in SHARDED_IMPLS)
@@ -351,7 +364,7 @@ def shardable(*batch_args: str, batch_axis: dict[str, int] | None = None, split_
       if impl == "auto" and mesh is not None and not _divides(
           mesh, "data" if axis_name is None else axis_name, batch_values(a)):
         return call(dict(a, axis_name=None))  # auto: a batch that does not split evenly
-      return _under_shard_map(call, a, batch_args, batch_axis, split_output)
+      return _under_shard_map(call, a, batch_args, batch_axis, split_output, out_specs)
 
     wrapper.__signature__ = signature  # the loss's parameters and `mesh`, which the wrapper consumes
     return wrapper
@@ -404,11 +417,18 @@ def _divides(mesh, axis_name, values) -> bool:
              for v, k in values)
 
 
+def _is_array_tree(value) -> bool:
+  """A jax.Array, or a pytree (a NamedTuple state, a dict of parameters) whose leaves all are."""
+  leaves = jax.tree.leaves(value)
+  return bool(leaves) and all(isinstance(x, jax.Array) for x in leaves)
+
+
 def _under_shard_map(call, a: dict, batch_args: tuple[str, ...], batch_axis: dict[str, int],
-                     split_output: bool = True):
+                     split_output: bool = True, out_specs=None):
   """`call(arguments)` under `jax.shard_map` over the mesh axes `a["axis_name"]`, the `batch_args`
   split along their batch axis (`batch_axis`, default the leading one; each array of a `*args` tuple
-  alike), other arrays replicated."""
+  or of an id-pair tuple alike), other arrays and pytrees of arrays replicated; the output split by
+  `out_specs(batch_spec, reduction)` (see `shardable`)."""
   axis_name = a["axis_name"] if a["axis_name"] is not None else "data"
   mesh = a["mesh"] if a["mesh"] is not None else jax.sharding.get_abstract_mesh()
   if mesh.empty:
@@ -423,7 +443,7 @@ def _under_shard_map(call, a: dict, batch_args: tuple[str, ...], batch_axis: dic
   n_devices = math.prod(mesh.shape[axis] for axis in axes)
   names, values, specs = [], [], []  # names: (argument, index in its `*args` tuple or None)
   for name, value in a.items():
-    if name in batch_args and isinstance(value, tuple):
+    if name in batch_args and isinstance(value, (tuple, list)):
       items = [(f"{name}[{k}]", (name, k), v) for k, v in enumerate(value)]
     else:
       items = [(name, (name, None), value)]
@@ -439,10 +459,10 @@ def _under_shard_map(call, a: dict, batch_args: tuple[str, ...], batch_axis: dic
               f"{axis_name!r}: its {which} size must be a multiple of {n_devices}."
           )
         names.append(slot), values.append(value), specs.append(PartitionSpec(*([None] * axis), axis_name))
-      elif isinstance(value, jax.Array):
+      elif _is_array_tree(value):
         names.append(slot), values.append(value), specs.append(PartitionSpec())
   static = {name: value for name, value in a.items() if (name, None) not in names
-            and not (name in batch_args and isinstance(value, tuple))}
+            and not (name in batch_args and isinstance(value, (tuple, list)))}
   static["axis_name"] = axis_name  # (`call` drops `mesh`: inside, the loss sees this device's shards)
   if static["impl"] not in SHARDED_IMPLS + ("auto",):
     raise ValueError(
@@ -462,9 +482,13 @@ def _under_shard_map(call, a: dict, batch_args: tuple[str, ...], batch_axis: dic
   if jax.sharding.AxisType.Explicit in mesh.axis_types:
     # (`jax.make_mesh`'s default) shard_map takes Explicit-axis arrays as they are sharded: put each
     # on its spec first (a no-op for an array already sharded so).
-    values = [jax.sharding.reshard(v, spec if isinstance(mesh, jax.sharding.AbstractMesh)
-                                   else jax.sharding.NamedSharding(mesh, spec))
+    values = [jax.tree.map(lambda x, spec=spec: jax.sharding.reshard(
+        x, spec if isinstance(mesh, jax.sharding.AbstractMesh) else jax.sharding.NamedSharding(mesh, spec)), v)
               for v, spec in zip(values, specs)]
   # reduction="none": each device returns its own anchors' losses, concatenated along the batch axis.
-  out_spec = PartitionSpec(axis_name) if split_output and a.get("reduction") == "none" else PartitionSpec()
+  batch_spec = PartitionSpec(axis_name)
+  if out_specs is not None:
+    out_spec = out_specs(batch_spec, a.get("reduction"))
+  else:
+    out_spec = batch_spec if split_output and a.get("reduction") == "none" else PartitionSpec()
   return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=out_spec)(*values)

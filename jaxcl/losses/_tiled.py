@@ -54,7 +54,8 @@ def row_sum(q, k, scale, fn: TileFn, *, dense: bool, tile: int = DEFAULT_TILE) -
     out = fn(_logits(q32, k_tile, scale), col_ids)
     return acc + jnp.sum(jnp.where(col_ids[None, :] < bk, out, 0.0), axis=1), None
 
-  acc, _ = jax.lax.scan(body, jnp.zeros((bq,), jnp.float32), (k_t, cols))
+  init = jnp.zeros_like(q32[:, 0])  # device-varying like q inside shard_map (a scan carry keeps its type)
+  acc, _ = jax.lax.scan(body, init, (k_t, cols))
   return acc
 
 

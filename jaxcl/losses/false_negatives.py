@@ -10,7 +10,7 @@ k-th value.
 
 | paper | function | engines |
 |---|---|---|
-| Dual-Encoders for Extreme Multi-Label Classification | decoupled_softmax | all (id masks); dense (B×B mask) |
+| Dual-Encoders for Extreme Multi-Label Classification | decoupled_softmax | all, allgather, ring (id masks); dense, allgather, ring with keys gathered (B×B mask) |
 | NV-Embed / Breaking the Modality Barrier (UniME) | positive_aware_infonce | dense only |
 """
 
@@ -27,6 +27,7 @@ from jaxcl.losses import _common
 
 # ------------------------------------------------------------------------------------ decoupled softmax
 @_common.keyword_only
+@_common.shardable("query", "key", "positives", "mask")
 def decoupled_softmax(
     query: jax.Array,
     key: jax.Array,
@@ -37,6 +38,7 @@ def decoupled_softmax(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""DecoupledSoftmax: InfoNCE in which the *other* positives of a query leave its denominator.
 
@@ -60,10 +62,14 @@ def decoupled_softmax(
       sampled-positive mode).
     normalize: L2-normalise first.
     reduction: "mean" (the loss above), "sum" or "none": the (B,) per-query terms, whose mean is the
-      loss.
+      loss; this device's under `axis_name`.
     mask: None or bool (B,); False marks padding pairs: the query is no anchor and its key is in no
       denominator (with either form of `positives`), so a padded batch gives the loss of its valid pairs.
-    impl: similarity engine.
+    impl: similarity engine; "allgather" | "ring" with `axis_name` / `mesh`: the batch split over
+      devices. With id pairs (or None) the denominators are the engine's global log-sum-exp (the ring
+      never gathers the keys); with a (B, B) mask, split by rows like the batch ((B/n, B) per device),
+      both engines gather the keys and compute the local rows densely (the mask names every pair).
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`; id pairs hold global ids.
   Returns:
     Float32 loss reduced by `reduction` (a scalar, or (B,) for "none").
 
@@ -75,17 +81,15 @@ def decoupled_softmax(
 
   (rows 0 and 1: log(e + 1) − 1 each; row 2: log(e + 2) − 1; the mean of the three.)
   """
-  q = _common.embeddings("query", query, normalize=False)
-  k = _common.embeddings("key", key, normalize=False)
-  _checks.check_same_shape("query", q, "key", k)
-  q, k = _common.maybe_normalize(q, normalize), _common.maybe_normalize(k, normalize)
+  q, k = _common.pair("query", query, "key", key, normalize=normalize, axis_name=axis_name)
   inv_t = _common.inverse_temperature(temperature)
   _common.check_reduction(reduction)
   b = q.shape[0]
   mask = _common.sample_mask(mask, b)
   positive = inv_t * _common.rowwise_dot(q, k)
+  ids = _common.batch_ids(b, axis_name)
   if positives is None or isinstance(positives, (tuple, list)):
-    exclude = ops.diagonal(b) if positives is None else positives
+    exclude = (ids, ids) if positives is None else positives
     if positives is not None:
       _checks.check_int32("positives[0]", positives[0])
       _checks.check_int32("positives[1]", positives[1])
@@ -96,27 +100,31 @@ def decoupled_softmax(
             "`positives` ids must make every row's own key a positive (row_ids[i] == col_ids[i]); rows "
             f"{np.flatnonzero(r != c).tolist()} differ."
         )
-    negatives = ops.logsumexp(q, k, scale=inv_t, exclude=exclude, row_valid=mask, col_valid=mask, impl=impl).rows
+    negatives = ops.logsumexp(q, k, scale=inv_t, exclude=exclude, row_valid=mask, col_valid=mask, impl=impl,
+                              axis_name=axis_name).rows
   else:
+    n_cols = _common.global_size(b, axis_name)
     positive_mask = _checks.check_array("positives", positives, ndim=2, floating=False)
-    if positive_mask.shape != (b, b) or positive_mask.dtype != jnp.bool_:
+    if positive_mask.shape != (b, n_cols) or positive_mask.dtype != jnp.bool_:
+      shape = f"({b}, {n_cols})" if axis_name is None else f"({b}, {n_cols}) on each device (B/n, B)"
       raise ValueError(
-          f"`positives` as a mask must be a boolean array of shape ({b}, {b}), got {positive_mask.dtype} of "
+          f"`positives` as a mask must be a boolean array of shape {shape}, got {positive_mask.dtype} of "
           f"shape {positive_mask.shape}."
       )
-    resolved = ops.resolve_impl(impl, b, b)
-    if resolved != "dense":
+    resolved = impl if axis_name is not None else ops.resolve_impl(impl, b, b)
+    if resolved not in ("dense", "allgather", "ring", "auto"):
       raise ValueError(
           f"`positives` as a (B, B) mask needs the dense engine (impl='dense' or 'auto' on a small batch); "
           f"got impl={impl!r} (resolved to {resolved!r}). Pass an id pair to use the other engines."
       )
-    s = inv_t * jnp.einsum("id,jd->ij", q, k, preferred_element_type=jnp.float32)
-    valid = ~(positive_mask | jnp.eye(b, dtype=bool))
+    all_keys = _common.gather_batch(k, axis_name)  # the mask names every pair: the ring gathers too
+    s = inv_t * jnp.einsum("id,jd->ij", q, all_keys, preferred_element_type=jnp.float32)
+    valid = ~(positive_mask | (ids[:, None] == jnp.arange(n_cols, dtype=jnp.int32)[None, :]))
     if mask is not None:
-      valid = valid & mask[None, :]
+      valid = valid & _common.gather_batch(mask, axis_name)[None, :]
     negatives = jax.nn.logsumexp(jnp.where(valid, s, -jnp.inf), axis=1)
     negatives = jnp.where(jnp.any(valid, axis=1), negatives, -jnp.inf)
-  return _common.reduce_loss(jnp.logaddexp(positive, negatives) - positive, reduction, mask)
+  return _common.reduce_loss(jnp.logaddexp(positive, negatives) - positive, reduction, mask, axis_name)
 
 
 # ------------------------------------------------------------------------- positive-aware hard negatives

@@ -5,14 +5,15 @@ anchor: HN-NCE weights the in-batch negatives towards the hard ones, CE-CLIP add
 negatives (and a rank loss against them), dual-view MoCo keeps the queue's most similar negatives. Every
 loss is a row loss over S = scale · Q Kᵀ; where the change to InfoNCE/CLIP is expressible with
 `jaxcl.ops.logsumexp` (a scale change, extra columns) it runs on every engine; `dual_view_moco` with
-`top_k` keeps negatives by per-pair *values* and is dense (it says so). A top-k keeps every candidate
+`top_k` keeps negatives by per-pair *values* and is dense (it says so; over devices it gathers the
+queue). A top-k keeps every candidate
 tied with the k-th value.
 
 | paper | function | engines |
 |---|---|---|
 | Filtering, Distillation, and Hard Negatives for Vision-Language Pre-Training | hn_nce | all, allgather, ring |
-| Contrasting Intra-Modal and Ranking Cross-Modal Hard Negatives ... | ce_clip | all |
-| Momentum Contrastive Learning with Enhanced Negative Sampling and Hard Negative Filtering | dual_view_moco | all; dense with top_k |
+| Contrasting Intra-Modal and Ranking Cross-Modal Hard Negatives ... | ce_clip | all, allgather, ring |
+| Momentum Contrastive Learning with Enhanced Negative Sampling and Hard Negative Filtering | dual_view_moco | all, allgather, ring; dense with top_k (allgather, ring: queue gathered) |
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from jaxcl import _checks
 from jaxcl import ops
@@ -138,7 +140,14 @@ class CeClipOutput(NamedTuple):
   cmr: jax.Array
 
 
+def _ce_clip_out_specs(batch_spec, reduction):
+  """The outputs of `ce_clip` over a mesh: the losses like `reduction`, θ replicated."""
+  r = batch_spec if reduction == "none" else PartitionSpec()
+  return CeClipOutput(loss=r, thresholds=PartitionSpec(), itc=r, imc=r, cmr=r)
+
+
 @_common.keyword_only
+@_common.shardable("image", "text", "hard_negatives", "valid", "mask", out_specs=_ce_clip_out_specs)
 def ce_clip(
     image: jax.Array,
     text: jax.Array,
@@ -154,6 +163,7 @@ def ce_clip(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> CeClipOutput:
   r"""CE-CLIP: CLIP with caption hard negatives, an intra-modal contrast and a cross-modal rank loss.
 
@@ -194,7 +204,10 @@ def ce_clip(
     mask: None or bool (B,); False marks padding pairs: neither their image nor their text is an
       anchor or a negative, and their hard negatives are ignored everywhere (as `valid` False), also in
       the θ update, so a padded batch gives the loss and θ of its valid pairs.
-    impl: similarity engine.
+    impl: similarity engine; "allgather" | "ring" with `axis_name` / `mesh`: the batch (image, text,
+      hard_negatives, valid, mask) split over devices, every denominator over the global batch and its
+      hard negatives (engine log-sum-exps: the ring never gathers the keys), θ from global means.
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`; the returned θ is the same on every device.
   Returns:
     CeClipOutput(loss, thresholds (the updated θ, no gradient), itc, imc, cmr).
 
@@ -204,10 +217,9 @@ def ce_clip(
   >>> round(float(out.itc), 4)  # ½[(log(2e + 2) - 1) + (log(e + 1) - 1)] = ½ log 2 + log(e + 1) - 1
   0.6598
   """
-  i, t = _common.pair("image", image, "text", text, normalize=normalize)
+  i, t = _common.pair("image", image, "text", text, normalize=normalize, axis_name=axis_name)
   b, d = i.shape
   n = _checks.check_array("hard_negatives", hard_negatives, ndim=3)
-  _checks.check_min_batch("hard_negatives", n, 1, axis=1, why="the hard-negative terms need one per row")
   _checks.check_min_batch("hard_negatives", n, 1, axis=1, why="the hard-negative terms need one per row")
   if n.shape[0] != b or n.shape[2] != d:
     raise ValueError(f"`hard_negatives` must have shape ({b}, H, {d}), got {n.shape}.")
@@ -240,31 +252,33 @@ def ce_clip(
   keep_valid = (jnp.zeros((b,), jnp.int32), neg_ids)
 
   positive = scale * _common.rowwise_dot(i, t)
-  lse = ops.logsumexp(i, t, scale=scale, rows=True, cols=True, row_valid=mask, col_valid=mask, impl=impl)
-  lse_hn = ops.logsumexp(i, flat, scale=scale, include=keep_valid, row_valid=mask, impl=impl).rows
-  i2t = jnp.logaddexp(_common.zero_invalid(lse.rows, mask), lse_hn) - positive
-  itc = 0.5 * (i2t + _common.zero_invalid(lse.cols, mask) - positive)
+  lse = functools.partial(ops.logsumexp, scale=scale, row_valid=mask, impl=impl, axis_name=axis_name)
+  both = lse(i, t, rows=True, cols=True, col_valid=mask)
+  lse_hn = lse(i, flat, include=keep_valid).rows
+  i2t = jnp.logaddexp(_common.zero_invalid(both.rows, mask), lse_hn) - positive
+  itc = 0.5 * (i2t + _common.zero_invalid(both.cols, mask) - positive)
 
-  lse_text = ops.logsumexp(t, flat, scale=scale, include=keep_valid, row_valid=mask, impl=impl).rows
+  lse_text = lse(t, flat, include=keep_valid).rows
   imc = jnp.logaddexp(positive, lse_text) - positive
 
   s_hn = scale * jnp.einsum("bd,bhd->bh", i, n, preferred_element_type=jnp.float32)
   vf = valid.astype(jnp.float32)
   cmr = jnp.mean(vf * jax.nn.relu(thresholds[None, :] + s_hn - positive[:, None]), axis=1)
 
-  count = jnp.maximum(jnp.sum(vf, axis=0), 1.0)
-  mean_positive = _common.reduce_loss(positive, "mean", mask)
-  new_thresholds = mean_positive - jnp.sum(vf * s_hn, axis=0) / count
+  n_valid = _common.batch_sum_rows(vf, axis_name)  # (H,) over the global batch
+  mean_positive = _common.reduce_loss(positive, "mean", mask, axis_name)
+  new_thresholds = mean_positive - _common.batch_sum_rows(vf * s_hn, axis_name) / jnp.maximum(n_valid, 1.0)
   if threshold_range is not None:
     new_thresholds = jnp.clip(new_thresholds, threshold_range[0], threshold_range[1])
-  new_thresholds = jax.lax.stop_gradient(jnp.where(jnp.sum(vf, axis=0) > 0, new_thresholds, thresholds))
-  reduce = functools.partial(_common.reduce_loss, reduction=reduction, valid=mask)
+  new_thresholds = jax.lax.stop_gradient(jnp.where(n_valid > 0, new_thresholds, thresholds))
+  reduce = functools.partial(_common.reduce_loss, reduction=reduction, valid=mask, axis_name=axis_name)
   loss = itc + imc_weight * imc + cmr_weight * cmr
   return CeClipOutput(reduce(loss), new_thresholds, reduce(itc), reduce(imc), reduce(cmr))
 
 
 # ------------------------------------------------------------------------------- MoCo: dual view, top-k
 @_common.keyword_only
+@_common.shardable("query", "key", "queue", "mask")
 def dual_view_moco(
     query: jax.Array,
     key: jax.Array,
@@ -277,6 +291,7 @@ def dual_view_moco(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""MoCo with a dual-view loss and cosine-similarity hard-negative selection from the queue.
 
@@ -294,7 +309,11 @@ def dual_view_moco(
   stop-gradient key from the momentum encoder if it must not be trained.
 
   Engines: without `top_k` the queue term is a `jaxcl.ops.logsumexp` (every engine); with `top_k` it is
-  dense (a per-row top-k of the (B, K) similarities), `impl` is then ignored.
+  dense (a per-row top-k of the (B, K) similarities), `impl` is then ignored. On a batch split over
+  devices (`axis_name` / `mesh`, "allgather" | "ring") the queue is split along K like `infonce`'s:
+  without `top_k` the queue term is the engine's global log-sum-exp (the ring never gathers the
+  queue); with `top_k` both engines gather the queue (the top k needs every pair) and compute the
+  local anchors densely.
 
   Args:
     query: (B, D) online-encoder embeddings. key: (B, D) momentum-encoder embeddings (positives).
@@ -307,7 +326,10 @@ def dual_view_moco(
       (the B query anchors, then the B key anchors) or (B,) without; their mean is the loss.
     mask: None or bool (B,); False marks padding pairs, which are no anchors (the negatives all come
       from the queue, which is shared and never masked).
-    impl: similarity engine for the queue term when `top_k` is None.
+    impl: similarity engine for the queue term when `top_k` is None; "allgather" | "ring" for a batch
+      split over devices.
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses` ("none" gives this device's anchors,
+      its query anchors then its key anchors).
   Returns:
     Float32 loss reduced by `reduction` (a scalar, or (2B,) / (B,) for "none").
 
@@ -317,7 +339,8 @@ def dual_view_moco(
   >>> round(float(dual_view_moco(q, q, queue, temperature=1.0, top_k=1)), 4)  # log(2e) - 1 = log 2
   0.6931
   """
-  q, k = _common.pair("query", query, "key", key, normalize=False, why="MoCo needs a batch of pairs")
+  q, k = _common.pair("query", query, "key", key, normalize=False, why="MoCo needs a batch of pairs",
+                      axis_name=axis_name)
   n = _checks.check_array("queue", queue, ndim=2)
   _checks.check_min_batch("queue", n, 1, why="the queue holds the negatives")
   if n.shape[1] != q.shape[1]:
@@ -330,11 +353,13 @@ def dual_view_moco(
   if mask is not None:  # padding rows become zeros: finite terms, dropped by the reduction, zero gradient
     q, k = (jnp.where(mask[:, None], x, jnp.zeros_like(x)) for x in (q, k))
   q, k, n = (_common.maybe_normalize(x, normalize) for x in (q, k, n))
+  if top_k is not None:
+    n = _common.gather_batch(n, axis_name)  # the per-anchor top k needs every queue entry
 
   def direction(a, b):
     positive = inv_t * _common.rowwise_dot(a, b)
     if top_k is None:
-      negatives = ops.logsumexp(a, n, scale=inv_t, impl=impl).rows
+      negatives = ops.logsumexp(a, n, scale=inv_t, impl=impl, axis_name=axis_name).rows
     else:
       sims = jnp.einsum("id,kd->ik", a, n, preferred_element_type=jnp.float32)
       cos = sims if normalize else jnp.einsum(
@@ -347,5 +372,5 @@ def dual_view_moco(
 
   if dual_view:
     valid = None if mask is None else jnp.concatenate([mask, mask])
-    return _common.reduce_loss(jnp.concatenate([direction(q, k), direction(k, q)]), reduction, valid)
-  return _common.reduce_loss(direction(q, k), reduction, mask)
+    return _common.reduce_loss(jnp.concatenate([direction(q, k), direction(k, q)]), reduction, valid, axis_name)
+  return _common.reduce_loss(direction(q, k), reduction, mask, axis_name)

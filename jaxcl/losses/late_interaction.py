@@ -5,6 +5,10 @@ The (B, B, T_img, T_txt) tensor of all token similarities across the batch is ne
 the (B, tile, T_img, T_txt) token similarities of every image against the block's texts under
 `jax.checkpoint` (recomputed in the backward pass instead of stored), so peak memory is
 O(B · tile · T_img · T_txt).
+
+On a batch split over devices (`axis_name=` / `mesh=` with `impl="allgather" | "ring"`) each device
+gathers the image and text tokens of the global batch (both engines: the token-wise max needs every
+pair of samples) and computes its own images' rows and its own texts' columns on the local engine.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 
 from jaxcl import _checks
 from jaxcl.ops import engines
+from jaxcl.ops.engines import SHARDED_IMPLS
 from jaxcl.losses import _common
 
 _TILE_ELEMENTS = 1 << 24  # default block: about 64 MiB of float32 token similarities per step
@@ -142,11 +147,11 @@ def filip_similarity(
   return to_matrix(i2t), to_matrix(t2i)
 
 
-def _resolve(impl: str, b: int, t_img: int, t_txt: int) -> str:
+def _resolve(impl: str, n_img: int, n_txt: int, t_img: int, t_txt: int) -> str:
   _checks.check_choice("impl", impl, ("auto", "dense", "blockwise"))
   if impl != "auto":
     return impl
-  return "dense" if engines.is_dense(impl, b * t_img, b * t_txt) else "blockwise"
+  return "dense" if engines.is_dense(impl, n_img * t_img, n_txt * t_txt) else "blockwise"
 
 
 def _same_validity(x_samples, y_samples):
@@ -165,23 +170,38 @@ def _filip_step(x, xm, x_samples, y_blk, ym_blk, y_samples, valid, inv_t):
   return rows, cols
 
 
-def _filip_lse_blockwise(x, xm, y, ym, samples, inv_t, tile):
+def _filip_lse_blockwise(x, xm, x_samples, y, ym, y_samples, inv_t, tile):
   b = y.shape[0]
   yb, ymb, valid = _blocks(y, ym, tile)
   n_blocks = yb.shape[0]
-  yv = jnp.pad(samples, (0, n_blocks * tile - b), constant_values=True).reshape(n_blocks, tile)
+  yv = jnp.pad(y_samples, (0, n_blocks * tile - b), constant_values=True).reshape(n_blocks, tile)
 
   def step(acc, blk):
-    y_blk, ym_blk, y_samples, valid_blk = blk
-    rows, cols = _filip_step(x, xm, samples, y_blk, ym_blk, y_samples, valid_blk, inv_t)
+    y_blk, ym_blk, y_blk_samples, valid_blk = blk
+    rows, cols = _filip_step(x, xm, x_samples, y_blk, ym_blk, y_blk_samples, valid_blk, inv_t)
     return jnp.logaddexp(acc, rows), cols
 
-  init = jnp.full((x.shape[0],), -jnp.inf, jnp.float32)
+  init = jnp.full_like(x[:, 0, 0], -jnp.inf, dtype=jnp.float32)  # device-varying like x inside shard_map
   rows, cols = jax.lax.scan(step, init, (yb, ymb, yv, valid))
   return rows, cols.reshape(-1)[:b]
 
 
+def _filip_lse(x, xm, x_samples, y, ym, y_samples, scale, impl, tile):
+  """Each image's (row of x) log-sum-exp of s·i2t over the texts y and each text's of s·t2i over the
+  images x, on the "dense" or "blockwise" engine; pairs enter when both samples are valid (or both
+  padding)."""
+  if impl == "dense":
+    i2t, t2i = _pair_scores(x, xm, y, ym)
+    keep = _same_validity(x_samples, y_samples)
+    rows = jax.nn.logsumexp(jnp.where(keep, scale * i2t, -jnp.inf), axis=1)
+    cols = jax.nn.logsumexp(jnp.where(keep, scale * t2i, -jnp.inf), axis=0)
+    return rows, cols
+  tile = min(_tile(tile, x.shape[0], x.shape[1], y.shape[1]), y.shape[0])
+  return _filip_lse_blockwise(x, xm, x_samples, y, ym, y_samples, scale, tile)
+
+
 @_common.keyword_only
+@_common.shardable("image_tokens", "text_tokens", "image_mask", "text_mask", "mask")
 def filip(
     image_tokens: jax.Array,
     text_tokens: jax.Array,
@@ -193,6 +213,7 @@ def filip(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
     tile: int | None = None,
 ) -> jax.Array:
   r"""FILIP: symmetric contrastive loss on token-wise late-interaction similarities.
@@ -215,6 +236,9 @@ def filip(
   (B, B, T_img, T_txt) tensor nor the B×B score matrices are formed: memory O(B · tile · T_img · T_txt)
   in the forward and backward passes. The positives come from the B per-sample (T_img, T_txt) blocks.
   "auto" is dense while B²·T_img·T_txt <= 4096², else blockwise. There is no fused `pallas` kernel.
+  Over devices ("allgather" | "ring" with `axis_name` / `mesh`; the ring gathers the tokens too: the
+  token-wise max needs every pair of samples) each device gathers the global batch's tokens and
+  computes its images' rows and its texts' columns on the local engine ("auto" on the local block).
 
   Args:
     image_tokens: (B, T_img, D) patch embeddings. text_tokens: (B, T_txt, D) token embeddings, B >= 2.
@@ -222,10 +246,13 @@ def filip(
     image_mask, text_mask: boolean (B, T) validity, or None (all tokens valid).
     normalize: L2-normalise every token first.
     reduction: "mean", "sum" or "none": the (2B,) per-anchor terms, the B images i of L_I, then the B
-      texts j of L_T, whose mean is the loss.
+      texts j of L_T, whose mean is the loss (this device's images, then its texts, under `axis_name`).
     mask: None or bool (B,): False marks padding pairs (sample mask, unlike the token masks above),
       which are neither anchors nor negatives; their token masks are not checked.
-    impl: "dense", "blockwise" or "auto". tile: texts per block (blockwise), None = automatic.
+    impl: "dense", "blockwise" or "auto"; "allgather" | "ring" with `axis_name` / `mesh`: the batch
+      (tokens, token masks, mask) split over devices.
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`.
+    tile: texts per block (blockwise), None = automatic.
   Returns:
     Scalar float32, or (2B,) with `reduction="none"`.
 
@@ -236,6 +263,8 @@ def filip(
   """
   n_pairs = _checks.check_array("image_tokens", image_tokens, ndim=3).shape[0]
   _common.check_reduction(reduction)
+  if axis_name is not None:
+    _checks.check_choice("impl", impl, ("auto",) + SHARDED_IMPLS)
   mask = _common.sample_mask(mask, n_pairs)
   samples = None if mask is None else _checks.concrete_value(mask)
   x, xm, y, ym = _inputs(image_tokens, text_tokens, image_mask, text_mask, normalize, samples)
@@ -244,19 +273,21 @@ def filip(
         f"`image_tokens` and `text_tokens` must hold the same number of pairs, got {x.shape[0]} and "
         f"{y.shape[0]}."
     )
-  _checks.check_min_batch("image_tokens", x, 2, why="a contrastive loss needs a negative")
+  _common.check_global_batch("image_tokens", x, 2, axis_name, why="a contrastive loss needs a negative")
   scale = _common.logit_scale(logit_scale)
   b, t_img, t_txt = x.shape[0], x.shape[1], y.shape[1]
-  impl = _resolve(impl, b, t_img, t_txt)
-  tile = _tile(tile, b, t_img, t_txt)
+  n_all = _common.global_size(b, axis_name)
+  # The local engine: for the (b, B) block of pairs (the whole batch on one device).
+  impl = _resolve("auto" if axis_name is not None else impl, b, n_all, t_img, t_txt)
+  _tile(tile, b, t_img, t_txt)  # checked before any compute; each block of pairs sizes its own
   pos_i2t, pos_t2i = _diagonal_scores(x, xm, y, ym)
   valid = jnp.ones((b,), bool) if mask is None else mask
-  if impl == "dense":
-    i2t, t2i = _pair_scores(x, xm, y, ym)
-    keep = _same_validity(valid, valid)
-    rows = jax.nn.logsumexp(jnp.where(keep, scale * i2t, -jnp.inf), axis=1)
-    cols = jax.nn.logsumexp(jnp.where(keep, scale * t2i, -jnp.inf), axis=0)
-  else:
-    rows, cols = _filip_lse_blockwise(x, xm, y, ym, valid, scale, tile)
+  if axis_name is None:
+    rows, cols = _filip_lse(x, xm, valid, y, ym, valid, scale, impl, tile)
+  else:  # every sample's tokens: this device's images against all texts, all images against its texts
+    gather = lambda v: _common.gather_batch(v, axis_name)  # noqa: E731
+    rows, _ = _filip_lse(x, xm, valid, gather(y), gather(ym), gather(valid), scale, impl, tile)
+    _, cols = _filip_lse(gather(x), gather(xm), gather(valid), y, ym, valid, scale, impl, tile)
   per_anchor = jnp.concatenate([rows - scale * pos_i2t, cols - scale * pos_t2i])
-  return _common.reduce_loss(per_anchor, reduction, None if mask is None else jnp.concatenate([mask, mask]))
+  valid_anchors = None if mask is None else jnp.concatenate([mask, mask])
+  return _common.reduce_loss(per_anchor, reduction, valid_anchors, axis_name)

@@ -15,6 +15,10 @@ Liu, Chen, Liu, Jegelka & You, ICML 2025). The pieces are pure functions of the 
 - `csr_contrastive`: the contrastive term on the (L2-normalised) sparse codes, on every engine;
 - `csr`: the whole objective, returning a `CSROutput` (total and parts, and the dead-latent counters).
 
+Both take `axis_name=` / `mesh=` with `impl="allgather" | "ring"`: the batch split over devices, the
+contrastive denominators over the global batch (engine log-sum-exps: the ring never gathers the codes),
+the batch statistics of `csr` (the residual's mean and variance, which latents fired) global too.
+
 The autoencoder functions stay here, jax-only, because the CSR loss is a function of the autoencoder's
 parameters; the Flax module that holds those parameters is `jaxcl.models.SparseAutoencoder`.
 """
@@ -26,6 +30,7 @@ from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from jaxcl import _checks
 from jaxcl import ops
@@ -190,6 +195,7 @@ def sae_decode(codes: jax.Array, params: Mapping[str, jax.Array]) -> jax.Array:
 
 # ------------------------------------------------------------------------------ the contrastive term
 @_common.keyword_only
+@_common.shardable("z1", "z2", "mask")
 def csr_contrastive(
     z1: jax.Array,
     z2: jax.Array,
@@ -199,6 +205,7 @@ def csr_contrastive(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""CSR's contrastive term on sparse codes (the paper's "sparse contrastive" / non-negative CL loss).
 
@@ -211,8 +218,11 @@ def csr_contrastive(
 
   These are `jaxcl.losses.nt_xent` / `infonce` on the codes; the log-sum-exps run on every engine.
   `reduction`: "mean", "sum" or "none": the per-anchor terms in brackets, (2B,) for "nt_xent" (the B
-  rows of z1, then the B of z2) and (B,) for "infonce". `mask`: None or bool (B,); False marks
-  padding pairs, which are neither anchors nor negatives (both of their rows).
+  rows of z1, then the B of z2; this device's under `axis_name`) and (B,) for "infonce". `mask`: None
+  or bool (B,); False marks padding pairs, which are neither anchors nor negatives (both of their rows).
+  `impl`: similarity engine; "allgather" | "ring" with `axis_name` / `mesh`: the batch split over
+  devices (the ring never gathers the codes). `axis_name`, `mesh`: see "Sharded batches" in
+  `jaxcl.losses`.
 
   >>> import jax.numpy as jnp
   >>> z = jnp.eye(2)
@@ -220,21 +230,23 @@ def csr_contrastive(
   0.5514
   """
   _checks.check_choice("form", form, CONTRASTIVE_FORMS)
-  a, b = _common.pair("z1", z1, "z2", z2, normalize=True)
+  a, b = _common.pair("z1", z1, "z2", z2, normalize=True, axis_name=axis_name)
   inv_t = _common.inverse_temperature(temperature)
   _common.check_reduction(reduction)
   mask = _common.sample_mask(mask, a.shape[0])
   if form == "infonce":
-    lse = ops.logsumexp(a, b, scale=inv_t, row_valid=mask, col_valid=mask, impl=impl).rows
+    lse = ops.logsumexp(a, b, scale=inv_t, row_valid=mask, col_valid=mask, impl=impl, axis_name=axis_name).rows
     per_anchor = _common.zero_invalid(lse, mask) - inv_t * _common.rowwise_dot(a, b)
-    return _common.reduce_loss(per_anchor, reduction, mask)
+    return _common.reduce_loss(per_anchor, reduction, mask, axis_name)
   u = jnp.concatenate([a, b], axis=0)
   valid = None if mask is None else jnp.concatenate([mask, mask])
-  ids = jnp.arange(u.shape[0], dtype=jnp.int32)
-  lse = ops.logsumexp(u, u, scale=inv_t, exclude=(ids, ids), row_valid=valid, col_valid=valid, impl=impl).rows
+  sample_ids = _common.batch_ids(a.shape[0], axis_name)  # view v of global sample i: v·B + i
+  ids = jnp.concatenate([sample_ids, sample_ids + _common.global_size(a.shape[0], axis_name)])
+  lse = ops.logsumexp(u, u, scale=inv_t, exclude=(ids, ids), row_valid=valid, col_valid=valid, impl=impl,
+                      axis_name=axis_name).rows
   partner = jnp.roll(u, u.shape[0] // 2, axis=0)
   per_anchor = _common.zero_invalid(lse, valid) - inv_t * _common.rowwise_dot(u, partner)
-  return _common.reduce_loss(per_anchor, reduction, valid)
+  return _common.reduce_loss(per_anchor, reduction, valid, axis_name)
 
 
 # --------------------------------------------------------------------------------------- the objective
@@ -243,23 +255,35 @@ def _row_mse(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(a - b), axis=1)
 
 
-def _normalized_row_mse(recon: jax.Array, target: jax.Array, valid: jax.Array | None) -> jax.Array:
+def _normalized_row_mse(recon: jax.Array, target: jax.Array, valid: jax.Array | None, axis_name=None
+                        ) -> jax.Array:
   """mean_d (recon − target)² per row over the batch's mse(mean of target, target), both over the
-  `valid` rows (all when None); 0 where the denominator is 0. Their mean over the valid rows is
-  mse(recon, target) / mse(batch mean of target, target)."""
+  `valid` rows (all when None) of the global batch; 0 where the denominator is 0. Their mean over the
+  valid rows is mse(recon, target) / mse(batch mean of target, target)."""
   if valid is None:
-    centre = jnp.mean(target, axis=0, keepdims=True)
-    den = jnp.mean(jnp.square(centre - target))
+    n = jnp.float32(_common.global_size(target.shape[0], axis_name))
+    centre = _common.batch_sum_rows(target, axis_name)[None, :] / n
+    den = _common.batch_sum(jnp.square(centre - target), axis_name) / (n * target.shape[1])
   else:
     kept = jnp.where(valid[:, None], target, 0.0)
-    n = jnp.maximum(jnp.sum(valid, dtype=jnp.float32), 1.0)
-    centre = jnp.sum(kept, axis=0, keepdims=True) / n
-    den = jnp.sum(jnp.where(valid[:, None], jnp.square(centre - target), 0.0)) / (n * target.shape[1])
+    n = jnp.maximum(_common.batch_sum(valid.astype(jnp.float32), axis_name), 1.0)
+    centre = _common.batch_sum_rows(kept, axis_name)[None, :] / n
+    den = _common.batch_sum(jnp.where(valid[:, None], jnp.square(centre - target), 0.0), axis_name) / (
+        n * target.shape[1])
   ok = den > 0
   return jnp.where(ok, _row_mse(recon, target) / jnp.where(ok, den, 1.0), 0.0)
 
 
+def _csr_out_specs(batch_spec, reduction):
+  """The outputs of `csr` over a mesh: the losses like `reduction`, the codes split like the batch,
+  the dead-latent counters replicated."""
+  r = batch_spec if reduction == "none" else PartitionSpec()
+  return CSROutput(loss=r, reconstruction=r, reconstruction_multi_k=r, auxiliary=r, contrastive=r,
+                   codes=batch_spec, steps_since_active=PartitionSpec())
+
+
 @_common.keyword_only
+@_common.shardable("x", "positive", "mask", out_specs=_csr_out_specs)
 def csr(
     x: jax.Array,
     params: Mapping[str, jax.Array],
@@ -278,6 +302,7 @@ def csr(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> CSROutput:
   r"""The CSR objective: TopK sparse-autoencoder reconstruction + contrastive loss on the sparse codes.
 
@@ -335,7 +360,11 @@ def csr(
     mask: None or bool (B,): False marks padding samples (x_i and positive_i), left out of every term:
       neither anchors nor negatives, outside the batch mean ē and its variance, and never counted as
       firing a latent. Their `codes` rows are computed but meaningless.
-    impl: similarity engine for L_cl ("dense", "blockwise", "pallas", "auto").
+    impl: similarity engine for L_cl ("dense", "blockwise", "pallas", "auto"); "allgather" | "ring"
+      with `axis_name` / `mesh`: the batch (x, positive, mask) split over devices, the batch mean ē,
+      its variance and the firing latents over the global batch (the ring never gathers the codes).
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`; `codes` come back split like the batch,
+      `steps_since_active` the same on every device.
   Returns:
     CSROutput(loss, reconstruction, reconstruction_multi_k, auxiliary, contrastive, codes,
     steps_since_active).
@@ -349,7 +378,7 @@ def csr(
   0.0134
   """
   x = _checks.check_array("x", x, ndim=2)
-  _checks.check_min_batch("x", x, 2, why="the contrastive term needs a negative")
+  _common.check_global_batch("x", x, 2, axis_name, why="the contrastive term needs a negative")
   w, _, _, w_dec = _check_params(params, x.shape[1])
   hidden = w.shape[1]
   k = _check_int("k", k, low=1, high=hidden, why=f"at most the {hidden} latents")
@@ -395,21 +424,21 @@ def csr(
   firing = jax.lax.stop_gradient(codes_m) > FIRE_EPS
   if row_valid is not None:
     firing = firing & row_valid[:, None]
-  fired = jnp.any(firing, axis=0)
+  fired = _common.batch_sum_rows(firing.astype(jnp.float32), axis_name) > 0
   new_steps = jnp.where(fired, 0, steps.astype(jnp.int32) + 1)
   dead = new_steps >= dead_threshold
   codes_aux = topk_activation(pre, min(aux_k, hidden), valid=dead[None, :])
   residual = rows - jax.lax.stop_gradient(codes_k @ w_dec.astype(jnp.float32))
-  loss_aux = per_sample(_normalized_row_mse(sae_decode(codes_aux, params), residual, row_valid))
+  loss_aux = per_sample(_normalized_row_mse(sae_decode(codes_aux, params), residual, row_valid, axis_name))
 
   z1 = codes_k[:b]
   z2 = z1 if positive is None else codes_k[b:]
   loss_cl = csr_contrastive(z1, z2, temperature=temperature, form=contrastive_form, reduction="none",
-                            mask=mask, impl=impl)
+                            mask=mask, impl=impl, axis_name=axis_name)
   if contrastive_form == "nt_xent":
     loss_cl = 0.5 * (loss_cl[:b] + loss_cl[b:])
   total = loss_k + multi_k_weight * loss_m + aux_weight * loss_aux + contrastive_weight * loss_cl
-  reduce = lambda per: _common.reduce_loss(per, reduction, mask)
+  reduce = lambda per: _common.reduce_loss(per, reduction, mask, axis_name)
   return CSROutput(
       loss=reduce(total), reconstruction=reduce(loss_k), reconstruction_multi_k=reduce(loss_m),
       auxiliary=reduce(loss_aux), contrastive=reduce(loss_cl), codes=z1, steps_since_active=new_steps,

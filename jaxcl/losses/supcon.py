@@ -121,6 +121,7 @@ def supcon(
 
 # ------------------------------------------------------------------------------------- focal SupCon
 @_common.keyword_only
+@_common.shardable("features", "labels", "mask")
 def focal_supcon(
     features: jax.Array,
     labels: jax.Array,
@@ -132,6 +133,7 @@ def focal_supcon(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""Focal supervised contrastive loss: SupCon with hard positives weighted up.
 
@@ -148,7 +150,10 @@ def focal_supcon(
   `average="positives"` is `supcon`; γ generalises the factor as in "Focal Loss for Dense Object
   Detection". The denominator is one log-sum-exp per anchor on `impl`; the focal factor is a
   non-linear function of each positive logit, so the positive sum is a separate row reduction: tiled
-  (O(M·tile) memory) on every engine but `dense`, where it uses the M×M matrix.
+  (O(M·tile) memory) on every engine but `dense`, where it uses the M×M matrix. On a batch split over
+  devices ("allgather" | "ring" with `axis_name` / `mesh`) the denominators and the positive counts
+  are the engine's global reductions, and the positive sum gathers the rows of every device (the ring
+  gathers them too: the focal factor needs every positive pair) for this device's anchors.
 
   Args:
     features: (N, D), or (N, V, D) with V views per sample.
@@ -159,10 +164,13 @@ def focal_supcon(
     normalize: L2-normalise the features first.
     reduction: "mean" (over the anchors with a positive), "sum" or "none": the (N·V,) per-anchor
       terms −1/n(a) Σ_p (1 − p_ap)^γ log p_ap in view-major order (row v·N + i is view v of sample i),
-      0 for anchors without a positive.
+      0 for anchors without a positive; under `axis_name` this device's rows (its samples' views).
     mask: None or bool (N,): False marks padding samples, whose views are neither anchors, positives
       nor negatives (M then counts the real rows only, for `average="batch"`).
-    impl: similarity engine, see `jaxcl.ops.available_impls()`.
+    impl: similarity engine, see `jaxcl.ops.available_impls()`; "allgather" / "ring" for a batch split
+      over devices.
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`; labels are compared across devices as
+      they are (only equality matters), M counts the global rows.
   Returns:
     Scalar float32 loss, or (N·V,) with `reduction="none"`.
 
@@ -174,7 +182,7 @@ def focal_supcon(
   >>> round(float(focal_supcon(x, jnp.array([0, 0, 1, 1]), temperature=1.0, gamma=2.0, average="positives")), 4)
   0.0991
   """
-  z, labels, views = _common.views_to_rows("features", features, labels)
+  z, labels, views = _common.views_to_rows("features", features, labels, axis_name)
   inv_t = _common.inverse_temperature(temperature)
   _checks.check_non_negative("gamma", gamma)
   _checks.check_choice("average", average, ("batch", "positives"))
@@ -183,17 +191,28 @@ def focal_supcon(
   gamma = jnp.asarray(gamma, jnp.float32)
   z = _common.maybe_normalize(z, normalize)
   m = z.shape[0]
-  ids = jnp.tile(_common.compact_ids(labels), views)
-  rows = jnp.arange(m, dtype=jnp.int32)
-  lse = ops.logsumexp(z, z, scale=inv_t, exclude=ops.diagonal(m), row_valid=valid, col_valid=valid,
-                      impl=impl).rows
+  rows = _common.batch_ids(m, axis_name)  # each local row's position among the gathered rows
+  lse = ops.logsumexp(z, z, scale=inv_t, exclude=(rows, rows), row_valid=valid, col_valid=valid,
+                      impl=impl, axis_name=axis_name).rows
   lse = _common.zero_invalid(lse, valid)
-  # A padding id that equals no real one (compact ids lie in [0, m)): padding is nobody's positive.
-  ids = ids if valid is None else jnp.where(valid, ids, -1)
+  if axis_name is None:
+    # A padding id that equals no real one (compact ids lie in [0, m)): padding is nobody's positive.
+    ids = jnp.tile(_common.compact_ids(labels), views)
+    ids = ids if valid is None else jnp.where(valid, ids, -1)
+    col_ids_of, col_valid_of = ids, None
+  else:  # labels are compared across devices as they are; padding is kept out by its validity
+    ids = jnp.tile(labels.astype(jnp.int32), views)
+    col_ids_of = _common.gather_batch(ids, axis_name)
+    col_valid_of = None if valid is None else _common.gather_batch(valid, axis_name)
+  keys = _common.gather_batch(z, axis_name)  # the focal factor needs every positive pair
+  n_keys = keys.shape[0]
 
   def focal(s, col_ids):
-    positive = (ids[:, None] == ids[col_ids][None, :]) & (rows[:, None] != col_ids[None, :])
-    positive = positive & (ids[:, None] >= 0)
+    positive = (ids[:, None] == col_ids_of[col_ids][None, :]) & (rows[:, None] != col_ids[None, :])
+    if col_valid_of is None:
+      positive = positive & (ids[:, None] >= 0)
+    else:
+      positive = positive & valid[:, None] & col_valid_of[col_ids][None, :]
     log_p = jnp.where(positive, s - lse[:, None], 0.0)
     weight = jnp.where(positive, -jnp.expm1(log_p), 0.0)  # 1 − p, accurate near p = 1
     # weight^γ with 0^0 = 1 and a finite gradient at weight = 0.
@@ -203,13 +222,18 @@ def focal_supcon(
 
   def focal_clamped(s, col_ids):
     # Padded columns of the last tile index past the ids: clamp them (row_sum drops their values).
-    return focal(s, jnp.minimum(col_ids, m - 1))
+    return focal(s, jnp.minimum(col_ids, n_keys - 1))
 
-  total = _tiled.row_sum(z, z, inv_t, focal_clamped, dense=engines.is_dense(impl, m, m))
-  _, count = _common.segment_stats(jnp.zeros((m, 1), jnp.float32), jnp.maximum(ids, 0), valid)
+  local_impl = impl if axis_name is None else "auto"  # the gathered rows: dense while small
+  total = _tiled.row_sum(z, keys, inv_t, focal_clamped, dense=engines.is_dense(local_impl, m, n_keys))
+  ones = jnp.ones((m, 1), jnp.float32) if valid is None else valid.astype(jnp.float32)[:, None]
+  if axis_name is None:
+    _, count = _common.segment_stats(jnp.zeros((m, 1), jnp.float32), jnp.maximum(ids, 0), valid)
+  else:
+    count = ops.sharded.matched_sum(ids, ones, axis_name=axis_name, impl=impl)[:, 0]
   n_pos = count - 1.0
   has = _common.and_valid(n_pos > 0, valid)
-  n_rows = jnp.float32(m) if valid is None else jnp.sum(valid.astype(jnp.float32))
+  n_rows = _common.batch_sum(ones, axis_name)
   n_a = jnp.maximum(n_pos, 1.0) if average == "positives" else n_rows
   per_anchor = jnp.where(has, -total / n_a, 0.0)
-  return _common.reduce_loss(per_anchor, reduction, has)
+  return _common.reduce_loss(per_anchor, reduction, has, axis_name)

@@ -3,9 +3,9 @@ pair-adaptive multi-head temperatures (AMCL), focal re-weighting of the contrast
 
 | paper | function | engines |
 |---|---|---|
-| Not All Semantics are Created Equal: Contrastive Self-supervised Learning with Automatic Temperature Individualization | isogclr_state, isogclr | all |
+| Not All Semantics are Created Equal: Contrastive Self-supervised Learning with Automatic Temperature Individualization | isogclr_state, isogclr | all, allgather, ring |
 | Model-Aware Contrastive Learning: Towards Escaping the Dilemmas | macl | all, allgather, ring |
-| Multi-Modal Representation Learning with Text-Driven Soft Masks (focal ITC) | focal_clip | all |
+| Multi-Modal Representation Learning with Text-Driven Soft Masks (focal ITC) | focal_clip | all, allgather, ring |
 | Adaptive Multi-head Contrastive Learning | amcl (its temperature network: `jaxcl.models.AMCLTemperature`) | dense only: needs per-pair temperatures |
 """
 
@@ -16,17 +16,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from jaxcl import _checks
 from jaxcl import ops
 from jaxcl.losses import _common
 
 sg = jax.lax.stop_gradient
-
-
-def _instance_ids(b: int) -> jax.Array:
-  """Both views of instance i (rows i and B + i of [z1; z2]) share the id i."""
-  return jnp.tile(jnp.arange(b, dtype=jnp.int32), 2)
 
 
 # ------------------------------------------------------------------------------------------------- MACL
@@ -142,6 +138,7 @@ def _reweighted_nll(margin: jax.Array) -> jax.Array:
 
 # ---------------------------------------------------------------------------------------------- focal
 @_common.keyword_only
+@_common.shardable("image", "text", "mask")
 def focal_clip(
     image: jax.Array,
     text: jax.Array,
@@ -152,6 +149,7 @@ def focal_clip(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""Focal image–text contrastive loss: CLIP with each term scaled by (1 − p)^γ.
 
@@ -167,20 +165,24 @@ def focal_clip(
   from the paper. p comes from the row/column log-sum-exp, so every engine applies.
 
   `reduction`: "mean", "sum" or "none": the (2B,) per-anchor terms (B image anchors, then B text
-  anchors), whose mean is the loss above. `mask`: None or bool (B,); False marks padding pairs, which
-  are neither anchors nor candidates: the loss of the unpadded batch, zero gradients on the padding.
+  anchors; this device's under `axis_name`), whose mean is the loss above. `mask`: None or bool (B,);
+  False marks padding pairs, which are neither anchors nor candidates: the loss of the unpadded batch,
+  zero gradients on the padding. `impl`: similarity engine; "allgather" | "ring" with `axis_name` /
+  `mesh`: the batch split over devices, p from the global row and column log-sum-exps (the ring never
+  gathers the keys). `axis_name`, `mesh`: see "Sharded batches" in `jaxcl.losses`.
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(2)  # p = e / (e + 1), -(1 - p)² log p
   >>> round(float(focal_clip(x, x, logit_scale=1.0)), 4)  # 0.2689² · 0.3133
   0.0227
   """
-  i, t = _common.pair("image", image, "text", text, normalize=normalize)
+  i, t = _common.pair("image", image, "text", text, normalize=normalize, axis_name=axis_name)
   scale = _common.logit_scale(logit_scale)
   _checks.check_non_negative("gamma", gamma)
   _common.check_reduction(reduction)
   mask = _common.sample_mask(mask, i.shape[0])
-  lse = ops.logsumexp(i, t, scale=scale, rows=True, cols=True, row_valid=mask, col_valid=mask, impl=impl)
+  lse = ops.logsumexp(i, t, scale=scale, rows=True, cols=True, row_valid=mask, col_valid=mask, impl=impl,
+                      axis_name=axis_name)
   positive = scale * _common.rowwise_dot(i, t)
   log_p = jnp.concatenate([positive - _common.zero_invalid(lse.rows, mask),
                            positive - _common.zero_invalid(lse.cols, mask)])
@@ -189,7 +191,7 @@ def focal_clip(
   else:
     per_anchor = _focusing(log_p, gamma) * -log_p
   valid = None if mask is None else jnp.concatenate([mask, mask])
-  return _common.reduce_loss(per_anchor, reduction, valid)
+  return _common.reduce_loss(per_anchor, reduction, valid, axis_name)
 
 
 def _focusing(log_p: jax.Array, gamma) -> jax.Array:
@@ -244,7 +246,13 @@ def isogclr_state(num_examples: int, *, tau_init: float = 0.1) -> IsogclrState:
   return IsogclrState(u=zeros, tau=jnp.full((num_examples,), tau_init, jnp.float32), tau_grad=zeros)
 
 
+def _isogclr_out_specs(batch_spec, reduction):
+  """The outputs of `isogclr` over a mesh: the loss like `reduction`, the full state replicated."""
+  return IsogclrOutput(loss=batch_spec if reduction == "none" else PartitionSpec(), state=PartitionSpec())
+
+
 @_common.keyword_only
+@_common.shardable("z1", "z2", "ids", "mask", out_specs=_isogclr_out_specs)
 def isogclr(
     z1: jax.Array,
     z2: jax.Array,
@@ -261,6 +269,7 @@ def isogclr(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> IsogclrOutput:
   r"""iSogCLR: global contrastive loss with individual learned temperatures (unimodal, two views).
 
@@ -298,19 +307,26 @@ def isogclr(
   Duplicate ids within one batch: the scatter keeps one of the writes (unspecified which); sample
   without replacement within a batch (masked rows do not count: they write nothing).
 
+  On a batch split over devices (`axis_name` / `mesh`, "allgather" | "ring"; z1, z2, ids and mask
+  split, the state replicated) the negatives are the global batch's (engine log-sum-exps: the ring
+  never gathers the keys), and every device gathers the batch's ids and updates and returns the same
+  full state as the unsharded step.
+
   Args:
     z1, z2: (B, D) two views of B examples.
     ids: (B,) int example ids in [0, N), stable across epochs.
     state: `isogclr_state(N)` or the state returned by the previous step.
     gamma, rho, eta, beta, tau_min, tau_max: see above.
     normalize: L2-normalise first.
-    reduction: "mean", "sum" or "none" (the (2B,) per-anchor losses in the order [z1; z2]).
+    reduction: "mean", "sum" or "none" (the (2B,) per-anchor losses in the order [z1; z2]; this
+      device's under `axis_name`).
     mask: None or bool (B,); False marks padding samples: their two views are neither anchors nor
       negatives (B above counts the valid samples), so the loss and gradients are those of the
       unpadded batch, with zero gradients on the padding; and their state entries (u, τ, tau_grad at
       their ids) are NOT updated: the returned state keeps the old values there. Their ids must still
       lie in [0, N) (they are read, never written).
-    impl: similarity engine.
+    impl: similarity engine; "allgather" | "ring" for a batch split over devices.
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`.
   Returns:
     `IsogclrOutput(loss, state)`: the float32 loss (the mean over the valid anchors of the 2B, their
     sum, or the (2B,) per-anchor losses with 0 for masked anchors) and the updated `IsogclrState` (no
@@ -324,7 +340,7 @@ def isogclr(
   >>> state.u.tolist()  # g = 1 for the three seen ids (u was 0: first visit), untouched elsewhere
   [1.0, 1.0, 1.0, 0.0, 0.0]
   """
-  a, b = _common.pair("z1", z1, "z2", z2, normalize=normalize)
+  a, b = _common.pair("z1", z1, "z2", z2, normalize=normalize, axis_name=axis_name)
   bsz = a.shape[0]
   ids = _checks.check_labels("ids", ids, bsz)
   if not isinstance(state, IsogclrState):
@@ -354,15 +370,16 @@ def isogclr(
   old = IsogclrState(*(sg(arr[ids]).astype(jnp.float32) for arr in state))  # the batch's slots, float32
   tau = jnp.tile(old.tau, 2)
   scale = 1.0 / tau
-  inst = _instance_ids(bsz)
+  inst = jnp.tile(_common.batch_ids(bsz, axis_name), 2)  # both views of global sample i share the id i
   exclude = (inst, inst)
   if mask is None:
-    log_n = math.log(2 * (bsz - 1))
+    log_n = math.log(2 * (_common.global_size(bsz, axis_name) - 1))
   else:  # 2(B − 1) negatives per anchor, B the valid samples
-    log_n = jnp.log(2.0 * jnp.maximum(jnp.sum(mask.astype(jnp.float32)) - 1.0, 1.0))
+    log_n = jnp.log(2.0 * jnp.maximum(_common.batch_sum(mask.astype(jnp.float32), axis_name) - 1.0, 1.0))
 
   def negatives_lse(z, s):
-    return ops.logsumexp(z, z, scale=s, exclude=exclude, row_valid=valid, col_valid=valid, impl=impl).rows
+    return ops.logsumexp(z, z, scale=s, exclude=exclude, row_valid=valid, col_valid=valid, impl=impl,
+                         axis_name=axis_name).rows
 
   lse = _common.zero_invalid(negatives_lse(z, scale), valid)
   zs = sg(z)
@@ -378,7 +395,7 @@ def isogclr(
   weighted = (g / u) * mean_sim
   surrogate = sg(tau / u) * jnp.exp(lse - log_n)
   per_anchor = -pos + sg(weighted) + surrogate - sg(surrogate)
-  loss = _common.reduce_loss(per_anchor, reduction, valid)
+  loss = _common.reduce_loss(per_anchor, reduction, valid, axis_name)
 
   grad_tau = jnp.log(u) + rho - (g / u) * mean_sim / tau
   grad_tau = 0.5 * (grad_tau[:bsz] + grad_tau[bsz:])
@@ -387,10 +404,19 @@ def isogclr(
   new_tau = jnp.clip(old.tau - eta * tau_grad, tau_min, tau_max)
   written = ids if mask is None else jnp.where(mask, ids, n_examples)  # masked rows: out of range, dropped
   new_state = IsogclrState(*(
-      arr.at[written].set(sg(new).astype(arr.dtype), mode="drop")
-      for arr, new in zip(state, (new_u, new_tau, tau_grad))
+      _write(arr, written, sg(new), axis_name) for arr, new in zip(state, (new_u, new_tau, tau_grad))
   ))
   return IsogclrOutput(loss, new_state)
+
+
+def _write(arr: jax.Array, ids: jax.Array, values: jax.Array, axis_name) -> jax.Array:
+  """arr with arr[ids] = values (ids out of range dropped), in arr's dtype. Under `axis_name` every
+  device writes the global batch's rows into its copy of the state: the ids and values are gathered
+  (O(B) values sent, not the (N,) state; the pmax of identical copies marks them the same on every
+  device, which an `all_gather` alone does not)."""
+  if axis_name is not None:
+    ids, values = (jax.lax.pmax(jax.lax.all_gather(x, axis_name, tiled=True), axis_name) for x in (ids, values))
+  return arr.at[ids].set(values.astype(arr.dtype), mode="drop")
 
 
 # ------------------------------------------------------------------------------------------------ AMCL

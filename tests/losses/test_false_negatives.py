@@ -173,3 +173,18 @@ BAD = [
 def test_bad_inputs_raise_with_the_argument_name(call, message):
   with pytest.raises((ValueError, TypeError), match=message):
     call()
+
+
+@pytest.mark.parametrize("impl,n_devices", [("ring", 3), ("allgather", 8)])
+def test_decoupled_softmax_sharded_equals_dense(impl, n_devices):
+  """The batch split over 3 (ring) and 8 (allgather) devices with padding pairs: the dense loss and
+  gradients with label-id positives (the engine's log-sum-exp) and with a (B, B) mask (split by rows,
+  keys gathered)."""
+  q, k = randn(0, 24, 8), randn(1, 24, 8)
+  labels = jnp.arange(24) % 7
+  mask = jnp.arange(24) % 5 != 3
+  by_ids = lambda a, b, m, r, c, **kw: decoupled_softmax(a, b, positives=(r, c), temperature=0.5, mask=m, **kw)  # noqa: E731
+  helpers.assert_sharded_equals_dense(by_ids, [q, k, mask, labels, labels], impl=impl, n_devices=n_devices)
+  by_mask = lambda a, b, m, p, **kw: decoupled_softmax(a, b, positives=p, temperature=0.5, mask=m, **kw)  # noqa: E731
+  positive_mask = labels[:, None] == labels[None, :]
+  helpers.assert_sharded_equals_dense(by_mask, [q, k, mask, positive_mask], impl=impl, n_devices=n_devices)

@@ -244,3 +244,39 @@ def test_hn_nce_with_one_valid_pair_has_no_negative_and_stays_finite():
   f = lambda x, y: losses.hn_nce(x, y, alpha=1.0, mask=mask)
   np.testing.assert_allclose(float(f(x, y)), 0.0, atol=1e-6)
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.grad(f, argnums=(0, 1))(x, y))
+
+
+SHARDED = [("ring", 3), ("allgather", 8)]
+
+
+@pytest.mark.parametrize("impl,n_devices", SHARDED)
+def test_ce_clip_sharded_equals_dense(impl, n_devices):
+  """Over 3 (ring) and 8 (allgather) devices, with missing hard negatives and padding pairs: the dense
+  loss, its gradients (image, text and hard negatives) and θ."""
+  image, text, hard = randn(0, 24, 8), randn(1, 24, 8), randn(2, 24, 2, 8)
+  valid = jnp.asarray(randn(3, 24, 2) > -0.8)
+  mask = jnp.arange(24) % 5 != 3
+  theta = jnp.array([0.5, 1.0])
+  loss = lambda i, t, n, v, m, **kw: ce_clip(i, t, n, logit_scale=4.0, thresholds=theta, valid=v, mask=m,  # noqa: E731
+                                             **kw).loss
+  helpers.assert_sharded_equals_dense(loss, [image, text, hard, valid, mask], impl=impl, n_devices=n_devices)
+  if impl == "ring":
+    return  # θ and the per-pair terms do not depend on the engine: checked once, on 8 devices
+  mesh = helpers.device_mesh(n_devices)
+  got = jax.jit(lambda *a: ce_clip(*a, logit_scale=4.0, thresholds=theta, valid=valid, mask=mask, impl=impl,
+                                   mesh=mesh, reduction="none"))(image, text, hard)
+  want = ce_clip(image, text, hard, logit_scale=4.0, thresholds=theta, valid=valid, mask=mask, impl="dense",
+                 reduction="none")
+  np.testing.assert_allclose(got.thresholds, want.thresholds, rtol=1e-5)
+  np.testing.assert_allclose(got.cmr, want.cmr, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl,n_devices", SHARDED)
+def test_dual_view_moco_sharded_equals_dense(impl, n_devices):
+  """The batch and the queue (along K) split over 3 (ring) and 8 (allgather) devices: the dense loss and
+  gradients, with the queue's log-sum-exp and with the top k (queue gathered), padding pairs too."""
+  q, k, queue = randn(0, 24, 8), randn(1, 24, 8), randn(2, 24, 8)
+  mask = jnp.arange(24) % 5 != 3
+  for top_k in (None, 5):
+    loss = lambda a, b, n, m, **kw: dual_view_moco(a, b, n, temperature=0.5, top_k=top_k, mask=m, **kw)  # noqa: E731
+    helpers.assert_sharded_equals_dense(loss, [q, k, queue, mask], impl=impl, n_devices=n_devices)

@@ -7,6 +7,7 @@ import pytest
 
 from jaxcl.losses.clip import clip
 from jaxcl.losses.late_interaction import filip, filip_similarity
+from jaxcl.ops import engines
 from tests import helpers
 from tests.helpers import assert_value_and_grads, randn
 from tests.losses import reference
@@ -179,3 +180,18 @@ def test_filip_padding_pairs_may_have_no_valid_token():
 def test_filip_bad_reduction_or_mask(call, match):
   with pytest.raises((ValueError, TypeError), match=match):
     call()
+
+
+@pytest.mark.parametrize("impl,n_devices", [("ring", 3), ("allgather", 8)])
+def test_filip_sharded_equals_dense(impl, n_devices, monkeypatch):
+  """Tokens, token masks and padding pairs split over 3 (ring) and 8 (allgather) devices (the tokens
+  gathered): the dense loss and gradients; on 3 devices the local blocks run on the blockwise engine."""
+  if impl == "ring":
+    monkeypatch.setattr(engines, "DENSE_MAX_ELEMENTS", 1)  # "auto" picks blockwise for the local blocks
+  image, text = randn(0, 24, 3, 6), randn(1, 24, 4, 6)
+  image_mask = jnp.asarray(randn(2, 24, 3) > -1.0).at[:, 0].set(True)
+  text_mask = jnp.asarray(randn(3, 24, 4) > -1.0).at[:, 0].set(True)
+  mask = jnp.arange(24) % 5 != 3
+  loss = lambda x, y, xm, ym, m, **kw: filip(x, y, logit_scale=5.0, image_mask=xm, text_mask=ym, mask=m, **kw)  # noqa: E731
+  helpers.assert_sharded_equals_dense(loss, [image, text, image_mask, text_mask, mask], impl=impl,
+                                      n_devices=n_devices)

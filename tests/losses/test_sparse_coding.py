@@ -421,3 +421,37 @@ def test_bad_reduction_or_mask_are_errors_that_name_the_argument():
     csr_contrastive(x, pos, mask=np.ones(3, bool))
   with pytest.raises(ValueError, match=r"`reduction` must be one of"):
     csr_contrastive(x, pos, reduction="avg")
+
+
+SHARDED = [("ring", 3), ("allgather", 8)]
+
+
+@pytest.mark.parametrize("impl,n_devices", SHARDED)
+def test_csr_sharded_equals_dense(impl, n_devices):
+  """The batch split over 3 (ring) and 8 (allgather) devices, with dead latents (and padding samples on
+  8): the dense objective and its gradients in the embeddings and the autoencoder's parameters; on 3
+  devices also csr_contrastive's "infonce" form, on 8 the codes and the counters."""
+  x, positive = randn(0, 24, 8), randn(1, 24, 8)
+  w, b_enc, b_pre = 0.5 * randn(2, 8, 12), 0.1 * randn(3, 12), 0.1 * randn(4, 8)
+  mask = jnp.arange(24) % 5 != 3
+  steps = jnp.arange(12, dtype=jnp.int32) % 7  # latents at 5 and 6 steps are dead unless they fire
+  opts = dict(k=3, multi_k=2, aux_k=4, aux_weight=0.5, contrastive_weight=0.5, steps_since_active=steps,
+              dead_threshold=5, mask=None if impl == "ring" else mask)
+
+  def loss(x, positive, w, b_enc, b_pre, **kw):
+    params = {"encoder": w, "latent_bias": b_enc, "pre_bias": b_pre}
+    return csr(x, params, positive=positive, **opts, **kw).loss
+
+  helpers.assert_sharded_equals_dense(loss, [x, positive, w, b_enc, b_pre], impl=impl, n_devices=n_devices)
+  if impl == "ring":
+    infonce_form = lambda a, b, **kw: csr_contrastive(a, b, form="infonce", mask=mask, **kw)  # noqa: E731
+    helpers.assert_sharded_equals_dense(infonce_form, [x, positive], impl=impl, n_devices=n_devices)
+    return  # the codes and counters do not depend on the engine: checked on 8 devices
+  params = {"encoder": jnp.asarray(w), "latent_bias": jnp.asarray(b_enc), "pre_bias": jnp.asarray(b_pre)}
+  mesh = helpers.device_mesh(n_devices)
+  got = jax.jit(lambda a, p: csr(a, params, positive=p, impl=impl, mesh=mesh, reduction="none", **opts))(
+      x, positive)
+  want = csr(x, params, positive=positive, impl="dense", reduction="none", **opts)
+  np.testing.assert_array_equal(got.steps_since_active, want.steps_since_active)
+  np.testing.assert_allclose(got.codes, want.codes, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got.auxiliary, want.auxiliary, rtol=1e-5, atol=1e-6)

@@ -12,6 +12,7 @@ from jaxcl.losses.infonce import nt_xent
 from jaxcl.losses.multiview import multiview_infonce, mv_dhel
 from jaxcl.losses.supcon import focal_supcon, supcon
 from jaxcl.ops import blockwise
+from jaxcl.ops import engines
 from tests import helpers
 from tests.helpers import randn
 from tests.losses import reference
@@ -348,3 +349,19 @@ def test_focal_supcon_bad_inputs_raise_clear_errors(call, match):
 def test_bad_mask_or_reduction_raises_clear_errors(call, match):
   with pytest.raises((ValueError, TypeError), match=match):
     call()
+
+
+@pytest.mark.parametrize("impl,n_devices", [("ring", 3), ("allgather", 8)])
+def test_focal_supcon_sharded_equals_dense(impl, n_devices, monkeypatch):
+  """Two views of 24 samples split over 3 (ring) and 8 (allgather) devices: the dense loss and gradients,
+  averaged over the positives (γ = 2) and over the global rows with padding samples (γ = 1). On 3
+  devices the positive sum runs in column tiles (`_tiled.row_sum`), on 8 densely."""
+  if impl == "ring":
+    monkeypatch.setattr(engines, "DENSE_MAX_ELEMENTS", 1)  # "auto" tiles the local positive sum
+  features = randn(0, 24, 2, 6)
+  labels = jnp.arange(24) % 5 - 2  # negative labels too: they are compared as they are across devices
+  mask = jnp.arange(24) % 7 != 3
+  loss = lambda f, y, m, **kw: focal_supcon(f, y, temperature=0.5, gamma=2.0, average="positives", mask=m, **kw)  # noqa: E731
+  helpers.assert_sharded_equals_dense(loss, [features, labels, jnp.ones(24, bool)], impl=impl, n_devices=n_devices)
+  loss = lambda f, y, m, **kw: focal_supcon(f, y, temperature=0.5, mask=m, **kw)  # noqa: E731
+  helpers.assert_sharded_equals_dense(loss, [features, labels, mask], impl=impl, n_devices=n_devices)

@@ -479,3 +479,37 @@ def test_isogclr_bad_mask_or_reduction_names_the_argument():
     isogclr(z, z, ids, isogclr_state(8), mask=np.ones(5, bool))
   with pytest.raises(TypeError, match=r"`mask` must be a boolean array"):
     isogclr(z, z, ids, isogclr_state(8), mask=np.ones(4))
+
+
+SHARDED = [("ring", 3), ("allgather", 8)]
+
+
+@pytest.mark.parametrize("impl,n_devices", SHARDED)
+def test_focal_clip_sharded_equals_dense(impl, n_devices):
+  """Over 3 (ring) and 8 (allgather) devices, plain and with padding pairs: the dense loss and gradients."""
+  image, text = randn(0, 24, 8), randn(1, 24, 8)
+  mask = jnp.arange(24) % 5 != 3
+  loss = lambda i, t, *m, **kw: focal_clip(i, t, logit_scale=3.0, gamma=1.5, mask=m[0] if m else None, **kw)  # noqa: E731
+  helpers.assert_sharded_equals_dense(loss, [image, text], impl=impl, n_devices=n_devices)
+  helpers.assert_sharded_equals_dense(loss, [image, text, mask], impl=impl, n_devices=n_devices)
+
+
+@pytest.mark.parametrize("impl,n_devices", SHARDED)
+def test_isogclr_sharded_equals_dense(impl, n_devices):
+  """z1, z2, ids and the mask split over 3 (ring) and 8 (allgather) devices, the state replicated: the
+  dense loss and gradients (with padding on 3 devices, without on 8); on 8 devices also the full
+  updated state of a padded batch, the same on every device."""
+  x, y = randn(0, 24, 8), randn(1, 24, 8)
+  ids = jnp.asarray(np.random.default_rng(2).permutation(30)[:24].astype(np.int32))
+  state = _state(0, n=30)._replace(u=jnp.where(jnp.arange(30) % 3 == 0, 0.0, 0.5 + jnp.arange(30) / 30))
+  mask = jnp.arange(24) % 5 != 3
+  loss = lambda a, b, i, *m, **kw: isogclr(a, b, i, state, mask=m[0] if m else None, **ISO, **kw).loss  # noqa: E731
+  padding = [mask] if impl == "ring" else []
+  helpers.assert_sharded_equals_dense(loss, [x, y, ids, *padding], impl=impl, n_devices=n_devices)
+  if impl == "ring":
+    return  # the state update reads the same reductions: checked once, on 8 devices
+  mesh = helpers.device_mesh(n_devices)
+  got = jax.jit(lambda a, b: isogclr(a, b, ids, state, mask=mask, impl=impl, mesh=mesh, **ISO))(x, y).state
+  want = isogclr(x, y, ids, state, mask=mask, impl="dense", **ISO).state
+  for g, w, name in zip(got, want, IsogclrState._fields):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7, err_msg=name)
