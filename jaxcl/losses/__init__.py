@@ -25,9 +25,8 @@ takes `impl=` to choose the engine.
 Each module of `jaxcl/losses` holds one family; docs/objectives.md lists every loss by its paper.
 
 Sharded batches. Every loss that takes `impl=` (but patch_nce, cpc and unpg, not yet) also takes
-`axis_name=` and `mesh=` to compute the
-loss of a batch split over devices, against every negative of the global batch, with
-`impl="allgather" | "ring" | "auto"` (`jaxcl.ops.sharded`): clip, grouped_itc, siglip, infonce (with a
+`axis_name=` and `mesh=` to compute the loss of a batch split over devices, against every negative of
+the global batch, with `impl="allgather" | "ring" | "auto"` (`jaxcl.ops.sharded`): clip, grouped_itc, siglip, infonce (with a
 MoCo queue too), nt_xent, dcl, dclw, supcon, macl, hn_nce, mcl_nt_xent, nnclr, albef_itc, m3co,
 similarity_distillation, softclip, cacr, contrastive_gap, gram, cwcl, symile, gated_pair_infonce, meru,
 sbcl, multiview_infonce, mv_dhel, one_to_k_clip, poly_view, uniformity, ce_clip, dual_view_moco, csr,
