@@ -20,12 +20,12 @@ class Multiview(base.ViewsMethod):
 
   def loss(self, config, outputs, batch, state, *, mesh=None, forward=None):
     z, t = outputs["projection"], config.loss.temperature
-    impl = base.engine_options(config, mesh)["impl"]
+    engine = base.engine_options(config, mesh)  # (V, B, D) views: the losses split them along B
     if config.loss.name == "pairwise_nt_xent":
       v = z.shape[0]
       pairs = [(i, j) for i in range(v) for j in range(i + 1, v)]
-      return sum(losses.nt_xent(z[i], z[j], temperature=t, impl=impl) for i, j in pairs) / len(pairs), state, {}
-    return MULTIVIEW_LOSSES[config.loss.name](z, temperature=t, impl=impl), state, {}
+      return sum(losses.nt_xent(z[i], z[j], temperature=t, **engine) for i, j in pairs) / len(pairs), state, {}
+    return MULTIVIEW_LOSSES[config.loss.name](z, temperature=t, **engine), state, {}
 
 
 base.register(Multiview())
