@@ -24,16 +24,17 @@ takes `impl=` to choose the engine.
 
 Each module of `jaxcl/losses` holds one family; docs/objectives.md lists every loss by its paper.
 
-Sharded batches. Every loss that takes `impl=` (but patch_nce, cpc and unpg, not yet) also takes
-`axis_name=` and `mesh=` to compute the loss of a batch split over devices, against every negative of
-the global batch, with `impl="allgather" | "ring" | "auto"` (`jaxcl.ops.sharded`): clip, grouped_itc, siglip, infonce (with a
+Sharded batches. Every loss that takes `impl=` also takes `axis_name=` and `mesh=` to compute the loss
+of a batch split over devices, against every negative of the global batch, with
+`impl="allgather" | "ring" | "auto"` (`jaxcl.ops.sharded`): clip, grouped_itc, siglip, infonce (with a
 MoCo queue too), nt_xent, dcl, dclw, supcon, macl, hn_nce, mcl_nt_xent, nnclr, albef_itc, m3co,
 similarity_distillation, softclip, cacr, contrastive_gap, gram, cwcl, symile, gated_pair_infonce, meru,
 sbcl, multiview_infonce, mv_dhel, one_to_k_clip, poly_view, uniformity, ce_clip, dual_view_moco, csr,
-csr_contrastive, decoupled_softmax, filip, focal_clip, isogclr and focal_supcon. A loss whose formula
-needs every pair (a top k, a token-wise max, gram's volumes, meru's Lorentz distances) gathers the keys
-for "ring" too, computes this device's rows densely, and says so. A stack of views (V, B, D) is split
-along B. mlcd takes them too, with its class centres, not the batch, split over the devices:
+csr_contrastive, decoupled_softmax, filip, focal_clip, isogclr, focal_supcon, patch_nce, cpc and unpg.
+A loss whose formula needs every pair (a top k, a token-wise max, gram's volumes, meru's Lorentz
+distances, unpg's whisker filter) gathers the keys for "ring" too, computes this device's rows densely,
+and says so. A stack of views (V, B, D) is split along B. mlcd takes them too, with its class centres,
+not the batch, split over the devices:
 
 - inside your own `jax.shard_map(..., in_specs=P("data"))`: pass the local shards and
   `axis_name="data"`; the result is the global loss, the same on every device;

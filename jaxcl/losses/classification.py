@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jaxcl import _checks
 from jaxcl import ops
 from jaxcl.losses import _common
+from jaxcl.ops.engines import SHARDED_IMPLS
 
 
 # ------------------------------------------------------------------------------------------- CatLIP
@@ -131,6 +132,7 @@ MARGINS = ("arcface", "cosface")
 
 
 @_common.keyword_only
+@_common.shardable("features", "labels", "mask")
 def unpg(
     features: jax.Array,
     labels: jax.Array,
@@ -143,6 +145,7 @@ def unpg(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""UNPG: a margin softmax over class proxies whose denominator also holds the batch's negative pairs.
 
@@ -168,7 +171,14 @@ def unpg(
   excluded by ids, so `impl` applies to it; the pair term goes through the engines only with
   `whisker=None` (Σ_{a<b, y_a≠y_b} = ½ Σ_a Σ_{b: y_b≠y_a}, a log-sum-exp of the row log-sum-exps). The
   filter's quartiles sort all B(B − 1)/2 pair similarities, so with a whisker the pair term is dense
-  (B × B). No `axis_name`: the released code pools the pairs of the (DataParallel-gathered) batch.
+  (B × B).
+
+  Over a mesh (`axis_name` / `mesh`) the examples are split over the devices and the pairs are those of
+  the global batch, as the released code pools the pairs of its (DataParallel-gathered) batch: the class
+  weights are replicated and the class term is each device's rows (a one-device engine); with
+  `whisker=None` the pair term runs on the sharded engine ("allgather" or "ring"), with a whisker the
+  filter needs every pair, so the features are gathered for "ring" too and every device sorts the
+  global batch's B(B − 1)/2 pairs.
 
   Args:
     features: (B, D) embeddings (normalised here).
@@ -180,9 +190,13 @@ def unpg(
     whisker: w ≥ 0 of the box-and-whisker filter, or None (no filter).
     reduction: "mean" (the loss above), "sum" or "none": the (B,) per-example ℓ_i.
     mask: None or bool (B,); False marks padding examples, neither anchors nor part of any pair.
-    impl: similarity engine of the class term (and of the pair term with `whisker=None`).
+    impl: similarity engine of the class term (and of the pair term with `whisker=None`); "allgather" |
+      "ring" with `axis_name` / `mesh`.
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`; `features`, `labels` and `mask` are split
+      over the devices, `class_weights` replicated.
   Returns:
-    Float32 loss reduced by `reduction` (a scalar, or (B,) for "none").
+    Float32 loss reduced by `reduction` (a scalar, or (B,) for "none": this device's examples under
+    `axis_name`).
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(2)  # two classes, proxies equal to the features; one negative pair, <x_0, x_1> = 0
@@ -201,13 +215,16 @@ def unpg(
   if whisker is not None:
     _checks.check_non_negative("whisker", whisker)
   _common.check_reduction(reduction)
+  if axis_name is not None:
+    _checks.check_choice("impl", impl, ("auto",) + SHARDED_IMPLS)
   mask = _common.sample_mask(mask, x.shape[0])
   classes = jnp.arange(w.shape[0], dtype=jnp.int32)
-  others = ops.logsumexp(x, w, scale=s, exclude=(y, classes), row_valid=mask, impl=impl).rows
+  class_impl = "auto" if axis_name is not None else impl  # the proxies are replicated: this device's rows
+  others = ops.logsumexp(x, w, scale=s, exclude=(y, classes), row_valid=mask, impl=class_impl).rows
   target = _margin_target(jnp.einsum("bd,bd->b", x, w[y], preferred_element_type=jnp.float32), m, margin_type)
-  pairs = _pair_negatives_logsumexp(x, y, s, whisker, mask, impl)
+  pairs = _pair_negatives_logsumexp(x, y, s, whisker, mask, impl, axis_name)
   denominator = jnp.logaddexp(jnp.logaddexp(s * target, others), pairs)
-  return _common.reduce_loss(_common.zero_invalid(denominator - s * target, mask), reduction, mask)
+  return _common.reduce_loss(_common.zero_invalid(denominator - s * target, mask), reduction, mask, axis_name)
 
 
 def _margin_target(cos: jax.Array, m: jax.Array, margin_type: str) -> jax.Array:
@@ -219,12 +236,17 @@ def _margin_target(cos: jax.Array, m: jax.Array, margin_type: str) -> jax.Array:
   return cos * jnp.cos(m) - sin * jnp.sin(m)
 
 
-def _pair_negatives_logsumexp(x, y, s, whisker, mask, impl) -> jax.Array:
-  """log Σ_{a<b, y_a ≠ y_b, kept} exp(s <x_a, x_b>), a scalar (−inf with no pair)."""
+def _pair_negatives_logsumexp(x, y, s, whisker, mask, impl, axis_name=None) -> jax.Array:
+  """log Σ_{a<b, y_a ≠ y_b, kept} exp(s <x_a, x_b>), a scalar (−inf with no pair), over the global batch
+  under `axis_name` (x, y and mask this device's shards): without a filter, this device's rows against
+  every column by the sharded engine; with one, the gathered batch's pairs."""
   if whisker is None:
-    rows = ops.logsumexp(x, x, scale=s, exclude=(y, y), row_valid=mask, col_valid=mask, impl=impl).rows
+    rows = ops.logsumexp(x, x, scale=s, exclude=(y, y), row_valid=mask, col_valid=mask, impl=impl,
+                         axis_name=axis_name).rows
     rows = jnp.where(mask if mask is not None else True, rows, -jnp.inf)
-    return _masked_logsumexp(rows, jnp.isfinite(rows)) - jnp.log(2.0)
+    return _masked_logsumexp(rows, jnp.isfinite(rows), axis_name) - jnp.log(2.0)
+  # The quartiles need every pair: the whole batch on every device (ring too).
+  x, y, mask = (_common.gather_batch(v, axis_name) for v in (x, y, mask))
   sim = jnp.einsum("ad,bd->ab", x, x, preferred_element_type=jnp.float32)
   n = x.shape[0]
   valid = (jnp.arange(n)[:, None] < jnp.arange(n)[None, :]) & (y[:, None] != y[None, :])
@@ -245,9 +267,13 @@ def _inside_whiskers(values: jax.Array, valid: jax.Array, whisker: float) -> jax
   return (values >= q1 - spread) & (values <= q3 + spread)
 
 
-def _masked_logsumexp(z: jax.Array, keep: jax.Array) -> jax.Array:
-  """log Σ_{keep} exp z over every entry, −inf with zero gradient when nothing is kept."""
-  top = jnp.max(jnp.where(keep, z, -jnp.inf))
+def _masked_logsumexp(z: jax.Array, keep: jax.Array, axis_name=None) -> jax.Array:
+  """log Σ_{keep} exp z over every entry (of every device's z under `axis_name`), −inf with zero
+  gradient when nothing is kept. The shift by the largest kept entry has no gradient (the result does
+  not depend on it)."""
+  top = jax.lax.stop_gradient(jnp.max(jnp.where(keep, z, -jnp.inf)))
+  if axis_name is not None:
+    top = jax.lax.pmax(top, axis_name)
   safe_top = jnp.where(jnp.isfinite(top), top, 0.0)
-  total = jnp.sum(jnp.where(keep, jnp.exp(jnp.where(keep, z, safe_top) - safe_top), 0.0))
+  total = _common.batch_sum(jnp.where(keep, jnp.exp(jnp.where(keep, z, safe_top) - safe_top), 0.0), axis_name)
   return jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + safe_top, -jnp.inf)

@@ -5,7 +5,8 @@ Their inputs are feature maps (B, H, W, D) (`jaxcl.models.ResNet.feature_map`, `
 sets (B, P, D) or sequences (B, T, D); the networks on top of the maps (CUT's patch MLP, CPC's context
 network and predictions, PixPro's projector and transform) are model code, and their outputs are the
 arguments here, so each loss stays a pure function. patch_nce and cpc reduce through
-`jaxcl.ops.logsumexp` (any engine, `impl=`); pixpro is a sum of cosines over the positive pixel pairs
+`jaxcl.ops.logsumexp` (any engine, `impl=`, and the sharded ones over a mesh: `axis_name=` / `mesh=`,
+the images split over the devices); pixpro is a sum of cosines over the positive pixel pairs
 of each image (small dense (H·W)² products, no log-sum-exp).
 """
 
@@ -17,10 +18,12 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from jaxcl import _checks
 from jaxcl import ops
 from jaxcl.losses import _common
+from jaxcl.ops.engines import SHARDED_IMPLS
 
 PATCH_NEGATIVES = ("image", "batch")
 
@@ -80,6 +83,7 @@ def _sample_patches(pairs, num_patches, rng):
 
 
 @_common.keyword_only
+@_common.shardable("feat_q", "feat_k", "mask")
 def patch_nce(
     feat_q,
     feat_k,
@@ -93,6 +97,7 @@ def patch_nce(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ):
   r"""PatchNCE: each query patch against the key patch at the same position, negatives the image's other
   patches, averaged over layers.
@@ -122,6 +127,11 @@ def patch_nce(
   negatives="image" keeping only same-image pairs (`include=`), so (B·P)² similarities for B·P² used:
   CUT trains with B = 1.
 
+  Over a mesh (`axis_name` / `mesh`) the images are split over the devices. negatives="batch" runs the
+  sharded engine ("allgather" or "ring") over every patch of the global batch; negatives="image" needs
+  no other device's patches, so each device computes its own images' rows with a one-device engine
+  ("auto") for either sharded `impl`, and only the mean is global.
+
   Args:
     feat_q: queries: (B, P, D) patches or a (B, H, W, D) feature map (P = H·W positions), or a list /
       tuple of them, one per layer (each layer its own P and D, the same B).
@@ -136,9 +146,14 @@ def patch_nce(
     reduction: "mean", "sum" (over layers and patches) or "none": the (B, P) ℓ_{b,p}, a tuple of them
       for a list of layers.
     mask: None or bool (B,): False marks padding images, neither anchors nor negatives.
-    impl: similarity engine, see `jaxcl.ops.available_impls()`.
+    impl: similarity engine, see `jaxcl.ops.available_impls()`; "allgather" | "ring" with `axis_name` /
+      `mesh`.
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`; the images (axis 0 of every layer of
+      `feat_q`, `feat_k`, and `mask`) are split over the devices, `rng` replicated (the same positions
+      on every device).
   Returns:
-    Scalar float32 loss, or the per-patch losses with `reduction="none"`.
+    Scalar float32 loss, or the per-patch losses with `reduction="none"` (this device's images under
+    `axis_name`).
 
   >>> import jax.numpy as jnp
   >>> x = jnp.eye(3)[None]  # one image, 3 orthogonal patches
@@ -148,6 +163,8 @@ def patch_nce(
   pairs, listed = _patch_pairs(feat_q, feat_k)
   _checks.check_choice("negatives", negatives, PATCH_NEGATIVES)
   _common.check_reduction(reduction)
+  if axis_name is not None:
+    _checks.check_choice("impl", impl, ("auto",) + SHARDED_IMPLS)
   b = pairs[0][0].shape[0]
   mask = _common.sample_mask(mask, b)
   inv_t = _common.inverse_temperature(temperature)
@@ -155,35 +172,41 @@ def patch_nce(
     name = f"feat_q[{n}]" if listed else "feat_q"
     if negatives == "image" and q.shape[1] < 2:
       raise ValueError(f"`{name}` must have at least 2 patches per image (a negative), got shape {q.shape}.")
-    if negatives == "batch" and b * q.shape[1] < 2:
+    if negatives == "batch" and _common.global_size(b, axis_name) * q.shape[1] < 2:
       raise ValueError(f"`{name}` must have at least 2 patches in the batch (a negative), got shape {q.shape}.")
   pairs = _sample_patches(pairs, num_patches, rng)
   results = []
   for q, k in pairs:
-    per_patch, valid = _patch_layer(q, k, mask, inv_t, negatives, normalize, detach_key, impl)
+    per_patch, valid = _patch_layer(q, k, mask, inv_t, negatives, normalize, detach_key, impl, axis_name)
     if reduction == "none":
       results.append(jnp.reshape(per_patch, q.shape[:2]))
     else:
-      results.append(_common.reduce_loss(per_patch, reduction, valid))
+      results.append(_common.reduce_loss(per_patch, reduction, valid, axis_name))
   if reduction == "none":
     return tuple(results) if listed else results[0]
   total = sum(results[1:], results[0])
   return total / len(results) if reduction == "mean" else total
 
 
-@functools.partial(jax.jit, static_argnames=("negatives", "normalize", "detach_key", "impl"))
-def _patch_layer(q, k, mask, inv_t, negatives, normalize, detach_key, impl):
+@functools.partial(jax.jit, static_argnames=("negatives", "normalize", "detach_key", "impl", "axis_name"))
+def _patch_layer(q, k, mask, inv_t, negatives, normalize, detach_key, impl, axis_name):
   """The (B·P,) ℓ_{b,p} of one layer's (B, P, D) patches (0 for a masked image) and their validity
-  (None without a mask). One compiled program when called eagerly."""
+  (None without a mask). One compiled program when called eagerly. Under `axis_name`: this device's
+  images, against the global batch's patches with negatives="batch", against their own with "image"
+  (a one-device engine: no patch of another device enters)."""
   b, p, d = q.shape
   if detach_key:
     k = jax.lax.stop_gradient(k)
   q = _common.maybe_normalize(jnp.reshape(q, (b * p, d)), normalize)
   k = _common.maybe_normalize(jnp.reshape(k, (b * p, d)), normalize)
   valid = None if mask is None else jnp.repeat(mask, p)
-  image = jnp.repeat(jnp.arange(b, dtype=jnp.int32), p)
-  include = (image, image) if negatives == "image" else None
-  lse = ops.logsumexp(q, k, scale=inv_t, include=include, row_valid=valid, col_valid=valid, impl=impl).rows
+  if negatives == "image":
+    image = jnp.repeat(jnp.arange(b, dtype=jnp.int32), p)
+    lse = ops.logsumexp(q, k, scale=inv_t, include=(image, image), row_valid=valid, col_valid=valid,
+                        impl="auto" if axis_name is not None else impl).rows
+  else:
+    lse = ops.logsumexp(q, k, scale=inv_t, row_valid=valid, col_valid=valid, impl=impl,
+                        axis_name=axis_name).rows
   per_patch = _common.zero_invalid(lse, valid) - inv_t * _common.rowwise_dot(q, k)
   return _common.zero_invalid(per_patch, valid), valid
 
@@ -205,7 +228,14 @@ def _offsets(offsets, k: int, length: int) -> np.ndarray:
   return values.astype(np.int32)
 
 
+def _cpc_out_specs(batch_spec, reduction):
+  """The (K, B, ...) per-position losses of reduction="none" split along B (axis 1); a scalar loss
+  replicated."""
+  return PartitionSpec(None, *batch_spec) if reduction == "none" else PartitionSpec()
+
+
 @_common.keyword_only
+@_common.shardable("predictions", "targets", "mask", batch_axis={"predictions": 1}, out_specs=_cpc_out_specs)
 def cpc(
     predictions: jax.Array,
     targets: jax.Array,
@@ -216,6 +246,7 @@ def cpc(
     reduction: str = "mean",
     mask: jax.Array | None = None,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""Contrastive Predictive Coding: predictions of the embeddings `o_k` steps ahead (rows below) against
   every embedding of the batch.
@@ -253,9 +284,13 @@ def cpc(
     reduction: "mean" (as above), "sum" (over every anchor) or "none": the (K, B, T) or (K, B, H, W)
       ℓ_{k,b,t}, 0 where there is no target or the image is masked.
     mask: None or bool (B,): False marks padding sequences / images, neither anchors nor negatives.
-    impl: similarity engine, see `jaxcl.ops.available_impls()`.
+    impl: similarity engine, see `jaxcl.ops.available_impls()`; "allgather" | "ring" with `axis_name` /
+      `mesh`: every device's anchors against every position of the global batch.
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`; the sequences / images (axis 0 of
+      `targets` and `mask`, axis 1 of `predictions`) are split over the devices.
   Returns:
-    Scalar float32 loss, or the per-position losses with `reduction="none"`.
+    Scalar float32 loss, or the per-position losses with `reduction="none"` (this device's sequences
+    under `axis_name`).
 
   >>> import jax.numpy as jnp
   >>> z = jnp.eye(2)[None]  # one sequence of two orthogonal steps; predict the next one
@@ -276,9 +311,10 @@ def cpc(
   inv_t = _common.inverse_temperature(temperature)
   grid = targets if targets.ndim == 4 else targets[:, :, None]
   preds = predictions if predictions.ndim == 5 else predictions[:, :, :, None]
-  per_anchor, valid = _cpc_anchors(preds, grid, mask, inv_t, tuple(int(o) for o in steps), normalize, impl)
+  per_anchor, valid = _cpc_anchors(preds, grid, mask, inv_t, tuple(int(o) for o in steps), normalize, impl,
+                                   axis_name)
   if reduction == "sum":
-    return jnp.sum(per_anchor)
+    return _common.batch_sum(per_anchor, axis_name)
   w = grid.shape[2]
   sizes = [b * (length - int(o)) * w for o in steps]
   pieces = jnp.split(per_anchor, np.cumsum(sizes)[:-1])
@@ -287,16 +323,18 @@ def cpc(
              for x, o in zip(pieces, steps)]
     return jnp.reshape(jnp.stack(grids), predictions.shape[:-1])
   if valid is None:
-    counts = [float(n) for n in sizes]
+    counts = [float(_common.global_size(n, axis_name)) for n in sizes]
   else:
-    counts = [jnp.maximum(jnp.sum(v.astype(jnp.float32)), 1.0) for v in jnp.split(valid, np.cumsum(sizes)[:-1])]
-  return sum(jnp.sum(x) / n for x, n in zip(pieces, counts))
+    counts = [jnp.maximum(_common.batch_sum(v.astype(jnp.float32), axis_name), 1.0)
+              for v in jnp.split(valid, np.cumsum(sizes)[:-1])]
+  return sum(_common.batch_sum(x, axis_name) / n for x, n in zip(pieces, counts))
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "normalize", "impl"))
-def _cpc_anchors(preds, grid, mask, inv_t, steps, normalize, impl):
+@functools.partial(jax.jit, static_argnames=("steps", "normalize", "impl", "axis_name"))
+def _cpc_anchors(preds, grid, mask, inv_t, steps, normalize, impl, axis_name):
   """The ℓ of every anchor with a target, offset by offset (rows t < T − o_k of predictions[k]), and
-  their validity (None without a mask). One compiled program when called eagerly."""
+  their validity (None without a mask). One compiled program when called eagerly. Under `axis_name`:
+  this device's anchors against every position of the global batch (the sharded engine)."""
   b, length, w, d = grid.shape
   z = _common.maybe_normalize(grid, normalize)
   p = _common.maybe_normalize(preds, normalize)
@@ -307,7 +345,7 @@ def _cpc_anchors(preds, grid, mask, inv_t, steps, normalize, impl):
     valid = jnp.concatenate([jnp.repeat(mask, (length - o) * w) for o in steps])
   col_valid = None if mask is None else jnp.repeat(mask, length * w)
   lse = ops.logsumexp(rows, jnp.reshape(z, (-1, d)), scale=inv_t, row_valid=valid, col_valid=col_valid,
-                      impl=impl).rows
+                      impl=impl, axis_name=axis_name).rows
   per_anchor = _common.zero_invalid(lse, valid) - inv_t * _common.rowwise_dot(rows, positives)
   return _common.zero_invalid(per_anchor, valid), valid
 

@@ -7,6 +7,7 @@ import pytest
 
 from jaxcl import losses
 import jaxcl
+from tests import helpers
 from tests.helpers import (
     assert_engines_agree,
     assert_padded_equals_unpadded,
@@ -153,6 +154,20 @@ def test_unpg_bf16_and_extremes_are_finite():
   aligned = w[LABELS % 5]  # every feature on its proxy: cos = 1, where arccos has an infinite slope
   value, grads = jax.jit(jax.value_and_grad(lambda x, w: losses.unpg(x, LABELS % 5, w), argnums=(0, 1)))(aligned, w)
   assert np.isfinite(float(value)) and all(np.all(np.isfinite(g)) for g in grads)
+
+
+@pytest.mark.parametrize("impl, n_devices, whisker, masked", [("ring", 3, None, False), ("allgather", 8, 0.5, True)])
+def test_unpg_sharded_equals_dense(impl, n_devices, whisker, masked):
+  """The examples split over 3 or 8 devices (a padded batch on 8), the class weights replicated: the
+  value and gradients (class weights too) of the one-device loss, the pairs those of the global batch:
+  on the sharded engine without a filter; with w = 0.5 (21 of the 135 pairs of the padded batch fall
+  outside the whiskers) every device filters the gathered batch's pairs."""
+  mask = np.arange(24) % 5 != 2
+  labels = (np.arange(24, dtype=np.int32) * 7) % 5
+  loss = lambda x, y, w, m, **kw: losses.unpg(  # noqa: E731
+      x, y, w, scale=8.0, margin=0.3, whisker=whisker, mask=m if masked else None, **kw)
+  helpers.assert_sharded_equals_dense(loss, [randn(30, 24, 4), labels, randn(31, 5, 4), mask], impl=impl,
+                                      n_devices=n_devices)
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

@@ -119,6 +119,36 @@ def test_patch_nce_and_cpc_agree_on_every_engine():
   helpers.assert_engines_agree("patch_nce + cpc", make, [jnp.asarray(x) for x in (q, k, p, z)])
 
 
+@pytest.mark.parametrize("impl, n_devices, masked", [("ring", 3, False), ("allgather", 8, True)])
+@pytest.mark.parametrize("name", ["patch_nce_image", "patch_nce_batch", "cpc"])
+def test_sharded_equals_dense(name, impl, n_devices, masked):
+  """The images split over 3 or 8 devices (a padded batch on 8): the value and gradients of the
+  one-device loss (patch_nce: the keys not detached, one map, or two layers with the batch's negatives;
+  cpc: a grid, two offsets), and on 8 the per-patch / per-position losses of reduction="none" split
+  like the batch (a tuple of layers for patch_nce)."""
+  mask = np.arange(24) % 5 != 2
+  pick = lambda m: m if masked else None  # noqa: E731
+  if name == "cpc":
+    loss = lambda p, z, m, **kw: cpc(p, z, offsets=(1, 2), temperature=0.5, mask=pick(m), **kw)  # noqa: E731
+    args = [randn(40, 2, 24, 3, 2, 4), randn(41, 24, 3, 2, 4), mask]
+  elif name == "patch_nce_image":  # one (B, H, W, D) map
+    loss = lambda q, k, m, **kw: patch_nce(  # noqa: E731
+        q, k, temperature=0.5, negatives="image", detach_key=False, mask=pick(m), **kw)
+    args = [randn(42, 24, 2, 2, 4), randn(43, 24, 2, 2, 4), mask]
+  else:  # two layers, a map and (B, P, D) patches
+    loss = lambda q1, k1, q2, k2, m, **kw: patch_nce(  # noqa: E731
+        [q1, q2], [k1, k2], temperature=0.5, negatives="batch", detach_key=False, mask=pick(m), **kw)
+    args = [randn(42, 24, 2, 2, 4), randn(43, 24, 2, 2, 4), randn(44, 24, 3, 5), randn(45, 24, 3, 5), mask]
+  helpers.assert_sharded_equals_dense(loss, args, impl=impl, n_devices=n_devices)
+  if masked:
+    mesh = helpers.device_mesh(n_devices)
+    got, want = jax.jit(lambda *a: (loss(*a, impl=impl, mesh=mesh, reduction="none"),
+                                    loss(*a, impl="dense", reduction="none")))(*args)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------- PixPro
 BOX_Q = np.array([[0.0, 0.0, 0.6, 0.6], [0.1, 0.2, 0.9, 0.8]], np.float32)
 BOX_K = np.array([[0.3, 0.3, 0.9, 0.9], [0.9, 0.1, 0.2, 0.7]], np.float32)  # the second view flipped
