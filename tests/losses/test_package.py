@@ -29,3 +29,19 @@ def test_every_loss_takes_reduction_and_mask():
              and not {"reduction", "mask"} <= set(inspect.signature(f).parameters)]
   assert not missing, f"losses without reduction= / mask=: {missing}"
   assert NOT_LOSSES <= set(functions), NOT_LOSSES - set(functions)
+
+
+def test_every_loss_with_an_engine_runs_on_a_mesh():
+  """A loss that takes `impl=` takes `axis_name=` and `mesh=` too ("Sharded batches" in jaxcl.losses),
+  and the docstring's list of them names it."""
+  import inspect  # noqa: PLC0415
+
+  with_impl = [n for n in losses.__all__ if callable(getattr(losses, n)) and not inspect.isclass(getattr(losses, n))
+               and "impl" in inspect.signature(getattr(losses, n)).parameters]
+  missing = [n for n in with_impl if not {"axis_name", "mesh"} <= set(inspect.signature(getattr(losses, n)).parameters)]
+  assert not missing, f"losses with impl= but without axis_name= / mesh=: {missing}"
+  import re  # noqa: PLC0415
+
+  listed = set(re.findall(r"\w+", losses.__doc__[losses.__doc__.index("Sharded batches."):].split("- inside your own")[0]))
+  unlisted = [n for n in with_impl if n != "retrieval_accuracy" and n not in listed]
+  assert not unlisted, f"add {unlisted} to 'Sharded batches' in jaxcl/losses/__init__.py"
