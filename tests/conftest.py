@@ -12,12 +12,6 @@ os.environ["XLA_FLAGS"] += "" if "device_count" in os.environ["XLA_FLAGS"] else 
 # engine tests, none lost in the training tests. A level given in XLA_FLAGS is kept.
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
-# Each test process already has a core to itself (pytest-xdist runs one worker per core) and its 8
-# virtual devices run their programs on threads of their own: Eigen's intra-op thread pool on top of
-# that only oversubscribes the cores. Single-threaded Eigen: about 15% less CPU time in the loss tests,
-# 8% in the training tests (measured on 2 cores). A setting given in XLA_FLAGS is kept.
-if "xla_cpu_multi_thread_eigen" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " --xla_cpu_multi_thread_eigen=false"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Never reach for the network from a test (tfds would retry DNS for minutes).
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
