@@ -306,17 +306,18 @@ def shardable(*batch_args: str, batch_axis: dict[str, int] | None = None, split_
   split over more than one device (`auto_batch_axes`), so a loss on batch-sharded global arrays under
   `jax.set_mesh` never builds the global (B, B) similarity matrix on one device.
 
-  A batch argument may be the loss's `*args` (several arrays, each split alike), and `batch_axis` names
-  the arguments whose batch axis is not the leading one (e.g. {"views": 1} for (V, B, D) views). A
-  batch argument given as a scalar (a per-row value given once for every row) is replicated.
-  `split_output=False`: the loss's output is the same on every device for every `reduction` (the batch
-  arguments are not the anchors, e.g. sharded class centres), so "none" comes back whole, not split.
-  A batch argument may also be a tuple of arrays (an id pair), each split alike; a non-batch argument
-  that is a pytree of arrays (a state, a parameter dict) is replicated. `out_specs`, for a loss that
-  returns more than a loss (a NamedTuple with a state, per-sample codes): a function
-  `(batch_spec, reduction) -> PartitionSpec pytree prefix of the output`, batch_spec being
-  `PartitionSpec(axis_name)`; by default the whole output is `batch_spec` for `reduction="none"` (and
-  `split_output`), else replicated.
+  What may be split and how:
+  - a batch argument may be the loss's `*args` or a tuple of arrays (an id pair): each array is split
+    alike; given as a scalar (a per-row value given once for every row) it is replicated;
+  - `batch_axis` names the arguments whose batch axis is not the leading one ({"views": 1} for (V, B, D)
+    views);
+  - a non-batch argument that is a pytree of arrays (a state, a parameter dict) is replicated;
+  - `split_output=False`: the loss's output is the same on every device for every `reduction` (the
+    batch arguments are not the anchors, e.g. sharded class centres), so "none" comes back whole;
+  - `out_specs`, for a loss that returns more than a loss (a NamedTuple with a state, per-sample codes):
+    a function `(batch_spec, reduction) -> PartitionSpec pytree prefix of the output`, batch_spec being
+    `PartitionSpec(axis_name)`; by default the output is `batch_spec` for `reduction="none"` (with
+    `split_output`), else replicated.
   """
   batch_axis = dict(batch_axis or {})
 
