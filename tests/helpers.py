@@ -119,10 +119,9 @@ def assert_reductions_agree(loss, arrays, n_anchors: int, mask=None):
 # Recipes shrunk to run in seconds, runs of the command line, and reading their outputs back: shared by
 # tests/train/, tests/test_configs.py, tests/test_paths.py and others. The training system is imported
 
-def device_mesh(n_devices: int) -> jax.sharding.Mesh:
+def device_mesh(n_devices: int, axis_type=jax.sharding.AxisType.Auto) -> jax.sharding.Mesh:
   """A one-axis ("data") mesh over the first n_devices of the test process's 8 CPU devices."""
-  return jax.make_mesh((n_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.devices()[:n_devices])
+  return jax.make_mesh((n_devices,), ("data",), axis_types=(axis_type,), devices=jax.devices()[:n_devices])
 
 
 def assert_sharded_equals_dense(loss, args, *, impl: str, n_devices: int, rtol: float = 1e-5):

@@ -7,6 +7,7 @@ import pytest
 
 from jaxcl import losses
 from jaxcl.losses import _common
+from tests.helpers import device_mesh
 
 
 # ------------------------------------------------------------------------------------ l2_normalize
@@ -132,7 +133,7 @@ def test_shardable_splits_star_args_and_a_non_leading_batch_axis():
   """`*args` arrays are each split along the batch, `batch_axis` splits views along axis 1, a scalar
   batch argument is replicated and a (B,) one split: the same value as on one device, through
   shard_map; a views batch that does not split names its axis."""
-  mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
+  mesh = device_mesh(2)
   rng = np.random.default_rng(5)
   xs = [jnp.asarray(rng.standard_normal((6, 3)), jnp.float32) for _ in range(2)]
   views = jnp.asarray(rng.standard_normal((2, 6, 3)), jnp.float32)
@@ -148,11 +149,9 @@ def test_shardable_splits_star_args_and_a_non_leading_batch_axis():
 def test_auto_batch_axes_reads_the_batch_axis_it_is_given():
   """A (V, B, D) stack of views split along B over an Explicit mesh: `batch_axes=(1,)` finds the split
   axis; read as a leading batch axis (V = 3, not split), it is not sharded."""
-  from jaxcl.losses import _common  # noqa: PLC0415
   from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: PLC0415
 
-  mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,),
-                       devices=jax.devices()[:4])
+  mesh = device_mesh(4, jax.sharding.AxisType.Explicit)
   views = jax.device_put(np.zeros((3, 8, 2), np.float32), NamedSharding(mesh, P(None, "data")))
   mask = np.ones((8,), bool)
   with jax.set_mesh(mesh):

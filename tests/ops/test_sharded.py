@@ -21,13 +21,9 @@ from jaxcl import ops
 from jaxcl.ops import blockwise
 from jaxcl.ops import pallas
 from jaxcl.ops import sharded
-from tests.helpers import assert_padded_equals_unpadded, pad_batch, randn
+from tests.helpers import assert_padded_equals_unpadded, device_mesh, pad_batch, randn
 
 SHARDED = ("allgather", "ring")
-
-
-def _mesh(n: int, axis_type=jax.sharding.AxisType.Auto):
-  return jax.make_mesh((n,), ("data",), axis_types=(axis_type,), devices=jax.devices()[:n])
 
 
 def _labels(seed, n, classes=4):
@@ -89,7 +85,7 @@ def test_every_loss_equals_unsharded_dense(impl, n_devices, monkeypatch):
   # 5 rows per device: not a multiple of the 2-column tiles the ring's blockwise steps use here.
   monkeypatch.setattr(blockwise, "DEFAULT_TILE", 2)
   a, b, wants = _every_loss_inputs_and_dense(n_devices)
-  mesh = _mesh(n_devices)
+  mesh = device_mesh(n_devices)
   for name, loss in _cases(*a.shape).items():
     want = wants[name]
     got = _value_and_grads(functools.partial(loss, impl=impl, mesh=mesh), a, b, 4.0)
@@ -106,7 +102,7 @@ def test_a_one_device_mesh_equals_dense(impl):
   a, b = jnp.asarray(randn(7, 10, 6)), jnp.asarray(randn(8, 10, 6))
   for name, loss in (("clip", losses.clip), ("siglip", functools.partial(losses.siglip, logit_bias=-2.0))):
     want = _value_and_grads(lambda a, b, s: loss(a, b, logit_scale=s, impl="dense"), a, b, 4.0)
-    sharded = lambda a, b, s: loss(a, b, logit_scale=s, impl=impl, mesh=_mesh(1))  # noqa: E731
+    sharded = lambda a, b, s: loss(a, b, logit_scale=s, impl=impl, mesh=device_mesh(1))  # noqa: E731
     assert "shard_map" in str(jax.make_jaxpr(sharded)(a, b, 4.0))  # the engine itself, not a fallback
     got = _value_and_grads(sharded, a, b, 4.0)
     try:
@@ -120,7 +116,7 @@ def test_inside_user_shard_map(impl):
   """The first way to call: local shards inside the user's own shard_map, `axis_name="data"`."""
   batch, dim = 16, 8
   a, b = jnp.asarray(randn(3, batch, dim)), jnp.asarray(randn(4, batch, dim))
-  mesh = _mesh(4)
+  mesh = device_mesh(4)
 
   def local_loss(a, b, s):
     value = losses.clip(a, b, logit_scale=s, impl=impl, axis_name="data")
@@ -141,7 +137,7 @@ def test_inside_user_shard_map(impl):
 def test_ambient_mesh_with_explicit_sharded_arrays():
   """The second way: globally sharded arrays under jit, the mesh from `jax.set_mesh`."""
   batch, dim = 32, 8
-  mesh = _mesh(8, jax.sharding.AxisType.Explicit)
+  mesh = device_mesh(8, jax.sharding.AxisType.Explicit)
   a_np, b_np = randn(5, batch, dim), randn(6, batch, dim)
   want = _value_and_grads(lambda a, b, s: losses.siglip(a, b, logit_scale=s, logit_bias=-3.0, impl="dense"),
                           jnp.asarray(a_np), jnp.asarray(b_np), 7.0)
@@ -161,7 +157,7 @@ def test_mesh_with_explicit_axes_takes_unsharded_arrays(impl):
   eagerly and under jit, gives the unsharded loss and its gradients."""
   batch, dim = 16, 8
   a, b = jnp.asarray(randn(9, batch, dim)), jnp.asarray(randn(10, batch, dim))
-  mesh = _mesh(4, jax.sharding.AxisType.Explicit)
+  mesh = device_mesh(4, jax.sharding.AxisType.Explicit)
   loss = lambda a, b, s, **kw: losses.clip(a, b, logit_scale=s, **kw)
   want = _value_and_grads(functools.partial(loss, impl="dense"), a, b, 10.0)
   _assert_close(_value_and_grads(functools.partial(loss, impl=impl, mesh=mesh), a, b, 10.0), want)
@@ -175,7 +171,7 @@ def test_bf16_inputs(impl):
   b = jnp.asarray(randn(8, batch, dim), jnp.bfloat16)
   loss = lambda a, b, s, **kw: losses.clip(a, b, logit_scale=s, **kw)
   want = _value_and_grads(functools.partial(loss, impl="dense"), a, b, 10.0)
-  got = _value_and_grads(functools.partial(loss, impl=impl, mesh=_mesh(4)), a, b, 10.0)
+  got = _value_and_grads(functools.partial(loss, impl=impl, mesh=device_mesh(4)), a, b, 10.0)
   assert got[1][0].dtype == jnp.bfloat16
   np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-3)
   for x, y in zip(got[1][:2], want[1][:2]):
@@ -220,7 +216,7 @@ def test_masks_and_per_row_scale_in_the_reductions(impl, monkeypatch):
     return jax.lax.psum(total, "data"), out.rows
 
   def split(q, k, scale):
-    return jax.shard_map(local, mesh=_mesh(n), in_specs=(P("data"),) * 9, out_specs=(P(), P("data")))(
+    return jax.shard_map(local, mesh=device_mesh(n), in_specs=(P("data"),) * 9, out_specs=(P(), P("data")))(
         q, k, scale, ex_r, ex_c, row_ids, col_ids, weights_r, weights_c
     )
 
@@ -268,7 +264,7 @@ def test_kernel_hops_equal_dense(impl):
 
     def run(q, k, scale, bias):
       specs = (P("data"),) * 3 + (P(),) + (P("data"),) * 9
-      return jax.shard_map(local, mesh=_mesh(n), in_specs=specs, out_specs=P(), check_vma=False)(
+      return jax.shard_map(local, mesh=device_mesh(n), in_specs=specs, out_specs=P(), check_vma=False)(
           q, k, scale, bias, ex_r, ex_c, row_ids, col_ids, pos_r, pos_c, w_r, w_c, w_s)
 
     return jax.jit(jax.value_and_grad(run, argnums=(0, 1, 2, 3)))
@@ -288,11 +284,11 @@ def test_local_impl_is_checked():
   run = lambda x: sharded.logsumexp(x, x, scale=1.0, rows=True, cols=False, exclude=None, include=None,
                                     axis_name="data", local_impl="dense")
   with pytest.raises(ValueError, match="`local_impl` must be one of .*'dense'"):
-    jax.shard_map(run, mesh=_mesh(2), in_specs=P("data"), out_specs=P("data"))(a)
+    jax.shard_map(run, mesh=device_mesh(2), in_specs=P("data"), out_specs=P("data"))(a)
   run = lambda x: sharded.logsumexp(x, x, scale=1.0, rows=True, cols=False, exclude=None, include=None,
                                     axis_name="data", local_impl=3)
   with pytest.raises(TypeError, match=r"^`local_impl` must be an engine name or engine settings .*got 3\."):
-    jax.shard_map(run, mesh=_mesh(2), in_specs=P("data"), out_specs=P("data"))(a)
+    jax.shard_map(run, mesh=device_mesh(2), in_specs=P("data"), out_specs=P("data"))(a)
 
 
 # name -> (loss(a, b, **kw), anchors per sample): the losses with `mask` and `reduction`.
@@ -318,7 +314,7 @@ def test_padded_batch_with_mask_equals_unpadded_dense_batch(impl, monkeypatch):
   """5 samples padded with 3 garbage rows to 8 = 2 per device on 4 devices: the loss and gradients of
   the unpadded batch (on one device, dense), exactly zero gradients on the padding rows."""
   monkeypatch.setattr(blockwise, "DEFAULT_TILE", 1)  # the ring's blockwise steps with several tiles
-  mesh, dim = _mesh(4), 4
+  mesh, dim = device_mesh(4), 4
   a, b = randn(20, 5, dim), randn(21, 5, dim)
   (pa, pb, plabels), mask = pad_batch(0, [a, b, np.array([0, 1, 0, 1, 2], np.int32)], 3)
   for name, (loss, _) in _masked_cases(dim).items():
@@ -334,7 +330,7 @@ def test_padded_batch_with_mask_equals_unpadded_dense_batch(impl, monkeypatch):
 
 @pytest.mark.parametrize("impl", SHARDED)
 def test_reduction_none_under_a_mesh_returns_every_devices_anchors(impl):
-  mesh, dim = _mesh(4), 4
+  mesh, dim = device_mesh(4), 4
   a, b = jnp.asarray(randn(22, 8, dim)), jnp.asarray(randn(23, 8, dim))
   mask = jnp.asarray(np.array([1, 1, 0, 1, 1, 1, 0, 1], bool))
   for name, (loss, per_sample) in _masked_cases(dim).items():
@@ -359,7 +355,7 @@ def test_mcl_nt_xent_padded_batch_with_mask_equals_unpadded_dense_batch(impl, mo
   ids, so they would join real clusters without the mask); then "none" under the mesh: each device's
   [z1; z2] anchors in turn."""
   monkeypatch.setattr(blockwise, "DEFAULT_TILE", 1)
-  mesh, dim = _mesh(4), 4
+  mesh, dim = device_mesh(4), 4
   a, b, c = randn(26, 5, dim), randn(27, 5, dim), np.array([0, 1, 0, 1, 1], np.int32)
   (pa, pb, pc), mask = pad_batch(0, [a, b, c], 3)
   loss = lambda a, b, **kw: losses.mcl_nt_xent(a, b, kw.pop("c", pc), temperature=0.25, **kw)
@@ -380,7 +376,7 @@ def test_mcl_nt_xent_padded_batch_with_mask_equals_unpadded_dense_batch(impl, mo
 def test_one_row_per_device_is_a_global_batch(impl):
   """Issue 12 item 8: global B = 2 on 2 devices (one row each) has a negative; it used to be refused
   with "needs at least 2 examples"."""
-  mesh, dim = _mesh(2), 4
+  mesh, dim = device_mesh(2), 4
   a, b = jnp.asarray(randn(24, 2, dim)), jnp.asarray(randn(25, 2, dim))
   for name, (loss, _) in _masked_cases(dim).items():
     if name == "infonce_queue":
@@ -402,7 +398,7 @@ def test_one_row_per_device_is_a_global_batch(impl):
     np.testing.assert_allclose(float(got), want, rtol=1e-5, err_msg=name)
   with pytest.raises(ValueError, match=r"`image` needs at least 2 examples in the global batch .* 1 per device "
                                        r"on 1 devices"):
-    jax.shard_map(lambda a, b: losses.clip(a, b, logit_scale=1.0, axis_name="data"), mesh=_mesh(1),
+    jax.shard_map(lambda a, b: losses.clip(a, b, logit_scale=1.0, axis_name="data"), mesh=device_mesh(1),
                   in_specs=(P("data"), P("data")), out_specs=P())(a[:1], b[:1])
 
 
@@ -424,7 +420,7 @@ def test_retrieval_accuracy_over_the_global_batch(impl, monkeypatch):
     cols = np.mean([np.argmax(s_m[:, j]) == j for j in np.flatnonzero(keep)])
     assert 0 < rows < 1 and 0 < cols < 1
     m = None if mask is None else jnp.asarray(mask)
-    got = jax.jit(lambda a, b, m=m: losses.retrieval_accuracy(a, b, impl=impl, mesh=_mesh(4), mask=m))(
+    got = jax.jit(lambda a, b, m=m: losses.retrieval_accuracy(a, b, impl=impl, mesh=device_mesh(4), mask=m))(
         jnp.asarray(a), jnp.asarray(b))
     np.testing.assert_allclose([float(got.a_to_b), float(got.b_to_a)], [rows, cols], rtol=1e-6)
 
@@ -437,7 +433,7 @@ def test_ring_memory_does_not_grow_with_the_global_batch():
   rows_per, dim = 256, 128
 
   def temp_bytes(impl, n):
-    mesh = _mesh(n)
+    mesh = device_mesh(n)
     a = jax.ShapeDtypeStruct((n * rows_per, dim), jnp.float32)
     fn = jax.jit(jax.grad(lambda a, b: losses.clip(a, b, logit_scale=10.0, impl=impl, mesh=mesh), (0, 1)))
     return fn.lower(a, a).compile().memory_analysis().temp_size_in_bytes
@@ -468,7 +464,7 @@ def test_auto_on_a_mesh_takes_the_sharded_engine_and_equals_dense(monkeypatch):
   cases = {name: loss for name, loss in _cases(batch, dim, seed=4).items() if name in ("clip", "siglip", "supcon")}
   wants = {name: _value_and_grads(functools.partial(loss, impl="dense"), jnp.asarray(a_np),
                                   jnp.asarray(b_np), 4.0) for name, loss in cases.items()}
-  mesh = _mesh(8, jax.sharding.AxisType.Explicit)
+  mesh = device_mesh(8, jax.sharding.AxisType.Explicit)
   with jax.set_mesh(mesh):
     a = jax.device_put(a_np, NamedSharding(mesh, P("data")))
     b = jax.device_put(b_np, NamedSharding(mesh, P("data")))
@@ -478,7 +474,7 @@ def test_auto_on_a_mesh_takes_the_sharded_engine_and_equals_dense(monkeypatch):
         _assert_close(_value_and_grads(loss, a, b, 4.0), wants[name])
       except AssertionError as e:
         raise AssertionError(f"{name} with impl='auto'") from e
-  with jax.set_mesh(_mesh(8)):  # Auto axes: the batch is taken to be split over the "data" axis
+  with jax.set_mesh(device_mesh(8)):  # Auto axes: the batch is taken to be split over the "data" axis
     assert "shard_map" in str(jax.make_jaxpr(cases["clip"])(a_np, b_np, 4.0))
 
 
@@ -488,16 +484,16 @@ def test_auto_stays_on_one_device_without_a_split_batch():
   devices, replicated arrays on an Explicit mesh, or inside the user's shard_map without `axis_name`."""
   a, b = jnp.asarray(randn(13, 12, 4)), jnp.asarray(randn(14, 12, 4))
   loss = lambda a, b: losses.clip(a, b, logit_scale=3.0)
-  for mesh in (None, _mesh(1), _mesh(8), _mesh(4, jax.sharding.AxisType.Explicit)):  # 12 % 8 != 0
+  for mesh in (None, device_mesh(1), device_mesh(8), device_mesh(4, jax.sharding.AxisType.Explicit)):  # 12 % 8 != 0
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
       assert "shard_map" not in str(jax.make_jaxpr(loss)(a, b)), mesh
   # `mesh=` with auto and a MoCo queue of 10 that does not split over 4 devices: one device, no error
   queue = jnp.asarray(randn(15, 10, 4))
   with_queue = lambda a, b, **kw: losses.infonce(a, b, temperature=0.5, negatives=queue, **kw)
-  assert "shard_map" not in str(jax.make_jaxpr(lambda a, b: with_queue(a, b, mesh=_mesh(4)))(a, b))
-  np.testing.assert_allclose(float(with_queue(a, b, mesh=_mesh(4))), float(with_queue(a, b, impl="dense")),
+  assert "shard_map" not in str(jax.make_jaxpr(lambda a, b: with_queue(a, b, mesh=device_mesh(4)))(a, b))
+  np.testing.assert_allclose(float(with_queue(a, b, mesh=device_mesh(4))), float(with_queue(a, b, impl="dense")),
                              rtol=1e-5)
-  local = jax.shard_map(lambda a, b: loss(a, b)[None], mesh=_mesh(4), in_specs=(P("data"), P("data")),
+  local = jax.shard_map(lambda a, b: loss(a, b)[None], mesh=device_mesh(4), in_specs=(P("data"), P("data")),
                         out_specs=P("data"))
   per_device = local(a, b)  # each device's own 3-row batch
   np.testing.assert_allclose(per_device[1], losses.clip(a[3:6], b[3:6], logit_scale=3.0, impl="dense"),
@@ -537,11 +533,11 @@ def test_errors_name_the_problem():
   with pytest.raises(ValueError, match="needs a device mesh"):
     losses.clip(a, a, logit_scale=1.0, impl="ring")
   with pytest.raises(ValueError, match="multiple of 8"):
-    losses.clip(a, a, logit_scale=1.0, impl="ring", mesh=_mesh(8))
+    losses.clip(a, a, logit_scale=1.0, impl="ring", mesh=device_mesh(8))
   with pytest.raises(ValueError, match="not an axis of the mesh"):
-    losses.clip(a, a, logit_scale=1.0, impl="ring", mesh=_mesh(4), axis_name="batch")
+    losses.clip(a, a, logit_scale=1.0, impl="ring", mesh=device_mesh(4), axis_name="batch")
   with pytest.raises(ValueError, match="for a loss over a mesh"):
-    losses.clip(a, a, logit_scale=1.0, impl="blockwise", mesh=_mesh(4))
+    losses.clip(a, a, logit_scale=1.0, impl="blockwise", mesh=device_mesh(4))
   with pytest.raises(ValueError, match="sharded engine: it needs `axis_name`"):
     ops.logsumexp(a, a, scale=1.0, impl="ring")
 
