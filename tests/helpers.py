@@ -145,11 +145,20 @@ def assert_sharded_equals_dense(loss, args, *, impl: str, n_devices: int, rtol: 
   _, (want, want_grads) = value_and_grads(impl="dense")
   jaxpr, (got, got_grads) = value_and_grads(impl=impl, mesh=device_mesh(n_devices))
   assert "shard_map" in str(jaxpr), "the sharded call fell back to one device"
-  np.testing.assert_allclose(float(got), float(want), rtol=rtol, err_msg="value")
-  for n, g, w in zip(argnums, got_grads, want_grads):
+  assert_value_and_grads_close((got, got_grads), (want, want_grads), rtol=rtol,
+                               names=[f"gradient of argument {n}" for n in argnums])
+
+
+def assert_value_and_grads_close(got, want, *, rtol: float = 1e-5, names=None):
+  """(value, grads) against (value, grads): the value to `rtol` relative, each gradient to `rtol` of its
+  largest dense entry (an argument the loss does not depend on has a zero gradient on both sides)."""
+  (value, grads), (want_value, want_grads) = got, want
+  np.testing.assert_allclose(float(value), float(want_value), rtol=rtol, err_msg="value")
+  names = names or [f"gradient {n}" for n in range(len(want_grads))]
+  for name, g, w in zip(names, grads, want_grads):
     g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
     norm = max(np.max(np.abs(w)), 1e-30)
-    np.testing.assert_allclose(g / norm, w / norm, atol=rtol, err_msg=f"gradient of argument {n}")
+    np.testing.assert_allclose(g / norm, w / norm, atol=rtol, err_msg=name)
 
 # inside the functions, so that the tests of the losses do not import it.
 import os  # noqa: E402
