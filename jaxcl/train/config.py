@@ -104,6 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.knn_temperature = 0.1
   c.eval.linear_probe = True
   c.eval.baselines = True
+  # False: the run ends with its last checkpoint and no evaluation (no baselines, no embedding plot;
+  # results.json holds the step): a pretraining run evaluated later, or elsewhere.
+  c.eval.at_end = True
   for name, section in _method_sections().items():
     c[name] = section
   return c

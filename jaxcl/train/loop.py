@@ -87,7 +87,8 @@ class StepReport:
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, stop_at: int | None = None
 ) -> dict:
-  """Trains to `config.total_steps` (resuming from `workdir`), evaluates, writes the run's outputs.
+  """Trains to `config.total_steps` (resuming from `workdir`), evaluates (unless `config.eval.at_end` is
+  False), writes the run's outputs.
 
   `stop_at` ends this invocation after that step with a checkpoint and no evaluation, as a preemption
   would (SIGTERM does the same at the next step boundary); running again resumes. Returns the results
@@ -185,18 +186,21 @@ def _train_and_evaluate(config, workdir: str, infos: dict, *, progress: bool, st
     manager.close()
     return {"step": step, "stopped": True}
 
-  results = evaluation.evaluate(config, setup, state_lib.variables(state), earlier=earlier)
-  projection, labels = results.pop("_projection"), results.pop("_labels")
-  writer.write(step, {f"eval/{k}": v for k, v in results.items()})
-  if config.eval.baselines:
-    init = init_fn(jax.random.key(config.seed))
-    random_init = {k: v for k, v in evaluation.evaluate(config, setup, state_lib.variables(init)).items() if not k.startswith("_")}
-    results["baselines"] = {"random_init": random_init, "raw_pixels": evaluation.raw_pixel_baseline(config, setup)}
+  results, embedding = {}, {}
+  if config.eval.at_end:
+    results = evaluation.evaluate(config, setup, state_lib.variables(state), earlier=earlier)
+    embedding = dict(projection=metrics_lib.pca_2d(results.pop("_projection")), labels=results.pop("_labels"))
+    writer.write(step, {f"eval/{k}": v for k, v in results.items()})
+    if config.eval.baselines:
+      init = init_fn(jax.random.key(config.seed))
+      random_init = {k: v for k, v in evaluation.evaluate(config, setup, state_lib.variables(init)).items() if not k.startswith("_")}
+      results["baselines"] = {"random_init": random_init, "raw_pixels": evaluation.raw_pixel_baseline(config, setup)}
   results["step"] = step
   if lead:
     (_paths.as_path(workdir) / "results.json").write_text(json.dumps(results, indent=2))
-    metrics_lib.write_plots(workdir, metrics_lib.pca_2d(projection), labels)
-    print(evaluation.results_table(results))
+    metrics_lib.write_plots(workdir, **embedding)
+    print(evaluation.results_table(results) if config.eval.at_end else
+          f"Trained to step {step}; no evaluation (eval.at_end=False).")
   writer.close()
   manager.close()
   return results

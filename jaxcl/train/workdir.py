@@ -65,6 +65,7 @@ SAFE_TO_CHANGE = (
     "eval.knn_temperature",
     "eval.linear_probe",
     "eval.baselines",
+    "eval.at_end",
     "data.data_dir",  # where the same prepared data is read from (a moved cache, another machine)
 )
 

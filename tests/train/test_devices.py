@@ -14,6 +14,7 @@ def test_fsdp_mesh_and_gradient_accumulation(data_dir, tmp_path):
   config = tiny(load_recipe("simclr_digits"), data_dir, steps=2)
   config.mesh.fsdp = 2  # 4 data × 2 fsdp over the 8 test devices
   config.grad_accum_steps = 2
+  config.eval.at_end = True  # the evaluation embeds with the FSDP-sharded parameters
   mesh = devices.make_mesh(config)
   assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
   setup = state_lib.build_setup(config)

@@ -43,6 +43,7 @@ def test_resume_gives_identical_parameters(recipe, grad_cache_chunks, data_dir, 
 
 def test_outputs_of_a_run(data_dir, tmp_path):
   config = tiny(load_recipe("simclr_digits"), data_dir, steps=4, encoder="resnet18")  # the default encoder
+  config.eval.at_end = True
   config.eval.baselines = True
   config.eval.linear_probe = True
   results = loop.train_and_evaluate(config, str(tmp_path), progress=False)
@@ -63,6 +64,7 @@ def test_rerunning_a_finished_run_keeps_one_evaluation_row_and_exit_statuses(dat
   from jaxcl.train import metrics
 
   config = tiny(load_recipe("simclr_digits"), data_dir, steps=4)
+  config.eval.at_end = True
   stopped = loop.train_and_evaluate(config, str(tmp_path), progress=False, stop_at=2)  # as a preemption
   assert main.exit_status(stopped) == main.PREEMPTED_EXIT_STATUS == 75
   finished = loop.train_and_evaluate(config, str(tmp_path), progress=False)
@@ -106,6 +108,7 @@ def test_no_host_sync_on_the_step_just_dispatched(data_dir, tmp_path, monkeypatc
   monkeypatch.setattr(devices, "to_global", recording_to_global)
   config = tiny(load_recipe("simclr_digits"), data_dir, steps=6)
   config.checkpoint_every = 3
+  config.eval.at_end = True  # its batches come after the training's
   loop.train_and_evaluate(config, str(tmp_path), progress=False)
   b, d, r = (lambda n, kind=kind: (kind, n) for kind in ("batch", "dispatch", "read"))
   training = [b(1), d(1), b(2), d(2), b(3), r(1), d(3), b(4), r(2), r(3),  # r(3): checkpoint 3

@@ -92,8 +92,10 @@ def test_one_cluster_ring_stage_trains_like_nt_xent_and_resumes(data_dir, stage_
   # come back from the checkpoint).
   steps = 4
   plain = tiny(load_recipe("simclr_digits"), data_dir, steps=steps)
+  plain.eval.at_end = True
   want = loop.train_and_evaluate(plain, str(tmp_path / "plain"), progress=False)
   config = _stage_two(data_dir, stage_one, 1, steps)
+  config.eval.at_end = True  # with the earlier stage's features
   config.loss.impl = "ring"
   assert loop.train_and_evaluate(config, str(tmp_path / "mcl"), progress=False, stop_at=2)["stopped"]
   got = loop.train_and_evaluate(config, str(tmp_path / "mcl"), progress=False)

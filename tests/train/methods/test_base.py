@@ -109,6 +109,7 @@ def test_a_method_registered_from_outside_trains_and_keeps_its_state(barlow_twin
     validation.validate_config(config, data=False)
   config.loss.name = "barlow_twins"
   config.grad_accum_steps = 2  # 4 steps, 2 optimizer updates
+  config.eval.at_end = True  # the evaluation embeds with the new method's model too
   results = loop.train_and_evaluate(config, str(tmp_path), progress=False)
   assert results["step"] == 4 and 0.0 <= results["knn_accuracy"] <= 1.0
   assert int(final_state(config, str(tmp_path), 4).method_state["updates"]) == 2

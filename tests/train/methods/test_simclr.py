@@ -80,7 +80,7 @@ def test_recipe_trains_and_resumes_with_the_saved_loss_state(data_dir, tmp_path)
   steps = 6
   straight = _config(data_dir, steps)
   results = loop.train_and_evaluate(straight, str(tmp_path / "straight"), progress=False)
-  assert results["step"] == steps and 0.0 <= results["knn_accuracy"] <= 1.0
+  assert results == {"step": steps}  # tiny runs end without the evaluation
   # The same run stopped after 3 of 6 steps (as a preemption would), then resumed from its checkpoint.
   interrupted = _config(data_dir, steps)
   stopped = loop.train_and_evaluate(interrupted, str(tmp_path / "resumed"), progress=False, stop_at=3)
