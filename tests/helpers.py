@@ -79,6 +79,13 @@ def pad_batch(seed: int, arrays, n_pad: int):
   return padded, mask
 
 
+# The engines of a loss's padded-batch test (`assert_padded_equals_unpadded`). The masked reductions on
+# the Pallas kernels (interpret mode on the CPU: ~2x the time of the others) are tested in
+# tests/ops/test_pallas.py and through the losses they serve first (infonce, clip, supcon), whose
+# padded-batch tests add "pallas"; the other losses pass the same mask to the same reductions.
+PADDED_TEST_ENGINES = ("dense", "blockwise")
+
+
 def assert_padded_equals_unpadded(loss, arrays, n_pad=3, seed=0, rtol=1e-6, n_diff=None, unpadded_loss=None):
   """loss(*padded, mask=mask) equals unpadded_loss(*arrays) (default: `loss`; float32 rounding: rtol
   1e-6), and so do the gradients w.r.t. the first `n_diff` arrays (all by default) on the real rows,

@@ -296,7 +296,7 @@ def _masked_cases(impl):
   }
 
 
-@pytest.mark.parametrize("impl", ["dense", "blockwise", "pallas"])
+@pytest.mark.parametrize("impl", helpers.PADDED_TEST_ENGINES)
 @pytest.mark.parametrize("name", sorted(_masked_cases("dense")))
 def test_padded_batch_with_mask_equals_unpadded_batch(name, impl):
   loss, arrays, n_diff, _ = _masked_cases(impl)[name]

@@ -256,7 +256,7 @@ def test_cacr_per_instance_terms_match_reference():
     np.testing.assert_allclose(per[i], att + rep, rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["dense", "blockwise", "pallas"])
+@pytest.mark.parametrize("impl", helpers.PADDED_TEST_ENGINES)
 def test_contrastive_gap_padded_batch_with_mask_equals_unpadded_batch(impl, monkeypatch):
   monkeypatch.setattr(blockwise, "DEFAULT_TILE", 4)
   loss = lambda x, y, **kw: contrastive_gap(x, y, logit_scale=3.0, cross_uniformity=True, impl=impl, **kw)

@@ -222,8 +222,10 @@ def clear_error(e: Exception) -> bool:
 
 
 # --------------------------------------------------------------------------------------- properties
+# 4 derandomized examples a loss (of 7 kinds x 2 dtypes x 2 shapes): "normal" and three others; each
+# kind meets 20 or more of the 73 losses (measured when the count went from 6 to 4, for the suite's time).
 @pytest.mark.parametrize("name", TESTED)
-@settings(PROFILE, max_examples=6)
+@settings(PROFILE, max_examples=4)
 @given(data=st.data())
 def test_finite_value_and_gradients_or_a_clear_error(name, data):
   spec = spec_for(name)
@@ -241,7 +243,7 @@ def test_finite_value_and_gradients_or_a_clear_error(name, data):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ENGINE_NAMES)
-@settings(PROFILE, max_examples=3)
+@settings(PROFILE, max_examples=2)
 @given(data=st.data())
 def test_engines_agree(name, data):
   """dense, blockwise and pallas (interpret mode on CPU) agree in value and gradients, float32.
