@@ -151,13 +151,14 @@ def test_tpu_fused_backward_is_one_kernel_of_three_matmuls(topo):
   kernels, the forward (clip: rows + columns in one pass) and the backward (dq and dk from one
   recomputation of S), for float32 and bf16, D = 128 and 768 (on v4, 16 MiB of VMEM, D = 768 splits the
   rows into calls of one kernel in a loop). The compiled flops (the kernels' cost estimates) are those
-  of 4 B²D-matmuls against 5 with the dq and dk kernels (3 calls)."""
+  of 4 B²D-matmuls against 5 with the dq and dk kernels (3 calls). On v4 only the D = 768 cases (what
+  differs there: the loop), for the suite's time."""
   one = SingleDeviceSharding(targets.get(topo).devices[0])
   flops = {}
-  for name, d, dtype, fused in (("clip", 128, F32, True), ("clip", 128, F32, False), ("clip", 768, F32, True),
-                                ("clip", 128, BF16, True), ("clip", 768, BF16, True),
-                                ("siglip", 128, F32, True), ("siglip", 128, F32, False),
-                                ("siglip", 768, BF16, True)):
+  cases = (("clip", 128, F32, True), ("clip", 128, F32, False), ("clip", 768, F32, True),
+           ("clip", 128, BF16, True), ("clip", 768, BF16, True),
+           ("siglip", 128, F32, True), ("siglip", 128, F32, False), ("siglip", 768, BF16, True))
+  for name, d, dtype, fused in cases if topo.startswith("v5e") else [c for c in cases if c[1] == 768]:
     x, y = _pair(d, dtype, one)
     settings = engine.Settings(flavour="tpu", interpret=False, fused_backward=fused)
     compiled = _compile(_loss(name, settings), x, y, ())
@@ -166,7 +167,7 @@ def test_tpu_fused_backward_is_one_kernel_of_three_matmuls(topo):
     _check_temp_bytes(compiled, B, B, d, B)
     if d == 128 and dtype == F32:  # B rows in one call: no loop (whose body the flops count once)
       flops[name, fused] = compiled.cost_analysis()["flops"]
-  for name in ("clip", "siglip"):  # (padded) 4 matmuls against 5
+  for name in ("clip", "siglip") if flops else ():  # (padded) 4 matmuls against 5
     assert flops[name, True] / flops[name, False] == pytest.approx(4 / 5, abs=1e-3), name
 
 
