@@ -21,6 +21,8 @@ not a loss of its own.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -227,9 +229,14 @@ def diffcse(
 
 
 # ---------------------------------------------------------------------------------------------- miCSE
-def _log_attention_correlation(a1, a2):
-  """Per row (last axis: the entries), the Pearson correlation ρ of log a1 and log a2 over the entries
-  where both are > 0, and the number of such entries."""
+@jax.jit  # called eagerly too: one program, not thirty
+def _attention_information(attention1: jax.Array, attention2: jax.Array):
+  """Per sentence (axis 0) and row (the middle axes flattened), I = −½ log max(1 − ρ², ε) with ρ the
+  Pearson correlation of log a1 and log a2 over the entries (last axis) where both are > 0; and per
+  sentence the number of such entries. Returns ((B, R) I, (B,) counts)."""
+  rows = (attention1.shape[0], -1, attention1.shape[-1])
+  a1 = jnp.reshape(attention1.astype(jnp.float32), rows)
+  a2 = jnp.reshape(attention2.astype(jnp.float32), rows)
   valid = (a1 > 0) & (a2 > 0)
   count = jnp.sum(valid, axis=-1, keepdims=True).astype(jnp.float32)
   x = jnp.log(jnp.where(valid, a1, 1.0))
@@ -237,7 +244,9 @@ def _log_attention_correlation(a1, a2):
   center = lambda v: jnp.where(valid, v - jnp.sum(v, axis=-1, keepdims=True) / jnp.maximum(count, 1.0), 0.0)
   x, y = center(x), center(y)
   norm = lambda v: jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(v), axis=-1) + 1e-30), _MI_EPS)
-  return jnp.sum(x * y, axis=-1) / (norm(x) * norm(y)), jnp.sum(valid, axis=-1)
+  rho = jnp.sum(x * y, axis=-1) / (norm(x) * norm(y))
+  information = -0.5 * jnp.log(jnp.maximum(1.0 - jnp.square(rho), _MI_EPS))
+  return information, jnp.sum(count, axis=(1, 2))
 
 
 @_common.keyword_only
@@ -307,12 +316,8 @@ def micse(
   _common.check_reduction(reduction)
   mask = _common.sample_mask(mask, b)
   per_anchor = _simcse_per_anchor(a, p, None, inv_t, 0.0, mask, impl, axis_name)
-  rows = (b, -1, att1.shape[-1])
-  rho, n_valid = _log_attention_correlation(jnp.reshape(att1.astype(jnp.float32), rows),
-                                            jnp.reshape(att2.astype(jnp.float32), rows))
-  information = -0.5 * jnp.log(jnp.maximum(1.0 - jnp.square(rho), _MI_EPS))  # (B, R)
+  information, kept = _attention_information(att1, att2)  # (B, R), (B,)
   n_entries = np.prod(att1.shape[1:])
-  kept = jnp.sum(n_valid, axis=1).astype(jnp.float32)
   sentences = (jnp.asarray(_common.global_size(b, axis_name), jnp.float32) if mask is None
                else _common.batch_sum(mask.astype(jnp.float32), axis_name))
   fraction = _common.batch_sum(_common.zero_invalid(kept, mask), axis_name) / jnp.maximum(sentences * n_entries, 1.0)
@@ -403,6 +408,21 @@ def _with_context_rows(x: jax.Array, c: int, axis_name) -> jax.Array:
   return jnp.concatenate([before, x, after])
 
 
+@functools.partial(jax.jit, static_argnums=(3, 4))  # called eagerly too: one program, not twenty
+def _neighbour_mean(f: jax.Array, g: jax.Array, valid: jax.Array, c: int, axis_name):
+  """(<f_i, mean_{j ∈ C(i)} g_j>, |C(i)|) per local row i: C(i) the valid rows at i ± 1..c of the
+  global batch (0 and 0 where there is none)."""
+  b = f.shape[0]
+  # Beyond the global batch the padded rows are 0: they are neither in C(i) nor counted.
+  in_batch = _with_context_rows(valid, c, axis_name)
+  rows = _with_context_rows(g, c, axis_name)
+  window = lambda x, o: jax.lax.dynamic_slice_in_dim(x, c + o, b)
+  offsets = [o for o in range(-c, c + 1) if o != 0]
+  count = sum(window(in_batch, o) for o in offsets)
+  target = sum(window(in_batch, o)[:, None] * window(rows, o).astype(jnp.float32) for o in offsets)
+  return jnp.einsum("id,id->i", f.astype(jnp.float32), target) / jnp.maximum(count, 1.0), count
+
+
 @_common.keyword_only
 @_common.shardable("inputs", "contexts", "mask")
 def quick_thoughts(
@@ -466,14 +486,8 @@ def quick_thoughts(
   mask = _common.sample_mask(mask, b)
   c = int(context_size)
   valid = jnp.ones((b,), jnp.float32) if mask is None else mask.astype(jnp.float32)
-  # Beyond the global batch the padded rows are 0: they are neither in C(i) nor counted.
-  in_batch = _with_context_rows(jnp.ones((b,), jnp.float32), c, axis_name) * _with_context_rows(valid, c, axis_name)
-  rows = _with_context_rows(g, c, axis_name)
-  offsets = [o for o in range(-c, c + 1) if o != 0]
-  window = lambda x, o: jax.lax.dynamic_slice_in_dim(x, c + o, b)
-  count = sum(window(in_batch, o) for o in offsets)
-  target = sum(window(in_batch, o)[:, None] * window(rows, o).astype(jnp.float32) for o in offsets)
-  positive = inv_t * jnp.einsum("id,id->i", f.astype(jnp.float32), target) / jnp.maximum(count, 1.0)
+  neighbours, count = _neighbour_mean(f, g, valid, c, axis_name)
+  positive = inv_t * neighbours
   anchor = count > 0 if mask is None else mask & (count > 0)
   ids = _common.batch_ids(b, axis_name)
   lse = ops.logsumexp(f, g, scale=inv_t, exclude=(ids, ids), row_valid=anchor, col_valid=mask, impl=impl,
