@@ -13,6 +13,7 @@ takes `impl=` to choose the engine.
 | arbitrary positive pairs in gated subspaces (`gated_pairs`) | gated_pair_infonce |
 | sigmoid | siglip |
 | classification of caption nouns / identities (`classification`) | catlip (+ catlip_targets), unpg |
+| sentence embeddings (`sentence`) | simcse, diffcse, micse, mcse, quick_thoughts |
 | metric learning | triplet, batch_hard_triplet |
 | geometry | alignment, uniformity |
 | softmax, nearest-neighbour positives from a support set | nnclr |
@@ -30,7 +31,8 @@ of a batch split over devices, against every negative of the global batch, with
 MoCo queue too), nt_xent, dcl, dclw, supcon, macl, hn_nce, mcl_nt_xent, nnclr, albef_itc, m3co,
 similarity_distillation, softclip, cacr, contrastive_gap, gram, cwcl, symile, gated_pair_infonce, meru,
 sbcl, multiview_infonce, mv_dhel, one_to_k_clip, poly_view, uniformity, ce_clip, dual_view_moco, csr,
-csr_contrastive, decoupled_softmax, filip, focal_clip, isogclr, focal_supcon, patch_nce, cpc and unpg.
+csr_contrastive, decoupled_softmax, filip, focal_clip, isogclr, focal_supcon, patch_nce, cpc, unpg,
+simcse, diffcse, micse, mcse and quick_thoughts.
 A loss whose formula needs every pair (a top k, a token-wise max, gram's volumes, meru's Lorentz
 distances, unpg's whisker filter) gathers the keys for "ring" too, computes this device's rows densely,
 and says so. A stack of views (V, B, D) is split along B. mlcd takes them too, with its class centres,
@@ -75,6 +77,7 @@ from jaxcl.losses.matryoshka_2d import STARBUCKS_PAIRS, layer_kl, matryoshka_2d,
 from jaxcl.losses.nearest_neighbour import nnclr
 from jaxcl.losses.prototypes import sinkhorn_knopp, swav
 from jaxcl.losses.triplet import batch_hard_triplet, triplet
+from jaxcl.losses.sentence import diffcse, mcse, micse, quick_thoughts, simcse
 from jaxcl.losses.snr import snr_distance, snr_triplet
 from jaxcl.losses.spatial import cpc, patch_nce, pixpro
 from jaxcl.losses.spherical_z import spherical_z_contrastive, spherical_z_loss
@@ -128,6 +131,7 @@ __all__ = [
     "dcl",
     "dclw",
     "decoupled_softmax",
+    "diffcse",
     "dual_view_moco",
     "entailment_cone",
     "exterior_angle",
@@ -154,7 +158,9 @@ __all__ = [
     "matryoshka_2d",
     "mcl_cluster_ids",
     "mcl_nt_xent",
+    "mcse",
     "meru",
+    "micse",
     "mlcd",
     "multiview_infonce",
     "mv_dhel",
@@ -167,12 +173,14 @@ __all__ = [
     "pixpro",
     "poly_view",
     "positive_aware_infonce",
+    "quick_thoughts",
     "retrieval_accuracy",
     "sae_decode",
     "sae_encode",
     "sae_pre_activation",
     "sbcl",
     "siglip",
+    "simcse",
     "similarity_distillation",
     "sinkhorn_knopp",
     "snr_distance",

@@ -56,6 +56,8 @@ SPECS: dict[str, Spec] = {
     "dcl": Spec(lambda a, y, t, impl: L.dcl(a[0], a[1], temperature=t, impl=impl), engines=True),
     "dclw": Spec(lambda a, y, t, impl: L.dclw(a[0], a[1], temperature=t, impl=impl), engines=True),
     # gates must lie in [0, 1] (checked only when concrete): |l2_normalize(x)| is in [0, 1] at any magnitude
+    # the third array as replaced-token logits, the fourth's sign as the replaced mask
+    "diffcse": Spec(lambda a, y, t, impl: L.diffcse(a[0], a[1], a[2], a[3] > 0, temperature=t, impl=impl), n_arrays=4),
     "gated_pair_infonce": Spec(lambda a, y, t, impl: L.gated_pair_infonce(
         a[0], a[1], jnp.abs(L.l2_normalize(a[2])), temperature=t, impl=impl), n_arrays=3),
     "infonce": Spec(lambda a, y, t, impl: L.infonce(a[0], a[1], temperature=t, impl=impl), engines=True),
@@ -67,6 +69,9 @@ SPECS: dict[str, Spec] = {
                               n_arrays=3, engines=True),
     "m3co": Spec(lambda a, y, t, impl: L.m3co(a[0], a[1], mix_index=jnp.roll(jnp.arange(a[0].shape[0]), 1),
                                               mix_weight=0.3, temperature=t, impl=impl), engines=True),
+    # attention probabilities: softmax over the rows of the third and fourth arrays
+    "micse": Spec(lambda a, y, t, impl: L.micse(a[0], a[1], jax.nn.softmax(a[2]), jax.nn.softmax(a[3]), temperature=t,
+                                                impl=impl), n_arrays=4),
     "mv_dhel": Spec(lambda a, y, t, impl: L.mv_dhel(jnp.stack(a), temperature=t, impl=impl), n_arrays=3,
                     engines=True),
     "negative_cosine": Spec(lambda a, y, t, impl: L.negative_cosine(a[0], a[1])),

@@ -24,6 +24,7 @@ from tests.losses.reference import nearest_neighbour
 from tests.losses.reference import predictive
 from tests.losses.reference import prototypes
 from tests.losses.reference import redundancy
+from tests.losses.reference import sentence
 from tests.losses.reference import snr
 from tests.losses.reference import spatial
 from tests.losses.reference import sparse_coding
@@ -31,4 +32,4 @@ from tests.losses.reference import supcon
 from tests.losses.reference import temperature
 from tests.losses.reference import triplet
 
-__all__ = ["alignment_uniformity", "classification", "clip", "clustering", "common", "crossmodal", "distill", "false_negatives", "gated_pairs", "geometric", "hard_negatives", "hyperbolic", "infonce", "late_interaction", "matryoshka", "matryoshka_2d", "multipositive", "multiview", "nearest_neighbour", "predictive", "prototypes", "redundancy", "snr", "sparse_coding", "spatial", "supcon", "temperature", "triplet"]
+__all__ = ["alignment_uniformity", "classification", "clip", "clustering", "common", "crossmodal", "distill", "false_negatives", "gated_pairs", "geometric", "hard_negatives", "hyperbolic", "infonce", "late_interaction", "matryoshka", "matryoshka_2d", "multipositive", "multiview", "nearest_neighbour", "predictive", "prototypes", "redundancy", "sentence", "snr", "sparse_coding", "spatial", "supcon", "temperature", "triplet"]
