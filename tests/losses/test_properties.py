@@ -55,9 +55,9 @@ SPECS: dict[str, Spec] = {
     "cwcl": Spec(lambda a, y, t, impl: L.cwcl(a[0], a[1], temperature=t, impl=impl), engines=True),
     "dcl": Spec(lambda a, y, t, impl: L.dcl(a[0], a[1], temperature=t, impl=impl), engines=True),
     "dclw": Spec(lambda a, y, t, impl: L.dclw(a[0], a[1], temperature=t, impl=impl), engines=True),
-    # gates must lie in [0, 1] (checked only when concrete): |l2_normalize(x)| is in [0, 1] at any magnitude
     # the third array as replaced-token logits, the fourth's sign as the replaced mask
     "diffcse": Spec(lambda a, y, t, impl: L.diffcse(a[0], a[1], a[2], a[3] > 0, temperature=t, impl=impl), n_arrays=4),
+    # gates must lie in [0, 1] (checked only when concrete): |l2_normalize(x)| is in [0, 1] at any magnitude
     "gated_pair_infonce": Spec(lambda a, y, t, impl: L.gated_pair_infonce(
         a[0], a[1], jnp.abs(L.l2_normalize(a[2])), temperature=t, impl=impl), n_arrays=3),
     "infonce": Spec(lambda a, y, t, impl: L.infonce(a[0], a[1], temperature=t, impl=impl), engines=True),
@@ -228,7 +228,7 @@ def clear_error(e: Exception) -> bool:
 
 # --------------------------------------------------------------------------------------- properties
 # 4 derandomized examples a loss (of 7 kinds x 2 dtypes x 2 shapes): "normal" and three others; each
-# kind meets 20 or more of the 73 losses (measured when the count went from 6 to 4, for the suite's time).
+# kind met 20 or more of the 73 losses when the count went from 6 to 4 (for the suite's time).
 @pytest.mark.parametrize("name", TESTED)
 @settings(PROFILE, max_examples=4)
 @given(data=st.data())
