@@ -39,7 +39,7 @@ def overrides(steps: int, checkpoint_every: int, data_dir: str) -> dict:
       "batch_size": 16, "total_steps": steps, "warmup_steps": 10, "log_every": 1,
       "checkpoint_every": checkpoint_every, "eval_every": 100_000, "model.encoder": "mlp",
       "model.projection_dims": (32, 16), "eval.knn_k": 20, "eval.linear_probe": False,
-      "eval.baselines": False, "data.data_dir": data_dir,
+      "eval.baselines": False, "eval.at_end": False, "data.data_dir": data_dir,  # what it checks: the state
   }
 
 
