@@ -134,8 +134,10 @@ def soak(steps: int = 1000, every: int = 100, checkpoint_every: int = 10, *, roo
   # One persistent compilation cache for all the runs (the caller's, e.g. the test session's, if it has one).
   cache = {} if os.environ.get("JAX_COMPILATION_CACHE_DIR") else {
       "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  # `devices` CPU devices, and the caller's other XLA flags (the test session's optimisation level)
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **cache)
+             XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}"] + flags), **cache)
   say = print if verbose else (lambda *a, **k: None)
 
   t0 = time.perf_counter()

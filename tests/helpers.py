@@ -301,7 +301,9 @@ def subprocess_env(devices: int = 2, compilation_cache: bool = True) -> dict[str
   env = dict(os.environ)
   if not compilation_cache:
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  # The device count, and the CPU backend's optimisation level of this process (tests/conftest.py)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+  env["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count={devices}"] + flags)
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONUNBUFFERED"] = "1"
   return env

@@ -67,9 +67,9 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(data_dir, t
   """Two JAX processes (jax.distributed on CPU): the preemption notice reaches only process 1; JAX's
   preemption sync point makes both stop, save the same step and exit cleanly; both resume from it.
   A cross-process step takes ~0.1 s on a loaded CPU and the stop comes ~10 steps after the signal
-  (sent once 20 steps are logged), so 120 steps leave a wide margin; periodic checkpoints only every
+  (sent once 20 steps are logged), so 80 steps leave a wide margin; periodic checkpoints only every
   100 steps (each is a cross-process save): the step the run stops at is saved by the preemption itself."""
-  workdir, steps, checkpoint_every = tmp_path / "run", 120, 100
+  workdir, steps, checkpoint_every = tmp_path / "run", 80, 100
 
   def launch(name):
     port, runs = free_port(), []
