@@ -125,6 +125,11 @@ TEMPERATURE_LOSSES = {
     "softclip": lambda a, p, t: L.softclip(a, p, a, p, temperature=t),
     "supcon": lambda a, p, t: L.supcon(jnp.stack([a, p], 1), LABELS, temperature=t),
     "swav": lambda a, p, t: L.swav(jnp.stack([a, p], 1) @ VIEWS[0].T, temperature=t),  # (B, 2, K) scores
+    "simcse": lambda a, p, t: L.simcse(a, p, VIEWS[0], temperature=t),
+    "diffcse": lambda a, p, t: L.diffcse(a, p, VIEWS[0], VIEWS[1] > 0, temperature=t),  # (B, D) token logits
+    "micse": lambda a, p, t: L.micse(a, p, jax.nn.softmax(VIEWS[0]), jax.nn.softmax(VIEWS[1]), temperature=t),
+    "mcse": lambda a, p, t: L.mcse(a, p, a, p, VIEWS[0], temperature=t),
+    "quick_thoughts": lambda a, p, t: L.quick_thoughts(a, p, temperature=t),  # raw dot products
 }
 SCALE_LOSSES = {
     "ce_clip": lambda a, p, s: jax.tree.leaves(L.ce_clip(a, p, VIEWS[:2].transpose(1, 0, 2), logit_scale=s))[0],
