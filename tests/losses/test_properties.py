@@ -61,10 +61,6 @@ SPECS: dict[str, Spec] = {
     "gated_pair_infonce": Spec(lambda a, y, t, impl: L.gated_pair_infonce(
         a[0], a[1], jnp.abs(L.l2_normalize(a[2])), temperature=t, impl=impl), n_arrays=3),
     "infonce": Spec(lambda a, y, t, impl: L.infonce(a[0], a[1], temperature=t, impl=impl), engines=True),
-    # the temperature as every pair's initial τ (unseen: u = g), its bounds widened to contain it
-    "isogclr_clip": Spec(lambda a, y, t, impl: L.isogclr_clip(
-        a[0], a[1], jnp.arange(a[0].shape[0]), L.isogclr_clip_state(a[0].shape[0], tau_init=t),
-        tau_min=min(t, 0.005), tau_max=max(t, 0.05), impl=impl).loss),
     "l2_normalize": Spec(lambda a, y, t, impl: jnp.sum(L.l2_normalize(a[0]).astype(jnp.float32) * t),
                          n_arrays=1),
     "matryoshka": Spec(lambda a, y, t, impl: L.matryoshka(L.nt_xent, dims=(2, a[0].shape[1]))(

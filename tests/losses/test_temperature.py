@@ -653,7 +653,8 @@ def test_isogclr_clip_reductions_agree_and_padding_equals_the_unpadded_batch():
 def test_isogclr_clip_every_engine_agrees_with_dense():
   """Loss, gradients and state in one compiled program per engine."""
   x, y = randn(78, 6, 4), randn(79, 6, 4)
-  state, ids, impls = _clip_state(3, 8), jnp.array([0, 1, 2, 4, 5, 7]), _engines()
+  state, ids = _clip_state(3, 8), jnp.array([0, 1, 2, 4, 5, 7])
+  impls = [i for i in _engines() if i != "auto"]  # auto is one of the others
   step = lambda impl: jax.value_and_grad(  # noqa: E731
       lambda a, b: isogclr_clip(a, b, ids, state, impl=impl, **ISO), argnums=(0, 1), has_aux=True)
   out = jax.jit(lambda a, b: [step(i)(a, b) for i in impls])(x, y)
