@@ -31,8 +31,8 @@ of a batch split over devices, against every negative of the global batch, with
 MoCo queue too), nt_xent, dcl, dclw, supcon, macl, hn_nce, mcl_nt_xent, nnclr, albef_itc, m3co,
 similarity_distillation, softclip, cacr, contrastive_gap, gram, cwcl, symile, gated_pair_infonce, meru,
 sbcl, multiview_infonce, mv_dhel, one_to_k_clip, poly_view, uniformity, ce_clip, dual_view_moco, csr,
-csr_contrastive, decoupled_softmax, filip, focal_clip, isogclr, focal_supcon, patch_nce, cpc, unpg,
-simcse, diffcse, micse, mcse and quick_thoughts.
+csr_contrastive, decoupled_softmax, filip, focal_clip, isogclr, isogclr_clip, focal_supcon, patch_nce, cpc,
+unpg, simcse, diffcse, micse, mcse and quick_thoughts.
 A loss whose formula needs every pair (a top k, a token-wise max, gram's volumes, meru's Lorentz
 distances, unpg's whisker filter) gathers the keys for "ring" too, computes this device's rows densely,
 and says so. A stack of views (V, B, D) is split along B. mlcd takes them too, with its class centres,
@@ -97,11 +97,15 @@ from jaxcl.losses.sparse_coding import (
 )
 from jaxcl.losses.supcon import focal_supcon, supcon
 from jaxcl.losses.temperature import (
+    IsogclrClipOutput,
+    IsogclrClipState,
     IsogclrOutput,
     IsogclrState,
     amcl,
     focal_clip,
     isogclr,
+    isogclr_clip,
+    isogclr_clip_state,
     isogclr_state,
     macl,
 )
@@ -109,6 +113,8 @@ from jaxcl.losses.temperature import (
 __all__ = [
     "CSROutput",
     "CeClipOutput",
+    "IsogclrClipOutput",
+    "IsogclrClipState",
     "IsogclrOutput",
     "IsogclrState",
     "RetrievalAccuracy",
@@ -147,6 +153,8 @@ __all__ = [
     "hn_nce",
     "infonce",
     "isogclr",
+    "isogclr_clip",
+    "isogclr_clip_state",
     "isogclr_state",
     "l2_normalize",
     "layer_kl",

@@ -3,7 +3,7 @@ pair-adaptive multi-head temperatures (AMCL), focal re-weighting of the contrast
 
 | paper | function | engines |
 |---|---|---|
-| Not All Semantics are Created Equal: Contrastive Self-supervised Learning with Automatic Temperature Individualization | isogclr_state, isogclr | all, allgather, ring |
+| Not All Semantics are Created Equal: Contrastive Self-supervised Learning with Automatic Temperature Individualization | isogclr_state, isogclr; bimodal: isogclr_clip_state, isogclr_clip | all, allgather, ring |
 | Model-Aware Contrastive Learning: Towards Escaping the Dilemmas | macl | all, allgather, ring |
 | Multi-Modal Representation Learning with Text-Driven Soft Masks (focal ITC) | focal_clip | all, allgather, ring |
 | Adaptive Multi-head Contrastive Learning | amcl (its temperature network: `jaxcl.models.AMCLTemperature`) | dense only: needs per-pair temperatures |
@@ -342,26 +342,10 @@ def isogclr(
   """
   a, b = _common.pair("z1", z1, "z2", z2, normalize=normalize, axis_name=axis_name)
   bsz = a.shape[0]
-  ids = _checks.check_labels("ids", ids, bsz)
   if not isinstance(state, IsogclrState):
     raise TypeError(f"`state` must be an IsogclrState (see isogclr_state), got {type(state).__name__}.")
-  n_examples = state.u.shape[0]
-  for name, arr in zip(state._fields, state):
-    if jnp.shape(arr) != (n_examples,):
-      raise ValueError(f"`state.{name}` must have shape ({n_examples},), got {jnp.shape(arr)}.")
-  concrete = _checks.concrete_value(ids)
-  if concrete is not None and (concrete.min() < 0 or concrete.max() >= n_examples):
-    raise ValueError(f"`ids` must lie in [0, {n_examples}) (the state's size), got values in "
-                     f"[{concrete.min()}, {concrete.max()}].")
-  for name, v in (("gamma", gamma), ("beta", beta)):
-    _checks.check_non_negative(name, v)
-    if v > 1:
-      raise ValueError(f"`{name}` must be in [0, 1], got {v}.")
-  _checks.check_non_negative("eta", eta)
-  _checks.check_finite("rho", rho)
-  _checks.check_positive("tau_min", tau_min)
-  if tau_max < tau_min:
-    raise ValueError(f"`tau_max` must be >= `tau_min`, got {tau_max} < {tau_min}.")
+  ids = _check_ids_and_state(ids, bsz, state)
+  _check_isogclr_hyperparameters(gamma, rho, eta, beta, tau_min, tau_max)
   _common.check_reduction(reduction)
   mask = _common.sample_mask(mask, bsz)
   valid = None if mask is None else jnp.concatenate([mask, mask])
@@ -377,14 +361,7 @@ def isogclr(
   else:  # 2(B − 1) negatives per anchor, B the valid samples
     log_n = jnp.log(2.0 * jnp.maximum(_common.batch_sum(mask.astype(jnp.float32), axis_name) - 1.0, 1.0))
 
-  def negatives_lse(z, s):
-    return ops.logsumexp(z, z, scale=s, exclude=exclude, row_valid=valid, col_valid=valid, impl=impl,
-                         axis_name=axis_name).rows
-
-  lse = _common.zero_invalid(negatives_lse(z, scale), valid)
-  zs = sg(z)
-  _, pullback = jax.vjp(lambda s: negatives_lse(zs, s), scale)
-  mean_sim = _common.zero_invalid(sg(pullback(jnp.ones_like(lse))[0]), valid)  # Σ_j softmax_j c_aj
+  lse, mean_sim = _negatives_lse_and_mean_similarity(z, z, scale, exclude, valid, valid, impl, axis_name)
 
   g = sg(jnp.exp(lse - log_n))
   u_old = jnp.tile(old.u, 2)
@@ -400,13 +377,256 @@ def isogclr(
   grad_tau = jnp.log(u) + rho - (g / u) * mean_sim / tau
   grad_tau = 0.5 * (grad_tau[:bsz] + grad_tau[bsz:])
   new_u = 0.5 * (u[:bsz] + u[bsz:])
-  tau_grad = (1.0 - beta) * old.tau_grad + beta * grad_tau
-  new_tau = jnp.clip(old.tau - eta * tau_grad, tau_min, tau_max)
-  written = ids if mask is None else jnp.where(mask, ids, n_examples)  # masked rows: out of range, dropped
+  tau_grad, new_tau = _temperature_step(old.tau, old.tau_grad, grad_tau, eta, beta, tau_min, tau_max)
+  written = _written_ids(ids, mask, state.u.shape[0])
   new_state = IsogclrState(*(
       _write(arr, written, sg(new), axis_name) for arr, new in zip(state, (new_u, new_tau, tau_grad))
   ))
   return IsogclrOutput(loss, new_state)
+
+
+class IsogclrClipState(NamedTuple):
+  """Per-example state of bimodal iSogCLR (`isogclr_clip`): one set per modality, every array (N,)
+  indexed by a stable example id (the pair's), sharded and read/written like `IsogclrState`.
+
+  image_log_u, text_log_u: log of the moving average u of each anchor's negative term (see
+  `isogclr_clip`), kept in the log domain because exp(h/τ) overflows float32 at the bimodal
+  temperatures (τ >= 0.005, h up to 2); −inf = never seen. image_tau, text_tau: the individual
+  temperatures τ_i, τ'_i. image_tau_grad, text_tau_grad: the moving averages of their gradients.
+  """
+
+  image_log_u: jax.Array
+  image_tau: jax.Array
+  image_tau_grad: jax.Array
+  text_log_u: jax.Array
+  text_tau: jax.Array
+  text_tau_grad: jax.Array
+
+
+class IsogclrClipOutput(NamedTuple):
+  """What `isogclr_clip` returns: the scalar float32 loss and the updated state (`loss, state = out`)."""
+
+  loss: jax.Array
+  state: IsogclrClipState
+
+
+@_common.keyword_only
+def isogclr_clip_state(num_examples: int, *, tau_init: float = 0.01) -> IsogclrClipState:
+  """The initial bimodal iSogCLR state for `num_examples` image–text pairs: u unseen (log u = −inf),
+  τ = τ' = tau_init (0.01: LibAUC `GCLoss_v2`'s default and the authors' CLIP runs' `--tau_init`).
+
+  >>> s = isogclr_clip_state(2)
+  >>> s.text_log_u.tolist(), [round(t, 4) for t in s.image_tau.tolist()]
+  ([-inf, -inf], [0.01, 0.01])
+  """
+  if not isinstance(num_examples, int) or num_examples < 1:
+    raise ValueError(f"`num_examples` must be a positive int, got {num_examples!r}.")
+  _checks.check_positive("tau_init", tau_init)
+  unseen = jnp.full((num_examples,), -jnp.inf, jnp.float32)
+  tau = jnp.full((num_examples,), tau_init, jnp.float32)
+  zeros = jnp.zeros((num_examples,), jnp.float32)
+  return IsogclrClipState(unseen, tau, zeros, unseen, tau, zeros)
+
+
+def _isogclr_clip_out_specs(batch_spec, reduction):
+  """The outputs of `isogclr_clip` over a mesh: the loss like `reduction`, the full state replicated."""
+  return IsogclrClipOutput(loss=batch_spec if reduction == "none" else PartitionSpec(), state=PartitionSpec())
+
+
+@_common.keyword_only
+@_common.shardable("image", "text", "ids", "mask", out_specs=_isogclr_clip_out_specs)
+def isogclr_clip(
+    image: jax.Array,
+    text: jax.Array,
+    ids: jax.Array,
+    state: IsogclrClipState,
+    *,
+    gamma: float = 0.9,
+    rho: float = 6.0,
+    eta: float = 0.01,
+    beta: float = 0.9,
+    tau_min: float = 0.005,
+    tau_max: float = 0.05,
+    normalize: bool = True,
+    reduction: str = "mean",
+    mask: jax.Array | None = None,
+    impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
+) -> IsogclrClipOutput:
+  r"""Bimodal iSogCLR: image–text global contrastive loss with individual learned temperatures.
+
+  "Not All Semantics are Created Equal: Contrastive Self-supervised Learning with Automatic Temperature
+  Individualization" (Qiu et al., ICML 2023), its image–text objective (robust global contrastive loss):
+
+      F(w, τ, τ') = (1/n) Σ_i [ (τ_i + τ'_i) ρ + τ_i log E_{t ∈ T_i⁻} exp(h_{x_i}(t)/τ_i)
+                                              + τ'_i log E_{x ∈ I_i⁻} exp(h_{t_i}(x)/τ'_i) ]
+
+  with h_{x_i}(t_j) = c_ij − c_ii, h_{t_i}(x_j) = c_ji − c_ii and c_ij = <image_i, text_j> (cosine).
+  Per step, for each image anchor i of the batch (B pairs; its B − 1 negatives: the other texts) with
+  τ = image_tau[ids_i]; the text anchors likewise against the other images with text_tau:
+
+      g_i   = (1/(B−1)) Σ_{j≠i} exp((c_ij − c_ii)/τ)
+      u_i   = (1 − γ) u[id] + γ g_i            (u_i = g_i at the first visit)
+      ℓ_i   = (1/(B−1)) Σ_{j≠i} sg(exp((c_ij − c_ii)/τ) / u_i) (c_ij − c_ii)
+      ∇_τ   = log u_i + ρ − (1/(B−1)) Σ_{j≠i} sg(exp((c_ij − c_ii)/τ) / u_i) (c_ij − c_ii)/τ
+      loss  = mean of ℓ over the B image and the B text anchors
+      new u[id] = u_i;  tau_grad[id] ← (1 − β) tau_grad[id] + β ∇_τ;  τ[id] ← clip(τ − η tau_grad[id], τ_min, τ_max)
+
+  This follows the authors' implementation, LibAUC `GCLoss_v2` with `enable_isogclr=True`
+  (temperature_scheme "individual_learnable"): the gradient of the loss is the moving-average estimator
+  of ∇_w F, and its defaults are this function's: τ₀ = 0.01 (`isogclr_clip_state`), γ = 0.9, ρ = 6,
+  η = 0.01, β = 0.9, τ ∈ [0.005, 0.05] (the authors' CC3M script, zhqiu/contrastive-learning-iSogCLR
+  `bimodal_exps`, uses γ = 0.8, ρ = 8, η = 0.03). Choices, as in `isogclr`: u is initialised per
+  example at its first visit, the temperatures are updated inside this function, and ℓ_i carries the
+  1/(B−1) of the estimator (LibAUC's loss sums over j without it: its value and gradient are B − 1
+  times these; the temperature update does not depend on it). u is kept in the log domain (LibAUC
+  keeps a running max b for the same reason; its clamp u >= 1e-20 is not needed there).
+
+  With γ = 1 (u = g) the gradient of the loss is τ times that of the decoupled (positive-free
+  denominator) CLIP loss mean_i ½[log Σ_{j≠i} e^{c_ij/τ} − c_ii/τ + log Σ_{j≠i} e^{c_ji/τ'} − c_ii/τ'],
+  and ∇_τ is the exact derivative of the i-th term of F in τ_i.
+
+  Engines: per direction one masked log-sum-exp with a per-row scale 1/τ (the diagonal excluded) and
+  one more pass for its derivative w.r.t. the scale (Σ_j softmax_j c_ij), so every engine applies.
+  On a batch split over devices (`axis_name` / `mesh`, "allgather" | "ring"; image, text, ids and mask
+  split, the state replicated) the negatives are the global batch's and every device returns the same
+  full updated state. Duplicate ids within a batch: one of the writes is kept (unspecified which).
+
+  Args:
+    image, text: (B, D) paired embeddings.
+    ids: (B,) int pair ids in [0, N), stable across epochs.
+    state: `isogclr_clip_state(N)` or the state returned by the previous step.
+    gamma, rho, eta, beta, tau_min, tau_max: see above.
+    normalize: L2-normalise first.
+    reduction: "mean", "sum" or "none" (the (2B,) per-anchor ℓ: B image anchors, then B text anchors;
+      this device's under `axis_name`).
+    mask: None or bool (B,); False marks padding pairs: neither anchors nor negatives (B above counts
+      the valid pairs), zero gradients, and their state entries are not written.
+    impl: similarity engine; "allgather" | "ring" for a batch split over devices.
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`.
+  Returns:
+    `IsogclrClipOutput(loss, state)`: the float32 loss and the updated `IsogclrClipState` (no gradient
+    flows into it), in the dtype of the given state.
+
+  >>> import jax.numpy as jnp
+  >>> x = jnp.eye(3)  # c_ij − c_ii = −1 for every negative: g = e^(−1/τ), u = g at the first visit
+  >>> loss, state = isogclr_clip(x, x, jnp.array([0, 1, 2]), isogclr_clip_state(4, tau_init=1.0))
+  >>> round(float(loss), 4)  # each anchor: Σ_j (g/u) (−1) / 2 = −1
+  -1.0
+  >>> [round(v, 4) for v in state.image_log_u.tolist()]  # log g = −1/τ, id 3 unseen
+  [-1.0, -1.0, -1.0, -inf]
+  """
+  i, t = _common.pair("image", image, "text", text, normalize=normalize, axis_name=axis_name)
+  bsz = i.shape[0]
+  if not isinstance(state, IsogclrClipState):
+    raise TypeError(f"`state` must be an IsogclrClipState (see isogclr_clip_state), got {type(state).__name__}.")
+  ids = _check_ids_and_state(ids, bsz, state)
+  _check_isogclr_hyperparameters(gamma, rho, eta, beta, tau_min, tau_max)
+  _common.check_reduction(reduction)
+  mask = _common.sample_mask(mask, bsz)
+  inst = _common.batch_ids(bsz, axis_name)
+  if mask is None:
+    log_n = math.log(max(_common.global_size(bsz, axis_name) - 1, 1))
+  else:  # B − 1 negatives per anchor, B the valid pairs
+    log_n = jnp.log(jnp.maximum(_common.batch_sum(mask.astype(jnp.float32), axis_name) - 1.0, 1.0))
+  pos = _common.rowwise_dot(i, t)
+  old = IsogclrClipState(*(sg(arr[ids]).astype(jnp.float32) for arr in state))
+  halves = []
+  for anchor, key, log_u_old, tau in ((i, t, old.image_log_u, old.image_tau), (t, i, old.text_log_u, old.text_tau)):
+    lse, mean_sim = _negatives_lse_and_mean_similarity(anchor, key, 1.0 / tau, (inst, inst), mask, mask, impl,
+                                                       axis_name)
+    halves.append(_isogclr_clip_direction(lse, mean_sim, pos, log_u_old, tau, log_n, gamma, rho, mask))
+  per_anchor = jnp.concatenate([halves[0][0], halves[1][0]])
+  valid = None if mask is None else jnp.concatenate([mask, mask])
+  loss = _common.reduce_loss(per_anchor, reduction, valid, axis_name)
+
+  written = _written_ids(ids, mask, state[0].shape[0])
+  new = []  # in the state's order: log u, τ, tau_grad for the images, then for the texts
+  for (_, log_u, grad_tau), tau, tau_grad in ((halves[0], old.image_tau, old.image_tau_grad),
+                                              (halves[1], old.text_tau, old.text_tau_grad)):
+    new_tau_grad, new_tau = _temperature_step(tau, tau_grad, grad_tau, eta, beta, tau_min, tau_max)
+    new.extend((log_u, new_tau, new_tau_grad))
+  new_state = IsogclrClipState(*(_write(arr, written, sg(v), axis_name) for arr, v in zip(state, new)))
+  return IsogclrClipOutput(loss, new_state)
+
+
+def _isogclr_clip_direction(lse, mean_sim, pos, log_u_old, tau, log_n, gamma, rho, valid):
+  r"""(ℓ, log u, ∇_τ) of one direction of `isogclr_clip` from L = log Σ_{j≠i} e^{c_ij/τ} (with
+  gradient), S = Σ_j softmax_j c_ij and the positive c_ii:
+
+      log g = L − c_ii/τ − log(B−1);  log u = log g (unseen) or logaddexp(log(1−γ) + log u_old, log γ + log g)
+      r = g/u;  ℓ = r (S − c_ii), differentiated as sg(τ r) L − sg(r) c_ii;  ∇_τ = log u + ρ − r (S − c_ii)/τ
+  """
+  log_g = _common.zero_invalid(sg(lse) - sg(pos) / tau - log_n, valid)
+  log_decay = math.log1p(-gamma) if gamma < 1 else -math.inf
+  log_gamma = math.log(gamma) if gamma > 0 else -math.inf
+  log_u = jnp.where(jnp.isneginf(log_u_old), log_g, jnp.logaddexp(log_decay + log_u_old, log_gamma + log_g))
+  ratio = jnp.exp(log_g - log_u)
+  gap = mean_sim - sg(pos)  # Σ_j softmax_j (c_ij − c_ii)
+  value = ratio * gap
+  surrogate = sg(tau * ratio) * lse - ratio * pos
+  per_anchor = _common.zero_invalid(value + surrogate - sg(surrogate), valid)
+  grad_tau = log_u + rho - value / tau
+  return per_anchor, log_u, grad_tau
+
+
+def _check_ids_and_state(ids, bsz: int, state) -> jax.Array:
+  """The checked (B,) ids, after checking that every array of `state` is (N,) and, where the ids are
+  concrete, that they lie in [0, N)."""
+  ids = _checks.check_labels("ids", ids, bsz)
+  n_examples = jnp.shape(state[0])[0] if jnp.ndim(state[0]) == 1 else None
+  for name, arr in zip(state._fields, state):
+    if n_examples is None or jnp.shape(arr) != (n_examples,):
+      raise ValueError(f"`state.{name}` must have shape ({n_examples or 'N'},), got {jnp.shape(arr)}.")
+  concrete = _checks.concrete_value(ids)
+  if concrete is not None and (concrete.min() < 0 or concrete.max() >= n_examples):
+    raise ValueError(f"`ids` must lie in [0, {n_examples}) (the state's size), got values in "
+                     f"[{concrete.min()}, {concrete.max()}].")
+  return ids
+
+
+def _check_isogclr_hyperparameters(gamma, rho, eta, beta, tau_min, tau_max) -> None:
+  """γ, β ∈ [0, 1], η >= 0, ρ finite, 0 < τ_min <= τ_max (the unimodal and bimodal forms)."""
+  for name, v in (("gamma", gamma), ("beta", beta)):
+    _checks.check_non_negative(name, v)
+    if v > 1:
+      raise ValueError(f"`{name}` must be in [0, 1], got {v}.")
+  _checks.check_non_negative("eta", eta)
+  _checks.check_finite("rho", rho)
+  _checks.check_positive("tau_min", tau_min)
+  if tau_max < tau_min:
+    raise ValueError(f"`tau_max` must be >= `tau_min`, got {tau_max} < {tau_min}.")
+
+
+def _negatives_lse_and_mean_similarity(q, k, scale, exclude, row_valid, col_valid, impl, axis_name):
+  r"""(L, S) per row a of q, over the valid columns j of k not excluded:
+
+      L_a = log Σ_j exp(s_a <q_a, k_j>)      (differentiable in q and k)
+      S_a = Σ_j softmax_j(s_a <q_a, k_j>) <q_a, k_j> = ∂L_a/∂s_a   (no gradient)
+
+  S is the pullback of the engine's log-sum-exp w.r.t. its per-row scale (one more engine pass on
+  stop-gradient inputs). Both are 0 on invalid rows."""
+  def lse(q, k, s):
+    return ops.logsumexp(q, k, scale=s, exclude=exclude, row_valid=row_valid, col_valid=col_valid,
+                         impl=impl, axis_name=axis_name).rows
+
+  rows = _common.zero_invalid(lse(q, k, scale), row_valid)
+  qs, ks = sg(q), sg(k)
+  _, pullback = jax.vjp(lambda s: lse(qs, ks, s), scale)
+  mean_sim = _common.zero_invalid(sg(pullback(jnp.ones_like(rows))[0]), row_valid)
+  return rows, mean_sim
+
+
+def _temperature_step(tau, tau_grad, grad_tau, eta, beta, tau_min, tau_max):
+  """iSogCLR's temperature optimiser: (new tau_grad, new τ) with
+  tau_grad ← (1 − β) tau_grad + β ∇_τ and τ ← clip(τ − η · tau_grad, τ_min, τ_max)."""
+  tau_grad = (1.0 - beta) * tau_grad + beta * grad_tau
+  return tau_grad, jnp.clip(tau - eta * tau_grad, tau_min, tau_max)
+
+
+def _written_ids(ids, mask, n_examples: int) -> jax.Array:
+  """The ids a step writes: masked rows get N (out of range: `_write` drops them)."""
+  return ids if mask is None else jnp.where(mask, ids, n_examples)
 
 
 def _write(arr: jax.Array, ids: jax.Array, values: jax.Array, axis_name) -> jax.Array:

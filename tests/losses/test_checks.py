@@ -49,7 +49,8 @@ def _with_labels(labels):
       "stage_cluster_ids": [lambda: L.mcl_cluster_ids(labels[None])],
       "mix_index": [lambda: L.m3co(A, P, mix_index=labels, mix_weight=0.5)],
       "positives[0]": [lambda: L.decoupled_softmax(A, P, positives=(labels, labels))],
-      "ids": [lambda: L.isogclr(A, P, labels, L.isogclr_state(64))],
+      "ids": [lambda: L.isogclr(A, P, labels, L.isogclr_state(64)),
+              lambda: L.isogclr_clip(A, P, labels, L.isogclr_clip_state(64))],
       "positives": [lambda: L.mlcd(A, P, labels[:, None])],
   }
 

@@ -10,11 +10,15 @@ import pytest
 from jaxcl.losses.clip import clip
 from jaxcl.losses.infonce import dcl, nt_xent
 from jaxcl.losses.temperature import (
+    IsogclrClipOutput,
+    IsogclrClipState,
     IsogclrOutput,
     IsogclrState,
     amcl,
     focal_clip,
     isogclr,
+    isogclr_clip,
+    isogclr_clip_state,
     isogclr_state,
     macl,
 )
@@ -22,7 +26,16 @@ from jaxcl.models import AMCLTemperature
 from tests import helpers
 from tests.helpers import randn
 from tests.losses.reference.common import logsumexp, normalize
-from tests.losses.reference.temperature import ref_amcl, ref_focal, ref_isogclr_step, ref_isogclr_surrogate, ref_macl
+from tests.losses.reference.temperature import (
+    ref_amcl,
+    ref_focal,
+    ref_isogclr_clip_objective_term,
+    ref_isogclr_clip_step,
+    ref_isogclr_clip_surrogate,
+    ref_isogclr_step,
+    ref_isogclr_surrogate,
+    ref_macl,
+)
 
 
 assert_value_and_grads = functools.partial(helpers.assert_value_and_grads, jit=True)
@@ -313,6 +326,19 @@ BAD = [
     (lambda: isogclr(ONES((4, 3)), ONES((4, 3)), np.arange(4), isogclr_state(8), gamma=1.5), r"`gamma` must be in"),
     (lambda: isogclr(ONES((4, 3)), ONES((4, 3)), np.arange(4), isogclr_state(8), tau_max=0.01),
      r"`tau_max` must be >= `tau_min`"),
+    (lambda: isogclr_clip_state(0), r"`num_examples` must be a positive int"),
+    (lambda: isogclr_clip(ONES((4, 3)), ONES((4, 3)), np.arange(4), isogclr_clip_state(3)), r"`ids` must lie in \[0, 3\)"),
+    (lambda: isogclr_clip(ONES((4, 3)), ONES((4, 3)), np.arange(4), isogclr_state(8)),
+     r"`state` must be an IsogclrClipState"),
+    (lambda: isogclr_clip(ONES((4, 3)), ONES((4, 3)), np.arange(4), isogclr_clip_state(8)._replace(text_tau=ONES(7))),
+     r"`state.text_tau` must have shape \(8,\)"),
+    (lambda: isogclr_clip(ONES((4, 3)), ONES((5, 3)), np.arange(4), isogclr_clip_state(8)),
+     r"`image` and `text` must have the same shape"),
+    (lambda: isogclr_clip(ONES((4, 3)), ONES((4, 3)), np.arange(4), isogclr_clip_state(8), beta=-0.1), r"`beta` must be >= 0"),
+    (lambda: isogclr_clip(ONES((4, 3)), ONES((4, 3)), np.arange(4), isogclr_clip_state(8), tau_min=0.0),
+     r"`tau_min` must be positive"),
+    (lambda: isogclr_clip(ONES((4, 3)), ONES((4, 3)), np.arange(4), isogclr_clip_state(8), mask=np.ones(3, bool)),
+     r"`mask` must have shape \(4,\)"),
     (lambda: amcl(ONES((4, 2, 3)), ONES((4, 2, 3)), ONES((2, 4, 4))), r"`temperatures` must have shape \(H, 2B, 2B\)"),
     (lambda: amcl(ONES((4, 2, 3)), ONES((4, 2, 3)), -ONES((2, 8, 8))), r"`temperatures` must be positive"),
     (lambda: amcl(ONES((4, 2, 3)), ONES((4, 2, 3)), ONES((2, 8, 8)), top_k=0), r"`top_k` must be a positive int"),
@@ -512,4 +538,150 @@ def test_isogclr_sharded_equals_dense(impl, n_devices):
   got = jax.jit(lambda a, b: isogclr(a, b, ids, state, mask=mask, impl=impl, mesh=mesh, **ISO))(x, y).state
   want = isogclr(x, y, ids, state, mask=mask, impl="dense", **ISO).state
   for g, w, name in zip(got, want, IsogclrState._fields):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------- iSogCLR, bimodal
+def _clip_state(seed, n=9):
+  """A seen/unseen mix: log u = −inf at ids 1 and 4 (first visit), moderate temperatures."""
+  rng = np.random.default_rng(seed)
+  log_u = np.log(rng.uniform(0.5, 3.0, (2, n))).astype(np.float32)
+  log_u[:, [1, 4]] = -np.inf
+  tau = rng.uniform(0.1, 0.6, (2, n)).astype(np.float32)
+  tau_grad = rng.normal(0, 0.5, (2, n)).astype(np.float32)
+  return IsogclrClipState(*(jnp.asarray(a[m]) for m in range(2) for a in (log_u, tau, tau_grad)))
+
+
+def _linear_u(state):
+  """The reference's state: u = exp(log u) (0 where unseen)."""
+  return [np.exp(np.asarray(a, np.float64)) if "log_u" in name else np.asarray(a, np.float64)
+          for a, name in zip(state, IsogclrClipState._fields)]
+
+
+def test_isogclr_clip_matches_reference_loss_gradient_and_state():
+  x, y = randn(70, 5, 3), randn(71, 5, 3)
+  ids = np.array([4, 0, 7, 1, 2], np.int32)
+  state = _clip_state(0)
+  want_loss, weights, want_state = ref_isogclr_clip_step(
+      x.astype(np.float64), y.astype(np.float64), ids, _linear_u(state), **ISO)
+  assert_value_and_grads(
+      lambda a, b: isogclr_clip(a, b, ids, state, **ISO).loss,
+      lambda a, b: ref_isogclr_clip_surrogate(a, b, weights),
+      [x, y],
+  )
+  loss, new_state = jax.jit(lambda a, b: isogclr_clip(a, b, ids, state, **ISO))(x, y)
+  np.testing.assert_allclose(float(loss), want_loss, rtol=2e-5)
+  for got, want, name in zip(_linear_u(new_state), want_state, IsogclrClipState._fields):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6, err_msg=name)
+
+
+def test_isogclr_clip_with_gamma_one_is_tau_times_decoupled_clip_and_its_exact_tau_derivative():
+  """γ = 1 (u = g): the loss's gradient is τ ∇ of the decoupled CLIP loss (the positive out of the
+  denominator), one τ for every pair; with β = 1 the stored tau_grad is ∇_τ, the τ-derivative of the
+  anchor's term of F (finite differences of the float64 reference)."""
+  x, y = randn(72, 5, 4), randn(73, 5, 4)
+  ids, tau, rho = jnp.array([0, 2, 4, 6, 7]), 0.3, 6.0
+  state = isogclr_clip_state(8, tau_init=tau)._replace(image_log_u=jnp.zeros(8))  # seen: γ = 1 overrides
+
+  def decoupled_clip(a, b):
+    a, b = (v / jnp.linalg.norm(v, axis=1, keepdims=True) for v in (a, b))
+    c = a @ b.T / tau
+    off = jnp.where(jnp.eye(5, dtype=bool), -jnp.inf, c)
+    pos = jnp.diag(c)
+    return 0.5 * jnp.mean(jax.nn.logsumexp(off, axis=1) - pos + jax.nn.logsumexp(off, axis=0) - pos)
+
+  (_, new_state), g_iso = jax.jit(jax.value_and_grad(
+      lambda a, b: isogclr_clip(a, b, ids, state, gamma=1.0, rho=rho, beta=1.0), argnums=(0, 1), has_aux=True))(x, y)
+  g_dcl = jax.jit(jax.grad(decoupled_clip, argnums=(0, 1)))(x, y)
+  for gi, gd in zip(g_iso, g_dcl):
+    np.testing.assert_allclose(gi, tau * np.asarray(gd), rtol=1e-4, atol=1e-6)
+  x64, y64 = x.astype(np.float64), y.astype(np.float64)
+  for i in (0, 3):
+    want = (ref_isogclr_clip_objective_term(x64, y64, i, tau + 1e-5, rho)
+            - ref_isogclr_clip_objective_term(x64, y64, i, tau - 1e-5, rho)) / 2e-5
+    np.testing.assert_allclose(float(new_state.image_tau_grad[ids[i]]), want, rtol=1e-4)
+
+
+def test_isogclr_clip_stays_finite_where_the_linear_u_overflows_float32():
+  """τ = 0.005 and a negative 0.9 above the positive: e^{h/τ} = e^{180}; log u, the loss and its
+  gradient stay finite and log u is the float64 value."""
+  image = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+  text = jnp.array([[0.1, 1.0], [1.0, 0.05], [1.0, 1.0]])
+  state = isogclr_clip_state(3, tau_init=0.005)
+  (loss, new_state), grads = jax.jit(jax.value_and_grad(
+      lambda a: isogclr_clip(a, text, jnp.arange(3), state), has_aux=True))(image)
+  assert np.isfinite(float(loss)) and np.all(np.isfinite(np.asarray(grads)))
+  c = normalize(np.asarray(image, np.float64)) @ normalize(np.asarray(text, np.float64)).T
+  h = c[0, 1:] - c[0, 0]
+  want = logsumexp(h / 0.005) - np.log(2)
+  np.testing.assert_allclose(float(new_state.image_log_u[0]), want, rtol=1e-5)
+  assert want > 100  # e^want overflows float32
+
+
+def test_isogclr_clip_returns_a_named_output_and_writes_only_the_valid_batch_ids():
+  x, y = randn(74, 4, 3), randn(75, 4, 3)
+  out = jax.jit(lambda a, b: isogclr_clip(a, b, jnp.array([5, 0, 2, 3]), isogclr_clip_state(6),
+                                          mask=jnp.array([True, True, True, False])))(x, y)
+  assert isinstance(out, IsogclrClipOutput) and out.loss.shape == () and out.loss.dtype == jnp.float32
+  seen = np.array([1, 0, 1, 0, 0, 1], bool)  # id 3 is the padding's
+  for arr, name in zip(out.state, IsogclrClipState._fields):
+    arr = np.asarray(arr)
+    if "log_u" in name:
+      assert np.all(np.isfinite(arr[seen])) and np.all(np.isneginf(arr[~seen])), name
+    if "tau" in name and "grad" not in name:
+      assert np.all((arr >= 0.005) & (arr <= 0.05)) and np.all(arr[~seen] == np.float32(0.01)), name
+
+
+def test_isogclr_clip_reductions_agree_and_padding_equals_the_unpadded_batch():
+  x, y, ids, state = randn(76, 5, 3), randn(77, 5, 3), np.array([3, 0, 8, 1, 5], np.int32), _clip_state(4)
+  loss = jax.jit(lambda a, b, reduction="mean", mask=None: isogclr_clip(
+      a, b, ids, state, reduction=reduction, mask=mask, **ISO).loss, static_argnames="reduction")
+  helpers.assert_reductions_agree(loss, [x, y], 10, mask=np.array([1, 0, 1, 1, 1], bool))
+  (px, py), mask = helpers.pad_batch(3, [x, y], 2)
+  pids = np.zeros(7, np.int32)
+  pids[mask] = ids
+  (want, want_g), (got, got_g) = jax.jit(lambda a, b, pa, pb: (
+      jax.value_and_grad(lambda a, b: isogclr_clip(a, b, ids, state, **ISO).loss, argnums=(0, 1))(a, b),
+      jax.value_and_grad(lambda a, b: isogclr_clip(a, b, pids, state, mask=jnp.asarray(mask), **ISO).loss,
+                         argnums=(0, 1))(pa, pb)))(x, y, px, py)
+  np.testing.assert_allclose(float(got), float(want), rtol=2e-6)
+  for g, w in zip(got_g, want_g):
+    np.testing.assert_allclose(np.asarray(g)[mask], w, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(g)[~mask] == 0)
+
+
+def test_isogclr_clip_every_engine_agrees_with_dense():
+  """Loss, gradients and state in one compiled program per engine."""
+  x, y = randn(78, 6, 4), randn(79, 6, 4)
+  state, ids = _clip_state(3, 8), jnp.array([0, 1, 2, 4, 5, 7])
+  impls = [i for i in _engines() if i != "auto"]  # auto is one of the others
+  step = lambda impl: jax.value_and_grad(  # noqa: E731
+      lambda a, b: isogclr_clip(a, b, ids, state, impl=impl, **ISO), argnums=(0, 1), has_aux=True)
+  out = jax.jit(lambda a, b: [step(i)(a, b) for i in impls])(x, y)
+  (want_value, want_state), want_grads = out[impls.index("dense")]
+  for impl, ((value, new_state), grads) in zip(impls, out):
+    np.testing.assert_allclose(float(value), float(want_value), rtol=1e-5, err_msg=impl)
+    for g, w in zip(grads, want_grads):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=f"{impl} gradient")
+    for got, want, name in zip(new_state, want_state, IsogclrClipState._fields):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"{impl} {name}")
+
+
+@pytest.mark.parametrize("impl,n_devices", SHARDED)
+def test_isogclr_clip_sharded_equals_dense(impl, n_devices):
+  """image, text, ids (and the mask on 3 devices) split, the state replicated: the dense loss and
+  gradients; on 8 devices also the full updated state."""
+  x, y = randn(2, 24, 8), randn(3, 24, 8)
+  ids = jnp.asarray(np.random.default_rng(4).permutation(30)[:24].astype(np.int32))
+  state = _clip_state(1, n=30)
+  mask = jnp.arange(24) % 5 != 3
+  loss = lambda a, b, i, *m, **kw: isogclr_clip(a, b, i, state, mask=m[0] if m else None, **ISO, **kw).loss  # noqa: E731
+  padding = [mask] if impl == "ring" else []
+  helpers.assert_sharded_equals_dense(loss, [x, y, ids, *padding], impl=impl, n_devices=n_devices)
+  if impl == "ring":
+    return
+  mesh = helpers.device_mesh(n_devices)
+  got = jax.jit(lambda a, b: isogclr_clip(a, b, ids, state, mask=mask, impl=impl, mesh=mesh, **ISO))(x, y).state
+  want = isogclr_clip(x, y, ids, state, mask=mask, impl="dense", **ISO).state
+  for g, w, name in zip(got, want, IsogclrClipState._fields):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7, err_msg=name)

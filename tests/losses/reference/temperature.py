@@ -106,3 +106,52 @@ def ref_amcl(z1, z2, tau, beta, top_k):
       reg = sum(np.log(t[j]) + 1.0 / t[j] for j in kept)
       total += (-(z[a] @ z[p]) / t[p] + beta * omega + neg - beta * reg) / n
   return total
+
+
+# ---------------------------------------------------------------------------------- iSogCLR, bimodal
+def ref_isogclr_clip_step(image, text, ids, state, gamma, rho, eta, beta, tau_min, tau_max):
+  """LibAUC GCLoss_v2 (enable_isogclr) with explicit loops, u in the linear domain (float64) and the
+  loss divided by B − 1 (see isogclr_clip). `state` = (image_u, image_tau, image_tau_grad, text_u,
+  text_tau, text_tau_grad) with u = 0 for unseen ids. Returns the loss, the weights it holds fixed and
+  the new state."""
+  img, txt = normalize(image), normalize(text)
+  c = img @ txt.T
+  b = len(c)
+  arrays = [np.array(s, np.float64) for s in state]
+  new = [a.copy() for a in arrays]
+  loss, weights = 0.0, []
+  for direction, m in enumerate((c, c.T)):
+    u_all, tau_all, tg_all = arrays[3 * direction: 3 * direction + 3]
+    for i in range(b):
+      tau = tau_all[ids[i]]
+      h = {j: m[i, j] - m[i, i] for j in range(b) if j != i}
+      g = sum(np.exp(h[j] / tau) for j in h) / (b - 1)
+      u = g if u_all[ids[i]] == 0 else (1 - gamma) * u_all[ids[i]] + gamma * g
+      w = {j: np.exp(h[j] / tau) / u for j in h}
+      weights.append(w)
+      loss += sum(w[j] * h[j] for j in h) / (b - 1)
+      grad_tau = np.log(u) + rho - sum(w[j] * h[j] / tau for j in h) / (b - 1)
+      tg = (1 - beta) * tg_all[ids[i]] + beta * grad_tau
+      new[3 * direction][ids[i]] = u
+      new[3 * direction + 2][ids[i]] = tg
+      new[3 * direction + 1][ids[i]] = np.clip(tau - eta * tg, tau_min, tau_max)
+  return loss / (2 * b), weights, new
+
+
+def ref_isogclr_clip_surrogate(image, text, weights):
+  """mean over the 2B anchors of Σ_j w_ij (c_ij − c_ii) / (B − 1) with the weights frozen."""
+  c = normalize(image) @ normalize(text).T
+  b = len(c)
+  total = 0.0
+  for direction, m in enumerate((c, c.T)):
+    for i in range(b):
+      w = weights[direction * b + i]
+      total += sum(w[j] * (m[i, j] - m[i, i]) for j in w) / (b - 1)
+  return total / (2 * b)
+
+
+def ref_isogclr_clip_objective_term(image, text, i, tau, rho):
+  """The i-th image term of F: τ log mean_{j≠i} exp((c_ij − c_ii)/τ) + τ ρ (for d/dτ by differences)."""
+  c = normalize(image) @ normalize(text).T
+  h = np.array([c[i, j] - c[i, i] for j in range(len(c)) if j != i])
+  return tau * np.log(np.mean(np.exp(h / tau))) + tau * rho
