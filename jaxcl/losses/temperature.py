@@ -246,13 +246,15 @@ def isogclr_state(num_examples: int, *, tau_init: float = 0.1) -> IsogclrState:
   return IsogclrState(u=zeros, tau=jnp.full((num_examples,), tau_init, jnp.float32), tau_grad=zeros)
 
 
-def _isogclr_out_specs(batch_spec, reduction):
-  """The outputs of `isogclr` over a mesh: the loss like `reduction`, the full state replicated."""
-  return IsogclrOutput(loss=batch_spec if reduction == "none" else PartitionSpec(), state=PartitionSpec())
+def _loss_and_state_out_specs(output_type):
+  """`out_specs` of a (loss, state) output over a mesh (`isogclr`, `isogclr_clip`): the loss like
+  `reduction`, the full state replicated."""
+  return lambda batch_spec, reduction: output_type(
+      loss=batch_spec if reduction == "none" else PartitionSpec(), state=PartitionSpec())
 
 
 @_common.keyword_only
-@_common.shardable("z1", "z2", "ids", "mask", out_specs=_isogclr_out_specs)
+@_common.shardable("z1", "z2", "ids", "mask", out_specs=_loss_and_state_out_specs(IsogclrOutput))
 def isogclr(
     z1: jax.Array,
     z2: jax.Array,
@@ -428,13 +430,8 @@ def isogclr_clip_state(num_examples: int, *, tau_init: float = 0.01) -> IsogclrC
   return IsogclrClipState(unseen, tau, zeros, unseen, tau, zeros)
 
 
-def _isogclr_clip_out_specs(batch_spec, reduction):
-  """The outputs of `isogclr_clip` over a mesh: the loss like `reduction`, the full state replicated."""
-  return IsogclrClipOutput(loss=batch_spec if reduction == "none" else PartitionSpec(), state=PartitionSpec())
-
-
 @_common.keyword_only
-@_common.shardable("image", "text", "ids", "mask", out_specs=_isogclr_clip_out_specs)
+@_common.shardable("image", "text", "ids", "mask", out_specs=_loss_and_state_out_specs(IsogclrClipOutput))
 def isogclr_clip(
     image: jax.Array,
     text: jax.Array,
