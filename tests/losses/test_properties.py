@@ -227,10 +227,11 @@ def clear_error(e: Exception) -> bool:
 
 
 # --------------------------------------------------------------------------------------- properties
-# 4 derandomized examples a loss (of 7 kinds x 2 dtypes x 2 shapes): "normal" and three others; each
-# kind met 20 or more of the 73 losses when the count went from 6 to 4 (for the suite's time).
+# 3 derandomized examples a loss (of 7 kinds x 2 dtypes x 2 shapes): with the 80 losses of this count
+# (6 -> 4 -> 3 for the suite's time), "normal" 98 times and every other kind 21 to 28 times, both dtypes
+# and both shapes 105 to 135 times.
 @pytest.mark.parametrize("name", TESTED)
-@settings(PROFILE, max_examples=4)
+@settings(PROFILE, max_examples=3)
 @given(data=st.data())
 def test_finite_value_and_gradients_or_a_clear_error(name, data):
   spec = spec_for(name)

@@ -120,14 +120,16 @@ def test_no_host_sync_on_the_step_just_dispatched(data_dir, tmp_path, monkeypatc
 
 # ------------------------------------------------------------------------------------------- soak
 @pytest.mark.slow
-def test_soak_kill_9_every_20_steps_ends_bit_identical(tmp_path):
-  """The short version of experiments/soak_resume.py: 60 steps, a kill -9 and restart every 20."""
+def test_soak_kill_9_and_resume_ends_bit_identical(tmp_path):
+  """The short version of experiments/soak_resume.py: 40 steps, a kill -9 late in the first 20 and a
+  restart that finishes (random moments and a kill during a checkpoint write:
+  tests/train/test_checkpoints.py)."""
   import importlib.util  # pylint: disable=import-outside-toplevel
 
   spec = importlib.util.spec_from_file_location("soak_resume", os.path.join(ROOT, "experiments", "soak_resume.py"))
   soak = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(soak)
-  r = soak.soak(steps=60, every=20, checkpoint_every=5, root=str(tmp_path), seed=0, verbose=False)
+  r = soak.soak(steps=40, every=20, checkpoint_every=5, root=str(tmp_path), seed=0, verbose=False)
   assert not r["problems"], soak.report(r)
-  assert [k["killed_at"] is not None for k in r["kills"]] == [True, True, False]
+  assert [k["killed_at"] is not None for k in r["kills"]] == [True, False]
   assert not r["mismatched"] and r["arrays"] > 10
