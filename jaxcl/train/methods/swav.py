@@ -12,8 +12,16 @@ gradient is zero (`constrain_grads`: the optimizer's state for them does not mov
 (`config.swav.small_crops`): small views of another image size, run through the model as a second view
 group (`view_groups`; the encoder's BatchNorm normalises each group by its own statistics, as the
 authors' per-resolution forward passes do, and so does the projection head here, which the authors run
-on the concatenated groups). SwAV's queue of earlier embeddings (for small batches) is not wired into this
-method yet; `losses.swav` takes queue scores.
+on the concatenated groups).
+
+The queue (`config.swav.queue_size` = Q > 0; the authors' `--queue_length`, for small batches): the
+L2-normalised projections of the assigned views (the first two) of the last Q / B batches,
+`method_state["queue"]` (2, Q, E), written first in, first out after each step's loss from step
+`config.swav.queue_start_step` on (the authors' `--epoch_queue_starts`). Once it is full, its scores
+against the step's prototypes join the batch's in the Sinkhorn-Knopp (`losses.swav`'s `queue_scores`; only
+the batch's codes are kept), as in `main_swav.py`. The step's prototypes are the parameters the step
+starts from: the method state keeps a copy (`method_state["prototypes"]`, no gradient), refreshed after
+every optimizer update (`after_update`), since a method's loss sees the model's outputs, not its parameters.
 """
 
 from __future__ import annotations
@@ -39,7 +47,14 @@ def swav_section() -> ml_collections.ConfigDict:
   c.small_crops = 0
   c.small_crop_size = 96
   c.small_crop_scale = (0.05, 0.14)
+  # The queue of the assigned views' earlier embeddings (0: off; else a multiple of the batch size; the
+  # authors use 3840 with batches of 256), filled from `queue_start_step` on and used once full.
+  c.queue_size = 0
+  c.queue_start_step = 0
   return c
+
+
+ASSIGNED_VIEWS = (0, 1)  # the views whose codes are targets: the two large crops
 
 
 def _unit_columns(kernel: jax.Array) -> jax.Array:
@@ -68,12 +83,33 @@ class SwAV(base.ViewsMethod):
     if s.small_crops < 0 or s.small_crop_size < 1:
       raise ValueError(f"`config.swav.small_crops` must be >= 0 and `config.swav.small_crop_size` >= 1, got "
                        f"{s.small_crops} and {s.small_crop_size}.")
+    base.check_queue_size("config.swav.queue_size", s.queue_size, config.batch_size, allow_zero=True)
+    if s.queue_start_step < 0:
+      raise ValueError(f"`config.swav.queue_start_step` must be >= 0, got {s.queue_start_step}.")
     if s.small_crops and not config.model.encoder.startswith("resnet"):
       raise ValueError(f"`config.swav.small_crops` > 0 (views of another image size) needs a convolutional "
                        f"encoder (`config.model.encoder` 'resnet*'), got {config.model.encoder!r}.")
 
   def grad_cache_conflict(self, config):
     return "multi-crop views (`config.swav.small_crops` > 0)" if config.swav.small_crops else None
+
+  def init_state(self, config, variables, key, num_ids):
+    """With a queue: {"queue": zeros (2, Q, E), "queue_rows": 0 (rows written, at most Q), "queue_ptr": 0,
+    "queue_wait": `config.swav.queue_start_step` (steps left before the first write), "prototypes": the
+    initial (E, K) prototypes}; {} without."""
+    size = config.swav.queue_size
+    if not size:
+      return {}
+    kernel = variables["params"]["prototypes"]["kernel"]
+    return {"queue": jnp.zeros((len(ASSIGNED_VIEWS), size, kernel.shape[0]), jnp.float32),
+            "queue_rows": jnp.zeros((), jnp.int32), "queue_ptr": jnp.zeros((), jnp.int32),
+            "queue_wait": jnp.asarray(config.swav.queue_start_step, jnp.int32),
+            "prototypes": jnp.asarray(kernel, jnp.float32)}
+
+  def after_update(self, config, state, params, updated):
+    if not state:
+      return state
+    return {**state, "prototypes": jax.lax.stop_gradient(params["prototypes"]["kernel"]).astype(jnp.float32)}
 
   def view_groups(self, config, aug):
     large = ((config.num_views, aug),)
@@ -102,12 +138,37 @@ class SwAV(base.ViewsMethod):
   def loss(self, config, outputs, batch, state, *, mesh=None, forward=None):
     scores = jnp.swapaxes(outputs["prototype_scores"], 0, 1)  # (V, B, K) -> (B, V, K)
     s = config.swav
-    loss = losses.swav(scores, temperature=config.loss.temperature, epsilon=s.epsilon,
-                       iterations=s.sinkhorn_iterations, assign_views=(0, 1))
-    return loss, state, {}
+    swav = lambda queue_scores=None: losses.swav(  # noqa: E731
+        scores, temperature=config.loss.temperature, epsilon=s.epsilon, iterations=s.sinkhorn_iterations,
+        assign_views=ASSIGNED_VIEWS, queue_scores=queue_scores)
+    if not s.queue_size:
+      return swav(), state, {}
+    return queue_loss_and_state(config, swav, outputs["projection"], state)
 
   def positive_pairs(self, outputs, extras):
     return base.first_two_views(outputs["projection"])
+
+
+def queue_loss_and_state(config, swav, projection: jax.Array, state: dict) -> tuple[jax.Array, dict, dict]:
+  """The loss `swav(queue_scores)` with the queue's scores <queue row, prototype> (Q, 2, K) once the queue
+  is full, `swav()` before; and the state with this batch's L2-normalised assigned-view projections
+  (from `projection`, (V, B, E)) written into the queue once `queue_wait` steps have passed (a step whose
+  update is not finite keeps the whole state, this count too). The queue is written after the loss: a
+  batch is never in its own queue."""
+  queue = jax.lax.stop_gradient(state["queue"])
+  queue_scores = jnp.einsum("aqe,ek->qak", queue, state["prototypes"])
+  full = state["queue_rows"] >= queue.shape[1]
+  loss = jax.lax.cond(full, lambda: swav(queue_scores), lambda: swav())
+  rows = jax.lax.stop_gradient(losses.l2_normalize(projection[jnp.asarray(ASSIGNED_VIEWS)]))  # (2, B, E)
+  written, ptr = jax.vmap(base.fifo_enqueue, in_axes=(0, None, 0))(queue, state["queue_ptr"], rows)
+  write = state["queue_wait"] <= 0
+  new = {**state,
+         "queue": jnp.where(write, written, queue),
+         "queue_ptr": jnp.where(write, ptr[0], state["queue_ptr"]),
+         "queue_rows": jnp.where(write, jnp.minimum(state["queue_rows"] + rows.shape[1], queue.shape[1]),
+                                 state["queue_rows"]),
+         "queue_wait": jnp.maximum(state["queue_wait"] - 1, 0)}
+  return loss, new, {}
 
 
 base.register(SwAV())
