@@ -13,6 +13,13 @@ and, for SigLIP, bias) trained on (image, caption) pairs.
   `config.isogclr_clip` (LibAUC `GCLoss_v2`'s defaults, not simclr's `config.isogclr`). The model's
   learned logit scale is not used by this loss. Under gradient accumulation the state is updated at
   every micro-step.
+- clip also takes `ce_clip` ("Contrasting Intra-Modal and Ranking Cross-Modal Hard Negatives to Enhance
+  Visio-Linguistic Compositional Understanding", Zhang, Awal & Agrawal, 2024; `losses.ce_clip`): H
+  hard-negative captions per image, made where the captions are tokenised (`text.hard_negative_captions`:
+  the class name swapped for another class's, deterministic per seed, step and example id) and
+  embedded by the same text tower in the same call; the adaptive rank thresholds θ (H,) are the method
+  state, `{"thresholds": θ}` (replicated, 0 at the start), fed back every step; the weights, H and θ's
+  range in `config.ce_clip`. The model's learned logit scale is CE-CLIP's S = scale · cos.
 - lit ("LiT: Zero-Shot Transfer with Locked-image text Tuning", Zhai et al., 2022, here with the text
   side locked): the text side is the pretrained MiniLM encoder, whose embeddings arrive precomputed
   with the batch (`text.LockedText`); only the image tower and a projection are trained.
@@ -52,6 +59,31 @@ def isogclr_clip_section() -> ml_collections.ConfigDict:
   return c
 
 
+def ce_clip_section() -> ml_collections.ConfigDict:
+  """`config.ce_clip`: the released CE-CLIP run's loss weights and threshold clamp (lezhang7/
+  Enhance-FineGrained: IMC 0.3, CMR 0.2, θ ∈ [0, 10] in logit units) and H = 3 hard negatives per image
+  (the authors generate one of each of three kinds: relation, attribute and object swaps; here each is
+  another class's name swapped in)."""
+  c = ml_collections.ConfigDict()
+  c.imc_weight = 0.3  # intra-modal contrast: the caption against every hard negative
+  c.cmr_weight = 0.2  # cross-modal rank: S(I, T) above S(I, N_h) by the adaptive threshold θ_h
+  c.num_hard_negatives = 3  # H, at most the number of classes − 1
+  c.threshold_min = 0.0  # θ is clipped to [threshold_min, threshold_max] after every update
+  c.threshold_max = 10.0
+  return c
+
+
+def check_ce_clip_section(c: ml_collections.ConfigDict) -> None:
+  """Weights >= 0, H >= 1, threshold_min <= threshold_max (a ValueError naming the key)."""
+  where = "config.ce_clip."
+  for key, ok, expected in (("imc_weight", c.imc_weight >= 0, ">= 0"), ("cmr_weight", c.cmr_weight >= 0, ">= 0"),
+                            ("num_hard_negatives", c.num_hard_negatives >= 1, ">= 1"),
+                            ("threshold_max", c.threshold_max >= c.threshold_min,
+                             f">= `{where}threshold_min` ({c.threshold_min})")):
+    if not ok:
+      raise ValueError(f"`{where}{key}` must be {expected}, got {c[key]}.")
+
+
 def check_isogclr_clip_section(c: ml_collections.ConfigDict) -> None:
   """τ₀ > 0, γ and β in [0, 1], η >= 0, ρ finite, 0 < τ_min <= τ_max (a ValueError naming the key)."""
   where = "config.isogclr_clip."
@@ -75,7 +107,7 @@ def loss_isogclr_clip_state(stored: losses.IsogclrClipState) -> losses.IsogclrCl
                             for f in LOG_U_FIELDS})
 
 
-STATEFUL_LOSSES = ("isogclr_clip",)
+STATEFUL_LOSSES = ("isogclr_clip", "ce_clip")
 
 
 class ImageText(base.Method):
@@ -109,6 +141,13 @@ class ImageText(base.Method):
 
   def loss(self, config, outputs, batch, state, *, mesh=None, forward=None):
     engine = base.engine_options(config, mesh)
+    if config.loss.name == "ce_clip":
+      c = config.ce_clip
+      out = losses.ce_clip(outputs["image"], outputs["text"], outputs["hard_negatives"],
+                           logit_scale=outputs["logit_scale"], thresholds=state["thresholds"],
+                           valid=batch["hard_negative_valid"], imc_weight=c.imc_weight, cmr_weight=c.cmr_weight,
+                           threshold_range=(c.threshold_min, c.threshold_max), **engine)
+      return out.loss, {"thresholds": out.thresholds}, {}
     if config.loss.name == "isogclr_clip":
       c = config.isogclr_clip
       out = losses.isogclr_clip(outputs["image"], outputs["text"], batch["index"], loss_isogclr_clip_state(state),
@@ -134,24 +173,39 @@ class CLIP(ImageText):
     super().check(config)
     if config.loss.name == "isogclr_clip":
       check_isogclr_clip_section(config.isogclr_clip)
+    if config.loss.name == "ce_clip":
+      check_ce_clip_section(config.ce_clip)
 
   def config_sections(self):
-    return {"isogclr_clip": isogclr_clip_section()}
+    return {"isogclr_clip": isogclr_clip_section(), "ce_clip": ce_clip_section()}
+
+  def text_side(self, config, info):
+    """ce_clip: `config.ce_clip.num_hard_negatives` hard-negative captions per caption."""
+    if config.loss.name != "ce_clip":
+      return super().text_side(config, info)
+    return text.TokenText(config, info, hard_negatives=config.ce_clip.num_hard_negatives,
+                          where="config.ce_clip.num_hard_negatives")
 
   def grad_cache_conflict(self, config):
     return "per-example loss state" if config.loss.name in STATEFUL_LOSSES else None
 
   def init_state(self, config, variables, key, num_ids):
     """isogclr_clip: `losses.isogclr_clip_state(num_ids, tau_init=config.isogclr_clip.tau_init)` as stored
-    (`stored_isogclr_clip_state`); {} for clip."""
+    (`stored_isogclr_clip_state`); ce_clip: {"thresholds": zeros (H,)} (θ starts at 0, as the authors'
+    does); {} for clip."""
     if config.loss.name == "isogclr_clip":
       return stored_isogclr_clip_state(
           losses.isogclr_clip_state(int(num_ids), tau_init=config.isogclr_clip.tau_init))
+    if config.loss.name == "ce_clip":
+      return {"thresholds": jnp.zeros((int(config.ce_clip.num_hard_negatives),), jnp.float32)}
     return {}
 
   def state_shardings(self, mesh, abstract):
-    """Per-example arrays split along the example axis over the batch mesh axes."""
-    return jax.tree.map(lambda x: devices.example_sharding(mesh, x), abstract)
+    """isogclr_clip's per-example arrays split along the example axis over the batch mesh axes; CE-CLIP's
+    (H,) thresholds replicated."""
+    if isinstance(abstract, losses.IsogclrClipState):
+      return jax.tree.map(lambda x: devices.example_sharding(mesh, x), abstract)
+    return jax.tree.map(lambda x: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), abstract)
 
 
 class SigLIP(ImageText):

@@ -1,5 +1,5 @@
 """The image-text methods' losses with state of their own (jaxcl.train.methods.image_text): bimodal
-iSogCLR's per-pair temperatures (issue 15 item 6).
+iSogCLR's per-pair temperatures and CE-CLIP's adaptive thresholds (issue 15 item 6).
 
 Each check is one jitted train step of the tiny clip recipe on the 8-device mesh of the tests, against a
 direct call of the loss on the embeddings the step computes (the model applied to the step's augmented
@@ -13,8 +13,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxcl import losses
-from jaxcl.data import augment, pipeline
-from jaxcl.train import checkpoints, devices, validation
+from jaxcl.data import augment, pipeline, sources
+from jaxcl.train import checkpoints, devices, methods, validation
 from jaxcl.train import state as state_lib
 from jaxcl.train import step as step_lib
 from jaxcl.train.methods import image_text
@@ -46,7 +46,8 @@ def _first_step(config):
 
 def _step_embeddings(config, setup, state, batch) -> dict:
   """The model's outputs in the first train step: its augmented images (the step's per-example keys)
-  and the batch's tokens, with the initial variables."""
+  and the batch's tokens (with CE-CLIP, (B, 1 + H, L): captions and hard negatives), with the initial
+  variables."""
   b = batch["image"].shape[0]
   keys = augment.example_keys(jax.random.fold_in(jax.random.key(config.seed), 0), b, None)
   images = augment.augment_examples(keys, devices.decode_images(batch["image"], setup.info.image_shape), setup.aug)
@@ -114,3 +115,40 @@ def test_isogclr_clip_step_is_the_loss_and_writes_the_batch_state_only(data_dir,
   for a, b in zip(restored.method_state, new.method_state):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert a.sharding.spec == P(devices.BATCH_AXES)
+
+
+def test_ce_clip_section_is_checked(data_dir):
+  config = load_recipe("clip_digits")
+  config.data.data_dir = data_dir
+  config.loss.name = "ce_clip"
+  validation.validate_config(config, data=False)
+  config.ce_clip.threshold_max = -1.0
+  with pytest.raises(ValueError, match=r"^`config.ce_clip.threshold_max` must be >= `config.ce_clip.threshold_min` "
+                                       r"\(0.0\), got -1.0\.$"):
+    validation.validate_config(config, data=False)
+  config.ce_clip.threshold_max, config.ce_clip.num_hard_negatives = 10.0, 10  # the digits have 9 other classes
+  with pytest.raises(ValueError, match=r"^`config.ce_clip.num_hard_negatives` must be in \[1, 9\].*got 10\.$"):
+    methods.get("clip").text_side(config, sources.build_source(config.data, "train")[1])
+
+
+def test_ce_clip_step_is_the_loss_with_hard_negative_captions_and_moves_the_thresholds(data_dir):
+  config = _config(data_dir, "ce_clip")
+  setup, shardings, state, new, metrics, batch, host, _ = _first_step(config)
+  assert bool(metrics["finite"])
+  tokens, valid = np.asarray(batch["text"]), np.asarray(batch["hard_negative_valid"])
+  assert tokens.shape == (16, 4, config.model.text_max_len) and valid.shape == (16, 3) and valid.all()
+  # Each hard negative is its caption with another digit's name: one word differs, none is the caption.
+  differing = (tokens[:, 1:] != tokens[:, :1]).sum(axis=-1)
+  assert np.all(differing == 1)
+
+  thresholds = np.asarray(new.method_state["thresholds"])
+  assert np.all(np.asarray(state.method_state["thresholds"]) == 0)  # θ starts at 0
+  assert new.method_state["thresholds"].sharding.spec == P()
+  assert np.any(thresholds > 0) and np.all((thresholds >= 0.0) & (thresholds <= 10.0))
+  # The step's loss and θ are the loss's on the step's embeddings, with its own defaults (the released
+  # run's weights and clamp) = config.ce_clip's, unsharded on the dense engine (the step: allgather).
+  out = _step_embeddings(config, setup, state, batch)
+  want = losses.ce_clip(out["image"], out["text"], out["hard_negatives"], logit_scale=out["logit_scale"],
+                        valid=valid, impl="dense")
+  np.testing.assert_allclose(float(metrics["loss"]), float(want.loss), rtol=1e-4)
+  np.testing.assert_allclose(thresholds, np.asarray(want.thresholds), rtol=1e-4, atol=1e-5)
