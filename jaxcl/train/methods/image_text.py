@@ -61,9 +61,9 @@ def isogclr_clip_section() -> ml_collections.ConfigDict:
 
 def ce_clip_section() -> ml_collections.ConfigDict:
   """`config.ce_clip`: the released CE-CLIP run's loss weights and threshold clamp (lezhang7/
-  Enhance-FineGrained: IMC 0.3, CMR 0.2, θ ∈ [0, 10] in logit units) and H = 3 hard negatives per image
-  (the authors generate one of each of three kinds: relation, attribute and object swaps; here each is
-  another class's name swapped in)."""
+  Enhance-FineGrained: IMC 0.3, CMR 0.2, θ ∈ [0, 10] in logit units) and H = 3 hard negatives per image,
+  one threshold θ_h each (the authors' generated negatives swap relations, attributes and objects; here
+  each is the caption with another class's name swapped in, `text.hard_negative_captions`)."""
   c = ml_collections.ConfigDict()
   c.imc_weight = 0.3  # intra-modal contrast: the caption against every hard negative
   c.cmr_weight = 0.2  # cross-modal rank: S(I, T) above S(I, N_h) by the adaptive threshold θ_h
