@@ -100,7 +100,7 @@ def abstract_batch(config, setup, mesh, batch_size: int) -> dict:
   """The global batch `train_step` receives (after `setup.text.prepare`), as abstract arrays split along
   the batch mesh axes: image (B, H·W·C) of `config.data.transfer_dtype` (the loop's `encode_images`),
   label and index (B,) int32, and for image–text methods the text side's input (tokens or locked
-  embeddings)."""
+  embeddings) and the fields it adds (`dummy_fields`)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -117,6 +117,8 @@ def abstract_batch(config, setup, mesh, batch_size: int) -> dict:
   if setup.method.image_text:
     text = jax.eval_shape(lambda: setup.text.dummy(batch_size))
     batch["text"] = spec(text.shape, text.dtype)
+    fields = jax.eval_shape(lambda: setup.text.dummy_fields(batch_size))  # CE-CLIP's hard_negative_valid
+    batch.update({k: spec(v.shape, v.dtype) for k, v in fields.items()})
   return batch
 
 

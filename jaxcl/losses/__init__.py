@@ -29,7 +29,7 @@ Sharded batches. Every loss that takes `impl=` also takes `axis_name=` and `mesh
 of a batch split over devices, against every negative of the global batch, with
 `impl="allgather" | "ring" | "auto"` (`jaxcl.ops.sharded`): clip, grouped_itc, siglip, infonce (with a
 MoCo queue too), nt_xent, dcl, dclw, supcon, macl, hn_nce, mcl_nt_xent, nnclr, albef_itc, m3co,
-similarity_distillation, softclip, cacr, contrastive_gap, gram, cwcl, symile, gated_pair_infonce, meru,
+similarity_distillation, softclip, cacr, contrastive_gap, gram, gram_negatives, cwcl, symile, gated_pair_infonce, meru,
 sbcl, multiview_infonce, mv_dhel, one_to_k_clip, poly_view, uniformity, ce_clip, dual_view_moco, csr,
 csr_contrastive, decoupled_softmax, filip, focal_clip, isogclr, isogclr_clip, focal_supcon, patch_nce, cpc,
 unpg, simcse, diffcse, micse, mcse and quick_thoughts.
@@ -59,7 +59,7 @@ from jaxcl.losses.crossmodal import cwcl, symile
 from jaxcl.losses.distill import albef_itc, m3co, similarity_distillation, softclip
 from jaxcl.losses.false_negatives import decoupled_softmax, positive_aware_infonce
 from jaxcl.losses.gated_pairs import gated_pair_infonce
-from jaxcl.losses.geometric import cacr, contrastive_gap, gram, gram_volume
+from jaxcl.losses.geometric import GramNegatives, cacr, contrastive_gap, gram, gram_negatives, gram_volume
 from jaxcl.losses.alignment_uniformity import alignment, uniformity
 from jaxcl.losses.hard_negatives import CeClipOutput, ce_clip, dual_view_moco, hn_nce
 from jaxcl.losses.hyperbolic import (
@@ -113,6 +113,7 @@ from jaxcl.losses.temperature import (
 __all__ = [
     "CSROutput",
     "CeClipOutput",
+    "GramNegatives",
     "IsogclrClipOutput",
     "IsogclrClipState",
     "IsogclrOutput",
@@ -147,6 +148,7 @@ __all__ = [
     "focal_supcon",
     "gated_pair_infonce",
     "gram",
+    "gram_negatives",
     "gram_volume",
     "grouped_itc",
     "half_aperture",

@@ -1,8 +1,11 @@
 """Geometric contrastive objectives: CACR (attraction/repulsion as conditional transport), the
-contrastive-gap losses (CLIP + alignment + uniformity) and GRAM (Gram-matrix volume across modalities).
+contrastive-gap losses (CLIP + alignment + uniformity) and GRAM (Gram-matrix volume across modalities,
+and the hard negatives of its data–anchor matching term).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -425,3 +428,98 @@ def gram(
   valid = None if mask is None else jnp.concatenate([mask, mask])
   return _common.reduce_loss(jnp.concatenate([smoothed_ce(rows), smoothed_ce(cols)]), reduction, valid,
                              axis_name)
+
+
+# The weight every candidate keeps besides its softmax share (the authors' `+ 1e-4`), so that a batch of
+# near-identical volumes still spreads its draws.
+GRAM_NEGATIVE_FLOOR = 1e-4
+
+
+class GramNegatives(NamedTuple):
+  """What `gram_negatives` returns: global sample indices, (B,) int32 each (this device's rows under
+  `axis_name`). `data[i]`: the hard-negative data sample (the other modalities) of anchor i;
+  `anchor[j]`: the hard-negative anchor of data sample j."""
+
+  data: jax.Array
+  anchor: jax.Array
+
+
+@_common.keyword_only
+@_common.shardable("anchor", "others", "mask",
+                   out_specs=lambda batch_spec, reduction: GramNegatives(data=batch_spec, anchor=batch_spec))
+def gram_negatives(
+    anchor: jax.Array,
+    *others: jax.Array,
+    key: jax.Array,
+    temperature: float | jax.Array = 0.07,
+    normalize: bool = True,
+    mask: jax.Array | None = None,
+    impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
+) -> GramNegatives:
+  r"""GRAM's hard negatives for its data–anchor matching (DAM) term, drawn by volume.
+
+  "Gramian Multimodal Representation Learning and Alignment" (Cicchetti et al., ICLR 2025). Besides the
+  volume contrast (`gram`), GRAM trains a binary matching head on fused (anchor, data) features to tell
+  each true pair from two hard negatives, a wrong data sample for the anchor and a wrong anchor for the
+  data, drawn where the volume is small (the pair looks aligned). With z_ij = −Vol_ij/τ (`gram_volume`
+  of anchor i and the other modalities of sample j) over the valid samples of the global batch:
+
+      w_ij  = softmax_j(z_ij) + 10⁻⁴,  w_ii = 0       data[i]   ~ Categorical(w_i· / Σ_j w_ij)
+      w'_ji = softmax_i(z_ij) + 10⁻⁴,  w'_jj = 0      anchor[j] ~ Categorical(w'_j· / Σ_i w'_ji)
+
+  following the authors' code (github.com/ispamm/GRAM, `model/gram.py`, `forward_ret`: `weights_t2cond`
+  and `weights_cond2t`, the softmax over the row including the sample itself, then + 1e-4, then the
+  sample's own entry zeroed, one `torch.multinomial` draw per row). The matching loss itself is the
+  caller's: a 2-way cross-entropy of the head's logits on the 3B pairs (anchor_i, data_i) → 1,
+  (anchor_i, data_{data[i]}) → 0, (anchor_{anchor[j]}, data_j) → 0, weighted by `itm_ratio` there.
+
+  No gradient flows (the draws are integers; the authors' weights are computed under `no_grad`). Each
+  global row r draws with its own key `fold_in(fold_in(key, direction), r)` (direction 0: data, 1:
+  anchor), so the draws are the same whatever the number of devices. Padding samples (`mask` False)
+  are never drawn; a padding row still draws (ignore its entry).
+
+  Engines: the volumes are built densely like `gram`'s ("dense" and "auto" on one device; under
+  `axis_name` / `mesh` every modality is gathered and each device draws for its own rows).
+
+  Args:
+    anchor: (B, D). *others: k − 1 >= 1 arrays (B, D), row-aligned with `anchor`.
+    key: a JAX PRNG key (the same on every device).
+    temperature: τ > 0, GRAM's (learnable) temperature of the volume logits.
+    normalize: L2-normalise every modality first.
+    mask: None or bool (B,): False marks padding samples.
+    impl: "dense" or "auto"; "allgather" | "ring" with `axis_name` / `mesh`.
+    axis_name, mesh: see "Sharded batches" in `jaxcl.losses`.
+  Returns:
+    `GramNegatives(data, anchor)`, (B,) int32 global indices (this device's rows under `axis_name`).
+
+  >>> import jax, jax.numpy as jnp
+  >>> x = jnp.eye(3)  # every other sample at volume 1: the draw is uniform over the two others
+  >>> out = gram_negatives(x, x, key=jax.random.key(0))
+  >>> [int(j) != i for i, j in enumerate(out.data)], [int(i) != j for j, i in enumerate(out.anchor)]
+  ([True, True, True], [True, True, True])
+  """
+  a, xs = _gram_inputs(anchor, others, normalize)
+  _common.check_global_batch("anchor", a, 2, axis_name, why="a hard negative needs another sample")
+  for k, x in enumerate(xs):
+    if x.shape[0] != a.shape[0]:
+      raise ValueError(f"`others[{k}]` must have as many rows as `anchor` ({a.shape[0]}), got shape {x.shape}.")
+  _checks.check_choice("impl", impl, ("auto", "dense") + (engines.SHARDED_IMPLS if axis_name else ()))
+  b = a.shape[0]
+  mask = _common.sample_mask(mask, b)
+  inv_t = jax.lax.stop_gradient(_common.inverse_temperature(temperature))
+  a, xs = jax.lax.stop_gradient(a), [jax.lax.stop_gradient(x) for x in xs]
+  gather = lambda x: _common.gather_batch(x, axis_name)  # noqa: E731
+  rows = -inv_t * _volumes(a, [gather(x) for x in xs])  # (B/n, B): this device's anchors i, every sample j
+  cols = rows.T if axis_name is None else (-inv_t * _volumes(gather(a), xs)).T  # (B/n, B): [j, i]
+  ids = _common.batch_ids(b, axis_name)
+  candidates = jnp.ones((1, rows.shape[1]), bool) if mask is None else gather(mask)[None, :]
+
+  def draw(logits, direction):
+    p = jax.nn.softmax(jnp.where(candidates, logits, -jnp.inf), axis=1)
+    others_only = candidates & (jnp.arange(logits.shape[1])[None, :] != ids[:, None])
+    log_w = jnp.where(others_only, jnp.log(p + GRAM_NEGATIVE_FLOOR), -jnp.inf)
+    keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(key, direction), r))(ids)
+    return jax.vmap(jax.random.categorical)(keys, log_w).astype(jnp.int32)
+
+  return GramNegatives(data=draw(rows, 0), anchor=draw(cols, 1))

@@ -42,7 +42,9 @@ class DualEncoder(nn.Module):
 
   `__call__(images, tokens, train)` returns dict(image=(B, E), text=(B, E), logit_scale=(), logit_bias=()
   or None); `encode_image(images, train)` and `encode_text(tokens, train)` give one side (use
-  `apply(..., method="encode_image")`).
+  `apply(..., method="encode_image")`). Tokens of shape (B, 1 + H, L) are each image's caption followed
+  by H more texts (CE-CLIP's hard-negative captions), all through the same text tower in one call:
+  `text` is the caption's embedding and `hard_negatives` (B, H, E) the others'.
 
   >>> import jax, jax.numpy as jnp
   >>> from jaxcl.models.mlp import MLP
@@ -111,9 +113,12 @@ class DualEncoder(nn.Module):
 
   def __call__(self, images: jax.Array, tokens: jax.Array, train: bool = False) -> dict[str, Any]:
     scale, bias = self.scale_and_bias()
-    return dict(
-        image=self.encode_image(images, train=train),
-        text=self.encode_text(tokens, train=train),
-        logit_scale=scale,
-        logit_bias=bias,
-    )
+    out = dict(image=self.encode_image(images, train=train), logit_scale=scale, logit_bias=bias)
+    if self.text_encoder is not None and tokens.ndim == 3:  # (B, 1 + H, L): captions, then hard negatives
+      b, k = tokens.shape[:2]
+      texts = self.encode_text(tokens.reshape((b * k,) + tokens.shape[2:]), train=train)
+      texts = texts.reshape((b, k) + texts.shape[1:])
+      out.update(text=texts[:, 0], hard_negatives=texts[:, 1:])
+    else:
+      out["text"] = self.encode_text(tokens, train=train)
+    return out

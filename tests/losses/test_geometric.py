@@ -8,13 +8,14 @@ import pytest
 from jaxcl import ops
 from jaxcl.losses.alignment_uniformity import alignment
 from jaxcl.losses.clip import clip
-from jaxcl.losses.geometric import cacr, contrastive_gap, gram, gram_volume
+from jaxcl.losses.geometric import cacr, contrastive_gap, gram, gram_negatives, gram_volume
 from jaxcl.ops import blockwise
 from jaxcl.ops import pallas
 from tests import helpers
 from tests.helpers import assert_value_and_grads, randn
 from tests.losses import reference
-from tests.losses.reference.geometric import ref_cacr, ref_contrastive_gap, ref_gram
+from tests.losses.reference.geometric import (ref_cacr, ref_contrastive_gap, ref_gram,
+                                              ref_gram_negative_probabilities)
 
 
 normalize = reference.common.normalize
@@ -292,6 +293,24 @@ def test_gram_per_anchor_terms_match_reference():
   np.testing.assert_allclose(per, np.concatenate([rows, cols]), rtol=1e-5, atol=1e-6)
 
 
+def test_gram_negatives_are_drawn_with_the_reference_probabilities():
+  """3,000 draws (one vmapped call) of every row's hard negatives, with a padding sample: the
+  frequencies are the float64 reference's probabilities (sd <= 0.009), never the row itself or the
+  padding; the same key draws the same indices."""
+  xs = [randn(153 + k, 6, 4) for k in range(3)]
+  mask = np.array([True, True, True, False, True, True])
+  want_data, want_anchor = ref_gram_negative_probabilities(0.3, *xs, mask=mask)
+  draw = jax.jit(jax.vmap(lambda key: gram_negatives(*xs, key=key, temperature=0.3, mask=mask)))
+  out = draw(jax.random.split(jax.random.key(0), 3000))
+  for drawn, want in ((np.asarray(out.data), want_data), (np.asarray(out.anchor), want_anchor)):
+    freq = np.stack([np.bincount(drawn[:, r], minlength=6) for r in range(6)]) / drawn.shape[0]
+    valid_rows = mask  # a padding row draws too; its entry is not used
+    np.testing.assert_allclose(freq[valid_rows], want[valid_rows], atol=0.04)
+    assert np.all(drawn != np.arange(6)) and not np.any(drawn == 3)
+  again = gram_negatives(*xs, key=jax.random.split(jax.random.key(0), 3000)[7], temperature=0.3, mask=mask)
+  np.testing.assert_array_equal(np.asarray(again.data), np.asarray(out.data[7]))
+
+
 @pytest.mark.parametrize(
     "call,match",
     [
@@ -334,3 +353,14 @@ def test_sharded_batch_equals_dense(name, impl, n_devices):
   of the dense loss on one device, with padding rows (ring) and without (allgather)."""
   loss, args = _sharded_case(name, masked=impl == "ring")
   helpers.assert_sharded_equals_dense(loss, args, impl=impl, n_devices=n_devices)
+
+
+def test_sharded_gram_negatives_are_the_unsharded_draws():
+  """Each global row draws with its own key: over a mesh (a padded batch; "allgather" runs the same
+  gathered code) the indices are those of the one-device call."""
+  xs, key = [randn(k, 24, 4) for k in (1, 2)], jax.random.key(3)
+  want = gram_negatives(*xs, key=key, temperature=0.5, mask=PADDED)
+  got = jax.jit(lambda *a: gram_negatives(*a, key=key, temperature=0.5, mask=PADDED, impl="ring",
+                                          mesh=helpers.device_mesh(8)))(*xs)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))

@@ -14,7 +14,8 @@ def test_package_exports():
 
 # Public names of jaxcl.losses that are not losses (geometry, similarities, encoders, state, wrappers
 # that forward **kwargs), so take no `reduction` / `mask`.
-NOT_LOSSES = {"catlip_targets", "exterior_angle", "filip_similarity", "gram_volume", "half_aperture", "isogclr_state",
+NOT_LOSSES = {"catlip_targets", "exterior_angle", "filip_similarity", "gram_negatives", "gram_volume", "half_aperture",
+              "isogclr_state",
               "isogclr_clip_state",
               "l2_normalize", "lorentz_distance", "lorentz_expmap0", "matryoshka", "matryoshka_2d",
               "mcl_cluster_ids", "retrieval_accuracy", "sae_decode", "sae_encode", "sae_pre_activation",

@@ -151,6 +151,7 @@ SKIP = {
     "csr": "takes sparse-autoencoder parameters and returns a structured output (CSROutput)",
     "sae_encode": "takes sparse-autoencoder parameters; a TopK encoder, not a loss",
     "catlip_targets": "builds CatLIP's multi-hot targets from integer word ids: nothing to differentiate",
+    "gram_negatives": "draws integer sample indices (GRAM's hard negatives): nothing to differentiate",
 }
 
 

@@ -44,6 +44,13 @@ def test_dual_encoder_init_values():
   np.testing.assert_allclose(txt, out2["text"], rtol=1e-6)
   capped = _dual(max_logit_scale=5.0)
   assert float(capped.apply(capped.init(key(0), x, t), x, t)["logit_scale"]) == 5.0
+  # (B, 1 + H, L) texts (CE-CLIP: each caption, then its H hard negatives) through the one text tower.
+  texts = randn(2, 4, 3, 3)
+  both = siglip.apply(v2, x, texts)
+  assert both["text"].shape == (4, 5) and both["hard_negatives"].shape == (4, 2, 5)
+  np.testing.assert_allclose(both["text"], siglip.apply(v2, texts[:, 0], method="encode_text"), rtol=1e-6)
+  np.testing.assert_allclose(both["hard_negatives"][:, 1], siglip.apply(v2, texts[:, 2], method="encode_text"),
+                             rtol=1e-6)
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])

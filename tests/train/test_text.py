@@ -28,6 +28,23 @@ def test_a_labelled_folder_gets_photo_captions_not_the_digits(tmp_path):
     assert caption in made and "digit" not in caption, (caption, made)
 
 
+def test_hard_negative_captions_swap_the_class_name_per_seed_step_and_example():
+  names = digits.CLASS_NAMES
+  captions, labels, ids = ["the digit three.", "a scan of a handwritten one.", "no class here"], [3, 1, 2], [7, 4, 9]
+  texts, valid = text_lib.hard_negative_captions(captions, labels, ids, names, 4, seed=0, step=5)
+  assert valid.tolist() == [[True] * 4, [True] * 4, [False] * 4] and texts[2] == ["no class here"] * 4
+  for caption, label, negatives in zip(captions[:2], labels, texts[:2]):
+    # Only the class name changes: 4 distinct other classes, the rest of the caption kept.
+    classes = {next(c for c in names if n == caption.replace(names[label], c)) for n in negatives}
+    assert len(classes) == 4 and names[label] not in classes
+  # Deterministic per (seed, step, example id), not per position in the batch; another step draws anew.
+  again, _ = text_lib.hard_negative_captions(captions[::-1], labels[::-1], ids[::-1], names, 4, seed=0, step=5)
+  assert again[::-1] == texts
+  draws = {tuple(text_lib.hard_negative_captions(captions[:1], [3], [7], names, 4, seed=0, step=s)[0][0])
+           for s in range(20)}
+  assert len(draws) > 1
+
+
 def test_the_digits_keep_their_own_templates(data_dir):
   config = base_config()
   config.data.data_dir = data_dir

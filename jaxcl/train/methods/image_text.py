@@ -5,6 +5,21 @@ and, for SigLIP, bias) trained on (image, caption) pairs.
   `config.loss.name` is "clip" ("Learning Transferable Visual Models From Natural Language
   Supervision", Radford et al., 2021) or "siglip" ("Sigmoid Loss for Language Image Pre-Training",
   Zhai et al., 2023), whichever method is named.
+- clip also takes `isogclr_clip`, the image–text form of iSogCLR ("Not All Semantics are Created Equal:
+  Contrastive Self-supervised Learning with Automatic Temperature Individualization", Qiu et al.,
+  2023; `losses.isogclr_clip`): per-pair temperatures τ_i, τ'_i and moving-average normalisers for the
+  images and the texts in `TrainState.method_state`, indexed by the batch's stable example id
+  `batch["index"]` and split over the devices along the example axis; the hyper-parameters in
+  `config.isogclr_clip` (LibAUC `GCLoss_v2`'s defaults, not simclr's `config.isogclr`). The model's
+  learned logit scale is not used by this loss. Under gradient accumulation the state is updated at
+  every micro-step.
+- clip also takes `ce_clip` ("Contrasting Intra-Modal and Ranking Cross-Modal Hard Negatives to Enhance
+  Visio-Linguistic Compositional Understanding", Zhang, Awal & Agrawal, 2024; `losses.ce_clip`): H
+  hard-negative captions per image, made where the captions are tokenised (`text.hard_negative_captions`:
+  the class name swapped for another class's, deterministic per seed, step and example id) and
+  embedded by the same text tower in the same call; the adaptive rank thresholds θ (H,) are the method
+  state, `{"thresholds": θ}` (replicated, 0 at the start), fed back every step; the weights, H and θ's
+  range in `config.ce_clip`. The model's learned logit scale is CE-CLIP's S = scale · cos.
 - lit ("LiT: Zero-Shot Transfer with Locked-image text Tuning", Zhai et al., 2022, here with the text
   side locked): the text side is the pretrained MiniLM encoder, whose embeddings arrive precomputed
   with the batch (`text.LockedText`); only the image tower and a projection are trained.
@@ -14,12 +29,85 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
+import ml_collections
 
 from jaxcl import losses
 from jaxcl import models
-from jaxcl.train import text
+from jaxcl.train import devices, text
 from jaxcl.train.methods import base
+
+# A pair never seen has log u = −inf in `losses.isogclr_clip`'s state; the train state holds only finite
+# values (a step that would write a non-finite value is not applied, a checkpoint holding one is not
+# restored), so it stores this number instead. Seen pairs have log u > −1e5 (|c_ij − c_ii| <= 2, τ >= τ_min).
+UNSEEN_LOG_U = float(jnp.finfo(jnp.float32).min)
+LOG_U_FIELDS = ("image_log_u", "text_log_u")
+
+
+def isogclr_clip_section() -> ml_collections.ConfigDict:
+  """`config.isogclr_clip`: defaults of the authors' implementation for image–text tasks (LibAUC
+  `GCLoss_v2`, enable_isogclr=True; `losses.isogclr_clip`)."""
+  c = ml_collections.ConfigDict()
+  c.tau_init = 0.01  # τ₀ = τ'₀ of every pair
+  c.gamma = 0.9  # moving-average weight of the normalisers u
+  c.rho = 6.0  # DRO radius ρ
+  c.eta = 0.01  # step size of the temperature updates
+  c.beta = 0.9  # momentum of the temperature gradients
+  c.tau_min = 0.005
+  c.tau_max = 0.05
+  return c
+
+
+def ce_clip_section() -> ml_collections.ConfigDict:
+  """`config.ce_clip`: the released CE-CLIP run's loss weights and threshold clamp (lezhang7/
+  Enhance-FineGrained: IMC 0.3, CMR 0.2, θ ∈ [0, 10] in logit units) and H = 3 hard negatives per image,
+  one threshold θ_h each (the authors' generated negatives swap relations, attributes and objects; here
+  each is the caption with another class's name swapped in, `text.hard_negative_captions`)."""
+  c = ml_collections.ConfigDict()
+  c.imc_weight = 0.3  # intra-modal contrast: the caption against every hard negative
+  c.cmr_weight = 0.2  # cross-modal rank: S(I, T) above S(I, N_h) by the adaptive threshold θ_h
+  c.num_hard_negatives = 3  # H, at most the number of classes − 1
+  c.threshold_min = 0.0  # θ is clipped to [threshold_min, threshold_max] after every update
+  c.threshold_max = 10.0
+  return c
+
+
+def check_ce_clip_section(c: ml_collections.ConfigDict) -> None:
+  """Weights >= 0, H >= 1, threshold_min <= threshold_max (a ValueError naming the key)."""
+  where = "config.ce_clip."
+  for key, ok, expected in (("imc_weight", c.imc_weight >= 0, ">= 0"), ("cmr_weight", c.cmr_weight >= 0, ">= 0"),
+                            ("num_hard_negatives", c.num_hard_negatives >= 1, ">= 1"),
+                            ("threshold_max", c.threshold_max >= c.threshold_min,
+                             f">= `{where}threshold_min` ({c.threshold_min})")):
+    if not ok:
+      raise ValueError(f"`{where}{key}` must be {expected}, got {c[key]}.")
+
+
+def check_isogclr_clip_section(c: ml_collections.ConfigDict) -> None:
+  """τ₀ > 0, γ and β in [0, 1], η >= 0, ρ finite, 0 < τ_min <= τ_max (a ValueError naming the key)."""
+  where = "config.isogclr_clip."
+  for key, ok, expected in (("tau_init", c.tau_init > 0, "> 0"), ("gamma", 0 <= c.gamma <= 1, "in [0, 1]"),
+                            ("beta", 0 <= c.beta <= 1, "in [0, 1]"), ("eta", c.eta >= 0, ">= 0"),
+                            ("rho", math.isfinite(c.rho), "finite"), ("tau_min", c.tau_min > 0, "> 0"),
+                            ("tau_max", c.tau_max >= c.tau_min, f">= `{where}tau_min` ({c.tau_min})")):
+    if not ok:
+      raise ValueError(f"`{where}{key}` must be {expected}, got {c[key]}.")
+
+
+def stored_isogclr_clip_state(state: losses.IsogclrClipState) -> losses.IsogclrClipState:
+  """The state as the train state keeps it: log u = −inf (unseen) stored as `UNSEEN_LOG_U`."""
+  return state._replace(**{f: jnp.where(jnp.isneginf(getattr(state, f)), UNSEEN_LOG_U, getattr(state, f))
+                           for f in LOG_U_FIELDS})
+
+
+def loss_isogclr_clip_state(stored: losses.IsogclrClipState) -> losses.IsogclrClipState:
+  """The inverse of `stored_isogclr_clip_state`: the state `losses.isogclr_clip` takes."""
+  return stored._replace(**{f: jnp.where(getattr(stored, f) <= UNSEEN_LOG_U, -jnp.inf, getattr(stored, f))
+                            for f in LOG_U_FIELDS})
+
+
+STATEFUL_LOSSES = ("isogclr_clip", "ce_clip")
 
 
 class ImageText(base.Method):
@@ -53,6 +141,19 @@ class ImageText(base.Method):
 
   def loss(self, config, outputs, batch, state, *, mesh=None, forward=None):
     engine = base.engine_options(config, mesh)
+    if config.loss.name == "ce_clip":
+      c = config.ce_clip
+      out = losses.ce_clip(outputs["image"], outputs["text"], outputs["hard_negatives"],
+                           logit_scale=outputs["logit_scale"], thresholds=state["thresholds"],
+                           valid=batch["hard_negative_valid"], imc_weight=c.imc_weight, cmr_weight=c.cmr_weight,
+                           threshold_range=(c.threshold_min, c.threshold_max), **engine)
+      return out.loss, {"thresholds": out.thresholds}, {}
+    if config.loss.name == "isogclr_clip":
+      c = config.isogclr_clip
+      out = losses.isogclr_clip(outputs["image"], outputs["text"], batch["index"], loss_isogclr_clip_state(state),
+                                gamma=c.gamma, rho=c.rho, eta=c.eta, beta=c.beta, tau_min=c.tau_min,
+                                tau_max=c.tau_max, **engine)
+      return out.loss, stored_isogclr_clip_state(out.state), {}
     if config.loss.name == "clip":
       return losses.clip(outputs["image"], outputs["text"], logit_scale=outputs["logit_scale"], **engine), state, {}
     return losses.siglip(outputs["image"], outputs["text"], logit_scale=outputs["logit_scale"],
@@ -63,7 +164,48 @@ class ImageText(base.Method):
 
 
 class CLIP(ImageText):
+  """CLIP, and the image–text losses with state of their own (`STATEFUL_LOSSES`)."""
+
   name = "clip"
+  loss_names = ImageText.loss_names + STATEFUL_LOSSES
+
+  def check(self, config):
+    super().check(config)
+    if config.loss.name == "isogclr_clip":
+      check_isogclr_clip_section(config.isogclr_clip)
+    if config.loss.name == "ce_clip":
+      check_ce_clip_section(config.ce_clip)
+
+  def config_sections(self):
+    return {"isogclr_clip": isogclr_clip_section(), "ce_clip": ce_clip_section()}
+
+  def text_side(self, config, info):
+    """ce_clip: `config.ce_clip.num_hard_negatives` hard-negative captions per caption."""
+    if config.loss.name != "ce_clip":
+      return super().text_side(config, info)
+    return text.TokenText(config, info, hard_negatives=config.ce_clip.num_hard_negatives,
+                          where="config.ce_clip.num_hard_negatives")
+
+  def grad_cache_conflict(self, config):
+    return "per-example loss state" if config.loss.name in STATEFUL_LOSSES else None
+
+  def init_state(self, config, variables, key, num_ids):
+    """isogclr_clip: `losses.isogclr_clip_state(num_ids, tau_init=config.isogclr_clip.tau_init)` as stored
+    (`stored_isogclr_clip_state`); ce_clip: {"thresholds": zeros (H,)} (θ starts at 0, as the authors'
+    does); {} for clip."""
+    if config.loss.name == "isogclr_clip":
+      return stored_isogclr_clip_state(
+          losses.isogclr_clip_state(int(num_ids), tau_init=config.isogclr_clip.tau_init))
+    if config.loss.name == "ce_clip":
+      return {"thresholds": jnp.zeros((int(config.ce_clip.num_hard_negatives),), jnp.float32)}
+    return {}
+
+  def state_shardings(self, mesh, abstract):
+    """isogclr_clip's per-example arrays split along the example axis over the batch mesh axes; CE-CLIP's
+    (H,) thresholds replicated."""
+    if isinstance(abstract, losses.IsogclrClipState):
+      return jax.tree.map(lambda x: devices.example_sharding(mesh, x), abstract)
+    return jax.tree.map(lambda x: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), abstract)
 
 
 class SigLIP(ImageText):

@@ -72,3 +72,31 @@ def ref_gram(temperature, anchor, *others, eps=0.1):
   rows = np.mean([logsumexp(s[i]) - targets[i] @ s[i] for i in range(b)])
   cols = np.mean([logsumexp(s[:, j]) - targets[:, j] @ s[:, j] for j in range(b)])
   return 0.5 * (rows + cols)
+
+
+def ref_gram_negative_probabilities(temperature, anchor, *others, mask=None, floor=1e-4):
+  """Float64 (P_data, P_anchor), (B, B) each: the probabilities of GRAM's hard-negative draws, row i of
+  P_data over the data samples j of anchor i, row j of P_anchor over the anchors i of data sample j:
+  softmax over the valid samples (the row's own included) of −Vol/τ, + floor, the own entry and the
+  padding set to 0, normalised."""
+  a = normalize(anchor)
+  xs = [normalize(x) for x in others]
+  b = a.shape[0]
+  valid = np.ones(b, bool) if mask is None else np.asarray(mask, bool)
+  vol = np.zeros((b, b))
+  for i in range(b):
+    for j in range(b):
+      mat = np.stack([a[i]] + [x[j] for x in xs], axis=1)  # D × k
+      vol[i, j] = np.sqrt(max(abs(np.linalg.det(mat.T @ mat)), 1e-12))
+
+  def probabilities(s):  # s[r, c]: row r's logit of candidate c
+    out = np.zeros((b, b))
+    for r in range(b):
+      p = np.zeros(b)
+      p[valid] = softmax(s[r, valid])
+      w = np.where(valid, p + floor, 0.0)
+      w[r] = 0.0
+      out[r] = w / w.sum()
+    return out
+
+  return probabilities(-vol / temperature), probabilities(-vol.T / temperature)
