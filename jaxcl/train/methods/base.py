@@ -182,6 +182,9 @@ class Method:
     return None
 
 
+# The per-example outputs of a views method's model that its `loss` sees, (V, B, ...) by view.
+VIEW_OUTPUTS = ("projection", "prediction", "prototype_scores", "temperature_embedding")
+
 VIEW_ACCURACY_NAMES = ("accuracy_view1_to_view2", "accuracy_view2_to_view1")
 
 
