@@ -107,14 +107,16 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
       out, mutated = apply(params, batch_stats, *inputs)
       return by_view(out), mutated.get("batch_stats", {})
 
-    return loss_of(out, mutated.get("batch_stats", {}), forward)
+    return loss_of(out, mutated.get("batch_stats", {}), params, forward)
 
-  def loss_of(out, batch_stats, forward=None):
+  def loss_of(out, batch_stats, params, forward=None):
     """The loss of the model's outputs `out` for the whole batch, with the logged aux: the new batch
-    statistics and method state, and the in-batch accuracy."""
+    statistics and method state, and the in-batch accuracy. `params`: the parameters the outputs came
+    from, which a method whose loss reads them gets (`Method.loss_reads_params`)."""
     outputs = by_view(out)
+    reads = {"params": params} if method.loss_reads_params else {}
     loss, method_state, extras = method.loss(config, outputs, batch, state.method_state, mesh=setup.mesh,
-                                             forward=forward)
+                                             forward=forward, **reads)
     aux = {"batch_stats": batch_stats, "method_state": method_state}
     if "logit_scale" in out:
       aux["logit_scale"] = out["logit_scale"]
@@ -168,7 +170,7 @@ def _cached_loss_and_grads(config, setup: Setup, state: TrainState, raw: tuple, 
     out = dict(outputs)
     if setup.method.image_text:
       out["logit_scale"], out["logit_bias"] = setup.model.apply({"params": params}, method="scale_and_bias")
-    return loss_of(out, {})
+    return loss_of(out, {}, params)
 
   shards = 1 if setup.mesh is None else devices.batch_shards(setup.mesh)
   run = grad_cache.value_and_grad(embed, loss, chunks=int(config.grad_cache_chunks), shards=shards,
