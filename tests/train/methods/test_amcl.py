@@ -21,6 +21,7 @@ def _config(data_dir):
   config.method, config.loss.name = "amcl", "amcl"
   config.amcl.num_heads, config.amcl.hidden_dim, config.amcl.top_k = 2, 8, 5
   config.amcl.beta, config.amcl.tau_min, config.amcl.tau_max = 0.01, 0.05, 1.0
+  config.weight_decay = 0.0  # a parameter moves only by its gradient
   return config
 
 
@@ -52,7 +53,7 @@ def test_train_step_loss_is_amcl_of_the_heads_at_the_networks_temperatures(data_
   tau = net.apply({"params": jax.device_get(state.params["temperature"])}, z[0], z[1])
   want = losses.amcl(z[0], z[1], tau, beta=a.beta, top_k=a.top_k)
   np.testing.assert_allclose(float(metrics["loss"]), float(want), rtol=1e-5)
-  # The temperature network is trained: its parameters got a gradient and moved.
+  # The temperature network is trained: its parameters got a gradient (no weight decay) and moved.
   for old, updated in zip(jax.tree.leaves(state.params["temperature"]), jax.tree.leaves(new.params["temperature"])):
     assert not np.array_equal(np.asarray(old), np.asarray(updated))
 
