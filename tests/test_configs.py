@@ -52,7 +52,8 @@ def test_every_recipe_trains_a_few_steps(name, data_dir, tmp_path):
   directions = {"image_to_text", "text_to_image"} if name in ("clip_digits", "siglip_digits", "lit_digits") \
       else {"view1_to_view2", "view2_to_view1"}
   with_accuracy = name in ("clip_digits", "siglip_digits", "lit_digits", "simclr_digits", "dcl_digits",
-                           "isogclr_digits", "moco_digits", "mocov3_digits", "nnclr_digits", "swav_digits")
+                           "isogclr_digits", "moco_digits", "mocov3_digits", "nnclr_digits", "swav_digits",
+                           "amcl_digits")
   logged = [r for r in records if "loss" in r]
   assert {k[len("accuracy_"):] for k in logged[0] if k.startswith("accuracy_")} == (directions if with_accuracy else set())
   for record in logged if with_accuracy else []:

@@ -33,6 +33,7 @@ from jaxcl.models.resnet import ResNet34
 from jaxcl.models.resnet import ResNet50
 from jaxcl.models.sparse_autoencoder import SparseAutoencoder
 from jaxcl.models.temperature import AMCLTemperature
+from jaxcl.models.temperature import amcl_pair_temperatures
 from jaxcl.models.text import SimpleTokenizer
 from jaxcl.models.text import TextTransformer
 from jaxcl.models.vit import ViT
@@ -106,6 +107,7 @@ __all__ = [
     "ViT_B",
     "ViT_S",
     "ViT_Ti",
+    "amcl_pair_temperatures",
     "build_model",
     "load_minilm",
     "model_names",

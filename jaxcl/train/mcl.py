@@ -89,8 +89,9 @@ def check_config(config) -> None:
     raise ValueError(f"`config.mcl.kmeans_iters` must be >= 0, got {config.mcl.kmeans_iters}.")
 
 
-def stage_final_step(workdir: str) -> int:
-  """The final step of the earlier stage in `workdir`, which must have finished.
+def stage_final_step(workdir: str, key: str = "config.mcl.previous_stages") -> int:
+  """The final step of the earlier stage in `workdir`, which must have finished (`key`: the config key
+  that named it, for the errors; CSR's backbone run uses it too).
 
   Finished: the run wrote results.json (at its end, with "step" = its `config.total_steps`) and that
   step is its newest checkpoint. A ValueError names the workdir, the step found (the newest checkpoint)
@@ -102,32 +103,34 @@ def stage_final_step(workdir: str) -> int:
   results = _paths.as_path(workdir) / "results.json"
   if not results.exists():
     raise ValueError(
-        f"`config.mcl.previous_stages` names {workdir!r}, which has not finished: its newest checkpoint "
+        f"`{key}` names {workdir!r}, which has not finished: its newest checkpoint "
         f"is {found}, and it has no results.json (a run writes it when it reaches its `total_steps`, the "
         "step expected). Run that stage to the end first (the same command resumes it).")
   try:
     expected = int(json.loads(results.read_text())["step"])
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise ValueError(
-        f"`config.mcl.previous_stages` names {workdir!r}, whose results.json cannot be read ({e!r}): "
+        f"`{key}` names {workdir!r}, whose results.json cannot be read ({e!r}): "
         "rerun that stage to the end to rewrite it.") from None
   if not steps or steps[-1] != expected:
     raise ValueError(
-        f"`config.mcl.previous_stages` names {workdir!r}, which has not finished: its newest checkpoint "
+        f"`{key}` names {workdir!r}, which has not finished: its newest checkpoint "
         f"is {found}, expected step {expected} (the final step of its results.json). Run that stage to "
         "the end first.")
   return expected
 
 
-def load_stage_variables(workdir: str, target: dict) -> dict:
+def load_stage_variables(workdir: str, target: dict, key: str = "config.mcl.previous_stages",
+                         why: str = "every MCL stage must use the same `config.model`") -> dict:
   """{"params", "batch_stats"} of the final checkpoint of the finished stage in `workdir`
   (`stage_final_step`; only those are read).
 
   `target` gives their structure as `jax.ShapeDtypeStruct`s with shardings (this run's model: the stages
-  share `config.model`).
+  share `config.model`; a subtree of it reads only that part). `key` and `why`: the config key that
+  named the run and what it must share, for the errors.
   """
   directory = _paths.as_path(workdir) / "checkpoints"
-  step = stage_final_step(workdir)
+  step = stage_final_step(workdir, key)
   manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
   try:
@@ -138,8 +141,8 @@ def load_stage_variables(workdir: str, target: dict) -> dict:
         item=target, restore_args=restore_args, partial_restore=True)))
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(
-        f"the checkpoint of step {step} in {directory} does not hold this run's model (every MCL stage "
-        f"must use the same `config.model`): {type(e).__name__}: {e}") from e
+        f"the checkpoint of step {step} in {directory} does not hold this run's model ({why}): "
+        f"{type(e).__name__}: {e}") from e
   finally:
     manager.close()
   return dict(restored["state"])

@@ -77,8 +77,9 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
     return {k: jnp.concatenate([o[k] for o in outs]) for k in outs[0]}, {"batch_stats": batch_stats}
 
   def by_view(out: dict) -> dict:
-    """The model's outputs as the method's loss sees them: (V, B, E) projections (and predictions,
-    prototype scores) of a views method, its view groups in order; an image-text model's as they are."""
+    """The model's outputs as the method's loss sees them: (V, B, ...) projections (and predictions,
+    prototype scores, ...: `methods.VIEW_OUTPUTS`) of a views method, its view groups in order; an
+    image-text model's as they are."""
     if not views:
       return out
     by_sample = lambda x, count: jnp.swapaxes(x.reshape((b, count) + x.shape[1:]), 0, 1)  # (b·c, ...) -> (c, b, ...)
@@ -88,7 +89,7 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
         return by_sample(x, v)
       ends = np.cumsum([b * count for count, _ in groups])[:-1]
       return jnp.concatenate([by_sample(part, count) for part, (count, _) in zip(jnp.split(x, ends), groups)])
-    return {k: split(out[k]) for k in ("projection", "prediction", "prototype_scores") if k in out}
+    return {k: split(out[k]) for k in methods.VIEW_OUTPUTS if k in out}
 
   def logged_only(metric):
     """metric() on the steps whose metrics the loop writes (every `config.log_every`-th and the last),
@@ -106,14 +107,16 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
       out, mutated = apply(params, batch_stats, *inputs)
       return by_view(out), mutated.get("batch_stats", {})
 
-    return loss_of(out, mutated.get("batch_stats", {}), forward)
+    return loss_of(out, mutated.get("batch_stats", {}), params, forward)
 
-  def loss_of(out, batch_stats, forward=None):
+  def loss_of(out, batch_stats, params, forward=None):
     """The loss of the model's outputs `out` for the whole batch, with the logged aux: the new batch
-    statistics and method state, and the in-batch accuracy."""
+    statistics and method state, and the in-batch accuracy. `params`: the parameters the outputs came
+    from, which a method whose loss reads them gets (`Method.loss_reads_params`)."""
     outputs = by_view(out)
+    reads = {"params": params} if method.loss_reads_params else {}
     loss, method_state, extras = method.loss(config, outputs, batch, state.method_state, mesh=setup.mesh,
-                                             forward=forward)
+                                             forward=forward, **reads)
     aux = {"batch_stats": batch_stats, "method_state": method_state}
     if "logit_scale" in out:
       aux["logit_scale"] = out["logit_scale"]
@@ -157,7 +160,7 @@ def _cached_loss_and_grads(config, setup: Setup, state: TrainState, raw: tuple, 
   parameters), each chunk's augmentation and forward again under vjp. BatchNorm normalises each chunk
   by its own statistics; the new running statistics are the average of the chunks' updates (the
   running mean as from the whole batch, the running variance from the within-chunk variances)."""
-  per_example = ("projection", "prediction", "prototype_scores", "image", "text")
+  per_example = methods.VIEW_OUTPUTS + ("image", "text")
 
   def embed(params, chunk):
     out, mutated = apply(params, state.batch_stats, *model_inputs(*chunk))
@@ -167,7 +170,7 @@ def _cached_loss_and_grads(config, setup: Setup, state: TrainState, raw: tuple, 
     out = dict(outputs)
     if setup.method.image_text:
       out["logit_scale"], out["logit_bias"] = setup.model.apply({"params": params}, method="scale_and_bias")
-    return loss_of(out, {})
+    return loss_of(out, {}, params)
 
   shards = 1 if setup.mesh is None else devices.batch_shards(setup.mesh)
   run = grad_cache.value_and_grad(embed, loss, chunks=int(config.grad_cache_chunks), shards=shards,

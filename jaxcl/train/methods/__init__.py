@@ -1,8 +1,9 @@
 """Training methods as plug-ins: `config.method` names a registered `Method`.
 
-Built in: simclr, dcl (`simclr.py`), supcon, multiview, moco, byol (`momentum.py`), nnclr, simsiam, swav, and the
-image-text methods clip, siglip, lit (`image_text.py`). A new method is one file: a `Method` subclass
-(`base.py` says what each part does) registered with `register`, plus its recipe in `configs/`.
+Built in: simclr, dcl (`simclr.py`), supcon, multiview, moco, byol (`momentum.py`), nnclr, simsiam, swav, amcl
+(AMCL's multi-head model and temperature network), csr (CSR's sparse autoencoder on a frozen backbone), and the
+image-text methods clip, siglip, lit (`image_text.py`). A new method is one file: a `Method` subclass (`base.py`
+says what each part does) registered with `register`, plus its recipe in `configs/`.
 
 >>> from jaxcl.train import methods
 >>> methods.get("moco").name, methods.get("clip").image_text
@@ -11,12 +12,13 @@ image-text methods clip, siglip, lit (`image_text.py`). A new method is one file
 
 from __future__ import annotations
 
-from jaxcl.train.methods.base import (SHARDABLE_LOSSES, ImageModel, Method, ViewsMethod, build_encoder,
+from jaxcl.train.methods.base import (SHARDABLE_LOSSES, VIEW_OUTPUTS, ImageModel, Method, ViewsMethod, build_encoder,
                                       check_loss_impl, config_sections, engine_options, fifo_enqueue, get,
                                       in_batch_accuracy, loss_impl, names, register, section_owners, unregister)
 
-from jaxcl.train.methods import simclr, supcon, multiview, momentum, nnclr, simsiam, swav, image_text  # noqa: E402,F401  registers
+from jaxcl.train.methods import simclr, supcon, multiview, momentum, nnclr, simsiam, swav, image_text, amcl, csr  # noqa: E402,F401  registers
 
 __all__ = ["Method", "ViewsMethod", "ImageModel", "register", "unregister", "get", "names", "SHARDABLE_LOSSES",
+           "VIEW_OUTPUTS",
            "build_encoder", "check_loss_impl", "config_sections", "engine_options", "fifo_enqueue", "in_batch_accuracy",
            "loss_impl", "section_owners"]

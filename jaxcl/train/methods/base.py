@@ -10,7 +10,8 @@ A method tells the one train step (`jaxcl.train.step`) what differs between SimC
   it has none), laid out by `state_shardings(mesh, abstract)`;
 - `loss(config, outputs, batch, state, *, mesh, forward) -> (loss, new_state, extras)`: the loss of the
   model's outputs for the batch; `forward(params, batch_stats)` runs the model on the step's inputs
-  again (for a target network);
+  again (for a target network); with `loss_reads_params`, also `params=` (the model's parameters,
+  differentiated: CSR's autoencoder weights);
 - `after_update(config, state, params, updated)`: the method state once the optimizer has updated the
   parameters (EMA targets);
 - `earlier_models` and `init_state_from_data`: trained models the method builds on (MCL's earlier
@@ -49,7 +50,7 @@ from jaxcl.train import text
 # The values of `config.loss.name` that have a sharded form (`impl="allgather" | "ring"`).
 SHARDABLE_LOSSES = ("nt_xent", "dcl", "dclw", "supcon", "infonce", "clip", "siglip", "macl", "hn_nce",
                     "mcl_nt_xent", "nnclr", "multiview_infonce", "mv_dhel", "pairwise_nt_xent", "isogclr_clip",
-                    "ce_clip")
+                    "ce_clip", "csr")
 
 
 _REGISTRY: dict[str, "Method"] = {}
@@ -109,6 +110,8 @@ class Method:
   name: ClassVar[str] = ""
   loss_names: ClassVar[tuple[str, ...]] = ()  # the values `config.loss.name` may take
   image_text: ClassVar[bool] = False
+  # `loss` also gets `params=`, the model's parameters (CSR: the autoencoder's weights decode the codes).
+  loss_reads_params: ClassVar[bool] = False
 
   def check(self, config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the config key when `config` does not suit the method."""
@@ -182,6 +185,9 @@ class Method:
     in-batch top-1 accuracy (`in_batch_accuracy`); None: no accuracy is logged."""
     return None
 
+
+# The per-example outputs of a views method's model that its `loss` sees, (V, B, ...) by view.
+VIEW_OUTPUTS = ("projection", "prediction", "prototype_scores", "temperature_embedding")
 
 VIEW_ACCURACY_NAMES = ("accuracy_view1_to_view2", "accuracy_view2_to_view1")
 

@@ -18,7 +18,8 @@ from jaxcl.train.config import base_config
 from tests.helpers import final_state, load_recipe, tiny
 
 
-BUILT_IN = ("simclr", "dcl", "supcon", "multiview", "moco", "byol", "nnclr", "simsiam", "swav", "clip", "siglip", "lit")
+BUILT_IN = ("simclr", "dcl", "supcon", "multiview", "moco", "byol", "nnclr", "simsiam", "swav", "clip", "siglip", "lit",
+            "amcl", "csr")
 
 
 def test_every_built_in_method_is_registered_under_its_name():
