@@ -19,9 +19,8 @@ L2-normalised projections of the assigned views (the first two) of the last Q / 
 `method_state["queue"]` (2, Q, E), written first in, first out after each step's loss from step
 `config.swav.queue_start_step` on (the authors' `--epoch_queue_starts`). Once it is full, its scores
 against the step's prototypes join the batch's in the Sinkhorn-Knopp (`losses.swav`'s `queue_scores`; only
-the batch's codes are kept), as in `main_swav.py`. The step's prototypes are the parameters the step
-starts from: the method state keeps a copy (`method_state["prototypes"]`, no gradient), refreshed after
-every optimizer update (`after_update`), since a method's loss sees the model's outputs, not its parameters.
+the batch's codes are kept), as in `main_swav.py` (the loss reads the prototypes from the parameters,
+`Method.loss_reads_params`; the queue's scores carry no gradient).
 """
 
 from __future__ import annotations
@@ -65,6 +64,7 @@ def _unit_columns(kernel: jax.Array) -> jax.Array:
 class SwAV(base.ViewsMethod):
   name = "swav"
   loss_names = ("swav",)
+  loss_reads_params = True  # the queue's scores against the prototypes
 
   def config_sections(self):
     return {"swav": swav_section()}
@@ -95,21 +95,14 @@ class SwAV(base.ViewsMethod):
 
   def init_state(self, config, variables, key, num_ids):
     """With a queue: {"queue": zeros (2, Q, E), "queue_rows": 0 (rows written, at most Q), "queue_ptr": 0,
-    "queue_wait": `config.swav.queue_start_step` (steps left before the first write), "prototypes": the
-    initial (E, K) prototypes}; {} without."""
+    "queue_wait": `config.swav.queue_start_step` (steps left before the first write)}; {} without."""
     size = config.swav.queue_size
     if not size:
       return {}
-    kernel = variables["params"]["prototypes"]["kernel"]
-    return {"queue": jnp.zeros((len(ASSIGNED_VIEWS), size, kernel.shape[0]), jnp.float32),
+    embed_dim = variables["params"]["prototypes"]["kernel"].shape[0]
+    return {"queue": jnp.zeros((len(ASSIGNED_VIEWS), size, embed_dim), jnp.float32),
             "queue_rows": jnp.zeros((), jnp.int32), "queue_ptr": jnp.zeros((), jnp.int32),
-            "queue_wait": jnp.asarray(config.swav.queue_start_step, jnp.int32),
-            "prototypes": jnp.asarray(kernel, jnp.float32)}
-
-  def after_update(self, config, state, params, updated):
-    if not state:
-      return state
-    return {**state, "prototypes": jax.lax.stop_gradient(params["prototypes"]["kernel"]).astype(jnp.float32)}
+            "queue_wait": jnp.asarray(config.swav.queue_start_step, jnp.int32)}
 
   def view_groups(self, config, aug):
     large = ((config.num_views, aug),)
@@ -135,7 +128,7 @@ class SwAV(base.ViewsMethod):
       kernel = jnp.where(step < config.swav.freeze_prototypes_steps, previous["prototypes"]["kernel"], kernel)
     return {**params, "prototypes": {**params["prototypes"], "kernel": kernel}}
 
-  def loss(self, config, outputs, batch, state, *, mesh=None, forward=None):
+  def loss(self, config, outputs, batch, state, *, mesh=None, forward=None, params=None):
     scores = jnp.swapaxes(outputs["prototype_scores"], 0, 1)  # (V, B, K) -> (B, V, K)
     s = config.swav
     swav = lambda queue_scores=None: losses.swav(  # noqa: E731
@@ -143,20 +136,20 @@ class SwAV(base.ViewsMethod):
         assign_views=ASSIGNED_VIEWS, queue_scores=queue_scores)
     if not s.queue_size:
       return swav(), state, {}
-    return queue_loss_and_state(config, swav, outputs["projection"], state)
+    return queue_loss_and_state(swav, outputs["projection"], params["prototypes"]["kernel"], state)
 
   def positive_pairs(self, outputs, extras):
     return base.first_two_views(outputs["projection"])
 
 
-def queue_loss_and_state(config, swav, projection: jax.Array, state: dict) -> tuple[jax.Array, dict, dict]:
-  """The loss `swav(queue_scores)` with the queue's scores <queue row, prototype> (Q, 2, K) once the queue
-  is full, `swav()` before; and the state with this batch's L2-normalised assigned-view projections
-  (from `projection`, (V, B, E)) written into the queue once `queue_wait` steps have passed (a step whose
-  update is not finite keeps the whole state, this count too). The queue is written after the loss: a
-  batch is never in its own queue."""
+def queue_loss_and_state(swav, projection: jax.Array, prototypes: jax.Array, state: dict) -> tuple[jax.Array, dict, dict]:
+  """The loss `swav(queue_scores)` with the queue's scores <queue row, prototype> (Q, 2, K; `prototypes`
+  the (E, K) kernel, no gradient through these scores) once the queue is full, `swav()` before; and the
+  state with this batch's L2-normalised assigned-view projections (from `projection`, (V, B, E)) written
+  into the queue once `queue_wait` steps have passed (a step whose update is not finite keeps the whole
+  state, this count too). The queue is written after the loss: a batch is never in its own queue."""
   queue = jax.lax.stop_gradient(state["queue"])
-  queue_scores = jnp.einsum("aqe,ek->qak", queue, state["prototypes"])
+  queue_scores = jnp.einsum("aqe,ek->qak", queue, jax.lax.stop_gradient(prototypes))
   full = state["queue_rows"] >= queue.shape[1]
   loss = jax.lax.cond(full, lambda: swav(queue_scores), lambda: swav())
   rows = jax.lax.stop_gradient(losses.l2_normalize(projection[jnp.asarray(ASSIGNED_VIEWS)]))  # (2, B, E)
