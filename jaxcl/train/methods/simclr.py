@@ -114,10 +114,10 @@ class SimCLR(TwoViews):
   def loss(self, config, outputs, batch, state, *, mesh=None, forward=None):
     if config.loss.name == mcl.LOSS_NAME:
       return mcl.loss(config, outputs, batch["index"], state, **base.engine_options(config, mesh)), state, {}
-    if config.loss.name == "isogclr":  # single-device engines only (check_loss_impl rejects the sharded ones)
+    if config.loss.name == "isogclr":  # on a mesh: the sharded engine, the state gathered whole and returned whole
       z, c = outputs["projection"], config.isogclr
       out = losses.isogclr(z[0], z[1], batch["index"], state, gamma=c.gamma, rho=c.rho, eta=c.eta, beta=c.beta,
-                           tau_min=c.tau_min, tau_max=c.tau_max, impl=base.loss_impl(config))
+                           tau_min=c.tau_min, tau_max=c.tau_max, **base.engine_options(config, mesh))
       return out.loss, out.state, {}
     return super().loss(config, outputs, batch, state, mesh=mesh)
 

@@ -210,7 +210,7 @@ def test_sharded_loss_engines_train_like_the_default(name, impl, data_dir, tmp_p
 
 
 def test_sharded_engine_rejects_a_loss_without_axis_name(data_dir, tmp_path):
-  config = tiny(load_recipe("isogclr_digits"), data_dir)  # the trainer calls isogclr unsharded
-  config.loss.impl = "ring"
+  config = tiny(load_recipe("simclr_digits"), data_dir)
+  config.loss.name, config.loss.impl = "positive_aware_infonce", "ring"  # a single-device loss
   with pytest.raises(ValueError, match="sharded engine"):
     loop.train_and_evaluate(config, str(tmp_path), progress=False)

@@ -67,6 +67,16 @@ def test_train_step_shards_updates_and_guards_the_loss_state(data_dir):
   others = np.setdiff1d(np.arange(1800), ids)
   assert np.all(tau[ids] != np.float32(TAU0)) and np.all(tau[others] == np.float32(TAU0))
   assert np.all(u[ids] > 0) and np.all(u[others] == 0)
+  # On the 8-device mesh the loss runs on the sharded engine ("auto"): the loss and the new state of the
+  # same step with the dense engine (GSPMD-partitioned).
+  assert methods.engine_options(config, mesh)["axis_name"]
+  dense_config = _config(data_dir, steps=2)
+  dense_config.loss.impl = "dense"
+  dense_step = jax.jit(functools.partial(step_lib.train_step, dense_config, setup), out_shardings=(shardings, None))
+  dense, dm = dense_step(state, devices.to_global(setup.text.prepare(config, host, 0), mesh))
+  np.testing.assert_allclose(float(m["loss"]), float(dm["loss"]), rtol=1e-5)
+  for a, b in zip(new.method_state, dense.method_state):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
   # A non-finite step (NaN images) keeps the old loss state, like the parameters.
   bad = dict(host, image=np.full_like(host["image"], np.nan), index=np.asarray(next(it)["index"]))
   kept, m = step(new, devices.to_global(setup.text.prepare(config, bad, 1), mesh))
