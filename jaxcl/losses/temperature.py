@@ -211,7 +211,8 @@ def _focusing(log_p: jax.Array, gamma) -> jax.Array:
 class IsogclrState(NamedTuple):
   """Per-example state of iSogCLR, every array indexed by a stable example id in [0, N).
 
-  u: moving average of each anchor's negative-pair term g_i (0 = never seen).
+  log_u: log of the moving average u of each anchor's negative-pair term g_i (−inf = never seen), kept
+  in the log domain because e^(c/τ) overflows float32 for τ below about 0.0113 (c = 1).
   tau: the individual temperature τ_i. tau_grad: moving average of its gradient.
   All three are (N,) float arrays (float32 from `isogclr_state`; a float64 state, e.g. restored from a
   float64 checkpoint with x64 enabled, is read in float32 and keeps its dtype): shard them along the
@@ -220,7 +221,7 @@ class IsogclrState(NamedTuple):
   `x.at[ids].set(...)`, which XLA lowers to a gather/scatter on the shards that hold those ids.
   """
 
-  u: jax.Array
+  log_u: jax.Array
   tau: jax.Array
   tau_grad: jax.Array
 
@@ -234,7 +235,8 @@ class IsogclrOutput(NamedTuple):
 
 @_common.keyword_only
 def isogclr_state(num_examples: int, *, tau_init: float = 0.1) -> IsogclrState:
-  """The initial iSogCLR state for a data set of `num_examples` examples: u = 0, τ = tau_init.
+  """The initial iSogCLR state for a data set of `num_examples` examples: log u = −inf (never seen),
+  τ = tau_init.
 
   >>> isogclr_state(3).tau.tolist()
   [0.10000000149011612, 0.10000000149011612, 0.10000000149011612]
@@ -243,7 +245,8 @@ def isogclr_state(num_examples: int, *, tau_init: float = 0.1) -> IsogclrState:
     raise ValueError(f"`num_examples` must be a positive int, got {num_examples!r}.")
   _checks.check_positive("tau_init", tau_init)
   zeros = jnp.zeros((num_examples,), jnp.float32)
-  return IsogclrState(u=zeros, tau=jnp.full((num_examples,), tau_init, jnp.float32), tau_grad=zeros)
+  return IsogclrState(log_u=jnp.full((num_examples,), -jnp.inf, jnp.float32),
+                      tau=jnp.full((num_examples,), tau_init, jnp.float32), tau_grad=zeros)
 
 
 def _loss_and_state_out_specs(output_type):
@@ -284,7 +287,7 @@ def isogclr(
   batch; 2(B−1) negatives: every other example's two views) with temperature τ = τ[ids]:
 
       g_a   = (1/2(B−1)) Σ_{j ∈ neg(a)} exp(c_aj / τ)                       c = cosine similarity
-      u_a   = (1 − γ) u[id] + γ g_a          (u_a = g_a where u[id] = 0: the first visit)
+      u_a   = (1 − γ) u[id] + γ g_a          (u_a = g_a where u[id] is unseen: the first visit)
       loss  = mean_{a < 2B} [ −c_{a,p(a)} + (1/2(B−1)) Σ_j sg(exp(c_aj/τ) / u_a) c_aj ]
       ∇_τ   = log u_a + ρ − (1/2(B−1)) Σ_j sg(exp(c_aj/τ)/u_a) c_aj / τ      (averaged over the 2 views)
       new u[id] = (u_view1 + u_view2) / 2
@@ -299,7 +302,9 @@ def isogclr(
   so the caller only differentiates the loss w.r.t. the network. Defaults are LibAUC's for unimodal
   tasks (τ₀ = 0.1, γ = 0.9, ρ = 0.3, η = 0.01, β = 0.9, τ ∈ [0.05, 0.7]). The loss is the mean over the
   2B anchors, like every loss of this library (LibAUC's value is the sum over both views divided by
-  B, twice this; the gradient scales the same way, the temperature update does not depend on it).
+  B, twice this; the gradient scales the same way, the temperature update does not depend on it). u is
+  kept and updated as log u (`IsogclrState.log_u`, −inf until the first visit): LibAUC's u overflows
+  float32 once 1/τ > 88.7, here any temperature the library accepts (>= 2^-100) stays finite.
 
   Engines: the negative sums are one masked log-sum-exp with a per-row scale 1/τ_a (the DCL mask), so
   every engine applies. The softmax-weighted similarity Σ_j softmax_j c_aj, needed for the loss value
@@ -324,7 +329,7 @@ def isogclr(
       device's under `axis_name`).
     mask: None or bool (B,); False marks padding samples: their two views are neither anchors nor
       negatives (B above counts the valid samples), so the loss and gradients are those of the
-      unpadded batch, with zero gradients on the padding; and their state entries (u, τ, tau_grad at
+      unpadded batch, with zero gradients on the padding; and their state entries (log u, τ, tau_grad at
       their ids) are NOT updated: the returned state keeps the old values there. Their ids must still
       lie in [0, N) (they are read, never written).
     impl: similarity engine; "allgather" | "ring" for a batch split over devices.
@@ -339,8 +344,8 @@ def isogclr(
   >>> loss, state = isogclr(x, x, jnp.array([0, 1, 2]), isogclr_state(5, tau_init=1.0))
   >>> round(float(loss), 4)  # each anchor: −1 + Σ_j (e^0/u) · 0 / 4 = −1
   -1.0
-  >>> state.u.tolist()  # g = 1 for the three seen ids (u was 0: first visit), untouched elsewhere
-  [1.0, 1.0, 1.0, 0.0, 0.0]
+  >>> state.log_u.tolist()  # g = 1 for the three seen ids (first visit: u = g), unseen elsewhere
+  [0.0, 0.0, 0.0, -inf, -inf]
   """
   a, b = _common.pair("z1", z1, "z2", z2, normalize=normalize, axis_name=axis_name)
   bsz = a.shape[0]
@@ -365,24 +370,24 @@ def isogclr(
 
   lse, mean_sim = _negatives_lse_and_mean_similarity(z, z, scale, exclude, valid, valid, impl, axis_name)
 
-  g = sg(jnp.exp(lse - log_n))
-  u_old = jnp.tile(old.u, 2)
-  u = jnp.where(u_old == 0, g, (1.0 - gamma) * u_old + gamma * g)
+  log_g = _common.zero_invalid(sg(lse) - log_n, valid)
+  log_u = _moving_average_log_u(jnp.tile(old.log_u, 2), log_g, gamma)
+  ratio = jnp.exp(log_g - log_u)  # g/u
   pos = _common.rowwise_dot(z, jnp.roll(z, bsz, axis=0))
   # Value of Σ_j w_j c_aj / n (w = e^{c/τ}/u) is (g/u)·mean_sim; its gradient (w fixed) is that of
-  # τ/u · exp(lse − log n).
-  weighted = (g / u) * mean_sim
-  surrogate = sg(tau / u) * jnp.exp(lse - log_n)
+  # τ (g/u) · lse.
+  weighted = ratio * mean_sim
+  surrogate = sg(tau * ratio) * lse
   per_anchor = -pos + sg(weighted) + surrogate - sg(surrogate)
   loss = _common.reduce_loss(per_anchor, reduction, valid, axis_name)
 
-  grad_tau = jnp.log(u) + rho - (g / u) * mean_sim / tau
+  grad_tau = log_u + rho - weighted / tau
   grad_tau = 0.5 * (grad_tau[:bsz] + grad_tau[bsz:])
-  new_u = 0.5 * (u[:bsz] + u[bsz:])
+  new_log_u = jnp.logaddexp(log_u[:bsz], log_u[bsz:]) - math.log(2.0)  # log of the two views' mean u
   tau_grad, new_tau = _temperature_step(old.tau, old.tau_grad, grad_tau, eta, beta, tau_min, tau_max)
-  written = _written_ids(ids, mask, state.u.shape[0])
+  written = _written_ids(ids, mask, state.log_u.shape[0])
   new_state = IsogclrState(*(
-      _write(arr, written, sg(new), axis_name) for arr, new in zip(state, (new_u, new_tau, tau_grad))
+      _write(arr, written, sg(new), axis_name) for arr, new in zip(state, (new_log_u, new_tau, tau_grad))
   ))
   return IsogclrOutput(loss, new_state)
 
@@ -555,9 +560,7 @@ def _isogclr_clip_direction(lse, mean_sim, pos, log_u_old, tau, log_n, gamma, rh
       r = g/u;  ℓ = r (S − c_ii), differentiated as sg(τ r) L − sg(r) c_ii;  ∇_τ = log u + ρ − r (S − c_ii)/τ
   """
   log_g = _common.zero_invalid(sg(lse) - sg(pos) / tau - log_n, valid)
-  log_decay = math.log1p(-gamma) if gamma < 1 else -math.inf
-  log_gamma = math.log(gamma) if gamma > 0 else -math.inf
-  log_u = jnp.where(jnp.isneginf(log_u_old), log_g, jnp.logaddexp(log_decay + log_u_old, log_gamma + log_g))
+  log_u = _moving_average_log_u(log_u_old, log_g, gamma)
   ratio = jnp.exp(log_g - log_u)
   gap = mean_sim - sg(pos)  # Σ_j softmax_j (c_ij − c_ii)
   value = ratio * gap
@@ -565,6 +568,13 @@ def _isogclr_clip_direction(lse, mean_sim, pos, log_u_old, tau, log_n, gamma, rh
   per_anchor = _common.zero_invalid(value + surrogate - sg(surrogate), valid)
   grad_tau = log_u + rho - value / tau
   return per_anchor, log_u, grad_tau
+
+
+def _moving_average_log_u(log_u_old, log_g, gamma):
+  """log u of u = (1 − γ) u_old + γ g in the log domain, u = g where u_old is unseen (log u_old = −inf)."""
+  log_decay = math.log1p(-gamma) if gamma < 1 else -math.inf
+  log_gamma = math.log(gamma) if gamma > 0 else -math.inf
+  return jnp.where(jnp.isneginf(log_u_old), log_g, jnp.logaddexp(log_decay + log_u_old, log_gamma + log_g))
 
 
 def _check_ids_and_state(ids, bsz: int, state) -> jax.Array:

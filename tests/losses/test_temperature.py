@@ -145,13 +145,18 @@ ISO = dict(gamma=0.9, rho=0.3, eta=0.01, beta=0.9, tau_min=0.05, tau_max=0.7)
 
 def _state(seed, n=9):
   rng = np.random.default_rng(seed)
-  u = rng.uniform(0.5, 3.0, n).astype(np.float32)
-  u[[1, 4]] = 0.0  # never seen: the first-visit initialisation
+  log_u = np.log(rng.uniform(0.5, 3.0, n)).astype(np.float32)
+  log_u[[1, 4]] = -np.inf  # never seen: the first-visit initialisation
   return IsogclrState(
-      u=jnp.asarray(u),
+      log_u=jnp.asarray(log_u),
       tau=jnp.asarray(rng.uniform(0.1, 0.6, n).astype(np.float32)),
       tau_grad=jnp.asarray(rng.normal(0, 0.5, n).astype(np.float32)),
   )
+
+
+def _u_domain(state):
+  """(u, τ, tau_grad) as LibAUC keeps them (u = 0: never seen), for the float64 reference."""
+  return (np.exp(np.asarray(state.log_u, np.float64)), np.asarray(state.tau), np.asarray(state.tau_grad))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -160,8 +165,9 @@ def test_isogclr_matches_reference_loss_gradient_and_state(seed):
   ids = np.array([4, 0, 7, 1], np.int32)
   state = _state(seed)
   want_loss, weights, want_state = ref_isogclr_step(
-      x.astype(np.float64), y.astype(np.float64), ids, state, **ISO
+      x.astype(np.float64), y.astype(np.float64), ids, _u_domain(state), **ISO
   )
+  want_state = (np.log(want_state[0]), *want_state[1:])  # u = 0 (unseen) -> log u = -inf
   assert_value_and_grads(
       lambda a, b: isogclr(a, b, ids, state, **ISO)[0],
       lambda a, b: ref_isogclr_surrogate(a, b, weights),
@@ -226,11 +232,29 @@ def test_isogclr_state_updates_only_the_batch_and_stays_in_bounds():
   for _ in range(3):
     _, state = step(state)
   untouched = np.setdiff1d(np.arange(10), np.asarray(ids))
-  np.testing.assert_array_equal(np.asarray(state.u)[untouched], 0.0)
+  np.testing.assert_array_equal(np.asarray(state.log_u)[untouched], -np.inf)
   np.testing.assert_allclose(np.asarray(state.tau)[untouched], 0.1)
   tau = np.asarray(state.tau)[np.asarray(ids)]
   assert np.all((tau >= 0.05) & (tau <= 0.3)) and not np.allclose(tau, 0.1)
-  assert np.all(np.asarray(state.u)[np.asarray(ids)] > 0)
+  assert np.all(np.isfinite(np.asarray(state.log_u)[np.asarray(ids)]))
+
+
+def test_isogclr_stays_finite_where_libaucs_u_overflows():
+  """τ = 0.005 (1/τ = 200 > 88.7): u = mean e^(c/τ) overflows float32 for c near 1, log u does not; the
+  loss, its gradients and the state are finite, and a second step (u a moving average) still is."""
+  x = randn(48, 4, 3)
+  y = x + 0.01 * randn(49, 4, 3)
+  state = isogclr_state(6, tau_init=0.005)
+  ids = jnp.array([0, 1, 2, 3])
+  step = jax.jit(jax.value_and_grad(lambda a, s: isogclr(a, y, ids, s, tau_min=0.005).loss))
+  for _ in range(2):
+    value, grad = step(x, state)
+    state = jax.jit(lambda s: isogclr(x, y, ids, s, tau_min=0.005).state)(state)
+    assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
+    assert np.all(np.isfinite(np.asarray(state.log_u)[:4])) and np.all(np.isfinite(np.asarray(state.tau)))
+  z = np.concatenate([x, y]) / np.linalg.norm(np.concatenate([x, y]), axis=1, keepdims=True)
+  same_example = np.tile(np.eye(4, dtype=bool), (2, 2))
+  assert np.max(np.where(same_example, -1.0, z @ z.T)) / 0.005 > 88.7  # a negative's e^(c/τ) is past float32
 
 
 def _taus(seed, h, n):
@@ -527,7 +551,7 @@ def test_isogclr_sharded_equals_dense(impl, n_devices):
   updated state of a padded batch, the same on every device."""
   x, y = randn(0, 24, 8), randn(1, 24, 8)
   ids = jnp.asarray(np.random.default_rng(2).permutation(30)[:24].astype(np.int32))
-  state = _state(0, n=30)._replace(u=jnp.where(jnp.arange(30) % 3 == 0, 0.0, 0.5 + jnp.arange(30) / 30))
+  state = _state(0, n=30)._replace(log_u=jnp.where(jnp.arange(30) % 3 == 0, -jnp.inf, jnp.log(0.5 + jnp.arange(30) / 30)))
   mask = jnp.arange(24) % 5 != 3
   loss = lambda a, b, i, *m, **kw: isogclr(a, b, i, state, mask=m[0] if m else None, **ISO, **kw).loss  # noqa: E731
   padding = [mask] if impl == "ring" else []

@@ -12,13 +12,14 @@ says what each part does) registered with `register`, plus its recipe in `config
 
 from __future__ import annotations
 
-from jaxcl.train.methods.base import (SHARDABLE_LOSSES, VIEW_OUTPUTS, ImageModel, Method, ViewsMethod, build_encoder,
-                                      check_loss_impl, config_sections, engine_options, fifo_enqueue, get,
-                                      in_batch_accuracy, loss_impl, names, register, section_owners, unregister)
+from jaxcl.train.methods.base import (SHARDABLE_LOSSES, UNSEEN_LOG_U, VIEW_OUTPUTS, ImageModel, Method, ViewsMethod,
+                                      build_encoder, check_loss_impl, config_sections, engine_options, fifo_enqueue,
+                                      get, in_batch_accuracy, loss_impl, loss_log_u, names, register, section_owners,
+                                      stored_log_u, unregister)
 
 from jaxcl.train.methods import simclr, supcon, multiview, momentum, nnclr, simsiam, swav, image_text, amcl, csr  # noqa: E402,F401  registers
 
 __all__ = ["Method", "ViewsMethod", "ImageModel", "register", "unregister", "get", "names", "SHARDABLE_LOSSES",
-           "VIEW_OUTPUTS",
+           "VIEW_OUTPUTS", "UNSEEN_LOG_U", "stored_log_u", "loss_log_u",
            "build_encoder", "check_loss_impl", "config_sections", "engine_options", "fifo_enqueue", "in_batch_accuracy",
            "loss_impl", "section_owners"]

@@ -197,6 +197,26 @@ def first_two_views(z: jax.Array) -> tuple[jax.Array, jax.Array, tuple[str, str]
   return z[0], z[1], VIEW_ACCURACY_NAMES
 
 
+# The iSogCLR losses keep log u = −inf for an example never seen; the train state holds only finite
+# values (a step that would write a non-finite value is not applied, a checkpoint holding one is not
+# restored), so it stores this number instead. A seen example's log u is at least −2/τ − log n > −3e30
+# for any temperature the losses accept (τ >= 2^-100): far above it.
+UNSEEN_LOG_U = float(jnp.finfo(jnp.float32).min)
+
+
+def stored_log_u(state: Any, fields: tuple[str, ...]) -> Any:
+  """`state` (a NamedTuple) as the train state keeps it: its log-u `fields` with −inf stored as
+  `UNSEEN_LOG_U`."""
+  return state._replace(**{f: jnp.where(jnp.isneginf(getattr(state, f)), UNSEEN_LOG_U, getattr(state, f))
+                           for f in fields})
+
+
+def loss_log_u(stored: Any, fields: tuple[str, ...]) -> Any:
+  """The inverse of `stored_log_u`: the state the loss takes (`UNSEEN_LOG_U` back to −inf)."""
+  return stored._replace(**{f: jnp.where(getattr(stored, f) <= UNSEEN_LOG_U, -jnp.inf, getattr(stored, f))
+                            for f in fields})
+
+
 def check_queue_size(key: str, size: int, batch_size: int, *, allow_zero: bool) -> None:
   """A queue written a whole batch at a time (`fifo_enqueue`) holds a positive multiple of the batch
   size rows (or is off, 0, when `allow_zero`); the ValueError names the config key."""

@@ -38,11 +38,7 @@ from jaxcl import models
 from jaxcl.train import devices, text
 from jaxcl.train.methods import base
 
-# A pair never seen has log u = −inf in `losses.isogclr_clip`'s state; the train state holds only finite
-# values (a step that would write a non-finite value is not applied, a checkpoint holding one is not
-# restored), so it stores this number instead. Seen pairs have log u > −1e5 (|c_ij − c_ii| <= 2, τ >= τ_min).
-UNSEEN_LOG_U = float(jnp.finfo(jnp.float32).min)
-LOG_U_FIELDS = ("image_log_u", "text_log_u")
+LOG_U_FIELDS = ("image_log_u", "text_log_u")  # stored finite: `base.stored_log_u`
 
 
 def isogclr_clip_section() -> ml_collections.ConfigDict:
@@ -96,15 +92,13 @@ def check_isogclr_clip_section(c: ml_collections.ConfigDict) -> None:
 
 
 def stored_isogclr_clip_state(state: losses.IsogclrClipState) -> losses.IsogclrClipState:
-  """The state as the train state keeps it: log u = −inf (unseen) stored as `UNSEEN_LOG_U`."""
-  return state._replace(**{f: jnp.where(jnp.isneginf(getattr(state, f)), UNSEEN_LOG_U, getattr(state, f))
-                           for f in LOG_U_FIELDS})
+  """The state as the train state keeps it: log u = −inf (unseen) stored as `base.UNSEEN_LOG_U`."""
+  return base.stored_log_u(state, LOG_U_FIELDS)
 
 
 def loss_isogclr_clip_state(stored: losses.IsogclrClipState) -> losses.IsogclrClipState:
   """The inverse of `stored_isogclr_clip_state`: the state `losses.isogclr_clip` takes."""
-  return stored._replace(**{f: jnp.where(getattr(stored, f) <= UNSEEN_LOG_U, -jnp.inf, getattr(stored, f))
-                            for f in LOG_U_FIELDS})
+  return base.loss_log_u(stored, LOG_U_FIELDS)
 
 
 STATEFUL_LOSSES = ("isogclr_clip", "ce_clip")

@@ -84,12 +84,12 @@ class SimCLR(TwoViews):
     return "per-example loss state" if config.loss.name in PER_EXAMPLE_LOSSES else None
 
   def init_state(self, config, variables, key, num_ids):
-    """iSogCLR: `losses.isogclr_state(num_ids, tau_init=config.isogclr.tau_init)` (u = 0, τ = τ₀).
+    """iSogCLR: `losses.isogclr_state(num_ids, tau_init=config.isogclr.tau_init)` (log u unseen, τ = τ₀).
     MCL: {"cluster_ids": zeros}; the loop fills in the clusters of the earlier stages (`mcl.cluster_ids`)."""
     if config.loss.name == mcl.LOSS_NAME:
       return mcl.init_state(int(num_ids))
-    if config.loss.name == "isogclr":
-      return losses.isogclr_state(int(num_ids), tau_init=config.isogclr.tau_init)
+    if config.loss.name == "isogclr":  # log u = −inf (unseen) stored finite: `base.stored_log_u`
+      return base.stored_log_u(losses.isogclr_state(int(num_ids), tau_init=config.isogclr.tau_init), ("log_u",))
     return {}
 
   def earlier_models(self, config, abstract, shardings):
@@ -116,9 +116,10 @@ class SimCLR(TwoViews):
       return mcl.loss(config, outputs, batch["index"], state, **base.engine_options(config, mesh)), state, {}
     if config.loss.name == "isogclr":  # on a mesh: the sharded engine, the state gathered whole and returned whole
       z, c = outputs["projection"], config.isogclr
-      out = losses.isogclr(z[0], z[1], batch["index"], state, gamma=c.gamma, rho=c.rho, eta=c.eta, beta=c.beta,
-                           tau_min=c.tau_min, tau_max=c.tau_max, **base.engine_options(config, mesh))
-      return out.loss, out.state, {}
+      out = losses.isogclr(z[0], z[1], batch["index"], base.loss_log_u(state, ("log_u",)), gamma=c.gamma, rho=c.rho,
+                           eta=c.eta, beta=c.beta, tau_min=c.tau_min, tau_max=c.tau_max,
+                           **base.engine_options(config, mesh))
+      return out.loss, base.stored_log_u(out.state, ("log_u",)), {}
     return super().loss(config, outputs, batch, state, mesh=mesh)
 
 

@@ -17,7 +17,7 @@ from jaxcl.data import augment, pipeline, sources
 from jaxcl.train import checkpoints, devices, methods, validation
 from jaxcl.train import state as state_lib
 from jaxcl.train import step as step_lib
-from jaxcl.train.methods import image_text
+from jaxcl.train.methods import base, image_text
 from tests.helpers import load_recipe, tiny
 
 
@@ -103,7 +103,7 @@ def test_isogclr_clip_step_is_the_loss_and_writes_the_batch_state_only(data_dir,
   for log_u in (stored.image_log_u, stored.text_log_u):
     log_u = np.asarray(log_u)
     assert np.all(np.isfinite(log_u))
-    assert np.all(log_u[ids] > -1e5) and np.all(log_u[others] == image_text.UNSEEN_LOG_U)
+    assert np.all(log_u[ids] > -1e5) and np.all(log_u[others] == base.UNSEEN_LOG_U)
 
   # A checkpoint of that state is restored as it was (the loop's restore refuses non-finite states).
   manager = checkpoints.checkpoint_manager(config, str(tmp_path))
