@@ -361,7 +361,8 @@ def gram(
   following the authors' code (github.com/ispamm/GRAM, `model/gram.py`: `volume_computation*` and the
   symmetric cross-entropy of −volume/τ with `label_smoothing=0.1` = ε; τ = 0.07, learnable there).
   With ε = 0 it is the plain symmetric cross-entropy, and for k = 2 the score is −|sin θ_ij|/τ. The paper's data–anchor matching (DAM) term needs a
-  classification head on fused features and is not part of this function. Embeddings are
+  classification head on fused features and is not part of this function (its hard negatives are
+  `gram_negatives`; the trainer's clip method adds the term: `jaxcl.train.methods.image_text`). Embeddings are
   L2-normalised (the paper's setting) unless `normalize=False`.
 
   Engines: the volume is a determinant of inner products, not a scaled dot product, so the B×B logits
@@ -472,7 +473,8 @@ def gram_negatives(
   and `weights_cond2t`, the softmax over the row including the sample itself, then + 1e-4, then the
   sample's own entry zeroed, one `torch.multinomial` draw per row). The matching loss itself is the
   caller's: a 2-way cross-entropy of the head's logits on the 3B pairs (anchor_i, data_i) → 1,
-  (anchor_i, data_{data[i]}) → 0, (anchor_{anchor[j]}, data_j) → 0, weighted by `itm_ratio` there.
+  (anchor_i, data_{data[i]}) → 0, (anchor_{anchor[j]}, data_j) → 0, weighted by `itm_ratio` there (in training:
+  `jaxcl.train.methods.image_text.gram_matching_loss`, weight `config.gram.dam_weight`).
 
   No gradient flows (the draws are integers; the authors' weights are computed under `no_grad`). Each
   global row r draws with its own key `fold_in(fold_in(key, direction), r)` (direction 0: data, 1:

@@ -22,6 +22,7 @@ from jaxcl.models.dual import CLIP_LOGIT_SCALE_INIT
 from jaxcl.models.dual import DualEncoder
 from jaxcl.models.dual import SIGLIP_LOGIT_BIAS_INIT
 from jaxcl.models.dual import SIGLIP_LOGIT_SCALE_INIT
+from jaxcl.models.heads import MatchHead
 from jaxcl.models.heads import PredictionHead
 from jaxcl.models.heads import ProjectionHead
 from jaxcl.models.minilm import BertEncoder
@@ -92,6 +93,7 @@ __all__ = [
     "CLIP_LOGIT_SCALE_INIT",
     "DualEncoder",
     "MLP",
+    "MatchHead",
     "PredictionHead",
     "ProjectionHead",
     "ResNet",

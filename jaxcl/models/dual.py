@@ -39,6 +39,9 @@ class DualEncoder(nn.Module):
     logit_scale_init: t₀, the initial *log* of the logit scale.
     logit_bias_init: b₀, or None for no bias parameter.
     max_logit_scale: optional cap on exp(t).
+    match_head: optional module called as `match_head(anchor, data)` → (N, 2) logits on pairs of (N, E)
+      text and image embeddings (GRAM's data–anchor matching head, `MatchHead`); its parameters (under
+      "match_head") are created at `init` only when it is given. `match_logits(text, image)` applies it.
 
   `__call__(images, tokens, train)` returns dict(image=(B, E), text=(B, E), logit_scale=(), logit_bias=()
   or None); `encode_image(images, train)` and `encode_text(tokens, train)` give one side (use
@@ -61,6 +64,7 @@ class DualEncoder(nn.Module):
   logit_scale_init: float = CLIP_LOGIT_SCALE_INIT
   logit_bias_init: float | None = None
   max_logit_scale: float | None = None
+  match_head: nn.Module | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -104,6 +108,13 @@ class DualEncoder(nn.Module):
       return tokens.astype(jnp.float32)
     return self.text_projection(self.text_encoder(tokens, train=train))
 
+  def match_logits(self, text: jax.Array, image: jax.Array) -> jax.Array:
+    """(N, 2) matching logits [no match, match] of the (N, E) text and image embedding pairs (the
+    `match_head`; a ValueError without one)."""
+    if self.match_head is None:
+      raise ValueError("`match_logits` needs the model's `match_head`, got None.")
+    return self.match_head(text, image)
+
   def scale_and_bias(self) -> tuple[jax.Array, jax.Array | None]:
     """(exp(t), b or None) as float32 scalars."""
     scale = jnp.exp(self.logit_scale)
@@ -121,4 +132,6 @@ class DualEncoder(nn.Module):
       out.update(text=texts[:, 0], hard_negatives=texts[:, 1:])
     else:
       out["text"] = self.encode_text(tokens, train=train)
+    if self.match_head is not None and self.is_initializing():  # create its parameters; the loss applies it
+      self.match_logits(out["text"], out["image"])
     return out

@@ -1,4 +1,5 @@
-"""Projection and prediction MLP heads put on top of an encoder's pooled features."""
+"""Projection and prediction MLP heads put on top of an encoder's pooled features, and GRAM's matching head
+on (anchor, data) embedding pairs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl import _checks
+from jaxcl import losses
 from jaxcl.models import _layers
 
 HEAD_NORMS = ("batch", "layer", "group", "none")
@@ -124,3 +126,44 @@ class PredictionHead(nn.Module):
         norm=self.norm, output_norm=False, bn_momentum=self.bn_momentum, dtype=self.dtype,
         param_dtype=self.param_dtype,
     )
+
+
+class MatchHead(nn.Module):
+  r"""GRAM's data–anchor matching head: 2 logits (no match, match) for each (anchor, data) embedding pair.
+
+  "Gramian Multimodal Representation Learning and Alignment" (Cicchetti et al., ICLR 2025). With a and d
+  the L2-normalised anchor (text) and data (image) embeddings of a pair:
+
+      x = [a; d; a ⊙ d]                                            (3E,)
+      logits = W₂ · LayerNorm(GELU(W₁ x + b₁)) + b₂                 (2,): [no match, match]
+
+  The authors' head (github.com/ispamm/GRAM, `model/general_module.py`, `Match_head`: Linear → GELU →
+  LayerNorm(eps 1e-12) → Linear(2)) reads the [CLS] token of a BERT that cross-attends from the caption's
+  tokens to the data's tokens (`model/gram.py`, `forward_ret`); here it reads the fused pooled
+  embeddings instead (no token-level cross-attention: a few Dense layers, not a second transformer).
+
+  Attributes:
+    hidden: the hidden size of W₁. dtype: compute dtype (parameters float32).
+
+  >>> import jax, jax.numpy as jnp
+  >>> head = MatchHead(hidden=8)
+  >>> a, d = jnp.ones((3, 4)), jnp.ones((3, 4))
+  >>> head.apply(head.init(jax.random.key(0), a, d), a, d).shape
+  (3, 2)
+  """
+
+  hidden: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, anchor: jax.Array, data: jax.Array) -> jax.Array:
+    anchor = _checks.check_array("anchor", anchor, ndim=2)
+    data = _checks.check_array("data", data, ndim=2)
+    _checks.check_same_shape("anchor", anchor, "data", data)
+    a, d = (losses.l2_normalize(x.astype(jnp.float32)) for x in (anchor, data))
+    x = jnp.concatenate([a, d, a * d], axis=-1)
+    h = nn.Dense(_dims("hidden", self.hidden)[0], dtype=self.dtype, param_dtype=self.param_dtype, name="dense0")(x)
+    h = nn.LayerNorm(epsilon=1e-12, dtype=self.dtype, param_dtype=self.param_dtype, name="ln")(
+        nn.gelu(h, approximate=False))
+    return nn.Dense(2, dtype=self.dtype, param_dtype=self.param_dtype, name="dense1")(h).astype(jnp.float32)

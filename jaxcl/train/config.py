@@ -3,7 +3,7 @@
 Every key a recipe may set exists here, so a typo on the command line (`--config.batchsize=...`) is an
 error from ml_collections instead of a silently ignored setting. The settings of one method live in
 that method's own sections (`Method.config_sections`: `config.momentum` of moco and byol,
-`config.isogclr` and `config.mcl` of simclr, `config.isogclr_clip` and `config.ce_clip` of clip), merged
+`config.isogclr` and `config.mcl` of simclr, `config.isogclr_clip`, `config.ce_clip` and `config.gram` of clip), merged
 in here from every registered method.
 """
 

@@ -26,6 +26,16 @@ def layer_norm(x, p, eps):
   return (x - mu) / np.sqrt(var + eps) * p["scale"] + p["bias"]
 
 
+def np_match_head(params, anchor, data):
+  """GRAM's matching head: [a; d; a ⊙ d] of the unit rows → Dense → GELU → LayerNorm(1e-12) → Dense(2)."""
+  p = f64(params)
+  a, d = (np.asarray(x, np.float64) / np.linalg.norm(np.asarray(x, np.float64), axis=1, keepdims=True)
+          for x in (anchor, data))
+  h = np.concatenate([a, d, a * d], axis=1) @ p["dense0"]["kernel"] + p["dense0"]["bias"]
+  h = layer_norm(gelu(h), p["ln"], 1e-12)
+  return h @ p["dense1"]["kernel"] + p["dense1"]["bias"]
+
+
 def batch_norm_eval(x, p, s, eps=1e-5):
   return (x - s["mean"]) / np.sqrt(s["var"] + eps) * p["scale"] + p["bias"]
 

@@ -9,12 +9,13 @@ import pytest
 from jaxcl import losses
 from jaxcl.models import dual as dual_lib
 from jaxcl.models.dual import DualEncoder
+from jaxcl.models.heads import MatchHead
 from jaxcl.models.mlp import MLP
 from jaxcl.models.resnet import ResNet
 from jaxcl.models.text import TextTransformer
 from tests.losses import reference
 from tests.helpers import key, randn, random_variables
-from tests.models.reference import TOKENS
+from tests.models.reference import TOKENS, np_match_head
 
 
 def _dual(**kwargs):
@@ -51,6 +52,25 @@ def test_dual_encoder_init_values():
   np.testing.assert_allclose(both["text"], siglip.apply(v2, texts[:, 0], method="encode_text"), rtol=1e-6)
   np.testing.assert_allclose(both["hard_negatives"][:, 1], siglip.apply(v2, texts[:, 2], method="encode_text"),
                              rtol=1e-6)
+
+
+def test_dual_encoder_match_head_parameters_only_when_given():
+  x, t = randn(0, 4, 6), randn(1, 4, 3)
+  shapes = lambda model: jax.eval_shape(lambda: model.init(key(0), x, t))["params"]  # noqa: E731
+  assert "match_head" not in shapes(_dual())
+  model = _dual(match_head=MatchHead(hidden=7))
+  assert shapes(model)["match_head"]["dense0"]["kernel"].shape == (15, 7)  # [t; i; t ⊙ i], E = 5
+  variables = random_variables(model, x, t, seed=3)
+
+  def embed_and_match(v):
+    out = model.apply(v, x, t)
+    return out, model.apply(v, out["text"], out["image"], method="match_logits")
+
+  out, logits = jax.jit(embed_and_match)(variables)
+  np.testing.assert_allclose(logits, np_match_head(variables["params"]["match_head"], out["text"], out["image"]),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="`match_logits` needs the model's `match_head`, got None"):
+    _dual().apply(variables, out["text"], out["image"], method="match_logits")
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])

@@ -1,13 +1,14 @@
-"""jaxcl.models.heads: the projection and prediction heads against a float64 NumPy reference."""
+"""jaxcl.models.heads: the projection, prediction and matching heads against a float64 NumPy reference."""
 
 import jax
 import numpy as np
 import pytest
 
+from jaxcl.models.heads import MatchHead
 from jaxcl.models.heads import PredictionHead
 from jaxcl.models.heads import ProjectionHead
 from tests.helpers import assert_close, key, randn, random_variables
-from tests.models.reference import batch_norm_eval, batch_norm_train, f64, layer_norm, relu
+from tests.models.reference import batch_norm_eval, batch_norm_train, f64, layer_norm, np_match_head, relu
 
 
 def np_head(params, x, n_hidden, norm, output_norm=False, stats=None):
@@ -73,3 +74,15 @@ def test_prediction_head_matches_numpy_reference():
     jax.eval_shape(lambda: PredictionHead(8, 4, norm="bn").init(key(0), z))
   with pytest.raises(ValueError, match=r"`x` must have rank 2"):
     jax.eval_shape(lambda: head.init(key(0), z[None]))
+
+
+def test_match_head_matches_numpy_reference():
+  head = MatchHead(hidden=12)
+  a, d = randn(12, 5, 4), 3.0 * randn(13, 5, 4)  # unnormalised: the head normalises
+  variables = random_variables(head, a, d, seed=12)
+  assert jax.tree.map(np.shape, variables["params"]) == {
+      "dense0": {"kernel": (12, 12), "bias": (12,)}, "ln": {"scale": (12,), "bias": (12,)},
+      "dense1": {"kernel": (12, 2), "bias": (2,)}}
+  assert_close(jax.jit(head.apply)(variables, a, d), np_match_head(variables["params"], a, d))
+  with pytest.raises(ValueError, match=r"`anchor` and `data` must have the same shape, got \(5, 4\) and \(5, 3\)"):
+    jax.eval_shape(lambda: head.init(key(0), a, d[:, :3]))

@@ -50,7 +50,7 @@ from jaxcl.train import text
 # The values of `config.loss.name` that have a sharded form (`impl="allgather" | "ring"`).
 SHARDABLE_LOSSES = ("nt_xent", "dcl", "dclw", "supcon", "infonce", "clip", "siglip", "macl", "hn_nce",
                     "mcl_nt_xent", "nnclr", "multiview_infonce", "mv_dhel", "pairwise_nt_xent", "isogclr",
-                    "isogclr_clip", "ce_clip", "csr")
+                    "isogclr_clip", "ce_clip", "csr", "gram")
 
 
 _REGISTRY: dict[str, "Method"] = {}

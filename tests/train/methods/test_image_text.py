@@ -1,5 +1,6 @@
 """The image-text methods' losses with state of their own (jaxcl.train.methods.image_text): bimodal
-iSogCLR's per-pair temperatures and CE-CLIP's adaptive thresholds (issue 15 item 6).
+iSogCLR's per-pair temperatures, CE-CLIP's adaptive thresholds, GRAM's matching head and draw counter
+(issue 15 item 6).
 
 Each check is one jitted train step of the tiny clip recipe on the 8-device mesh of the tests, against a
 direct call of the loss on the embeddings the step computes (the model applied to the step's augmented
@@ -8,6 +9,7 @@ images and tokens)."""
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -19,6 +21,7 @@ from jaxcl.train import state as state_lib
 from jaxcl.train import step as step_lib
 from jaxcl.train.methods import base, image_text
 from tests.helpers import load_recipe, tiny
+from tests.models.reference import np_match_head
 
 
 def _config(data_dir, loss_name):
@@ -152,3 +155,76 @@ def test_ce_clip_step_is_the_loss_with_hard_negative_captions_and_moves_the_thre
                         valid=valid, impl="dense")
   np.testing.assert_allclose(float(metrics["loss"]), float(want.loss), rtol=1e-4)
   np.testing.assert_allclose(thresholds, np.asarray(want.thresholds), rtol=1e-4, atol=1e-5)
+
+
+def _np_matching_loss(head_params, text, image, negatives):
+  """GRAM's DAM term in float64: the 2-way cross-entropy over (t_i, x_i) → 1, (t_i, x_data[i]) → 0,
+  (t_anchor[j], x_j) → 0; and its gradient in the head's output bias, mean(softmax − one-hot)."""
+  t, x = np.asarray(text, np.float64), np.asarray(image, np.float64)
+  data, anchor = np.asarray(negatives.data), np.asarray(negatives.anchor)
+  logits = np_match_head(head_params, np.concatenate([t, t, t[anchor]]), np.concatenate([x, x[data], x]))
+  log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+  labels = np.r_[np.ones(len(t), int), np.zeros(2 * len(t), int)]
+  return -np.mean(log_p[np.arange(len(labels)), labels]), np.mean(np.exp(log_p) - np.eye(2)[labels], axis=0)
+
+
+def test_gram_step_is_the_volume_contrast_plus_the_matching_term(data_dir):
+  config = _config(data_dir, "gram")
+  setup, _, state, new, metrics, batch, _, _ = _first_step(config)
+  assert bool(metrics["finite"])
+  assert int(state.method_state["draws"]) == 0 and int(new.method_state["draws"]) == 1
+  assert new.method_state["draws"].sharding.spec == P()
+  head = state.params["match_head"]
+  assert head["dense0"]["kernel"].shape == (3 * 16, 3 * 16)  # head_hidden 0: its input's size, [t; i; t ⊙ i]
+
+  # The step (8 devices, the batch split: volumes on allgather, the negatives' rows gathered by GSPMD) is
+  # gram + 1.0 · DAM of the step's embeddings, τ = 1 / the learned logit scale, the negatives drawn
+  # unsharded with the documented key, the head in float64 NumPy. The head's parameters get the DAM
+  # term's gradient through the method's loss (the step's first update is 0 by the warmup). dam_weight = 0:
+  # no head, no state, the volume contrast alone (here with a fixed τ in place of the learned one).
+  method = methods.get("clip")
+  without = config.copy_and_resolve_references()
+  without.gram.dam_weight, without.gram.temperature = 0.0, 0.05
+  assert image_text.gram_match_head(without) is None and method.build_model(without, setup.text).match_head is None
+  assert method.init_state(without, {}, None, 0) == {}
+  out = _step_embeddings(config, setup, state, batch)
+  emb = {k: out[k] for k in ("text", "image", "logit_scale")}
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), image_text.GRAM_NEGATIVES_STREAM), 0)
+
+  def direct(emb, head):
+    t, x, tau = emb["text"], emb["image"], 1.0 / emb["logit_scale"]
+    head_loss = lambda p: method.loss(config, emb, batch, state.method_state, params={"match_head": p})[0]  # noqa: E731
+    return dict(volume=losses.gram(t, x, temperature=tau, label_smoothing=0.1, impl="dense"),
+                negatives=losses.gram_negatives(t, x, key=key, temperature=tau, impl="dense"),
+                head_grads=jax.grad(head_loss)(head),
+                fixed_tau=losses.gram(t, x, temperature=0.05, impl="dense"),
+                without=method.loss(without, emb, batch, {}, params={})[:2])
+
+  got = jax.jit(direct)(emb, head)
+  dam, bias_grad = _np_matching_loss(head, out["text"], out["image"], got["negatives"])
+  assert 0.3 < dam < 3.0
+  np.testing.assert_allclose(float(metrics["loss"]), float(got["volume"]) + dam, rtol=1e-4)
+  assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(got["head_grads"]))
+  np.testing.assert_allclose(np.asarray(got["head_grads"]["dense1"]["bias"]), bias_grad, rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(float(got["without"][0]), float(got["fixed_tau"]), rtol=1e-5)
+  assert got["without"][1] == {}
+
+
+def test_gram_is_clip_only_and_its_section_is_checked():
+  config = load_recipe("clip_digits")
+  config.loss.name = "gram"
+  validation.validate_config(config, data=False)
+  assert config.gram.to_dict() == {"temperature": 0.0, "label_smoothing": 0.1, "dam_weight": 1.0, "head_hidden": 0}
+  for key, bad, expected in (("temperature", -0.1, "a finite number >= 0"), ("label_smoothing", 1.0, r"in \[0, 1\)"),
+                             ("dam_weight", -1.0, "a finite number >= 0"), ("head_hidden", -1, ">= 0")):
+    good, config.gram[key] = config.gram[key], bad
+    with pytest.raises(ValueError, match=rf"^`config.gram.{key}` must be {expected}.*, got {bad}\.$"):
+      validation.validate_config(config, data=False)
+    config.gram[key] = good
+  config.loss.impl = "blockwise"
+  with pytest.raises(ValueError, match=r"^`config.loss.impl` must be one of \('auto', 'dense', 'allgather', 'ring'\) "
+                                       r"for `gram`.*got 'blockwise'\.$"):
+    validation.validate_config(config, data=False)
+  config.loss.impl, config.method = "auto", "siglip"
+  with pytest.raises(ValueError, match=r"got 'gram', which works with the methods \('clip',\)"):
+    validation.validate_config(config, data=False)
