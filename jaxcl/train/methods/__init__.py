@@ -1,8 +1,9 @@
 """Training methods as plug-ins: `config.method` names a registered `Method`.
 
-Built in: simclr, dcl (`simclr.py`), supcon, multiview, moco, byol (`momentum.py`), nnclr, simsiam, swav, and the
-image-text methods clip, siglip, lit (`image_text.py`). A new method is one file: a `Method` subclass
-(`base.py` says what each part does) registered with `register`, plus its recipe in `configs/`.
+Built in: simclr, dcl (`simclr.py`), supcon, multiview, moco, byol (`momentum.py`), nnclr, simsiam, swav, the
+image-text methods clip, siglip, lit (`image_text.py`), and the text-only simcse (`sentence.py`). A new method
+is one file: a `Method` subclass (`base.py` says what each part does) registered with `register`, plus its
+recipe in `configs/`.
 
 >>> from jaxcl.train import methods
 >>> methods.get("moco").name, methods.get("clip").image_text
@@ -15,7 +16,7 @@ from jaxcl.train.methods.base import (SHARDABLE_LOSSES, ImageModel, Method, View
                                       check_loss_impl, config_sections, engine_options, fifo_enqueue, get,
                                       in_batch_accuracy, loss_impl, names, register, section_owners, unregister)
 
-from jaxcl.train.methods import simclr, supcon, multiview, momentum, nnclr, simsiam, swav, image_text  # noqa: E402,F401  registers
+from jaxcl.train.methods import simclr, supcon, multiview, momentum, nnclr, simsiam, swav, image_text, sentence  # noqa: E402,F401  registers
 
 __all__ = ["Method", "ViewsMethod", "ImageModel", "register", "unregister", "get", "names", "SHARDABLE_LOSSES",
            "build_encoder", "check_loss_impl", "config_sections", "engine_options", "fifo_enqueue", "in_batch_accuracy",
