@@ -152,7 +152,8 @@ class SentenceTokens(NoText):
   or the summary twice with "dropout" (the two encodings differ by their dropout masks: unsupervised
   SimCSE). The tokenizer: the pretrained MiniLM's WordPiece (`config.sentence.encoder = "minilm"`,
   whose weights it holds as `pretrained`), or for "bert" (trained from scratch) a word vocabulary of
-  the train split's sentences (`SimpleTokenizer.from_texts`; planned runs: of none).
+  the train split's sentences (`SimpleTokenizer.from_texts`; the corpus is read even for a planned run:
+  it ships with the installed packages).
   """
 
   def __init__(self, config, info):
@@ -167,8 +168,8 @@ class SentenceTokens(NoText):
     else:
       from jaxcl import models
 
-      texts = sentence_pairs(config.data, config.data.train_split) if info.from_data else ()
-      self.tokenizer = models.SimpleTokenizer.from_texts([t for pair in texts for t in pair])
+      pairs = sentence_pairs(config.data, config.data.train_split)
+      self.tokenizer = models.SimpleTokenizer.from_texts([t for pair in pairs for t in pair])
     self.vocab_size = int(self.tokenizer.vocab_size)
 
   def tokens(self, texts) -> np.ndarray:
