@@ -1,5 +1,6 @@
 """The recipes (configs/*.py): every recipe on the bundled digits trains a few steps, shrunk by
-`tests.helpers.tiny` (the same code paths), and logs finite losses and the in-batch retrieval accuracy."""
+`tests.helpers.tiny` (the same code paths), and logs finite losses and the in-batch retrieval accuracy;
+the text-only simcse_minilm trains and evaluates with a tiny BERT in place of MiniLM."""
 
 import importlib.util
 import json
