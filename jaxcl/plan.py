@@ -100,7 +100,8 @@ def abstract_batch(config, setup, mesh, batch_size: int) -> dict:
   """The global batch `train_step` receives (after `setup.text.prepare`), as abstract arrays split along
   the batch mesh axes: image (B, H·W·C) of `config.data.transfer_dtype` (the loop's `encode_images`),
   label and index (B,) int32, and for image–text methods the text side's input (tokens or locked
-  embeddings) and the fields it adds (`dummy_fields`)."""
+  embeddings) and the fields it adds (`dummy_fields`); for text-only methods no image, and the sentences'
+  token ids (B, V, L)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -110,10 +111,13 @@ def abstract_batch(config, setup, mesh, batch_size: int) -> dict:
 
   sharding = NamedSharding(mesh, P(devices.BATCH_AXES))
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
+  ids = {"label": spec((batch_size,), jnp.int32), "index": spec((batch_size,), jnp.int32)}
+  if setup.method.text_only:  # each example's sentences as token ids, (B, V, L); no image
+    tokens = jax.eval_shape(lambda: setup.text.dummy(batch_size))
+    return dict(ids, text=spec((batch_size, config.num_views) + tokens.shape[1:], tokens.dtype))
   image = devices.encode_images(np.zeros((1,) + tuple(setup.info.image_shape), np.float32),
                                 config.data.transfer_dtype)  # one image: the shape and dtype sent
-  batch = {"image": spec((batch_size,) + image.shape[1:], image.dtype),
-           "label": spec((batch_size,), jnp.int32), "index": spec((batch_size,), jnp.int32)}
+  batch = dict(ids, image=spec((batch_size,) + image.shape[1:], image.dtype))
   if setup.method.image_text:
     text = jax.eval_shape(lambda: setup.text.dummy(batch_size))
     batch["text"] = spec(text.shape, text.dtype)

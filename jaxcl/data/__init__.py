@@ -1,5 +1,6 @@
 """Data: grain pipelines over the bundled digits, prepared tfds datasets and local image folders,
-and on-device augmentations (dm-pix)."""
+on-device augmentations (dm-pix), and a text-only corpus of sentence pairs from the installed packages'
+docstrings (`jaxcl.data.sentences`)."""
 
 from jaxcl import _extras
 

@@ -22,7 +22,7 @@ class SourceInfo:
   """What a data source tells the rest of jaxcl about one split (`build_source`, `abstract_info`)."""
 
   num_examples: int
-  image_shape: tuple[int, int, int]  # (H, W, C) of every example's image
+  image_shape: tuple[int, ...]  # (H, W, C) of every example's image; () for text-only data (no image)
   num_classes: int  # 0: no labels
   class_names: tuple[str, ...]  # one per class
   has_captions: bool  # every example carries a "caption"

@@ -14,7 +14,7 @@ learns about the split (its size, image shape, classes, captions and caption tem
 of its example ids).
 
 `data_config` is an `ml_collections.ConfigDict` (or a dict) with keys
-    name           "digits" | "tfds" | "folder"
+    name           "digits" | "tfds" | "folder" | "docstrings" (text only: `jaxcl.data.sentences`)
     data_dir       where tfds data is prepared / read ("digits": default "~/.cache/jaxcl/tfds")
     tfds_name      "tfds": a dataset name as `tfds.data_source` takes it ("mnist", "my_ds:1.0.0")
     folder         "folder": the image folder
@@ -23,7 +23,8 @@ of its example ids).
 and, optionally, image_key / label_key / caption_key (the tfds feature names; "image", "label", none).
 
 One module per backend: "digits" and "tfds" are `jaxcl.data.tfds_source` (what tfds formats work
-without TensorFlow), "folder" is `jaxcl.data.folder_source` (its layout, captions files and checks).
+without TensorFlow), "folder" is `jaxcl.data.folder_source` (its layout, captions files and checks), "docstrings" is
+`jaxcl.data.sentences` (sentence pairs harvested from the installed packages' docstrings; no image).
 Every path (data_dir, folder, captions_file) is a local path or a URI `etils.epath` opens
 (`gs://bucket/images`, `jaxcl._paths`). This module picks the backend and reads any source whole
 (`load_arrays`), a batch at a time (`split_batches`), or its captions alone (`read_captions`).
@@ -37,6 +38,7 @@ import numpy as np
 
 from jaxcl import _checks
 from jaxcl.data import folder_source
+from jaxcl.data import sentences
 from jaxcl.data import tfds_source
 from jaxcl.data.source_info import GENERIC_CAPTION_TEMPLATES, SourceInfo, config_image_size, config_value
 from jaxcl.data.tfds_source import DIGITS_DATA_DIR
@@ -47,7 +49,7 @@ __all__ = [
     "read_captions", "split_batches",
 ]
 
-SOURCE_NAMES = ("digits", "tfds", "folder")
+SOURCE_NAMES = ("digits", "tfds", "folder", sentences.SOURCE_NAME)
 
 
 def default_data_config(name: str = "digits"):
@@ -94,6 +96,8 @@ def build_source(data_config: Any, split: str) -> tuple[Any, SourceInfo]:
     raise ValueError(f"`split` must be a non-empty string such as 'train', got {split!r}.")
   if name == "folder":
     source, info = folder_source.build(data_config, split)
+  elif name == sentences.SOURCE_NAME:
+    source, info = sentences.build(data_config, split)
   else:
     source, info = tfds_source.build(data_config, split, digits_data=name == "digits")
   _check_declared(data_config, info)
@@ -108,8 +112,10 @@ def _check_declared(data_config: Any, info: SourceInfo) -> None:
   """A declared `data_config.num_classes` / `channels` (what the planner compiled with) equals the data's."""
   for key, field in DECLARED_KEYS.items():
     declared = config_value(data_config, key, 0)
+    if not declared:
+      continue
     actual = getattr(info, field)[-1] if field == "image_shape" else getattr(info, field)
-    if declared and int(declared) != int(actual):
+    if int(declared) != int(actual):
       raise ValueError(f"`data_config.{key}` is {declared} but the data has {actual}: fix the recipe "
                        f"(or drop the key).")
 
@@ -122,7 +128,7 @@ def abstract_info(data_config: Any, split: str) -> SourceInfo:
       num_classes  = `data_config.num_classes` (0: none)    class_names = ("class0", …), placeholders
       num_examples = `data_config.num_examples` (0: unknown; only per-example loss state needs it)
 
-  The bundled digits are read (they are small and always available). A tfds or folder source needs
+  The bundled digits and the docstring pairs are read (they are small and always available). A tfds or folder source needs
   `image_size` > 0 (its native size is only known from the data). The placeholder class names give
   an image–text recipe a vocabulary of about the right size (one word per class); the data's own
   captions are not read (`from_data` is False), so their words are not in a planned vocabulary.
@@ -133,7 +139,7 @@ def abstract_info(data_config: Any, split: str) -> SourceInfo:
   """
   name = config_value(data_config, "name", None)
   _checks.check_choice("data_config.name", name, SOURCE_NAMES)
-  if name == "digits":
+  if name in ("digits", sentences.SOURCE_NAME):
     return build_source(data_config, split)[1]
   size = config_image_size(data_config)
   if size == 0:

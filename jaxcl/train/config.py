@@ -3,8 +3,8 @@
 Every key a recipe may set exists here, so a typo on the command line (`--config.batchsize=...`) is an
 error from ml_collections instead of a silently ignored setting. The settings of one method live in
 that method's own sections (`Method.config_sections`: `config.momentum` of moco and byol,
-`config.isogclr` and `config.mcl` of simclr, `config.isogclr_clip`, `config.ce_clip` and `config.gram` of clip), merged
-in here from every registered method.
+`config.isogclr` and `config.mcl` of simclr, `config.isogclr_clip`, `config.ce_clip` and `config.gram` of clip,
+`config.sentence` of simcse), merged in here from every registered method.
 """
 
 import ml_collections
@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 50
   c.on_nonfinite = "stop"  # stop | skip a step whose loss, gradient or updated state is not finite
 
-  c.method = "simclr"  # simclr | dcl | supcon | multiview | moco | byol | simsiam | clip | siglip | lit
+  c.method = "simclr"  # simclr | dcl | supcon | multiview | moco | byol | simsiam | clip | siglip | lit | simcse
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "nt_xent"  # any jaxcl.losses function the method supports
   c.loss.temperature = 0.2
@@ -72,13 +72,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.text_width = 128
   c.model.text_depth = 2
   c.model.text_heads = 4
-  c.model.text_max_len = 16
+  c.model.text_max_len = 16  # tokens per caption (per sentence for simcse)
   c.model.embed_dim = 128  # image-text joint space
   c.model.dtype = "float32"
   c.model.remat = False  # recompute block activations in the backward pass (resnet*, vit*, text tower)
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "digits"  # digits | tfds | folder
+  c.data.name = "digits"  # digits | tfds | folder | docstrings (sentence pairs, text only)
   c.data.data_dir = "~/.cache/jaxcl/tfds"
   c.data.tfds_name = ""
   c.data.folder = ""

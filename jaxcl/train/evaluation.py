@@ -98,7 +98,13 @@ def evaluate(config, setup: Setup, variables, earlier: tuple = ()) -> dict[str, 
   host memory does not grow with the split; kNN (query chunks against the sharded reference set) and
   the linear probe run on the devices. Also returns "_projection" (the test features) and "_labels"
   (the test labels) as NumPy arrays, for the plots.
+
+  A method with an evaluation of its own (`Method.evaluate`: the sentence methods' pair retrieval)
+  returns that instead.
   """
+  own_evaluation = setup.method.evaluate(config, setup, variables)
+  if own_evaluation is not None:
+    return own_evaluation
   num_classes = setup.info.num_classes
   image_text = setup.method.image_text
   embed = _embed_fn(setup.model, image_text)
@@ -148,6 +154,17 @@ def evaluate(config, setup: Setup, variables, earlier: tuple = ()) -> dict[str, 
   return result
 
 
+def baselines(config, setup: Setup, initial_variables) -> dict[str, dict[str, float]]:
+  """The baseline rows of the results: the initial parameters evaluated as the trained ones, named by
+  the method (`Method.initial_model_name`: "random_init", "pretrained"), and for image data the raw
+  pixels (`raw_pixel_baseline`)."""
+  initial = evaluate(config, setup, initial_variables)
+  rows = {setup.method.initial_model_name(config): {k: v for k, v in initial.items() if not k.startswith("_")}}
+  if setup.info.image_shape:
+    rows["raw_pixels"] = raw_pixel_baseline(config, setup)
+  return rows
+
+
 def raw_pixel_baseline(config, setup: Setup) -> dict[str, float]:
   """kNN / linear-probe accuracy of the flattened pixels (the splits streamed as in `evaluate`)."""
   flat = lambda images, rows, n: {"features": images.reshape(images.shape[0], -1)}
@@ -160,8 +177,11 @@ def raw_pixel_baseline(config, setup: Setup) -> dict[str, float]:
 
 
 def results_table(results: dict) -> str:
-  """A Markdown table of the kNN, linear-probe and zero-shot accuracies of the trained model and the baselines."""
-  keys = [k for k in ("knn_accuracy", "linear_probe_accuracy", "zero_shot_accuracy") if k in results]
+  """A Markdown table of the kNN, linear-probe and zero-shot accuracies (or the pair-retrieval recalls
+  of the sentence methods) of the trained model and the baselines."""
+  keys = [k for k in ("knn_accuracy", "linear_probe_accuracy", "zero_shot_accuracy", "summary_to_description_R@1",
+                      "summary_to_description_R@5", "description_to_summary_R@1", "description_to_summary_R@5")
+          if k in results]
   rows = [("trained", results)] + list(results.get("baselines", {}).items())
   lines = ["| encoder | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
   for name, r in rows:

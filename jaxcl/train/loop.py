@@ -145,7 +145,8 @@ def _train_and_evaluate(config, workdir: str, infos: dict, *, progress: bool, st
     """The global batch of (0-based) step `step`, and the data-iterator state once it is consumed."""
     host = next(data_iter)
     host = dict(setup.text.prepare(config, host, step))
-    host["image"] = devices.encode_images(host["image"], config.data.transfer_dtype)
+    if "image" in host:  # text-only data has none
+      host["image"] = devices.encode_images(host["image"], config.data.transfer_dtype)
     return devices.to_global(host, mesh), checkpoints.DataState(data_iter.get_state())
 
   consumed = checkpoints.DataState(data_iter.get_state())  # the iterator after the last batch a dispatched step used
@@ -193,8 +194,7 @@ def _train_and_evaluate(config, workdir: str, infos: dict, *, progress: bool, st
     writer.write(step, {f"eval/{k}": v for k, v in results.items()})
     if config.eval.baselines:
       init = init_fn(jax.random.key(config.seed))
-      random_init = {k: v for k, v in evaluation.evaluate(config, setup, state_lib.variables(init)).items() if not k.startswith("_")}
-      results["baselines"] = {"random_init": random_init, "raw_pixels": evaluation.raw_pixel_baseline(config, setup)}
+      results["baselines"] = evaluation.baselines(config, setup, state_lib.variables(init))
   results["step"] = step
   if lead:
     (_paths.as_path(workdir) / "results.json").write_text(json.dumps(results, indent=2))

@@ -174,7 +174,7 @@ def write_plots(workdir: str, projection: np.ndarray | None = None, labels: np.n
   evals = [r for r in records if any(k.startswith("eval/") for k in r)]
   if evals:
     fig, ax = _figure(6, 4)
-    keys = sorted({k for r in evals for k in r if k.startswith("eval/") and "accuracy" in k})
+    keys = sorted({k for r in evals for k in r if k.startswith("eval/") and ("accuracy" in k or "_R@" in k)})
     for k in keys:
       pts = [(r["step"], r[k]) for r in evals if k in r]
       ax.plot(*zip(*pts), marker="o", label=k[5:])
@@ -183,7 +183,7 @@ def write_plots(workdir: str, projection: np.ndarray | None = None, labels: np.n
     written.append(_save(fig, workdir, "eval.png"))
   if projection is not None:
     fig, ax = _figure(5, 5)
-    sc = ax.scatter(projection[:, 0], projection[:, 1], c=labels, cmap="tab10", s=8)
+    sc = ax.scatter(projection[:, 0], projection[:, 1], s=8, **({} if labels is None else {"c": labels, "cmap": "tab10"}))
     if labels is not None:
       fig.colorbar(sc, ax=ax, label="label")
     ax.set(title="Test embeddings (PCA, 2-D)")

@@ -59,6 +59,8 @@ def build_setup(config: ml_collections.ConfigDict, info: dict | None = None, mes
 
 
 def sample_inputs(config, setup: Setup, batch: int) -> tuple:
+  if setup.method.text_only:
+    return (setup.text.dummy(batch),)
   image = jnp.zeros((batch,) + tuple(setup.info.image_shape), jnp.float32)
   if setup.method.image_text:
     return image, setup.text.dummy(batch)
@@ -74,9 +76,11 @@ def per_example_state_size(info: sources.SourceInfo, num_devices: int | None = N
 
 
 def init_state(config, setup: Setup, key: jax.Array) -> TrainState:
-  """The initial state: the model initialised from `key`, the optimizer state, and the method's state."""
+  """The initial state: the model initialised from `key` (or from the method's pretrained weights:
+  `Method.initial_params`), the optimizer state, and the method's state."""
   variables = setup.model.init({"params": key}, *sample_inputs(config, setup, 2), train=False)
-  params = setup.method.constrain_params(config, variables["params"])
+  params = setup.method.initial_params(config, setup.text, variables["params"])
+  params = setup.method.constrain_params(config, params)
   batch_stats = variables.get("batch_stats", {})
   num_ids = per_example_state_size(setup.info, setup.mesh.size if setup.mesh is not None else None)
   return TrainState(

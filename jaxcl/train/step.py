@@ -33,11 +33,16 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
   (parameters, optimizer state, batch statistics, ...; `finite_parts`).
 
   `batch["image"]`: (B, H, W, C) float32, or as the loop sends it (`encode_images`: (B, H·W·C) float32
-  or uint8), decoded where the images are augmented (`decode_images`; per chunk under gradient caching)."""
+  or uint8), decoded where the images are augmented (`decode_images`; per chunk under gradient caching).
+  A text-only method's views are sentences instead: `batch["text"]` (B, V, L) token ids, no image.
+
+  The model's dropout draws from `dropout_key(config.seed, step)` (one key per step, so a resumed run
+  draws what the uninterrupted one did)."""
   model, method = setup.model, setup.method
   key = jax.random.fold_in(jax.random.key(config.seed), state.step)
-  images = batch["image"]
-  b = images.shape[0]
+  examples = batch["text"] if method.text_only else batch["image"]  # what the views are made of
+  b = examples.shape[0]
+  dropout = dropout_key(config.seed, state.step)
   views = not method.image_text
   groups = method.view_groups(config, setup.aug) if views else ()  # ((count, augmentation), ...)
   v = sum(count for count, _ in groups)
@@ -45,10 +50,13 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
   # at once or a chunk at a time (gradient caching augments inside each chunk).
   keys = augment.example_keys(key, b, v if views else None)
 
-  def model_inputs(images, keys, *rest):
+  def model_inputs(examples, keys, *rest):
     """The model's inputs from raw images (augmented here) and the other fields of (a chunk of) the
-    batch: a views method's (b·count, H, W, C) images of each view group."""
-    images = devices.decode_images(images, setup.info.image_shape)
+    batch: a views method's (b·count, H, W, C) images of each view group; a text-only method's
+    (b·V, L) token ids of its sentences, sample-major as the image views."""
+    if method.text_only:
+      return (examples.reshape((-1,) + examples.shape[2:]),)
+    images = devices.decode_images(examples, setup.info.image_shape)
     if views:
       inputs, start = [], 0
       for count, aug in groups:
@@ -60,13 +68,13 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
       return tuple(inputs)
     return (augment.augment_examples(keys, images, setup.aug), *rest)
 
-  raw = (images, keys) if views else (images, keys, batch["text"])
+  raw = (examples, keys) if views else (examples, keys, batch["text"])
 
   def apply(params, batch_stats, *xs):
     """The model on the inputs: one call, or for a views method one call per view group (its batch
     statistics passed on from group to group) with the outputs concatenated along the examples."""
     run = lambda stats, *inputs: model.apply({"params": params, "batch_stats": stats}, *inputs, train=True,
-                                             mutable=["batch_stats"])
+                                             mutable=["batch_stats"], rngs={"dropout": dropout})
     if len(groups) <= 1:
       return run(batch_stats, *xs)
     outs = []
@@ -149,6 +157,17 @@ def train_step(config, setup: Setup, state: TrainState, batch: dict) -> tuple[Tr
     metrics["logit_scale"] = aux["logit_scale"]
   metrics.update(aux["accuracy"])  # in-batch top-1 retrieval, for methods with diagonal positives
   return new, metrics
+
+
+# The stream of the dropout keys, apart from the augmentation keys (split from fold_in(key(seed), step)).
+DROPOUT_STREAM = 0x44524F50  # "DROP"
+
+
+def dropout_key(seed, step) -> jax.Array:
+  """The model's dropout key of train step `step`: fold_in(fold_in(key(seed), DROPOUT_STREAM), step).
+
+  A function of (seed, step) alone, so a resumed run draws the masks of the uninterrupted one."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), DROPOUT_STREAM), step)
 
 
 def _cached_loss_and_grads(config, setup: Setup, state: TrainState, raw: tuple, model_inputs, apply, loss_of):

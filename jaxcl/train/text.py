@@ -1,4 +1,5 @@
-"""The text side of image–text methods: captions → token ids (clip, siglip) or locked embeddings (lit).
+"""The text side of image–text methods: captions → token ids (clip, siglip) or locked embeddings (lit);
+and of the text-only sentence methods: sentence pairs → token ids (`SentenceTokens`).
 
 Captions come from the batch when the data has them, else from the label with a random caption template
 of the data (`SourceInfo.caption_templates`: the digits' own, or generic photo prompts for a labelled
@@ -232,3 +233,51 @@ class LockedText(NoText):
 
   def encode_for_eval(self, model, variables, texts):
     return jnp.asarray(self.embeddings(list(texts)))
+
+
+class SentenceTokens(NoText):
+  """Sentence methods (`jaxcl.train.methods.sentence`): each example's two sentences as token ids, the
+  batch's "text" (b, 2, L) int32 (L = `config.model.text_max_len`), next to its label and index.
+
+  The two sentences are the pair (summary, description) with `config.sentence.positives = "pairs"`,
+  or the summary twice with "dropout" (the two encodings differ by their dropout masks: unsupervised
+  SimCSE). The tokenizer: the pretrained MiniLM's WordPiece (`config.sentence.encoder = "minilm"`,
+  whose weights it holds as `pretrained`), or for "bert" (trained from scratch) a word vocabulary of
+  the train split's sentences (`SimpleTokenizer.from_texts`; the corpus is read even for a planned run:
+  it ships with the installed packages).
+  """
+
+  def __init__(self, config, info):
+    self.max_len = int(config.model.text_max_len)
+    self.pairs = config.sentence.positives == "pairs"
+    self.pretrained = None
+    if config.sentence.encoder == "minilm":
+      from jaxcl.models import minilm
+
+      self.pretrained = minilm.load_minilm(jnp.dtype(config.model.dtype))
+      self.tokenizer = self.pretrained.tokenizer
+    else:
+      from jaxcl import models
+
+      pairs = sentence_pairs(config.data, config.data.train_split)
+      self.tokenizer = models.SimpleTokenizer.from_texts([t for pair in pairs for t in pair])
+    self.vocab_size = int(self.tokenizer.vocab_size)
+
+  def tokens(self, texts) -> np.ndarray:
+    """(N, L) int32 token ids of `texts`, padded (0) or truncated to L."""
+    return np.asarray(self.tokenizer.encode([str(t) for t in texts], self.max_len), np.int32)
+
+  def dummy(self, batch: int):
+    return jnp.zeros((batch, self.max_len), jnp.int32)
+
+  def prepare(self, config, host: dict, step: int) -> dict:
+    out = super().prepare(config, host, step)
+    second = host["description"] if self.pairs else host["summary"]
+    out["text"] = np.stack([self.tokens(host["summary"]), self.tokens(second)], axis=1)
+    return out
+
+
+def sentence_pairs(data_config, split: str) -> tuple[tuple[str, str], ...]:
+  """The (summary, description) pairs of a sentence-pair source's `split`, in the source's order."""
+  source, _ = sources.build_source(data_config, split)
+  return tuple((str(e["summary"]), str(e["description"])) for e in (source[i] for i in range(len(source))))

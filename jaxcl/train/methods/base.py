@@ -3,8 +3,12 @@
 A method tells the one train step (`jaxcl.train.step`) what differs between SimCLR, MoCo, CLIP, ...:
 
 - `image_text`: the model sees (image, caption) pairs (a `jaxcl.models.DualEncoder`), else `num_views`
-  augmented views of each image (an `ImageModel`);
+  augmented views of each image (an `ImageModel`), or with `text_only` the token ids of `num_views`
+  sentences per example (the batch's "text", (B, V, L); no image: `methods.sentence`);
 - `build_model(config, text_side)` and `text_side(config, info)` (what turns captions into model inputs);
+- `initial_params(config, text_side, params)`: the parameters training starts from (pretrained weights;
+  the model's random init for most methods), and `initial_model_name(config)`, the name of the
+  evaluation's baseline row for them ("random_init", "pretrained");
 - `init_state(config, variables, key, num_ids)`: the method's own part of the train state
   (`TrainState.method_state`: an EMA target network, a queue of keys, per-example loss state; {} when
   it has none), laid out by `state_shardings(mesh, abstract)`;
@@ -21,6 +25,9 @@ A method tells the one train step (`jaxcl.train.step`) what differs between SimC
   on a constraint set (SwAV's prototypes: frozen over the first steps, unit-norm after every update);
 - `view_groups(config, aug)` (views methods): the views as groups of one image size, each run through
   the model once (SwAV's multi-crop small views);
+- `evaluate(config, setup, variables)`: the method's own held-out evaluation (a results dict with
+  "_projection" and "_labels" for the plots), or None for the trainer's (kNN, linear probe, zero-shot,
+  alignment and uniformity of images);
 - `positive_pairs(outputs, extras)`: the two (B, E) embeddings whose diagonal pairs are positives, for
   the logged in-batch retrieval accuracy (None: not logged);
 - `config_sections()`: the method's own config sections (`config.momentum`, `config.isogclr`), merged
@@ -50,7 +57,7 @@ from jaxcl.train import text
 # The values of `config.loss.name` that have a sharded form (`impl="allgather" | "ring"`).
 SHARDABLE_LOSSES = ("nt_xent", "dcl", "dclw", "supcon", "infonce", "clip", "siglip", "macl", "hn_nce",
                     "mcl_nt_xent", "nnclr", "multiview_infonce", "mv_dhel", "pairwise_nt_xent", "isogclr",
-                    "isogclr_clip", "ce_clip", "csr", "gram")
+                    "isogclr_clip", "ce_clip", "csr", "gram", "simcse")
 
 
 _REGISTRY: dict[str, "Method"] = {}
@@ -112,6 +119,7 @@ class Method:
   image_text: ClassVar[bool] = False
   # `loss` also gets `params=`, the model's parameters (CSR: the autoencoder's weights decode the codes).
   loss_reads_params: ClassVar[bool] = False
+  text_only: ClassVar[bool] = False  # the views are sentences (token ids), not augmented images
 
   def check(self, config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the config key when `config` does not suit the method."""
@@ -137,6 +145,21 @@ class Method:
   def build_model(self, config: ml_collections.ConfigDict, text_side: Any) -> nn.Module:
     """The Flax model whose outputs `loss` takes (`text_side`: what `text_side` returned)."""
     raise NotImplementedError
+
+  def initial_params(self, config: ml_collections.ConfigDict, text_side: Any, params: Any) -> Any:
+    """The parameters training starts from, given the model's random init `params` (the same pytree
+    structure): pretrained weights where the method fine-tunes them; `params` for most methods."""
+    return params
+
+  def initial_model_name(self, config: ml_collections.ConfigDict) -> str:
+    """The name of the evaluation's baseline row for the initial parameters (`initial_params`)."""
+    return "random_init"
+
+  def evaluate(self, config, setup: Any, variables: dict) -> dict | None:
+    """The method's own held-out evaluation of `variables` ({"params", "batch_stats"}): a results dict
+    of floats plus "_projection" (N, F) and "_labels" (N,) or None, for the plots; None: the trainer's
+    evaluation of image features (`jaxcl.train.evaluation.evaluate`)."""
+    return None
 
   def init_state(self, config: ml_collections.ConfigDict, variables: dict, key: jax.Array, num_ids: int) -> Any:
     """The method's part of the train state; `variables` the model's initial {"params", "batch_stats"},

@@ -19,7 +19,7 @@ from tests.helpers import final_state, load_recipe, tiny
 
 
 BUILT_IN = ("simclr", "dcl", "supcon", "multiview", "moco", "byol", "nnclr", "simsiam", "swav", "clip", "siglip", "lit",
-            "amcl", "csr")
+            "amcl", "csr", "simcse")
 
 
 def test_every_built_in_method_is_registered_under_its_name():
@@ -27,6 +27,7 @@ def test_every_built_in_method_is_registered_under_its_name():
   for name in BUILT_IN:
     assert methods.get(name).name == name
   assert [n for n in BUILT_IN if methods.get(n).image_text] == ["clip", "siglip", "lit"]
+  assert [n for n in BUILT_IN if methods.get(n).text_only] == ["simcse"]
   with pytest.raises(ValueError, match=r"`config.method` must be one of \('simclr', .*'lit'.*\), got 'simclr2'"):
     methods.get("simclr2")
   with pytest.raises(ValueError, match="a method needs a name"):
