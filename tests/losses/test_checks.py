@@ -350,7 +350,7 @@ def test_an_extra_positional_argument_names_the_function_and_the_keyword(name):
 
 
 def test_variadic_losses_are_the_ones_expected():
-  assert VARIADIC == ["gram", "gram_volume", "symile"]  # any number of arrays is their positional API
+  assert VARIADIC == ["gram", "gram_negatives", "gram_volume", "symile"]  # any number of arrays is their positional API
 
 
 def test_keyword_only_keeps_the_signature_and_docstring():
