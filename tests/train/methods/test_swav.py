@@ -16,12 +16,13 @@ def _prototypes(state):
 
 
 def test_multi_crop_prototypes_frozen_then_unit_norm(data_dir, monkeypatch):
-  """2 large views and the recipe's 4 small crops (5x5) through a ResNet: the SwAV loss gets the scores
+  """2 large views and 4 small crops (5x5) through a ResNet: the SwAV loss gets the scores
   of 6 views of each example, the codes of views 0 and 1 as targets. The prototypes start unit-norm, stay
   exactly as they were over the frozen first step (no gradient: their optimizer state does not move
   either), then move and stay unit-norm."""
   config = tiny(load_recipe("swav_digits"), data_dir, steps=2, encoder="resnet18")
   config.swav.freeze_prototypes_steps = 1
+  config.swav.small_crops, config.swav.small_crop_size, config.swav.small_crop_scale = 4, 5, (0.2, 0.5)
   # A one-block ResNet: the same convolutional code path over two image sizes, compiled in a fraction of
   # ResNet-18's time (ResNet-18 itself: tests/models/test_resnet.py).
   monkeypatch.setattr(base, "build_encoder", lambda config: models.ResNet(
@@ -66,10 +67,11 @@ def test_config_errors_name_the_key(key, value, match):
 
 def test_multi_crop_needs_a_convolutional_encoder_and_no_gradient_cache():
   config = load_recipe("swav_digits")
+  config.swav.small_crops = 4
   config.model.encoder = "mlp"
   with pytest.raises(ValueError, match="`config.swav.small_crops` > 0 .* needs a convolutional encoder"):
     methods.get("swav").check(config)
-  assert "multi-crop" in methods.get("swav").grad_cache_conflict(load_recipe("swav_digits"))
+  assert "multi-crop" in methods.get("swav").grad_cache_conflict(config)
 
 
 def _queue_state(queue, rows, ptr, wait):
