@@ -79,11 +79,11 @@ def pad_batch(seed: int, arrays, n_pad: int):
   return padded, mask
 
 
-# The engines of a loss's padded-batch test (`assert_padded_equals_unpadded`). The masked reductions on
-# the Pallas kernels (interpret mode on the CPU: ~2x the time of the others) are tested in
-# tests/ops/test_pallas.py and through the losses they serve first (infonce, clip, supcon), whose
-# padded-batch tests add "pallas"; the other losses pass the same mask to the same reductions.
-PADDED_TEST_ENGINES = ("dense", "blockwise")
+# The engines of a loss's padded-batch test (`assert_padded_equals_unpadded`) where the loss's file does
+# not name them: dense. The masked reductions of the blockwise and Pallas engines are tested in
+# tests/ops/ (test_reductions, test_blockwise, test_pallas) and through the losses they serve first
+# (infonce, clip, supcon: every engine); the other losses pass the same mask to the same reductions.
+PADDED_TEST_ENGINES = ("dense",)
 
 
 def assert_padded_equals_unpadded(loss, arrays, n_pad=3, seed=0, rtol=1e-6, n_diff=None, unpadded_loss=None):

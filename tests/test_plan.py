@@ -313,7 +313,6 @@ def test_simclr_r50_recipe_has_resnet50_and_the_simclr_head():
 @pytest.mark.slow
 @pytest.mark.parametrize("name, overrides, moments", [
     ("clip_vitb16", {"model.encoder": "mlp", "model.remat": False, "model.text_depth": 1}, 3),
-    ("siglip_vitb16", {"model.encoder": "mlp", "model.remat": False, "model.text_depth": 1}, 3),
     ("simclr_r50", {"model.encoder": "resnet18", "model.width": 8}, 2),
 ])
 def test_recipes_compile_for_a_slice(name, overrides, moments):

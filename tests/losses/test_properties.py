@@ -250,7 +250,7 @@ def test_finite_value_and_gradients_or_a_clear_error(name, data):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ENGINE_NAMES)
-@settings(PROFILE, max_examples=2)
+@settings(PROFILE, max_examples=1)
 @given(data=st.data())
 def test_engines_agree(name, data):
   """dense, blockwise and pallas (interpret mode on CPU) agree in value and gradients, float32.

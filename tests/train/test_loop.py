@@ -42,7 +42,9 @@ def test_resume_gives_identical_parameters(recipe, grad_cache_chunks, data_dir, 
 
 
 def test_outputs_of_a_run(data_dir, tmp_path):
-  config = tiny(load_recipe("simclr_digits"), data_dir, steps=4, encoder="resnet18")  # the default encoder
+  # The MLP encoder (the recipe's ResNet-18: trained in tests/test_plan.py's compile and the remat tests;
+  # here its evaluation with the baselines embedded every split three times, the suite's costliest run).
+  config = tiny(load_recipe("simclr_digits"), data_dir, steps=4)
   config.eval.at_end = True
   config.eval.baselines = True
   config.eval.linear_probe = True
