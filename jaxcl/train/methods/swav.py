@@ -149,9 +149,9 @@ def queue_loss_and_state(swav, projection: jax.Array, prototypes: jax.Array, sta
   into the queue once `queue_wait` steps have passed (a step whose update is not finite keeps the whole
   state, this count too). The queue is written after the loss: a batch is never in its own queue."""
   queue = jax.lax.stop_gradient(state["queue"])
-  queue_scores = jnp.einsum("aqe,ek->qak", queue, jax.lax.stop_gradient(prototypes))
+  queue_scores = lambda: jnp.einsum("aqe,ek->qak", queue, jax.lax.stop_gradient(prototypes))  # noqa: E731
   full = state["queue_rows"] >= queue.shape[1]
-  loss = jax.lax.cond(full, lambda: swav(queue_scores), lambda: swav())
+  loss = jax.lax.cond(full, lambda: swav(queue_scores()), lambda: swav())  # the scores only once it is full
   rows = jax.lax.stop_gradient(losses.l2_normalize(projection[jnp.asarray(ASSIGNED_VIEWS)]))  # (2, B, E)
   written, ptr = jax.vmap(base.fifo_enqueue, in_axes=(0, None, 0))(queue, state["queue_ptr"], rows)
   write = state["queue_wait"] <= 0
